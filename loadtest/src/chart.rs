@@ -97,7 +97,7 @@ pub fn render(report: &Report, path: &Path) -> Result<()> {
     c.margin(10);
     if text {
         c.caption(&title, (FAMILY, 20))
-            .x_label_area_size(30)
+            .x_label_area_size(45)
             .y_label_area_size(80);
     }
     let mut chart = c
@@ -136,7 +136,7 @@ pub fn render(report: &Report, path: &Path) -> Result<()> {
     let mut c = ChartBuilder::on(&bottom);
     c.margin(10);
     if text {
-        c.x_label_area_size(30).y_label_area_size(80);
+        c.x_label_area_size(45).y_label_area_size(80);
     }
     let mut chart = c
         .build_cartesian_2d(0f64..n, (lmin.max(0.001)..lmax).log_scale())

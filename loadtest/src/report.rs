@@ -225,6 +225,9 @@ pub struct Raw {
     pub counts: SeqCounts,
     /// One V2+deflate HDR histogram (µs) per second, base64.
     pub hist_seconds: Vec<String>,
+    /// Fan-out only: the subscribers' connect latency histogram, likewise encoded.
+    #[serde(default)]
+    pub connect_hist: Option<String>,
 }
 
 /// A whole run report.
@@ -384,6 +387,7 @@ impl Report {
         out.generator = Generator::default();
         out.metrics.clear();
         let mut hists: Vec<Histogram<u64>> = Vec::new();
+        let mut connect_hist: Option<Histogram<u64>> = None;
         let (mut from, mut to) = (0u32, u32::MAX);
         for (n, r) in parts.iter().enumerate() {
             anyhow::ensure!(
@@ -419,10 +423,19 @@ impl Report {
                 &r.raw.subscribers_per_topic,
             );
             out.raw.counts.add(&r.raw.counts);
+            if let Some(h) = &r.raw.connect_hist {
+                connect_hist
+                    .get_or_insert_with(new_hist)
+                    .add(decode_hist(h)?)?;
+            }
             merge_connect(&mut out.connect, &r.connect);
             merge_generator(&mut out.generator, &r.generator);
             out.commands.extend(r.commands.iter().cloned());
-            out.notes.extend(r.notes.iter().cloned());
+            for n in &r.notes {
+                if !out.notes.contains(n) {
+                    out.notes.push(n.clone());
+                }
+            }
             out.duration_s = out.duration_s.max(r.duration_s + shift as u32);
             // The steady window of the whole is where every process was steady.
             from = from.max(r.steady.from_s + shift as u32);
@@ -440,6 +453,10 @@ impl Report {
             }
         }
         out.raw.hist_seconds = hists.iter().map(encode_hist).collect();
+        if let Some(h) = connect_hist {
+            out.connect.latency = Latency::from_hist(&h);
+            out.raw.connect_hist = Some(encode_hist(&h));
+        }
         out.steady = if from < to {
             Steady {
                 from_s: from,

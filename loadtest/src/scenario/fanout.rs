@@ -264,7 +264,9 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
     r.raw.counts = fast;
     f.slow = slow_group;
     connect.rate_per_s = mine.len() as f64 / ramp_s.max(1e-9);
-    connect.latency = Latency::from_hist(&connect_hist.lock().expect("hist lock"));
+    let hist = connect_hist.lock().expect("hist lock").clone();
+    connect.latency = Latency::from_hist(&hist);
+    r.raw.connect_hist = Some(crate::report::encode_hist(&hist));
     r.connect = connect;
     r.fanout = Some(f);
     run::scrape_metrics(&ctx, &mut r).await;
