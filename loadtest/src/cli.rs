@@ -27,6 +27,8 @@ pub enum Cmd {
     Churn(ChurnArgs),
     /// Merge the JSON reports of generator processes that split one run.
     Merge(MergeArgs),
+    /// Print a Markdown table comparing reports (grouped by --label).
+    Table(TableArgs),
 }
 
 /// Which of the run's subscribers, publishers or connections this process takes.
@@ -264,6 +266,13 @@ pub struct MergeArgs {
     pub out: Option<PathBuf>,
     #[arg(long)]
     pub chart: Option<PathBuf>,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct TableArgs {
+    /// Reports to compare.
+    #[arg(required = true)]
+    pub inputs: Vec<PathBuf>,
 }
 
 #[cfg(test)]

@@ -27,13 +27,22 @@ fn main() -> Result<()> {
         let report = Report::merge(parts)?;
         return output(&report, m.out.as_deref(), m.chart.as_deref());
     }
+    if let Cmd::Table(t) = &cli.cmd {
+        let reports = t
+            .inputs
+            .iter()
+            .map(|p| read_report(p))
+            .collect::<Result<Vec<_>>>()?;
+        print!("{}", summary::table(&reports));
+        return Ok(());
+    }
     let nofile = net::raise_nofile();
     let common: &Common = match &cli.cmd {
         Cmd::Fanout(a) => &a.common,
         Cmd::Slow(a) => &a.fanout.common,
         Cmd::Idle(a) => &a.common,
         Cmd::Churn(a) => &a.common,
-        Cmd::Merge(_) => unreachable!("handled above"),
+        Cmd::Merge(_) | Cmd::Table(_) => unreachable!("handled above"),
     };
     let threads = common.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -59,7 +68,7 @@ fn main() -> Result<()> {
             }
             Cmd::Idle(a) => idle::run(ctx, a).await,
             Cmd::Churn(a) => churn::run(ctx, a).await,
-            Cmd::Merge(_) => unreachable!("handled above"),
+            Cmd::Merge(_) | Cmd::Table(_) => unreachable!("handled above"),
         }
     })?;
     report.notes.push(format!("open-file limit: {nofile}"));
