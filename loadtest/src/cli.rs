@@ -225,6 +225,10 @@ pub struct SlowArgs {
     /// their backpressure within the run rather than after megabytes.
     #[arg(long, default_value_t = 4096)]
     pub slow_rcvbuf: u32,
+    /// Slow subscribers subscribe to every topic (the others to one each), so each
+    /// receives the whole publication stream and fills the server's buffers fast.
+    #[arg(long)]
+    pub slow_all_topics: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -28,6 +28,9 @@ pub struct SlowOpts {
     pub share: f64,
     pub after: Duration,
     pub rcvbuf: u32,
+    /// Slow subscribers take every topic (more bytes per slow subscriber, so the
+    /// server's buffers fill within a bounded run).
+    pub all_topics: bool,
 }
 
 /// Whether subscriber `i` is one of the slow ones: spread evenly over the indices
@@ -76,11 +79,14 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
         let slow = slow.filter(|s| is_slow(i, s.share));
         let publishers = a.publishers;
         let topic = i % a.topics;
+        let topics: Vec<String> = match slow {
+            Some(s) if s.all_topics => (0..a.topics).map(|t| ctx.topic(t)).collect(),
+            _ => vec![ctx.topic(topic)],
+        };
         subs.push(tokio::spawn(async move {
             let url = &c.urls[i % c.urls.len()];
             let started = Instant::now();
-            let opened =
-                session::open(&c, url, Some(&c.topic(topic)), slow.map(|s| s.rcvbuf)).await;
+            let opened = session::open(&c, url, &topics, slow.map(|s| s.rcvbuf)).await;
             drop(permit);
             if opened.is_ok() {
                 let us = started.elapsed().as_micros() as u64;
