@@ -97,7 +97,7 @@ start_server() {
       ((HAS_REDIS)) && redis_args=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
       # Limits opened up: the generator's publishers send thousands of commands/s.
       start "$port" target/release/wsgate --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-        --node-id "bench-$node" --rate-limit 10000000 --rate-burst 10000000 --log-level warn "${redis_args[@]}"
+        --node-id "bench-$node" --drain-timeout 1s --rate-limit 10000000 --rate-burst 10000000 --log-level warn "${redis_args[@]}"
       URL="ws://127.0.0.1:$port/ws"; METRICS="http://127.0.0.1:$admin/metrics" ;;
     peer)
       (cd loadtest/peers && PEER_LISTEN="127.0.0.1:$port" REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \

@@ -2,7 +2,8 @@
 //!
 //! Order of a run: ramp the subscribers (each confirmed subscribed), connect the
 //! publishers, wait for `--start-at`, start the monitor (t0), publish for
-//! `--duration`, wait `--drain` for the last deliveries, stop everything, account.
+//! `--duration`, wait (at most `--drain`) for the last deliveries, stop everything,
+//! account.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -184,7 +185,17 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
     for h in handles {
         outcomes.push(h.await?);
     }
-    tokio::time::sleep_until((end + a.drain).into()).await;
+    // Drain: an overloaded server may still hold a backlog; wait until deliveries
+    // stop (nothing new for 1 s), at most --drain.
+    let drain_end = Instant::now() + a.drain;
+    let mut last = (ctx.timeline.total(), Instant::now());
+    while Instant::now() < drain_end && last.1.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let total = ctx.timeline.total();
+        if total != last.0 {
+            last = (total, Instant::now());
+        }
+    }
     ctx.cancel.cancel();
     let mut results = Vec::new();
     for h in subs {
