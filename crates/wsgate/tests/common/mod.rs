@@ -50,6 +50,17 @@ impl Redis {
         Self::start_with(&[])
     }
 
+    /// Starts on a given port.
+    pub fn start_on(port: u16) -> Redis {
+        let mut r = Redis {
+            port,
+            extra: Vec::new(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
     /// Starts with extra `--name value` arguments.
     pub fn start_with(extra: &[&str]) -> Redis {
         let mut r = Redis {
