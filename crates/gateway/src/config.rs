@@ -42,7 +42,13 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 /// docs/protocol.md; backends publish with `POST /api/publish` (or Redis, with
 /// `--redis-url`). Health and metrics are on the admin listener.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "wsgate", version, about, long_about = None, max_term_width = 100)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "wsgate: a horizontally scalable WebSocket pub/sub gateway",
+    long_about = None,
+    max_term_width = 100
+)]
 pub struct Config {
     /// Address for WebSocket clients (`/ws`) and the HTTP publish API.
     #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -207,6 +213,16 @@ impl Config {
             .and_then(|h| h.into_string().ok())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+    }
+
+    /// Parses `args` (without the program name) as if given on the command line.
+    ///
+    /// # Panics
+    /// On invalid arguments (meant for tests and tools).
+    pub fn try_parse_from_args(args: &[&str]) -> Self {
+        let mut argv = vec!["wsgate"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).expect("valid arguments")
     }
 
     /// Defaults, as if started with no flags and no environment (for tests).
