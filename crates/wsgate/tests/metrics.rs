@@ -15,7 +15,10 @@ async fn counters_follow_real_traffic() {
     // Before anything happened every known series exists at zero.
     let m = parse(&scrape(&gw).await);
     assert_eq!(val(&m, "wsgate_connections"), 0.0);
-    assert_eq!(val(&m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#), 0.0);
+    assert_eq!(
+        val(&m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#),
+        0.0
+    );
     assert!(m.contains_key(r#"wsgate_disconnects_total{reason="heartbeat_timeout"}"#));
     assert_eq!(val(&m, r#"wsgate_broker_info{kind="memory"}"#), 1.0);
     assert_eq!(val(&m, "wsgate_ready"), 1.0);
@@ -29,7 +32,11 @@ async fn counters_follow_real_traffic() {
     let mut publisher = connect(&gw).await;
     subscribe(&mut sub, "news").await;
     for i in 0..5 {
-        send(&mut publisher, &format!(r#"{{"op":"publish","id":{i},"topic":"news","data":{i}}}"#)).await;
+        send(
+            &mut publisher,
+            &format!(r#"{{"op":"publish","id":{i},"topic":"news","data":{i}}}"#),
+        )
+        .await;
         assert_eq!(recv_json(&mut publisher).await["op"], "published");
     }
     for i in 0..3 {
@@ -41,7 +48,10 @@ async fn counters_follow_real_traffic() {
     eventually(&gw, "8 deliveries and the publishes", |m| {
         val(m, "wsgate_connections") == 2.0
             && val(m, "wsgate_connections_accepted_total") == 2.0
-            && val(m, r#"wsgate_connections_refused_total{reason="not_websocket"}"#) == 1.0
+            && val(
+                m,
+                r#"wsgate_connections_refused_total{reason="not_websocket"}"#,
+            ) == 1.0
             && val(m, "wsgate_subscriptions") == 1.0
             && val(m, "wsgate_topics") == 1.0
             && val(m, r#"wsgate_messages_received_total{source="client"}"#) == 5.0
@@ -57,7 +67,11 @@ async fn counters_follow_real_traffic() {
 
     // Ending connections: a clean close, and a message over the size limit.
     sub.close(None).await.unwrap();
-    send(&mut publisher, &format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(2000))).await;
+    send(
+        &mut publisher,
+        &format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(2000)),
+    )
+    .await;
     eventually(&gw, "client_close and too_big", |m| {
         val(m, r#"wsgate_disconnects_total{reason="client_close"}"#) == 1.0
             && val(m, r#"wsgate_disconnects_total{reason="too_big"}"#) == 1.0
@@ -100,7 +114,10 @@ async fn slow_consumer_rate_limit_and_drain_are_counted() {
     }
     eventually(&gw, "a slow consumer and its dropped messages", |m| {
         val(m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#) == 1.0
-            && val(m, r#"wsgate_messages_dropped_total{reason="slow_consumer"}"#) >= 1.0
+            && val(
+                m,
+                r#"wsgate_messages_dropped_total{reason="slow_consumer"}"#,
+            ) >= 1.0
     })
     .await;
     drop(slow);
@@ -108,7 +125,11 @@ async fn slow_consumer_rate_limit_and_drain_are_counted() {
     // Commands far over the rate limit: rate_limited replies, then 4029.
     let mut spammer = connect(&gw).await;
     for _ in 0..20 {
-        if spammer.send(Message::text(r#"{"op":"ping"}"#)).await.is_err() {
+        if spammer
+            .send(Message::text(r#"{"op":"ping"}"#))
+            .await
+            .is_err()
+        {
             break;
         }
     }

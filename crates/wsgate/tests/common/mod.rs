@@ -197,7 +197,11 @@ pub async fn recv_json(ws: &mut Ws) -> serde_json::Value {
 
 /// Subscribes and waits for `subscribed`.
 pub async fn subscribe(ws: &mut Ws, topic: &str) {
-    send(ws, &format!(r#"{{"op":"subscribe","id":1,"topics":["{topic}"]}}"#)).await;
+    send(
+        ws,
+        &format!(r#"{{"op":"subscribe","id":1,"topics":["{topic}"]}}"#),
+    )
+    .await;
     let r = recv_json(ws).await;
     assert_eq!(r["op"], "subscribed", "{r}");
 }
