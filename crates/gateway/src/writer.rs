@@ -92,8 +92,6 @@ impl Writer {
                     self.outbox.close(reason);
                     return reason;
                 }
-                // A writer that never goes idle still folds its counts in on time.
-                stats.flush_if_due(Instant::now().into_std());
                 if close.is_none() {
                     continue;
                 }
@@ -104,8 +102,9 @@ impl Writer {
                 self.finish(&mut io, reason, frame).await;
                 return reason;
             }
-            let wake = match stats.flush_if_due(Instant::now().into_std()) {
-                Some(due) => next_ping.min(Instant::from_std(due)),
+            // An idle writer still folds its last counts in on time.
+            let wake = match stats.flush_if_due(unix_nanos()) {
+                Some(wait) => next_ping.min(Instant::now() + wait),
                 None => next_ping,
             };
             tokio::select! {

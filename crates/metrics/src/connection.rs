@@ -8,7 +8,7 @@
 //! `LocalHistogram`s, folded into the shared metrics at most every [`FLUSH_EVERY`]
 //! (and when the connection ends). A scrape therefore lags by at most that much.
 
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use prometheus::local::LocalHistogram;
 use prometheus::IntCounter;
@@ -27,8 +27,9 @@ pub struct ConnectionStats {
     queue: LocalHistogram,
     shared_delivered: IntCounter,
     shared_bytes_sent: IntCounter,
-    /// When the counts were last folded in.
-    last_flush: Instant,
+    /// When the counts were last folded in (unix ns, the clock the writer reads
+    /// anyway for the latency, so timing the folds costs no extra clock read).
+    last_flush_ns: u64,
     /// Whether anything is counted that the shared metrics do not have yet.
     pending: bool,
 }
@@ -43,7 +44,7 @@ impl ConnectionStats {
             queue: metrics.outbound_queue_bytes.local(),
             shared_delivered: metrics.messages_delivered.clone(),
             shared_bytes_sent: metrics.bytes_sent.clone(),
-            last_flush: Instant::now(),
+            last_flush_ns: 0,
             pending: false,
         }
     }
@@ -56,7 +57,7 @@ impl ConnectionStats {
 
     /// Records a batch written to the socket: `bytes` in all, and one delivered
     /// publication for each entry of `accepted_at` (unix ns when a node accepted it),
-    /// written at `now_ns` (unix ns).
+    /// written at `now_ns` (unix ns). Folds the counts in when they are due.
     pub fn record_written(&mut self, bytes: u64, accepted_at: &[u64], now_ns: u64) {
         self.bytes_sent += bytes;
         self.delivered += accepted_at.len() as u64;
@@ -66,29 +67,31 @@ impl ConnectionStats {
                 .observe(now_ns.saturating_sub(born) as f64 / 1e9);
         }
         self.pending = true;
+        self.flush_if_due(now_ns);
     }
 
-    /// Folds the counts in if [`FLUSH_EVERY`] has passed since the last time.
-    /// Returns when the next fold is due, if something is waiting to be folded.
-    pub fn flush_if_due(&mut self, now: Instant) -> Option<Instant> {
+    /// Folds the counts in if [`FLUSH_EVERY`] has passed since the last time (`now_ns`
+    /// in unix ns). Returns how long until the next fold is due, if something is
+    /// waiting to be folded (an idle writer sleeps that long at most).
+    pub fn flush_if_due(&mut self, now_ns: u64) -> Option<Duration> {
         if !self.pending {
             return None;
         }
-        let due = self.last_flush + FLUSH_EVERY;
-        if now < due {
-            return Some(due);
+        let due = self.last_flush_ns + FLUSH_EVERY.as_nanos() as u64;
+        if now_ns < due {
+            return Some(Duration::from_nanos(due - now_ns));
         }
-        self.flush_at(now);
+        self.flush_at(now_ns);
         None
     }
 
     /// Folds everything counted into the shared metrics now.
     pub fn flush(&mut self) {
-        self.flush_at(Instant::now());
+        self.flush_at(self.last_flush_ns);
     }
 
-    fn flush_at(&mut self, now: Instant) {
-        self.last_flush = now;
+    fn flush_at(&mut self, now_ns: u64) {
+        self.last_flush_ns = now_ns;
         if !self.pending {
             return;
         }
@@ -116,23 +119,28 @@ mod tests {
     fn folds_in_when_due_and_on_drop() {
         let m = Metrics::default();
         let mut s = ConnectionStats::new(&m);
-        let t0 = Instant::now();
+        let sec = 1_000_000_000u64;
+        // The first batch is due at once (nothing folded yet since the epoch).
         s.record_queue(100);
-        s.record_written(100, &[1_000_000_000, 1_500_000_000], 2_000_000_000);
-        assert_eq!(m.messages_delivered.get(), 0, "not folded in yet");
-        let due = s.flush_if_due(t0).expect("something pending");
-        assert!(due > t0);
-        assert_eq!(s.flush_if_due(due + Duration::from_millis(1)), None);
+        s.record_written(100, &[sec, 3 * sec / 2], 2 * sec);
         assert_eq!(m.messages_delivered.get(), 2);
         assert_eq!(m.bytes_sent.get(), 100);
         assert_eq!(m.delivery_latency.get_sample_count(), 2);
         assert!((m.delivery_latency.get_sample_sum() - 1.5).abs() < 1e-9);
         assert_eq!(m.outbound_queue_bytes.get_sample_count(), 1);
-        assert_eq!(s.flush_if_due(Instant::now()), None, "nothing pending");
 
-        s.record_written(7, &[], 0);
+        // The next one waits for FLUSH_EVERY.
+        let t = 2 * sec + 1000;
+        s.record_written(10, &[t], t);
+        assert_eq!(m.messages_delivered.get(), 2, "not folded in yet");
+        let wait = s.flush_if_due(t).expect("something pending");
+        assert!(wait <= FLUSH_EVERY && wait > Duration::ZERO);
+        assert_eq!(s.flush_if_due(t + wait.as_nanos() as u64), None);
+        assert_eq!(m.messages_delivered.get(), 3);
+        assert_eq!(s.flush_if_due(t + sec), None, "nothing pending");
+
+        s.record_written(7, &[], t + sec + 1);
         drop(s);
-        assert_eq!(m.bytes_sent.get(), 107, "drop folds the rest in");
-        assert_eq!(m.messages_delivered.get(), 2);
+        assert_eq!(m.bytes_sent.get(), 117, "drop folds the rest in");
     }
 }
