@@ -10,6 +10,7 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
+use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, LogFormat, Server};
 use wsgate_metrics::Metrics;
 
@@ -48,6 +49,11 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
     let gw: Arc<Gateway> = Gateway::in_memory(cfg, metrics);
+    gw.security.log_posture(&gw.config);
+    if let Some(tls) = &gw.security.tls {
+        // Certificate rotation without restart: SIGHUP or a change of the files.
+        tokio::spawn(tls.clone().watch(gw.shutdown.clone()));
+    }
     let server = Server::bind(gw.clone()).await?;
     let signals = {
         let gw = gw.clone();
@@ -76,6 +82,11 @@ fn main() -> ExitCode {
     let cfg = Config::parse();
     if let Err(msg) = cfg.validate() {
         eprintln!("wsgate: invalid configuration: {msg}");
+        return ExitCode::from(2);
+    }
+    // Keys and certificates are read here too, so a bad one is a clear exit 2.
+    if let Err(e) = Security::from_config(&cfg) {
+        eprintln!("wsgate: invalid configuration: {e}");
         return ExitCode::from(2);
     }
     if let Err(e) = init_logging(&cfg) {
