@@ -73,6 +73,13 @@ async fn run_inner<R, W>(
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &gw.config;
+    let Start {
+        slot,
+        admitted,
+        mode,
+        ..
+    } = start;
+    let Admitted { identity, ip_slot } = admitted;
     gw.metrics.connections_accepted.inc();
     debug!("connected");
     let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
@@ -81,7 +88,10 @@ async fn run_inner<R, W>(
         &gw.node_id,
         cfg.heartbeat_interval.as_millis() as u64,
     );
-    outbox.push(frame::text(welcome.as_bytes()), 0);
+    if mode == Mode::PubSub {
+        // An echo client expects only its own messages back.
+        outbox.push(frame::text(welcome.as_bytes()), 0);
+    }
     gw.sessions.insert(id, outbox.clone());
     if gw.is_draining() {
         // Upgraded while the drain began: tell it to go elsewhere at once.
@@ -111,13 +121,6 @@ async fn run_inner<R, W>(
         )
     };
 
-    let Start {
-        slot,
-        admitted,
-        mode,
-        ..
-    } = start;
-    let Admitted { identity, ip_slot } = admitted;
     let expires = Arc::new(AtomicU64::new(0));
     if gw.security.auth.is_some() {
         set_deadline(&expires, &identity, cfg.jwt_leeway);
