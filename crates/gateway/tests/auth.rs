@@ -324,3 +324,48 @@ async fn anonymous_without_auth_and_client_publish_off() {
     let r = call(&mut ws, r#"{"op":"publish","id":2,"topic":"t","data":1}"#).await;
     assert!(r["op"] == "published" || r["op"] == "message", "{r}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_public_key() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let public = format!("{dir}/tests/fixtures/rsa-test.pub.pem");
+    let private = std::fs::read(format!("{dir}/tests/fixtures/rsa-test.key.pem")).unwrap();
+    let node = start(&["--jwt-public-key", &public]).await;
+    let token = sign(Algorithm::RS256, &private, &good_claims());
+    session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    // The RSA public key used as an HMAC secret: algorithm confusion.
+    let pem = std::fs::read(&public).unwrap();
+    let confused = sign(Algorithm::HS256, &pem, &good_claims());
+    assert_eq!(status(&refused_with(&node, Some(&confused)).await), 401);
+    // RS384 with the right key is not configured.
+    let rs384 = sign(Algorithm::RS384, &private, &good_claims());
+    assert_eq!(status(&refused_with(&node, Some(&rs384)).await), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_file_selects_by_kid() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let enc = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&JwkSet { keys: vec![jwk] }).unwrap(),
+    )
+    .unwrap();
+    let node = start(&["--jwt-public-key", path.to_str().unwrap()]).await;
+    let token_with = |kid: &str| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        encode(&h, &good_claims(), &enc).unwrap()
+    };
+    session(node.addr, &format!("/ws?token={}", token_with("k1")), &[]).await;
+    assert_eq!(
+        status(&refused_with(&node, Some(&token_with("k2"))).await),
+        401
+    );
+}
