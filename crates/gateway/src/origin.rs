@@ -51,7 +51,7 @@ impl OriginPolicy {
             return false;
         };
         let origin = origin.trim().to_ascii_lowercase();
-        if self.exact.iter().any(|e| *e == origin) {
+        if self.exact.contains(&origin) {
             return true;
         }
         self.wildcard.iter().any(|(scheme, suffix)| {
