@@ -2,11 +2,14 @@
 # Runs the Autobahn TestSuite fuzzingclient (every case but 12.* and 13.*,
 # compression) against wsgate's `--echo` endpoint and fails unless every case is
 # OK, NON-STRICT or INFORMATIONAL. The summary is printed; the HTML report stays in
-# target/autobahn/reports. Usage: scripts/autobahn.sh   (env: WSGATE_BIN, a built binary)
+# target/autobahn/reports. Usage: scripts/autobahn.sh
+# env: WSGATE_BIN (a built binary), WSGATE_AUTOBAHN_INSTALLER (path of install-autobahn.sh)
 set -euo pipefail
 ROOT=$(git rev-parse --show-toplevel)
 cd "$ROOT"
-WSTEST=$("$ROOT/../shared/tools/install-autobahn.sh" | tail -n 1)
+# shared/ sits beside the repository (CI); a worktree elsewhere can point at it.
+INSTALLER=${WSGATE_AUTOBAHN_INSTALLER:-"$(git rev-parse --show-toplevel)/../shared/tools/install-autobahn.sh"}
+WSTEST=$("$INSTALLER" | tail -n 1)
 if [ -z "${WSGATE_BIN:-}" ]; then
   cargo build --release -q -p wsgate
   WSGATE_BIN="$ROOT/target/release/wsgate"
