@@ -112,8 +112,12 @@ impl Tls {
     }
 
     /// Watches the files (every [`WATCH_INTERVAL`]) and reloads on SIGHUP, until
-    /// `stop` is cancelled.
-    pub async fn watch(self: Arc<Self>, stop: CancellationToken) {
+    /// `stop` is cancelled. The SIGHUP handler is installed before this returns, so a
+    /// SIGHUP right after start cannot hit the default action (terminate).
+    pub fn watch(
+        self: Arc<Self>,
+        stop: CancellationToken,
+    ) -> impl std::future::Future<Output = ()> + Send + 'static {
         use tokio::signal::unix::{signal, SignalKind};
         let mut hup = match signal(SignalKind::hangup()) {
             Ok(s) => Some(s),
@@ -122,15 +126,17 @@ impl Tls {
                 None
             }
         };
-        let mut tick = tokio::time::interval(WATCH_INTERVAL);
-        loop {
-            tokio::select! {
-                _ = stop.cancelled() => return,
-                _ = tick.tick() => self.reload_if_changed(),
-                Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => {
-                    info!("SIGHUP: reloading the TLS certificate");
-                    if let Err(e) = self.reload() {
-                        warn!(error = %e, "TLS reload failed; keeping the current certificate");
+        async move {
+            let mut tick = tokio::time::interval(WATCH_INTERVAL);
+            loop {
+                tokio::select! {
+                    _ = stop.cancelled() => return,
+                    _ = tick.tick() => self.reload_if_changed(),
+                    Some(()) = async { match hup.as_mut() { Some(h) => h.recv().await, None => None } } => {
+                        info!("SIGHUP: reloading the TLS certificate");
+                        if let Err(e) = self.reload() {
+                            warn!(error = %e, "TLS reload failed; keeping the current certificate");
+                        }
                     }
                 }
             }

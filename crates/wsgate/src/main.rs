@@ -53,6 +53,15 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     if let Some(tls) = &gw.security.tls {
         // Certificate rotation without restart: SIGHUP or a change of the files.
         tokio::spawn(tls.clone().watch(gw.shutdown.clone()));
+    } else if let Ok(mut hup) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
+        // SIGHUP must not kill a node that has nothing to reload.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                info!("SIGHUP ignored: no TLS certificate to reload");
+            }
+        });
     }
     let server = Server::bind(gw.clone()).await?;
     let signals = {
