@@ -178,3 +178,17 @@ async fn file_change_is_picked_up() {
     assert!(tls_connect(&new_ca, node.addr).await.is_ok());
     assert!(tls_connect(&old_ca, node.addr).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn silent_tls_client_is_cut_at_the_handshake_timeout() {
+    let dir = tempfile::tempdir().unwrap();
+    server_cert(&ca("CA"), dir.path());
+    let mut args = tls_args(dir.path());
+    args.extend(["--handshake-timeout".into(), "1s".into()]);
+    let node = start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
+    let mut s = TcpStream::connect(node.addr).await.unwrap();
+    let mut buf = [0u8; 64];
+    // Never send a ClientHello: the server must hang up on its own.
+    let r = tokio::time::timeout(std::time::Duration::from_secs(4), s.read(&mut buf)).await;
+    assert!(matches!(r, Ok(Ok(0)) | Ok(Err(_))), "still open: {r:?}");
+}
