@@ -17,6 +17,9 @@ use serde::Deserialize;
 use crate::acl::Acl;
 use crate::config::Config;
 
+/// The latest expiry honoured: the end of year 9999 (later `exp` values are clamped).
+pub const MAX_EXP: u64 = 253_402_300_799;
+
 /// Why a token was refused. The text is safe to show to the client.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum AuthError {
@@ -73,7 +76,7 @@ impl Identity {
     pub fn anonymous() -> Self {
         Identity {
             subject: String::new(),
-            expires: SystemTime::UNIX_EPOCH + Duration::from_secs(u64::MAX >> 2),
+            expires: SystemTime::UNIX_EPOCH + Duration::from_secs(MAX_EXP),
             subscribe: Acl::any(),
             publish: Acl::any(),
         }
@@ -224,7 +227,9 @@ impl Authenticator {
             subscribe: Acl::new(&c.subscribe, &subject),
             publish: Acl::new(&c.publish, &subject),
             subject,
-            expires: UNIX_EPOCH + Duration::from_secs(c.exp),
+            // Clamped: `SystemTime + Duration` panics on overflow, and a token with
+            // an absurd `exp` must not crash anything.
+            expires: UNIX_EPOCH + Duration::from_secs(c.exp.min(MAX_EXP)),
         })
     }
 }

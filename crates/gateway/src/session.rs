@@ -280,7 +280,8 @@ fn set_deadline(expires: &AtomicU64, identity: &Identity, leeway: Duration) {
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
-    expires.store(exp.saturating_add(leeway.as_secs()), Ordering::Release);
+    let deadline = exp.saturating_add(leeway.as_secs());
+    expires.store(deadline.min(crate::auth::MAX_EXP), Ordering::Release);
 }
 
 /// Closes the session with 1008 when its token's deadline passes (a `refresh` moves

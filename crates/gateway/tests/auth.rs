@@ -369,3 +369,20 @@ async fn jwks_file_selects_by_kid() {
         401
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_exp_does_not_crash() {
+    let node = start(&auth_args()).await;
+    let mut c = good_claims();
+    c["exp"] = json!(u64::MAX);
+    let token = hs256(&c);
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    let r = call(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","id":2,"token":"{token}"}}"#),
+    )
+    .await;
+    assert_eq!(r["op"], "refreshed");
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":3}"#).await["op"], "pong");
+}
