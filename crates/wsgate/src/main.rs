@@ -15,6 +15,7 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info, warn};
 use wsgate_fanout::Hub;
+use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
 use wsgate_redis::{RedisBroker, RedisOptions};
@@ -57,6 +58,20 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
             Gateway::new(cfg, hub, Arc::new(broker), metrics)
         }
     };
+    gw.security.log_posture(&gw.config);
+    if let Some(tls) = &gw.security.tls {
+        // Certificate rotation without restart: SIGHUP or a change of the files.
+        tokio::spawn(tls.clone().watch(gw.shutdown.clone()));
+    } else if let Ok(mut hup) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
+        // SIGHUP must not kill a node that has nothing to reload.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                info!("SIGHUP ignored: no TLS certificate to reload");
+            }
+        });
+    }
     let server = Server::bind(gw.clone()).await?;
     let signals = {
         let gw = gw.clone();
@@ -87,6 +102,11 @@ fn main() -> ExitCode {
     cfg.node_id = Some(cfg.resolved_node_id());
     if let Err(msg) = cfg.validate() {
         eprintln!("wsgate: invalid configuration: {msg}");
+        return ExitCode::from(2);
+    }
+    // Keys and certificates are read here too, so a bad one is a clear exit 2.
+    if let Err(e) = Security::from_config(&cfg) {
+        eprintln!("wsgate: invalid configuration: {e}");
         return ExitCode::from(2);
     }
     let telemetry = match telemetry::init(
