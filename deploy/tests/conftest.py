@@ -75,8 +75,9 @@ def render(helm):
 
 def dockerfile_build_command() -> list[str]:
     """The `cargo build ...` command of the Dockerfile's build stage, as argv."""
-    text = DOCKERFILE.read_text().replace("\\\n", " ")
-    m = re.search(r"(cargo build[^&\n]*)", text)
+    lines = [l for l in DOCKERFILE.read_text().splitlines() if not l.lstrip().startswith("#")]
+    text = "\n".join(lines).replace("\\\n", " ")
+    m = re.search(r"^RUN .*?(cargo build[^&\n]*)", text, re.M)
     assert m, "the Dockerfile has no cargo build command"
     return shlex.split(m.group(1))
 

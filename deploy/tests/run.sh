@@ -79,4 +79,8 @@ if ! "$venv/bin/python" -c 'import pytest, yaml, websockets, kubernetes_validate
 fi
 
 cd "$root"
-exec "$venv/bin/python" -m pytest -p no:cacheprovider -ra "$here" "$@"
+# All of deploy/tests unless a test path is given.
+has_path=false
+for a in "$@"; do [ -e "${a%%::*}" ] && has_path=true; done
+$has_path || set -- "$@" "$here"
+exec "$venv/bin/python" -m pytest -p no:cacheprovider -ra "$@"
