@@ -372,3 +372,24 @@ def test_notes(helm, tmp_path):
     assert "no API key" not in notes
     notes = render_notes(helm, tmp_path / "b", *VALUE_SETS["bundled-redis"])
     assert "FOR TRYING" in notes.upper()
+
+
+# --- packaging -----------------------------------------------------------------------------
+
+def test_packaged_chart_carries_the_linked_files(helm, tmp_path):
+    """files/alerts.yml and files/wsgate.json are links out of the chart; a packaged chart
+    must hold their contents."""
+    import tarfile
+    res = subprocess.run([helm, "package", str(CHART), "-d", str(tmp_path)],
+                         capture_output=True, text=True, timeout=60)
+    assert res.returncode == 0, res.stderr
+    (tgz,) = tmp_path.glob("wsgate-*.tgz")
+    with tarfile.open(tgz) as tar:
+        for inside, source in (("wsgate/files/alerts.yml", "deploy/prometheus/alerts.yml"),
+                               ("wsgate/files/wsgate.json", "deploy/grafana/wsgate.json")):
+            member = tar.getmember(inside)
+            assert member.isfile(), f"{inside} is packaged as a link"
+            assert tar.extractfile(member).read() == (REPO / source).read_bytes()
+    # The packaged chart renders like the directory.
+    res = helm_template(helm, chart=tgz)
+    assert res.returncode == 0, res.stderr
