@@ -42,7 +42,13 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 /// docs/protocol.md; backends publish with `POST /api/publish` (or Redis, with
 /// `--redis-url`). Health and metrics are on the admin listener.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "wsgate", version, about, long_about = None, max_term_width = 100)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "wsgate: a horizontally scalable WebSocket pub/sub gateway",
+    long_about = None,
+    max_term_width = 100
+)]
 pub struct Config {
     /// Address for WebSocket clients (`/ws`) and the HTTP publish API.
     #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -121,6 +127,20 @@ pub struct Config {
     #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Redis URL (`redis://[:password@]host:port[/db]`). With it, every node sharing
+    /// this Redis acts as one service; without it the in-memory broker is used.
+    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of the Redis channel of each topic (`PUBLISH <prefix><topic> <payload>`).
+    #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate:")]
+    pub redis_prefix: String,
+
+    /// How long a topic stays subscribed in Redis after its last local subscriber
+    /// left (so flapping clients do not churn Redis).
+    #[arg(long, env = "WSGATE_REDIS_UNSUBSCRIBE_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub redis_unsubscribe_delay: Duration,
+
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -165,6 +185,11 @@ impl Config {
         if self.api_key.as_deref() == Some("") {
             return Err("--api-key must not be empty (omit it to leave the API open)".into());
         }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err("--redis-url must start with redis:// or rediss://".into());
+            }
+        }
         if let Some(p) = self.max_publication_size {
             if p == 0 {
                 return Err("--max-publication-size must be at least 1".into());
@@ -188,6 +213,16 @@ impl Config {
             .and_then(|h| h.into_string().ok())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+    }
+
+    /// Parses `args` (without the program name) as if given on the command line.
+    ///
+    /// # Panics
+    /// On invalid arguments (meant for tests and tools).
+    pub fn try_parse_from_args(args: &[&str]) -> Self {
+        let mut argv = vec!["wsgate"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).expect("valid arguments")
     }
 
     /// Defaults, as if started with no flags and no environment (for tests).
