@@ -92,8 +92,10 @@ def test_binary_starts_with_the_rendered_environment(render, wsgate_binary, tmp_
     ws, admin = free_port(), free_port()
     environment = pod_env(render(*VALUE_SETS[values]), ws, admin)
     if "WSGATE_REDIS_URL" in environment:
-        # Nothing listens there: the node starts, unready until Redis answers.
-        environment["WSGATE_REDIS_URL"] = f"redis://127.0.0.1:{free_port()}/0"
+        # Only the address changes (nothing listens there: the node starts, unready until
+        # Redis answers); the scheme and credentials are the rendered ones.
+        environment["WSGATE_REDIS_URL"] = re.sub(r"@[^/]+", f"@127.0.0.1:{free_port()}",
+                                                 environment["WSGATE_REDIS_URL"])
     if "WSGATE_JWT_PUBLIC_KEY" in environment:
         environment.pop("WSGATE_JWT_PUBLIC_KEY")
     clean = {k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")}

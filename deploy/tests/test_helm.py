@@ -307,6 +307,14 @@ def test_bundled_redis(render):
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
 
 
+def test_redis_acl_user_and_password(render):
+    m = render(*VALUE_SETS["production"])
+    e = env(container(gateway(m)))
+    assert e["WSGATE_REDIS_URL"]["value"] == \
+        "redis://wsgate:$(REDIS_PASSWORD)@redis-master.redis.svc.cluster.local:6379/0"
+    assert e["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+
+
 def test_jwt_public_key_is_mounted_as_a_file(render):
     m = render(*VALUE_SETS["hard-anti-affinity"])
     c = container(gateway(m))

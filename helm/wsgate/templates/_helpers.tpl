@@ -145,7 +145,7 @@ The Redis URL the gateway gets, without the password (empty: no Redis).
 {{- end }}
 
 {{/*
-With a password, the URL gets ":$(REDIS_PASSWORD)@" after the scheme; the kubelet
+With a password, the URL gets "[username]:$(REDIS_PASSWORD)@" after the scheme; the kubelet
 substitutes the variable (declared before WSGATE_REDIS_URL) from the Secret, so the
 password never appears in the pod spec. The password must therefore be URL-safe
 (the generated one is alphanumeric).
@@ -157,7 +157,7 @@ password never appears in the pod spec. The password must therefore be URL-safe
 {{- if ne (len $parts) 2 }}
 {{- fail (printf "redis.url %q has no scheme (redis:// or rediss://)" $url) }}
 {{- end }}
-{{- printf "%s://:$(REDIS_PASSWORD)@%s" (index $parts 0) (index $parts 1) }}
+{{- printf "%s://%s:$(REDIS_PASSWORD)@%s" (index $parts 0) .Values.redis.username (index $parts 1) }}
 {{- else }}
 {{- $url }}
 {{- end }}
