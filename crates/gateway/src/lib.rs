@@ -1,1 +1,34 @@
-//! placeholder
+//! wsgate's connection layer: a hyper 1 server whose `/ws` upgrades with
+//! fastwebsockets into pub/sub sessions.
+//!
+//! # Layout
+//! - [`config`]: every setting, its `WSGATE_*` variable and default.
+//! - [`server`]: listeners, routing, the accept loop (survives EMFILE), the upgrade,
+//!   and the end of the drain.
+//! - [`session`]: one connection's reader loop and its commands (subscribe,
+//!   unsubscribe, publish, ping), message reassembly and limits.
+//! - [`writer`]: the task that alone writes to a socket: batches, one flush per batch,
+//!   heartbeats, close frames.
+//! - [`outbox`]: the byte-bounded, non-blocking outbound queue between them (and the
+//!   hub's [`wsgate_fanout::Subscriber`]).
+//! - [`protocol`]: the JSON command codec and replies (docs/protocol.md).
+//! - [`close`]: every way a session ends: close code, reason, metric label.
+//! - [`ratelimit`]: per-connection token buckets.
+//! - [`http_api`]: `POST /api/publish`, `/healthz`, `/readyz`, `/metrics`, `/drain`.
+//! - [`state`]: the node's shared state and shutdown tree ([`Gateway`]).
+
+pub mod close;
+pub mod config;
+pub mod http_api;
+pub mod io;
+pub mod outbox;
+pub mod protocol;
+pub mod ratelimit;
+pub mod server;
+mod session;
+pub mod state;
+mod writer;
+
+pub use config::{Config, LogFormat};
+pub use server::Server;
+pub use state::Gateway;

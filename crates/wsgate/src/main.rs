@@ -1,1 +1,103 @@
-fn main() {}
+//! `wsgate`: parses the configuration, sets up logging and wires the node together.
+//!
+//! # Layout
+//! - `main`: config → logging → file-descriptor limit → broker → server → signals.
+//!   Composition happens here and nowhere else; the crates hold the behaviour.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::Parser;
+use tracing::{error, info, warn};
+use tracing_subscriber::EnvFilter;
+use wsgate_gateway::{Config, Gateway, LogFormat, Server};
+use wsgate_metrics::Metrics;
+
+fn init_logging(cfg: &Config) -> anyhow::Result<()> {
+    let filter = EnvFilter::try_new(&cfg.log_level)
+        .map_err(|e| anyhow::anyhow!("invalid --log-level `{}`: {e}", cfg.log_level))?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match cfg.log_format {
+        LogFormat::Human => builder.init(),
+        LogFormat::Json => builder.json().flatten_event(true).init(),
+    }
+    Ok(())
+}
+
+/// Raises the soft open-files limit to the hard limit: every connection is a file.
+fn raise_nofile() {
+    match rlimit::increase_nofile_limit(u64::MAX) {
+        Ok(n) => info!(limit = n, "open files limit"),
+        Err(e) => warn!(error = %e, "could not raise the open files limit"),
+    }
+}
+
+async fn wait_for_signal() -> std::io::Result<&'static str> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    Ok(tokio::select! {
+        _ = term.recv() => "SIGTERM",
+        _ = int.recv() => "SIGINT",
+    })
+}
+
+async fn run(cfg: Config) -> anyhow::Result<()> {
+    raise_nofile();
+    let metrics = Metrics::default();
+    let gw: Arc<Gateway> = Gateway::in_memory(cfg, metrics);
+    let server = Server::bind(gw.clone()).await?;
+    let signals = {
+        let gw = gw.clone();
+        tokio::spawn(async move {
+            match wait_for_signal().await {
+                Ok(sig) => {
+                    info!(signal = sig, "starting graceful drain");
+                    gw.start_drain();
+                    // A second signal stops at once.
+                    if let Ok(sig) = wait_for_signal().await {
+                        warn!(signal = sig, "second signal: stopping now");
+                        gw.shutdown.cancel();
+                    }
+                }
+                Err(e) => error!(error = %e, "cannot listen for signals"),
+            }
+        })
+    };
+    server.run().await;
+    signals.abort();
+    info!("bye");
+    Ok(())
+}
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    if let Err(msg) = cfg.validate() {
+        eprintln!("wsgate: invalid configuration: {msg}");
+        return ExitCode::from(2);
+    }
+    if let Err(e) = init_logging(&cfg) {
+        eprintln!("wsgate: {e}");
+        return ExitCode::from(2);
+    }
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("wsgate: cannot start the runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match runtime.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            error!("{e:#}");
+            eprintln!("wsgate: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

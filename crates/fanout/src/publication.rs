@@ -1,0 +1,126 @@
+//! A publication, encoded once.
+//!
+//! `{"op":"message","topic":"<topic>","data":<data>}` is built directly into the bytes
+//! of a complete WebSocket text frame. Topics need no escaping (see
+//! [`crate::topic`]) and `data` is already-validated JSON spliced in byte for byte, so
+//! no serializer runs on the delivery path and every subscriber shares one buffer.
+
+use std::borrow::Cow;
+use std::time::{SystemTime, UNIX_EPOCH};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde_json::value::RawValue;
+
+use crate::frame;
+
+const PREFIX: &[u8] = b"{\"op\":\"message\",\"topic\":\"";
+const MIDDLE: &[u8] = b"\",\"data\":";
+const SUFFIX: &[u8] = b"}";
+
+/// A message on its way to local subscribers: the complete frame, shared.
+#[derive(Clone, Debug)]
+pub struct Publication {
+    /// The whole WebSocket frame (header included). Cloning is a reference-count bump.
+    pub frame: Bytes,
+    /// When a node first accepted this publication, in nanoseconds since the UNIX
+    /// epoch. With a relay this is the *publishing* node's clock, so the
+    /// publish→deliver latency covers the cross-node path. 0 when unknown.
+    pub accepted_at: u64,
+}
+
+impl Publication {
+    /// Encodes a publication of `data` (must be valid JSON text) to a validated topic.
+    pub fn encode(topic: &str, data: &[u8], accepted_at: u64) -> Self {
+        let payload_len = PREFIX.len() + topic.len() + MIDDLE.len() + data.len() + SUFFIX.len();
+        let mut buf = BytesMut::with_capacity(frame::header_len(payload_len) + payload_len);
+        frame::put_header(&mut buf, frame::OP_TEXT, payload_len);
+        buf.put_slice(PREFIX);
+        buf.put_slice(topic.as_bytes());
+        buf.put_slice(MIDDLE);
+        buf.put_slice(data);
+        buf.put_slice(SUFFIX);
+        Publication {
+            frame: buf.freeze(),
+            accepted_at,
+        }
+    }
+
+    /// Size of the frame on the wire.
+    pub fn len(&self) -> usize {
+        self.frame.len()
+    }
+
+    /// Never true: a frame always has a header.
+    pub fn is_empty(&self) -> bool {
+        self.frame.is_empty()
+    }
+}
+
+/// Applies the contract's payload rule for messages that arrive from outside (a
+/// backend's Redis `PUBLISH`): a payload that is valid JSON is delivered as-is, any
+/// other text is delivered as a JSON string. Bytes that are not UTF-8 are decoded
+/// lossily (U+FFFD) rather than dropped, so a subscriber sees that something came.
+pub fn payload_to_json(payload: &[u8]) -> Cow<'_, [u8]> {
+    if let Ok(raw) = serde_json::from_slice::<&RawValue>(payload) {
+        // `get` is the value's own text, without surrounding whitespace.
+        return Cow::Borrowed(raw.get().as_bytes());
+    }
+    let text = String::from_utf8_lossy(payload);
+    Cow::Owned(serde_json::to_vec(&text).expect("a string always serializes"))
+}
+
+/// Nanoseconds since the UNIX epoch, for [`Publication::accepted_at`].
+pub fn unix_nanos() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64)
+        .unwrap_or(0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn payload(p: &Publication) -> &str {
+        let hl = frame::header_len(p.frame.len() - 2);
+        let hl = if p.frame[1] as usize == p.frame.len() - 2 {
+            2
+        } else {
+            hl
+        };
+        std::str::from_utf8(&p.frame[hl..]).unwrap()
+    }
+
+    #[test]
+    fn encodes_the_message_envelope() {
+        let p = Publication::encode("news", br#"{"a":[1,2]}"#, 7);
+        assert_eq!(p.frame[0], 0x81);
+        assert_eq!(
+            payload(&p),
+            r#"{"op":"message","topic":"news","data":{"a":[1,2]}}"#
+        );
+        let v: serde_json::Value = serde_json::from_str(payload(&p)).unwrap();
+        assert_eq!(v["data"]["a"][1], 2);
+        assert_eq!(p.accepted_at, 7);
+    }
+
+    #[test]
+    fn large_payload_uses_extended_length() {
+        let data = format!("\"{}\"", "x".repeat(1000));
+        let p = Publication::encode("t", data.as_bytes(), 0);
+        assert_eq!(p.frame[1], 126);
+        let len = u16::from_be_bytes([p.frame[2], p.frame[3]]) as usize;
+        assert_eq!(len, p.frame.len() - 4);
+    }
+
+    #[test]
+    fn payload_rules() {
+        assert_eq!(&*payload_to_json(br#"{"x":1}"#), br#"{"x":1}"#);
+        assert_eq!(&*payload_to_json(b" 42 "), b"42");
+        assert_eq!(&*payload_to_json(b"hello world"), br#""hello world""#);
+        assert_eq!(&*payload_to_json(b"say \"hi\""), br#""say \"hi\"""#);
+        assert_eq!(&*payload_to_json(b"{broken"), br#""{broken""#);
+        assert_eq!(&*payload_to_json(b""), br#""""#);
+        assert_eq!(&*payload_to_json(&[0xff, b'a']), "\"\u{fffd}a\"".as_bytes());
+    }
+}

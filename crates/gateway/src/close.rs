@@ -1,0 +1,90 @@
+//! Why a connection ended: one table for the close code a client sees, the reason
+//! text in the close frame, and the `reason` label of `wsgate_disconnects_total`.
+
+/// Every way a session can end.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Disconnect {
+    /// The client sent a close frame.
+    ClientClose,
+    /// The connection ended without a close frame (reset, EOF).
+    ClientGone,
+    /// No frame of any kind from the client within the heartbeat timeout.
+    HeartbeatTimeout,
+    /// The outbound queue overflowed, or the socket took no bytes for too long.
+    SlowConsumer,
+    /// Sustained command rate over the limit.
+    RateLimit,
+    /// A message over the maximum size.
+    TooBig,
+    /// The node is draining.
+    Drain,
+    /// The client broke the WebSocket protocol (bad framing, bad close code…).
+    ProtocolError,
+    /// Text that is not UTF-8.
+    InvalidUtf8,
+    /// An I/O error on our side.
+    Error,
+}
+
+impl Disconnect {
+    /// The close code sent to the client (docs/protocol.md, "Close codes").
+    pub fn code(self) -> u16 {
+        match self {
+            Disconnect::ClientClose | Disconnect::ClientGone => 1000,
+            Disconnect::HeartbeatTimeout => 4000,
+            Disconnect::SlowConsumer => 4008,
+            Disconnect::RateLimit => 4029,
+            Disconnect::TooBig => 1009,
+            Disconnect::Drain => 1001,
+            Disconnect::ProtocolError => 1002,
+            Disconnect::InvalidUtf8 => 1007,
+            Disconnect::Error => 1011,
+        }
+    }
+
+    /// The human-readable reason in the close frame.
+    pub fn reason(self) -> &'static str {
+        match self {
+            Disconnect::ClientClose | Disconnect::ClientGone => "bye",
+            Disconnect::HeartbeatTimeout => "heartbeat timeout",
+            Disconnect::SlowConsumer => "slow consumer: outbound queue overflowed",
+            Disconnect::RateLimit => "rate limit abuse",
+            Disconnect::TooBig => "message too big",
+            Disconnect::Drain => "node draining: reconnect",
+            Disconnect::ProtocolError => "protocol error",
+            Disconnect::InvalidUtf8 => "invalid UTF-8",
+            Disconnect::Error => "internal error",
+        }
+    }
+
+    /// The bounded `reason` label of `wsgate_disconnects_total`.
+    pub fn label(self) -> &'static str {
+        match self {
+            Disconnect::ClientClose => "client_close",
+            Disconnect::ClientGone => "client_gone",
+            Disconnect::HeartbeatTimeout => "heartbeat_timeout",
+            Disconnect::SlowConsumer => "slow_consumer",
+            Disconnect::RateLimit => "rate_limit",
+            Disconnect::TooBig => "too_big",
+            Disconnect::Drain => "drain",
+            Disconnect::ProtocolError => "protocol_error",
+            Disconnect::InvalidUtf8 => "invalid_utf8",
+            Disconnect::Error => "error",
+        }
+    }
+
+    /// Whether queued messages are thrown away rather than written before the close
+    /// frame (the client is not reading them anyway, or must not get more).
+    pub fn discards_queue(self) -> bool {
+        matches!(
+            self,
+            Disconnect::SlowConsumer | Disconnect::HeartbeatTimeout | Disconnect::ClientGone
+        )
+    }
+
+    /// Whether the server sends a close frame of its own (the client's close is
+    /// echoed instead, and a vanished client gets nothing).
+    pub fn sends_close(self) -> bool {
+        !matches!(self, Disconnect::ClientClose | Disconnect::ClientGone)
+    }
+}

@@ -1,0 +1,241 @@
+//! Gateway configuration: every setting is a flag with a `WSGATE_*` environment
+//! equivalent, and its default lives here, once. `wsgate --help` prints them all.
+
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use clap::{Parser, ValueEnum};
+
+/// Log output format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    /// Human-readable lines.
+    Human,
+    /// One JSON object per line.
+    Json,
+}
+
+fn parse_duration(s: &str) -> Result<Duration, String> {
+    humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 25s, 1m)"))
+}
+
+fn parse_bytes(s: &str) -> Result<usize, String> {
+    let s = s.trim();
+    let (num, mult) = if let Some(n) = s.strip_suffix("KiB") {
+        (n, 1024)
+    } else if let Some(n) = s.strip_suffix("MiB") {
+        (n, 1024 * 1024)
+    } else if let Some(n) = s.strip_suffix("GiB") {
+        (n, 1024 * 1024 * 1024)
+    } else {
+        (s, 1)
+    };
+    num.trim()
+        .parse::<usize>()
+        .map(|n| n * mult)
+        .map_err(|_| format!("`{s}` is not a byte size (examples: 65536, 64KiB, 1MiB)"))
+}
+
+/// wsgate: a horizontally scalable WebSocket pub/sub gateway.
+///
+/// Clients connect to `ws://<listen>/ws` and speak the JSON protocol in
+/// docs/protocol.md; backends publish with `POST /api/publish` (or Redis, with
+/// `--redis-url`). Health and metrics are on the admin listener.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "wsgate", version, about, long_about = None, max_term_width = 100)]
+pub struct Config {
+    /// Address for WebSocket clients (`/ws`) and the HTTP publish API.
+    #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
+    pub listen: SocketAddr,
+
+    /// Address for `/healthz`, `/readyz`, `/metrics` and `POST /drain`. May equal
+    /// `--listen` to serve everything on one port.
+    #[arg(long, env = "WSGATE_ADMIN_LISTEN", default_value = "127.0.0.1:9090")]
+    pub admin_listen: SocketAddr,
+
+    /// This node's id, sent to clients in `welcome` (default: the host name).
+    #[arg(long, env = "WSGATE_NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// Interval between server WebSocket pings (the first one is jittered).
+    #[arg(long, env = "WSGATE_HEARTBEAT_INTERVAL", default_value = "25s", value_parser = parse_duration)]
+    pub heartbeat_interval: Duration,
+
+    /// A client that sends no frame of any kind for this long is closed with 4000.
+    #[arg(long, env = "WSGATE_HEARTBEAT_TIMEOUT", default_value = "60s", value_parser = parse_duration)]
+    pub heartbeat_timeout: Duration,
+
+    /// On SIGTERM/SIGINT (or `POST /drain`), clients are closed with 1001 spread
+    /// evenly over this window, then the process exits 0.
+    #[arg(long, env = "WSGATE_DRAIN_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub drain_timeout: Duration,
+
+    /// Maximum WebSocket connections on this node; more are refused with HTTP 503.
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
+    pub max_connections: usize,
+
+    /// Largest client message (after reassembling fragments); larger closes with 1009.
+    #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value = "64KiB", value_parser = parse_bytes)]
+    pub max_message_size: usize,
+
+    /// Largest `data` of one publication (client or HTTP): `payload_too_large` / 413.
+    /// Defaults to `--max-message-size`.
+    #[arg(long, env = "WSGATE_MAX_PUBLICATION_SIZE", value_parser = parse_bytes)]
+    pub max_publication_size: Option<usize>,
+
+    /// Bytes that may wait in one connection's outbound queue; a client that falls
+    /// further behind is closed with 4008 (slow consumer).
+    #[arg(long, env = "WSGATE_OUTBOUND_QUEUE_BYTES", default_value = "1MiB", value_parser = parse_bytes)]
+    pub outbound_queue_bytes: usize,
+
+    /// Maximum topics one connection may be subscribed to (`too_many_topics`).
+    #[arg(long, env = "WSGATE_MAX_TOPICS_PER_CONNECTION", default_value_t = 1000)]
+    pub max_topics_per_connection: usize,
+
+    /// Sustained commands per second per connection (token bucket refill rate).
+    #[arg(long, env = "WSGATE_RATE_LIMIT", default_value_t = 200.0)]
+    pub rate_limit: f64,
+
+    /// Commands a connection may send in a burst (token bucket size). Commands over
+    /// the limit get `rate_limited`; as many again over the limit closes with 4029.
+    #[arg(long, env = "WSGATE_RATE_BURST", default_value_t = 400.0)]
+    pub rate_burst: f64,
+
+    /// Publications a connection may have waiting for the broker at once.
+    #[arg(long, env = "WSGATE_MAX_INFLIGHT_PUBLISHES", default_value_t = 256)]
+    pub max_inflight_publishes: usize,
+
+    /// Whether clients may publish over WebSocket (`forbidden` when off).
+    #[arg(long, env = "WSGATE_CLIENT_PUBLISH", default_value_t = true, action = clap::ArgAction::Set)]
+    pub client_publish: bool,
+
+    /// Bearer key required by `POST /api/publish` (none: the API is open).
+    #[arg(long, env = "WSGATE_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
+
+    /// Largest HTTP publish request body (413 above).
+    #[arg(long, env = "WSGATE_HTTP_MAX_BODY", default_value = "1MiB", value_parser = parse_bytes)]
+    pub http_max_body: usize,
+
+    /// Time a client has to send its HTTP request headers (slowloris guard).
+    #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
+    pub handshake_timeout: Duration,
+
+    /// Log format.
+    #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
+    pub log_format: LogFormat,
+
+    /// Log filter (tracing `EnvFilter` syntax, e.g. `info,wsgate_gateway=debug`).
+    #[arg(long, env = "WSGATE_LOG_LEVEL", default_value = "info")]
+    pub log_level: String,
+}
+
+impl Config {
+    /// Checks relations between settings that clap cannot express.
+    ///
+    /// # Errors
+    /// A human-readable explanation of the first problem found.
+    pub fn validate(&self) -> Result<(), String> {
+        if self.heartbeat_interval.is_zero() {
+            return Err("--heartbeat-interval must be greater than 0".into());
+        }
+        if self.heartbeat_timeout <= self.heartbeat_interval {
+            return Err(format!(
+                "--heartbeat-timeout ({:?}) must be longer than --heartbeat-interval ({:?})",
+                self.heartbeat_timeout, self.heartbeat_interval
+            ));
+        }
+        if self.max_message_size < 128 {
+            return Err("--max-message-size must be at least 128 bytes".into());
+        }
+        if self.outbound_queue_bytes < 1024 {
+            return Err("--outbound-queue-bytes must be at least 1KiB".into());
+        }
+        if self.max_connections == 0 {
+            return Err("--max-connections must be at least 1".into());
+        }
+        if !(self.rate_limit > 0.0 && self.rate_burst >= 1.0) {
+            return Err("--rate-limit must be > 0 and --rate-burst >= 1".into());
+        }
+        if self.max_topics_per_connection == 0 || self.max_inflight_publishes == 0 {
+            return Err(
+                "--max-topics-per-connection and --max-inflight-publishes must be >= 1".into(),
+            );
+        }
+        if self.api_key.as_deref() == Some("") {
+            return Err("--api-key must not be empty (omit it to leave the API open)".into());
+        }
+        if let Some(p) = self.max_publication_size {
+            if p == 0 {
+                return Err("--max-publication-size must be at least 1".into());
+            }
+        }
+        Ok(())
+    }
+
+    /// The publication size limit in force.
+    pub fn max_publication_size(&self) -> usize {
+        self.max_publication_size.unwrap_or(self.max_message_size)
+    }
+
+    /// The node id in force: `--node-id`, else the host name, else a random id.
+    pub fn resolved_node_id(&self) -> String {
+        if let Some(id) = &self.node_id {
+            return id.clone();
+        }
+        hostname::get()
+            .ok()
+            .and_then(|h| h.into_string().ok())
+            .filter(|h| !h.is_empty())
+            .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+    }
+
+    /// Defaults, as if started with no flags and no environment (for tests).
+    pub fn for_tests() -> Self {
+        Config::parse_from([
+            "wsgate",
+            "--listen",
+            "127.0.0.1:0",
+            "--admin-listen",
+            "127.0.0.1:0",
+        ])
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn defaults_are_valid() {
+        let c = Config::for_tests();
+        c.validate().unwrap();
+        assert_eq!(c.heartbeat_interval, Duration::from_secs(25));
+        assert_eq!(c.outbound_queue_bytes, 1024 * 1024);
+        assert_eq!(c.max_message_size, 64 * 1024);
+        assert_eq!(c.max_publication_size(), 64 * 1024);
+    }
+
+    #[test]
+    fn bad_values_are_explained() {
+        let c = Config::try_parse_from(["wsgate", "--heartbeat-interval", "soon"]);
+        assert!(c.unwrap_err().to_string().contains("examples"));
+        let c = Config::try_parse_from(["wsgate", "--max-message-size", "12XB"]);
+        assert!(c.is_err());
+        let c = Config::parse_from([
+            "wsgate",
+            "--heartbeat-interval",
+            "30s",
+            "--heartbeat-timeout",
+            "10s",
+        ]);
+        assert!(c.validate().unwrap_err().contains("heartbeat-timeout"));
+    }
+
+    #[test]
+    fn byte_sizes() {
+        assert_eq!(parse_bytes("64KiB"), Ok(65536));
+        assert_eq!(parse_bytes("2MiB"), Ok(2 << 20));
+        assert_eq!(parse_bytes("100"), Ok(100));
+    }
+}

@@ -1,0 +1,264 @@
+//! Plain HTTP endpoints: the publish API on the main listener, and health, readiness,
+//! metrics and drain on the admin listener.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::body::Incoming;
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use subtle::ConstantTimeEq;
+use tokio::time::Instant;
+use wsgate_fanout::{unix_nanos, validate_topic};
+
+use crate::protocol::json_string;
+use crate::state::Gateway;
+
+/// The response body type of every endpoint.
+pub type Body = Full<Bytes>;
+
+/// A response with a JSON body.
+pub fn json(status: StatusCode, body: impl Into<Bytes>) -> Response<Body> {
+    Response::builder()
+        .status(status)
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(body.into()))
+        .expect("valid response")
+}
+
+/// `{"error":"<code>","message":"…"}` with a status.
+pub fn error(status: StatusCode, code: &str, message: &str) -> Response<Body> {
+    json(
+        status,
+        format!(
+            "{{\"error\":\"{code}\",\"message\":{}}}",
+            json_string(message)
+        ),
+    )
+}
+
+/// `GET /healthz`: the process is alive.
+pub fn healthz() -> Response<Body> {
+    json(StatusCode::OK, r#"{"status":"ok"}"#)
+}
+
+/// `GET /readyz`: 200 when the node should get new connections, 503 while draining.
+pub fn readyz(gw: &Gateway) -> Response<Body> {
+    let ready = gw.is_ready();
+    let body = format!(
+        r#"{{"ready":{ready},"draining":{},"broker":"{}","broker_ready":{},"connections":{},"node":{}}}"#,
+        gw.is_draining(),
+        gw.broker.kind(),
+        gw.broker.is_ready(),
+        gw.connections(),
+        json_string(&gw.node_id),
+    );
+    json(
+        if ready {
+            StatusCode::OK
+        } else {
+            StatusCode::SERVICE_UNAVAILABLE
+        },
+        body,
+    )
+}
+
+/// `GET /metrics`: Prometheus text exposition.
+pub fn metrics(gw: &Gateway) -> Response<Body> {
+    gw.refresh_gauges();
+    Response::builder()
+        .status(StatusCode::OK)
+        .header(
+            header::CONTENT_TYPE,
+            "text/plain; version=0.0.4; charset=utf-8",
+        )
+        .body(Full::new(Bytes::from(gw.metrics.encode())))
+        .expect("valid response")
+}
+
+/// `POST /drain`: starts the graceful drain (for a Kubernetes preStop hook).
+pub fn drain(gw: &Gateway) -> Response<Body> {
+    gw.start_drain();
+    json(StatusCode::ACCEPTED, r#"{"draining":true}"#)
+}
+
+#[derive(Deserialize)]
+struct Item<'a> {
+    #[serde(borrow)]
+    topic: Option<std::borrow::Cow<'a, str>>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+}
+
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
+    let Some(key) = gw.config.api_key.as_deref() else {
+        return true;
+    };
+    let Some(given) = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.as_bytes().strip_prefix(b"Bearer "))
+    else {
+        return false;
+    };
+    // Constant time, so the key cannot be guessed byte by byte from response times.
+    given.ct_eq(key.as_bytes()).into()
+}
+
+/// `POST /api/publish` with `{"topic":…,"data":…}` or an array of them.
+pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::POST {
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use POST",
+        );
+        r.headers_mut()
+            .insert(header::ALLOW, "POST".parse().expect("valid header"));
+        return r;
+    }
+    if !authorized(&gw, &req) {
+        let mut r = error(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API key",
+        );
+        r.headers_mut().insert(
+            header::WWW_AUTHENTICATE,
+            "Bearer".parse().expect("valid header"),
+        );
+        return r;
+    }
+    let max_body = gw.config.http_max_body;
+    let body = match Limited::new(req.into_body(), max_body).collect().await {
+        Ok(b) => b.to_bytes(),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!("the body is over {max_body} bytes"),
+            )
+        }
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "could not read the body",
+            )
+        }
+    };
+    let text = match std::str::from_utf8(&body) {
+        Ok(t) => t,
+        Err(_) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                "the body must be UTF-8 JSON",
+            )
+        }
+    };
+    let items: Vec<Item<'_>> = match text.trim_start().as_bytes().first() {
+        Some(b'[') => match serde_json::from_str(text) {
+            Ok(items) => items,
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("invalid JSON: {e}"),
+                )
+            }
+        },
+        _ => match serde_json::from_str(text) {
+            Ok(item) => vec![item],
+            Err(e) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "bad_request",
+                    &format!("invalid JSON: {e}"),
+                )
+            }
+        },
+    };
+    if items.is_empty() {
+        return error(StatusCode::BAD_REQUEST, "bad_request", "the batch is empty");
+    }
+    // Validate everything before publishing anything: a batch is accepted whole or
+    // refused whole when the request itself is wrong.
+    let max = gw.config.max_publication_size();
+    let mut checked = Vec::with_capacity(items.len());
+    for (i, item) in items.iter().enumerate() {
+        let Some(topic) = item.topic.as_deref() else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("item {i}: `topic` is required"),
+            );
+        };
+        if let Err(e) = validate_topic(topic) {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_topic",
+                &format!("item {i}: {e}"),
+            );
+        }
+        let Some(data) = item.data else {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!("item {i}: `data` is required"),
+            );
+        };
+        if data.get().len() > max {
+            return error(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "payload_too_large",
+                &format!(
+                    "item {i}: data is {} bytes; the limit is {max}",
+                    data.get().len()
+                ),
+            );
+        }
+        checked.push((topic, data.get().as_bytes()));
+    }
+    let started = Instant::now();
+    let accepted_at = unix_nanos();
+    // Every publish is issued (ordered) before any is awaited: one pipeline.
+    let acks: Vec<_> = checked
+        .iter()
+        .map(|(topic, data)| gw.broker.publish(topic, data, accepted_at))
+        .collect();
+    let mut published = 0usize;
+    let mut failure = None;
+    for ack in acks {
+        match ack.await {
+            Ok(()) => published += 1,
+            Err(e) => failure = Some(e),
+        }
+    }
+    gw.metrics
+        .broker_publish_duration
+        .observe(started.elapsed().as_secs_f64());
+    gw.metrics
+        .messages_received
+        .with_label_values(&["http"])
+        .inc_by(published as u64);
+    match failure {
+        None => json(
+            StatusCode::OK,
+            format!(r#"{{"ok":true,"published":{published}}}"#),
+        ),
+        Some(e) => json(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                r#"{{"error":"unavailable","message":{},"published":{published}}}"#,
+                json_string(&e.to_string())
+            ),
+        ),
+    }
+}

@@ -1,0 +1,247 @@
+//! A connection's outbound queue: byte-bounded, never blocking the producer.
+//!
+//! Publications (from the hub, on whatever task delivers them), replies (from the
+//! reader) and control frames all enter here with a non-blocking push; the writer
+//! task alone drains it, takes everything queued in one go and writes it with one
+//! flush. When queued bytes would pass the limit the client is declared a slow
+//! consumer: the queue is emptied at once (memory stays bounded however many
+//! clients stop reading) and the writer closes the connection with 4008.
+
+use std::collections::VecDeque;
+
+use bytes::Bytes;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+use wsgate_fanout::{Publication, Subscriber};
+
+use crate::close::Disconnect;
+
+/// One queued frame.
+#[derive(Debug, Clone)]
+pub struct Item {
+    /// The complete WebSocket frame.
+    pub frame: Bytes,
+    /// When the publication was accepted (unix ns) — 0 for replies and control frames,
+    /// which are not counted as deliveries.
+    pub born: u64,
+}
+
+#[derive(Default)]
+struct State {
+    frames: VecDeque<Item>,
+    /// Pings and pongs: written before anything else in the next batch.
+    control: Vec<Bytes>,
+    bytes: usize,
+    /// Set once; the first reason wins.
+    closing: Option<Disconnect>,
+    /// A close frame to send instead of the reason's own (the echo of a client's).
+    close_frame: Option<Bytes>,
+    /// Publications thrown away because of the close.
+    dropped: u64,
+}
+
+/// What the writer took from the queue.
+#[derive(Debug, Default)]
+pub struct Batch {
+    pub control: Vec<Bytes>,
+    pub frames: VecDeque<Item>,
+    /// Bytes that were queued when the batch was taken.
+    pub bytes: usize,
+}
+
+impl Batch {
+    pub fn is_empty(&self) -> bool {
+        self.control.is_empty() && self.frames.is_empty()
+    }
+}
+
+/// The outbound queue of one connection.
+pub struct Outbox {
+    state: Mutex<State>,
+    /// Wakes the writer. `notify_one` keeps a permit when nobody waits, so a push
+    /// between the writer's last `take` and its wait is never lost.
+    notify: Notify,
+    limit: usize,
+}
+
+impl Outbox {
+    /// A queue that holds at most `limit` bytes.
+    pub fn new(limit: usize) -> Self {
+        Outbox {
+            state: Mutex::new(State::default()),
+            notify: Notify::new(),
+            limit,
+        }
+    }
+
+    /// Queues a frame. Returns `false` if it was not queued: the connection is
+    /// closing, or this frame overflowed the queue (which starts the close).
+    pub fn push(&self, frame: Bytes, born: u64) -> bool {
+        let mut st = self.state.lock();
+        if st.closing.is_some() {
+            st.dropped += u64::from(born != 0);
+            return false;
+        }
+        if st.bytes + frame.len() > self.limit {
+            st.dropped +=
+                u64::from(born != 0) + st.frames.iter().filter(|i| i.born != 0).count() as u64;
+            Self::start_close(&mut st, Disconnect::SlowConsumer, None);
+            drop(st);
+            self.notify.notify_one();
+            return false;
+        }
+        let was_idle = st.frames.is_empty() && st.control.is_empty();
+        st.bytes += frame.len();
+        st.frames.push_back(Item { frame, born });
+        drop(st);
+        // The writer re-checks the queue after every write, so it only needs a wake-up
+        // when the queue goes from empty to non-empty.
+        if was_idle {
+            self.notify.notify_one();
+        }
+        true
+    }
+
+    /// Queues a ping or pong, to be written ahead of queued messages. Counts against
+    /// the byte limit like anything else (a ping flood from a client that does not
+    /// read makes it a slow consumer).
+    pub fn push_control(&self, frame: Bytes) -> bool {
+        let mut st = self.state.lock();
+        if st.closing.is_some() {
+            return false;
+        }
+        if st.bytes + frame.len() > self.limit {
+            st.dropped += st.frames.iter().filter(|i| i.born != 0).count() as u64;
+            Self::start_close(&mut st, Disconnect::SlowConsumer, None);
+        } else {
+            st.bytes += frame.len();
+            st.control.push(frame);
+        }
+        drop(st);
+        self.notify.notify_one();
+        true
+    }
+
+    /// Starts closing the connection for `reason` (ignored if already closing).
+    pub fn close(&self, reason: Disconnect) {
+        self.close_with(reason, None);
+    }
+
+    /// Like [`Outbox::close`], sending `frame` as the close frame.
+    pub fn close_with(&self, reason: Disconnect, frame: Option<Bytes>) {
+        let mut st = self.state.lock();
+        if st.closing.is_none() {
+            if reason.discards_queue() {
+                st.dropped += st.frames.iter().filter(|i| i.born != 0).count() as u64;
+            }
+            Self::start_close(&mut st, reason, frame);
+        }
+        drop(st);
+        self.notify.notify_one();
+    }
+
+    fn start_close(st: &mut State, reason: Disconnect, frame: Option<Bytes>) {
+        st.closing = Some(reason);
+        st.close_frame = frame;
+        if reason.discards_queue() {
+            st.frames = VecDeque::new();
+            st.control = Vec::new();
+            st.bytes = 0;
+        }
+    }
+
+    /// Why the connection is closing, if it is.
+    pub fn closing(&self) -> Option<Disconnect> {
+        self.state.lock().closing
+    }
+
+    /// Publications that were thrown away because of the close.
+    pub fn dropped(&self) -> u64 {
+        self.state.lock().dropped
+    }
+
+    /// Moves everything queued into `batch` (which the writer keeps and reuses, so
+    /// its buffers' capacity survives between batches). Returns the close reason and
+    /// frame once the queue is empty and a close has been requested.
+    pub fn take(&self, batch: &mut Batch) -> Option<(Disconnect, Option<Bytes>)> {
+        let mut st = self.state.lock();
+        std::mem::swap(&mut st.frames, &mut batch.frames);
+        std::mem::swap(&mut st.control, &mut batch.control);
+        batch.bytes = std::mem::take(&mut st.bytes);
+        match st.closing {
+            Some(reason) => Some((reason, st.close_frame.take())),
+            None => None,
+        }
+    }
+
+    /// Waits until something is pushed or a close is requested.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a permit not consumed stays for the next call.
+    pub async fn notified(&self) {
+        self.notify.notified().await;
+    }
+
+    /// Bytes queued right now.
+    pub fn queued_bytes(&self) -> usize {
+        self.state.lock().bytes
+    }
+}
+
+impl Subscriber for Outbox {
+    fn deliver(&self, publication: &Publication) {
+        // A clone of `Bytes` is a reference-count increment: every subscriber shares
+        // the frame encoded once by the broker.
+        self.push(publication.frame.clone(), publication.accepted_at.max(1));
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(n: usize) -> Bytes {
+        Bytes::from(vec![0u8; n])
+    }
+
+    #[test]
+    fn overflow_empties_the_queue_and_closes_4008() {
+        let ob = Outbox::new(1000);
+        for _ in 0..9 {
+            assert!(ob.push(frame(100), 1));
+        }
+        assert_eq!(ob.queued_bytes(), 900);
+        assert!(!ob.push(frame(101), 1), "1001 bytes > limit");
+        assert_eq!(ob.closing(), Some(Disconnect::SlowConsumer));
+        assert_eq!(ob.queued_bytes(), 0, "memory released at once");
+        assert_eq!(ob.dropped(), 10);
+        assert!(!ob.push(frame(1), 1));
+        assert_eq!(ob.dropped(), 11);
+        let mut b = Batch::default();
+        let close = ob.take(&mut b);
+        assert!(b.is_empty());
+        assert_eq!(close.map(|c| c.0), Some(Disconnect::SlowConsumer));
+    }
+
+    #[test]
+    fn drain_close_keeps_what_is_queued() {
+        let ob = Outbox::new(1000);
+        ob.push(frame(10), 1);
+        ob.push_control(frame(2));
+        ob.close(Disconnect::Drain);
+        ob.close(Disconnect::SlowConsumer);
+        let mut b = Batch::default();
+        let close = ob.take(&mut b).unwrap();
+        assert_eq!(close.0, Disconnect::Drain, "first reason wins");
+        assert_eq!((b.frames.len(), b.control.len(), b.bytes), (1, 1, 12));
+    }
+
+    #[tokio::test]
+    async fn a_push_before_waiting_is_not_lost() {
+        let ob = Outbox::new(1000);
+        ob.push(frame(1), 1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), ob.notified())
+            .await
+            .expect("permit kept");
+    }
+}

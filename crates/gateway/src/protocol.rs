@@ -1,0 +1,412 @@
+//! The client protocol codec (docs/protocol.md): commands in, replies out.
+//!
+//! Decoding borrows from the frame: `data` stays a [`RawValue`] slice of the client's
+//! own bytes, so a publication is spliced into the outgoing frame without being
+//! re-serialized. Replies are small and formatted by hand.
+
+use std::borrow::Cow;
+use std::fmt::Write as _;
+use std::sync::Arc;
+
+use serde::Deserialize;
+use serde_json::value::RawValue;
+use wsgate_fanout::validate_topic;
+
+/// Largest integer a client id may be (2^53 − 1, exact in every JSON implementation).
+pub const MAX_ID: u64 = (1 << 53) - 1;
+
+/// The stable error codes of the contract.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ErrorCode {
+    BadRequest,
+    UnknownOp,
+    InvalidTopic,
+    Forbidden,
+    TooManyTopics,
+    RateLimited,
+    PayloadTooLarge,
+    Unavailable,
+    Internal,
+}
+
+impl ErrorCode {
+    /// The code's wire name.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ErrorCode::BadRequest => "bad_request",
+            ErrorCode::UnknownOp => "unknown_op",
+            ErrorCode::InvalidTopic => "invalid_topic",
+            ErrorCode::Forbidden => "forbidden",
+            ErrorCode::TooManyTopics => "too_many_topics",
+            ErrorCode::RateLimited => "rate_limited",
+            ErrorCode::PayloadTooLarge => "payload_too_large",
+            ErrorCode::Unavailable => "unavailable",
+            ErrorCode::Internal => "internal",
+        }
+    }
+}
+
+/// A command that could not be accepted, with the id to echo (if it had a valid one).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CommandError {
+    pub id: Option<u64>,
+    pub code: ErrorCode,
+    pub message: Cow<'static, str>,
+}
+
+impl CommandError {
+    pub fn new(id: Option<u64>, code: ErrorCode, message: impl Into<Cow<'static, str>>) -> Self {
+        CommandError {
+            id,
+            code,
+            message: message.into(),
+        }
+    }
+}
+
+/// A decoded client command.
+#[derive(Debug)]
+pub enum Command<'a> {
+    Subscribe {
+        id: Option<u64>,
+        topics: Vec<Arc<str>>,
+    },
+    Unsubscribe {
+        id: Option<u64>,
+        topics: Vec<Arc<str>>,
+    },
+    Publish {
+        id: Option<u64>,
+        topic: Arc<str>,
+        data: &'a RawValue,
+    },
+    Ping {
+        id: Option<u64>,
+    },
+}
+
+impl Command<'_> {
+    /// The command's id, if it carried one.
+    pub fn id(&self) -> Option<u64> {
+        match self {
+            Command::Subscribe { id, .. }
+            | Command::Unsubscribe { id, .. }
+            | Command::Publish { id, .. }
+            | Command::Ping { id } => *id,
+        }
+    }
+}
+
+/// Every field any command may carry; each kept raw so that each can be judged on
+/// its own (a JSON `null` `data` is a value, not a missing field).
+#[derive(Deserialize)]
+struct Envelope<'a> {
+    #[serde(borrow, default, deserialize_with = "present")]
+    op: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    id: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    topics: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    topic: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    data: Option<&'a RawValue>,
+}
+
+/// `Some` for any present value, `null` included.
+fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValue>, D::Error> {
+    <&RawValue>::deserialize(d).map(Some)
+}
+
+fn bad(id: Option<u64>, msg: impl Into<Cow<'static, str>>) -> CommandError {
+    CommandError::new(id, ErrorCode::BadRequest, msg)
+}
+
+fn parse_id(raw: Option<&RawValue>) -> Result<Option<u64>, CommandError> {
+    let Some(raw) = raw else { return Ok(None) };
+    if raw.get() == "null" {
+        return Ok(None);
+    }
+    match serde_json::from_str::<u64>(raw.get()) {
+        Ok(id) if id <= MAX_ID => Ok(Some(id)),
+        _ => Err(bad(None, "`id` must be an integer from 0 to 2^53-1")),
+    }
+}
+
+fn parse_topic(id: Option<u64>, raw: &RawValue) -> Result<Arc<str>, CommandError> {
+    let topic: Cow<'_, str> =
+        serde_json::from_str(raw.get()).map_err(|_| bad(id, "a topic must be a string"))?;
+    validate_topic(&topic).map_err(|e| {
+        CommandError::new(id, ErrorCode::InvalidTopic, format!("invalid topic: {e}"))
+    })?;
+    Ok(Arc::from(topic.as_ref()))
+}
+
+fn parse_topics(id: Option<u64>, raw: Option<&RawValue>) -> Result<Vec<Arc<str>>, CommandError> {
+    let raw = raw.ok_or_else(|| bad(id, "`topics` is required"))?;
+    let items: Vec<&RawValue> = serde_json::from_str(raw.get())
+        .map_err(|_| bad(id, "`topics` must be an array of strings"))?;
+    if items.is_empty() {
+        return Err(bad(id, "`topics` must not be empty"));
+    }
+    // Shape first, then names: a list with a non-string is `bad_request` even if an
+    // earlier name is invalid.
+    let mut names = Vec::with_capacity(items.len());
+    for item in &items {
+        let name: Cow<'_, str> = serde_json::from_str(item.get())
+            .map_err(|_| bad(id, "`topics` must be an array of strings"))?;
+        names.push(name);
+    }
+    names
+        .iter()
+        .map(|name| {
+            validate_topic(name).map_err(|e| {
+                CommandError::new(
+                    id,
+                    ErrorCode::InvalidTopic,
+                    format!("invalid topic {}: {e}", json_string(name)),
+                )
+            })?;
+            Ok(Arc::from(name.as_ref()))
+        })
+        .collect()
+}
+
+/// Decodes one text frame into a command.
+///
+/// # Errors
+/// The error reply the contract prescribes, with the command's id when it had a valid
+/// one.
+pub fn decode(text: &str) -> Result<Command<'_>, CommandError> {
+    let env: Envelope<'_> =
+        serde_json::from_str(text).map_err(|_| bad(None, "a frame must be one JSON object"))?;
+    let id = parse_id(env.id)?;
+    let op: Cow<'_, str> = match env.op {
+        Some(raw) => {
+            serde_json::from_str(raw.get()).map_err(|_| bad(id, "`op` must be a string"))?
+        }
+        None => return Err(bad(id, "`op` is required")),
+    };
+    match op.as_ref() {
+        "subscribe" => Ok(Command::Subscribe {
+            id,
+            topics: parse_topics(id, env.topics)?,
+        }),
+        "unsubscribe" => Ok(Command::Unsubscribe {
+            id,
+            topics: parse_topics(id, env.topics)?,
+        }),
+        "publish" => {
+            let topic = env.topic.ok_or_else(|| bad(id, "`topic` is required"))?;
+            let data = env.data.ok_or_else(|| bad(id, "`data` is required"))?;
+            Ok(Command::Publish {
+                id,
+                topic: parse_topic(id, topic)?,
+                data,
+            })
+        }
+        "ping" => Ok(Command::Ping { id }),
+        other => Err(CommandError::new(
+            id,
+            ErrorCode::UnknownOp,
+            format!("unknown op {}", json_string(other)),
+        )),
+    }
+}
+
+/// A string as a JSON string literal.
+pub fn json_string(s: &str) -> String {
+    serde_json::to_string(s).expect("strings serialize")
+}
+
+fn open(op: &str, id: Option<u64>) -> String {
+    let mut s = String::with_capacity(64);
+    s.push_str("{\"op\":\"");
+    s.push_str(op);
+    s.push('"');
+    if let Some(id) = id {
+        let _ = write!(s, ",\"id\":{id}");
+    }
+    s
+}
+
+/// `{"op":"subscribed"|"unsubscribed","id":…,"topics":[…]}`.
+pub fn topics_reply(op: &str, id: Option<u64>, topics: &[Arc<str>]) -> String {
+    let mut s = open(op, id);
+    s.push_str(",\"topics\":[");
+    for (i, t) in topics.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        // Validated topics need no escaping.
+        s.push('"');
+        s.push_str(t);
+        s.push('"');
+    }
+    s.push_str("]}");
+    s
+}
+
+/// `{"op":"published","id":…}`.
+pub fn published_reply(id: Option<u64>) -> String {
+    let mut s = open("published", id);
+    s.push('}');
+    s
+}
+
+/// `{"op":"pong","id":…}`.
+pub fn pong_reply(id: Option<u64>) -> String {
+    let mut s = open("pong", id);
+    s.push('}');
+    s
+}
+
+/// `{"op":"error","id":<id or null>,"code":"…","message":"…"}`.
+pub fn error_reply(err: &CommandError) -> String {
+    let mut s = String::with_capacity(96 + err.message.len());
+    s.push_str("{\"op\":\"error\",\"id\":");
+    match err.id {
+        Some(id) => {
+            let _ = write!(s, "{id}");
+        }
+        None => s.push_str("null"),
+    }
+    let _ = write!(
+        s,
+        ",\"code\":\"{}\",\"message\":{}}}",
+        err.code.as_str(),
+        json_string(&err.message)
+    );
+    s
+}
+
+/// The first frame of every session.
+pub fn welcome(session: &str, node: &str, heartbeat_ms: u64) -> String {
+    format!(
+        "{{\"op\":\"welcome\",\"session\":{},\"node\":{},\"heartbeat_ms\":{heartbeat_ms}}}",
+        json_string(session),
+        json_string(node)
+    )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::{json, Value};
+
+    fn err(text: &str) -> CommandError {
+        decode(text).unwrap_err()
+    }
+
+    #[test]
+    fn decodes_every_op() {
+        match decode(r#"{"op":"subscribe","id":1,"topics":["news","prices.AAPL"]}"#).unwrap() {
+            Command::Subscribe { id, topics } => {
+                assert_eq!(id, Some(1));
+                assert_eq!(topics, vec![Arc::from("news"), Arc::from("prices.AAPL")]);
+            }
+            c => panic!("{c:?}"),
+        }
+        assert!(matches!(
+            decode(r#"{"op":"unsubscribe","topics":["a"]}"#).unwrap(),
+            Command::Unsubscribe { id: None, .. }
+        ));
+        match decode(r#"{"data": {"x": [1, 2]}, "op":"publish","id":3,"topic":"chat.1"}"#).unwrap()
+        {
+            Command::Publish { id, topic, data } => {
+                assert_eq!((id, &*topic), (Some(3), "chat.1"));
+                assert_eq!(data.get(), r#"{"x": [1, 2]}"#, "data kept byte for byte");
+            }
+            c => panic!("{c:?}"),
+        }
+        assert!(matches!(
+            decode(r#"{"op":"ping","id":4}"#).unwrap(),
+            Command::Ping { id: Some(4) }
+        ));
+        // null data is a value; unknown fields are ignored; escaped op works.
+        assert!(matches!(
+            decode(r#"{"op":"publish","topic":"t","data":null,"extra":1}"#).unwrap(),
+            Command::Publish { .. }
+        ));
+        assert!(matches!(
+            decode(r#"{"op":"p\u0069ng"}"#).unwrap(),
+            Command::Ping { id: None }
+        ));
+    }
+
+    #[test]
+    fn errors_follow_the_contract() {
+        let e = err("not json");
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None));
+        assert_eq!(err("[1,2]").code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"id":5}"#), bad(Some(5), "`op` is required"));
+        assert_eq!(err(r#"{"op":7,"id":5}"#).code, ErrorCode::BadRequest);
+        assert_eq!(err(r#"{"op":7,"id":5}"#).id, Some(5));
+        let e = err(r#"{"op":"fly","id":6}"#);
+        assert_eq!((e.code, e.id), (ErrorCode::UnknownOp, Some(6)));
+        // Invalid ids are bad requests with a null id.
+        for id in ["-1", "1.5", "\"7\"", "9007199254740992", "true"] {
+            let e = err(&format!(r#"{{"op":"ping","id":{id}}}"#));
+            assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None), "id {id}");
+        }
+        assert!(matches!(
+            decode(r#"{"op":"ping","id":9007199254740991}"#).unwrap(),
+            Command::Ping { id: Some(MAX_ID) }
+        ));
+    }
+
+    #[test]
+    fn topic_rules() {
+        let e = err(r#"{"op":"subscribe","id":1,"topics":[]}"#);
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(1)));
+        let e = err(r#"{"op":"subscribe","id":1,"topics":["ok","bad topic"]}"#);
+        assert_eq!((e.code, e.id), (ErrorCode::InvalidTopic, Some(1)));
+        assert_eq!(
+            err(r#"{"op":"subscribe","topics":["ok",3]}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"subscribe","topics":"news"}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(err(r#"{"op":"subscribe"}"#).code, ErrorCode::BadRequest);
+        assert_eq!(
+            err(r#"{"op":"publish","topic":"a b","data":1}"#).code,
+            ErrorCode::InvalidTopic
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","topic":"ab"}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","data":1}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"publish","topic":5,"data":1}"#).code,
+            ErrorCode::BadRequest
+        );
+    }
+
+    #[test]
+    fn replies_are_valid_json() {
+        let topics = [Arc::from("a"), Arc::from("b.c")];
+        let v: Value = serde_json::from_str(&topics_reply("subscribed", Some(1), &topics)).unwrap();
+        assert_eq!(v, json!({"op":"subscribed","id":1,"topics":["a","b.c"]}));
+        let v: Value = serde_json::from_str(&published_reply(None)).unwrap();
+        assert_eq!(v, json!({"op":"published"}));
+        let v: Value = serde_json::from_str(&pong_reply(Some(4))).unwrap();
+        assert_eq!(v, json!({"op":"pong","id":4}));
+        let e = CommandError::new(None, ErrorCode::RateLimited, "slow \"down\"");
+        let v: Value = serde_json::from_str(&error_reply(&e)).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"error","id":null,"code":"rate_limited","message":"slow \"down\""})
+        );
+        let v: Value = serde_json::from_str(&welcome("s1", "node \"a\"", 25000)).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"welcome","session":"s1","node":"node \"a\"","heartbeat_ms":25000})
+        );
+    }
+}

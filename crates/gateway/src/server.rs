@@ -1,0 +1,298 @@
+//! Listeners, routing and the accept loop.
+//!
+//! Every TCP connection is served by hyper's HTTP/1 server; `GET /ws` upgrades to a
+//! WebSocket session (see [`crate::session`]). The accept loop survives running out
+//! of file descriptors: it counts, logs and backs off instead of dying.
+
+use std::convert::Infallible;
+use std::io;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fastwebsockets::upgrade::UpgradeFut;
+use http::{Method, Request, Response, StatusCode};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::server::conn::http1;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tracing::{debug, info, warn};
+
+use crate::http_api::{self, Body};
+use crate::io::Prefixed;
+use crate::session;
+use crate::state::{ConnectionSlot, Gateway};
+
+/// `EMFILE` and `ENFILE`: out of file descriptors (per process, system-wide).
+const OUT_OF_FDS: [i32; 2] = [24, 23];
+/// Pending connections the kernel may queue for us (capped by `somaxconn`).
+const BACKLOG: u32 = 4096;
+/// Largest HTTP request head we read (hyper's minimum is 8 KiB).
+const MAX_HEADER_BYTES: usize = 16 * 1024;
+/// How long the end of a drain waits for sessions to finish their close handshakes.
+const FINISH_GRACE: Duration = Duration::from_secs(5);
+
+/// Which endpoints a listener serves.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Role {
+    /// `/ws` and the HTTP API.
+    Public,
+    /// Health, readiness, metrics, drain.
+    Admin,
+    /// Both (`--admin-listen` equal to `--listen`).
+    Both,
+}
+
+/// A bound gateway, ready to run.
+pub struct Server {
+    gw: Arc<Gateway>,
+    public: TcpListener,
+    admin: Option<TcpListener>,
+}
+
+fn bind(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(BACKLOG)
+}
+
+impl Server {
+    /// Binds the listeners named in the gateway's configuration.
+    ///
+    /// # Errors
+    /// When an address cannot be bound.
+    pub async fn bind(gw: Arc<Gateway>) -> io::Result<Server> {
+        let cfg = &gw.config;
+        let public = bind(cfg.listen).map_err(|e| {
+            io::Error::new(e.kind(), format!("cannot listen on {}: {e}", cfg.listen))
+        })?;
+        let shared = cfg.admin_listen == cfg.listen && cfg.listen.port() != 0;
+        let admin = if shared {
+            None
+        } else {
+            Some(bind(cfg.admin_listen).map_err(|e| {
+                io::Error::new(
+                    e.kind(),
+                    format!("cannot listen on {}: {e}", cfg.admin_listen),
+                )
+            })?)
+        };
+        Ok(Server { gw, public, admin })
+    }
+
+    /// Where WebSocket clients connect.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.public.local_addr().expect("bound")
+    }
+
+    /// Where health and metrics are served.
+    pub fn admin_addr(&self) -> SocketAddr {
+        self.admin
+            .as_ref()
+            .unwrap_or(&self.public)
+            .local_addr()
+            .expect("bound")
+    }
+
+    /// Serves until the drain has finished (or [`Gateway::shutdown`] is cancelled).
+    pub async fn run(self) {
+        let gw = self.gw;
+        info!(listen = %self.public.local_addr().expect("bound"), node = %gw.node_id, broker = gw.broker.kind(), "wsgate serving");
+        let role = if self.admin.is_some() {
+            Role::Public
+        } else {
+            Role::Both
+        };
+        let mut loops = vec![tokio::spawn(accept_loop(gw.clone(), self.public, role))];
+        if let Some(admin) = self.admin {
+            info!(listen = %admin.local_addr().expect("bound"), "admin endpoints serving");
+            loops.push(tokio::spawn(accept_loop(gw.clone(), admin, Role::Admin)));
+        }
+        tokio::select! {
+            _ = gw.drain_started.cancelled() => {
+                gw.drain_sessions().await;
+                let deadline = tokio::time::Instant::now() + FINISH_GRACE;
+                while gw.connections() > 0 && tokio::time::Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(20)).await;
+                }
+                info!(left = gw.connections(), "drain finished");
+            }
+            _ = gw.shutdown.cancelled() => {}
+        }
+        gw.shutdown.cancel();
+        for l in loops {
+            let _ = l.await;
+        }
+        gw.tracker.close();
+        if tokio::time::timeout(FINISH_GRACE, gw.tracker.wait())
+            .await
+            .is_err()
+        {
+            warn!("some connection tasks did not finish in time");
+        }
+    }
+}
+
+async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, role: Role) {
+    loop {
+        let accepted = tokio::select! {
+            _ = gw.shutdown.cancelled() => return,
+            r = listener.accept() => r,
+        };
+        match accepted {
+            Ok((stream, peer)) => {
+                let _ = stream.set_nodelay(true);
+                let gw2 = gw.clone();
+                gw.tracker.spawn(serve_connection(gw2, stream, peer, role));
+            }
+            Err(e) => {
+                gw.metrics.accept_errors.inc();
+                if e.raw_os_error().is_some_and(|c| OUT_OF_FDS.contains(&c)) {
+                    // Sessions closing will free descriptors; retrying at once would
+                    // spin. The pending connections wait in the backlog meanwhile.
+                    warn!(error = %e, "out of file descriptors; pausing accept for 100ms");
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                } else {
+                    debug!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+            }
+        }
+    }
+}
+
+async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, role: Role) {
+    let service = {
+        let gw = gw.clone();
+        service_fn(move |req| {
+            let gw = gw.clone();
+            async move { Ok::<_, Infallible>(route(gw, req, peer, role).await) }
+        })
+    };
+    let conn = http1::Builder::new()
+        .timer(TokioTimer::new())
+        .header_read_timeout(gw.config.handshake_timeout)
+        .max_buf_size(MAX_HEADER_BYTES)
+        .serve_connection(TokioIo::new(stream), service)
+        .with_upgrades();
+    tokio::pin!(conn);
+    tokio::select! {
+        r = conn.as_mut() => {
+            if let Err(e) = r {
+                debug!(error = %e, %peer, "http connection ended with an error");
+            }
+        }
+        _ = gw.shutdown.cancelled() => {
+            conn.as_mut().graceful_shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(1), conn).await;
+        }
+    }
+}
+
+fn not_found() -> Response<Body> {
+    http_api::error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
+}
+
+async fn route(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    role: Role,
+) -> Response<Body> {
+    let public = role != Role::Admin;
+    let admin = role != Role::Public;
+    match (req.method(), req.uri().path()) {
+        (_, "/ws") if public => upgrade(gw, req, peer),
+        (_, "/api/publish") if public => http_api::publish(gw, req).await,
+        (&Method::GET, "/healthz") if admin => http_api::healthz(),
+        (&Method::GET, "/readyz") if admin => http_api::readyz(&gw),
+        (&Method::GET, "/metrics") if admin => http_api::metrics(&gw),
+        (&Method::POST, "/drain") if admin => http_api::drain(&gw),
+        _ => not_found(),
+    }
+}
+
+fn refuse(gw: &Gateway, status: StatusCode, reason: &str, message: &str) -> Response<Body> {
+    gw.metrics
+        .connections_refused
+        .with_label_values(&[reason])
+        .inc();
+    http_api::error(status, reason, message)
+}
+
+/// `GET /ws`: checks, then upgrades and hands the connection to a session task.
+fn upgrade(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+    if req.method() != Method::GET || !fastwebsockets::upgrade::is_upgrade_request(&req) {
+        let mut r = refuse(
+            &gw,
+            StatusCode::UPGRADE_REQUIRED,
+            "not_websocket",
+            "this endpoint speaks WebSocket",
+        );
+        r.headers_mut().insert(
+            http::header::UPGRADE,
+            "websocket".parse().expect("valid header"),
+        );
+        return r;
+    }
+    if gw.is_draining() {
+        return refuse(
+            &gw,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "node is draining: connect to another node",
+        );
+    }
+    let Some(slot) = gw.try_reserve_connection() else {
+        return refuse(
+            &gw,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "max_connections",
+            "node is at its connection limit",
+        );
+    };
+    let (response, fut) = match fastwebsockets::upgrade::upgrade(&mut req) {
+        Ok(x) => x,
+        Err(e) => {
+            return refuse(
+                &gw,
+                StatusCode::BAD_REQUEST,
+                "bad_handshake",
+                &e.to_string(),
+            )
+        }
+    };
+    let gw2 = gw.clone();
+    gw.tracker.spawn(run_upgraded(gw2, fut, peer, slot));
+    let (parts, _) = response.into_parts();
+    Response::from_parts(parts, Full::default())
+}
+
+async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, peer: SocketAddr, slot: ConnectionSlot) {
+    let ws = match fut.await {
+        Ok(ws) => ws,
+        Err(e) => {
+            debug!(error = %e, %peer, "upgrade did not complete");
+            return;
+        }
+    };
+    let upgraded = ws.into_inner().into_inner();
+    // Plain TCP: take the socket back from hyper and split it without a lock.
+    match upgraded.downcast::<TokioIo<TcpStream>>() {
+        Ok(parts) => {
+            let (read, write) = parts.io.into_inner().into_split();
+            session::run(gw, Prefixed::new(parts.read_buf, read), write, peer, slot).await;
+        }
+        Err(upgraded) => {
+            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+            session::run(gw, read, write, peer, slot).await;
+        }
+    }
+}

@@ -1,0 +1,504 @@
+//! One WebSocket session: the reader loop and the commands it runs.
+//!
+//! The session's own task reads frames and runs commands; a second task, the
+//! [`Writer`], owns the write half. fastwebsockets' `read_frame` is not cancel safe,
+//! so it only ever races the writer's exit, after which the session is over and no
+//! other read happens: a partly read frame is never resumed.
+
+use std::collections::HashSet;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
+use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::sync::Semaphore;
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, Instrument};
+use wsgate_fanout::{frame, unix_nanos, Subscriber};
+
+use crate::close::Disconnect;
+use crate::outbox::Outbox;
+use crate::protocol::{self, Command, CommandError, ErrorCode};
+use crate::ratelimit::{RateLimiter, Verdict};
+use crate::state::{ConnectionSlot, Gateway};
+use crate::writer::{Liveness, Writer};
+
+/// Runs a session to its end on an upgraded connection.
+pub(crate) async fn run<R, W>(
+    gw: Arc<Gateway>,
+    read: R,
+    write: W,
+    peer: SocketAddr,
+    slot: ConnectionSlot,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let id = gw.next_session_id();
+    let session = format!("{:016x}", rand::random::<u64>());
+    let span = tracing::info_span!("session", session = %session, %peer);
+    run_inner(gw, read, write, id, session, slot)
+        .instrument(span)
+        .await
+}
+
+async fn run_inner<R, W>(
+    gw: Arc<Gateway>,
+    read: R,
+    write: W,
+    id: u64,
+    session: String,
+    slot: ConnectionSlot,
+) where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let cfg = &gw.config;
+    gw.metrics.connections_accepted.inc();
+    debug!("connected");
+    let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
+    let welcome = protocol::welcome(
+        &session,
+        &gw.node_id,
+        cfg.heartbeat_interval.as_millis() as u64,
+    );
+    outbox.push(frame::text(welcome.as_bytes()), 0);
+    gw.sessions.insert(id, outbox.clone());
+    if gw.is_draining() {
+        // Upgraded while the drain began: tell it to go elsewhere at once.
+        outbox.close(Disconnect::Drain);
+    }
+
+    let liveness = Arc::new(Liveness::new());
+    let reader_done = CancellationToken::new();
+    let writer_done = CancellationToken::new();
+    let writer = Writer {
+        outbox: outbox.clone(),
+        liveness: liveness.clone(),
+        metrics: gw.metrics.clone(),
+        heartbeat_interval: cfg.heartbeat_interval,
+        heartbeat_timeout: cfg.heartbeat_timeout,
+        reader_done: reader_done.clone(),
+    };
+    let writer = {
+        let writer_done = writer_done.clone();
+        gw.tracker.spawn(
+            async move {
+                let reason = writer.run(write).await;
+                writer_done.cancel();
+                reason
+            }
+            .in_current_span(),
+        )
+    };
+
+    let (ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    let mut reader = Reader {
+        subscriber: outbox.clone(),
+        outbox,
+        gw: gw.clone(),
+        id,
+        topics: HashSet::new(),
+        limiter: RateLimiter::new(cfg.rate_limit, cfg.rate_burst, Instant::now()),
+        inflight: Arc::new(Semaphore::new(cfg.max_inflight_publishes)),
+        liveness,
+        assembler: Assembler::new(cfg.max_message_size),
+    };
+    reader.run(ws, &writer_done).await;
+    reader_done.cancel();
+    reader.leave_all();
+
+    let reason = writer.await.unwrap_or(Disconnect::Error);
+    gw.sessions.remove(id);
+    gw.metrics
+        .disconnects
+        .with_label_values(&[reason.label()])
+        .inc();
+    let dropped = reader.outbox.dropped();
+    if dropped > 0 {
+        let label = if reason == Disconnect::SlowConsumer {
+            "slow_consumer"
+        } else {
+            "disconnected"
+        };
+        gw.metrics
+            .messages_dropped
+            .with_label_values(&[label])
+            .inc_by(dropped);
+    }
+    debug!(reason = reason.label(), "disconnected");
+    drop(slot);
+}
+
+/// Reassembles fragmented messages, enforcing the size limit on the whole message
+/// (fastwebsockets only bounds single frames) and validating UTF-8 as fragments
+/// arrive.
+struct Assembler {
+    max: usize,
+    buf: Vec<u8>,
+    opcode: Option<OpCode>,
+    /// Bytes of `buf` known to be valid UTF-8 (text messages).
+    checked: usize,
+}
+
+enum Message {
+    Text(Bytes),
+    Binary,
+}
+
+impl Assembler {
+    fn new(max: usize) -> Self {
+        Assembler {
+            max,
+            buf: Vec::new(),
+            opcode: None,
+            checked: 0,
+        }
+    }
+
+    fn push(&mut self, frame: Frame<'_>) -> Result<Option<Message>, Disconnect> {
+        match (frame.opcode, self.opcode) {
+            (OpCode::Text | OpCode::Binary, Some(_)) => Err(Disconnect::ProtocolError),
+            (OpCode::Continuation, None) => Err(Disconnect::ProtocolError),
+            (OpCode::Text, None) if frame.fin => {
+                // fastwebsockets has validated UTF-8 of unfragmented text.
+                Ok(Some(Message::Text(Bytes::from(frame.payload.to_vec()))))
+            }
+            (OpCode::Binary, None) if frame.fin => Ok(Some(Message::Binary)),
+            (op @ (OpCode::Text | OpCode::Binary), None) => {
+                self.opcode = Some(op);
+                self.append(&frame.payload)?;
+                Ok(None)
+            }
+            (OpCode::Continuation, Some(op)) => {
+                self.append(&frame.payload)?;
+                if !frame.fin {
+                    return Ok(None);
+                }
+                self.opcode = None;
+                self.checked = 0;
+                let buf = std::mem::take(&mut self.buf);
+                match op {
+                    OpCode::Text => {
+                        if std::str::from_utf8(&buf).is_err() {
+                            return Err(Disconnect::InvalidUtf8);
+                        }
+                        Ok(Some(Message::Text(Bytes::from(buf))))
+                    }
+                    _ => Ok(Some(Message::Binary)),
+                }
+            }
+            _ => Ok(None),
+        }
+    }
+
+    fn append(&mut self, data: &[u8]) -> Result<(), Disconnect> {
+        if self.buf.len() + data.len() > self.max {
+            return Err(Disconnect::TooBig);
+        }
+        self.buf.extend_from_slice(data);
+        if self.opcode == Some(OpCode::Text) {
+            // Fail fast on invalid UTF-8; an incomplete sequence at the end may be
+            // completed by the next fragment.
+            match std::str::from_utf8(&self.buf[self.checked..]) {
+                Ok(_) => self.checked = self.buf.len(),
+                Err(e) if e.error_len().is_none() => self.checked += e.valid_up_to(),
+                Err(_) => return Err(Disconnect::InvalidUtf8),
+            }
+        }
+        Ok(())
+    }
+}
+
+struct Reader {
+    gw: Arc<Gateway>,
+    outbox: Arc<Outbox>,
+    subscriber: Arc<Outbox>,
+    id: u64,
+    /// Topics this session is subscribed to.
+    topics: HashSet<Arc<str>>,
+    limiter: RateLimiter,
+    /// Bounds publications waiting for the broker, so a client cannot pile up
+    /// unbounded work: at the limit the reader waits (TCP backpressure).
+    inflight: Arc<Semaphore>,
+    liveness: Arc<Liveness>,
+    assembler: Assembler,
+}
+
+fn classify(err: &WebSocketError) -> Disconnect {
+    match err {
+        WebSocketError::FrameTooLarge => Disconnect::TooBig,
+        WebSocketError::InvalidUTF8 => Disconnect::InvalidUtf8,
+        WebSocketError::UnexpectedEOF
+        | WebSocketError::IoError(_)
+        | WebSocketError::ConnectionClosed => Disconnect::ClientGone,
+        _ => Disconnect::ProtocolError,
+    }
+}
+
+impl Reader {
+    async fn run<R: AsyncRead + Unpin>(
+        &mut self,
+        mut ws: WebSocketRead<R>,
+        writer_done: &CancellationToken,
+    ) {
+        ws.set_auto_close(true);
+        ws.set_auto_pong(true);
+        // fastwebsockets refuses frames of `payload_len >= max`; ours is inclusive.
+        ws.set_max_message_size(self.gw.config.max_message_size + 1);
+        loop {
+            // A close frame that fastwebsockets owes the client (the echo of its
+            // close, or 1002 for a bad close code) is kept to be sent as ours.
+            let mut owed_close: Option<Bytes> = None;
+            let outbox = &self.outbox;
+            let mut send = |f: Frame<'_>| {
+                let bytes = frame::encode(f.opcode as u8, &f.payload);
+                if f.opcode == OpCode::Close {
+                    owed_close = Some(bytes);
+                } else {
+                    outbox.push_control(bytes);
+                }
+                std::future::ready(Ok::<(), Infallible>(()))
+            };
+            let result = tokio::select! {
+                biased;
+                _ = writer_done.cancelled() => return,
+                r = ws.read_frame(&mut send) => r,
+            };
+            let frame = match result {
+                Ok(frame) => frame,
+                Err(e) => {
+                    debug!(error = %e, "read ended");
+                    self.outbox.close_with(classify(&e), owed_close);
+                    return;
+                }
+            };
+            self.liveness.touch();
+            match frame.opcode {
+                OpCode::Close => {
+                    self.outbox.close_with(Disconnect::ClientClose, owed_close);
+                    return;
+                }
+                OpCode::Ping | OpCode::Pong => continue,
+                _ => {}
+            }
+            self.gw
+                .metrics
+                .bytes_received
+                .inc_by(frame.payload.len() as u64);
+            let message = match self.assembler.push(frame) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(reason) => {
+                    self.outbox.close(reason);
+                    return;
+                }
+            };
+            if !self.on_message(message).await {
+                return;
+            }
+        }
+    }
+
+    /// Runs one message; `false` ends the session.
+    async fn on_message(&mut self, message: Message) -> bool {
+        let verdict = self.limiter.check(Instant::now());
+        if verdict == Verdict::Abuse {
+            self.outbox.close(Disconnect::RateLimit);
+            return false;
+        }
+        let text = match &message {
+            Message::Text(t) => std::str::from_utf8(t).expect("validated UTF-8"),
+            Message::Binary => {
+                self.reply_error(&CommandError::new(
+                    None,
+                    ErrorCode::BadRequest,
+                    "binary frames are not supported: send JSON text frames",
+                ));
+                return true;
+            }
+        };
+        let command = match protocol::decode(text) {
+            Ok(c) => c,
+            Err(e) => {
+                self.reply_error(&e);
+                return true;
+            }
+        };
+        if verdict == Verdict::Reject {
+            self.reply_error(&CommandError::new(
+                command.id(),
+                ErrorCode::RateLimited,
+                "too many commands: slow down",
+            ));
+            return true;
+        }
+        let reply = match command {
+            Command::Subscribe { id, topics } => self.subscribe(id, topics).await,
+            Command::Unsubscribe { id, topics } => Ok(self.unsubscribe(id, topics)),
+            Command::Publish { id, topic, data } => {
+                match self.publish(id, &topic, data.get().as_bytes()).await {
+                    Ok(Some(reply)) => Ok(reply),
+                    Ok(None) => return true,
+                    Err(e) => Err(e),
+                }
+            }
+            Command::Ping { id } => Ok(protocol::pong_reply(id)),
+        };
+        match reply {
+            Ok(text) => {
+                self.outbox.push(frame::text(text.as_bytes()), 0);
+            }
+            Err(e) => self.reply_error(&e),
+        }
+        true
+    }
+
+    fn reply_error(&self, err: &CommandError) {
+        self.outbox
+            .push(frame::text(protocol::error_reply(err).as_bytes()), 0);
+    }
+
+    async fn subscribe(
+        &mut self,
+        id: Option<u64>,
+        topics: Vec<Arc<str>>,
+    ) -> Result<String, CommandError> {
+        let mut fresh: Vec<Arc<str>> = Vec::new();
+        for t in &topics {
+            if !self.topics.contains(t) && !fresh.contains(t) {
+                fresh.push(t.clone());
+            }
+        }
+        let max = self.gw.config.max_topics_per_connection;
+        if self.topics.len() + fresh.len() > max {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::TooManyTopics,
+                format!("at most {max} topics per connection"),
+            ));
+        }
+        if !fresh.is_empty() {
+            // Into the hub first, so nothing published once the broker confirms can
+            // miss this connection.
+            let sub: Arc<dyn Subscriber> = self.subscriber.clone();
+            for t in &fresh {
+                self.gw.hub.subscribe(t, self.id, sub.clone());
+                self.topics.insert(t.clone());
+            }
+            if let Err(e) = self.gw.broker.subscribe(fresh.clone()).await {
+                let mut emptied = Vec::new();
+                for t in fresh {
+                    self.topics.remove(&t);
+                    if self.gw.hub.unsubscribe(&t, self.id) {
+                        emptied.push(t);
+                    }
+                }
+                if !emptied.is_empty() {
+                    self.gw.broker.release(emptied);
+                }
+                return Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string()));
+            }
+        }
+        Ok(protocol::topics_reply("subscribed", id, &topics))
+    }
+
+    fn unsubscribe(&mut self, id: Option<u64>, topics: Vec<Arc<str>>) -> String {
+        let mut emptied = Vec::new();
+        for t in &topics {
+            if self.topics.remove(t) && self.gw.hub.unsubscribe(t, self.id) {
+                emptied.push(t.clone());
+            }
+        }
+        if !emptied.is_empty() {
+            self.gw.broker.release(emptied);
+        }
+        protocol::topics_reply("unsubscribed", id, &topics)
+    }
+
+    /// Leaves every topic (the session is over).
+    fn leave_all(&mut self) {
+        let mut emptied = Vec::new();
+        for t in self.topics.drain() {
+            if self.gw.hub.unsubscribe(&t, self.id) {
+                emptied.push(t);
+            }
+        }
+        if !emptied.is_empty() {
+            self.gw.broker.release(emptied);
+        }
+    }
+
+    /// Publishes; returns the reply now, or `None` when the reply will be queued by a
+    /// task once the broker answers.
+    async fn publish(
+        &mut self,
+        id: Option<u64>,
+        topic: &str,
+        data: &[u8],
+    ) -> Result<Option<String>, CommandError> {
+        let cfg = &self.gw.config;
+        if !cfg.client_publish {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                "client publishing is disabled on this gateway",
+            ));
+        }
+        let max = cfg.max_publication_size();
+        if data.len() > max {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::PayloadTooLarge,
+                format!("data is {} bytes; the limit is {max}", data.len()),
+            ));
+        }
+        self.gw
+            .metrics
+            .messages_received
+            .with_label_values(&["client"])
+            .inc();
+        // Ordering is fixed when `publish` returns, so later publishes from this
+        // client cannot overtake this one even while its reply is pending.
+        let started = Instant::now();
+        let mut ack = self.gw.broker.publish(topic, data, unix_nanos());
+        if let Some(result) = ack.now() {
+            self.gw
+                .metrics
+                .broker_publish_duration
+                .observe(started.elapsed().as_secs_f64());
+            return match result {
+                Ok(()) => Ok(Some(protocol::published_reply(id))),
+                Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
+            };
+        }
+        let permit = self
+            .inflight
+            .clone()
+            .acquire_owned()
+            .await
+            .expect("never closed");
+        let outbox = self.outbox.clone();
+        let metrics = self.gw.metrics.clone();
+        self.gw.tracker.spawn(async move {
+            let result = ack.await;
+            metrics
+                .broker_publish_duration
+                .observe(started.elapsed().as_secs_f64());
+            let reply = match result {
+                Ok(()) => protocol::published_reply(id),
+                Err(e) => protocol::error_reply(&CommandError::new(
+                    id,
+                    ErrorCode::Unavailable,
+                    e.to_string(),
+                )),
+            };
+            outbox.push(frame::text(reply.as_bytes()), 0);
+            drop(permit);
+        });
+        Ok(None)
+    }
+}

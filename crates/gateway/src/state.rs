@@ -1,0 +1,164 @@
+//! The node's shared state: configuration, hub, broker, metrics, live sessions and
+//! the shutdown tree. One `Arc<Gateway>` is shared by every task.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use parking_lot::Mutex;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+use wsgate_fanout::{Broker, Hub};
+use wsgate_metrics::Metrics;
+
+use crate::close::Disconnect;
+use crate::config::Config;
+use crate::outbox::Outbox;
+
+/// Live sessions, for the drain (which closes them one by one).
+#[derive(Default)]
+pub(crate) struct Sessions {
+    map: Mutex<HashMap<u64, Arc<Outbox>>>,
+}
+
+impl Sessions {
+    pub(crate) fn insert(&self, id: u64, outbox: Arc<Outbox>) {
+        self.map.lock().insert(id, outbox);
+    }
+
+    pub(crate) fn remove(&self, id: u64) {
+        self.map.lock().remove(&id);
+    }
+
+    pub(crate) fn snapshot(&self) -> Vec<Arc<Outbox>> {
+        self.map.lock().values().cloned().collect()
+    }
+}
+
+/// Shared state of one gateway node.
+pub struct Gateway {
+    pub config: Config,
+    pub node_id: String,
+    pub hub: Arc<Hub>,
+    pub broker: Arc<dyn Broker>,
+    pub metrics: Metrics,
+    pub(crate) sessions: Sessions,
+    /// Cancelled when the drain starts (SIGTERM, SIGINT or `POST /drain`).
+    pub drain_started: CancellationToken,
+    /// Cancelled when the node must stop serving (end of the drain).
+    pub shutdown: CancellationToken,
+    /// Every connection task, so the end of `run` can wait for them.
+    pub(crate) tracker: TaskTracker,
+    draining: AtomicBool,
+    connections: AtomicUsize,
+    next_session: AtomicU64,
+}
+
+impl Gateway {
+    /// Assembles a node from its parts. The broker must deliver into `hub`.
+    pub fn new(
+        config: Config,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        metrics: Metrics,
+    ) -> Arc<Self> {
+        let node_id = config.resolved_node_id();
+        metrics.broker_up.set(i64::from(broker.is_ready()));
+        Arc::new(Gateway {
+            config,
+            node_id,
+            hub,
+            broker,
+            metrics,
+            sessions: Sessions::default(),
+            drain_started: CancellationToken::new(),
+            shutdown: CancellationToken::new(),
+            tracker: TaskTracker::new(),
+            draining: AtomicBool::new(false),
+            connections: AtomicUsize::new(0),
+            next_session: AtomicU64::new(1),
+        })
+    }
+
+    /// A node with the in-memory broker (the embedded default).
+    pub fn in_memory(config: Config, metrics: Metrics) -> Arc<Self> {
+        let hub = Arc::new(Hub::default());
+        let broker = Arc::new(wsgate_fanout::MemoryBroker::new(hub.clone()));
+        Self::new(config, hub, broker, metrics)
+    }
+
+    /// Starts the graceful drain. Idempotent.
+    pub fn start_drain(&self) {
+        if !self.draining.swap(true, Ordering::SeqCst) {
+            self.metrics.draining.set(1);
+            self.drain_started.cancel();
+        }
+    }
+
+    /// Whether the node is draining.
+    pub fn is_draining(&self) -> bool {
+        self.draining.load(Ordering::SeqCst)
+    }
+
+    /// Whether the node should get new connections (`/readyz`).
+    pub fn is_ready(&self) -> bool {
+        !self.is_draining()
+    }
+
+    /// Open WebSocket connections.
+    pub fn connections(&self) -> usize {
+        self.connections.load(Ordering::Relaxed)
+    }
+
+    /// Reserves a connection slot, unless the node is full.
+    pub(crate) fn try_reserve_connection(self: &Arc<Self>) -> Option<ConnectionSlot> {
+        let max = self.config.max_connections;
+        self.connections
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < max).then_some(n + 1)
+            })
+            .ok()?;
+        self.metrics.connections.inc();
+        Some(ConnectionSlot { gw: self.clone() })
+    }
+
+    pub(crate) fn next_session_id(&self) -> u64 {
+        self.next_session.fetch_add(1, Ordering::Relaxed)
+    }
+
+    /// Closes every live session with 1001, spread evenly over the drain window.
+    pub(crate) async fn drain_sessions(&self) {
+        let sessions = self.sessions.snapshot();
+        let window = self.config.drain_timeout;
+        let start = tokio::time::Instant::now();
+        let n = sessions.len().max(1) as u32;
+        tracing::info!(sessions = sessions.len(), ?window, "draining");
+        for (i, outbox) in sessions.into_iter().enumerate() {
+            tokio::time::sleep_until(start + window * i as u32 / n).await;
+            outbox.close(Disconnect::Drain);
+        }
+    }
+
+    /// Refreshes gauges that are cheaper to read than to maintain (at scrape time).
+    pub fn refresh_gauges(&self) {
+        self.metrics
+            .subscriptions
+            .set(self.hub.subscription_count());
+        self.metrics.topics.set(self.hub.topic_count());
+        self.metrics
+            .broker_up
+            .set(i64::from(self.broker.is_ready()));
+    }
+}
+
+/// A reserved connection slot; released on drop.
+pub(crate) struct ConnectionSlot {
+    gw: Arc<Gateway>,
+}
+
+impl Drop for ConnectionSlot {
+    fn drop(&mut self) {
+        self.gw.connections.fetch_sub(1, Ordering::AcqRel);
+        self.gw.metrics.connections.dec();
+    }
+}

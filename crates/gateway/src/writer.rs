@@ -1,0 +1,267 @@
+//! The writer task: the only owner of a connection's write half.
+//!
+//! It takes everything queued in the [`Outbox`] at once, writes it with vectored
+//! writes (no copy of the shared publication frames) and flushes once per batch. It
+//! also sends the heartbeat pings and enforces the heartbeat timeout, and it writes
+//! the close frame when the session ends.
+
+use std::collections::VecDeque;
+use std::io::IoSlice;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::{Buf, Bytes};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::time::{sleep, sleep_until, timeout, Instant};
+use tokio_util::sync::CancellationToken;
+use wsgate_fanout::{frame, unix_nanos};
+use wsgate_metrics::Metrics;
+
+use crate::close::Disconnect;
+use crate::outbox::{Batch, Outbox};
+
+/// Slices handed to one `writev(2)` call at most (below Linux's IOV_MAX of 1024).
+const MAX_IOV: usize = 512;
+/// How long a close frame, and the client's answer to it, may take.
+const CLOSE_GRACE: Duration = Duration::from_secs(1);
+
+/// When the client was last heard from, as milliseconds since the session began.
+/// Written by the reader on every frame, read by the writer at each heartbeat.
+pub(crate) struct Liveness {
+    base: Instant,
+    last_ms: AtomicU64,
+}
+
+impl Liveness {
+    pub(crate) fn new() -> Self {
+        Liveness {
+            base: Instant::now(),
+            last_ms: AtomicU64::new(0),
+        }
+    }
+
+    /// Records that a frame arrived now.
+    pub(crate) fn touch(&self) {
+        let ms = self.base.elapsed().as_millis() as u64;
+        self.last_ms.store(ms, Ordering::Relaxed);
+    }
+
+    fn silent_for(&self) -> Duration {
+        let now = self.base.elapsed().as_millis() as u64;
+        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
+    }
+}
+
+/// Everything the writer needs besides the socket.
+pub(crate) struct Writer {
+    pub outbox: Arc<Outbox>,
+    pub liveness: Arc<Liveness>,
+    pub metrics: Metrics,
+    pub heartbeat_interval: Duration,
+    pub heartbeat_timeout: Duration,
+    /// Cancelled when the reader has finished (the client's close arrived, or EOF).
+    pub reader_done: CancellationToken,
+}
+
+impl Writer {
+    /// Runs until the connection closes; returns why.
+    pub(crate) async fn run<W: AsyncWrite + Unpin>(self, mut io: W) -> Disconnect {
+        let mut batch = Batch::default();
+        let mut bufs: VecDeque<Bytes> = VecDeque::new();
+        // The first ping is jittered so that connections made together (a reconnect
+        // storm) do not ping together forever after.
+        let jitter = rand::random_range(0.0..1.0);
+        let mut next_ping = Instant::now() + self.heartbeat_interval.mul_f64(jitter);
+        loop {
+            if Instant::now() >= next_ping {
+                self.heartbeat();
+                next_ping = Instant::now() + self.heartbeat_interval;
+            }
+            let close = self.outbox.take(&mut batch);
+            if !batch.is_empty() {
+                if let Err(reason) = self.write_batch(&mut io, &mut batch, &mut bufs).await {
+                    // The frame stream may be cut mid-frame: no close frame is possible.
+                    self.outbox.close(reason);
+                    return reason;
+                }
+                if close.is_none() {
+                    continue;
+                }
+                // Anything queued after the close request was refused by the outbox,
+                // so the batch just written was the last one.
+            }
+            if let Some((reason, frame)) = close {
+                self.finish(&mut io, reason, frame).await;
+                return reason;
+            }
+            tokio::select! {
+                _ = self.outbox.notified() => {}
+                _ = sleep_until(next_ping) => {}
+                _ = self.reader_done.cancelled(), if !self.reader_done.is_cancelled() => {
+                    // The reader closes the outbox before it finishes; this only wakes
+                    // the loop to see it.
+                }
+            }
+        }
+    }
+
+    /// Pings the client, or closes it if it has been silent too long.
+    fn heartbeat(&self) {
+        if self.liveness.silent_for() >= self.heartbeat_timeout {
+            self.outbox.close(Disconnect::HeartbeatTimeout);
+        } else {
+            self.outbox.push_control(frame::encode(frame::OP_PING, b""));
+        }
+    }
+
+    /// Writes one batch: control frames first, then queued frames in order, then one
+    /// flush. Gives up when the client is declared a slow consumer meanwhile, or when
+    /// the socket accepts nothing for the heartbeat timeout.
+    async fn write_batch<W: AsyncWrite + Unpin>(
+        &self,
+        io: &mut W,
+        batch: &mut Batch,
+        bufs: &mut VecDeque<Bytes>,
+    ) -> Result<(), Disconnect> {
+        self.metrics
+            .outbound_queue_bytes
+            .observe(batch.bytes as f64);
+        let mut delivered = 0u64;
+        let mut bytes = 0u64;
+        let now = unix_nanos();
+        let latency = self.metrics.delivery_latency.local();
+        bufs.extend(batch.control.drain(..));
+        for item in batch.frames.drain(..) {
+            if item.born != 0 {
+                delivered += 1;
+                latency.observe(now.saturating_sub(item.born) as f64 / 1e9);
+            }
+            bytes += item.frame.len() as u64;
+            bufs.push_back(item.frame);
+        }
+        // Latency is measured when the frame is handed to the socket; `now` is taken
+        // once per batch, which is what a batch costs anyway.
+        latency.flush();
+
+        // The write borrows `bufs`; it ends with this block.
+        let result = {
+            let write = async {
+                write_all_bufs(io, bufs).await?;
+                io.flush().await
+            };
+            tokio::pin!(write);
+            let stall = sleep(self.heartbeat_timeout);
+            tokio::pin!(stall);
+            loop {
+                tokio::select! {
+                    r = &mut write => break r.map_err(|_| Disconnect::ClientGone),
+                    _ = self.outbox.notified() => {
+                        if let Some(reason) = self.outbox.closing() {
+                            if reason.discards_queue() {
+                                break Err(reason);
+                            }
+                        }
+                    }
+                    _ = &mut stall => break Err(Disconnect::SlowConsumer),
+                }
+            }
+        };
+        bufs.clear();
+        if bufs.capacity() > 1024 {
+            // Do not keep a burst's worth of slots around for an idle connection.
+            *bufs = VecDeque::new();
+        }
+        if batch.frames.capacity() > 1024 {
+            batch.frames = VecDeque::new();
+        }
+        result?;
+        self.metrics.messages_delivered.inc_by(delivered);
+        self.metrics.bytes_sent.inc_by(bytes);
+        Ok(())
+    }
+
+    /// Sends the close frame (best effort), waits briefly for the client's answer,
+    /// and shuts the socket down.
+    async fn finish<W: AsyncWrite + Unpin>(
+        &self,
+        io: &mut W,
+        reason: Disconnect,
+        frame: Option<Bytes>,
+    ) {
+        let frame = match frame {
+            Some(f) => Some(f),
+            None if reason.sends_close() => Some(frame::close(reason.code(), reason.reason())),
+            None => None,
+        };
+        if let Some(frame) = frame {
+            let sent = timeout(CLOSE_GRACE, async {
+                io.write_all(&frame).await?;
+                io.flush().await
+            })
+            .await;
+            if matches!(sent, Ok(Ok(()))) && reason.sends_close() {
+                // RFC 6455 §7.1.1: the server closes TCP after the client's close.
+                let _ = timeout(CLOSE_GRACE, self.reader_done.cancelled()).await;
+            }
+        }
+        let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
+    }
+}
+
+/// Writes every buffer in `bufs`, in order, with as few `writev(2)` calls as the
+/// socket allows. Empties `bufs`.
+///
+/// # Cancel safety
+/// Not cancel safe: a cancelled call may have written part of a frame.
+async fn write_all_bufs<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    bufs: &mut VecDeque<Bytes>,
+) -> std::io::Result<()> {
+    while !bufs.is_empty() {
+        let mut n = {
+            let slices: Vec<IoSlice<'_>> =
+                bufs.iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
+            io.write_vectored(&slices).await?
+        };
+        if n == 0 {
+            return Err(std::io::ErrorKind::WriteZero.into());
+        }
+        while n > 0 {
+            let front = bufs.front_mut().expect("wrote no more than was queued");
+            if n >= front.len() {
+                n -= front.len();
+                bufs.pop_front();
+            } else {
+                front.advance(n);
+                n = 0;
+            }
+        }
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::io::AsyncReadExt;
+
+    #[tokio::test]
+    async fn writes_every_buffer_in_order_across_partial_writes() {
+        // A duplex with a tiny buffer forces many partial writes.
+        let (mut a, mut b) = tokio::io::duplex(7);
+        let mut bufs: VecDeque<Bytes> = (0..2000u32)
+            .map(|i| Bytes::from(format!("<{i}>")))
+            .collect();
+        let expected: String = (0..2000u32).map(|i| format!("<{i}>")).collect();
+        let reader = tokio::spawn(async move {
+            let mut s = String::new();
+            b.read_to_string(&mut s).await.unwrap();
+            s
+        });
+        write_all_bufs(&mut a, &mut bufs).await.unwrap();
+        drop(a);
+        assert_eq!(reader.await.unwrap(), expected);
+        assert!(bufs.is_empty());
+    }
+}
