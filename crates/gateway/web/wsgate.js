@@ -856,12 +856,15 @@ export class WsgateClient {
           this._timers.retry = setTimeout(() => this._flush(), delayMs);
           return;
         }
+        let told = false;
         for (const [topic, t] of still) {
           this._topics.delete(topic);
           for (const w of t.waiters) w.reject(err);
+          told ||= t.waiters.length > 0;
           t.waiters = [];
         }
-        this._emitError(err);
+        // A resubscribe after a reconnect has no caller waiting: report it as an event.
+        if (!told) this._emitError(err);
       },
     );
   }
