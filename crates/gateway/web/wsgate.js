@@ -36,6 +36,12 @@ export const DEFAULTS = Object.freeze({
   requestTimeoutMs: 10000,
   /** A publish made while not connected waits this long for a connection (0: reject at once). */
   offlineTimeoutMs: 10000,
+  /**
+   * At most this many commands wait for a connection; more reject with `offline`. Kept
+   * well under the server's default --rate-burst (400): flushing more at once after a
+   * reconnect would be rate limited, then closed with 4029.
+   */
+  maxQueued: 256,
   /** Heartbeat assumed until the server's `welcome` says otherwise. */
   heartbeatMs: 25000,
   /** Silence longer than heartbeat_ms + this makes the client probe with a `ping` op. */
@@ -241,6 +247,8 @@ export class WsgateClient {
     /** Token the current connection was authenticated with (updated by `refresh`). */
     this._connToken = null;
     this._refreshUnsupported = false;
+    /** After a 1008: the refused token, which the next attempt must not reuse. */
+    this._refused = null;
 
     /** @type {Map<string, Set<Function>>} */
     this._listeners = new Map();
@@ -460,6 +468,14 @@ export class WsgateClient {
       if (gen !== this._gen || this.state === "closed") return;
     }
     this._tokenFresh = false;
+    if (this._refused) {
+      const refused = this._refused;
+      this._refused = null;
+      if (!token || token === refused.token) {
+        this._finish({ ...refused.info, policy: true });
+        return;
+      }
+    }
     const exp = token ? tokenExpiresAt(token) : null;
     if (exp !== null && exp <= Date.now() && !this._getToken) {
       // A static expired token can never work again: the server would refuse it with a
@@ -529,37 +545,20 @@ export class WsgateClient {
     const policy = closePolicy(info.code);
     if (wasOpen && openFor >= this._opts.stableAfterMs) this._attempt = 0;
     if (policy === "new-token") {
-      this._afterPolicyClose(info);
-      return;
+      if (!this._getToken && (this._token === null || this._token === this._connToken)) {
+        // No way to get another token: stop (setToken() restarts).
+        this._finish({ ...info, policy: true });
+        return;
+      }
+      // Reconnect only with a different token: _connect() checks what getToken() gives.
+      this._refused = { token: this._connToken, info };
+    } else {
+      this._advanceUrl();
     }
-    this._advanceUrl();
     if (policy === "jitter") this._attempt = 0;
     const delayMs = reconnectDelay(policy, this._attempt, this._opts, this._random);
     if (policy !== "jitter") this._attempt++;
     this._scheduleReconnect(delayMs, info);
-  }
-
-  async _afterPolicyClose(info) {
-    const refused = this._connToken;
-    let token = this._token;
-    if (this._getToken) {
-      try {
-        token = await this._getToken();
-      } catch (err) {
-        this._emitError(new WsgateError("token", `getToken failed: ${err?.message ?? err}`));
-        token = null;
-      }
-    }
-    if (this.state === "closed") return;
-    if (token && token !== refused) {
-      this._token = token;
-      this._tokenFresh = true;
-      const delayMs = reconnectDelay("backoff", this._attempt++, this._opts, this._random);
-      this._scheduleReconnect(delayMs, info);
-    } else {
-      // `policy: true` lets setToken() restart the client later.
-      this._finish({ ...info, policy: true });
-    }
   }
 
   _advanceUrl() {
@@ -600,6 +599,7 @@ export class WsgateClient {
   /** Closes for good. */
   _finish(info) {
     this._gen = (this._gen ?? 0) + 1;
+    this._refused = null;
     this._clearConnectionTimers();
     this._clearTimer("reconnect");
     this._clearTimer("retry");
@@ -718,6 +718,9 @@ export class WsgateClient {
     if (this.state === "open" && this._ws) return this._send(frame);
     if (!queue || this._opts.offlineTimeoutMs <= 0) {
       return Promise.reject(new WsgateError("offline", "not connected"));
+    }
+    if (this._queue.length >= this._opts.maxQueued) {
+      return Promise.reject(new WsgateError("offline", `not connected and ${this._queue.length} commands already waiting`));
     }
     return new Promise((resolve, reject) => {
       const entry = { frame, resolve, reject, timer: null };

@@ -29,7 +29,9 @@ function fakeSockets() {
     }
     send(text) {
       if (this.readyState !== 1) throw new Error("not open");
-      this.sent.push(JSON.parse(text));
+      const frame = JSON.parse(text);
+      this.sent.push(frame);
+      if (this.autoPong && frame.op === "ping") setTimeout(() => this.reply(frame), 0);
     }
     close(code, reason) {
       this.closedWith = { code, reason };
@@ -259,6 +261,12 @@ describe("publish", () => {
     const none = connect("ws://a/ws", { ...fast, WebSocket, offlineTimeoutMs: 0 });
     await assert.rejects(none.publish("t", 1), { code: "offline" });
     none.close();
+    // The wait queue is bounded.
+    const few = make("ws://a/ws", { WebSocket, maxQueued: 2 });
+    const waiting = [few.publish("t", 1), few.publish("t", 2)];
+    await assert.rejects(few.publish("t", 3), { code: "offline" });
+    few.close();
+    for (const p of waiting) await assert.rejects(p, { code: "closed" });
   });
 
   test("a frame over maxMessageBytes is refused locally (the server would close with 1009)", async () => {
@@ -275,17 +283,19 @@ describe("publish", () => {
 describe("liveness and tokens", () => {
   test("silence past heartbeat + margin sends a ping op; no answer closes and reconnects", async () => {
     const { WebSocket, sockets } = fakeSockets();
-    const c = make("ws://a/ws", { WebSocket, idleMarginMs: 50, pongTimeoutMs: 100 });
+    const c = make("ws://a/ws", { WebSocket, idleMarginMs: 50, pongTimeoutMs: 300 });
+    let dead = 0;
+    c.on("dead", () => dead++);
     await socketCount(sockets, 1);
+    sockets[0].autoPong = true;
     sockets[0].welcome({ heartbeat_ms: 50 });
-    // Answered probe: stays open.
-    await waitFor(() => sockets[0].lastSent("ping"));
-    sockets[0].reply(sockets[0].lastSent("ping"));
+    // Answered probes: the connection stays up.
+    await waitFor(() => sockets[0].sent.filter((f) => f.op === "ping").length >= 3, { what: "3 probes" });
+    assert.equal(dead, 0);
     assert.equal(c.state, "open");
     // Unanswered probe: the socket is dropped and a new one opened.
-    const dead = nextEvent(c, "dead");
-    await waitFor(() => sockets[0].sent.filter((f) => f.op === "ping").length === 2);
-    await dead;
+    sockets[0].autoPong = false;
+    await waitFor(() => dead === 1, { what: "dead link detected" });
     assert.ok(sockets[0].closedWith, "the dead socket was closed");
     await socketCount(sockets, 2);
   });
