@@ -110,6 +110,8 @@ export interface Options {
   requestTimeoutMs?: number;
   /** How long publish()/ping() wait for a connection while disconnected (default 10000 ms; 0: reject at once). */
   offlineTimeoutMs?: number;
+  /** At most this many commands wait for a connection; more reject with `offline` (default 256). */
+  maxQueued?: number;
   /** Heartbeat assumed before the welcome (default 25000 ms). */
   heartbeatMs?: number;
   /** Probe with a `ping` op after heartbeat_ms + this ms of silence (default 5000). */
