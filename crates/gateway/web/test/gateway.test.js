@@ -159,7 +159,7 @@ describe("reconnecting", () => {
     const gw = await startGateway({ name: "behind-proxy", args: ["--heartbeat-interval", "1s"] });
     const proxy = await startProxy(gw.port);
     const c = await opened(
-      client(`ws://127.0.0.1:${proxy.port}/ws`, { idleMarginMs: 300, pongTimeoutMs: 700, backoffInitialMs: 100, backoffMaxMs: 300 }),
+      client(`ws://127.0.0.1:${proxy.port}/ws`, { idleMarginMs: 300, pongTimeoutMs: 1500, backoffInitialMs: 100, backoffMaxMs: 300 }),
     );
     const got = [];
     await c.subscribe("live.t", (d) => got.push(d));
