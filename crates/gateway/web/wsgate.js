@@ -633,8 +633,12 @@ export class WsgateClient {
 
   _onFrame(data) {
     this._lastFrameAt = Date.now();
-    // Any frame proves the link alive: a pending probe has its answer.
-    if (this._timers.pong) this._clearTimer("pong");
+    // Any frame proves the link alive: a pending probe has its answer, and the idle
+    // watch starts over.
+    if (this._timers.pong) {
+      this._clearTimer("pong");
+      this._armIdle();
+    }
     if (typeof data !== "string") return;
     let msg;
     try {
@@ -674,9 +678,10 @@ export class WsgateClient {
     this._refreshUnsupported = false;
     if (this._everOpen) this.reconnects++;
     this._everOpen = true;
-    this._setState("open", { ...this.welcome, url: this.url });
-    if (this.state !== "open") return; // a listener closed the client
-    // Resubscribe first, then the publishes queued while offline, in their order.
+    const previous = this.state;
+    this.state = "open";
+    // Resubscribe first, then the publishes queued while offline, in their order, and
+    // only then tell the listeners (whose own commands come after those).
     this._flush();
     const queue = this._queue;
     this._queue = [];
@@ -686,6 +691,7 @@ export class WsgateClient {
     }
     this._armIdle();
     this._scheduleRefresh();
+    this._emitState("open", { ...this.welcome, url: this.url }, previous);
   }
 
   _deliver(msg) {
@@ -886,6 +892,7 @@ export class WsgateClient {
     this._timers.idle = setTimeout(() => {
       this._timers.idle = null;
       if (this.state !== "open") return;
+      // Idle: probe; the answer (any frame) re-arms this watch, its absence is a dead link.
       if (Date.now() - this._lastFrameAt >= idleMs) this._probe();
       else this._armIdle();
     }, wait);
@@ -899,7 +906,6 @@ export class WsgateClient {
       this._abandon("ping timeout");
     }, this._opts.pongTimeoutMs);
     this._send({ op: "ping" }, this._opts.pongTimeoutMs + 1000).catch(() => {});
-    this._armIdle();
   }
 
   // -- token refresh --------------------------------------------------------------------
@@ -995,9 +1001,13 @@ export class WsgateClient {
   // -- helpers --------------------------------------------------------------------------
 
   _setState(state, info) {
-    const prev = this.state;
+    const previous = this.state;
     this.state = state;
-    this._emit("state", state, { ...info, previous: prev });
+    this._emitState(state, info, previous);
+  }
+
+  _emitState(state, info, previous) {
+    this._emit("state", state, { ...info, previous });
     this._emit(state, info);
   }
 

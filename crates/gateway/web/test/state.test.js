@@ -31,7 +31,7 @@ function fakeSockets() {
       if (this.readyState !== 1) throw new Error("not open");
       const frame = JSON.parse(text);
       this.sent.push(frame);
-      if (this.autoPong && frame.op === "ping") setTimeout(() => this.reply(frame), 0);
+      if (this.autoPong && frame.op === "ping") setTimeout(() => this.reply(frame), this.autoPong);
     }
     close(code, reason) {
       this.closedWith = { code, reason };
@@ -287,7 +287,8 @@ describe("liveness and tokens", () => {
     let dead = 0;
     c.on("dead", () => dead++);
     await socketCount(sockets, 1);
-    sockets[0].autoPong = true;
+    // Answers take longer than the client's timer granularity, like on a real network.
+    sockets[0].autoPong = 80;
     sockets[0].welcome({ heartbeat_ms: 50 });
     // Answered probes: the connection stays up.
     await waitFor(() => sockets[0].sent.filter((f) => f.op === "ping").length >= 3, { what: "3 probes" });
