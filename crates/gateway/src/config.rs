@@ -190,6 +190,16 @@ impl Config {
             .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
     }
 
+    /// Parses `args` (without the program name) as if given on the command line.
+    ///
+    /// # Panics
+    /// On invalid arguments (meant for tests and tools).
+    pub fn try_parse_from_args(args: &[&str]) -> Self {
+        let mut argv = vec!["wsgate"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).expect("valid arguments")
+    }
+
     /// Defaults, as if started with no flags and no environment (for tests).
     pub fn for_tests() -> Self {
         Config::parse_from([

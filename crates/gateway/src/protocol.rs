@@ -178,6 +178,11 @@ fn parse_topics(id: Option<u64>, raw: Option<&RawValue>) -> Result<Vec<Arc<str>>
 /// The error reply the contract prescribes, with the command's id when it had a valid
 /// one.
 pub fn decode(text: &str) -> Result<Command<'_>, CommandError> {
+    // serde would also read a struct from a JSON array (`[op, id, …]`): only objects
+    // are commands.
+    if !text.trim_start().starts_with('{') {
+        return Err(bad(None, "a frame must be one JSON object"));
+    }
     let env: Envelope<'_> =
         serde_json::from_str(text).map_err(|_| bad(None, "a frame must be one JSON object"))?;
     let id = parse_id(env.id)?;
@@ -338,7 +343,8 @@ mod tests {
     fn errors_follow_the_contract() {
         let e = err("not json");
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None));
-        assert_eq!(err("[1,2]").code, ErrorCode::BadRequest);
+        assert_eq!(err("[1,2]"), bad(None, "a frame must be one JSON object"));
+        assert_eq!(err(r#"["ping", 3]"#).id, None);
         assert_eq!(err(r#"{"id":5}"#), bad(Some(5), "`op` is required"));
         assert_eq!(err(r#"{"op":7,"id":5}"#).code, ErrorCode::BadRequest);
         assert_eq!(err(r#"{"op":7,"id":5}"#).id, Some(5));
