@@ -42,7 +42,13 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 /// docs/protocol.md; backends publish with `POST /api/publish` (or Redis, with
 /// `--redis-url`). Health and metrics are on the admin listener.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "wsgate", version, about, long_about = None, max_term_width = 100)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "wsgate: a horizontally scalable WebSocket pub/sub gateway",
+    long_about = None,
+    max_term_width = 100
+)]
 pub struct Config {
     /// Address for WebSocket clients (`/ws`) and the HTTP publish API.
     #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
