@@ -127,6 +127,20 @@ pub struct Config {
     #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Redis URL (`redis://[:password@]host:port[/db]`). With it, every node sharing
+    /// this Redis acts as one service; without it the in-memory broker is used.
+    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of the Redis channel of each topic (`PUBLISH <prefix><topic> <payload>`).
+    #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate:")]
+    pub redis_prefix: String,
+
+    /// How long a topic stays subscribed in Redis after its last local subscriber
+    /// left (so flapping clients do not churn Redis).
+    #[arg(long, env = "WSGATE_REDIS_UNSUBSCRIBE_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub redis_unsubscribe_delay: Duration,
+
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -170,6 +184,11 @@ impl Config {
         }
         if self.api_key.as_deref() == Some("") {
             return Err("--api-key must not be empty (omit it to leave the API open)".into());
+        }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err("--redis-url must start with redis:// or rediss://".into());
+            }
         }
         if let Some(p) = self.max_publication_size {
             if p == 0 {

@@ -100,9 +100,11 @@ impl Gateway {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Whether the node should get new connections (`/readyz`).
+    /// Whether the node should get new connections (`/readyz`): not draining, and
+    /// its broker can fan out (a Redis node that lost Redis would accept clients it
+    /// cannot serve; existing clients stay connected meanwhile).
     pub fn is_ready(&self) -> bool {
-        !self.is_draining()
+        !self.is_draining() && self.broker.is_ready()
     }
 
     /// Open WebSocket connections.

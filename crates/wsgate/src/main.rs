@@ -1,7 +1,8 @@
 //! `wsgate`: parses the configuration, sets up logging and wires the node together.
 //!
 //! # Layout
-//! - `main`: config → logging → file-descriptor limit → broker → server → signals.
+//! - `main`: config → logging → file-descriptor limit → broker (in-memory, or Redis
+//!   with `--redis-url`) → server → signals.
 //!   Composition happens here and nowhere else; the crates hold the behaviour.
 
 use std::process::ExitCode;
@@ -10,8 +11,10 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info, warn};
 use tracing_subscriber::EnvFilter;
+use wsgate_fanout::Hub;
 use wsgate_gateway::{Config, Gateway, LogFormat, Server};
 use wsgate_metrics::Metrics;
+use wsgate_redis::{RedisBroker, RedisOptions};
 
 fn init_logging(cfg: &Config) -> anyhow::Result<()> {
     let filter = EnvFilter::try_new(&cfg.log_level)
@@ -47,7 +50,23 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
 async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
-    let gw: Arc<Gateway> = Gateway::in_memory(cfg, metrics);
+    let gw: Arc<Gateway> = match cfg.redis_url.clone() {
+        None => Gateway::in_memory(cfg, metrics),
+        Some(url) => {
+            // Redis need not be up yet: the broker connects in the background and
+            // `/readyz` says 503 until it has (docs/redis.md).
+            let hub = Arc::new(Hub::default());
+            let options = RedisOptions {
+                url,
+                prefix: cfg.redis_prefix.clone(),
+                unsubscribe_delay: cfg.redis_unsubscribe_delay,
+            };
+            let broker = RedisBroker::start(options, hub.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+            info!(prefix = %cfg.redis_prefix, "redis fan-out enabled");
+            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+        }
+    };
     let server = Server::bind(gw.clone()).await?;
     let signals = {
         let gw = gw.clone();
