@@ -132,7 +132,7 @@ test(
         await say(alice, "yes, via node-2 now");
         await sees(bob, "yes, via node-2 now", "bob receives alice's message sent through node 2");
         await waitFor(async () => (await alice.evaluate(() => window.wsgateDemo.total)) > before + 3, { what: "ticker keeps flowing on alice" });
-        await sleep(700); // let the rate and sparkline settle for the picture
+        await sleep(2500); // let the rate and sparklines fill in for the picture
         await alice.screenshot({ path: path.join(artifacts(), "demo-alice.png") });
         await bob.screenshot({ path: path.join(artifacts(), "demo-bob.png") });
       } finally {
