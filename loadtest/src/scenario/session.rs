@@ -93,11 +93,7 @@ async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<()> {
             let mut outcome = None;
             s.nats
                 .feed(&frame.payload, |ev| match ev {
-                    NatsEvent::Pong => {
-                        if outcome.is_none() {
-                            outcome = Some(Ok(()));
-                        }
-                    }
+                    NatsEvent::Pong if outcome.is_none() => outcome = Some(Ok(())),
                     NatsEvent::Err(e) => outcome = Some(Err(anyhow::anyhow!("SUB refused: {e}"))),
                     _ => {}
                 })
