@@ -38,7 +38,7 @@ pub const DEFAULT_PREFIX: &str = "wsgate:";
 pub const DEFAULT_UNSUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 
 /// How to reach Redis and name channels.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisOptions {
     /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS, when built in).
     pub url: String,
@@ -46,6 +46,22 @@ pub struct RedisOptions {
     pub prefix: String,
     /// Grace period before giving a topic up in Redis (see [`subscriber`]).
     pub unsubscribe_delay: Duration,
+    /// Called once per message that a backend (not a gateway) published into Redis
+    /// and this node received, e.g. to count `messages_received{source="redis"}`.
+    pub on_backend_message: Option<BackendHook>,
+}
+
+/// See [`RedisOptions::on_backend_message`].
+pub type BackendHook = Arc<dyn Fn() + Send + Sync>;
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never print it.
+        f.debug_struct("RedisOptions")
+            .field("prefix", &self.prefix)
+            .field("unsubscribe_delay", &self.unsubscribe_delay)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisOptions {
@@ -55,6 +71,7 @@ impl RedisOptions {
             url: url.into(),
             prefix: DEFAULT_PREFIX.into(),
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
+            on_backend_message: None,
         }
     }
 }
@@ -87,6 +104,7 @@ impl RedisBroker {
             hub,
             prefix: prefix.clone(),
             unsubscribe_delay: options.unsubscribe_delay,
+            on_backend_message: options.on_backend_message,
             ready: sub_ready.clone(),
             stop: stop.clone(),
         };

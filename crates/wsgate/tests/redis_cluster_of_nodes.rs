@@ -74,6 +74,34 @@ async fn every_publish_path_reaches_every_node() {
             "node {i}"
         );
     }
+    // Backend publications are counted per node that received them.
+    for n in &nodes {
+        let (_, metrics) = n.get("/metrics");
+        assert!(
+            metrics.contains(r#"wsgate_messages_received_total{source="redis"} 2"#),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_in_the_url() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let good = format!("redis://:s3cret@127.0.0.1:{}/", redis.port);
+    let n = Node::start(Some(&good), &[]);
+    assert!(wait_until(WAIT, || n.is_ready()));
+    let mut c = Client::connect(&n).await;
+    c.subscribe(&["auth"]).await;
+    let r = c
+        .call(json!({"op":"publish","topic":"auth","data":"ok"}))
+        .await;
+    assert_eq!(r["op"], "published", "{r}");
+    assert_eq!(c.next_message(WAIT).await.expect("delivered")["data"], "ok");
+    // A wrong password never becomes ready, and says so.
+    let bad = format!("redis://:wrong@127.0.0.1:{}/", redis.port);
+    let n = Node::start(Some(&bad), &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(n.get("/readyz").0, 503);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -92,7 +92,10 @@ impl Redis {
             .spawn()
             .expect("redis-server is installed");
         self.child = Some(child);
-        let url = self.url();
+        let url = match self.extra.iter().position(|a| a == "--requirepass") {
+            Some(i) => format!("redis://:{}@127.0.0.1:{}/", self.extra[i + 1], self.port),
+            None => self.url(),
+        };
         assert!(
             wait_until(Duration::from_secs(10), || {
                 redis::Client::open(url.as_str())
