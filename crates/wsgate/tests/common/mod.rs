@@ -181,7 +181,7 @@ impl Node {
             "--admin-listen",
             &admin.to_string(),
         ])
-        .args(["--log-level", "warn"])
+        .args(["--log-level", "error"])
         .args(args)
         .env_remove("WSGATE_REDIS_URL")
         .stdout(Stdio::null())
