@@ -42,6 +42,9 @@ const CHUNK: usize = 2000;
 /// A (un)subscribe that Redis does not confirm within this long counts as a lost
 /// connection.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle pub/sub connection is checked with `PING`: a Redis that stopped
+/// answering (frozen, or a half-open TCP connection) sends no error, only silence.
+const KEEPALIVE: Duration = Duration::from_secs(5);
 
 pub(crate) enum Command {
     Subscribe(Vec<Arc<str>>, oneshot::Sender<Result<(), BrokerError>>),
@@ -160,6 +163,9 @@ impl Manager {
     ) -> Lost {
         // Releases in deadline order (the delay is constant, so arrival order is it).
         let mut due: VecDeque<(Instant, Arc<str>)> = VecDeque::new();
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        keepalive.reset();
         loop {
             let next = due.front().map(|(at, _)| *at);
             tokio::select! {
@@ -208,6 +214,13 @@ impl Manager {
                     }
                     for w in waiters {
                         let _ = w.send(Ok(()));
+                    }
+                }
+                _ = keepalive.tick() => {
+                    // In subscribed mode the reply is `["pong", ""]`, not `PONG`: any reply will do.
+                    let ping = async { sink.ping::<redis::Value>().await.map(|_| ()) };
+                    if let Err(e) = confirm(ping).await {
+                        return Lost::Connection(format!("keepalive: {e}"));
                     }
                 }
                 _ = sleep_until_opt(next), if next.is_some() => {

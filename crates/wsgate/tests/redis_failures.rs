@@ -193,3 +193,28 @@ fn subscriber_omem(conn: &mut redis::Connection) -> u64 {
         .max()
         .unwrap_or(0)
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_noticed_and_survived() {
+    let redis = Redis::start();
+    let n = node(&redis.url());
+    assert!(wait_until(WAIT, || n.is_ready()));
+    let mut c = Client::connect(&n).await;
+    c.subscribe(&["frozen"]).await;
+    // No error, no FIN: only silence. The keepalive PING (every 5 s, 5 s to answer)
+    // must notice it.
+    redis.signal("STOP");
+    let frozen = Instant::now();
+    let noticed = wait_until(Duration::from_secs(20), || !n.is_ready());
+    redis.signal("CONT");
+    assert!(noticed, "a frozen redis was not noticed");
+    println!("frozen redis noticed after {:?}", frozen.elapsed());
+    assert!(c.alive().await, "the client stayed connected");
+    assert!(wait_until(WAIT, || n.is_ready()), "ready again after CONT");
+    c.subscribe(&["after"]).await;
+    redis.cli_publish("wsgate:after", "back");
+    assert_eq!(
+        c.next_message(WAIT).await.expect("delivered")["data"],
+        "back"
+    );
+}
