@@ -207,3 +207,41 @@ async fn redis_holds_exactly_the_topics_with_local_subscribers() {
         channels()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_subscribes_are_batched_into_few_subscribe_commands() {
+    const CLIENTS: usize = 100;
+    let redis = Redis::start();
+    let n = node(&redis);
+    assert!(wait_until(WAIT, || n.is_ready()));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(Client::connect(&n).await);
+    }
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .exec(&mut redis.conn())
+        .unwrap();
+    // Every client asks at once, each for its own topic.
+    let mut ids = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let topic = format!("batch{i}");
+        ids.push(c.send(json!({"op":"subscribe","topics":[topic]})).await);
+    }
+    for (c, id) in clients.iter_mut().zip(ids) {
+        assert_eq!(c.reply(id).await["op"], "subscribed");
+    }
+    assert_eq!(redis.channels("wsgate:batch*").len(), CLIENTS);
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    let calls: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_subscribe:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .expect("cmdstat_subscribe");
+    println!("{CLIENTS} concurrent subscribes took {calls} SUBSCRIBE commands");
+    assert!(calls < CLIENTS, "{calls} SUBSCRIBE commands for {CLIENTS} topics");
+}
