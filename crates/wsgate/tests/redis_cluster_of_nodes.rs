@@ -243,5 +243,8 @@ async fn concurrent_subscribes_are_batched_into_few_subscribe_commands() {
         .and_then(|v| v.parse().ok())
         .expect("cmdstat_subscribe");
     println!("{CLIENTS} concurrent subscribes took {calls} SUBSCRIBE commands");
-    assert!(calls < CLIENTS, "{calls} SUBSCRIBE commands for {CLIENTS} topics");
+    assert!(
+        calls < CLIENTS,
+        "{calls} SUBSCRIBE commands for {CLIENTS} topics"
+    );
 }
