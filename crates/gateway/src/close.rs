@@ -88,3 +88,31 @@ impl Disconnect {
         !matches!(self, Disconnect::ClientClose | Disconnect::ClientGone)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_label_is_pre_created_in_the_metrics() {
+        let all = [
+            Disconnect::ClientClose,
+            Disconnect::ClientGone,
+            Disconnect::HeartbeatTimeout,
+            Disconnect::SlowConsumer,
+            Disconnect::RateLimit,
+            Disconnect::TooBig,
+            Disconnect::Drain,
+            Disconnect::ProtocolError,
+            Disconnect::InvalidUtf8,
+            Disconnect::Error,
+        ];
+        for d in all {
+            assert!(
+                wsgate_metrics::labels::DISCONNECT.contains(&d.label()),
+                "{} missing from wsgate_metrics::labels::DISCONNECT",
+                d.label()
+            );
+        }
+    }
+}

@@ -245,10 +245,9 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
     gw.metrics
         .broker_publish_duration
         .observe(started.elapsed().as_secs_f64());
+    gw.metrics.received.http.inc_by(published as u64);
     gw.metrics
-        .messages_received
-        .with_label_values(&["http"])
-        .inc_by(published as u64);
+        .dropped("broker_unavailable", (checked.len() - published) as u64);
     match failure {
         None => json(
             StatusCode::OK,

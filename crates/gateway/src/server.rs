@@ -18,7 +18,7 @@ use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
-use tracing::{debug, info, warn};
+use tracing::{debug, info, warn, Instrument};
 
 use crate::http_api::{self, Body};
 use crate::io::Prefixed;
@@ -200,7 +200,45 @@ fn not_found() -> Response<Body> {
     http_api::error(StatusCode::NOT_FOUND, "not_found", "no such endpoint")
 }
 
+/// The bounded route name of a request path, for spans (never the raw path, which a
+/// client chooses).
+fn route_name(path: &str) -> &'static str {
+    match path {
+        "/ws" => "/ws",
+        "/api/publish" => "/api/publish",
+        "/healthz" => "/healthz",
+        "/readyz" => "/readyz",
+        "/metrics" => "/metrics",
+        "/drain" => "/drain",
+        _ => "other",
+    }
+}
+
+/// Serves one HTTP request inside an `http.request` span (exported over OTLP when
+/// tracing export is on); the WebSocket session that may follow has its own span.
 async fn route(
+    gw: Arc<Gateway>,
+    req: Request<Incoming>,
+    peer: SocketAddr,
+    role: Role,
+) -> Response<Body> {
+    let span = tracing::info_span!(
+        "http.request",
+        otel.name = %format_args!("{} {}", req.method(), route_name(req.uri().path())),
+        otel.kind = "server",
+        http.request.method = %req.method(),
+        http.route = route_name(req.uri().path()),
+        client.address = %peer.ip(),
+        http.response.status_code = tracing::field::Empty,
+    );
+    let response = route_inner(gw, req, peer, role)
+        .instrument(span.clone())
+        .await;
+    span.record("http.response.status_code", response.status().as_u16());
+    response
+}
+
+async fn route_inner(
     gw: Arc<Gateway>,
     req: Request<Incoming>,
     peer: SocketAddr,

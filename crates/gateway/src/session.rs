@@ -17,7 +17,7 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
-use wsgate_fanout::{frame, unix_nanos, Subscriber};
+use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
 
 use crate::close::Disconnect;
 use crate::outbox::Outbox;
@@ -39,7 +39,16 @@ pub(crate) async fn run<R, W>(
 {
     let id = gw.next_session_id();
     let session = format!("{:016x}", rand::random::<u64>());
-    let span = tracing::info_span!("session", session = %session, %peer);
+    // One span per connection, from upgrade to close (never one per message): it is
+    // what OTLP export shows of a connection's life.
+    let span = tracing::info_span!(
+        "session",
+        otel.kind = "server",
+        session = %session,
+        %peer,
+        disconnect.reason = tracing::field::Empty,
+        close.code = tracing::field::Empty,
+    );
     run_inner(gw, read, write, id, session, slot)
         .instrument(span)
         .await
@@ -113,22 +122,16 @@ async fn run_inner<R, W>(
 
     let reason = writer.await.unwrap_or(Disconnect::Error);
     gw.sessions.remove(id);
-    gw.metrics
-        .disconnects
-        .with_label_values(&[reason.label()])
-        .inc();
-    let dropped = reader.outbox.dropped();
-    if dropped > 0 {
-        let label = if reason == Disconnect::SlowConsumer {
-            "slow_consumer"
-        } else {
-            "disconnected"
-        };
-        gw.metrics
-            .messages_dropped
-            .with_label_values(&[label])
-            .inc_by(dropped);
-    }
+    gw.metrics.disconnected(reason.label());
+    let label = if reason == Disconnect::SlowConsumer {
+        "slow_consumer"
+    } else {
+        "disconnected"
+    };
+    gw.metrics.dropped(label, reader.outbox.dropped());
+    let span = tracing::Span::current();
+    span.record("disconnect.reason", reason.label());
+    span.record("close.code", reason.code());
     debug!(reason = reason.label(), "disconnected");
     drop(slot);
 }
@@ -456,11 +459,6 @@ impl Reader {
                 format!("data is {} bytes; the limit is {max}", data.len()),
             ));
         }
-        self.gw
-            .metrics
-            .messages_received
-            .with_label_values(&["client"])
-            .inc();
         // Ordering is fixed when `publish` returns, so later publishes from this
         // client cannot overtake this one even while its reply is pending.
         let started = Instant::now();
@@ -470,6 +468,7 @@ impl Reader {
                 .metrics
                 .broker_publish_duration
                 .observe(started.elapsed().as_secs_f64());
+            count_publish(&self.gw.metrics, &result);
             return match result {
                 Ok(()) => Ok(Some(protocol::published_reply(id))),
                 Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
@@ -488,6 +487,7 @@ impl Reader {
             metrics
                 .broker_publish_duration
                 .observe(started.elapsed().as_secs_f64());
+            count_publish(&metrics, &result);
             let reply = match result {
                 Ok(()) => protocol::published_reply(id),
                 Err(e) => protocol::error_reply(&CommandError::new(
@@ -500,5 +500,14 @@ impl Reader {
             drop(permit);
         });
         Ok(None)
+    }
+}
+
+/// Counts a client publication once the broker has answered: accepted ones are
+/// received messages, refused ones are dropped.
+fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerError>) {
+    match result {
+        Ok(()) => metrics.received.client.inc(),
+        Err(_) => metrics.dropped("broker_unavailable", 1),
     }
 }

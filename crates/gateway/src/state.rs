@@ -64,6 +64,8 @@ impl Gateway {
     ) -> Arc<Self> {
         let node_id = config.resolved_node_id();
         metrics.broker_up.set(i64::from(broker.is_ready()));
+        metrics.set_broker_kind(broker.kind());
+        metrics.ready.set(1);
         Arc::new(Gateway {
             config,
             node_id,
@@ -91,6 +93,7 @@ impl Gateway {
     pub fn start_drain(&self) {
         if !self.draining.swap(true, Ordering::SeqCst) {
             self.metrics.draining.set(1);
+            self.metrics.ready.set(0);
             self.drain_started.cancel();
         }
     }
@@ -150,6 +153,7 @@ impl Gateway {
         self.metrics
             .broker_up
             .set(i64::from(self.broker.is_ready()));
+        self.metrics.ready.set(i64::from(self.is_ready()));
     }
 }
 

@@ -1,33 +1,23 @@
 //! `wsgate`: parses the configuration, sets up logging and wires the node together.
 //!
 //! # Layout
-//! - `main`: config → logging → file-descriptor limit → broker (in-memory, or Redis
-//!   with `--redis-url`) → server → signals.
-//!   Composition happens here and nowhere else; the crates hold the behaviour.
+//! - `main`: config → logging/tracing → file-descriptor limit → broker (in-memory, or
+//!   Redis with `--redis-url`) → server → signals. Composition happens here and
+//!   nowhere else; the crates hold the behaviour.
+//! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
+//!   `OTEL_*` variables ask for it, OTLP trace export.
+
+mod telemetry;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
 use wsgate_fanout::Hub;
-use wsgate_gateway::{Config, Gateway, LogFormat, Server};
+use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
 use wsgate_redis::{RedisBroker, RedisOptions};
-
-fn init_logging(cfg: &Config) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&cfg.log_level)
-        .map_err(|e| anyhow::anyhow!("invalid --log-level `{}`: {e}", cfg.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
-}
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -96,15 +86,24 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cfg = Config::parse();
+    let mut cfg = Config::parse();
+    // Resolved once, so logs, traces and `welcome` agree even on a random id.
+    cfg.node_id = Some(cfg.resolved_node_id());
     if let Err(msg) = cfg.validate() {
         eprintln!("wsgate: invalid configuration: {msg}");
         return ExitCode::from(2);
     }
-    if let Err(e) = init_logging(&cfg) {
-        eprintln!("wsgate: {e}");
-        return ExitCode::from(2);
-    }
+    let telemetry = match telemetry::init(
+        cfg.log_format,
+        &cfg.log_level,
+        cfg.node_id.as_deref().unwrap_or(""),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -115,12 +114,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cfg)) {
+    let code = match runtime.block_on(run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
             eprintln!("wsgate: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(runtime);
+    // After the runtime: the exporter's blocking HTTP client must not run on it.
+    telemetry.shutdown();
+    code
 }
