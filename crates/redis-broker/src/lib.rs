@@ -13,21 +13,25 @@
 //! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
 //!   which no backend payload can be mistaken for.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
+//! - `health`: which connections are up, and the `wsgate_redis_*` metrics.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
 pub mod backoff;
 pub mod envelope;
+mod health;
 mod publisher;
 mod subscriber;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
+use wsgate_metrics::Metrics;
+
+use crate::health::Health;
 
 use crate::publisher::Publisher;
 use crate::subscriber::{Command, Manager};
@@ -46,13 +50,10 @@ pub struct RedisOptions {
     pub prefix: String,
     /// Grace period before giving a topic up in Redis (see [`subscriber`]).
     pub unsubscribe_delay: Duration,
-    /// Called once per message that a backend (not a gateway) published into Redis
-    /// and this node received, e.g. to count `messages_received{source="redis"}`.
-    pub on_backend_message: Option<BackendHook>,
+    /// The node's metrics, to feed `wsgate_redis_*` and
+    /// `wsgate_messages_received_total{source="redis"}` (backend publications).
+    pub metrics: Option<Metrics>,
 }
-
-/// See [`RedisOptions::on_backend_message`].
-pub type BackendHook = Arc<dyn Fn() + Send + Sync>;
 
 impl std::fmt::Debug for RedisOptions {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -71,7 +72,7 @@ impl RedisOptions {
             url: url.into(),
             prefix: DEFAULT_PREFIX.into(),
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
-            on_backend_message: None,
+            metrics: None,
         }
     }
 }
@@ -81,7 +82,7 @@ pub struct RedisBroker {
     prefix: Arc<str>,
     publisher: Publisher,
     commands: mpsc::UnboundedSender<Command>,
-    sub_ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     stop: CancellationToken,
 }
 
@@ -96,16 +97,15 @@ impl RedisBroker {
         let client = redis::Client::open(options.url.as_str())?;
         let stop = CancellationToken::new();
         let prefix: Arc<str> = Arc::from(options.prefix.as_str());
-        let publisher = Publisher::start(client.clone(), stop.clone());
+        let health = Arc::new(Health::new(options.metrics));
+        let publisher = Publisher::start(client.clone(), health.clone(), stop.clone());
         let (commands, rx) = mpsc::unbounded_channel();
-        let sub_ready = Arc::new(AtomicBool::new(false));
         let manager = Manager {
             client,
             hub,
             prefix: prefix.clone(),
             unsubscribe_delay: options.unsubscribe_delay,
-            on_backend_message: options.on_backend_message,
-            ready: sub_ready.clone(),
+            health: health.clone(),
             stop: stop.clone(),
         };
         tokio::spawn(manager.run(rx));
@@ -113,7 +113,7 @@ impl RedisBroker {
             prefix,
             publisher,
             commands,
-            sub_ready,
+            health,
             stop,
         })
     }
@@ -139,7 +139,7 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {
-        if !self.sub_ready.load(Ordering::Acquire) {
+        if !self.health.subscribe_up() {
             return BrokerFuture::ready(Err(BrokerError::Unavailable(
                 "redis is not connected".into(),
             )));
@@ -160,7 +160,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.publisher.is_ready() && self.sub_ready.load(Ordering::Acquire)
+        self.health.publish_up() && self.health.subscribe_up()
     }
 
     fn kind(&self) -> &'static str {

@@ -22,7 +22,6 @@
 //! [`RedisOptions::unsubscribe_delay`]: crate::RedisOptions::unsubscribe_delay
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use wsgate_fanout::{unix_nanos, BrokerError, Hub, Publication};
 
 use crate::backoff::Backoff;
 use crate::envelope;
+use crate::health::Health;
 
 /// Channels per `SUBSCRIBE`/`UNSUBSCRIBE` command when many change at once (a
 /// resubscribe after reconnect): keeps each command and its reply reasonably small.
@@ -57,9 +57,8 @@ pub(crate) struct Manager {
     pub hub: Arc<Hub>,
     pub prefix: Arc<str>,
     pub unsubscribe_delay: Duration,
-    pub on_backend_message: Option<crate::BackendHook>,
-    /// True while the pub/sub connection is up and resubscribed.
-    pub ready: Arc<AtomicBool>,
+    /// Up while the pub/sub connection is up and resubscribed.
+    pub health: Arc<Health>,
     pub stop: CancellationToken,
 }
 
@@ -81,6 +80,7 @@ impl Manager {
     /// Runs until `stop`: connect, resubscribe, serve; again after a loss.
     pub(crate) async fn run(self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut backoff = Backoff::default();
+        let mut lost_before = false;
         loop {
             // Ends this connection's reader, whichever side notices the loss first:
             // an old reader must never deliver next to a new one.
@@ -92,14 +92,22 @@ impl Manager {
             let lost = match attempt {
                 Ok((sink, confirmed)) => {
                     backoff.reset();
-                    self.ready.store(true, Ordering::Release);
+                    self.health.set_subscribe_up(true);
+                    if lost_before {
+                        self.health.reconnected();
+                        self.health.resubscribed(confirmed.len());
+                    }
                     info!(topics = confirmed.len(), "redis subscriptions up");
                     let lost = self.serve(&mut rx, sink, confirmed, &connection).await;
-                    self.ready.store(false, Ordering::Release);
+                    self.health.set_subscribe_up(false);
                     lost
                 }
                 Err(e) => Lost::Connection(e),
             };
+            if matches!(lost, Lost::Connection(_)) {
+                self.health.error();
+                lost_before = true;
+            }
             connection.cancel();
             let Lost::Connection(why) = lost else { return };
             // Until the next connection, subscribes cannot be made active.
@@ -139,7 +147,7 @@ impl Manager {
             stream,
             self.hub.clone(),
             self.prefix.clone(),
-            self.on_backend_message.clone(),
+            self.health.clone(),
             connection.clone(),
             self.stop.clone(),
         ));
@@ -274,7 +282,7 @@ async fn read(
     mut stream: redis::aio::PubSubStream,
     hub: Arc<Hub>,
     prefix: Arc<str>,
-    on_backend_message: Option<crate::BackendHook>,
+    health: Arc<Health>,
     connection: CancellationToken,
     stop: CancellationToken,
 ) {
@@ -292,9 +300,7 @@ async fn read(
         let at = match at {
             Some(at) => at,
             None => {
-                if let Some(hook) = &on_backend_message {
-                    hook();
-                }
+                health.backend_message();
                 unix_nanos()
             }
         };

@@ -50,10 +50,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 url,
                 prefix: cfg.redis_prefix.clone(),
                 unsubscribe_delay: cfg.redis_unsubscribe_delay,
-                on_backend_message: Some({
-                    let c = metrics.messages_received.with_label_values(&["redis"]);
-                    Arc::new(move || c.inc())
-                }),
+                metrics: Some(metrics.clone()),
             };
             let broker = RedisBroker::start(options, hub.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;

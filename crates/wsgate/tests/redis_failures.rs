@@ -106,6 +106,18 @@ async fn redis_restart_during_a_stream() {
         == ["wsgate:other", "wsgate:stream"]));
     assert!(sub.alive().await && publisher.alive().await);
     assert!(a.is_ready() && b.is_ready());
+    let (_, metrics) = b.get("/metrics");
+    assert!(metrics.contains("wsgate_redis_up 1"), "{metrics}");
+    let reconnects: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wsgate_redis_reconnects_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("wsgate_redis_reconnects_total");
+    assert!(reconnects >= 1, "{metrics}");
+    assert!(
+        metrics.contains("wsgate_redis_resubscribed_topics_total 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
