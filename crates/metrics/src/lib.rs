@@ -316,6 +316,14 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // process_* (CPU, memory, open/max file descriptors): a node's fd headroom
+        // is its connection headroom. Only Linux has the collector.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics registered once per registry");
         m
     }
 
@@ -375,6 +383,8 @@ mod tests {
         assert!(text.contains("wsgate_messages_received_total{source=\"client\"} 1"));
         assert!(text.contains("wsgate_build_info{version="));
         assert!(text.contains("wsgate_broker_info{kind=\"memory\"} 1"));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_open_fds"));
     }
 
     #[test]

@@ -60,7 +60,7 @@ fn load(gw: &Gateway, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>>
             )
             .await;
             let _ = recv_json(&mut ws).await;
-            if i % 5 == 0 {
+            if i.is_multiple_of(5) {
                 let body = format!(r#"{{"topic":"load","data":{i}}}"#);
                 let _ = http(addr, "POST", "/api/publish", &body).await;
                 // Churn: a connection that comes and goes.
