@@ -9,8 +9,8 @@
 //! - `off`: no metric work at all;
 //! - `per_connection` (what the writer does): [`ConnectionStats`] per connection,
 //!   folded into the shared metrics at most every 250 ms;
-//! - `shared_per_batch` (for comparison): the shared atomics and histograms
-//!   updated on every batch.
+//! - `shared_per_batch` (for comparison, the writer's code before): the shared
+//!   atomics and prometheus' float histograms updated on every batch.
 //!
 //! The machine this runs on is shared, so the variants are interleaved: every round
 //! runs each variant for a few iterations, in rotating order, and the report gives
@@ -114,7 +114,9 @@ fn write_side(conns: &mut [Conn], mode: Mode, metrics: &Metrics, socket: bool) {
                     c.bufs.push_back(item.frame);
                 }
                 let now = unix_nanos();
-                let latency = metrics.delivery_latency.local();
+                // The writer's code before per-connection stats: prometheus' float
+                // histogram (same buckets), a local one per batch, flushed at once.
+                let latency = metrics.broker_publish_duration.local();
                 for &b in &c.borns {
                     latency.observe(now.saturating_sub(b) as f64 / 1e9);
                 }
