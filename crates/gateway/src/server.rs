@@ -251,15 +251,30 @@ async fn route(
     peer: SocketAddr,
     role: Role,
 ) -> Response<Body> {
-    let span = tracing::info_span!(
-        "http.request",
-        otel.name = %format_args!("{} {}", req.method(), route_name(req.uri().path())),
-        otel.kind = "server",
-        http.request.method = %req.method(),
-        http.route = route_name(req.uri().path()),
-        client.address = %peer.ip(),
-        http.response.status_code = tracing::field::Empty,
-    );
+    let route = route_name(req.uri().path());
+    // Probes and scrapes come every few seconds: their spans are at debug, so they
+    // are neither logged nor exported at the default levels.
+    let span = if matches!(route, "/healthz" | "/readyz" | "/metrics") {
+        tracing::debug_span!(
+            "http.request",
+            otel.name = %format_args!("{} {route}", req.method()),
+            otel.kind = "server",
+            http.request.method = %req.method(),
+            http.route = route,
+            client.address = %peer.ip(),
+            http.response.status_code = tracing::field::Empty,
+        )
+    } else {
+        tracing::info_span!(
+            "http.request",
+            otel.name = %format_args!("{} {route}", req.method()),
+            otel.kind = "server",
+            http.request.method = %req.method(),
+            http.route = route,
+            client.address = %peer.ip(),
+            http.response.status_code = tracing::field::Empty,
+        )
+    };
     let response = route_inner(gw, req, peer, role)
         .instrument(span.clone())
         .await;

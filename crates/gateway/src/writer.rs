@@ -141,7 +141,10 @@ impl Writer {
         stats.record_queue(batch.bytes);
         let mut bytes = 0u64;
         borns.clear();
-        bufs.extend(batch.control.drain(..));
+        for frame in batch.control.drain(..) {
+            bytes += frame.len() as u64;
+            bufs.push_back(frame);
+        }
         for item in batch.frames.drain(..) {
             if item.born != 0 {
                 borns.push(item.born);

@@ -4,8 +4,7 @@
 //! writer tasks spread over every core. If each of them added to the shared
 //! `wsgate_messages_delivered_total` atomic (and the latency histogram's buckets),
 //! every core would keep stealing the same cache lines from the others. Instead each
-//! writer owns a [`ConnectionStats`]: plain integers and prometheus' thread-unsafe
-//! `LocalHistogram`s, folded into the shared metrics at most every [`FLUSH_EVERY`]
+//! writer owns a [`ConnectionStats`]: plain integers and local histograms, folded into the shared metrics at most every [`FLUSH_EVERY`]
 //! (and when the connection ends). A scrape therefore lags by at most that much.
 
 use std::time::Duration;
@@ -13,6 +12,7 @@ use std::time::Duration;
 use prometheus::local::LocalHistogram;
 use prometheus::IntCounter;
 
+use crate::nanos::LocalNanos;
 use crate::Metrics;
 
 /// How long a writer may keep counts to itself before folding them in.
@@ -23,7 +23,7 @@ pub const FLUSH_EVERY: Duration = Duration::from_millis(250);
 pub struct ConnectionStats {
     delivered: u64,
     bytes_sent: u64,
-    latency: LocalHistogram,
+    latency: LocalNanos,
     queue: LocalHistogram,
     shared_delivered: IntCounter,
     shared_bytes_sent: IntCounter,
@@ -63,8 +63,7 @@ impl ConnectionStats {
         self.delivered += accepted_at.len() as u64;
         for &born in accepted_at {
             // Clocks of two nodes may disagree slightly: a negative latency counts as 0.
-            self.latency
-                .observe(now_ns.saturating_sub(born) as f64 / 1e9);
+            self.latency.observe_ns(now_ns.saturating_sub(born));
         }
         self.pending = true;
         self.flush_if_due(now_ns);
@@ -125,8 +124,8 @@ mod tests {
         s.record_written(100, &[sec, 3 * sec / 2], 2 * sec);
         assert_eq!(m.messages_delivered.get(), 2);
         assert_eq!(m.bytes_sent.get(), 100);
-        assert_eq!(m.delivery_latency.get_sample_count(), 2);
-        assert!((m.delivery_latency.get_sample_sum() - 1.5).abs() < 1e-9);
+        assert_eq!(m.delivery_latency.count(), 2);
+        assert!((m.delivery_latency.sum_seconds() - 1.5).abs() < 1e-9);
         assert_eq!(m.outbound_queue_bytes.get_sample_count(), 1);
 
         // The next one waits for FLUSH_EVERY.

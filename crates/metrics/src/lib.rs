@@ -8,6 +8,8 @@
 //!   dashboards and `rate()` see every series from the first scrape.
 //! - [`connection`]: [`ConnectionStats`], a writer's private accumulator, folded into
 //!   the shared metrics a few times a second instead of on every batch.
+//! - [`nanos`]: [`NanosHistogram`], an integer-nanosecond histogram for the
+//!   per-delivery latency (cheaper per observation than prometheus' float one).
 //!
 //! Labels are bounded enums (reasons, sources, a Redis shard index); never a topic,
 //! user or connection id.
@@ -21,6 +23,7 @@
 
 pub mod connection;
 pub mod labels;
+pub mod nanos;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
@@ -28,6 +31,7 @@ use prometheus::{
 };
 
 pub use connection::ConnectionStats;
+pub use nanos::NanosHistogram;
 
 /// Publications accepted, one pre-resolved handle per source.
 #[derive(Clone)]
@@ -76,7 +80,8 @@ pub struct Metrics {
     pub outbound_queue_bytes: Histogram,
     /// `wsgate_delivery_latency_seconds`: publication accepted by a node (the
     /// publishing node, through Redis) → its frame written to a subscriber's socket.
-    pub delivery_latency: Histogram,
+    /// Observed per delivered frame, so an integer-nanosecond histogram.
+    pub delivery_latency: NanosHistogram,
     /// `wsgate_broker_publish_duration_seconds`: time for the broker to accept a
     /// publication (or an HTTP batch of them).
     pub broker_publish_duration: Histogram,
@@ -249,11 +254,13 @@ impl Metrics {
                 "Bytes queued for a connection when its writer takes a batch.",
                 queue_buckets(),
             ),
-            delivery_latency: histogram(
+            delivery_latency: register(
                 r,
-                "wsgate_delivery_latency_seconds",
-                "From a node accepting a publication to its frame being written to a subscriber.",
-                latency_buckets(),
+                NanosHistogram::new(
+                    "wsgate_delivery_latency_seconds",
+                    "From a node accepting a publication to its frame being written to a subscriber.",
+                    &latency_buckets(),
+                ),
             ),
             broker_publish_duration: histogram(
                 r,
@@ -316,6 +323,14 @@ impl Metrics {
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // process_* (CPU, memory, open/max file descriptors): a node's fd headroom
+        // is its connection headroom. Only Linux has the collector.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics registered once per registry");
         m
     }
 
@@ -375,6 +390,8 @@ mod tests {
         assert!(text.contains("wsgate_messages_received_total{source=\"client\"} 1"));
         assert!(text.contains("wsgate_build_info{version="));
         assert!(text.contains("wsgate_broker_info{kind=\"memory\"} 1"));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_open_fds"));
     }
 
     #[test]

@@ -55,7 +55,28 @@ fn resource(node_id: &str) -> Resource {
     .build()
 }
 
+/// Only OTLP/HTTP with protobuf is built in (no gRPC stack): refuse anything else
+/// clearly rather than post protobuf to a gRPC port.
+fn check_protocol() -> anyhow::Result<()> {
+    for var in [
+        "OTEL_EXPORTER_OTLP_TRACES_PROTOCOL",
+        "OTEL_EXPORTER_OTLP_PROTOCOL",
+    ] {
+        if let Ok(p) = env::var(var) {
+            let p = p.trim();
+            if !p.is_empty() && p != "http/protobuf" {
+                anyhow::bail!(
+                    "{var}={p} is not supported: wsgate exports traces with OTLP over \
+                     HTTP (`http/protobuf`, the collector's port 4318)"
+                );
+            }
+        }
+    }
+    Ok(())
+}
+
 fn provider(node_id: &str) -> anyhow::Result<SdkTracerProvider> {
+    check_protocol()?;
     // Protocol, endpoint, headers and timeout come from the OTEL_* variables.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()

@@ -166,3 +166,16 @@ async fn no_endpoint_means_no_export() {
         "no exporter expected: {logs:?}"
     );
 }
+
+#[test]
+fn a_grpc_protocol_is_refused_clearly() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+        .env("OTEL_EXPORTER_OTLP_ENDPOINT", "http://127.0.0.1:1")
+        .env("OTEL_EXPORTER_OTLP_PROTOCOL", "grpc")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("http/protobuf"), "{err}");
+}

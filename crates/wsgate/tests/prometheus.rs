@@ -3,8 +3,9 @@
 //! Prometheus scraping a gateway under load, in which every PromQL expression of the
 //! Grafana dashboard and of the alert rules parses and finds data.
 //!
-//! Needs `promtool` and `prometheus` on PATH (Debian package `prometheus`);
-//! `scripts/observability-check.sh` installs them and runs these tests.
+//! Needs `promtool` and `prometheus` on PATH (Debian package `prometheus`): installed
+//! with apt-get on first use when missing; `scripts/observability-check.sh` does the
+//! same and runs every observability test.
 
 #[path = "obs_common/mod.rs"]
 mod common;
@@ -21,14 +22,56 @@ fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
 }
 
-fn tool(name: &str) -> Command {
-    let found = std::env::var_os("PATH")
+fn on_path(name: &str) -> bool {
+    std::env::var_os("PATH")
         .map(|p| std::env::split_paths(&p).any(|d| d.join(name).is_file()))
-        .unwrap_or(false);
+        .unwrap_or(false)
+}
+
+/// Installs the Debian package `prometheus` once if `promtool` or `prometheus` is
+/// missing (a fresh CI machine), as scripts/observability-check.sh does.
+fn ensure_prometheus() {
+    static INSTALL: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
+    let mut tried = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
+    if *tried || (on_path("promtool") && on_path("prometheus")) {
+        return;
+    }
+    *tried = true;
+    let root = Command::new("id")
+        .arg("-u")
+        .output()
+        .is_ok_and(|o| o.stdout.starts_with(b"0"));
+    let apt = |args: &[&str]| {
+        let mut c = if root {
+            Command::new("apt-get")
+        } else {
+            let mut c = Command::new("sudo");
+            c.arg("apt-get");
+            c
+        };
+        c.args(args)
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .stdout(Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success())
+    };
+    eprintln!("installing the `prometheus` package for promtool and a real server...");
+    let _ = apt(&["update", "-qq"]);
+    let _ = apt(&[
+        "install",
+        "-y",
+        "-qq",
+        "--no-install-recommends",
+        "prometheus",
+    ]);
+}
+
+fn tool(name: &str) -> Command {
+    ensure_prometheus();
     assert!(
-        found,
-        "`{name}` is not installed: run scripts/observability-check.sh (it installs the \
-         Debian package `prometheus`), or `apt-get install -y prometheus`"
+        on_path(name),
+        "`{name}` is not installed and could not be installed: run \
+         `apt-get install -y prometheus` (or scripts/observability-check.sh)"
     );
     Command::new(name)
 }
