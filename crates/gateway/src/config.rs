@@ -188,6 +188,11 @@ pub struct Config {
     #[arg(long, env = "WSGATE_ECHO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub echo: bool,
 
+    /// Serves a demo page at `/` (a chat room and a live ticker) and publishes a demo
+    /// ticker to `demo.ticker` every 500 ms. Off by default.
+    #[arg(long, env = "WSGATE_DEMO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub demo: bool,
+
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,

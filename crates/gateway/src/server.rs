@@ -239,6 +239,8 @@ fn route_name(path: &str) -> &'static str {
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
         "/drain" => "/drain",
+        "/wsgate.js" => "/wsgate.js",
+        "/" => "/",
         _ => "other",
     }
 }
@@ -294,6 +296,8 @@ async fn route_inner(
         (_, "/ws") if public => upgrade(gw, req, peer, Mode::PubSub),
         (_, "/echo") if public && gw.config.echo => upgrade(gw, req, peer, Mode::Echo),
         (_, "/api/publish") if public => http_api::publish(gw, req).await,
+        (&Method::GET, "/wsgate.js") if public => crate::demo::client_js(),
+        (&Method::GET, "/") if public && gw.config.demo => crate::demo::page(),
         (&Method::GET, "/healthz") if admin => http_api::healthz(),
         (&Method::GET, "/readyz") if admin => http_api::readyz(&gw),
         (&Method::GET, "/metrics") if admin => http_api::metrics(&gw),

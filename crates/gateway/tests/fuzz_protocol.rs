@@ -1,7 +1,7 @@
 //! Property tests (run by `cargo test`): the protocol decoder and the reply encoders
 //! never panic, and what they produce keeps the contract. The topic/permission
 //! matcher has its own properties beside it (src/acl.rs); the same entry points are
-//! exposed to cargo-fuzz in fuzz/ (nightly only).
+//! exposed to cargo-fuzz in crates/gateway/fuzz/ (nightly only).
 
 use proptest::prelude::*;
 use serde_json::Value;

@@ -60,6 +60,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
         }
     };
     gw.security.log_posture(&gw.config);
+    if gw.config.demo {
+        info!("demo mode: page at / and a ticker on demo.ticker");
+        tokio::spawn(wsgate_gateway::demo::run_ticker(gw.clone()));
+    }
     if let Some(tls) = &gw.security.tls {
         // Certificate rotation without restart: SIGHUP or a change of the files.
         tokio::spawn(tls.clone().watch(gw.shutdown.clone()));

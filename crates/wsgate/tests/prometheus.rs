@@ -4,7 +4,7 @@
 //! Grafana dashboard and of the alert rules parses and finds data.
 //!
 //! Needs `promtool` and `prometheus` on PATH (Debian package `prometheus`): installed
-//! with apt-get on first use when missing; `scripts/observability-check.sh` does the
+//! with apt-get on first use when missing; `.ci/observability-check` does the
 //! same and runs every observability test.
 
 #[path = "obs_common/mod.rs"]
@@ -29,7 +29,7 @@ fn on_path(name: &str) -> bool {
 }
 
 /// Installs the Debian package `prometheus` once if `promtool` or `prometheus` is
-/// missing (a fresh CI machine), as scripts/observability-check.sh does.
+/// missing (a fresh CI machine), as .ci/observability-check does.
 fn ensure_prometheus() {
     static INSTALL: std::sync::Mutex<bool> = std::sync::Mutex::new(false);
     let mut tried = INSTALL.lock().unwrap_or_else(|e| e.into_inner());
@@ -71,7 +71,7 @@ fn tool(name: &str) -> Command {
     assert!(
         on_path(name),
         "`{name}` is not installed and could not be installed: run \
-         `apt-get install -y prometheus` (or scripts/observability-check.sh)"
+         `apt-get install -y prometheus` (or .ci/observability-check)"
     );
     Command::new(name)
 }
