@@ -83,7 +83,7 @@ pub enum Command<'a> {
     Ping {
         id: Option<u64>,
     },
-    /// A new token for this connection (docs/protocol-auth.md).
+    /// A new token for this connection (docs/protocol.md, "Authentication and `refresh`").
     Refresh {
         id: Option<u64>,
         token: Cow<'a, str>,
