@@ -12,7 +12,11 @@ set -eu
 bin=$1 tini=$2 out=$3
 
 mkdir -p "$out/usr/local/bin" "$out/usr/bin" "$out/etc/ssl/certs" "$out/tmp" "$out/home/nonroot"
-install -m 0755 "$bin" "$out/usr/local/bin/wsgate"
+# The release profile keeps line tables for readable backtraces; compressing them (zlib,
+# which the Rust runtime reads when it prints a backtrace) makes the binary about three
+# times smaller with nothing lost.
+objcopy --compress-debug-sections=zlib "$bin" "$out/usr/local/bin/wsgate"
+chmod 0755 "$out/usr/local/bin/wsgate"
 install -m 0755 "$tini" "$out/usr/bin/tini"
 
 # Every library the dynamic loader resolves for the binary, plus the loader itself (the

@@ -22,13 +22,9 @@ from test_compose import GATEWAYS, compose
 from test_helm import VALUE_SETS, container, env, gateway
 
 # Flags announced for later issues, which deployment files may already set for users who
-# ask for them (production-like values, compose's demo page). Each one is reported; drop
+# ask for them (the chart's redis.mode: cluster). Each one is reported; drop
 # it from here once `wsgate --help` lists it.
-PENDING_FLAGS = {
-    "WSGATE_REDIS_URL", "WSGATE_REDIS_PREFIX", "WSGATE_REDIS_MODE",
-    "WSGATE_JWT_SECRET", "WSGATE_JWT_PUBLIC_KEY", "WSGATE_ALLOWED_ORIGINS",
-    "WSGATE_TLS_CERT", "WSGATE_TLS_KEY", "WSGATE_MAX_CONNECTIONS_PER_IP", "WSGATE_DEMO",
-}
+PENDING_FLAGS = {"WSGATE_REDIS_MODE"}
 
 
 @pytest.fixture(scope="module")

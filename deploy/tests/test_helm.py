@@ -26,8 +26,10 @@ VALUE_SETS = {
     "hard-anti-affinity": (
         "--set", "redis.url=redis://r:6379", "--set", "replicaCount=3",
         "--set", "podAntiAffinity=hard", "--set", "topologySpread.enabled=false",
-        "--set", "config.drainTimeout=45s", "--set", "secrets.jwtPublicKey=PEM",
-        "--set", "drain.preStop=none",
+        "--set", "config.drainTimeout=45s", "--set", "secrets.jwtPublicKey=JWKS",
+        "--set", "secrets.jwtPublicKeyFile=jwks.json", "--set", "drain.preStop=none",
+        "--set", "tls.enabled=true", "--set", "tls.secretName=wsgate-tls",
+        "--set", "ingress.enabled=true",
     ),
 }
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the
@@ -315,11 +317,21 @@ def test_redis_acl_user_and_password(render):
     assert e["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
 
 
-def test_jwt_public_key_is_mounted_as_a_file(render):
+def test_jwt_public_key_and_tls_are_mounted_as_files(render):
     m = render(*VALUE_SETS["hard-anti-affinity"])
-    c = container(gateway(m))
-    assert env(c)["WSGATE_JWT_PUBLIC_KEY"]["value"] == "/etc/wsgate/jwt/public.pem"
-    assert c["volumeMounts"][0]["mountPath"] == "/etc/wsgate/jwt"
+    d = gateway(m)
+    c = container(d)
+    e = env(c)
+    assert e["WSGATE_JWT_PUBLIC_KEY"]["value"] == "/etc/wsgate/jwt/jwks.json"
+    assert (e["WSGATE_TLS_CERT"]["value"], e["WSGATE_TLS_KEY"]["value"]) == \
+        ("/etc/wsgate/tls/tls.crt", "/etc/wsgate/tls/tls.key")
+    mounts = {v["name"]: v for v in c["volumeMounts"]}
+    assert mounts["jwt"]["mountPath"] == "/etc/wsgate/jwt" and "subPath" not in mounts["tls"]
+    volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["jwt"]["secret"]["items"] == [{"key": "jwt-public-key", "path": "jwks.json"}]
+    assert volumes["tls"]["secret"]["secretName"] == "wsgate-tls"
+    assert m.one("Service", "t-wsgate")["spec"]["ports"][0]["appProtocol"] == "kubernetes.io/wss"
+    assert m.one("Ingress")["metadata"]["annotations"]["nginx.ingress.kubernetes.io/backend-protocol"] == "HTTPS"
 
 
 def test_config_values_become_env_vars(render):
@@ -346,6 +358,8 @@ def test_config_values_become_env_vars(render):
     (("--set", "redis.url=redis://:secret@r:6379"), "redis.url"),
     (("--set", "redis.url=r:6379", "--set", "secrets.redisPassword=p"), "redis.url"),
     (("--set", "nosuchvalue=1"), "nosuchvalue"),
+    (("--set", "tls.enabled=true"), "tls.secretName"),
+    (("--set", "secrets.jwtPublicKeyFile=key.txt"), "jwtPublicKeyFile"),
 ])
 def test_refused(helm, args, message):
     res = helm_template(helm, *args)

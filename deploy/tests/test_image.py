@@ -54,6 +54,11 @@ def test_rootfs_holds_only_what_runs(rootfs):
     assert not any(f.endswith(("/sh", "/bash", "/curl", "/busybox")) for f in files), files
     libs = [f for f in files if ".so" in f]
     assert any("libc.so" in f for f in libs) and any("ld-linux" in f for f in libs), libs
+    # Line tables kept for backtraces, compressed (flag C).
+    sections = subprocess.run(["readelf", "-SW", str(rootfs / "usr/local/bin/wsgate")],
+                              capture_output=True, text=True, check=True).stdout
+    (line,) = [l for l in sections.splitlines() if ".debug_line " in l]
+    assert re.search(r"\s[A-Z]*C[A-Z]*\s+\d+\s+\d+\s+\d+\s*$", line), line
     size = sum((rootfs / f).stat().st_size for f in files)
     print(f"runtime image content: {size / 1e6:.1f} MB in {len(files)} files")
 

@@ -183,6 +183,9 @@ Refuse configurations that would run but not work.
 {{- fail (printf "ingress.websocketTimeoutSeconds (%d) must be above config.heartbeatInterval (%ds), or the ingress cuts idle but healthy connections" (int .Values.ingress.websocketTimeoutSeconds) $hb) }}
 {{- end }}
 {{- end }}
+{{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
+{{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret with tls.crt and tls.key)" }}
+{{- end }}
 {{- $_ := include "wsgate.gracePeriod" . }}
 {{- end }}
 
