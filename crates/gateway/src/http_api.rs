@@ -44,7 +44,8 @@ pub fn healthz() -> Response<Body> {
     json(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
-/// `GET /readyz`: 200 when the node should get new connections, 503 while draining.
+/// `GET /readyz`: 200 when the node should get new connections; 503 while draining
+/// or while its broker cannot fan out (Redis unreachable).
 pub fn readyz(gw: &Gateway) -> Response<Body> {
     let ready = gw.is_ready();
     let body = format!(
@@ -244,10 +245,9 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
     gw.metrics
         .broker_publish_duration
         .observe(started.elapsed().as_secs_f64());
+    gw.metrics.received.http.inc_by(published as u64);
     gw.metrics
-        .messages_received
-        .with_label_values(&["http"])
-        .inc_by(published as u64);
+        .dropped("broker_unavailable", (checked.len() - published) as u64);
     match failure {
         None => json(
             StatusCode::OK,

@@ -168,8 +168,7 @@ impl Outbox {
         std::mem::swap(&mut st.frames, &mut batch.frames);
         std::mem::swap(&mut st.control, &mut batch.control);
         batch.bytes = std::mem::take(&mut st.bytes);
-        let reason = st.closing?;
-        Some((reason, st.close_frame.take()))
+        st.closing.map(|reason| (reason, st.close_frame.take()))
     }
 
     /// Waits until something is pushed or a close is requested.

@@ -9,6 +9,7 @@ use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
@@ -17,30 +18,53 @@ use tokio::sync::Semaphore;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
-use wsgate_fanout::{frame, unix_nanos, Subscriber};
+use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
 
+use crate::auth::Identity;
 use crate::close::Disconnect;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, CommandError, ErrorCode};
 use crate::ratelimit::{RateLimiter, Verdict};
+use crate::security::Admitted;
 use crate::state::{ConnectionSlot, Gateway};
 use crate::writer::{Liveness, Writer};
 
+/// What a session does with client messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `/ws`: the pub/sub protocol.
+    PubSub,
+    /// `/echo` (`--echo`): sends every message back, text as text, binary as binary.
+    Echo,
+}
+
+/// Everything a session starts with besides its socket.
+pub(crate) struct Start {
+    pub peer: SocketAddr,
+    pub slot: ConnectionSlot,
+    pub admitted: Admitted,
+    pub mode: Mode,
+}
+
 /// Runs a session to its end on an upgraded connection.
-pub(crate) async fn run<R, W>(
-    gw: Arc<Gateway>,
-    read: R,
-    write: W,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
-) where
+pub(crate) async fn run<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start)
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let id = gw.next_session_id();
     let session = format!("{:016x}", rand::random::<u64>());
-    let span = tracing::info_span!("session", session = %session, %peer);
-    run_inner(gw, read, write, id, session, slot)
+    // One span per connection, from upgrade to close (never one per message): it is
+    // what OTLP export shows of a connection's life.
+    let span = tracing::info_span!(
+        "session",
+        otel.kind = "server",
+        session = %session,
+        peer = %start.peer,
+        disconnect.reason = tracing::field::Empty,
+        close.code = tracing::field::Empty,
+    );
+    run_inner(gw, read, write, id, session, start)
         .instrument(span)
         .await
 }
@@ -51,12 +75,19 @@ async fn run_inner<R, W>(
     write: W,
     id: u64,
     session: String,
-    slot: ConnectionSlot,
+    start: Start,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &gw.config;
+    let Start {
+        slot,
+        admitted,
+        mode,
+        ..
+    } = start;
+    let Admitted { identity, ip_slot } = admitted;
     gw.metrics.connections_accepted.inc();
     debug!("connected");
     let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
@@ -65,7 +96,10 @@ async fn run_inner<R, W>(
         &gw.node_id,
         cfg.heartbeat_interval.as_millis() as u64,
     );
-    outbox.push(frame::text(welcome.as_bytes()), 0);
+    if mode == Mode::PubSub {
+        // An echo client expects only its own messages back.
+        outbox.push(frame::text(welcome.as_bytes()), 0);
+    }
     gw.sessions.insert(id, outbox.clone());
     if gw.is_draining() {
         // Upgraded while the drain began: tell it to go elsewhere at once.
@@ -95,6 +129,13 @@ async fn run_inner<R, W>(
         )
     };
 
+    let (expires, deadline) = tokio::sync::watch::channel(0);
+    if gw.security.auth.is_some() {
+        set_deadline(&expires, &identity, cfg.jwt_leeway);
+        gw.tracker
+            .spawn(expiry(deadline, outbox.clone(), reader_done.clone()).in_current_span());
+    }
+
     let (ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
     let mut reader = Reader {
         subscriber: outbox.clone(),
@@ -106,6 +147,9 @@ async fn run_inner<R, W>(
         inflight: Arc::new(Semaphore::new(cfg.max_inflight_publishes)),
         liveness,
         assembler: Assembler::new(cfg.max_message_size),
+        identity,
+        expires,
+        mode,
     };
     reader.run(ws, &writer_done).await;
     reader_done.cancel();
@@ -113,23 +157,18 @@ async fn run_inner<R, W>(
 
     let reason = writer.await.unwrap_or(Disconnect::Error);
     gw.sessions.remove(id);
-    gw.metrics
-        .disconnects
-        .with_label_values(&[reason.label()])
-        .inc();
-    let dropped = reader.outbox.dropped();
-    if dropped > 0 {
-        let label = if reason == Disconnect::SlowConsumer {
-            "slow_consumer"
-        } else {
-            "disconnected"
-        };
-        gw.metrics
-            .messages_dropped
-            .with_label_values(&[label])
-            .inc_by(dropped);
-    }
+    gw.metrics.disconnected(reason.label());
+    let label = if reason == Disconnect::SlowConsumer {
+        "slow_consumer"
+    } else {
+        "disconnected"
+    };
+    gw.metrics.dropped(label, reader.outbox.dropped());
+    let span = tracing::Span::current();
+    span.record("disconnect.reason", reason.label());
+    span.record("close.code", reason.code());
     debug!(reason = reason.label(), "disconnected");
+    drop(ip_slot);
     drop(slot);
 }
 
@@ -146,7 +185,7 @@ struct Assembler {
 
 enum Message {
     Text(Bytes),
-    Binary,
+    Binary(Bytes),
 }
 
 impl Assembler {
@@ -167,7 +206,9 @@ impl Assembler {
                 // fastwebsockets has validated UTF-8 of unfragmented text.
                 Ok(Some(Message::Text(Bytes::from(frame.payload.to_vec()))))
             }
-            (OpCode::Binary, None) if frame.fin => Ok(Some(Message::Binary)),
+            (OpCode::Binary, None) if frame.fin => {
+                Ok(Some(Message::Binary(Bytes::from(frame.payload.to_vec()))))
+            }
             (op @ (OpCode::Text | OpCode::Binary), None) => {
                 self.opcode = Some(op);
                 self.append(&frame.payload)?;
@@ -188,7 +229,7 @@ impl Assembler {
                         }
                         Ok(Some(Message::Text(Bytes::from(buf))))
                     }
-                    _ => Ok(Some(Message::Binary)),
+                    _ => Ok(Some(Message::Binary(Bytes::from(buf)))),
                 }
             }
             _ => Ok(None),
@@ -226,6 +267,47 @@ struct Reader {
     inflight: Arc<Semaphore>,
     liveness: Arc<Liveness>,
     assembler: Assembler,
+    /// Who the client is and what it may do (replaced by `refresh`).
+    identity: Identity,
+    /// When the session ends unless refreshed (unix seconds, leeway included),
+    /// watched by the [`expiry`] task.
+    expires: tokio::sync::watch::Sender<u64>,
+    mode: Mode,
+}
+
+/// Stores the close deadline of `identity`'s token.
+fn set_deadline(expires: &tokio::sync::watch::Sender<u64>, identity: &Identity, leeway: Duration) {
+    let exp = identity
+        .expires
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let deadline = exp.saturating_add(leeway.as_secs());
+    expires.send_replace(deadline.min(crate::auth::MAX_EXP));
+}
+
+/// Closes the session with 1008 when its token's deadline passes. A `refresh` moves
+/// the deadline, later or earlier, and wakes the task to sleep again.
+async fn expiry(
+    mut expires: tokio::sync::watch::Receiver<u64>,
+    outbox: Arc<Outbox>,
+    done: CancellationToken,
+) {
+    loop {
+        let deadline = UNIX_EPOCH + Duration::from_secs(*expires.borrow_and_update());
+        let left = deadline
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        if left.is_zero() {
+            outbox.close(Disconnect::TokenExpired);
+            return;
+        }
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(left) => {}
+            changed = expires.changed() => if changed.is_err() { return },
+        }
+    }
 }
 
 fn classify(err: &WebSocketError) -> Disconnect {
@@ -310,9 +392,17 @@ impl Reader {
             self.outbox.close(Disconnect::RateLimit);
             return false;
         }
+        if self.mode == Mode::Echo {
+            let frame = match &message {
+                Message::Text(t) => frame::text(t),
+                Message::Binary(b) => frame::encode(OpCode::Binary as u8, b),
+            };
+            self.outbox.push(frame, 0);
+            return true;
+        }
         let text = match &message {
             Message::Text(t) => std::str::from_utf8(t).expect("validated UTF-8"),
-            Message::Binary => {
+            Message::Binary(_) => {
                 self.reply_error(&CommandError::new(
                     None,
                     ErrorCode::BadRequest,
@@ -347,6 +437,7 @@ impl Reader {
                 }
             }
             Command::Ping { id } => Ok(protocol::pong_reply(id)),
+            Command::Refresh { id, token } => self.refresh(id, &token),
         };
         match reply {
             Ok(text) => {
@@ -362,11 +453,50 @@ impl Reader {
             .push(frame::text(protocol::error_reply(err).as_bytes()), 0);
     }
 
+    /// `refresh`: a new token replaces the session's identity and moves its expiry.
+    /// Topics the new token no longer allows are left.
+    fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<String, CommandError> {
+        let Some(auth) = &self.gw.security.auth else {
+            // Nothing expires without auth; accepting keeps clients that always
+            // refresh working against an open gateway.
+            return Ok(protocol::refreshed_reply(id));
+        };
+        let identity = auth
+            .verify(token)
+            .map_err(|e| CommandError::new(id, ErrorCode::Forbidden, e.to_string()))?;
+        if identity.subject != self.identity.subject {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                "the new token is for another subject",
+            ));
+        }
+        let revoked: Vec<Arc<str>> = self
+            .topics
+            .iter()
+            .filter(|t| !identity.subscribe.allows(t))
+            .cloned()
+            .collect();
+        if !revoked.is_empty() {
+            self.unsubscribe(None, revoked);
+        }
+        set_deadline(&self.expires, &identity, self.gw.config.jwt_leeway);
+        self.identity = identity;
+        Ok(protocol::refreshed_reply(id))
+    }
+
     async fn subscribe(
         &mut self,
         id: Option<u64>,
         topics: Vec<Arc<str>>,
     ) -> Result<String, CommandError> {
+        if let Some(t) = topics.iter().find(|t| !self.identity.subscribe.allows(t)) {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {}", protocol::json_string(t)),
+            ));
+        }
         let mut fresh: Vec<Arc<str>> = Vec::new();
         for t in &topics {
             if !self.topics.contains(t) && !fresh.contains(t) {
@@ -448,6 +578,13 @@ impl Reader {
                 "client publishing is disabled on this gateway",
             ));
         }
+        if !self.identity.publish.allows(topic) {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                format!("not allowed to publish to {}", protocol::json_string(topic)),
+            ));
+        }
         let max = cfg.max_publication_size();
         if data.len() > max {
             return Err(CommandError::new(
@@ -456,11 +593,6 @@ impl Reader {
                 format!("data is {} bytes; the limit is {max}", data.len()),
             ));
         }
-        self.gw
-            .metrics
-            .messages_received
-            .with_label_values(&["client"])
-            .inc();
         // Ordering is fixed when `publish` returns, so later publishes from this
         // client cannot overtake this one even while its reply is pending.
         let started = Instant::now();
@@ -470,6 +602,7 @@ impl Reader {
                 .metrics
                 .broker_publish_duration
                 .observe(started.elapsed().as_secs_f64());
+            count_publish(&self.gw.metrics, &result);
             return match result {
                 Ok(()) => Ok(Some(protocol::published_reply(id))),
                 Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
@@ -488,6 +621,7 @@ impl Reader {
             metrics
                 .broker_publish_duration
                 .observe(started.elapsed().as_secs_f64());
+            count_publish(&metrics, &result);
             let reply = match result {
                 Ok(()) => protocol::published_reply(id),
                 Err(e) => protocol::error_reply(&CommandError::new(
@@ -500,5 +634,14 @@ impl Reader {
             drop(permit);
         });
         Ok(None)
+    }
+}
+
+/// Counts a client publication once the broker has answered: accepted ones are
+/// received messages, refused ones are dropped.
+fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerError>) {
+    match result {
+        Ok(()) => metrics.received.client.inc(),
+        Err(_) => metrics.dropped("broker_unavailable", 1),
     }
 }

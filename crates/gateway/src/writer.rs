@@ -16,7 +16,7 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
 use wsgate_fanout::{frame, unix_nanos};
-use wsgate_metrics::Metrics;
+use wsgate_metrics::{ConnectionStats, Metrics};
 
 use crate::close::Disconnect;
 use crate::outbox::{Batch, Outbox};
@@ -69,6 +69,10 @@ impl Writer {
     pub(crate) async fn run<W: AsyncWrite + Unpin>(self, mut io: W) -> Disconnect {
         let mut batch = Batch::default();
         let mut bufs: VecDeque<Bytes> = VecDeque::new();
+        // Folded into the shared metrics a few times a second, not per batch: the
+        // fan-out hot path touches no shared cache line (see wsgate_metrics::connection).
+        let mut stats = ConnectionStats::new(&self.metrics);
+        let mut borns: Vec<u64> = Vec::new();
         // The first ping is jittered so that connections made together (a reconnect
         // storm) do not ping together forever after.
         let jitter = rand::random_range(0.0..1.0);
@@ -80,7 +84,10 @@ impl Writer {
             }
             let close = self.outbox.take(&mut batch);
             if !batch.is_empty() {
-                if let Err(reason) = self.write_batch(&mut io, &mut batch, &mut bufs).await {
+                let written = self
+                    .write_batch(&mut io, &mut batch, &mut bufs, &mut stats, &mut borns)
+                    .await;
+                if let Err(reason) = written {
                     // The frame stream may be cut mid-frame: no close frame is possible.
                     self.outbox.close(reason);
                     return reason;
@@ -95,9 +102,14 @@ impl Writer {
                 self.finish(&mut io, reason, frame).await;
                 return reason;
             }
+            // An idle writer still folds its last counts in on time.
+            let wake = match stats.flush_if_due(unix_nanos()) {
+                Some(wait) => next_ping.min(Instant::now() + wait),
+                None => next_ping,
+            };
             tokio::select! {
                 _ = self.outbox.notified() => {}
-                _ = sleep_until(next_ping) => {}
+                _ = sleep_until(wake) => {}
                 _ = self.reader_done.cancelled(), if !self.reader_done.is_cancelled() => {
                     // The reader closes the outbox before it finishes; this only wakes
                     // the loop to see it.
@@ -123,26 +135,23 @@ impl Writer {
         io: &mut W,
         batch: &mut Batch,
         bufs: &mut VecDeque<Bytes>,
+        stats: &mut ConnectionStats,
+        borns: &mut Vec<u64>,
     ) -> Result<(), Disconnect> {
-        self.metrics
-            .outbound_queue_bytes
-            .observe(batch.bytes as f64);
-        let mut delivered = 0u64;
+        stats.record_queue(batch.bytes);
         let mut bytes = 0u64;
-        let now = unix_nanos();
-        let latency = self.metrics.delivery_latency.local();
-        bufs.extend(batch.control.drain(..));
+        borns.clear();
+        for frame in batch.control.drain(..) {
+            bytes += frame.len() as u64;
+            bufs.push_back(frame);
+        }
         for item in batch.frames.drain(..) {
             if item.born != 0 {
-                delivered += 1;
-                latency.observe(now.saturating_sub(item.born) as f64 / 1e9);
+                borns.push(item.born);
             }
             bytes += item.frame.len() as u64;
             bufs.push_back(item.frame);
         }
-        // Latency is measured when the frame is handed to the socket; `now` is taken
-        // once per batch, which is what a batch costs anyway.
-        latency.flush();
 
         // The write borrows `bufs`; it ends with this block.
         let result = {
@@ -176,8 +185,11 @@ impl Writer {
             batch.frames = VecDeque::new();
         }
         result?;
-        self.metrics.messages_delivered.inc_by(delivered);
-        self.metrics.bytes_sent.inc_by(bytes);
+        // Latency ends when the socket has taken the frame: one clock read per batch.
+        stats.record_written(bytes, borns, unix_nanos());
+        if borns.capacity() > 1024 {
+            *borns = Vec::new();
+        }
         Ok(())
     }
 

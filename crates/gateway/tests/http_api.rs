@@ -220,3 +220,27 @@ async fn drain_endpoint_closes_clients_1001_and_refuses_new_ones() {
         .expect("server finished")
         .unwrap();
 }
+
+#[tokio::test]
+async fn client_js_is_served_and_the_demo_only_when_enabled() {
+    let s = start(&[]).await;
+    let (st, body) = http(s.addr, "GET", "/wsgate.js", &[], b"").await;
+    assert_eq!(st, 200);
+    assert!(body.contains("export"), "an ES module");
+    assert_eq!(
+        http(s.addr, "GET", "/", &[], b"").await.0,
+        404,
+        "no demo by default"
+    );
+    let demo = start(&["--demo"]).await;
+    let (st, body) = http(demo.addr, "GET", "/", &[], b"").await;
+    assert_eq!(st, 200);
+    assert!(body.contains("/wsgate.js"), "the page loads the client");
+    // The ticker publishes through the broker.
+    let (mut ws, _) = connect(&demo).await;
+    tokio::spawn(wsgate_gateway::demo::run_ticker(demo.gw.clone()));
+    subscribe(&mut ws, 1, &["demo.ticker"]).await;
+    let m = recv(&mut ws).await;
+    assert_eq!(m["topic"], "demo.ticker");
+    assert_eq!(m["data"].as_array().map(|a| a.len()), Some(4), "{m}");
+}

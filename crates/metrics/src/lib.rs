@@ -1,106 +1,198 @@
 //! Prometheus metrics for wsgate.
 //!
 //! # Layout
-//! - [`Metrics`]: every metric the gateway exports, registered in a registry the
-//!   caller owns (no global registry), handed out as cheap cloned handles.
-//! - [`Metrics::encode`]: the Prometheus text exposition for `/metrics`.
+//! - [`Metrics`] (this file): every metric the gateway exports, registered in a
+//!   registry the caller owns (no global registry), handed out as cheap cloned
+//!   handles. `docs/metrics.md` documents each one; keep the two in step.
+//! - [`labels`]: the bounded label values (reasons, sources), pre-created at zero so
+//!   dashboards and `rate()` see every series from the first scrape.
+//! - [`connection`]: [`ConnectionStats`], a writer's private accumulator, folded into
+//!   the shared metrics a few times a second instead of on every batch.
+//! - [`nanos`]: [`NanosHistogram`], an integer-nanosecond histogram for the
+//!   per-delivery latency (cheaper per observation than prometheus' float one).
 //!
-//! Labels are bounded enums (reasons, sources); never a topic, user or connection id.
-//! Hot-path counters are pre-resolved handles (one relaxed atomic add, no label
-//! lookup), and the gateway adds to them once per written batch, not per message.
+//! Labels are bounded enums (reasons, sources, a Redis shard index); never a topic,
+//! user or connection id.
+//!
+//! # The hot path
+//! Fan-out touches no shared metric: each connection's writer counts into its own
+//! [`ConnectionStats`] (plain integers and a local histogram) and folds them into the
+//! shared atomics at most every [`connection::FLUSH_EVERY`]. Everything else that
+//! counts (commands, HTTP requests, connects) is per client action and rate limited,
+//! and uses pre-resolved handles (one relaxed atomic add, no label lookup).
+
+pub mod connection;
+pub mod labels;
+pub mod nanos;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
+pub use connection::ConnectionStats;
+pub use nanos::NanosHistogram;
+
+/// Publications accepted, one pre-resolved handle per source.
+#[derive(Clone)]
+pub struct Received {
+    /// Published by a WebSocket client.
+    pub client: IntCounter,
+    /// Published with `POST /api/publish`.
+    pub http: IntCounter,
+    /// Received from Redis (a backend's `PUBLISH`, or another node's relay).
+    pub redis: IntCounter,
+}
+
 /// Every wsgate metric. Clone the fields you need; they share their values.
 #[derive(Clone)]
 pub struct Metrics {
     registry: Registry,
-    /// Open WebSocket connections.
+    /// `wsgate_connections`: open WebSocket connections.
     pub connections: IntGauge,
-    /// Upgrades completed.
+    /// `wsgate_connections_accepted_total`: upgrades completed.
     pub connections_accepted: IntCounter,
-    /// Upgrade requests refused, by reason.
+    /// `wsgate_connections_refused_total{reason}`: upgrade requests refused
+    /// ([`labels::REFUSED`]).
     pub connections_refused: IntCounterVec,
-    /// Connections ended, by reason.
+    /// `wsgate_disconnects_total{reason}`: connections ended ([`labels::DISCONNECT`]).
     pub disconnects: IntCounterVec,
-    /// (topic, connection) subscription pairs on this node.
+    /// `wsgate_subscriptions`: (topic, connection) pairs on this node (set at scrape).
     pub subscriptions: IntGauge,
-    /// Topics with at least one local subscriber.
+    /// `wsgate_topics`: topics with at least one local subscriber (set at scrape).
     pub topics: IntGauge,
-    /// Publications accepted, by source (client, http, redis).
+    /// `wsgate_messages_received_total{source}`, all sources.
     pub messages_received: IntCounterVec,
-    /// Message frames written to subscribers' sockets.
+    /// The same counter, resolved per source for the publish paths.
+    pub received: Received,
+    /// `wsgate_messages_delivered_total`: message frames written to subscribers.
     pub messages_delivered: IntCounter,
-    /// WebSocket payload bytes read from clients.
+    /// `wsgate_bytes_received_total`: WebSocket payload bytes read from clients.
     pub bytes_received: IntCounter,
-    /// Bytes written to clients' sockets (frames, headers included).
+    /// `wsgate_bytes_sent_total`: bytes written to clients (frame headers included).
     pub bytes_sent: IntCounter,
-    /// Messages not delivered, by reason.
+    /// `wsgate_messages_dropped_total{reason}`: messages not delivered
+    /// ([`labels::DROPPED`]).
     pub messages_dropped: IntCounterVec,
-    /// Bytes waiting in a connection's outbound queue, sampled at each write batch.
+    /// `wsgate_outbound_queue_bytes`: bytes queued for a connection when its writer
+    /// takes a batch — a distribution over connections and time, no per-connection
+    /// label.
     pub outbound_queue_bytes: Histogram,
-    /// Publication accepted → frame written to a subscriber's socket.
-    pub delivery_latency: Histogram,
-    /// Time for the broker to accept a publication.
+    /// `wsgate_delivery_latency_seconds`: publication accepted by a node (the
+    /// publishing node, through Redis) → its frame written to a subscriber's socket.
+    /// Observed per delivered frame, so an integer-nanosecond histogram.
+    pub delivery_latency: NanosHistogram,
+    /// `wsgate_broker_publish_duration_seconds`: time for the broker to accept a
+    /// publication (or an HTTP batch of them).
     pub broker_publish_duration: Histogram,
-    /// Errors from `accept(2)` (e.g. EMFILE), survived with a back-off.
+    /// `wsgate_accept_errors_total`: errors from `accept(2)` (e.g. EMFILE).
     pub accept_errors: IntCounter,
-    /// 1 while the node drains.
+    /// `wsgate_draining`: 1 while the node drains.
     pub draining: IntGauge,
-    /// 1 when the broker can fan out.
+    /// `wsgate_ready`: 1 when `/readyz` answers 200 (set at scrape).
+    pub ready: IntGauge,
+    /// `wsgate_broker_up`: 1 when the broker can fan out (set at scrape).
     pub broker_up: IntGauge,
-    /// Constant 1, labelled with the version.
+    /// `wsgate_broker_info{kind}`: constant 1, labelled with the broker in use
+    /// (`memory`, `redis`); lets Redis alerts apply only where Redis is used.
+    pub broker_info: IntGaugeVec,
+    /// `wsgate_redis_up`: 1 while the Redis broker's connections are healthy. Stays 0
+    /// without Redis (see `wsgate_broker_info`).
+    pub redis_up: IntGauge,
+    /// `wsgate_redis_reconnects_total`: Redis connections re-established after a
+    /// loss. For the Redis broker: increment on every successful reconnect.
+    pub redis_reconnects: IntCounter,
+    /// `wsgate_redis_resubscribed_topics_total`: topics subscribed again from the hub
+    /// after a reconnect. For the Redis broker: add the batch size after each
+    /// resubscribe.
+    pub redis_resubscribed_topics: IntCounter,
+    /// `wsgate_redis_errors_total`: Redis commands that failed (publish, subscribe).
+    pub redis_errors: IntCounter,
+    /// `wsgate_redis_shard_up{shard}`: per pub/sub connection (cluster shard or
+    /// connection index, a small bounded integer), 1 while connected. Use
+    /// `redis_shard_up.with_label_values(&[&i.to_string()])` once per shard at start.
+    pub redis_shard_up: IntGaugeVec,
+    /// `wsgate_build_info{version}`: constant 1.
     pub build_info: IntGaugeVec,
 }
 
-fn counter(registry: &Registry, name: &str, help: &str) -> IntCounter {
-    let c = IntCounter::new(name, help).expect("valid metric");
+fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
     registry
-        .register(Box::new(c.clone()))
-        .expect("unique metric");
+        .register(Box::new(m.clone()))
+        .expect("metric names are unique");
+    m
+}
+
+fn counter(r: &Registry, name: &str, help: &str) -> IntCounter {
+    register(r, IntCounter::new(name, help).expect("valid metric"))
+}
+
+/// A labelled counter whose every known label value exists (at 0) from the start.
+fn counter_vec(
+    r: &Registry,
+    name: &str,
+    help: &str,
+    label: &str,
+    values: &[&str],
+) -> IntCounterVec {
+    let c = register(
+        r,
+        IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+    );
+    for v in values {
+        c.with_label_values(&[v]);
+    }
     c
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, label: &str) -> IntCounterVec {
-    let c = IntCounterVec::new(Opts::new(name, help), &[label]).expect("valid metric");
-    registry
-        .register(Box::new(c.clone()))
-        .expect("unique metric");
-    c
+fn gauge(r: &Registry, name: &str, help: &str) -> IntGauge {
+    register(r, IntGauge::new(name, help).expect("valid metric"))
 }
 
-fn gauge(registry: &Registry, name: &str, help: &str) -> IntGauge {
-    let g = IntGauge::new(name, help).expect("valid metric");
-    registry
-        .register(Box::new(g.clone()))
-        .expect("unique metric");
-    g
+fn gauge_vec(r: &Registry, name: &str, help: &str, label: &str) -> IntGaugeVec {
+    register(
+        r,
+        IntGaugeVec::new(Opts::new(name, help), &[label]).expect("valid metric"),
+    )
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
-    let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
-        .expect("valid metric");
-    registry
-        .register(Box::new(h.clone()))
-        .expect("unique metric");
-    h
+fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogram {
+    register(
+        r,
+        Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))
+            .expect("valid metric"),
+    )
 }
 
 /// Latency buckets from 50 µs to 10 s.
-fn latency_buckets() -> Vec<f64> {
+pub fn latency_buckets() -> Vec<f64> {
     vec![
         0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
         1.0, 2.5, 5.0, 10.0,
     ]
 }
 
+/// Queue-size buckets: 256 B × 4ⁿ, up to 4 MiB (the default limit is 1 MiB).
+pub fn queue_buckets() -> Vec<f64> {
+    prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets")
+}
+
 impl Metrics {
     /// Creates and registers every metric in `registry`.
     pub fn new(registry: Registry) -> Self {
         let r = &registry;
+        let messages_received = counter_vec(
+            r,
+            "wsgate_messages_received_total",
+            "Publications accepted by this node, by source (client, http, redis).",
+            "source",
+            labels::SOURCE,
+        );
+        let received = Received {
+            client: messages_received.with_label_values(&["client"]),
+            http: messages_received.with_label_values(&["http"]),
+            redis: messages_received.with_label_values(&["redis"]),
+        };
         let m = Metrics {
             connections: gauge(r, "wsgate_connections", "Open WebSocket connections."),
             connections_accepted: counter(
@@ -113,12 +205,14 @@ impl Metrics {
                 "wsgate_connections_refused_total",
                 "WebSocket upgrade requests refused, by reason.",
                 "reason",
+                labels::REFUSED,
             ),
             disconnects: counter_vec(
                 r,
                 "wsgate_disconnects_total",
                 "WebSocket connections ended, by reason.",
                 "reason",
+                labels::DISCONNECT,
             ),
             subscriptions: gauge(
                 r,
@@ -130,12 +224,8 @@ impl Metrics {
                 "wsgate_topics",
                 "Topics with at least one local subscriber.",
             ),
-            messages_received: counter_vec(
-                r,
-                "wsgate_messages_received_total",
-                "Publications accepted by this node, by source.",
-                "source",
-            ),
+            messages_received,
+            received,
             messages_delivered: counter(
                 r,
                 "wsgate_messages_delivered_total",
@@ -156,18 +246,21 @@ impl Metrics {
                 "wsgate_messages_dropped_total",
                 "Messages not delivered, by reason.",
                 "reason",
+                labels::DROPPED,
             ),
             outbound_queue_bytes: histogram(
                 r,
                 "wsgate_outbound_queue_bytes",
                 "Bytes queued for a connection when its writer takes a batch.",
-                prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets"),
+                queue_buckets(),
             ),
-            delivery_latency: histogram(
+            delivery_latency: register(
                 r,
-                "wsgate_delivery_latency_seconds",
-                "From a node accepting a publication to its frame being written to a subscriber.",
-                latency_buckets(),
+                NanosHistogram::new(
+                    "wsgate_delivery_latency_seconds",
+                    "From a node accepting a publication to its frame being written to a subscriber.",
+                    &latency_buckets(),
+                ),
             ),
             broker_publish_duration: histogram(
                 r,
@@ -181,22 +274,82 @@ impl Metrics {
                 "Errors from accept(2), e.g. out of file descriptors.",
             ),
             draining: gauge(r, "wsgate_draining", "1 while the node is draining."),
+            ready: gauge(
+                r,
+                "wsgate_ready",
+                "1 when the node accepts new connections (/readyz answers 200).",
+            ),
             broker_up: gauge(r, "wsgate_broker_up", "1 when the broker can fan out."),
-            build_info: {
-                let g = IntGaugeVec::new(
-                    Opts::new("wsgate_build_info", "Build information; constant 1."),
-                    &["version"],
-                )
-                .expect("valid metric");
-                r.register(Box::new(g.clone())).expect("unique metric");
-                g
-            },
+            broker_info: gauge_vec(
+                r,
+                "wsgate_broker_info",
+                "The broker this node uses (memory, redis); constant 1.",
+                "kind",
+            ),
+            redis_up: gauge(
+                r,
+                "wsgate_redis_up",
+                "1 while the Redis broker is connected; 0 when down or not used.",
+            ),
+            redis_reconnects: counter(
+                r,
+                "wsgate_redis_reconnects_total",
+                "Redis connections re-established after a loss.",
+            ),
+            redis_resubscribed_topics: counter(
+                r,
+                "wsgate_redis_resubscribed_topics_total",
+                "Topics subscribed again after a Redis reconnect.",
+            ),
+            redis_errors: counter(
+                r,
+                "wsgate_redis_errors_total",
+                "Redis commands that failed.",
+            ),
+            redis_shard_up: gauge_vec(
+                r,
+                "wsgate_redis_shard_up",
+                "1 while the Redis pub/sub connection for this shard index is up.",
+                "shard",
+            ),
+            build_info: gauge_vec(
+                r,
+                "wsgate_build_info",
+                "Build information; constant 1.",
+                "version",
+            ),
             registry,
         };
         m.build_info
             .with_label_values(&[env!("CARGO_PKG_VERSION")])
             .set(1);
+        // process_* (CPU, memory, open/max file descriptors): a node's fd headroom
+        // is its connection headroom. Only Linux has the collector.
+        #[cfg(target_os = "linux")]
+        m.registry
+            .register(Box::new(
+                prometheus::process_collector::ProcessCollector::for_self(),
+            ))
+            .expect("process metrics registered once per registry");
         m
+    }
+
+    /// Records which broker the node uses (`wsgate_broker_info{kind}`).
+    pub fn set_broker_kind(&self, kind: &str) {
+        self.broker_info.reset();
+        self.broker_info.with_label_values(&[kind]).set(1);
+    }
+
+    /// Counts a disconnect; `reason` must be one of [`labels::DISCONNECT`].
+    pub fn disconnected(&self, reason: &str) {
+        self.disconnects.with_label_values(&[reason]).inc();
+    }
+
+    /// Counts `n` dropped messages; `reason` must be one of [`labels::DROPPED`].
+    pub fn dropped(&self, reason: &str, n: u64) {
+        if n > 0 {
+            self.messages_dropped.with_label_values(&[reason]).inc_by(n);
+        }
     }
 
     /// The registry the metrics live in (to register more collectors).
@@ -228,10 +381,49 @@ mod tests {
     fn exposition_names_every_family() {
         let m = Metrics::default();
         m.connections.set(3);
-        m.disconnects.with_label_values(&["slow_consumer"]).inc();
+        m.disconnected("slow_consumer");
+        m.received.client.inc();
+        m.set_broker_kind("memory");
         let text = m.encode();
         assert!(text.contains("wsgate_connections 3"));
         assert!(text.contains("wsgate_disconnects_total{reason=\"slow_consumer\"} 1"));
+        assert!(text.contains("wsgate_messages_received_total{source=\"client\"} 1"));
         assert!(text.contains("wsgate_build_info{version="));
+        assert!(text.contains("wsgate_broker_info{kind=\"memory\"} 1"));
+        #[cfg(target_os = "linux")]
+        assert!(text.contains("process_open_fds"));
+    }
+
+    #[test]
+    fn every_known_label_value_exists_at_zero() {
+        let text = Metrics::default().encode();
+        for (family, label, values) in [
+            ("wsgate_disconnects_total", "reason", labels::DISCONNECT),
+            (
+                "wsgate_connections_refused_total",
+                "reason",
+                labels::REFUSED,
+            ),
+            ("wsgate_messages_dropped_total", "reason", labels::DROPPED),
+            ("wsgate_messages_received_total", "source", labels::SOURCE),
+        ] {
+            for v in values {
+                let series = format!("{family}{{{label}=\"{v}\"}} 0");
+                assert!(text.contains(&series), "missing {series}");
+            }
+        }
+    }
+
+    #[test]
+    fn redis_metrics_exist_without_redis() {
+        let text = Metrics::default().encode();
+        for name in [
+            "wsgate_redis_up 0",
+            "wsgate_redis_reconnects_total 0",
+            "wsgate_redis_resubscribed_topics_total 0",
+            "wsgate_redis_errors_total 0",
+        ] {
+            assert!(text.contains(name), "missing {name}");
+        }
     }
 }

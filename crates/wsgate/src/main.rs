@@ -1,30 +1,24 @@
 //! `wsgate`: parses the configuration, sets up logging and wires the node together.
 //!
 //! # Layout
-//! - `main`: config → logging → file-descriptor limit → broker → server → signals.
-//!   Composition happens here and nowhere else; the crates hold the behaviour.
+//! - `main`: config → logging/tracing → file-descriptor limit → broker (in-memory, or
+//!   Redis with `--redis-url`) → server → signals. Composition happens here and
+//!   nowhere else; the crates hold the behaviour.
+//! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
+//!   `OTEL_*` variables ask for it, OTLP trace export.
+
+mod telemetry;
 
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::Parser;
 use tracing::{error, info, warn};
-use tracing_subscriber::EnvFilter;
-use wsgate_gateway::{Config, Gateway, LogFormat, Server};
+use wsgate_fanout::Hub;
+use wsgate_gateway::security::Security;
+use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
-
-fn init_logging(cfg: &Config) -> anyhow::Result<()> {
-    let filter = EnvFilter::try_new(&cfg.log_level)
-        .map_err(|e| anyhow::anyhow!("invalid --log-level `{}`: {e}", cfg.log_level))?;
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    match cfg.log_format {
-        LogFormat::Human => builder.init(),
-        LogFormat::Json => builder.json().flatten_event(true).init(),
-    }
-    Ok(())
-}
+use wsgate_redis::{RedisBroker, RedisOptions};
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -47,7 +41,42 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
 async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
-    let gw: Arc<Gateway> = Gateway::in_memory(cfg, metrics);
+    let gw: Arc<Gateway> = match cfg.redis_url.clone() {
+        None => Gateway::in_memory(cfg, metrics),
+        Some(url) => {
+            // Redis need not be up yet: the broker connects in the background and
+            // `/readyz` says 503 until it has (docs/redis.md).
+            let hub = Arc::new(Hub::default());
+            let options = RedisOptions {
+                url,
+                prefix: cfg.redis_prefix.clone(),
+                unsubscribe_delay: cfg.redis_unsubscribe_delay,
+                metrics: Some(metrics.clone()),
+            };
+            let broker = RedisBroker::start(options, hub.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+            info!(prefix = %cfg.redis_prefix, "redis fan-out enabled");
+            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+        }
+    };
+    gw.security.log_posture(&gw.config);
+    if gw.config.demo {
+        info!("demo mode: page at / and a ticker on demo.ticker");
+        tokio::spawn(wsgate_gateway::demo::run_ticker(gw.clone()));
+    }
+    if let Some(tls) = &gw.security.tls {
+        // Certificate rotation without restart: SIGHUP or a change of the files.
+        tokio::spawn(tls.clone().watch(gw.shutdown.clone()));
+    } else if let Ok(mut hup) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
+        // SIGHUP must not kill a node that has nothing to reload.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                info!("SIGHUP ignored: no TLS certificate to reload");
+            }
+        });
+    }
     let server = Server::bind(gw.clone()).await?;
     let signals = {
         let gw = gw.clone();
@@ -73,15 +102,29 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
-    let cfg = Config::parse();
+    let mut cfg = Config::parse();
+    // Resolved once, so logs, traces and `welcome` agree even on a random id.
+    cfg.node_id = Some(cfg.resolved_node_id());
     if let Err(msg) = cfg.validate() {
         eprintln!("wsgate: invalid configuration: {msg}");
         return ExitCode::from(2);
     }
-    if let Err(e) = init_logging(&cfg) {
-        eprintln!("wsgate: {e}");
+    // Keys and certificates are read here too, so a bad one is a clear exit 2.
+    if let Err(e) = Security::from_config(&cfg) {
+        eprintln!("wsgate: invalid configuration: {e}");
         return ExitCode::from(2);
     }
+    let telemetry = match telemetry::init(
+        cfg.log_format,
+        &cfg.log_level,
+        cfg.node_id.as_deref().unwrap_or(""),
+    ) {
+        Ok(t) => t,
+        Err(e) => {
+            eprintln!("wsgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -92,12 +135,16 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    match runtime.block_on(run(cfg)) {
+    let code = match runtime.block_on(run(cfg)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
             eprintln!("wsgate: {e:#}");
             ExitCode::FAILURE
         }
-    }
+    };
+    drop(runtime);
+    // After the runtime: the exporter's blocking HTTP client must not run on it.
+    telemetry.shutdown();
+    code
 }

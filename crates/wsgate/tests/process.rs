@@ -271,3 +271,54 @@ fn python_websockets_client_speaks_the_protocol() {
     );
     assert!(stdout.contains("ALL OK"), "{stdout}");
 }
+
+/// With a tiny open-files limit, connections past it make `accept(2)` fail with
+/// EMFILE: the node counts, backs off, keeps serving, and accepts again once
+/// descriptors are free.
+#[test]
+fn accept_loop_survives_running_out_of_file_descriptors() {
+    let (port, admin) = (free_port(), free_port());
+    let mut child = Command::new("sh")
+        .arg("-c")
+        .arg(format!(
+            "ulimit -n 64 && exec {} --listen 127.0.0.1:{port} --admin-listen 127.0.0.1:{admin} --log-level error",
+            env!("CARGO_BIN_EXE_wsgate")
+        ))
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while http(admin, "GET", "/healthz", b"").map(|r| r.0) != Some(200) {
+        assert!(Instant::now() < deadline, "gateway did not start");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // Far more connections than descriptors; they sit in the backlog or get accepted.
+    let mut held: Vec<TcpStream> = (0..150)
+        .filter_map(|_| TcpStream::connect(("127.0.0.1", port)).ok())
+        .collect();
+    std::thread::sleep(Duration::from_millis(500));
+    assert!(child.try_wait().unwrap().is_none(), "the gateway died");
+    held.clear();
+    // Once descriptors are free again, it serves as before.
+    let mut served = false;
+    for _ in 0..100 {
+        if let Some((200, body)) = http(admin, "GET", "/metrics", b"") {
+            let errors = body
+                .lines()
+                .find_map(|l| l.strip_prefix("wsgate_accept_errors_total "))
+                .and_then(|v| v.trim().parse::<f64>().ok())
+                .unwrap_or(0.0);
+            assert!(errors > 0.0, "EMFILE was counted");
+            served = true;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    assert!(served, "the gateway serves again after EMFILE");
+    // The public listener, where EMFILE hit, accepts again too.
+    let publish = http(port, "POST", "/api/publish", br#"{"topic":"t","data":1}"#);
+    assert_eq!(publish.map(|r| r.0), Some(200), "public accept loop alive");
+    let _ = child.kill();
+    let _ = child.wait();
+}

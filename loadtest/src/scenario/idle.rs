@@ -24,7 +24,7 @@ use crate::sysmon;
 enum Held {
     Failed(Failure),
     /// Stayed open until the end.
-    Held,
+    Kept,
     /// The server closed it during the run.
     Dropped,
 }
@@ -73,7 +73,7 @@ pub async fn run(ctx: Arc<Ctx>, a: IdleArgs) -> Result<Report> {
             // Hold: read (answering pings automatically) until the end of the run.
             let held = loop {
                 tokio::select! {
-                    _ = c.cancel.cancelled() => break Held::Held,
+                    _ = c.cancel.cancelled() => break Held::Kept,
                     f = s.ws.read_frame() => match f {
                         Ok(f) if f.opcode == OpCode::Close => break Held::Dropped,
                         Ok(_) => {}
@@ -127,7 +127,7 @@ pub async fn run(ctx: Arc<Ctx>, a: IdleArgs) -> Result<Report> {
                 connect.failed += 1;
                 *connect.failures.entry(f.as_str().to_string()).or_default() += 1;
             }
-            Held::Held => connect.succeeded += 1,
+            Held::Kept => connect.succeeded += 1,
             Held::Dropped => {
                 connect.succeeded += 1;
                 dropped += 1;

@@ -1,0 +1,36 @@
+//! The bounded values of every label. A value not listed here still works (the
+//! counter is created on first use) but only listed values exist, at zero, before
+//! anything happened — which is what dashboards and `rate()` need. Add new reasons
+//! here and to docs/metrics.md.
+
+/// `wsgate_disconnects_total{reason}` (the gateway's `Disconnect::label`).
+pub const DISCONNECT: &[&str] = &[
+    "client_close",
+    "client_gone",
+    "heartbeat_timeout",
+    "slow_consumer",
+    "rate_limit",
+    "too_big",
+    "drain",
+    "protocol_error",
+    "invalid_utf8",
+    "error",
+];
+
+/// `wsgate_connections_refused_total{reason}`: why an upgrade request was refused.
+pub const REFUSED: &[&str] = &[
+    "not_websocket",
+    "draining",
+    "max_connections",
+    "bad_handshake",
+];
+
+/// `wsgate_messages_dropped_total{reason}`.
+/// - `slow_consumer`: queued for a client that was then closed with 4008 (or that
+///   overflowed its queue).
+/// - `disconnected`: queued for a client whose connection ended another way.
+/// - `broker_unavailable`: a publication the broker refused (not accepted).
+pub const DROPPED: &[&str] = &["slow_consumer", "disconnected", "broker_unavailable"];
+
+/// `wsgate_messages_received_total{source}`.
+pub const SOURCE: &[&str] = &["client", "http", "redis"];

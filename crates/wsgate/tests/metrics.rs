@@ -1,0 +1,156 @@
+//! `/metrics` of a real gateway process moves with real traffic: connects, refusals,
+//! subscriptions, publishes from clients and HTTP, deliveries and their latency,
+//! bytes, and every kind of disconnect we can provoke from outside.
+
+#[path = "obs_common/mod.rs"]
+mod common;
+
+use common::*;
+use futures_util::SinkExt;
+use tokio_tungstenite::tungstenite::Message;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn counters_follow_real_traffic() {
+    let gw = start(&["--max-message-size", "1KiB"], &[]);
+
+    // Before anything happened every known series exists at zero.
+    let m = parse(&scrape(&gw).await);
+    assert_eq!(val(&m, "wsgate_connections"), 0.0);
+    assert_eq!(
+        val(&m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#),
+        0.0
+    );
+    assert!(m.contains_key(r#"wsgate_disconnects_total{reason="heartbeat_timeout"}"#));
+    assert_eq!(val(&m, r#"wsgate_broker_info{kind="memory"}"#), 1.0);
+    assert_eq!(val(&m, "wsgate_ready"), 1.0);
+    assert_eq!(val(&m, "wsgate_redis_up"), 0.0);
+
+    // A plain GET on /ws is refused.
+    let (status, _) = http(gw.public, "GET", "/ws", "").await;
+    assert_eq!(status, 426);
+
+    let mut sub = connect(&gw).await;
+    let mut publisher = connect(&gw).await;
+    subscribe(&mut sub, "news").await;
+    for i in 0..5 {
+        send(
+            &mut publisher,
+            &format!(r#"{{"op":"publish","id":{i},"topic":"news","data":{i}}}"#),
+        )
+        .await;
+        assert_eq!(recv_json(&mut publisher).await["op"], "published");
+    }
+    for i in 0..3 {
+        publish_http(&gw, "news", &format!(r#"{{"n":{i}}}"#)).await;
+    }
+    for _ in 0..8 {
+        assert_eq!(recv_json(&mut sub).await["op"], "message");
+    }
+    eventually(&gw, "8 deliveries and the publishes", |m| {
+        val(m, "wsgate_connections") == 2.0
+            && val(m, "wsgate_connections_accepted_total") == 2.0
+            && val(
+                m,
+                r#"wsgate_connections_refused_total{reason="not_websocket"}"#,
+            ) == 1.0
+            && val(m, "wsgate_subscriptions") == 1.0
+            && val(m, "wsgate_topics") == 1.0
+            && val(m, r#"wsgate_messages_received_total{source="client"}"#) == 5.0
+            && val(m, r#"wsgate_messages_received_total{source="http"}"#) == 3.0
+            && val(m, "wsgate_messages_delivered_total") == 8.0
+            && val(m, "wsgate_delivery_latency_seconds_count") == 8.0
+            && val(m, "wsgate_broker_publish_duration_seconds_count") == 8.0
+            && val(m, "wsgate_bytes_received_total") > 0.0
+            && val(m, "wsgate_bytes_sent_total") > 0.0
+            && val(m, "wsgate_outbound_queue_bytes_count") > 0.0
+    })
+    .await;
+
+    // Ending connections: a clean close, and a message over the size limit.
+    sub.close(None).await.unwrap();
+    send(
+        &mut publisher,
+        &format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(2000)),
+    )
+    .await;
+    eventually(&gw, "client_close and too_big", |m| {
+        val(m, r#"wsgate_disconnects_total{reason="client_close"}"#) == 1.0
+            && val(m, r#"wsgate_disconnects_total{reason="too_big"}"#) == 1.0
+            && val(m, "wsgate_connections") == 0.0
+            && val(m, "wsgate_subscriptions") == 0.0
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_consumer_rate_limit_and_drain_are_counted() {
+    let gw = start(
+        &[
+            "--outbound-queue-bytes",
+            "4KiB",
+            "--rate-limit",
+            "1",
+            "--rate-burst",
+            "2",
+            "--drain-timeout",
+            "6s",
+        ],
+        &[],
+    );
+    // A subscriber that never reads: the socket buffers fill, then its queue.
+    let mut slow = connect(&gw).await;
+    subscribe(&mut slow, "firehose").await;
+    let big = format!("\"{}\"", "y".repeat(30_000));
+    let batch: Vec<String> = (0..20)
+        .map(|_| format!(r#"{{"topic":"firehose","data":{big}}}"#))
+        .collect();
+    let body = format!("[{}]", batch.join(","));
+    for _ in 0..100 {
+        let (status, _) = http(gw.public, "POST", "/api/publish", &body).await;
+        assert_eq!(status, 200);
+        let m = parse(&scrape(&gw).await);
+        if val(&m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#) == 1.0 {
+            break;
+        }
+    }
+    eventually(&gw, "a slow consumer and its dropped messages", |m| {
+        val(m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#) == 1.0
+            && val(
+                m,
+                r#"wsgate_messages_dropped_total{reason="slow_consumer"}"#,
+            ) >= 1.0
+    })
+    .await;
+    drop(slow);
+
+    // Commands far over the rate limit: rate_limited replies, then 4029.
+    let mut spammer = connect(&gw).await;
+    for _ in 0..20 {
+        if spammer
+            .send(Message::text(r#"{"op":"ping"}"#))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    eventually(&gw, "a rate-limit disconnect", |m| {
+        val(m, r#"wsgate_disconnects_total{reason="rate_limit"}"#) == 1.0
+    })
+    .await;
+
+    // Drain: not ready, draining, remaining clients closed with the drain reason,
+    // spread over the window (the second one 3 s in, so the node is still up to be
+    // scraped after the first).
+    let _first = connect(&gw).await;
+    let _second = connect(&gw).await;
+    let (status, _) = http(gw.admin, "POST", "/drain", "").await;
+    assert_eq!(status, 202);
+    let m = parse(&scrape(&gw).await);
+    assert_eq!(val(&m, "wsgate_draining"), 1.0);
+    assert_eq!(val(&m, "wsgate_ready"), 0.0);
+    eventually(&gw, "a drain disconnect", |m| {
+        val(m, r#"wsgate_disconnects_total{reason="drain"}"#) == 1.0
+    })
+    .await;
+}
