@@ -118,7 +118,7 @@ LT=target/release/wsgate-loadtest
 # Runs the generator (bounded by `timeout`), logging the exact command.
 lt() {
   local out=$1; shift
-  echo "$LT $* --out $OUT/$out.json --chart $OUT/$out.png" >>"$OUT/commands.txt"
+  echo "$LT $* --source-addrs $SRC --no-progress --out $OUT/$out.json --chart $OUT/$out.png" >>"$OUT/commands.txt"
   timeout 300 nice -n "$NICE" "$LT" "$@" --source-addrs "$SRC" --no-progress \
     --out "$OUT/$out.json" --chart "$OUT/$out.png" | tee "$TMP/$out.txt"
 }
