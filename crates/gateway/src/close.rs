@@ -22,6 +22,8 @@ pub enum Disconnect {
     ProtocolError,
     /// Text that is not UTF-8.
     InvalidUtf8,
+    /// The client's token expired and was not refreshed in time.
+    TokenExpired,
     /// An I/O error on our side.
     Error,
 }
@@ -38,6 +40,7 @@ impl Disconnect {
             Disconnect::Drain => 1001,
             Disconnect::ProtocolError => 1002,
             Disconnect::InvalidUtf8 => 1007,
+            Disconnect::TokenExpired => 1008,
             Disconnect::Error => 1011,
         }
     }
@@ -53,6 +56,7 @@ impl Disconnect {
             Disconnect::Drain => "node draining: reconnect",
             Disconnect::ProtocolError => "protocol error",
             Disconnect::InvalidUtf8 => "invalid UTF-8",
+            Disconnect::TokenExpired => "token expired",
             Disconnect::Error => "internal error",
         }
     }
@@ -69,6 +73,7 @@ impl Disconnect {
             Disconnect::Drain => "drain",
             Disconnect::ProtocolError => "protocol_error",
             Disconnect::InvalidUtf8 => "invalid_utf8",
+            Disconnect::TokenExpired => "token_expired",
             Disconnect::Error => "error",
         }
     }
@@ -78,7 +83,10 @@ impl Disconnect {
     pub fn discards_queue(self) -> bool {
         matches!(
             self,
-            Disconnect::SlowConsumer | Disconnect::HeartbeatTimeout | Disconnect::ClientGone
+            Disconnect::SlowConsumer
+                | Disconnect::HeartbeatTimeout
+                | Disconnect::ClientGone
+                | Disconnect::TokenExpired
         )
     }
 

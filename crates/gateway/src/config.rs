@@ -2,6 +2,7 @@
 //! equivalent, and its default lives here, once. `wsgate --help` prints them all.
 
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Parser, ValueEnum};
@@ -42,7 +43,13 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
 /// docs/protocol.md; backends publish with `POST /api/publish` (or Redis, with
 /// `--redis-url`). Health and metrics are on the admin listener.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "wsgate", version, about, long_about = None, max_term_width = 100)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "wsgate: a horizontally scalable WebSocket pub/sub gateway",
+    long_about = None,
+    max_term_width = 100
+)]
 pub struct Config {
     /// Address for WebSocket clients (`/ws`) and the HTTP publish API.
     #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
@@ -121,6 +128,66 @@ pub struct Config {
     #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
+    /// Redis URL (`redis://[:password@]host:port[/db]`). With it, every node sharing
+    /// this Redis acts as one service; without it the in-memory broker is used.
+    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
+    pub redis_url: Option<String>,
+
+    /// Prefix of the Redis channel of each topic (`PUBLISH <prefix><topic> <payload>`).
+    #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate:")]
+    pub redis_prefix: String,
+
+    /// How long a topic stays subscribed in Redis after its last local subscriber
+    /// left (so flapping clients do not churn Redis).
+    #[arg(long, env = "WSGATE_REDIS_UNSUBSCRIBE_DELAY", default_value = "1s", value_parser = parse_duration)]
+    pub redis_unsubscribe_delay: Duration,
+
+    /// TLS certificate chain (PEM) for the public listener (`wss://` and HTTPS for the
+    /// publish API). Reloaded on SIGHUP and when the file changes. Needs `--tls-key`.
+    #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// TLS private key (PEM: PKCS#8, PKCS#1 or SEC1) matching `--tls-cert`.
+    #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Shared secret for HS256 JWTs. With this or `--jwt-public-key`, every client
+    /// needs a valid token (docs/auth.md); with neither, clients are anonymous.
+    #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
+    pub jwt_secret: Option<String>,
+
+    /// PEM public key (RSA for RS256, EC P-256 for ES256) or a JWKS file (`.json`)
+    /// for verifying JWTs.
+    #[arg(long, env = "WSGATE_JWT_PUBLIC_KEY")]
+    pub jwt_public_key: Option<PathBuf>,
+
+    /// Required `aud` claim of client tokens (unset: `aud` is not checked).
+    #[arg(long, env = "WSGATE_JWT_AUDIENCE")]
+    pub jwt_audience: Option<String>,
+
+    /// Required `iss` claim of client tokens (unset: `iss` is not checked).
+    #[arg(long, env = "WSGATE_JWT_ISSUER")]
+    pub jwt_issuer: Option<String>,
+
+    /// Clock skew tolerated on `exp` and `nbf` (the connection itself closes at `exp`).
+    #[arg(long, env = "WSGATE_JWT_LEEWAY", default_value = "30s", value_parser = parse_duration)]
+    pub jwt_leeway: Duration,
+
+    /// Comma-separated browser origins allowed to open WebSockets
+    /// (`https://app.example.com`, `https://*.example.com`). Requests without an
+    /// `Origin` header (non-browser clients) are not affected. Unset: any origin.
+    #[arg(long, env = "WSGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
+    /// Maximum WebSocket connections from one client IP address (0: no limit).
+    #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
+    pub max_connections_per_ip: usize,
+
+    /// Serves `/echo`, a WebSocket echo endpoint on the same connection stack as
+    /// `/ws`, for the Autobahn conformance suite. Never enable it in production.
+    #[arg(long, env = "WSGATE_ECHO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub echo: bool,
+
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -165,6 +232,14 @@ impl Config {
         if self.api_key.as_deref() == Some("") {
             return Err("--api-key must not be empty (omit it to leave the API open)".into());
         }
+        if let Some(url) = &self.redis_url {
+            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                return Err("--redis-url must start with redis:// or rediss://".into());
+            }
+        }
+        if self.jwt_secret.as_deref() == Some("") {
+            return Err("--jwt-secret must not be empty".into());
+        }
         if let Some(p) = self.max_publication_size {
             if p == 0 {
                 return Err("--max-publication-size must be at least 1".into());
@@ -188,6 +263,21 @@ impl Config {
             .and_then(|h| h.into_string().ok())
             .filter(|h| !h.is_empty())
             .unwrap_or_else(|| format!("node-{:08x}", rand::random::<u32>()))
+    }
+
+    /// Parses `args` (without the program name) as if given on the command line.
+    ///
+    /// # Panics
+    /// On invalid arguments (meant for tests and tools).
+    pub fn try_parse_from_args(args: &[&str]) -> Self {
+        let mut argv = vec!["wsgate"];
+        argv.extend_from_slice(args);
+        Config::try_parse_from(argv).expect("valid arguments")
+    }
+
+    /// Whether clients must present a JWT.
+    pub fn auth_enabled(&self) -> bool {
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
     }
 
     /// Defaults, as if started with no flags and no environment (for tests).

@@ -44,7 +44,8 @@ pub fn healthz() -> Response<Body> {
     json(StatusCode::OK, r#"{"status":"ok"}"#)
 }
 
-/// `GET /readyz`: 200 when the node should get new connections, 503 while draining.
+/// `GET /readyz`: 200 when the node should get new connections; 503 while draining
+/// or while its broker cannot fan out (Redis unreachable).
 pub fn readyz(gw: &Gateway) -> Response<Body> {
     let ready = gw.is_ready();
     let body = format!(

@@ -15,18 +15,27 @@
 //! - [`close`]: every way a session ends: close code, reason, metric label.
 //! - [`ratelimit`]: per-connection token buckets.
 //! - [`http_api`]: `POST /api/publish`, `/healthz`, `/readyz`, `/metrics`, `/drain`.
+//! - [`security`]: the checks before an upgrade (origin 403, token 401, per-IP 429),
+//!   built from [`auth`] (JWT verification), [`acl`] (topic patterns), [`origin`],
+//!   [`iplimit`] and [`tls`] (rustls, reloaded on SIGHUP or file change).
 //! - [`state`]: the node's shared state and shutdown tree ([`Gateway`]).
 
+pub mod acl;
+pub mod auth;
 pub mod close;
 pub mod config;
 pub mod http_api;
 pub mod io;
+pub mod iplimit;
+pub mod origin;
 pub mod outbox;
 pub mod protocol;
 pub mod ratelimit;
+pub mod security;
 pub mod server;
 mod session;
 pub mod state;
+pub mod tls;
 mod writer;
 
 pub use config::{Config, LogFormat};

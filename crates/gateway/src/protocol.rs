@@ -83,6 +83,11 @@ pub enum Command<'a> {
     Ping {
         id: Option<u64>,
     },
+    /// A new token for this connection (docs/protocol-auth.md).
+    Refresh {
+        id: Option<u64>,
+        token: Cow<'a, str>,
+    },
 }
 
 impl Command<'_> {
@@ -92,7 +97,8 @@ impl Command<'_> {
             Command::Subscribe { id, .. }
             | Command::Unsubscribe { id, .. }
             | Command::Publish { id, .. }
-            | Command::Ping { id } => *id,
+            | Command::Ping { id }
+            | Command::Refresh { id, .. } => *id,
         }
     }
 }
@@ -111,6 +117,8 @@ struct Envelope<'a> {
     topic: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     data: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    token: Option<&'a RawValue>,
 }
 
 /// `Some` for any present value, `null` included.
@@ -178,6 +186,11 @@ fn parse_topics(id: Option<u64>, raw: Option<&RawValue>) -> Result<Vec<Arc<str>>
 /// The error reply the contract prescribes, with the command's id when it had a valid
 /// one.
 pub fn decode(text: &str) -> Result<Command<'_>, CommandError> {
+    // serde would also read a struct from a JSON array (`[op, id, …]`): only objects
+    // are commands.
+    if !text.trim_start().starts_with('{') {
+        return Err(bad(None, "a frame must be one JSON object"));
+    }
     let env: Envelope<'_> =
         serde_json::from_str(text).map_err(|_| bad(None, "a frame must be one JSON object"))?;
     let id = parse_id(env.id)?;
@@ -206,6 +219,12 @@ pub fn decode(text: &str) -> Result<Command<'_>, CommandError> {
             })
         }
         "ping" => Ok(Command::Ping { id }),
+        "refresh" => {
+            let raw = env.token.ok_or_else(|| bad(id, "`token` is required"))?;
+            let token: Cow<'_, str> =
+                serde_json::from_str(raw.get()).map_err(|_| bad(id, "`token` must be a string"))?;
+            Ok(Command::Refresh { id, token })
+        }
         other => Err(CommandError::new(
             id,
             ErrorCode::UnknownOp,
@@ -257,6 +276,13 @@ pub fn published_reply(id: Option<u64>) -> String {
 /// `{"op":"pong","id":…}`.
 pub fn pong_reply(id: Option<u64>) -> String {
     let mut s = open("pong", id);
+    s.push('}');
+    s
+}
+
+/// `{"op":"refreshed","id":…}`.
+pub fn refreshed_reply(id: Option<u64>) -> String {
+    let mut s = open("refreshed", id);
     s.push('}');
     s
 }
@@ -338,7 +364,8 @@ mod tests {
     fn errors_follow_the_contract() {
         let e = err("not json");
         assert_eq!((e.code, e.id), (ErrorCode::BadRequest, None));
-        assert_eq!(err("[1,2]").code, ErrorCode::BadRequest);
+        assert_eq!(err("[1,2]"), bad(None, "a frame must be one JSON object"));
+        assert_eq!(err(r#"["ping", 3]"#).id, None);
         assert_eq!(err(r#"{"id":5}"#), bad(Some(5), "`op` is required"));
         assert_eq!(err(r#"{"op":7,"id":5}"#).code, ErrorCode::BadRequest);
         assert_eq!(err(r#"{"op":7,"id":5}"#).id, Some(5));
@@ -386,6 +413,22 @@ mod tests {
             err(r#"{"op":"publish","topic":5,"data":1}"#).code,
             ErrorCode::BadRequest
         );
+    }
+
+    #[test]
+    fn refresh() {
+        match decode(r#"{"op":"refresh","id":9,"token":"a.b.c"}"#).unwrap() {
+            Command::Refresh { id, token } => assert_eq!((id, &*token), (Some(9), "a.b.c")),
+            c => panic!("{c:?}"),
+        }
+        let e = err(r#"{"op":"refresh","id":9}"#);
+        assert_eq!((e.code, e.id), (ErrorCode::BadRequest, Some(9)));
+        assert_eq!(
+            err(r#"{"op":"refresh","token":5}"#).code,
+            ErrorCode::BadRequest
+        );
+        let v: Value = serde_json::from_str(&refreshed_reply(Some(9))).unwrap();
+        assert_eq!(v, json!({"op":"refreshed","id":9}));
     }
 
     #[test]

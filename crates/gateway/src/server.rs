@@ -17,13 +17,15 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
+use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
 use crate::http_api::{self, Body};
 use crate::io::Prefixed;
-use crate::session;
-use crate::state::{ConnectionSlot, Gateway};
+use crate::session::{self, Mode, Start};
+use crate::state::Gateway;
 
 /// `EMFILE` and `ENFILE`: out of file descriptors (per process, system-wide).
 const OUT_OF_FDS: [i32; 2] = [24, 23];
@@ -150,7 +152,15 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, role: Role) {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
                 let gw2 = gw.clone();
-                gw.tracker.spawn(serve_connection(gw2, stream, peer, role));
+                match (&gw.security.tls, role) {
+                    // The admin listener stays plain: probes and scrapers are local.
+                    (Some(_), Role::Public | Role::Both) => {
+                        gw.tracker.spawn(serve_tls(gw2, stream, peer, role));
+                    }
+                    _ => {
+                        gw.tracker.spawn(serve_connection(gw2, stream, peer, role));
+                    }
+                }
             }
             Err(e) => {
                 gw.metrics.accept_errors.inc();
@@ -168,7 +178,26 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, role: Role) {
     }
 }
 
-async fn serve_connection(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, role: Role) {
+/// The TLS handshake (bounded by the handshake timeout, like the HTTP headers), then
+/// HTTP as usual.
+async fn serve_tls(gw: Arc<Gateway>, stream: TcpStream, peer: SocketAddr, role: Role) {
+    let acceptor = gw.security.tls.as_ref().expect("tls configured").acceptor();
+    let handshake = tokio::time::timeout(gw.config.handshake_timeout, acceptor.accept(stream));
+    let tls = tokio::select! {
+        r = handshake => r,
+        _ = gw.shutdown.cancelled() => return,
+    };
+    match tls {
+        Ok(Ok(tls)) => serve_connection(gw, tls, peer, role).await,
+        Ok(Err(e)) => debug!(error = %e, %peer, "TLS handshake failed"),
+        Err(_) => debug!(%peer, "TLS handshake timed out"),
+    }
+}
+
+async fn serve_connection<I>(gw: Arc<Gateway>, stream: I, peer: SocketAddr, role: Role)
+where
+    I: AsyncRead + AsyncWrite + Unpin + Send + 'static,
+{
     let service = {
         let gw = gw.clone();
         service_fn(move |req| {
@@ -262,7 +291,8 @@ async fn route_inner(
     let public = role != Role::Admin;
     let admin = role != Role::Public;
     match (req.method(), req.uri().path()) {
-        (_, "/ws") if public => upgrade(gw, req, peer),
+        (_, "/ws") if public => upgrade(gw, req, peer, Mode::PubSub),
+        (_, "/echo") if public && gw.config.echo => upgrade(gw, req, peer, Mode::Echo),
         (_, "/api/publish") if public => http_api::publish(gw, req).await,
         (&Method::GET, "/healthz") if admin => http_api::healthz(),
         (&Method::GET, "/readyz") if admin => http_api::readyz(&gw),
@@ -281,7 +311,12 @@ fn refuse(gw: &Gateway, status: StatusCode, reason: &str, message: &str) -> Resp
 }
 
 /// `GET /ws`: checks, then upgrades and hands the connection to a session task.
-fn upgrade(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAddr) -> Response<Body> {
+fn upgrade(
+    gw: Arc<Gateway>,
+    mut req: Request<Incoming>,
+    peer: SocketAddr,
+    mode: Mode,
+) -> Response<Body> {
     if req.method() != Method::GET || !fastwebsockets::upgrade::is_upgrade_request(&req) {
         let mut r = refuse(
             &gw,
@@ -303,6 +338,20 @@ fn upgrade(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAddr) -> Re
             "node is draining: connect to another node",
         );
     }
+    let admitted = match gw.security.admit(&req, peer) {
+        Ok(a) => a,
+        Err(refusal) => {
+            let (status, reason, message) = refusal.parts();
+            let mut r = refuse(&gw, status, reason, &message);
+            if status == StatusCode::UNAUTHORIZED {
+                r.headers_mut().insert(
+                    http::header::WWW_AUTHENTICATE,
+                    "Bearer".parse().expect("valid header"),
+                );
+            }
+            return r;
+        }
+    };
     let Some(slot) = gw.try_reserve_connection() else {
         return refuse(
             &gw,
@@ -323,16 +372,22 @@ fn upgrade(gw: Arc<Gateway>, mut req: Request<Incoming>, peer: SocketAddr) -> Re
         }
     };
     let gw2 = gw.clone();
-    gw.tracker.spawn(run_upgraded(gw2, fut, peer, slot));
+    let start = Start {
+        peer,
+        slot,
+        admitted,
+        mode,
+    };
+    gw.tracker.spawn(run_upgraded(gw2, fut, start));
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Full::default())
 }
 
-async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, peer: SocketAddr, slot: ConnectionSlot) {
+async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, start: Start) {
     let ws = match fut.await {
         Ok(ws) => ws,
         Err(e) => {
-            debug!(error = %e, %peer, "upgrade did not complete");
+            debug!(error = %e, peer = %start.peer, "upgrade did not complete");
             return;
         }
     };
@@ -341,11 +396,19 @@ async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, peer: SocketAddr, slot:
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
-            session::run(gw, Prefixed::new(parts.read_buf, read), write, peer, slot).await;
+            session::run(gw, Prefixed::new(parts.read_buf, read), write, start).await;
         }
-        Err(upgraded) => {
-            let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-            session::run(gw, read, write, peer, slot).await;
-        }
+        Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
+            // TLS: a TLS stream cannot be split without a lock; tokio's split
+            // takes one only for the instant of each read or write call.
+            Ok(parts) => {
+                let (read, write) = tokio::io::split(parts.io.into_inner());
+                session::run(gw, Prefixed::new(parts.read_buf, read), write, start).await;
+            }
+            Err(upgraded) => {
+                let (read, write) = tokio::io::split(TokioIo::new(upgraded));
+                session::run(gw, read, write, start).await;
+            }
+        },
     }
 }

@@ -8,7 +8,9 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
@@ -19,21 +21,35 @@ use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
 
+use crate::auth::Identity;
 use crate::close::Disconnect;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, CommandError, ErrorCode};
 use crate::ratelimit::{RateLimiter, Verdict};
+use crate::security::Admitted;
 use crate::state::{ConnectionSlot, Gateway};
 use crate::writer::{Liveness, Writer};
 
+/// What a session does with client messages.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Mode {
+    /// `/ws`: the pub/sub protocol.
+    PubSub,
+    /// `/echo` (`--echo`): sends every message back, text as text, binary as binary.
+    Echo,
+}
+
+/// Everything a session starts with besides its socket.
+pub(crate) struct Start {
+    pub peer: SocketAddr,
+    pub slot: ConnectionSlot,
+    pub admitted: Admitted,
+    pub mode: Mode,
+}
+
 /// Runs a session to its end on an upgraded connection.
-pub(crate) async fn run<R, W>(
-    gw: Arc<Gateway>,
-    read: R,
-    write: W,
-    peer: SocketAddr,
-    slot: ConnectionSlot,
-) where
+pub(crate) async fn run<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start)
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -45,11 +61,11 @@ pub(crate) async fn run<R, W>(
         "session",
         otel.kind = "server",
         session = %session,
-        %peer,
+        peer = %start.peer,
         disconnect.reason = tracing::field::Empty,
         close.code = tracing::field::Empty,
     );
-    run_inner(gw, read, write, id, session, slot)
+    run_inner(gw, read, write, id, session, start)
         .instrument(span)
         .await
 }
@@ -60,12 +76,19 @@ async fn run_inner<R, W>(
     write: W,
     id: u64,
     session: String,
-    slot: ConnectionSlot,
+    start: Start,
 ) where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let cfg = &gw.config;
+    let Start {
+        slot,
+        admitted,
+        mode,
+        ..
+    } = start;
+    let Admitted { identity, ip_slot } = admitted;
     gw.metrics.connections_accepted.inc();
     debug!("connected");
     let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
@@ -74,7 +97,10 @@ async fn run_inner<R, W>(
         &gw.node_id,
         cfg.heartbeat_interval.as_millis() as u64,
     );
-    outbox.push(frame::text(welcome.as_bytes()), 0);
+    if mode == Mode::PubSub {
+        // An echo client expects only its own messages back.
+        outbox.push(frame::text(welcome.as_bytes()), 0);
+    }
     gw.sessions.insert(id, outbox.clone());
     if gw.is_draining() {
         // Upgraded while the drain began: tell it to go elsewhere at once.
@@ -104,6 +130,13 @@ async fn run_inner<R, W>(
         )
     };
 
+    let expires = Arc::new(AtomicU64::new(0));
+    if gw.security.auth.is_some() {
+        set_deadline(&expires, &identity, cfg.jwt_leeway);
+        gw.tracker
+            .spawn(expiry(expires.clone(), outbox.clone(), reader_done.clone()).in_current_span());
+    }
+
     let (ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
     let mut reader = Reader {
         subscriber: outbox.clone(),
@@ -115,6 +148,9 @@ async fn run_inner<R, W>(
         inflight: Arc::new(Semaphore::new(cfg.max_inflight_publishes)),
         liveness,
         assembler: Assembler::new(cfg.max_message_size),
+        identity,
+        expires,
+        mode,
     };
     reader.run(ws, &writer_done).await;
     reader_done.cancel();
@@ -133,6 +169,7 @@ async fn run_inner<R, W>(
     span.record("disconnect.reason", reason.label());
     span.record("close.code", reason.code());
     debug!(reason = reason.label(), "disconnected");
+    drop(ip_slot);
     drop(slot);
 }
 
@@ -149,7 +186,7 @@ struct Assembler {
 
 enum Message {
     Text(Bytes),
-    Binary,
+    Binary(Bytes),
 }
 
 impl Assembler {
@@ -170,7 +207,9 @@ impl Assembler {
                 // fastwebsockets has validated UTF-8 of unfragmented text.
                 Ok(Some(Message::Text(Bytes::from(frame.payload.to_vec()))))
             }
-            (OpCode::Binary, None) if frame.fin => Ok(Some(Message::Binary)),
+            (OpCode::Binary, None) if frame.fin => {
+                Ok(Some(Message::Binary(Bytes::from(frame.payload.to_vec()))))
+            }
             (op @ (OpCode::Text | OpCode::Binary), None) => {
                 self.opcode = Some(op);
                 self.append(&frame.payload)?;
@@ -191,7 +230,7 @@ impl Assembler {
                         }
                         Ok(Some(Message::Text(Bytes::from(buf))))
                     }
-                    _ => Ok(Some(Message::Binary)),
+                    _ => Ok(Some(Message::Binary(Bytes::from(buf)))),
                 }
             }
             _ => Ok(None),
@@ -229,6 +268,42 @@ struct Reader {
     inflight: Arc<Semaphore>,
     liveness: Arc<Liveness>,
     assembler: Assembler,
+    /// Who the client is and what it may do (replaced by `refresh`).
+    identity: Identity,
+    /// When the session ends unless refreshed (unix seconds, leeway included),
+    /// shared with the [`expiry`] task.
+    expires: Arc<AtomicU64>,
+    mode: Mode,
+}
+
+/// Stores the close deadline of `identity`'s token.
+fn set_deadline(expires: &AtomicU64, identity: &Identity, leeway: Duration) {
+    let exp = identity
+        .expires
+        .duration_since(UNIX_EPOCH)
+        .unwrap_or_default()
+        .as_secs();
+    let deadline = exp.saturating_add(leeway.as_secs());
+    expires.store(deadline.min(crate::auth::MAX_EXP), Ordering::Release);
+}
+
+/// Closes the session with 1008 when its token's deadline passes (a `refresh` moves
+/// the deadline; the task then sleeps again).
+async fn expiry(expires: Arc<AtomicU64>, outbox: Arc<Outbox>, done: CancellationToken) {
+    loop {
+        let deadline = UNIX_EPOCH + Duration::from_secs(expires.load(Ordering::Acquire));
+        let left = deadline
+            .duration_since(std::time::SystemTime::now())
+            .unwrap_or_default();
+        if left.is_zero() {
+            outbox.close(Disconnect::TokenExpired);
+            return;
+        }
+        tokio::select! {
+            _ = done.cancelled() => return,
+            _ = tokio::time::sleep(left) => {}
+        }
+    }
 }
 
 fn classify(err: &WebSocketError) -> Disconnect {
@@ -313,9 +388,17 @@ impl Reader {
             self.outbox.close(Disconnect::RateLimit);
             return false;
         }
+        if self.mode == Mode::Echo {
+            let frame = match &message {
+                Message::Text(t) => frame::text(t),
+                Message::Binary(b) => frame::encode(OpCode::Binary as u8, b),
+            };
+            self.outbox.push(frame, 0);
+            return true;
+        }
         let text = match &message {
             Message::Text(t) => std::str::from_utf8(t).expect("validated UTF-8"),
-            Message::Binary => {
+            Message::Binary(_) => {
                 self.reply_error(&CommandError::new(
                     None,
                     ErrorCode::BadRequest,
@@ -350,6 +433,7 @@ impl Reader {
                 }
             }
             Command::Ping { id } => Ok(protocol::pong_reply(id)),
+            Command::Refresh { id, token } => self.refresh(id, &token),
         };
         match reply {
             Ok(text) => {
@@ -365,11 +449,50 @@ impl Reader {
             .push(frame::text(protocol::error_reply(err).as_bytes()), 0);
     }
 
+    /// `refresh`: a new token replaces the session's identity and moves its expiry.
+    /// Topics the new token no longer allows are left.
+    fn refresh(&mut self, id: Option<u64>, token: &str) -> Result<String, CommandError> {
+        let Some(auth) = &self.gw.security.auth else {
+            // Nothing expires without auth; accepting keeps clients that always
+            // refresh working against an open gateway.
+            return Ok(protocol::refreshed_reply(id));
+        };
+        let identity = auth
+            .verify(token)
+            .map_err(|e| CommandError::new(id, ErrorCode::Forbidden, e.to_string()))?;
+        if identity.subject != self.identity.subject {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                "the new token is for another subject",
+            ));
+        }
+        let revoked: Vec<Arc<str>> = self
+            .topics
+            .iter()
+            .filter(|t| !identity.subscribe.allows(t))
+            .cloned()
+            .collect();
+        if !revoked.is_empty() {
+            self.unsubscribe(None, revoked);
+        }
+        set_deadline(&self.expires, &identity, self.gw.config.jwt_leeway);
+        self.identity = identity;
+        Ok(protocol::refreshed_reply(id))
+    }
+
     async fn subscribe(
         &mut self,
         id: Option<u64>,
         topics: Vec<Arc<str>>,
     ) -> Result<String, CommandError> {
+        if let Some(t) = topics.iter().find(|t| !self.identity.subscribe.allows(t)) {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                format!("not allowed to subscribe to {}", protocol::json_string(t)),
+            ));
+        }
         let mut fresh: Vec<Arc<str>> = Vec::new();
         for t in &topics {
             if !self.topics.contains(t) && !fresh.contains(t) {
@@ -449,6 +572,13 @@ impl Reader {
                 id,
                 ErrorCode::Forbidden,
                 "client publishing is disabled on this gateway",
+            ));
+        }
+        if !self.identity.publish.allows(topic) {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                format!("not allowed to publish to {}", protocol::json_string(topic)),
             ));
         }
         let max = cfg.max_publication_size();

@@ -14,6 +14,7 @@ use wsgate_metrics::Metrics;
 use crate::close::Disconnect;
 use crate::config::Config;
 use crate::outbox::Outbox;
+use crate::security::Security;
 
 /// Live sessions, for the drain (which closes them one by one).
 #[derive(Default)]
@@ -42,6 +43,8 @@ pub struct Gateway {
     pub hub: Arc<Hub>,
     pub broker: Arc<dyn Broker>,
     pub metrics: Metrics,
+    /// Auth, origin policy, per-IP limits, TLS.
+    pub security: Security,
     pub(crate) sessions: Sessions,
     /// Cancelled when the drain starts (SIGTERM, SIGINT or `POST /drain`).
     pub drain_started: CancellationToken,
@@ -56,11 +59,28 @@ pub struct Gateway {
 
 impl Gateway {
     /// Assembles a node from its parts. The broker must deliver into `hub`.
+    ///
+    /// # Panics
+    /// When the security settings cannot be loaded; check them first with
+    /// [`Security::from_config`] to report that nicely (as `main` does).
     pub fn new(
         config: Config,
         hub: Arc<Hub>,
         broker: Arc<dyn Broker>,
         metrics: Metrics,
+    ) -> Arc<Self> {
+        let security = Security::from_config(&config)
+            .unwrap_or_else(|e| panic!("invalid security configuration: {e}"));
+        Self::with_security(config, hub, broker, metrics, security)
+    }
+
+    /// [`Gateway::new`] with security settings loaded by the caller.
+    pub fn with_security(
+        config: Config,
+        hub: Arc<Hub>,
+        broker: Arc<dyn Broker>,
+        metrics: Metrics,
+        security: Security,
     ) -> Arc<Self> {
         let node_id = config.resolved_node_id();
         metrics.broker_up.set(i64::from(broker.is_ready()));
@@ -72,6 +92,7 @@ impl Gateway {
             hub,
             broker,
             metrics,
+            security,
             sessions: Sessions::default(),
             drain_started: CancellationToken::new(),
             shutdown: CancellationToken::new(),
@@ -103,9 +124,11 @@ impl Gateway {
         self.draining.load(Ordering::SeqCst)
     }
 
-    /// Whether the node should get new connections (`/readyz`).
+    /// Whether the node should get new connections (`/readyz`): not draining, and
+    /// its broker can fan out (a Redis node that lost Redis would accept clients it
+    /// cannot serve; existing clients stay connected meanwhile).
     pub fn is_ready(&self) -> bool {
-        !self.is_draining()
+        !self.is_draining() && self.broker.is_ready()
     }
 
     /// Open WebSocket connections.

@@ -1,8 +1,9 @@
 //! `wsgate`: parses the configuration, sets up logging and wires the node together.
 //!
 //! # Layout
-//! - `main`: config → logging/tracing → file-descriptor limit → broker → server →
-//!   signals. Composition happens here and nowhere else; the crates hold the behaviour.
+//! - `main`: config → logging/tracing → file-descriptor limit → broker (in-memory, or
+//!   Redis with `--redis-url`) → server → signals. Composition happens here and
+//!   nowhere else; the crates hold the behaviour.
 //! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
 //!   `OTEL_*` variables ask for it, OTLP trace export.
 
@@ -13,8 +14,11 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tracing::{error, info, warn};
+use wsgate_fanout::Hub;
+use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
+use wsgate_redis::{RedisBroker, RedisOptions};
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -37,7 +41,37 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
 async fn run(cfg: Config) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
-    let gw: Arc<Gateway> = Gateway::in_memory(cfg, metrics);
+    let gw: Arc<Gateway> = match cfg.redis_url.clone() {
+        None => Gateway::in_memory(cfg, metrics),
+        Some(url) => {
+            // Redis need not be up yet: the broker connects in the background and
+            // `/readyz` says 503 until it has (docs/redis.md).
+            let hub = Arc::new(Hub::default());
+            let options = RedisOptions {
+                url,
+                prefix: cfg.redis_prefix.clone(),
+                unsubscribe_delay: cfg.redis_unsubscribe_delay,
+            };
+            let broker = RedisBroker::start(options, hub.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+            info!(prefix = %cfg.redis_prefix, "redis fan-out enabled");
+            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+        }
+    };
+    gw.security.log_posture(&gw.config);
+    if let Some(tls) = &gw.security.tls {
+        // Certificate rotation without restart: SIGHUP or a change of the files.
+        tokio::spawn(tls.clone().watch(gw.shutdown.clone()));
+    } else if let Ok(mut hup) =
+        tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+    {
+        // SIGHUP must not kill a node that has nothing to reload.
+        tokio::spawn(async move {
+            while hup.recv().await.is_some() {
+                info!("SIGHUP ignored: no TLS certificate to reload");
+            }
+        });
+    }
     let server = Server::bind(gw.clone()).await?;
     let signals = {
         let gw = gw.clone();
@@ -68,6 +102,11 @@ fn main() -> ExitCode {
     cfg.node_id = Some(cfg.resolved_node_id());
     if let Err(msg) = cfg.validate() {
         eprintln!("wsgate: invalid configuration: {msg}");
+        return ExitCode::from(2);
+    }
+    // Keys and certificates are read here too, so a bad one is a clear exit 2.
+    if let Err(e) = Security::from_config(&cfg) {
+        eprintln!("wsgate: invalid configuration: {e}");
         return ExitCode::from(2);
     }
     let telemetry = match telemetry::init(

@@ -2,6 +2,7 @@
 //! subscriptions, publishes from clients and HTTP, deliveries and their latency,
 //! bytes, and every kind of disconnect we can provoke from outside.
 
+#[path = "obs_common/mod.rs"]
 mod common;
 
 use common::*;

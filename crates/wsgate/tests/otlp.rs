@@ -2,6 +2,7 @@
 //! this test when `OTEL_EXPORTER_OTLP_ENDPOINT` is set — and exports nothing, with no
 //! exporter at all, when it is not.
 
+#[path = "obs_common/mod.rs"]
 mod common;
 
 use std::convert::Infallible;

@@ -7,6 +7,7 @@
 //! with apt-get on first use when missing; `scripts/observability-check.sh` does the
 //! same and runs every observability test.
 
+#[path = "obs_common/mod.rs"]
 mod common;
 
 use std::path::{Path, PathBuf};

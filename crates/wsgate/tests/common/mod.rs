@@ -1,238 +1,374 @@
-//! Helpers shared by the binary's integration tests: start the real `wsgate` process
-//! on free ports, talk to it with an independent WebSocket client and plain HTTP.
-#![allow(dead_code)]
+//! Helpers for the multi-node tests: a real `redis-server` on a free port, real
+//! `wsgate` processes, and a WebSocket client nobody here wrote (tungstenite).
+//! Every process is killed when its handle drops, so a failing test leaves nothing.
 
-use std::collections::HashMap;
-use std::io::{BufRead, BufReader};
-use std::net::SocketAddr;
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpListener, TcpStream};
 use std::process::{Child, Command, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use serde_json::{json, Value};
+use tokio::net::TcpStream as TokioTcp;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
-/// A running gateway process, killed on drop.
-pub struct Gateway {
-    child: Child,
-    /// `/ws` and the publish API.
-    pub public: SocketAddr,
-    /// `/metrics`, `/readyz`, `/drain`.
-    pub admin: SocketAddr,
-    /// Log lines (JSON), as they arrive.
-    pub logs: mpsc::Receiver<String>,
+/// A port nobody listens on right now (bind to 0, read it, release it).
+pub fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
 }
 
-impl Drop for Gateway {
+/// Polls `f` until it is true or `timeout` passes; returns whether it became true.
+pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let end = Instant::now() + timeout;
+    loop {
+        if f() {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(25));
+    }
+}
+
+/// A private redis-server, bound to 127.0.0.1, no persistence.
+pub struct Redis {
+    pub port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    /// Starts on a given port.
+    pub fn start_on(port: u16) -> Redis {
+        let mut r = Redis {
+            port,
+            extra: Vec::new(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts with extra `--name value` arguments.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let url = self.url();
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                redis::Client::open(url.as_str())
+                    .and_then(|c| c.get_connection())
+                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                    .is_ok()
+            }),
+            "redis-server did not start on {}",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A fresh synchronous connection, for inspecting Redis from the test.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Sorted channel names matching `pattern` (`PUBSUB CHANNELS`).
+    pub fn channels(&self, pattern: &str) -> Vec<String> {
+        let mut v: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(pattern)
+            .query(&mut self.conn())
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    /// `redis-cli PUBLISH channel payload`: a backend using the stock client.
+    pub fn cli_publish(&self, channel: &str, payload: &str) {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["PUBLISH", channel, payload])
+            .output()
+            .expect("redis-cli is installed");
+        assert!(out.status.success(), "redis-cli failed: {out:?}");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// A `wsgate` process.
+pub struct Node {
+    pub addr: SocketAddr,
+    pub admin: SocketAddr,
+    child: Child,
+}
+
+impl Node {
+    /// Starts a node on free ports with `args` added; waits until `/healthz` answers.
+    pub fn start(redis_url: Option<&str>, args: &[&str]) -> Node {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.args([
+            "--listen",
+            &addr.to_string(),
+            "--admin-listen",
+            &admin.to_string(),
+        ])
+        .args(["--log-level", "warn"])
+        .args(args)
+        .env_remove("WSGATE_REDIS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::inherit());
+        if let Some(url) = redis_url {
+            cmd.args(["--redis-url", url]);
+        }
+        let child = cmd.spawn().expect("wsgate binary");
+        let node = Node { addr, admin, child };
+        assert!(
+            wait_until(Duration::from_secs(10), || node.get("/healthz").0 == 200),
+            "wsgate did not start"
+        );
+        node
+    }
+
+    /// `GET path` on the admin listener → (status, body).
+    pub fn get(&self, path: &str) -> (u16, String) {
+        http(self.admin, "GET", path, "")
+    }
+
+    /// `POST /api/publish` → (status, body).
+    pub fn http_publish(&self, topic: &str, data: Value) -> (u16, String) {
+        let body = json!({"topic": topic, "data": data}).to_string();
+        http(self.addr, "POST", "/api/publish", &body)
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.get("/readyz").0 == 200
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+}
+
+impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-/// Starts `wsgate` on port 0 with `args` and `env`; waits for both listeners.
-pub fn start(args: &[&str], env: &[(&str, &str)]) -> Gateway {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
-    cmd.args([
-        "--listen",
-        "127.0.0.1:0",
-        "--admin-listen",
-        "127.0.0.1:0",
-        "--log-format",
-        "json",
-        "--node-id",
-        "test-node",
-    ])
-    .args(args)
-    .stdout(Stdio::null())
-    .stderr(Stdio::piped());
-    // Tests must not inherit an exporter from the developer's shell.
-    for (k, _) in std::env::vars() {
-        if k.starts_with("OTEL_") || k.starts_with("WSGATE_") {
-            cmd.env_remove(k);
-        }
-    }
-    for (k, v) in env {
-        cmd.env(k, v);
-    }
-    let mut child = cmd.spawn().expect("start wsgate");
-    let stderr = child.stderr.take().expect("piped");
-    let (tx, rx) = mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            if tx.send(line).is_err() {
-                break;
-            }
-        }
-    });
-    let (mut public, mut admin) = (None, None);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while public.is_none() || admin.is_none() {
-        let left = deadline.saturating_duration_since(Instant::now());
-        let line = rx.recv_timeout(left).expect("wsgate did not start in time");
-        let Ok(v) = serde_json::from_str::<serde_json::Value>(&line) else {
-            continue;
-        };
-        let addr = || v["listen"].as_str().and_then(|s| s.parse().ok());
-        match v["message"].as_str() {
-            Some("wsgate serving") => public = addr(),
-            Some("admin endpoints serving") => admin = addr(),
-            _ => {}
-        }
-    }
-    Gateway {
-        child,
-        public: public.unwrap(),
-        admin: admin.unwrap(),
-        logs: rx,
-    }
-}
-
-/// A minimal HTTP/1.1 request; returns (status, body).
-pub async fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
-    try_http(addr, method, path, body)
-        .await
-        .unwrap_or_else(|e| panic!("{method} http://{addr}{path}: {e}"))
-}
-
-/// Like [`http`], with a connection error as an error (for servers still starting).
-pub async fn try_http(
-    addr: SocketAddr,
-    method: &str,
-    path: &str,
-    body: &str,
-) -> std::io::Result<(u16, String)> {
-    let mut s = TcpStream::connect(addr).await?;
+/// A tiny HTTP/1.1 client (one request per connection), enough for our endpoints.
+pub fn http(addr: SocketAddr, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(2)) else {
+        return (0, String::new());
+    };
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
     let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n\
-         Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     );
-    s.write_all(req.as_bytes()).await?;
-    let mut out = Vec::new();
-    s.read_to_end(&mut out).await?;
-    let text = String::from_utf8_lossy(&out).into_owned();
-    let status = text[9..12].parse().expect("status code");
-    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
-    let chunked = head
-        .to_ascii_lowercase()
-        .contains("transfer-encoding: chunked");
-    let body = if chunked {
-        dechunk(body)
-    } else {
-        body.to_owned()
-    };
-    Ok((status, body))
-}
-
-/// Decodes a `Transfer-Encoding: chunked` body.
-fn dechunk(mut body: &str) -> String {
-    let mut out = String::new();
-    while let Some((size, rest)) = body.split_once("\r\n") {
-        let n = usize::from_str_radix(size.trim(), 16).expect("chunk size");
-        if n == 0 {
-            break;
-        }
-        out.push_str(&rest[..n]);
-        body = rest[n..].trim_start_matches("\r\n");
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
     }
-    out
+    let mut resp = String::new();
+    let _ = s.read_to_string(&mut resp);
+    let status = resp
+        .split_whitespace()
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    let body = resp
+        .split_once("\r\n\r\n")
+        .map(|(_, b)| b.to_string())
+        .unwrap_or_default();
+    (status, body)
 }
 
-/// `POST /api/publish` of one message.
-pub async fn publish_http(gw: &Gateway, topic: &str, data: &str) {
-    let (status, body) = http(
-        gw.public,
-        "POST",
-        "/api/publish",
-        &format!(r#"{{"topic":"{topic}","data":{data}}}"#),
-    )
-    .await;
-    assert_eq!(status, 200, "{body}");
+/// A WebSocket client speaking the wsgate protocol.
+pub struct Client {
+    ws: WebSocketStream<MaybeTlsStream<TokioTcp>>,
+    next_id: u64,
+    /// Messages read while waiting for a reply, handed out by `next_message`.
+    backlog: std::collections::VecDeque<Value>,
 }
 
-/// The `/metrics` text.
-pub async fn scrape(gw: &Gateway) -> String {
-    let (status, body) = http(gw.admin, "GET", "/metrics", "").await;
-    assert_eq!(status, 200);
-    // hyper may answer with a chunked body; `Full` bodies come with a length, so
-    // the body is the exposition itself.
-    body
-}
-
-/// Parses an exposition into `series → value` (`name{labels}` as written).
-pub fn parse(text: &str) -> HashMap<String, f64> {
-    text.lines()
-        .filter(|l| !l.starts_with('#') && !l.is_empty())
-        .filter_map(|l| {
-            let (k, v) = l.rsplit_once(' ')?;
-            Some((k.to_owned(), v.parse().ok()?))
-        })
-        .collect()
-}
-
-/// Scrapes until `check` passes on the parsed values (the writers fold their
-/// counts in a few times a second), or panics with the last scrape after 10 s.
-pub async fn eventually(gw: &Gateway, what: &str, check: impl Fn(&HashMap<String, f64>) -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    loop {
-        let text = scrape(gw).await;
-        if check(&parse(&text)) {
-            return;
-        }
-        if Instant::now() > deadline {
-            panic!("metrics never showed {what}:\n{text}");
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-}
-
-/// A value from a parsed scrape (0 when absent).
-pub fn val(m: &HashMap<String, f64>, series: &str) -> f64 {
-    m.get(series).copied().unwrap_or(0.0)
-}
-
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
-
-/// Connects to `/ws` and reads the welcome.
-pub async fn connect(gw: &Gateway) -> Ws {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", gw.public))
-        .await
-        .expect("upgrade");
-    let welcome = recv_json(&mut ws).await;
-    assert_eq!(welcome["op"], "welcome");
-    ws
-}
-
-/// Sends a JSON command.
-pub async fn send(ws: &mut Ws, json: &str) {
-    ws.send(Message::text(json)).await.expect("send");
-}
-
-/// Next text frame as JSON (pings skipped).
-pub async fn recv_json(ws: &mut Ws) -> serde_json::Value {
-    loop {
-        let msg = tokio::time::timeout(Duration::from_secs(10), ws.next())
+impl Client {
+    pub async fn connect(node: &Node) -> Client {
+        let (ws, _) = tokio_tungstenite::connect_async(node.ws_url())
             .await
-            .expect("a frame within 10 s")
-            .expect("connection open")
-            .expect("valid frame");
-        if let Message::Text(t) = msg {
-            return serde_json::from_str(&t).expect("JSON frame");
+            .expect("upgrade");
+        let mut c = Client {
+            ws,
+            next_id: 1,
+            backlog: Default::default(),
+        };
+        let welcome = c.read().await.expect("welcome");
+        assert_eq!(welcome["op"], "welcome");
+        c
+    }
+
+    /// The next JSON frame, or `None` when the connection ended.
+    async fn read(&mut self) -> Option<Value> {
+        loop {
+            match self.ws.next().await? {
+                Ok(Message::Text(t)) => return Some(serde_json::from_str(&t).unwrap()),
+                Ok(Message::Close(_)) | Err(_) => return None,
+                Ok(_) => continue,
+            }
         }
     }
-}
 
-/// Subscribes and waits for `subscribed`.
-pub async fn subscribe(ws: &mut Ws, topic: &str) {
-    send(
-        ws,
-        &format!(r#"{{"op":"subscribe","id":1,"topics":["{topic}"]}}"#),
-    )
-    .await;
-    let r = recv_json(ws).await;
-    assert_eq!(r["op"], "subscribed", "{r}");
+    pub async fn send(&mut self, mut cmd: Value) -> u64 {
+        let id = self.next_id;
+        self.next_id += 1;
+        cmd["id"] = json!(id);
+        self.ws
+            .send(Message::Text(cmd.to_string().into()))
+            .await
+            .unwrap();
+        id
+    }
+
+    /// Sends a command and waits (10 s at most) for the reply with its id; messages
+    /// that arrive meanwhile are kept for `next_message`.
+    pub async fn call(&mut self, cmd: Value) -> Value {
+        let id = self.send(cmd).await;
+        self.reply(id).await
+    }
+
+    pub async fn reply(&mut self, id: u64) -> Value {
+        let fut = async {
+            loop {
+                let v = self
+                    .read()
+                    .await
+                    .expect("connection ended before the reply");
+                if v["id"] == json!(id) {
+                    return v;
+                }
+                if v["op"] == "message" {
+                    self.backlog.push_back(v);
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .expect("reply in time")
+    }
+
+    pub async fn subscribe(&mut self, topics: &[&str]) {
+        let r = self.call(json!({"op":"subscribe","topics":topics})).await;
+        assert_eq!(r["op"], "subscribed", "{r}");
+    }
+
+    pub async fn unsubscribe(&mut self, topics: &[&str]) {
+        let r = self.call(json!({"op":"unsubscribe","topics":topics})).await;
+        assert_eq!(r["op"], "unsubscribed", "{r}");
+    }
+
+    /// The next `message` frame within `within`, skipping replies.
+    pub async fn next_message(&mut self, within: Duration) -> Option<Value> {
+        if let Some(v) = self.backlog.pop_front() {
+            return Some(v);
+        }
+        let fut = async {
+            loop {
+                let v = self.read().await?;
+                if v["op"] == "message" {
+                    return Some(v);
+                }
+            }
+        };
+        tokio::time::timeout(within, fut).await.ok().flatten()
+    }
+
+    /// Next frame of any kind (replies included), within `within`.
+    pub async fn next_frame(&mut self, within: Duration) -> Option<Value> {
+        tokio::time::timeout(within, self.read())
+            .await
+            .ok()
+            .flatten()
+    }
+
+    /// Whether the connection still answers a ping with a pong.
+    pub async fn alive(&mut self) -> bool {
+        let id = self.send(json!({"op":"ping"})).await;
+        let fut = async {
+            loop {
+                match self.read().await {
+                    None => return false,
+                    Some(v) if v["id"] == json!(id) => return v["op"] == "pong",
+                    Some(_) => continue,
+                }
+            }
+        };
+        tokio::time::timeout(Duration::from_secs(10), fut)
+            .await
+            .unwrap_or(false)
+    }
 }

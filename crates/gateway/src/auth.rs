@@ -1,0 +1,299 @@
+//! JWT authentication (docs/auth.md): which tokens are accepted, and what a verified
+//! token allows.
+//!
+//! Each configured key is bound to exactly one algorithm (HS256 for `--jwt-secret`,
+//! RS256 or ES256 for a PEM public key, the key's own `alg` in a JWKS). A token is
+//! verified only with a key of its header's algorithm, so `alg: none` and algorithm
+//! confusion (an HS256 token "signed" with the RSA public key) are refused: neither
+//! names a configured (algorithm, key) pair.
+
+use std::path::Path;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use crate::acl::Acl;
+use crate::config::Config;
+
+/// The latest expiry honoured: the end of year 9999 (later `exp` values are clamped).
+pub const MAX_EXP: u64 = 253_402_300_799;
+
+/// Why a token was refused. The text is safe to show to the client.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum AuthError {
+    #[error("a token is required (`?token=` or `Authorization: Bearer`)")]
+    Missing,
+    #[error("the token has expired")]
+    Expired,
+    #[error("the token is not valid yet")]
+    NotYetValid,
+    #[error("the token's algorithm or key is not accepted")]
+    Algorithm,
+    #[error("the token's signature is invalid")]
+    Signature,
+    #[error("the token's audience or issuer is not accepted")]
+    Claims,
+    #[error("the token is malformed")]
+    Malformed,
+}
+
+/// A problem in the auth configuration (reported at start).
+#[derive(Debug, thiserror::Error)]
+#[error("{0}")]
+pub struct AuthConfigError(String);
+
+/// The claims wsgate reads; others are ignored.
+#[derive(Debug, Deserialize)]
+struct Claims {
+    #[serde(default)]
+    sub: Option<String>,
+    exp: u64,
+    /// Topic patterns this client may subscribe to.
+    #[serde(default)]
+    subscribe: Vec<String>,
+    /// Topic patterns this client may publish to.
+    #[serde(default)]
+    publish: Vec<String>,
+}
+
+/// A verified client: who it is, what it may do, until when.
+#[derive(Debug, Clone)]
+pub struct Identity {
+    /// The token's `sub` (empty when absent).
+    pub subject: String,
+    /// The token's `exp`, as a time.
+    pub expires: SystemTime,
+    /// Topics it may subscribe to.
+    pub subscribe: Acl,
+    /// Topics it may publish to.
+    pub publish: Acl,
+}
+
+impl Identity {
+    /// The anonymous client of a gateway without auth: may do anything, never expires.
+    pub fn anonymous() -> Self {
+        Identity {
+            subject: String::new(),
+            expires: SystemTime::UNIX_EPOCH + Duration::from_secs(MAX_EXP),
+            subscribe: Acl::any(),
+            publish: Acl::any(),
+        }
+    }
+}
+
+struct Key {
+    kid: Option<String>,
+    alg: Algorithm,
+    key: DecodingKey,
+}
+
+/// Verifies client tokens against the configured keys.
+pub struct Authenticator {
+    keys: Vec<Key>,
+    validation: Validation,
+}
+
+fn err(msg: impl Into<String>) -> AuthConfigError {
+    AuthConfigError(msg.into())
+}
+
+fn jwk_alg(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
+    match jwk.common.key_algorithm {
+        Some(KeyAlgorithm::RS256) => Some(Algorithm::RS256),
+        Some(KeyAlgorithm::ES256) => Some(Algorithm::ES256),
+        Some(KeyAlgorithm::HS256) => Some(Algorithm::HS256),
+        Some(_) => None,
+        // Without `alg`, the key type decides the one algorithm we accept for it.
+        None => match &jwk.algorithm {
+            AlgorithmParameters::RSA(_) => Some(Algorithm::RS256),
+            AlgorithmParameters::EllipticCurve(_) => Some(Algorithm::ES256),
+            _ => None,
+        },
+    }
+}
+
+fn load_public_key(path: &Path, keys: &mut Vec<Key>) -> Result<(), AuthConfigError> {
+    let bytes = std::fs::read(path).map_err(|e| {
+        err(format!(
+            "cannot read --jwt-public-key {}: {e}",
+            path.display()
+        ))
+    })?;
+    if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
+        let set: JwkSet = serde_json::from_slice(&bytes)
+            .map_err(|e| err(format!("{} is not a JWKS: {e}", path.display())))?;
+        for jwk in &set.keys {
+            let Some(alg) = jwk_alg(jwk) else { continue };
+            let key = DecodingKey::from_jwk(jwk)
+                .map_err(|e| err(format!("bad key in {}: {e}", path.display())))?;
+            keys.push(Key {
+                kid: jwk.common.key_id.clone(),
+                alg,
+                key,
+            });
+        }
+        if keys.is_empty() {
+            return Err(err(format!("{} has no RS256/ES256 key", path.display())));
+        }
+        return Ok(());
+    }
+    let (alg, key) = if let Ok(k) = DecodingKey::from_rsa_pem(&bytes) {
+        (Algorithm::RS256, k)
+    } else if let Ok(k) = DecodingKey::from_ec_pem(&bytes) {
+        (Algorithm::ES256, k)
+    } else {
+        return Err(err(format!(
+            "{} is neither an RSA nor an EC (P-256) public key in PEM, nor a JWKS",
+            path.display()
+        )));
+    };
+    keys.push(Key {
+        kid: None,
+        alg,
+        key,
+    });
+    Ok(())
+}
+
+impl Authenticator {
+    /// The authenticator the configuration asks for, `None` when auth is off.
+    ///
+    /// # Errors
+    /// When a key file cannot be read or parsed.
+    pub fn from_config(cfg: &Config) -> Result<Option<Self>, AuthConfigError> {
+        let mut keys = Vec::new();
+        if let Some(secret) = &cfg.jwt_secret {
+            keys.push(Key {
+                kid: None,
+                alg: Algorithm::HS256,
+                key: DecodingKey::from_secret(secret.as_bytes()),
+            });
+        }
+        if let Some(path) = &cfg.jwt_public_key {
+            load_public_key(path, &mut keys)?;
+        }
+        if keys.is_empty() {
+            return Ok(None);
+        }
+        let mut validation = Validation::new(Algorithm::HS256);
+        validation.algorithms.clear();
+        validation.leeway = cfg.jwt_leeway.as_secs();
+        validation.validate_nbf = true;
+        validation.validate_exp = true;
+        validation.set_required_spec_claims(&["exp"]);
+        match &cfg.jwt_audience {
+            Some(aud) => validation.set_audience(&[aud]),
+            None => validation.validate_aud = false,
+        }
+        if let Some(iss) = &cfg.jwt_issuer {
+            validation.set_issuer(&[iss]);
+        }
+        Ok(Some(Authenticator { keys, validation }))
+    }
+
+    /// Verifies a token and reads its permissions.
+    ///
+    /// # Errors
+    /// Why the token is refused.
+    pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
+        use jsonwebtoken::errors::ErrorKind;
+        let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Algorithm)?;
+        let key = self
+            .keys
+            .iter()
+            .filter(|k| k.alg == header.alg)
+            .find(|k| k.kid.is_none() || header.kid.is_none() || k.kid == header.kid)
+            .ok_or(AuthError::Algorithm)?;
+        let mut validation = self.validation.clone();
+        validation.algorithms = vec![key.alg];
+        let data =
+            jsonwebtoken::decode::<Claims>(token, &key.key, &validation).map_err(|e| {
+                match e.kind() {
+                    ErrorKind::ExpiredSignature => AuthError::Expired,
+                    ErrorKind::ImmatureSignature => AuthError::NotYetValid,
+                    ErrorKind::InvalidSignature => AuthError::Signature,
+                    ErrorKind::InvalidAlgorithm | ErrorKind::InvalidAlgorithmName => {
+                        AuthError::Algorithm
+                    }
+                    ErrorKind::InvalidAudience | ErrorKind::InvalidIssuer => AuthError::Claims,
+                    _ => AuthError::Malformed,
+                }
+            })?;
+        let c = data.claims;
+        let subject = c.sub.unwrap_or_default();
+        Ok(Identity {
+            subscribe: Acl::new(&c.subscribe, &subject),
+            publish: Acl::new(&c.publish, &subject),
+            subject,
+            // Clamped: `SystemTime + Duration` panics on overflow, and a token with
+            // an absurd `exp` must not crash anything.
+            expires: UNIX_EPOCH + Duration::from_secs(c.exp.min(MAX_EXP)),
+        })
+    }
+}
+
+/// The token of an upgrade request: `?token=` first, else `Authorization: Bearer`.
+pub fn token_from_request<B>(req: &http::Request<B>) -> Option<String> {
+    if let Some(q) = req.uri().query() {
+        for pair in q.split('&') {
+            if let Some(v) = pair.strip_prefix("token=") {
+                return Some(percent_decode(v));
+            }
+        }
+    }
+    req.headers()
+        .get(http::header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .map(|v| v.trim().to_owned())
+}
+
+/// Decodes `%XX` escapes (JWTs are base64url and need none, but clients may escape).
+fn percent_decode(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        // Bytes, not `&str` slices: a `%` before a multi-byte character must not
+        // slice inside it.
+        let hex = |c: u8| (c as char).to_digit(16).map(|d| d as u8);
+        if b[i] == b'%' && i + 2 < b.len() {
+            if let (Some(h), Some(l)) = (hex(b[i + 1]), hex(b[i + 2])) {
+                out.push(h << 4 | l);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(if b[i] == b'+' { b' ' } else { b[i] });
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn token_sources() {
+        let r = http::Request::get("/ws?a=1&token=abc.d%2De")
+            .body(())
+            .unwrap();
+        assert_eq!(token_from_request(&r).as_deref(), Some("abc.d-e"));
+        let r = http::Request::get("/ws")
+            .header("authorization", "Bearer xyz")
+            .body(())
+            .unwrap();
+        assert_eq!(token_from_request(&r).as_deref(), Some("xyz"));
+        let r = http::Request::get("/ws?token=%").body(()).unwrap();
+        assert_eq!(token_from_request(&r).as_deref(), Some("%"));
+        let r = http::Request::get("/ws?token=%C3%A9%").body(()).unwrap();
+        assert_eq!(token_from_request(&r).as_deref(), Some("é%"));
+        assert_eq!(
+            token_from_request(&http::Request::get("/ws").body(()).unwrap()),
+            None
+        );
+    }
+}

@@ -1,0 +1,388 @@
+//! JWT on connect, topic permissions, refresh and expiry, against a real gateway.
+
+mod support;
+
+use std::time::Duration;
+
+use jsonwebtoken::Algorithm;
+use serde_json::json;
+use support::*;
+
+fn auth_args() -> Vec<&'static str> {
+    vec!["--jwt-secret", SECRET, "--jwt-leeway", "0s"]
+}
+
+fn good_claims() -> serde_json::Value {
+    json!({"sub":"alice","exp":now() + 600,"subscribe":["chat.*","user.{sub}.*"],"publish":["chat.*"]})
+}
+
+async fn refused_with(node: &Node, token: Option<&str>) -> String {
+    let path = match token {
+        Some(t) => format!("/ws?token={t}"),
+        None => "/ws".to_string(),
+    };
+    raw(node.addr, &upgrade_request(&path, "")).await
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_token_is_401_before_upgrade() {
+    let node = start(&auth_args()).await;
+    let r = refused_with(&node, None).await;
+    assert_eq!(status(&r), 401, "{r}");
+    assert!(
+        r.to_ascii_lowercase().contains("www-authenticate: bearer"),
+        "{r}"
+    );
+    assert_eq!(refused(&node, "auth_missing").await, 1);
+    // An empty bearer header is as good as none.
+    let r = raw(
+        node.addr,
+        &upgrade_request("/ws", "Authorization: Bearer \r\n"),
+    )
+    .await;
+    assert_eq!(status(&r), 401, "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn valid_token_by_query_or_header() {
+    let node = start(&auth_args()).await;
+    let token = hs256(&good_claims());
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    let bearer = format!("Bearer {token}");
+    let mut ws = session(node.addr, "/ws", &[("Authorization", &bearer)]).await;
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_tokens_are_401() {
+    let node = start(&[
+        "--jwt-secret",
+        SECRET,
+        "--jwt-leeway",
+        "0s",
+        "--jwt-audience",
+        "wsgate",
+        "--jwt-issuer",
+        "https://issuer.test",
+    ])
+    .await;
+    let base = json!({"sub":"a","exp":now() + 600,"aud":"wsgate","iss":"https://issuer.test"});
+    let with = |k: &str, v: serde_json::Value| {
+        let mut c = base.clone();
+        c[k] = v;
+        c
+    };
+    // The control: the base token is accepted.
+    let ok = hs256(&base);
+    assert_eq!(status(&refused_with(&node, Some(&ok)).await), 101);
+
+    let expired = hs256(&with("exp", json!(now() - 60)));
+    let not_yet = hs256(&with("nbf", json!(now() + 600)));
+    let wrong_sig = sign(Algorithm::HS256, b"another-secret", &base);
+    let wrong_aud = hs256(&with("aud", json!("someone-else")));
+    let wrong_iss = hs256(&with("iss", json!("https://evil.test")));
+    let no_exp = {
+        let mut c = base.clone();
+        c.as_object_mut().unwrap().remove("exp");
+        hs256(&c)
+    };
+    // `alg: none`: a header and claims with an empty signature.
+    let b64 = |v: &serde_json::Value| {
+        use base64_url::encode;
+        encode(&serde_json::to_vec(v).unwrap())
+    };
+    let alg_none = format!(
+        "{}.{}.",
+        b64(&json!({"alg":"none","typ":"JWT"})),
+        b64(&base)
+    );
+    // HS384 is not configured even with the right secret.
+    let other_alg = sign(Algorithm::HS384, SECRET.as_bytes(), &base);
+    let garbage = "not-a-jwt".to_string();
+    for (name, token, reason) in [
+        ("expired", expired, "auth_expired"),
+        ("nbf in the future", not_yet, "auth_invalid"),
+        ("wrong signature", wrong_sig, "auth_invalid"),
+        ("wrong audience", wrong_aud, "auth_invalid"),
+        ("wrong issuer", wrong_iss, "auth_invalid"),
+        ("no exp", no_exp, "auth_invalid"),
+        ("alg none", alg_none, "auth_invalid"),
+        ("unconfigured alg", other_alg, "auth_invalid"),
+        ("garbage", garbage, "auth_invalid"),
+    ] {
+        let before = refused(&node, reason).await;
+        let r = refused_with(&node, Some(&token)).await;
+        assert_eq!(status(&r), 401, "{name}: {r}");
+        assert_eq!(refused(&node, reason).await, before + 1, "{name}");
+    }
+}
+
+/// base64url without padding, as JWTs use.
+mod base64_url {
+    pub fn encode(bytes: &[u8]) -> String {
+        const A: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789-_";
+        let mut out = String::new();
+        for chunk in bytes.chunks(3) {
+            let b = [
+                chunk[0],
+                *chunk.get(1).unwrap_or(&0),
+                *chunk.get(2).unwrap_or(&0),
+            ];
+            let n = u32::from(b[0]) << 16 | u32::from(b[1]) << 8 | u32::from(b[2]);
+            for i in 0..=chunk.len() {
+                out.push(A[(n >> (18 - 6 * i) & 63) as usize] as char);
+            }
+        }
+        out
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn es256_public_key_and_algorithm_confusion() {
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let public = dir.path().join("jwt.pub.pem");
+    std::fs::write(&public, key.public_key_pem()).unwrap();
+    let node = start(&["--jwt-public-key", public.to_str().unwrap()]).await;
+    let claims = good_claims();
+    let token = sign(Algorithm::ES256, key.serialize_pem().as_bytes(), &claims);
+    session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    // An HS256 token whose "secret" is the public key must not pass.
+    let confused = sign(Algorithm::HS256, key.public_key_pem().as_bytes(), &claims);
+    assert_eq!(status(&refused_with(&node, Some(&confused)).await), 401);
+    // Another key pair's signature.
+    let other = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let forged = sign(Algorithm::ES256, other.serialize_pem().as_bytes(), &claims);
+    assert_eq!(status(&refused_with(&node, Some(&forged)).await), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn forbidden_subscribe_and_publish_keep_the_connection() {
+    let node = start(&auth_args()).await;
+    let token = hs256(&good_claims());
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let r = call(
+        &mut ws,
+        r#"{"op":"subscribe","id":1,"topics":["chat.1","admin.x"]}"#,
+    )
+    .await;
+    assert_eq!(
+        (r["op"].as_str(), r["code"].as_str(), r["id"].as_i64()),
+        (Some("error"), Some("forbidden"), Some(1)),
+        "{r}"
+    );
+    let r = call(
+        &mut ws,
+        r#"{"op":"subscribe","id":2,"topics":["user.bob.inbox"]}"#,
+    )
+    .await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    let r = call(
+        &mut ws,
+        r#"{"op":"subscribe","id":3,"topics":["chat.1","user.alice.inbox"]}"#,
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed", "{r}");
+    let r = call(
+        &mut ws,
+        r#"{"op":"publish","id":4,"topic":"user.alice.inbox","data":1}"#,
+    )
+    .await;
+    assert_eq!(
+        (r["code"].as_str(), r["id"].as_i64()),
+        (Some("forbidden"), Some(4)),
+        "{r}"
+    );
+    let r = call(
+        &mut ws,
+        r#"{"op":"publish","id":5,"topic":"chat.1","data":{"m":"hi"}}"#,
+    )
+    .await;
+    // Our own message and the reply, in either order.
+    let r2 = json(&mut ws).await;
+    let ops = [r["op"].as_str().unwrap(), r2["op"].as_str().unwrap()];
+    assert!(
+        ops.contains(&"published") && ops.contains(&"message"),
+        "{r} {r2}"
+    );
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":6}"#).await["op"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn token_without_permissions_may_do_nothing() {
+    let node = start(&auth_args()).await;
+    let token = hs256(&json!({"sub":"x","exp":now() + 600}));
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let r = call(&mut ws, r#"{"op":"subscribe","id":1,"topics":["news"]}"#).await;
+    assert_eq!(r["code"], "forbidden");
+    let r = call(
+        &mut ws,
+        r#"{"op":"publish","id":2,"topic":"news","data":1}"#,
+    )
+    .await;
+    assert_eq!(r["code"], "forbidden");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn expiry_closes_with_1008() {
+    let node = start(&auth_args()).await;
+    let mut c = good_claims();
+    c["exp"] = json!(now() + 2);
+    let token = hs256(&c);
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    match next(&mut ws, Duration::from_secs(6)).await {
+        Received::Close(code) => assert_eq!(code, 1008),
+        _ => panic!("expected a close"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_extends_the_session() {
+    let node = start(&auth_args()).await;
+    let mut c = good_claims();
+    c["exp"] = json!(now() + 2);
+    let token = hs256(&c);
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    // Refused refreshes: bad signature, another subject, no token.
+    let bad = sign(Algorithm::HS256, b"nope", &good_claims());
+    let r = call(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","id":1,"token":"{bad}"}}"#),
+    )
+    .await;
+    assert_eq!(
+        (r["code"].as_str(), r["id"].as_i64()),
+        (Some("forbidden"), Some(1)),
+        "{r}"
+    );
+    let mut bob = good_claims();
+    bob["sub"] = json!("bob");
+    let r = call(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","id":2,"token":"{}"}}"#, hs256(&bob)),
+    )
+    .await;
+    assert_eq!(r["code"], "forbidden", "{r}");
+    let r = call(&mut ws, r#"{"op":"refresh","id":3}"#).await;
+    assert_eq!(r["code"], "bad_request", "{r}");
+    // A good one, whose exp is later.
+    let fresh = hs256(&good_claims());
+    let r = call(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","id":4,"token":"{fresh}"}}"#),
+    )
+    .await;
+    assert_eq!(r, json!({"op":"refreshed","id":4}));
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":5}"#).await["op"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_with_narrower_token_leaves_revoked_topics() {
+    let node = start(&auth_args()).await;
+    let token = hs256(&good_claims());
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let r = call(&mut ws, r#"{"op":"subscribe","id":1,"topics":["chat.1"]}"#).await;
+    assert_eq!(r["op"], "subscribed");
+    let narrow = hs256(&json!({"sub":"alice","exp":now() + 600,"subscribe":["user.{sub}.*"]}));
+    let r = call(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","id":2,"token":"{narrow}"}}"#),
+    )
+    .await;
+    assert_eq!(r["op"], "refreshed");
+    assert_eq!(node.gw.hub.subscription_count(), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn anonymous_without_auth_and_client_publish_off() {
+    let node = start(&["--client-publish=false"]).await;
+    let mut ws = session(node.addr, "/ws", &[]).await;
+    let r = call(
+        &mut ws,
+        r#"{"op":"subscribe","id":1,"topics":["anything.at.all"]}"#,
+    )
+    .await;
+    assert_eq!(r["op"], "subscribed");
+    let r = call(
+        &mut ws,
+        r#"{"op":"publish","id":2,"topic":"anything.at.all","data":1}"#,
+    )
+    .await;
+    assert_eq!(
+        (r["code"].as_str(), r["id"].as_i64()),
+        (Some("forbidden"), Some(2)),
+        "{r}"
+    );
+    let r = call(&mut ws, r#"{"op":"refresh","id":3,"token":"x"}"#).await;
+    assert_eq!(r["op"], "refreshed");
+    let node = start(&[]).await;
+    let mut ws = session(node.addr, "/ws", &[]).await;
+    call(&mut ws, r#"{"op":"subscribe","id":1,"topics":["t"]}"#).await;
+    let r = call(&mut ws, r#"{"op":"publish","id":2,"topic":"t","data":1}"#).await;
+    assert!(r["op"] == "published" || r["op"] == "message", "{r}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rs256_public_key() {
+    let dir = env!("CARGO_MANIFEST_DIR");
+    let public = format!("{dir}/tests/fixtures/rsa-test.pub.pem");
+    let private = std::fs::read(format!("{dir}/tests/fixtures/rsa-test.key.pem")).unwrap();
+    let node = start(&["--jwt-public-key", &public]).await;
+    let token = sign(Algorithm::RS256, &private, &good_claims());
+    session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    // The RSA public key used as an HMAC secret: algorithm confusion.
+    let pem = std::fs::read(&public).unwrap();
+    let confused = sign(Algorithm::HS256, &pem, &good_claims());
+    assert_eq!(status(&refused_with(&node, Some(&confused)).await), 401);
+    // RS384 with the right key is not configured.
+    let rs384 = sign(Algorithm::RS384, &private, &good_claims());
+    assert_eq!(status(&refused_with(&node, Some(&rs384)).await), 401);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jwks_file_selects_by_kid() {
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{encode, EncodingKey, Header};
+    let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+    let enc = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+    let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+    jwk.common.key_id = Some("k1".into());
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("jwks.json");
+    std::fs::write(
+        &path,
+        serde_json::to_vec(&JwkSet { keys: vec![jwk] }).unwrap(),
+    )
+    .unwrap();
+    let node = start(&["--jwt-public-key", path.to_str().unwrap()]).await;
+    let token_with = |kid: &str| {
+        let mut h = Header::new(Algorithm::ES256);
+        h.kid = Some(kid.into());
+        encode(&h, &good_claims(), &enc).unwrap()
+    };
+    session(node.addr, &format!("/ws?token={}", token_with("k1")), &[]).await;
+    assert_eq!(
+        status(&refused_with(&node, Some(&token_with("k2"))).await),
+        401
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_exp_does_not_crash() {
+    let node = start(&auth_args()).await;
+    let mut c = good_claims();
+    c["exp"] = json!(u64::MAX);
+    let token = hs256(&c);
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    let r = call(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","id":2,"token":"{token}"}}"#),
+    )
+    .await;
+    assert_eq!(r["op"], "refreshed");
+    assert_eq!(call(&mut ws, r#"{"op":"ping","id":3}"#).await["op"], "pong");
+}

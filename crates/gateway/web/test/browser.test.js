@@ -1,0 +1,148 @@
+// End-to-end: the demo page in headless Chromium (Debian's `chromium`, driven by
+// playwright-core) against real gateway processes.
+//
+// With Redis fan-out in the gateway (`--redis-url`): two nodes share a private Redis; the
+// two pages start on different nodes, a chat message crosses nodes, then one node drains
+// (SIGTERM -> 1001) and its page reconnects to the other node and keeps receiving.
+// Without it (a build before the fan-out issue), both pages start on node 1 and move to
+// node 2 when node 1 drains: everything but the cross-node hop is exercised.
+//
+// Screenshots land in test-artifacts/ at the repository root.
+
+import assert from "node:assert/strict";
+import { existsSync } from "node:fs";
+import path from "node:path";
+import { after, before, test } from "node:test";
+import { chromium } from "playwright-core";
+import { artifacts, gatewayHelp, sleep, startGateway, startRedis, stopAll, waitFor } from "./helpers.js";
+import { startStaticServer } from "./static-server.js";
+
+const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
+const help = gatewayHelp();
+const hasFanout = help.includes("--redis-url");
+const hasDemo = help.includes("--demo");
+
+let browser;
+let redis;
+let staticServer;
+const consoleLines = [];
+
+before(async () => {
+  assert.ok(existsSync(CHROMIUM), `${CHROMIUM} missing: apt-get install -y --no-install-recommends chromium (test/run.sh does it)`);
+  browser = await chromium.launch({
+    executablePath: CHROMIUM,
+    args: ["--no-sandbox", "--disable-gpu", "--disable-quic", "--disable-background-networking", "--disable-component-update", "--disable-sync"],
+  });
+});
+
+after(async () => {
+  await browser?.close();
+  await stopAll();
+  await redis?.stop();
+  await staticServer?.close();
+});
+
+async function openPage(origin, nodes, name) {
+  const page = await browser.newPage({ viewport: { width: 1100, height: 760 } });
+  page.on("console", (m) => consoleLines.push(`[${name}] ${m.type()}: ${m.text()}`));
+  page.on("pageerror", (e) => consoleLines.push(`[${name}] pageerror: ${e.message}`));
+  await page.goto(`${origin}/?nodes=${nodes.join(",")}&name=${name}`);
+  return page;
+}
+
+const text = (page, sel) => page.locator(sel).textContent();
+const state = (page) => page.evaluate(() => document.body.dataset.state);
+
+async function waitNode(page, node, what) {
+  await waitFor(async () => (await state(page)) === "open" && (await text(page, "#node")) === node, {
+    timeoutMs: 20000,
+    what: `${what} open on ${node}`,
+  });
+}
+
+async function say(page, message) {
+  await page.fill("#chat-input", message);
+  await page.press("#chat-input", "Enter");
+}
+
+async function sees(page, message, what) {
+  await waitFor(async () => (await text(page, "#chat-log")).includes(message), { timeoutMs: 10000, what });
+}
+
+test(
+  hasFanout
+    ? "two nodes + Redis: chat crosses nodes; a drained node's page moves to the other node and keeps receiving"
+    : "two nodes (no fan-out in this build): chat between pages; the drained node's pages move to the other node and keep receiving",
+  { timeout: 120000 },
+  async () => {
+    const common = ["--drain-timeout", "2s", ...(hasDemo ? ["--demo"] : [])];
+    if (hasFanout) redis = await startRedis();
+    const redisArgs = hasFanout ? ["--redis-url", redis.url] : [];
+    const n1 = await startGateway({ name: "node-1", args: ["--node-id", "node-1", ...redisArgs, ...common] });
+    const n2 = await startGateway({ name: "node-2", args: ["--node-id", "node-2", ...redisArgs, ...common] });
+    let origin1 = n1.httpUrl;
+    let origin2 = n2.httpUrl;
+    if (!hasDemo) {
+      staticServer = await startStaticServer();
+      origin1 = origin2 = staticServer.url;
+    }
+
+    try {
+      // Each page lists both nodes, its own first: reconnects move on to the other one.
+      const alice = await openPage(origin1, [n1.wsUrl, n2.wsUrl], "alice");
+      const bob = hasFanout ? await openPage(origin2, [n2.wsUrl, n1.wsUrl], "bob") : await openPage(origin1, [n1.wsUrl, n2.wsUrl], "bob");
+      await waitNode(alice, "node-1", "alice");
+      await waitNode(bob, hasFanout ? "node-2" : "node-1", "bob");
+
+      // The pages subscribe on load; the chat subscription is confirmed before sending.
+      await alice.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
+      await bob.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
+      await say(alice, "hello from alice");
+      await sees(bob, "hello from alice", "bob sees alice's message");
+      await sees(alice, "hello from alice", "alice sees her own message");
+      assert.match(await text(bob, "#chat-log"), /via node-1/);
+      await say(bob, "hi alice, bob here");
+      await sees(alice, "hi alice, bob here", "alice sees bob's reply");
+
+      // Ticker: the gateway's demo ticker, or (without --demo) the HTTP API from here.
+      const feeder = hasDemo
+        ? null
+        : setInterval(() => {
+            for (const gw of [n1, n2]) if (gw.exitCode === null) gw.publish("demo.ticker", { symbol: "ACME", price: 100 + Math.random() * 5, node: gw.name }).catch(() => {});
+          }, 250);
+      try {
+        await waitFor(async () => (await alice.locator("#ticker tbody tr").count()) > 0, { timeoutMs: 10000, what: "ticker rows on alice" });
+        await waitFor(async () => Number(await text(alice, "#rate")) > 0, { what: "messages/s > 0" });
+        await alice.screenshot({ path: path.join(artifacts(), "demo-alice-before-drain.png") });
+
+        // Drain node 1: its pages get 1001 and move to node 2.
+        const before = await alice.evaluate(() => window.wsgateDemo.total);
+        n1.kill("SIGTERM");
+        await waitNode(alice, "node-2", "alice after the drain");
+        if (!hasFanout) await waitNode(bob, "node-2", "bob after the drain");
+        assert.equal(await n1.exited, 0, "node 1 drained and exited 0");
+        const events = await text(alice, "#event-log");
+        assert.match(events, /1001/, "the page saw the going-away close");
+        assert.equal(await text(alice, "#reconnects"), "1");
+
+        // Still receiving on the new node: chat both ways, and the ticker.
+        await alice.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
+        await say(bob, "still there?");
+        await sees(alice, "still there?", "alice receives after moving to node 2");
+        await say(alice, "yes, via node-2 now");
+        await sees(bob, "yes, via node-2 now", "bob receives alice's message sent through node 2");
+        await waitFor(async () => (await alice.evaluate(() => window.wsgateDemo.total)) > before + 3, { what: "ticker keeps flowing on alice" });
+        await sleep(2500); // let the rate and sparklines fill in for the picture
+        await alice.screenshot({ path: path.join(artifacts(), "demo-alice.png") });
+        await bob.screenshot({ path: path.join(artifacts(), "demo-bob.png") });
+      } finally {
+        if (feeder) clearInterval(feeder);
+      }
+      const errors = consoleLines.filter((l) => /pageerror|error:/.test(l) && !/WebSocket connection to .* failed/.test(l));
+      assert.deepEqual(errors, [], "no page errors");
+    } catch (err) {
+      err.message += `\n--- browser console ---\n${consoleLines.join("\n")}`;
+      throw err;
+    }
+  },
+);

@@ -1,0 +1,335 @@
+// Unit tests of the client's state machine, driven frame by frame through an in-memory
+// socket. They cover what the real gateway cannot be made to do on demand (a 1008 close,
+// the `refresh` op before the auth issue lands, a subscribe rejected only for some
+// topics, exact backoff bookkeeping). The end-to-end behaviour is tested against real
+// gateway processes in gateway.test.js.
+
+import assert from "node:assert/strict";
+import { afterEach, describe, test } from "node:test";
+import { connect } from "../wsgate.js";
+import { nextEvent, waitFor } from "./helpers.js";
+
+/** An in-memory WebSocket: the test plays the server side. */
+function fakeSockets() {
+  const sockets = [];
+  class FakeWebSocket {
+    constructor(url) {
+      this.url = url;
+      this.sent = [];
+      this.readyState = 0;
+      this.closedWith = null;
+      sockets.push(this);
+      // Like a real socket, `open` comes asynchronously.
+      setTimeout(() => {
+        if (this.readyState === 0) {
+          this.readyState = 1;
+          this.onopen?.({});
+        }
+      }, 0);
+    }
+    send(text) {
+      if (this.readyState !== 1) throw new Error("not open");
+      const frame = JSON.parse(text);
+      this.sent.push(frame);
+      if (this.autoPong && frame.op === "ping") setTimeout(() => this.reply(frame), this.autoPong);
+    }
+    close(code, reason) {
+      this.closedWith = { code, reason };
+      this.readyState = 3;
+    }
+    // -- the server side --
+    serverSend(obj) {
+      this.onmessage?.({ data: JSON.stringify(obj) });
+    }
+    welcome(extra = {}) {
+      if (this.readyState === 0) {
+        this.readyState = 1;
+        this.onopen?.({});
+      }
+      this.serverSend({ op: "welcome", session: `s${sockets.indexOf(this)}`, node: "n1", heartbeat_ms: 60000, ...extra });
+    }
+    serverClose(code, reason = "") {
+      this.readyState = 3;
+      this.onclose?.({ code, reason, wasClean: code !== 1006 });
+    }
+    lastSent(op) {
+      return this.sent.filter((f) => f.op === op).at(-1);
+    }
+    reply(frame, extra = {}) {
+      const op = { subscribe: "subscribed", unsubscribe: "unsubscribed", publish: "published", ping: "pong", refresh: "refreshed" }[frame.op];
+      this.serverSend({ op, id: frame.id, ...(frame.topics ? { topics: frame.topics } : {}), ...extra });
+    }
+    error(frame, code) {
+      this.serverSend({ op: "error", id: frame.id, code, message: code });
+    }
+  }
+  return { WebSocket: FakeWebSocket, sockets };
+}
+
+function jwt(payload) {
+  const b64url = (obj) => Buffer.from(JSON.stringify(obj)).toString("base64url");
+  return `${b64url({ alg: "HS256" })}.${b64url(payload)}.sig`;
+}
+
+const fast = { backoffInitialMs: 20, backoffMaxMs: 200, goingAwayMaxDelayMs: 50, connectTimeoutMs: 2000, browserEvents: false };
+const clients = [];
+function make(url, opts) {
+  const c = connect(url, { ...fast, ...opts });
+  c.on("error", () => {}); // expected errors are asserted through promises
+  clients.push(c);
+  return c;
+}
+afterEach(() => {
+  while (clients.length) clients.pop().close();
+});
+
+const socketCount = (sockets, n) => waitFor(() => sockets.length >= n, { timeoutMs: 3000, what: `${n} sockets` });
+
+describe("close codes", () => {
+  test("1008 without a token callback: closed for good, no reconnect", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, token: "t1" });
+    await socketCount(sockets, 1);
+    assert.match(sockets[0].url, /token=t1/);
+    sockets[0].welcome();
+    const closed = nextEvent(c, "closed");
+    sockets[0].serverClose(1008, "token expired");
+    const info = await closed;
+    assert.equal(info.code, 1008);
+    assert.equal(c.state, "closed");
+    await new Promise((r) => setTimeout(r, 300));
+    assert.equal(sockets.length, 1, "no reconnect after 1008");
+    await assert.rejects(c.publish("x", 1), { code: "closed" });
+  });
+
+  test("1008 and the callback returns the same token: closed; setToken() later restarts and resubscribes", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    let calls = 0;
+    const c = make("ws://a/ws", { WebSocket, token: "t1", getToken: async () => (calls++, "t1") });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    c.subscribe("news", () => {});
+    await waitFor(() => sockets[0].lastSent("subscribe"));
+    sockets[0].reply(sockets[0].lastSent("subscribe"));
+    const closed = nextEvent(c, "closed");
+    sockets[0].serverClose(1008);
+    await closed;
+    assert.equal(calls, 1, "the callback was asked for a new token");
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(sockets.length, 1);
+
+    c.setToken("t2");
+    await socketCount(sockets, 2);
+    assert.match(sockets[1].url, /token=t2/);
+    sockets[1].welcome();
+    assert.equal(c.state, "open");
+    assert.deepEqual(sockets[1].lastSent("subscribe").topics, ["news"]);
+  });
+
+  test("1008 and the callback supplies a new token: reconnects with it", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const tokens = ["t1", "t2"];
+    const c = make("ws://a/ws", { WebSocket, getToken: async () => tokens.shift() ?? "t2" });
+    await socketCount(sockets, 1);
+    assert.match(sockets[0].url, /token=t1/);
+    sockets[0].welcome();
+    sockets[0].serverClose(1008);
+    await socketCount(sockets, 2);
+    assert.match(sockets[1].url, /token=t2/);
+    sockets[1].welcome();
+    assert.equal(c.state, "open");
+  });
+
+  test("1001: reconnects after a small jittered delay, to the next node of the list", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make(["ws://a/ws", "ws://b/ws"], { WebSocket, goingAwayMaxDelayMs: 100, random: () => 0.5 });
+    await socketCount(sockets, 1);
+    assert.equal(sockets[0].url, "ws://a/ws");
+    sockets[0].welcome();
+    const rec = nextEvent(c, "reconnecting");
+    sockets[0].serverClose(1001, "draining");
+    const info = await rec;
+    assert.equal(info.delayMs, 50, "random 0.5 of the 100 ms window");
+    assert.equal(info.code, 1001);
+    await socketCount(sockets, 2);
+    assert.equal(sockets[1].url, "ws://b/ws");
+    sockets[1].welcome({ node: "n2" });
+    assert.equal(c.welcome.node, "n2");
+    assert.equal(c.reconnects, 1);
+  });
+
+  test("failures back off exponentially (full jitter) and an open connection resets it", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, backoffInitialMs: 10, backoffMaxMs: 80, random: () => 0.999, stableAfterMs: 0 });
+    const delays = [];
+    c.on("reconnecting", (i) => delays.push(i.delayMs));
+    for (let n = 1; n <= 6; n++) {
+      await socketCount(sockets, n);
+      sockets[n - 1].serverClose(1006);
+    }
+    assert.deepEqual(delays, [9, 19, 39, 79, 79, 79]);
+    await socketCount(sockets, 7);
+    sockets[6].welcome();
+    sockets[6].serverClose(4008, "slow consumer");
+    await waitFor(() => delays.length === 7);
+    assert.equal(delays[6], 9, "a connection that opened resets the backoff");
+  });
+});
+
+describe("subscriptions", () => {
+  test("subscribes made together go in one command; everything is resubscribed in one command", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const got = [];
+    const ready = Promise.all(["a", "b", "c"].map((t) => c.subscribe(t, (d) => got.push([t, d]))));
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const subs = sockets[0].sent.filter((f) => f.op === "subscribe");
+    assert.equal(subs.length, 1);
+    assert.deepEqual(subs[0].topics, ["a", "b", "c"]);
+    sockets[0].reply(subs[0]);
+    await ready;
+    sockets[0].serverSend({ op: "message", topic: "b", data: { x: 1 } });
+    assert.deepEqual(got, [["b", { x: 1 }]]);
+
+    c.unsubscribe("c");
+    await waitFor(() => sockets[0].lastSent("unsubscribe"));
+    assert.deepEqual(sockets[0].lastSent("unsubscribe").topics, ["c"]);
+
+    sockets[0].serverClose(1006);
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    const resubs = sockets[1].sent.filter((f) => f.op === "subscribe");
+    assert.equal(resubs.length, 1, "one subscribe command after reconnecting");
+    assert.deepEqual(resubs[0].topics, ["a", "b"]);
+  });
+
+  test("a batch rejected for one bad topic is retried topic by topic", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const good = c.subscribe("good", () => {});
+    const bad = c.subscribe("bad topic", () => {});
+    await waitFor(() => sockets[0].lastSent("subscribe"));
+    sockets[0].error(sockets[0].lastSent("subscribe"), "invalid_topic");
+    await waitFor(() => sockets[0].sent.filter((f) => f.op === "subscribe").length === 3);
+    for (const f of sockets[0].sent.filter((f) => f.op === "subscribe").slice(1)) {
+      if (f.topics[0] === "good") sockets[0].reply(f);
+      else sockets[0].error(f, "invalid_topic");
+    }
+    await good;
+    await assert.rejects(bad, { code: "invalid_topic" });
+    assert.deepEqual(c.topics(), ["good"]);
+  });
+});
+
+describe("publish", () => {
+  test("resolves on published, rejects with the server's code, and with `disconnected` when the link drops", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const ok = c.publish("t", { n: 1 });
+    const rejected = c.publish("t", 2);
+    const inflight = c.publish("t", 3);
+    const [f1, f2] = sockets[0].sent.filter((f) => f.op === "publish");
+    assert.deepEqual(f1.data, { n: 1 });
+    sockets[0].reply(f1);
+    sockets[0].error(f2, "rate_limited");
+    await ok;
+    await assert.rejects(rejected, { code: "rate_limited" });
+    sockets[0].serverClose(1006);
+    await assert.rejects(inflight, { code: "disconnected" });
+  });
+
+  test("while disconnected: waits for the connection up to offlineTimeoutMs, then `offline`", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, offlineTimeoutMs: 150 });
+    const early = c.publish("t", "queued");
+    await socketCount(sockets, 1);
+    assert.equal(sockets[0].sent.length, 0, "nothing is sent before welcome");
+    sockets[0].welcome();
+    const f = sockets[0].lastSent("publish");
+    assert.equal(f.data, "queued");
+    sockets[0].reply(f);
+    await early;
+
+    sockets[0].serverClose(1006);
+    const late = c.publish("t", "too late");
+    await assert.rejects(late, { code: "offline" });
+    const none = connect("ws://a/ws", { ...fast, WebSocket, offlineTimeoutMs: 0 });
+    await assert.rejects(none.publish("t", 1), { code: "offline" });
+    none.close();
+    // The wait queue is bounded.
+    const few = make("ws://a/ws", { WebSocket, maxQueued: 2 });
+    const waiting = [few.publish("t", 1), few.publish("t", 2)];
+    await assert.rejects(few.publish("t", 3), { code: "offline" });
+    few.close();
+    for (const p of waiting) await assert.rejects(p, { code: "closed" });
+  });
+
+  test("a frame over maxMessageBytes is refused locally (the server would close with 1009)", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, maxMessageBytes: 1000 });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    await assert.rejects(c.publish("t", "é".repeat(600)), { code: "payload_too_large" });
+    await assert.rejects(c.publish("t", undefined), { code: "bad_request" });
+    assert.equal(sockets[0].sent.length, 0);
+  });
+});
+
+describe("liveness and tokens", () => {
+  test("silence past heartbeat + margin sends a ping op; no answer closes and reconnects", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, idleMarginMs: 50, pongTimeoutMs: 300 });
+    let dead = 0;
+    c.on("dead", () => dead++);
+    await socketCount(sockets, 1);
+    // Answers take longer than the client's timer granularity, like on a real network.
+    sockets[0].autoPong = 80;
+    sockets[0].welcome({ heartbeat_ms: 50 });
+    // Answered probes: the connection stays up.
+    await waitFor(() => sockets[0].sent.filter((f) => f.op === "ping").length >= 3, { what: "3 probes" });
+    assert.equal(dead, 0);
+    assert.equal(c.state, "open");
+    // Unanswered probe: the socket is dropped and a new one opened.
+    sockets[0].autoPong = false;
+    await waitFor(() => dead === 1, { what: "dead link detected" });
+    assert.ok(sockets[0].closedWith, "the dead socket was closed");
+    await socketCount(sockets, 2);
+  });
+
+  test("refreshes the token with the refresh op before exp; falls back when the server lacks the op", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const exp = () => Math.floor(Date.now() / 1000) + 3;
+    const first = jwt({ sub: "u", exp: exp() });
+    let n = 0;
+    const c = make("ws://a/ws", { WebSocket, token: first, getToken: async () => jwt({ sub: "u", exp: exp(), n: ++n }), refreshMarginMs: 2500 });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const refresh = await waitFor(() => sockets[0].lastSent("refresh"), { timeoutMs: 4000, what: "refresh op" });
+    assert.notEqual(refresh.token, first);
+    assert.equal(typeof refresh.id, "number");
+    sockets[0].reply(refresh);
+
+    // A gateway without the op: no more refresh attempts; the token is used on reconnect.
+    const second = await waitFor(() => sockets[0].sent.filter((f) => f.op === "refresh")[1], { timeoutMs: 4000, what: "second refresh" });
+    sockets[0].error(second, "unknown_op");
+    sockets[0].serverClose(1008, "token expired");
+    await socketCount(sockets, 2);
+    assert.ok(!sockets[1].url.includes(encodeURIComponent(first)));
+    assert.match(sockets[1].url, /token=/);
+    sockets[1].welcome();
+    assert.equal(c.state, "open");
+  });
+
+  test("a static token that has expired stops the client instead of retrying forever", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, token: jwt({ exp: Math.floor(Date.now() / 1000) - 10 }) });
+    await waitFor(() => c.state === "closed");
+    assert.equal(sockets.length, 0);
+    assert.equal(c.closeInfo.reason, "token expired");
+  });
+});

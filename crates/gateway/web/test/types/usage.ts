@@ -1,0 +1,45 @@
+// Compile-only check of wsgate.d.ts (run by types.test.js with tsc --noEmit --strict).
+import connect, { WsgateClient, WsgateError, backoffDelay, closePolicy, type Json, type Welcome } from "../../wsgate.js";
+import WebSocket from "ws";
+
+interface Tick {
+  symbol: string;
+  price: number;
+}
+
+const client: WsgateClient = connect(["ws://127.0.0.1:8080/ws", "ws://127.0.0.1:8081/ws"], {
+  WebSocket,
+  getToken: async () => "token",
+  backoffMaxMs: 10_000,
+});
+client.on("open", (w) => {
+  const node: string = w.node;
+  const welcome: Welcome | null = client.welcome;
+  void node;
+  void welcome;
+});
+client.on("state", (state, info) => {
+  if (state === "reconnecting") console.log(info.delayMs);
+});
+client.on("error", (e) => console.log(e.message));
+void client.subscribe<Tick>("demo.ticker", (tick, msg) => {
+  const p: number = tick.price;
+  const topic: string = msg.topic;
+  void p;
+  void topic;
+});
+const data: Json = { a: [1, "b", null, { c: true }] };
+client.publish("chat.1", data).catch((e: unknown) => {
+  if (e instanceof WsgateError && e.code === "invalid_topic") console.log(e.message);
+});
+const policy: "jitter" | "new-token" | "backoff" = closePolicy(1001);
+const delay: number = backoffDelay(3, { backoffInitialMs: 100 }, Math.random);
+void policy;
+void delay;
+void client.ping().then((rtt: number) => rtt);
+client.close();
+
+// @ts-expect-error publish needs data
+void client.publish("t");
+// @ts-expect-error unknown event
+client.on("nope", () => {});

@@ -1,0 +1,236 @@
+// Type definitions for wsgate.js, the client of the wsgate WebSocket pub/sub gateway.
+
+/** Any value that survives JSON.stringify / JSON.parse. */
+export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
+
+/** Protocol version this client speaks. */
+export declare const PROTOCOL_VERSION: 1;
+
+/** The connection state. `closed` is final (close(), or a 1008 without a new token). */
+export type State = "connecting" | "open" | "reconnecting" | "closed";
+
+/** The server's first frame on every connection. */
+export interface Welcome {
+  /** Session id, new on every connection. */
+  session: string;
+  /** Id of the gateway node serving this connection. */
+  node: string;
+  /** Interval of the server's WebSocket pings, in milliseconds. */
+  heartbeat_ms: number;
+}
+
+/** A publication as received. Later protocol versions may add fields (e.g. `seq`). */
+export interface Message<T = Json> {
+  op: "message";
+  topic: string;
+  data: T;
+  [extra: string]: unknown;
+}
+
+export type MessageHandler<T = Json> = (data: T, message: Message<T>) => void;
+
+/**
+ * Error codes: the server's (`bad_request`, `unknown_op`, `invalid_topic`, `forbidden`,
+ * `too_many_topics`, `rate_limited`, `payload_too_large`, `unavailable`, `internal`) and the
+ * client's own:
+ * - `disconnected`: the connection dropped after the command was sent; outcome unknown.
+ * - `offline`: no connection within `offlineTimeoutMs`; the command was never sent.
+ * - `timeout`: no reply within `requestTimeoutMs`.
+ * - `closed`: the client is closed for good.
+ * - `token`: the token callback failed (reported through the `error` event).
+ * - `connect`: the WebSocket constructor threw (reported through the `error` event).
+ */
+export type ErrorCode =
+  | "bad_request"
+  | "unknown_op"
+  | "invalid_topic"
+  | "forbidden"
+  | "too_many_topics"
+  | "rate_limited"
+  | "payload_too_large"
+  | "unavailable"
+  | "internal"
+  | "disconnected"
+  | "offline"
+  | "timeout"
+  | "closed"
+  | "token"
+  | "connect"
+  | (string & {});
+
+export declare class WsgateError extends Error {
+  constructor(code: ErrorCode, message?: string);
+  readonly name: "WsgateError";
+  readonly code: ErrorCode;
+}
+
+/** A constructor compatible with the browser's WebSocket (e.g. the `ws` package). */
+export interface WebSocketLike {
+  send(data: string): void;
+  close(code?: number, reason?: string): void;
+  onmessage: ((ev: { data: unknown }) => void) | null;
+  onclose: ((ev: { code: number; reason: string; wasClean: boolean }) => void) | null;
+  onerror: ((ev: unknown) => void) | null;
+  /** Optional (the `ws` package has it): drops the socket without a close handshake. */
+  terminate?(): void;
+}
+export type WebSocketConstructor = new (url: string) => WebSocketLike;
+
+/** Where to connect: one URL, a list of nodes (each reconnect moves to the next), or a chooser. */
+export type UrlSource = string | string[] | ((ctx: { attempt: number; previous: string | null }) => string);
+
+export interface Options {
+  /** Token for the first connection (sent as the `token` query parameter). */
+  token?: string;
+  /**
+   * Called for a token before every reconnect, before the current token's `exp`
+   * (then sent with the `refresh` op), and after a 1008 close: a different token
+   * reconnects, the same one stops the client.
+   */
+  getToken?: () => string | Promise<string>;
+  /** WebSocket implementation; defaults to the global `WebSocket`. */
+  WebSocket?: WebSocketConstructor | (new (url: string) => unknown);
+  /** Random source in [0, 1) for the jitter (tests). */
+  random?: () => number;
+  /** Base for relative URLs; defaults to `location.href` in a browser. */
+  base?: string;
+  /** First backoff cap in ms (default 500); doubles per failed attempt. */
+  backoffInitialMs?: number;
+  /** Largest backoff cap in ms (default 30000). */
+  backoffMaxMs?: number;
+  /** Backoff growth factor (default 2). */
+  backoffFactor?: number;
+  /** After a 1001 (node draining), reconnect after a random 0..this ms (default 1000). */
+  goingAwayMaxDelayMs?: number;
+  /** A connection open this long resets the backoff (default 5000 ms). */
+  stableAfterMs?: number;
+  /** Open + welcome must happen within this (default 10000 ms). */
+  connectTimeoutMs?: number;
+  /** Reply timeout for commands sent on an open connection (default 10000 ms). */
+  requestTimeoutMs?: number;
+  /** How long publish()/ping() wait for a connection while disconnected (default 10000 ms; 0: reject at once). */
+  offlineTimeoutMs?: number;
+  /** At most this many commands wait for a connection; more reject with `offline` (default 256). */
+  maxQueued?: number;
+  /** Heartbeat assumed before the welcome (default 25000 ms). */
+  heartbeatMs?: number;
+  /** Probe with a `ping` op after heartbeat_ms + this ms of silence (default 5000). */
+  idleMarginMs?: number;
+  /** A probe with no answer within this closes the socket and reconnects (default 10000 ms). */
+  pongTimeoutMs?: number;
+  /** Refresh the token this long before `exp`, at most half its remaining life (default 60000 ms). */
+  refreshMarginMs?: number;
+  /** Frames over this are refused locally with `payload_too_large` (default 65536). */
+  maxMessageBytes?: number;
+  /** Use the browser's `online`/`visibilitychange` events (default true). */
+  browserEvents?: boolean;
+}
+
+export interface StateInfo {
+  previous?: State;
+  url?: string;
+  attempt?: number;
+  delayMs?: number;
+  code?: number;
+  reason?: string;
+  session?: string;
+  node?: string;
+  heartbeat_ms?: number;
+  byClient?: boolean;
+  policy?: boolean;
+}
+
+export interface DisconnectInfo {
+  code: number;
+  reason: string;
+  wasClean?: boolean;
+  /** True when the client itself gave up on the socket (ping or connect timeout). */
+  local?: boolean;
+  url: string | null;
+}
+
+export interface Events {
+  /** Every state change. */
+  state: (state: State, info: StateInfo) => void;
+  connecting: (info: { attempt: number; url: string }) => void;
+  open: (info: Welcome & { url: string }) => void;
+  reconnecting: (info: { delayMs: number; attempt: number; code: number; reason: string }) => void;
+  closed: (info: { code: number; reason: string; byClient?: boolean; policy?: boolean }) => void;
+  /** A socket ended (or an attempt failed), before the reconnect decision. */
+  disconnect: (info: DisconnectInfo) => void;
+  /** The idle probe went unanswered: the link is dead. */
+  dead: (info: { url: string | null; idleMs: number }) => void;
+  /** Every publication received, after the topic handlers. */
+  message: (message: Message) => void;
+  /** Errors not tied to a call (an `error` frame with id null, a handler that threw, ...). */
+  error: (error: WsgateError | Error) => void;
+}
+
+export declare class WsgateClient {
+  constructor(url: UrlSource, options?: Options);
+  /** Current state. */
+  readonly state: State;
+  /** The current connection's welcome; null when not open. */
+  readonly welcome: Welcome | null;
+  /** URL of the current (or last) socket, without the token. */
+  readonly url: string | null;
+  /** Connections opened after the first one. */
+  readonly reconnects: number;
+  /** Why the client closed for good, once `state` is `closed`. */
+  readonly closeInfo: { code: number; reason: string; byClient?: boolean; policy?: boolean } | null;
+
+  on<E extends keyof Events>(event: E, fn: Events[E]): () => void;
+  off<E extends keyof Events>(event: E, fn: Events[E]): void;
+  once<E extends keyof Events>(event: E, fn: Events[E]): () => void;
+
+  /**
+   * Subscribes (kept across reconnects). Resolves once the server confirmed it; rejects
+   * with the server's code (the handler is then dropped) or `closed`.
+   */
+  subscribe<T = Json>(topic: string, handler?: MessageHandler<T>): Promise<void>;
+  /** Removes one handler, or all; unsubscribes from the server when none is left. */
+  unsubscribe(topic: string, handler?: MessageHandler<any>): Promise<void>;
+  /** Topics currently wanted. */
+  topics(): string[];
+  /** Resolves on `published`; rejects with a WsgateError (see ErrorCode). */
+  publish(topic: string, data: Json): Promise<void>;
+  /** Round-trip time of a `ping` op, in ms. */
+  ping(): Promise<number>;
+  /** Supplies a new token (refresh op if open; restarts after a 1008 stop). */
+  setToken(token: string): void;
+  /** Closes for good. */
+  close(code?: number, reason?: string): void;
+}
+
+/** Connects and keeps the connection up. */
+export declare function connect(url: UrlSource, options?: Options): WsgateClient;
+export default connect;
+
+/** Default options. */
+export declare const DEFAULTS: Readonly<Required<Omit<Options, "token" | "getToken" | "WebSocket" | "random" | "base">>>;
+
+/** Full-jitter exponential backoff: random() * min(max, initial * factor^attempt). */
+export declare function backoffDelay(
+  attempt: number,
+  opts?: Pick<Options, "backoffInitialMs" | "backoffMaxMs" | "backoffFactor">,
+  random?: () => number,
+): number;
+/** Reconnect policy for a close code. */
+export declare function closePolicy(code: number): "jitter" | "new-token" | "backoff";
+/** Delay before the next attempt for a policy. */
+export declare function reconnectDelay(
+  policy: "jitter" | "new-token" | "backoff",
+  attempt: number,
+  opts?: Options,
+  random?: () => number,
+): number;
+/** JWT payload, decoded without verification; null if not a JWT. */
+export declare function decodeJwtPayload(token: string): Record<string, unknown> | null;
+/** `exp` of a JWT in ms since the epoch; null if none. */
+export declare function tokenExpiresAt(token: string): number | null;
+/** Delay before refreshing a token; null if already expired. */
+export declare function refreshDelay(expiresAt: number, now: number, marginMs?: number, minMs?: number): number | null;
+/** Absolute ws(s) URL (http(s) mapped, relative resolved against base). */
+export declare function resolveUrl(url: string, base?: string): string;
+/** URL with the `token` query parameter set. */
+export declare function withToken(url: string, token: string | null | undefined): string;

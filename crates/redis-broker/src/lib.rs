@@ -1,0 +1,151 @@
+//! The Redis relay for wsgate: several nodes behind a load balancer act as one
+//! service. Implements [`wsgate_fanout::Broker`].
+//!
+//! # Layout
+//! - [`RedisBroker`] (this file): the broker handle the gateway holds; builds
+//!   channel names (`<prefix><topic>`) and wires the two halves below.
+//! - [`publisher`]: one connection and one writer task; `PUBLISH`es are queued in
+//!   call order and sent in pipelines, each acknowledged or failed `unavailable`.
+//! - [`subscriber`]: the manager task owning the pub/sub connection's subscription
+//!   state (batched `SUBSCRIBE`, delayed `UNSUBSCRIBE` re-checked against the hub,
+//!   resubscribe after reconnect) and the reader task that delivers into the hub
+//!   without ever blocking.
+//! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
+//!   which no backend payload can be mistaken for.
+//! - [`backoff`]: reconnect delays, exponential with jitter.
+//!
+//! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
+
+pub mod backoff;
+pub mod envelope;
+mod publisher;
+mod subscriber;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
+
+use crate::publisher::Publisher;
+use crate::subscriber::{Command, Manager};
+
+/// Default prefix of Redis channel names.
+pub const DEFAULT_PREFIX: &str = "wsgate:";
+/// Default delay between a topic's last local subscriber leaving and `UNSUBSCRIBE`.
+pub const DEFAULT_UNSUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
+
+/// How to reach Redis and name channels.
+#[derive(Debug, Clone)]
+pub struct RedisOptions {
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS, when built in).
+    pub url: String,
+    /// Prepended to every topic to form its channel name.
+    pub prefix: String,
+    /// Grace period before giving a topic up in Redis (see [`subscriber`]).
+    pub unsubscribe_delay: Duration,
+}
+
+impl RedisOptions {
+    /// Options with the defaults for everything but the URL.
+    pub fn new(url: impl Into<String>) -> Self {
+        RedisOptions {
+            url: url.into(),
+            prefix: DEFAULT_PREFIX.into(),
+            unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
+        }
+    }
+}
+
+/// A [`Broker`] relaying through Redis pub/sub.
+pub struct RedisBroker {
+    prefix: Arc<str>,
+    publisher: Publisher,
+    commands: mpsc::UnboundedSender<Command>,
+    sub_ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+}
+
+impl RedisBroker {
+    /// Starts the broker's tasks (on the current tokio runtime). Redis need not be up:
+    /// the tasks connect in the background and keep retrying; until then
+    /// [`Broker::is_ready`] is false and publishes and subscribes fail `unavailable`.
+    ///
+    /// # Errors
+    /// When the URL is not a valid Redis URL.
+    pub fn start(options: RedisOptions, hub: Arc<Hub>) -> Result<Self, redis::RedisError> {
+        let client = redis::Client::open(options.url.as_str())?;
+        let stop = CancellationToken::new();
+        let prefix: Arc<str> = Arc::from(options.prefix.as_str());
+        let publisher = Publisher::start(client.clone(), stop.clone());
+        let (commands, rx) = mpsc::unbounded_channel();
+        let sub_ready = Arc::new(AtomicBool::new(false));
+        let manager = Manager {
+            client,
+            hub,
+            prefix: prefix.clone(),
+            unsubscribe_delay: options.unsubscribe_delay,
+            ready: sub_ready.clone(),
+            stop: stop.clone(),
+        };
+        tokio::spawn(manager.run(rx));
+        Ok(RedisBroker {
+            prefix,
+            publisher,
+            commands,
+            sub_ready,
+            stop,
+        })
+    }
+
+    fn channel(&self, topic: &str) -> Vec<u8> {
+        let mut c = Vec::with_capacity(self.prefix.len() + topic.len());
+        c.extend_from_slice(self.prefix.as_bytes());
+        c.extend_from_slice(topic.as_bytes());
+        c
+    }
+}
+
+impl Drop for RedisBroker {
+    fn drop(&mut self) {
+        self.stop.cancel();
+    }
+}
+
+impl Broker for RedisBroker {
+    fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture {
+        self.publisher
+            .publish(self.channel(topic), envelope::encode(data, accepted_at))
+    }
+
+    fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {
+        if !self.sub_ready.load(Ordering::Acquire) {
+            return BrokerFuture::ready(Err(BrokerError::Unavailable(
+                "redis is not connected".into(),
+            )));
+        }
+        let (done, confirmed) = oneshot::channel();
+        if self
+            .commands
+            .send(Command::Subscribe(topics, done))
+            .is_err()
+        {
+            return BrokerFuture::ready(Err(BrokerError::Closed));
+        }
+        BrokerFuture::pending(async move { confirmed.await.unwrap_or(Err(BrokerError::Closed)) })
+    }
+
+    fn release(&self, topics: Vec<Arc<str>>) {
+        let _ = self.commands.send(Command::Release(topics));
+    }
+
+    fn is_ready(&self) -> bool {
+        self.publisher.is_ready() && self.sub_ready.load(Ordering::Acquire)
+    }
+
+    fn kind(&self) -> &'static str {
+        "redis"
+    }
+}

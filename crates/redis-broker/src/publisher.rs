@@ -1,0 +1,162 @@
+//! The publishing side: one connection, one writer task, pipelined `PUBLISH`es.
+//!
+//! [`Publisher::publish`] puts the command on an ordered channel *before returning*,
+//! which fixes the publication's place in the stream (the [`Broker::publish`]
+//! contract); the writer task takes everything queued, sends it as one pipeline (one
+//! round trip for the whole batch) and acknowledges each publication. While Redis is
+//! unreachable, publishes fail at once with `unavailable` — never a false success.
+//!
+//! [`Broker::publish`]: wsgate_fanout::Broker::publish
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot};
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wsgate_fanout::{BrokerError, BrokerFuture};
+
+use crate::backoff::Backoff;
+
+/// Most publications sent in one pipeline: bounds the memory of one batch and the
+/// latency its first publication waits for the last.
+const MAX_BATCH: usize = 1024;
+/// A pipeline that gets no answer within this long counts as a lost connection.
+const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+struct Job {
+    channel: Vec<u8>,
+    payload: Vec<u8>,
+    ack: oneshot::Sender<Result<(), BrokerError>>,
+}
+
+/// Handle used by the broker; the writer task owns the connection.
+pub(crate) struct Publisher {
+    tx: mpsc::UnboundedSender<Job>,
+    /// Whether the writer holds a working connection (checked before queueing, so an
+    /// outage answers `unavailable` without waiting).
+    ready: Arc<AtomicBool>,
+}
+
+impl Publisher {
+    /// Starts the writer task.
+    pub(crate) fn start(client: redis::Client, stop: CancellationToken) -> Self {
+        let (tx, rx) = mpsc::unbounded_channel();
+        let ready = Arc::new(AtomicBool::new(false));
+        tokio::spawn(writer(client, rx, ready.clone(), stop));
+        Publisher { tx, ready }
+    }
+
+    pub(crate) fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Queues `PUBLISH channel payload`; the order of calls is the order in Redis.
+    pub(crate) fn publish(&self, channel: Vec<u8>, payload: Vec<u8>) -> BrokerFuture {
+        if !self.is_ready() {
+            return BrokerFuture::ready(Err(unavailable("redis is not connected")));
+        }
+        let (ack, done) = oneshot::channel();
+        let job = Job {
+            channel,
+            payload,
+            ack,
+        };
+        if self.tx.send(job).is_err() {
+            return BrokerFuture::ready(Err(BrokerError::Closed));
+        }
+        BrokerFuture::pending(async move { done.await.unwrap_or(Err(BrokerError::Closed)) })
+    }
+}
+
+fn unavailable(why: impl Into<String>) -> BrokerError {
+    BrokerError::Unavailable(why.into())
+}
+
+/// Answers every queued job with `err` (the connection they were waiting for is gone).
+fn fail_queued(rx: &mut mpsc::UnboundedReceiver<Job>, err: &BrokerError) {
+    while let Ok(job) = rx.try_recv() {
+        let _ = job.ack.send(Err(err.clone()));
+    }
+}
+
+async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
+    let config = redis::AsyncConnectionConfig::new()
+        .set_connection_timeout(Some(Duration::from_secs(2)))
+        .set_response_timeout(Some(RESPONSE_TIMEOUT));
+    client
+        .get_multiplexed_async_connection_with_config(&config)
+        .await
+}
+
+async fn writer(
+    client: redis::Client,
+    mut rx: mpsc::UnboundedReceiver<Job>,
+    ready: Arc<AtomicBool>,
+    stop: CancellationToken,
+) {
+    let mut backoff = Backoff::default();
+    loop {
+        let mut conn = tokio::select! {
+            _ = stop.cancelled() => return,
+            r = connect(&client) => match r {
+                Ok(c) => c,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %e, retry_in = ?delay, "redis publish connection failed");
+                    fail_queued(&mut rx, &unavailable(format!("redis: {e}")));
+                    tokio::select! {
+                        _ = stop.cancelled() => return,
+                        _ = tokio::time::sleep(delay) => continue,
+                    }
+                }
+            },
+        };
+        backoff.reset();
+        ready.store(true, Ordering::Release);
+        info!("redis publish connection up");
+        let mut batch = Vec::new();
+        loop {
+            let first = tokio::select! {
+                _ = stop.cancelled() => return,
+                job = rx.recv() => match job { Some(j) => j, None => return },
+            };
+            batch.push(first);
+            while batch.len() < MAX_BATCH {
+                match rx.try_recv() {
+                    Ok(j) => batch.push(j),
+                    Err(_) => break,
+                }
+            }
+            let mut pipe = redis::pipe();
+            for job in &batch {
+                pipe.cmd("PUBLISH")
+                    .arg(&job.channel)
+                    .arg(&job.payload)
+                    .ignore();
+            }
+            let result = pipe.exec_async(&mut conn).await;
+            match result {
+                Ok(()) => {
+                    for job in batch.drain(..) {
+                        let _ = job.ack.send(Ok(()));
+                    }
+                }
+                Err(e) => {
+                    // Some of the batch may have reached Redis; answering all of it
+                    // `unavailable` can only be a false failure, never a false success.
+                    ready.store(false, Ordering::Release);
+                    warn!(error = %e, "redis publish failed; reconnecting");
+                    let err = unavailable(format!("redis: {e}"));
+                    for job in batch.drain(..) {
+                        let _ = job.ack.send(Err(err.clone()));
+                    }
+                    fail_queued(&mut rx, &err);
+                    break;
+                }
+            }
+        }
+        debug!("redis publish connection lost");
+    }
+}

@@ -1,0 +1,272 @@
+//! The receiving side: which channels this node holds in Redis, and the reader that
+//! hands what arrives to the hub.
+//!
+//! One task, the *manager*, owns the pub/sub connection's subscription state; every
+//! change goes through it, in order, so racing subscribes and releases of one topic
+//! cannot leave the hub and Redis disagreeing:
+//! - `Subscribe` requests that arrive together become one `SUBSCRIBE` (batching);
+//!   each request resolves when Redis has confirmed its topics (at once if they
+//!   already are).
+//! - `Release` schedules an `UNSUBSCRIBE` after [`RedisOptions::unsubscribe_delay`];
+//!   when it is due the hub is asked again and the topic is kept if a subscriber came
+//!   back (flapping clients cause no Redis traffic).
+//! - On a lost connection it reconnects with backoff and resubscribes every topic the
+//!   hub has, so local clients never notice more than the gap.
+//!
+//! A second task, the *reader*, only decodes and delivers: [`Hub::deliver`] is a
+//! non-blocking enqueue into each subscriber's byte-bounded outbox, so the reader
+//! never waits on a slow client, the connection is drained as fast as Redis writes,
+//! and Redis never sees a growing output buffer (`client-output-buffer-limit pubsub`).
+//! One reader per connection delivers in arrival order, so each topic's order holds.
+//!
+//! [`RedisOptions::unsubscribe_delay`]: crate::RedisOptions::unsubscribe_delay
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
+use tokio_util::sync::CancellationToken;
+use tracing::{debug, info, warn};
+use wsgate_fanout::{unix_nanos, BrokerError, Hub, Publication};
+
+use crate::backoff::Backoff;
+use crate::envelope;
+
+/// Channels per `SUBSCRIBE`/`UNSUBSCRIBE` command when many change at once (a
+/// resubscribe after reconnect): keeps each command and its reply reasonably small.
+const CHUNK: usize = 2000;
+/// A (un)subscribe that Redis does not confirm within this long counts as a lost
+/// connection.
+const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub(crate) enum Command {
+    Subscribe(Vec<Arc<str>>, oneshot::Sender<Result<(), BrokerError>>),
+    Release(Vec<Arc<str>>),
+}
+
+/// What the manager needs to know, fixed at start.
+pub(crate) struct Manager {
+    pub client: redis::Client,
+    pub hub: Arc<Hub>,
+    pub prefix: Arc<str>,
+    pub unsubscribe_delay: Duration,
+    /// True while the pub/sub connection is up and resubscribed.
+    pub ready: Arc<AtomicBool>,
+    pub stop: CancellationToken,
+}
+
+fn unavailable(why: impl Into<String>) -> BrokerError {
+    BrokerError::Unavailable(why.into())
+}
+
+/// Why serving a connection ended.
+enum Lost {
+    Stop,
+    Connection(String),
+}
+
+impl Manager {
+    fn channel(&self, topic: &str) -> String {
+        format!("{}{topic}", self.prefix)
+    }
+
+    /// Runs until `stop`: connect, resubscribe, serve; again after a loss.
+    pub(crate) async fn run(self, mut rx: mpsc::UnboundedReceiver<Command>) {
+        let mut backoff = Backoff::default();
+        loop {
+            let attempt = tokio::select! {
+                _ = self.stop.cancelled() => return,
+                r = self.connect_and_resubscribe() => r,
+            };
+            let lost = match attempt {
+                Ok((sink, confirmed, reader_gone)) => {
+                    backoff.reset();
+                    self.ready.store(true, Ordering::Release);
+                    info!(topics = confirmed.len(), "redis subscriptions up");
+                    let lost = self.serve(&mut rx, sink, confirmed, reader_gone).await;
+                    self.ready.store(false, Ordering::Release);
+                    lost
+                }
+                Err(e) => Lost::Connection(e),
+            };
+            let Lost::Connection(why) = lost else { return };
+            // Until the next connection, subscribes cannot be made active.
+            let delay = backoff.next_delay();
+            warn!(error = %why, retry_in = ?delay, "redis subscriptions down");
+            let until = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    _ = self.stop.cancelled() => return,
+                    _ = tokio::time::sleep_until(until) => break,
+                    cmd = rx.recv() => match cmd {
+                        None => return,
+                        Some(Command::Subscribe(_, done)) => {
+                            let _ = done.send(Err(unavailable("redis is not connected")));
+                        }
+                        // The hub already forgot them; the next resubscribe follows it.
+                        Some(Command::Release(_)) => {}
+                    },
+                }
+            }
+        }
+    }
+
+    /// Opens the pub/sub connection, starts its reader and subscribes every topic the
+    /// hub has. Topics added to the hub meanwhile come as `Subscribe` commands, which
+    /// wait in the channel and are served next.
+    async fn connect_and_resubscribe(
+        &self,
+    ) -> Result<(redis::aio::PubSubSink, HashSet<Arc<str>>, CancellationToken), String> {
+        let pubsub = tokio::time::timeout(CONFIRM_TIMEOUT, self.client.get_async_pubsub())
+            .await
+            .map_err(|_| "connect timed out".to_string())?
+            .map_err(|e| e.to_string())?;
+        let (mut sink, stream) = pubsub.split();
+        let reader_gone = CancellationToken::new();
+        tokio::spawn(read(
+            stream,
+            self.hub.clone(),
+            self.prefix.clone(),
+            reader_gone.clone(),
+            self.stop.clone(),
+        ));
+        let topics = self.hub.topics();
+        let mut confirmed = HashSet::with_capacity(topics.len());
+        for chunk in topics.chunks(CHUNK) {
+            let channels: Vec<String> = chunk.iter().map(|t| self.channel(t)).collect();
+            confirm(sink.subscribe(&channels)).await?;
+            confirmed.extend(chunk.iter().cloned());
+        }
+        Ok((sink, confirmed, reader_gone))
+    }
+
+    /// Serves commands and due unsubscribes on one connection until it is lost.
+    async fn serve(
+        &self,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        mut sink: redis::aio::PubSubSink,
+        mut confirmed: HashSet<Arc<str>>,
+        reader_gone: CancellationToken,
+    ) -> Lost {
+        // Releases in deadline order (the delay is constant, so arrival order is it).
+        let mut due: VecDeque<(Instant, Arc<str>)> = VecDeque::new();
+        loop {
+            let next = due.front().map(|(at, _)| *at);
+            tokio::select! {
+                biased;
+                _ = self.stop.cancelled() => return Lost::Stop,
+                _ = reader_gone.cancelled() => {
+                    return Lost::Connection("pub/sub connection closed".into());
+                }
+                cmd = rx.recv() => {
+                    let Some(first) = cmd else { return Lost::Stop };
+                    // Everything already waiting joins this batch: one SUBSCRIBE.
+                    let mut wanted: Vec<Arc<str>> = Vec::new();
+                    let mut waiters = Vec::new();
+                    let mut cmd = Some(first);
+                    while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
+                        match c {
+                            Command::Subscribe(topics, done) => {
+                                for t in topics {
+                                    if !confirmed.contains(&t) && !wanted.contains(&t) {
+                                        wanted.push(t);
+                                    }
+                                }
+                                waiters.push(done);
+                            }
+                            Command::Release(topics) => {
+                                let at = Instant::now() + self.unsubscribe_delay;
+                                due.extend(topics.into_iter().map(|t| (at, t)));
+                            }
+                        }
+                        if wanted.len() >= CHUNK {
+                            break;
+                        }
+                    }
+                    if !wanted.is_empty() {
+                        let channels: Vec<String> =
+                            wanted.iter().map(|t| self.channel(t)).collect();
+                        if let Err(e) = confirm(sink.subscribe(&channels)).await {
+                            for w in waiters {
+                                let _ = w.send(Err(unavailable(format!("redis: {e}"))));
+                            }
+                            return Lost::Connection(e);
+                        }
+                        debug!(count = wanted.len(), "subscribed");
+                        confirmed.extend(wanted);
+                    }
+                    for w in waiters {
+                        let _ = w.send(Ok(()));
+                    }
+                }
+                _ = sleep_until_opt(next), if next.is_some() => {
+                    let now = Instant::now();
+                    let mut gone: Vec<Arc<str>> = Vec::new();
+                    while due.front().is_some_and(|(at, _)| *at <= now) {
+                        let (_, t) = due.pop_front().expect("checked");
+                        // The hub is the truth: a subscriber that came back keeps it.
+                        if confirmed.contains(&t) && !self.hub.has_subscribers(&t) && !gone.contains(&t) {
+                            gone.push(t);
+                        }
+                    }
+                    for chunk in gone.chunks(CHUNK) {
+                        let channels: Vec<String> = chunk.iter().map(|t| self.channel(t)).collect();
+                        if let Err(e) = confirm(sink.unsubscribe(&channels)).await {
+                            return Lost::Connection(e);
+                        }
+                        for t in chunk {
+                            confirmed.remove(t);
+                        }
+                        debug!(count = chunk.len(), "unsubscribed");
+                    }
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_until_opt(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at).await,
+        None => std::future::pending().await,
+    }
+}
+
+/// Awaits a Redis confirmation, bounded in time.
+async fn confirm(
+    fut: impl std::future::Future<Output = redis::RedisResult<()>>,
+) -> Result<(), String> {
+    match tokio::time::timeout(CONFIRM_TIMEOUT, fut).await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.to_string()),
+        Err(_) => Err("redis did not confirm in time".into()),
+    }
+}
+
+/// The reader: decode, encode once, deliver. Never awaits anything but the next
+/// message.
+async fn read(
+    mut stream: redis::aio::PubSubStream,
+    hub: Arc<Hub>,
+    prefix: Arc<str>,
+    gone: CancellationToken,
+    stop: CancellationToken,
+) {
+    loop {
+        let msg = tokio::select! {
+            _ = stop.cancelled() => break,
+            m = stream.next() => match m { Some(m) => m, None => break },
+        };
+        let Some(topic) = msg.get_channel_name().strip_prefix(&*prefix) else {
+            continue;
+        };
+        let (data, at) = envelope::decode(msg.get_payload_bytes());
+        let publication = Publication::encode(topic, &data, at.unwrap_or_else(unix_nanos));
+        hub.deliver(topic, &publication);
+    }
+    gone.cancel();
+}

@@ -1,0 +1,273 @@
+//! The `wsgate` binary as a process: signals, drain, exit codes, memory, and a
+//! WebSocket client nobody here wrote (Python `websockets`).
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::TcpStream;
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
+use tokio_tungstenite::tungstenite::Message;
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Gateway {
+    child: Child,
+    port: u16,
+    admin: u16,
+}
+
+impl Gateway {
+    fn start(args: &[&str]) -> Gateway {
+        let (port, admin) = (free_port(), free_port());
+        let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+            .args([
+                "--listen",
+                &format!("127.0.0.1:{port}"),
+                "--admin-listen",
+                &format!("127.0.0.1:{admin}"),
+            ])
+            .args(["--log-level", "warn"])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn wsgate");
+        let gw = Gateway { child, port, admin };
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while http(gw.admin, "GET", "/healthz", b"").map(|r| r.0) != Some(200) {
+            assert!(Instant::now() < deadline, "gateway did not start");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        gw
+    }
+
+    fn url(&self) -> String {
+        format!("ws://127.0.0.1:{}/ws", self.port)
+    }
+
+    fn signal(&self, sig: &str) {
+        let ok = Command::new("kill")
+            .args([sig, &self.child.id().to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+    }
+
+    fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap()
+    }
+}
+
+impl Drop for Gateway {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn http(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
+    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    write!(
+        s,
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .ok()?;
+    s.write_all(body).ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let status = out.get(9..12)?.parse().ok()?;
+    Some((
+        status,
+        out.split_once("\r\n\r\n")
+            .map(|x| x.1.to_string())
+            .unwrap_or_default(),
+    ))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_drains_with_1001_spread_over_the_window_then_exits_0() {
+    let mut gw = Gateway::start(&["--drain-timeout", "2s"]);
+    let mut clients = Vec::new();
+    for _ in 0..10 {
+        let (ws, _) = tokio_tungstenite::connect_async(gw.url()).await.unwrap();
+        clients.push(ws);
+    }
+    let started = Instant::now();
+    gw.signal("-TERM");
+    // Readiness flips at once; new upgrades are refused.
+    let mut refused = false;
+    for _ in 0..50 {
+        if http(gw.admin, "GET", "/readyz", b"").map(|r| r.0) == Some(503) {
+            refused = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(refused, "/readyz turns 503 during the drain");
+    match tokio_tungstenite::connect_async(gw.url()).await {
+        Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
+        other => panic!("expected 503 while draining, got {:?}", other.map(|_| ())),
+    }
+    // Every client is read concurrently, so each close is timed when it arrives.
+    let waits: Vec<_> = clients
+        .into_iter()
+        .map(|mut ws| {
+            tokio::spawn(async move {
+                loop {
+                    match tokio::time::timeout(Duration::from_secs(10), ws.next())
+                        .await
+                        .expect("closed in time")
+                    {
+                        Some(Ok(Message::Close(Some(f)))) => {
+                            assert_eq!(u16::from(f.code), 1001);
+                            return started.elapsed();
+                        }
+                        Some(Ok(_)) => continue,
+                        other => panic!("expected a 1001 close frame, got {other:?}"),
+                    }
+                }
+            })
+        })
+        .collect();
+    let mut closed_at = Vec::new();
+    for w in waits {
+        closed_at.push(w.await.unwrap());
+    }
+    closed_at.sort();
+    let spread = closed_at[9] - closed_at[0];
+    // Ten closes spread evenly over 2 s: first and last are ~1.8 s apart, not a burst.
+    assert!(
+        spread >= Duration::from_millis(900),
+        "closes were not spread: {closed_at:?}"
+    );
+    let status = tokio::task::spawn_blocking(move || gw.child.wait().unwrap())
+        .await
+        .unwrap();
+    assert!(status.success(), "exit status {status:?}");
+}
+
+#[test]
+fn invalid_config_exits_non_zero_with_a_clear_message() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--heartbeat-interval", "30s", "--heartbeat-timeout", "5s"])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--heartbeat-timeout"));
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["--listen", "not-an-address"])
+        .output()
+        .unwrap();
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--listen"));
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .env("WSGATE_MAX_CONNECTIONS", "many")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "env vars are validated too");
+}
+
+#[test]
+fn help_documents_every_setting_with_its_env_var() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    let help = String::from_utf8_lossy(&out.stdout);
+    for flag in [
+        "--listen",
+        "--admin-listen",
+        "--heartbeat-interval",
+        "--heartbeat-timeout",
+        "--drain-timeout",
+        "--max-connections",
+        "--max-message-size",
+        "--outbound-queue-bytes",
+        "--max-topics-per-connection",
+        "--rate-limit",
+        "--api-key",
+        "--log-format",
+    ] {
+        assert!(help.contains(flag), "--help lacks {flag}");
+    }
+    assert!(
+        help.contains("WSGATE_LISTEN") && help.contains("[default: 25s]"),
+        "{help}"
+    );
+}
+
+#[test]
+fn a_flood_to_a_client_that_stopped_reading_keeps_memory_bounded() {
+    let gw = Gateway::start(&["--outbound-queue-bytes", "256KiB"]);
+    // A client that subscribes, then never reads again.
+    let mut slow = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
+    write!(slow, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut r = BufReader::new(slow.try_clone().unwrap());
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    let cmd = br#"{"op":"subscribe","topics":["flood"]}"#;
+    let mut frame = vec![0x81, 0x80 | cmd.len() as u8, 0, 0, 0, 0];
+    frame.extend_from_slice(cmd);
+    slow.write_all(&frame).unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    let before = gw.rss_kib();
+    // 200 MB of publications.
+    let item = format!(r#"{{"topic":"flood","data":"{}"}}"#, "x".repeat(10_000));
+    let batch = format!("[{}]", vec![item; 50].join(","));
+    for _ in 0..400 {
+        let (status, body) = http(gw.port, "POST", "/api/publish", batch.as_bytes()).unwrap();
+        assert_eq!(status, 200, "{body}");
+    }
+    let after = gw.rss_kib();
+    // 200 MB went through; the process grew by far less (allocator noise aside).
+    assert!(
+        after < before + 64 * 1024,
+        "RSS grew from {before} KiB to {after} KiB"
+    );
+    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").unwrap();
+    assert!(
+        metrics.contains("wsgate_disconnects_total{reason=\"slow_consumer\"} 1"),
+        "{metrics}"
+    );
+}
+
+/// The Python `websockets` library (installed by the test command) drives the
+/// protocol: see tests/clients/python_client.py.
+#[test]
+fn python_websockets_client_speaks_the_protocol() {
+    let gw = Gateway::start(&["--max-message-size", "4096", "--node-id", "py-node"]);
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/python_client.py"
+    );
+    let out = Command::new("python3")
+        .arg(script)
+        .arg(gw.url())
+        .output()
+        .expect("python3 runs (the test command installs it)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("ALL OK"), "{stdout}");
+}

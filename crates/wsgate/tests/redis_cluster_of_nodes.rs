@@ -1,0 +1,181 @@
+//! Three real `wsgate` nodes sharing one real Redis act as one service (issue 3):
+//! every publish path reaches every node, payload rules hold, order holds, and each
+//! node holds in Redis exactly the channels its own clients want.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{wait_until, Client, Node, Redis};
+use serde_json::json;
+
+const WAIT: Duration = Duration::from_secs(10);
+
+/// Nodes tuned for tests: no rate limit in the way of a 10,000-message stream, and a
+/// short unsubscribe delay so interest changes show quickly.
+fn node(redis: &Redis) -> Node {
+    Node::start(
+        Some(&redis.url()),
+        &[
+            "--rate-limit",
+            "1000000",
+            "--rate-burst",
+            "1000000",
+            "--redis-unsubscribe-delay",
+            "200ms",
+        ],
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_publish_path_reaches_every_node() {
+    let redis = Redis::start();
+    let nodes = [node(&redis), node(&redis), node(&redis)];
+    for n in &nodes {
+        assert!(wait_until(WAIT, || n.is_ready()), "node ready with redis");
+    }
+    let mut subs = Vec::new();
+    for n in &nodes {
+        let mut c = Client::connect(n).await;
+        c.subscribe(&["news"]).await;
+        subs.push(c);
+    }
+
+    // 1. A WebSocket client on node 0.
+    let mut publisher = Client::connect(&nodes[0]).await;
+    let r = publisher
+        .call(json!({"op":"publish","topic":"news","data":{"from":"ws"}}))
+        .await;
+    assert_eq!(r["op"], "published", "{r}");
+    // 2. The HTTP API on node 1.
+    let (status, body) = nodes[1].http_publish("news", json!({"from":"http"}));
+    assert_eq!(status, 200, "{body}");
+    // 3. A backend with the stock redis-cli: JSON as-is, other text as a string.
+    redis.cli_publish("wsgate:news", r#"{"from":"redis-cli","n":[1,2]}"#);
+    redis.cli_publish("wsgate:news", "plain text, not JSON");
+
+    for (i, c) in subs.iter_mut().enumerate() {
+        let mut got = Vec::new();
+        for _ in 0..4 {
+            let m = c.next_message(WAIT).await.unwrap_or_else(|| {
+                panic!("node {i}: only {got:?}");
+            });
+            assert_eq!(m["topic"], "news");
+            got.push(m["data"].clone());
+        }
+        assert_eq!(
+            got,
+            vec![
+                json!({"from":"ws"}),
+                json!({"from":"http"}),
+                json!({"from":"redis-cli","n":[1,2]}),
+                json!("plain text, not JSON"),
+            ],
+            "node {i}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ten_thousand_messages_cross_nodes_complete_and_in_order() {
+    const N: u64 = 10_000;
+    let redis = Redis::start();
+    let (a, c) = (node(&redis), node(&redis));
+    assert!(wait_until(WAIT, || a.is_ready() && c.is_ready()));
+    let mut sub = Client::connect(&c).await;
+    sub.subscribe(&["seq"]).await;
+    let mut publisher = Client::connect(&a).await;
+
+    let reader = tokio::spawn(async move {
+        let mut expect = 0u64;
+        while expect < N {
+            let m = sub
+                .next_message(WAIT)
+                .await
+                .unwrap_or_else(|| panic!("stream stopped after {expect} messages"));
+            assert_eq!(m["data"]["n"], json!(expect), "out of order or lost");
+            expect += 1;
+        }
+        expect
+    });
+    // Sent without waiting for replies (the gateway pipelines them to Redis); the
+    // replies are collected at the end.
+    for n in 0..N {
+        publisher
+            .send(json!({"op":"publish","topic":"seq","data":{"n":n}}))
+            .await;
+    }
+    let mut published = 0;
+    while published < N {
+        let f = publisher.next_frame(WAIT).await.expect("publish replies");
+        assert_eq!(f["op"], "published", "{f}");
+        published += 1;
+    }
+    assert_eq!(reader.await.unwrap(), N);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_holds_exactly_the_topics_with_local_subscribers() {
+    let redis = Redis::start();
+    let (a, b) = (node(&redis), node(&redis));
+    assert!(wait_until(WAIT, || a.is_ready() && b.is_ready()));
+    let channels = || redis.channels("wsgate:*");
+    assert!(channels().is_empty());
+
+    let mut c1 = Client::connect(&a).await;
+    let mut c2 = Client::connect(&a).await;
+    let mut c3 = Client::connect(&b).await;
+    c1.subscribe(&["alpha", "beta"]).await;
+    c2.subscribe(&["beta"]).await;
+    c3.subscribe(&["gamma"]).await;
+    // `subscribed` means Redis already confirmed: no waiting needed here.
+    assert_eq!(channels(), ["wsgate:alpha", "wsgate:beta", "wsgate:gamma"]);
+    let numsub: Vec<(String, u64)> = redis::cmd("PUBSUB")
+        .arg("NUMSUB")
+        .arg("wsgate:beta")
+        .query(&mut redis.conn())
+        .unwrap();
+    assert_eq!(
+        numsub[0].1, 1,
+        "one Redis subscription per node, not per client"
+    );
+
+    c1.unsubscribe(&["alpha"]).await;
+    assert!(
+        wait_until(WAIT, || channels() == ["wsgate:beta", "wsgate:gamma"]),
+        "{:?}",
+        channels()
+    );
+    // beta still has c2 after c1 leaves it.
+    c1.unsubscribe(&["beta"]).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(channels(), ["wsgate:beta", "wsgate:gamma"]);
+    drop(c2);
+    drop(c3);
+    assert!(
+        wait_until(WAIT, || channels().is_empty()),
+        "{:?}",
+        channels()
+    );
+
+    // Flapping: the last state wins, in the hub and in Redis.
+    for _ in 0..20 {
+        c1.subscribe(&["flap"]).await;
+        c1.unsubscribe(&["flap"]).await;
+    }
+    c1.subscribe(&["flap"]).await;
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    assert_eq!(channels(), ["wsgate:flap"]);
+    redis.cli_publish("wsgate:flap", "still here");
+    let m = c1
+        .next_message(WAIT)
+        .await
+        .expect("delivered after flapping");
+    assert_eq!(m["data"], "still here");
+    c1.unsubscribe(&["flap"]).await;
+    assert!(
+        wait_until(WAIT, || channels().is_empty()),
+        "{:?}",
+        channels()
+    );
+}

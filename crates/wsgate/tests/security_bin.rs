@@ -1,0 +1,182 @@
+//! The binary: bad key files exit 2 with a clear message, an open gateway warns
+//! loudly, and SIGHUP reloads the TLS certificate without a restart.
+
+use std::io::{BufRead, BufReader};
+use std::net::{SocketAddr, TcpListener};
+use std::path::Path;
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls_pki_types::{CertificateDer, ServerName};
+
+const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
+
+fn free_port() -> u16 {
+    TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+struct Ca {
+    der: CertificateDer<'static>,
+    issuer: Issuer<'static, KeyPair>,
+}
+
+fn ca() -> Ca {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let key = KeyPair::generate().unwrap();
+    let cert = params.self_signed(&key).unwrap();
+    Ca {
+        der: cert.der().clone(),
+        issuer: Issuer::new(params, key),
+    }
+}
+
+fn write_server_cert(ca: &Ca, dir: &Path) {
+    let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
+    let key = KeyPair::generate().unwrap();
+    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    // Write then rename, as a rotation tool would: no half-written file is seen.
+    std::fs::write(dir.join("cert.tmp"), cert.pem()).unwrap();
+    std::fs::write(dir.join("key.tmp"), key.serialize_pem()).unwrap();
+    std::fs::rename(dir.join("key.tmp"), dir.join("key.pem")).unwrap();
+    std::fs::rename(dir.join("cert.tmp"), dir.join("cert.pem")).unwrap();
+}
+
+async fn handshake(ca: &Ca, addr: SocketAddr) -> bool {
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(ca.der.clone()).unwrap();
+    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_root_certificates(roots)
+    .with_no_client_auth();
+    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
+        return false;
+    };
+    tokio_rustls::TlsConnector::from(Arc::new(config))
+        .connect(ServerName::try_from("localhost").unwrap(), tcp)
+        .await
+        .is_ok()
+}
+
+/// A running binary whose stderr lines are collected; killed on drop.
+struct Running {
+    child: Child,
+    log: Arc<Mutex<Vec<String>>>,
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn spawn(args: &[&str]) -> Running {
+    let mut child = Command::new(BIN)
+        .args(args)
+        .stderr(Stdio::piped())
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap();
+    let log = Arc::new(Mutex::new(Vec::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            sink.lock().unwrap().push(line);
+        }
+    });
+    Running { child, log }
+}
+
+fn logged(r: &Running, needle: &str) -> bool {
+    r.log.lock().unwrap().iter().any(|l| l.contains(needle))
+}
+
+async fn until(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
+    let deadline = Instant::now() + limit;
+    while Instant::now() < deadline {
+        if f().await {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    false
+}
+
+#[test]
+fn unusable_key_files_exit_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let junk = dir.path().join("junk.pem");
+    std::fs::write(&junk, "not a key").unwrap();
+    let junk = junk.to_str().unwrap();
+    for args in [
+        vec!["--tls-cert", junk, "--tls-key", junk],
+        vec!["--jwt-public-key", junk],
+        vec!["--tls-cert", "/nonexistent/cert.pem", "--tls-key", junk],
+    ] {
+        let out = Command::new(BIN).args(&args).output().unwrap();
+        assert_eq!(out.status.code(), Some(2), "{args:?}");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("invalid configuration"), "{err}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn warns_when_open_and_reloads_on_sighup() {
+    let dir = tempfile::tempdir().unwrap();
+    let old = ca();
+    write_server_cert(&old, dir.path());
+    let port = free_port();
+    let listen = format!("127.0.0.1:{port}");
+    let admin = format!("127.0.0.1:{}", free_port());
+    let cert = dir.path().join("cert.pem");
+    let key = dir.path().join("key.pem");
+    let running = spawn(&[
+        "--listen",
+        &listen,
+        "--admin-listen",
+        &admin,
+        "--tls-cert",
+        cert.to_str().unwrap(),
+        "--tls-key",
+        key.to_str().unwrap(),
+    ]);
+    let addr: SocketAddr = listen.parse().unwrap();
+    assert!(
+        until(Duration::from_secs(10), async || handshake(&old, addr)
+            .await)
+        .await
+    );
+    assert!(
+        logged(&running, "AUTH IS OFF"),
+        "{:?}",
+        running.log.lock().unwrap()
+    );
+
+    let new = ca();
+    write_server_cert(&new, dir.path());
+    let status = Command::new("kill")
+        .args(["-HUP", &running.child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert!(until(Duration::from_secs(3), async || handshake(&new, addr).await).await);
+    assert!(!handshake(&old, addr).await);
+    assert!(
+        until(Duration::from_secs(3), async || logged(
+            &running,
+            "certificate reloaded"
+        ))
+        .await
+    );
+}
