@@ -8,7 +8,6 @@
 use std::collections::HashSet;
 use std::convert::Infallible;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
@@ -130,11 +129,11 @@ async fn run_inner<R, W>(
         )
     };
 
-    let expires = Arc::new(AtomicU64::new(0));
+    let (expires, deadline) = tokio::sync::watch::channel(0);
     if gw.security.auth.is_some() {
         set_deadline(&expires, &identity, cfg.jwt_leeway);
         gw.tracker
-            .spawn(expiry(expires.clone(), outbox.clone(), reader_done.clone()).in_current_span());
+            .spawn(expiry(deadline, outbox.clone(), reader_done.clone()).in_current_span());
     }
 
     let (ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
@@ -271,27 +270,31 @@ struct Reader {
     /// Who the client is and what it may do (replaced by `refresh`).
     identity: Identity,
     /// When the session ends unless refreshed (unix seconds, leeway included),
-    /// shared with the [`expiry`] task.
-    expires: Arc<AtomicU64>,
+    /// watched by the [`expiry`] task.
+    expires: tokio::sync::watch::Sender<u64>,
     mode: Mode,
 }
 
 /// Stores the close deadline of `identity`'s token.
-fn set_deadline(expires: &AtomicU64, identity: &Identity, leeway: Duration) {
+fn set_deadline(expires: &tokio::sync::watch::Sender<u64>, identity: &Identity, leeway: Duration) {
     let exp = identity
         .expires
         .duration_since(UNIX_EPOCH)
         .unwrap_or_default()
         .as_secs();
     let deadline = exp.saturating_add(leeway.as_secs());
-    expires.store(deadline.min(crate::auth::MAX_EXP), Ordering::Release);
+    expires.send_replace(deadline.min(crate::auth::MAX_EXP));
 }
 
-/// Closes the session with 1008 when its token's deadline passes (a `refresh` moves
-/// the deadline; the task then sleeps again).
-async fn expiry(expires: Arc<AtomicU64>, outbox: Arc<Outbox>, done: CancellationToken) {
+/// Closes the session with 1008 when its token's deadline passes. A `refresh` moves
+/// the deadline, later or earlier, and wakes the task to sleep again.
+async fn expiry(
+    mut expires: tokio::sync::watch::Receiver<u64>,
+    outbox: Arc<Outbox>,
+    done: CancellationToken,
+) {
     loop {
-        let deadline = UNIX_EPOCH + Duration::from_secs(expires.load(Ordering::Acquire));
+        let deadline = UNIX_EPOCH + Duration::from_secs(*expires.borrow_and_update());
         let left = deadline
             .duration_since(std::time::SystemTime::now())
             .unwrap_or_default();
@@ -302,6 +305,7 @@ async fn expiry(expires: Arc<AtomicU64>, outbox: Arc<Outbox>, done: Cancellation
         tokio::select! {
             _ = done.cancelled() => return,
             _ = tokio::time::sleep(left) => {}
+            changed = expires.changed() => if changed.is_err() { return },
         }
     }
 }

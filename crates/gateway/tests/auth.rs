@@ -386,3 +386,22 @@ async fn absurd_exp_does_not_crash() {
     assert_eq!(r["op"], "refreshed");
     assert_eq!(call(&mut ws, r#"{"op":"ping","id":3}"#).await["op"], "pong");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refresh_to_a_shorter_token_moves_expiry_earlier() {
+    let node = start(&auth_args()).await;
+    let token = hs256(&good_claims());
+    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let mut short = good_claims();
+    short["exp"] = json!(now() + 2);
+    let r = call(
+        &mut ws,
+        &format!(r#"{{"op":"refresh","id":1,"token":"{}"}}"#, hs256(&short)),
+    )
+    .await;
+    assert_eq!(r["op"], "refreshed");
+    match next(&mut ws, Duration::from_secs(6)).await {
+        Received::Close(code) => assert_eq!(code, 1008),
+        _ => panic!("expected a close"),
+    }
+}

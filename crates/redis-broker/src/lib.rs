@@ -13,21 +13,25 @@
 //! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
 //!   which no backend payload can be mistaken for.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
+//! - `health`: which connections are up, and the `wsgate_redis_*` metrics.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
 pub mod backoff;
 pub mod envelope;
+mod health;
 mod publisher;
 mod subscriber;
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
+use wsgate_metrics::Metrics;
+
+use crate::health::Health;
 
 use crate::publisher::Publisher;
 use crate::subscriber::{Command, Manager};
@@ -38,7 +42,7 @@ pub const DEFAULT_PREFIX: &str = "wsgate:";
 pub const DEFAULT_UNSUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 
 /// How to reach Redis and name channels.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct RedisOptions {
     /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS, when built in).
     pub url: String,
@@ -46,6 +50,19 @@ pub struct RedisOptions {
     pub prefix: String,
     /// Grace period before giving a topic up in Redis (see [`subscriber`]).
     pub unsubscribe_delay: Duration,
+    /// The node's metrics, to feed `wsgate_redis_*` and
+    /// `wsgate_messages_received_total{source="redis"}` (backend publications).
+    pub metrics: Option<Metrics>,
+}
+
+impl std::fmt::Debug for RedisOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        // The URL may hold a password: never print it.
+        f.debug_struct("RedisOptions")
+            .field("prefix", &self.prefix)
+            .field("unsubscribe_delay", &self.unsubscribe_delay)
+            .finish_non_exhaustive()
+    }
 }
 
 impl RedisOptions {
@@ -55,6 +72,7 @@ impl RedisOptions {
             url: url.into(),
             prefix: DEFAULT_PREFIX.into(),
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
+            metrics: None,
         }
     }
 }
@@ -64,7 +82,7 @@ pub struct RedisBroker {
     prefix: Arc<str>,
     publisher: Publisher,
     commands: mpsc::UnboundedSender<Command>,
-    sub_ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     stop: CancellationToken,
 }
 
@@ -79,15 +97,15 @@ impl RedisBroker {
         let client = redis::Client::open(options.url.as_str())?;
         let stop = CancellationToken::new();
         let prefix: Arc<str> = Arc::from(options.prefix.as_str());
-        let publisher = Publisher::start(client.clone(), stop.clone());
+        let health = Arc::new(Health::new(options.metrics));
+        let publisher = Publisher::start(client.clone(), health.clone(), stop.clone());
         let (commands, rx) = mpsc::unbounded_channel();
-        let sub_ready = Arc::new(AtomicBool::new(false));
         let manager = Manager {
             client,
             hub,
             prefix: prefix.clone(),
             unsubscribe_delay: options.unsubscribe_delay,
-            ready: sub_ready.clone(),
+            health: health.clone(),
             stop: stop.clone(),
         };
         tokio::spawn(manager.run(rx));
@@ -95,7 +113,7 @@ impl RedisBroker {
             prefix,
             publisher,
             commands,
-            sub_ready,
+            health,
             stop,
         })
     }
@@ -121,7 +139,7 @@ impl Broker for RedisBroker {
     }
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {
-        if !self.sub_ready.load(Ordering::Acquire) {
+        if !self.health.subscribe_up() {
             return BrokerFuture::ready(Err(BrokerError::Unavailable(
                 "redis is not connected".into(),
             )));
@@ -142,7 +160,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.publisher.is_ready() && self.sub_ready.load(Ordering::Acquire)
+        self.health.publish_up() && self.health.subscribe_up()
     }
 
     fn kind(&self) -> &'static str {

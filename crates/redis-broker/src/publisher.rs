@@ -8,7 +8,6 @@
 //!
 //! [`Broker::publish`]: wsgate_fanout::Broker::publish
 
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -18,6 +17,7 @@ use tracing::{debug, info, warn};
 use wsgate_fanout::{BrokerError, BrokerFuture};
 
 use crate::backoff::Backoff;
+use crate::health::Health;
 
 /// Most publications sent in one pipeline: bounds the memory of one batch and the
 /// latency its first publication waits for the last.
@@ -36,25 +36,24 @@ pub(crate) struct Publisher {
     tx: mpsc::UnboundedSender<Job>,
     /// Whether the writer holds a working connection (checked before queueing, so an
     /// outage answers `unavailable` without waiting).
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
 }
 
 impl Publisher {
     /// Starts the writer task.
-    pub(crate) fn start(client: redis::Client, stop: CancellationToken) -> Self {
+    pub(crate) fn start(
+        client: redis::Client,
+        health: Arc<Health>,
+        stop: CancellationToken,
+    ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        let ready = Arc::new(AtomicBool::new(false));
-        tokio::spawn(writer(client, rx, ready.clone(), stop));
-        Publisher { tx, ready }
-    }
-
-    pub(crate) fn is_ready(&self) -> bool {
-        self.ready.load(Ordering::Acquire)
+        tokio::spawn(writer(client, rx, health.clone(), stop));
+        Publisher { tx, health }
     }
 
     /// Queues `PUBLISH channel payload`; the order of calls is the order in Redis.
     pub(crate) fn publish(&self, channel: Vec<u8>, payload: Vec<u8>) -> BrokerFuture {
-        if !self.is_ready() {
+        if !self.health.publish_up() {
             return BrokerFuture::ready(Err(unavailable("redis is not connected")));
         }
         let (ack, done) = oneshot::channel();
@@ -93,10 +92,11 @@ async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::Multi
 async fn writer(
     client: redis::Client,
     mut rx: mpsc::UnboundedReceiver<Job>,
-    ready: Arc<AtomicBool>,
+    health: Arc<Health>,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
+    let mut lost_before = false;
     loop {
         let mut conn = tokio::select! {
             _ = stop.cancelled() => return,
@@ -114,7 +114,10 @@ async fn writer(
             },
         };
         backoff.reset();
-        ready.store(true, Ordering::Release);
+        health.set_publish_up(true);
+        if lost_before {
+            health.reconnected();
+        }
         info!("redis publish connection up");
         let mut batch = Vec::new();
         loop {
@@ -146,7 +149,9 @@ async fn writer(
                 Err(e) => {
                     // Some of the batch may have reached Redis; answering all of it
                     // `unavailable` can only be a false failure, never a false success.
-                    ready.store(false, Ordering::Release);
+                    health.set_publish_up(false);
+                    health.error();
+                    lost_before = true;
                     warn!(error = %e, "redis publish failed; reconnecting");
                     let err = unavailable(format!("redis: {e}"));
                     for job in batch.drain(..) {

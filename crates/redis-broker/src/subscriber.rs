@@ -22,7 +22,6 @@
 //! [`RedisOptions::unsubscribe_delay`]: crate::RedisOptions::unsubscribe_delay
 
 use std::collections::{HashSet, VecDeque};
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -35,6 +34,7 @@ use wsgate_fanout::{unix_nanos, BrokerError, Hub, Publication};
 
 use crate::backoff::Backoff;
 use crate::envelope;
+use crate::health::Health;
 
 /// Channels per `SUBSCRIBE`/`UNSUBSCRIBE` command when many change at once (a
 /// resubscribe after reconnect): keeps each command and its reply reasonably small.
@@ -42,6 +42,9 @@ const CHUNK: usize = 2000;
 /// A (un)subscribe that Redis does not confirm within this long counts as a lost
 /// connection.
 const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
+/// How often an idle pub/sub connection is checked with `PING`: a Redis that stopped
+/// answering (frozen, or a half-open TCP connection) sends no error, only silence.
+const KEEPALIVE: Duration = Duration::from_secs(5);
 
 pub(crate) enum Command {
     Subscribe(Vec<Arc<str>>, oneshot::Sender<Result<(), BrokerError>>),
@@ -54,8 +57,8 @@ pub(crate) struct Manager {
     pub hub: Arc<Hub>,
     pub prefix: Arc<str>,
     pub unsubscribe_delay: Duration,
-    /// True while the pub/sub connection is up and resubscribed.
-    pub ready: Arc<AtomicBool>,
+    /// Up while the pub/sub connection is up and resubscribed.
+    pub health: Arc<Health>,
     pub stop: CancellationToken,
 }
 
@@ -77,22 +80,35 @@ impl Manager {
     /// Runs until `stop`: connect, resubscribe, serve; again after a loss.
     pub(crate) async fn run(self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut backoff = Backoff::default();
+        let mut lost_before = false;
         loop {
+            // Ends this connection's reader, whichever side notices the loss first:
+            // an old reader must never deliver next to a new one.
+            let connection = CancellationToken::new();
             let attempt = tokio::select! {
                 _ = self.stop.cancelled() => return,
-                r = self.connect_and_resubscribe() => r,
+                r = self.connect_and_resubscribe(&connection) => r,
             };
             let lost = match attempt {
-                Ok((sink, confirmed, reader_gone)) => {
+                Ok((sink, confirmed)) => {
                     backoff.reset();
-                    self.ready.store(true, Ordering::Release);
+                    self.health.set_subscribe_up(true);
+                    if lost_before {
+                        self.health.reconnected();
+                        self.health.resubscribed(confirmed.len());
+                    }
                     info!(topics = confirmed.len(), "redis subscriptions up");
-                    let lost = self.serve(&mut rx, sink, confirmed, reader_gone).await;
-                    self.ready.store(false, Ordering::Release);
+                    let lost = self.serve(&mut rx, sink, confirmed, &connection).await;
+                    self.health.set_subscribe_up(false);
                     lost
                 }
                 Err(e) => Lost::Connection(e),
             };
+            if matches!(lost, Lost::Connection(_)) {
+                self.health.error();
+                lost_before = true;
+            }
+            connection.cancel();
             let Lost::Connection(why) = lost else { return };
             // Until the next connection, subscribes cannot be made active.
             let delay = backoff.next_delay();
@@ -120,18 +136,19 @@ impl Manager {
     /// wait in the channel and are served next.
     async fn connect_and_resubscribe(
         &self,
-    ) -> Result<(redis::aio::PubSubSink, HashSet<Arc<str>>, CancellationToken), String> {
+        connection: &CancellationToken,
+    ) -> Result<(redis::aio::PubSubSink, HashSet<Arc<str>>), String> {
         let pubsub = tokio::time::timeout(CONFIRM_TIMEOUT, self.client.get_async_pubsub())
             .await
             .map_err(|_| "connect timed out".to_string())?
             .map_err(|e| e.to_string())?;
         let (mut sink, stream) = pubsub.split();
-        let reader_gone = CancellationToken::new();
         tokio::spawn(read(
             stream,
             self.hub.clone(),
             self.prefix.clone(),
-            reader_gone.clone(),
+            self.health.clone(),
+            connection.clone(),
             self.stop.clone(),
         ));
         let topics = self.hub.topics();
@@ -141,7 +158,7 @@ impl Manager {
             confirm(sink.subscribe(&channels)).await?;
             confirmed.extend(chunk.iter().cloned());
         }
-        Ok((sink, confirmed, reader_gone))
+        Ok((sink, confirmed))
     }
 
     /// Serves commands and due unsubscribes on one connection until it is lost.
@@ -150,29 +167,33 @@ impl Manager {
         rx: &mut mpsc::UnboundedReceiver<Command>,
         mut sink: redis::aio::PubSubSink,
         mut confirmed: HashSet<Arc<str>>,
-        reader_gone: CancellationToken,
+        connection: &CancellationToken,
     ) -> Lost {
         // Releases in deadline order (the delay is constant, so arrival order is it).
         let mut due: VecDeque<(Instant, Arc<str>)> = VecDeque::new();
+        let mut keepalive = tokio::time::interval(KEEPALIVE);
+        keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        keepalive.reset();
         loop {
             let next = due.front().map(|(at, _)| *at);
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Lost::Stop,
-                _ = reader_gone.cancelled() => {
+                _ = connection.cancelled() => {
                     return Lost::Connection("pub/sub connection closed".into());
                 }
                 cmd = rx.recv() => {
                     let Some(first) = cmd else { return Lost::Stop };
                     // Everything already waiting joins this batch: one SUBSCRIBE.
                     let mut wanted: Vec<Arc<str>> = Vec::new();
+                    let mut seen: HashSet<Arc<str>> = HashSet::new();
                     let mut waiters = Vec::new();
                     let mut cmd = Some(first);
                     while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
                         match c {
                             Command::Subscribe(topics, done) => {
                                 for t in topics {
-                                    if !confirmed.contains(&t) && !wanted.contains(&t) {
+                                    if !confirmed.contains(&t) && seen.insert(t.clone()) {
                                         wanted.push(t);
                                     }
                                 }
@@ -203,13 +224,21 @@ impl Manager {
                         let _ = w.send(Ok(()));
                     }
                 }
+                _ = keepalive.tick() => {
+                    // In subscribed mode the reply is `["pong", ""]`, not `PONG`: any reply will do.
+                    let ping = async { sink.ping::<redis::Value>().await.map(|_| ()) };
+                    if let Err(e) = confirm(ping).await {
+                        return Lost::Connection(format!("keepalive: {e}"));
+                    }
+                }
                 _ = sleep_until_opt(next), if next.is_some() => {
                     let now = Instant::now();
                     let mut gone: Vec<Arc<str>> = Vec::new();
+                    let mut seen: HashSet<Arc<str>> = HashSet::new();
                     while due.front().is_some_and(|(at, _)| *at <= now) {
                         let (_, t) = due.pop_front().expect("checked");
                         // The hub is the truth: a subscriber that came back keeps it.
-                        if confirmed.contains(&t) && !self.hub.has_subscribers(&t) && !gone.contains(&t) {
+                        if confirmed.contains(&t) && !self.hub.has_subscribers(&t) && seen.insert(t.clone()) {
                             gone.push(t);
                         }
                     }
@@ -253,20 +282,30 @@ async fn read(
     mut stream: redis::aio::PubSubStream,
     hub: Arc<Hub>,
     prefix: Arc<str>,
-    gone: CancellationToken,
+    health: Arc<Health>,
+    connection: CancellationToken,
     stop: CancellationToken,
 ) {
     loop {
         let msg = tokio::select! {
+            biased;
             _ = stop.cancelled() => break,
+            _ = connection.cancelled() => break,
             m = stream.next() => match m { Some(m) => m, None => break },
         };
         let Some(topic) = msg.get_channel_name().strip_prefix(&*prefix) else {
             continue;
         };
         let (data, at) = envelope::decode(msg.get_payload_bytes());
-        let publication = Publication::encode(topic, &data, at.unwrap_or_else(unix_nanos));
+        let at = match at {
+            Some(at) => at,
+            None => {
+                health.backend_message();
+                unix_nanos()
+            }
+        };
+        let publication = Publication::encode(topic, &data, at);
         hub.deliver(topic, &publication);
     }
-    gone.cancel();
+    connection.cancel();
 }

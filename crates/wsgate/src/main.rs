@@ -51,6 +51,7 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
                 url,
                 prefix: cfg.redis_prefix.clone(),
                 unsubscribe_delay: cfg.redis_unsubscribe_delay,
+                metrics: Some(metrics.clone()),
             };
             let broker = RedisBroker::start(options, hub.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;

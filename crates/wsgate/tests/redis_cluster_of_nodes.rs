@@ -74,6 +74,34 @@ async fn every_publish_path_reaches_every_node() {
             "node {i}"
         );
     }
+    // Backend publications are counted per node that received them.
+    for n in &nodes {
+        let (_, metrics) = n.get("/metrics");
+        assert!(
+            metrics.contains(r#"wsgate_messages_received_total{source="redis"} 2"#),
+            "{metrics}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn password_in_the_url() {
+    let redis = Redis::start_with(&["--requirepass", "s3cret"]);
+    let good = format!("redis://:s3cret@127.0.0.1:{}/", redis.port);
+    let n = Node::start(Some(&good), &[]);
+    assert!(wait_until(WAIT, || n.is_ready()));
+    let mut c = Client::connect(&n).await;
+    c.subscribe(&["auth"]).await;
+    let r = c
+        .call(json!({"op":"publish","topic":"auth","data":"ok"}))
+        .await;
+    assert_eq!(r["op"], "published", "{r}");
+    assert_eq!(c.next_message(WAIT).await.expect("delivered")["data"], "ok");
+    // A wrong password never becomes ready, and says so.
+    let bad = format!("redis://:wrong@127.0.0.1:{}/", redis.port);
+    let n = Node::start(Some(&bad), &[]);
+    std::thread::sleep(Duration::from_millis(500));
+    assert_eq!(n.get("/readyz").0, 503);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -177,5 +205,46 @@ async fn redis_holds_exactly_the_topics_with_local_subscribers() {
         wait_until(WAIT, || channels().is_empty()),
         "{:?}",
         channels()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_subscribes_are_batched_into_few_subscribe_commands() {
+    const CLIENTS: usize = 100;
+    let redis = Redis::start();
+    let n = node(&redis);
+    assert!(wait_until(WAIT, || n.is_ready()));
+    let mut clients = Vec::new();
+    for _ in 0..CLIENTS {
+        clients.push(Client::connect(&n).await);
+    }
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .exec(&mut redis.conn())
+        .unwrap();
+    // Every client asks at once, each for its own topic.
+    let mut ids = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        let topic = format!("batch{i}");
+        ids.push(c.send(json!({"op":"subscribe","topics":[topic]})).await);
+    }
+    for (c, id) in clients.iter_mut().zip(ids) {
+        assert_eq!(c.reply(id).await["op"], "subscribed");
+    }
+    assert_eq!(redis.channels("wsgate:batch*").len(), CLIENTS);
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut redis.conn())
+        .unwrap();
+    let calls: usize = info
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_subscribe:calls="))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+        .expect("cmdstat_subscribe");
+    println!("{CLIENTS} concurrent subscribes took {calls} SUBSCRIBE commands");
+    assert!(
+        calls < CLIENTS,
+        "{calls} SUBSCRIBE commands for {CLIENTS} topics"
     );
 }

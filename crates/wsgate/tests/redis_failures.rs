@@ -106,6 +106,18 @@ async fn redis_restart_during_a_stream() {
         == ["wsgate:other", "wsgate:stream"]));
     assert!(sub.alive().await && publisher.alive().await);
     assert!(a.is_ready() && b.is_ready());
+    let (_, metrics) = b.get("/metrics");
+    assert!(metrics.contains("wsgate_redis_up 1"), "{metrics}");
+    let reconnects: u64 = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("wsgate_redis_reconnects_total "))
+        .and_then(|v| v.trim().parse().ok())
+        .expect("wsgate_redis_reconnects_total");
+    assert!(reconnects >= 1, "{metrics}");
+    assert!(
+        metrics.contains("wsgate_redis_resubscribed_topics_total 2"),
+        "{metrics}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -192,4 +204,29 @@ fn subscriber_omem(conn: &mut redis::Connection) -> u64 {
         })
         .max()
         .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_is_noticed_and_survived() {
+    let redis = Redis::start();
+    let n = node(&redis.url());
+    assert!(wait_until(WAIT, || n.is_ready()));
+    let mut c = Client::connect(&n).await;
+    c.subscribe(&["frozen"]).await;
+    // No error, no FIN: only silence. The keepalive PING (every 5 s, 5 s to answer)
+    // must notice it.
+    redis.signal("STOP");
+    let frozen = Instant::now();
+    let noticed = wait_until(Duration::from_secs(20), || !n.is_ready());
+    redis.signal("CONT");
+    assert!(noticed, "a frozen redis was not noticed");
+    println!("frozen redis noticed after {:?}", frozen.elapsed());
+    assert!(c.alive().await, "the client stayed connected");
+    assert!(wait_until(WAIT, || n.is_ready()), "ready again after CONT");
+    c.subscribe(&["after"]).await;
+    redis.cli_publish("wsgate:after", "back");
+    assert_eq!(
+        c.next_message(WAIT).await.expect("delivered")["data"],
+        "back"
+    );
 }

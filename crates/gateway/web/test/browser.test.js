@@ -1,11 +1,13 @@
 // End-to-end: the demo page in headless Chromium (Debian's `chromium`, driven by
 // playwright-core) against real gateway processes.
 //
-// With Redis fan-out in the gateway (`--redis-url`): two nodes share a private Redis; the
-// two pages start on different nodes, a chat message crosses nodes, then one node drains
-// (SIGTERM -> 1001) and its page reconnects to the other node and keeps receiving.
-// Without it (a build before the fan-out issue), both pages start on node 1 and move to
-// node 2 when node 1 drains: everything but the cross-node hop is exercised.
+// Two nodes share a private Redis (`--redis-url`); the two pages start on different
+// nodes, a chat message crosses nodes, then one node drains (SIGTERM -> 1001) and its page
+// reconnects to the other node and keeps receiving.
+//
+// The pages come from the gateway itself (`--demo`: `/` and `/wsgate.js`, plus its demo
+// ticker). A build without `--demo` gets the same two files from static-server.js and the
+// ticker fed through the HTTP API from here.
 //
 // Screenshots land in test-artifacts/ at the repository root.
 
@@ -19,7 +21,6 @@ import { startStaticServer } from "./static-server.js";
 
 const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
 const help = gatewayHelp();
-const hasFanout = help.includes("--redis-url");
 const hasDemo = help.includes("--demo");
 
 let browser;
@@ -70,14 +71,12 @@ async function sees(page, message, what) {
 }
 
 test(
-  hasFanout
-    ? "two nodes + Redis: chat crosses nodes; a drained node's page moves to the other node and keeps receiving"
-    : "two nodes (no fan-out in this build): chat between pages; the drained node's pages move to the other node and keep receiving",
+  "two nodes + Redis: chat crosses nodes; a drained node's page moves to the other node and keeps receiving",
   { timeout: 120000 },
   async () => {
     const common = ["--drain-timeout", "2s", ...(hasDemo ? ["--demo"] : [])];
-    if (hasFanout) redis = await startRedis();
-    const redisArgs = hasFanout ? ["--redis-url", redis.url] : [];
+    redis = await startRedis();
+    const redisArgs = ["--redis-url", redis.url];
     const n1 = await startGateway({ name: "node-1", args: ["--node-id", "node-1", ...redisArgs, ...common] });
     const n2 = await startGateway({ name: "node-2", args: ["--node-id", "node-2", ...redisArgs, ...common] });
     let origin1 = n1.httpUrl;
@@ -90,9 +89,9 @@ test(
     try {
       // Each page lists both nodes, its own first: reconnects move on to the other one.
       const alice = await openPage(origin1, [n1.wsUrl, n2.wsUrl], "alice");
-      const bob = hasFanout ? await openPage(origin2, [n2.wsUrl, n1.wsUrl], "bob") : await openPage(origin1, [n1.wsUrl, n2.wsUrl], "bob");
+      const bob = await openPage(origin2, [n2.wsUrl, n1.wsUrl], "bob");
       await waitNode(alice, "node-1", "alice");
-      await waitNode(bob, hasFanout ? "node-2" : "node-1", "bob");
+      await waitNode(bob, "node-2", "bob");
 
       // The pages subscribe on load; the chat subscription is confirmed before sending.
       await alice.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
@@ -100,7 +99,7 @@ test(
       await say(alice, "hello from alice");
       await sees(bob, "hello from alice", "bob sees alice's message");
       await sees(alice, "hello from alice", "alice sees her own message");
-      assert.match(await text(bob, "#chat-log"), /via node-1/);
+      assert.match(await text(bob, "#chat-log"), /via node-1/, "published on node 1, received on node 2");
       await say(bob, "hi alice, bob here");
       await sees(alice, "hi alice, bob here", "alice sees bob's reply");
 
@@ -115,11 +114,10 @@ test(
         await waitFor(async () => Number(await text(alice, "#rate")) > 0, { what: "messages/s > 0" });
         await alice.screenshot({ path: path.join(artifacts(), "demo-alice-before-drain.png") });
 
-        // Drain node 1: its pages get 1001 and move to node 2.
+        // Drain node 1: its page gets 1001 and moves to node 2.
         const before = await alice.evaluate(() => window.wsgateDemo.total);
         n1.kill("SIGTERM");
         await waitNode(alice, "node-2", "alice after the drain");
-        if (!hasFanout) await waitNode(bob, "node-2", "bob after the drain");
         assert.equal(await n1.exited, 0, "node 1 drained and exited 0");
         const events = await text(alice, "#event-log");
         assert.match(events, /1001/, "the page saw the going-away close");

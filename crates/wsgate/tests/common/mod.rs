@@ -92,7 +92,10 @@ impl Redis {
             .spawn()
             .expect("redis-server is installed");
         self.child = Some(child);
-        let url = self.url();
+        let url = match self.extra.iter().position(|a| a == "--requirepass") {
+            Some(i) => format!("redis://:{}@127.0.0.1:{}/", self.extra[i + 1], self.port),
+            None => self.url(),
+        };
         assert!(
             wait_until(Duration::from_secs(10), || {
                 redis::Client::open(url.as_str())
@@ -123,6 +126,17 @@ impl Redis {
             let _ = c.kill();
             let _ = c.wait();
         }
+    }
+
+    /// Sends a signal (e.g. `STOP`, `CONT`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.as_ref().expect("running").id();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
     }
 
     /// Starts it again on the same port.
@@ -178,7 +192,7 @@ impl Node {
             "--admin-listen",
             &admin.to_string(),
         ])
-        .args(["--log-level", "warn"])
+        .args(["--log-level", "error"])
         .args(args)
         .env_remove("WSGATE_REDIS_URL")
         .stdout(Stdio::null())

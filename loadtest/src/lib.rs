@@ -1,0 +1,30 @@
+//! wsgate-loadtest: drives wsgate (or a peer server) at scale and reports the truth.
+//!
+//! # Layout
+//! - `cli` — command line: one subcommand per scenario, plus `merge`.
+//! - `run` — the run context, the once-a-second monitor, common report parts.
+//! - `scenario/` — `fanout` (also `slow`), `idle`, `churn`; `session` is one client
+//!   connection (connect, subscribe, receive), `publisher` the WS/HTTP/Redis publishers.
+//! - `net` — source-address spreading, open-file limit, the client handshake, frames.
+//! - `proto` — protocol flavours: wsgate/peer JSON, NATS text protocol.
+//! - `payload` — the stamped payload (`p`, `s`, `t`, padding) and its fast scan.
+//! - `seq` — lost/duplicated/reordered accounting per subscriber and publisher.
+//! - `stats` — per-second HDR histograms fed by cheap per-task recorders.
+//! - `report` — the JSON report, its math (steady window, percentiles), and merging.
+//! - `chart` — the PNG chart; `sysmon` — /proc, getrusage, /metrics; `http` — a
+//!   small HTTP client; `summary` — the human-readable summary.
+#![forbid(unsafe_code)]
+
+pub mod chart;
+pub mod cli;
+pub mod http;
+pub mod net;
+pub mod payload;
+pub mod proto;
+pub mod report;
+pub mod run;
+pub mod scenario;
+pub mod seq;
+pub mod stats;
+pub mod summary;
+pub mod sysmon;

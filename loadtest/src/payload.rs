@@ -1,0 +1,113 @@
+//! The payload every published message carries, and the fast scan that reads it back.
+//!
+//! A publication's `data` is `{"p":<publisher>,"s":<seq>,"t":<send time, ns since the
+//! UNIX epoch>,"pad":"xx…"}`, padded so the object is the requested size. Subscribers
+//! do not run a JSON parser per message: they look for the three keys with `memmem`,
+//! which keeps the generator's cost per delivery low. Key order and spaces after the
+//! colon do not matter, so a server that re-serializes the object (sorted keys,
+//! pretty-printed) is still read correctly.
+
+use std::io::Write as _;
+
+use memchr::memmem;
+
+/// What a subscriber learns from one delivery.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Stamp {
+    /// Global publisher index (unique over every generator process of the run).
+    pub publisher: u32,
+    /// Per-publisher sequence number, from 0, without gaps on the sending side.
+    pub seq: u64,
+    /// Send time in nanoseconds since the UNIX epoch (all processes share the clock).
+    pub sent_ns: u64,
+}
+
+/// Appends the JSON object for `stamp` to `buf`, padded with `x` so that the object
+/// alone is `size` bytes long (or as short as possible when `size` is smaller).
+pub fn encode(buf: &mut Vec<u8>, stamp: &Stamp, size: usize) {
+    let start = buf.len();
+    // Writing into a Vec cannot fail.
+    let _ = write!(
+        buf,
+        "{{\"p\":{},\"s\":{},\"t\":{},\"pad\":\"",
+        stamp.publisher, stamp.seq, stamp.sent_ns
+    );
+    let used = buf.len() - start + 2; // closing `"}`
+    buf.resize(buf.len() + size.saturating_sub(used), b'x');
+    buf.extend_from_slice(b"\"}");
+}
+
+/// Finds the stamp inside a whole server frame (an envelope such as
+/// `{"op":"message","topic":"t","data":{…}}`) or inside a bare payload.
+///
+/// Returns `None` when one of the three keys is missing or not a number.
+pub fn scan(frame: &[u8]) -> Option<Stamp> {
+    // Skip the envelope so that no envelope field can be mistaken for ours.
+    let body = match memmem::find(frame, b"\"data\":") {
+        Some(i) => &frame[i + 7..],
+        None => frame,
+    };
+    let publisher = number_after(body, b"\"p\":")?;
+    let seq = number_after(body, b"\"s\":")?;
+    let sent_ns = number_after(body, b"\"t\":")?;
+    Some(Stamp {
+        publisher: u32::try_from(publisher).ok()?,
+        seq,
+        sent_ns,
+    })
+}
+
+/// Parses the unsigned integer that follows `key` (spaces allowed before it).
+fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
+    let at = memmem::find(hay, key)? + key.len();
+    let mut digits = hay[at..].iter().skip_while(|b| **b == b' ').peekable();
+    digits.peek().filter(|b| b.is_ascii_digit())?;
+    let mut n: u64 = 0;
+    for b in digits.take_while(|b| b.is_ascii_digit()) {
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some(n)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const STAMP: Stamp = Stamp {
+        publisher: 7,
+        seq: 123_456,
+        sent_ns: 1_700_000_000_123_456_789,
+    };
+
+    #[test]
+    fn encodes_to_the_requested_size_and_scans_back() {
+        for size in [10, 60, 100, 1000] {
+            let mut buf = b"prefix".to_vec();
+            encode(&mut buf, &STAMP, size);
+            let obj = &buf[6..];
+            let min = br#"{"p":7,"s":123456,"t":1700000000123456789,"pad":""}"#.len();
+            assert_eq!(obj.len(), size.max(min));
+            let v: serde_json::Value = serde_json::from_slice(obj).unwrap();
+            assert_eq!(v["s"], 123_456);
+            assert_eq!(scan(obj), Some(STAMP));
+        }
+    }
+
+    #[test]
+    fn scans_inside_an_envelope_in_any_key_order() {
+        let f = br#"{"op":"message","topic":"lt.0","data":{"pad":"xx","t": 1700000000123456789,"s":123456,"p":7}}"#;
+        assert_eq!(scan(f), Some(STAMP));
+        let nats = br#"{"p":7,"s":123456,"t":1700000000123456789}"#;
+        assert_eq!(scan(nats), Some(STAMP));
+    }
+
+    #[test]
+    fn rejects_missing_or_malformed_fields() {
+        assert_eq!(scan(br#"{"op":"message","data":{"p":1,"s":2}}"#), None);
+        assert_eq!(scan(br#"{"data":{"p":"1","s":2,"t":3}}"#), None);
+        assert_eq!(
+            scan(br#"{"data":{"p":1,"s":99999999999999999999999,"t":3}}"#),
+            None
+        );
+    }
+}

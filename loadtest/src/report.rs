@@ -1,0 +1,683 @@
+//! The JSON report: what a run measured, the math that turns raw counts into the
+//! numbers people read (expected, lost, steady-window rates, percentiles), and the
+//! merge of reports written by several generator processes that split one run.
+//!
+//! A report keeps its raw material (per-topic counts, one serialized HDR histogram
+//! per second) so that merging is exact: percentiles of a merged run come from merged
+//! histograms, never from averaged percentiles.
+
+use std::collections::BTreeMap;
+use std::ops::Range;
+
+use anyhow::{Context as _, Result};
+use base64::Engine as _;
+use hdrhistogram::serialization::{Deserializer, Serializer as _, V2DeflateSerializer};
+use hdrhistogram::Histogram;
+use serde::{Deserialize, Serialize};
+
+use crate::seq::SeqCounts;
+use crate::stats::{new_hist, SecondAcc};
+
+/// Latency percentiles in milliseconds.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
+pub struct Latency {
+    /// Samples behind these numbers.
+    pub count: u64,
+    pub mean_ms: f64,
+    pub p50_ms: f64,
+    pub p90_ms: f64,
+    pub p99_ms: f64,
+    pub p999_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Latency {
+    /// Percentiles of a histogram recorded in microseconds.
+    pub fn from_hist(h: &Histogram<u64>) -> Self {
+        if h.is_empty() {
+            return Latency::default();
+        }
+        let ms = |us: u64| us as f64 / 1000.0;
+        Latency {
+            count: h.len(),
+            mean_ms: h.mean() / 1000.0,
+            p50_ms: ms(h.value_at_quantile(0.50)),
+            p90_ms: ms(h.value_at_quantile(0.90)),
+            p99_ms: ms(h.value_at_quantile(0.99)),
+            p999_ms: ms(h.value_at_quantile(0.999)),
+            max_ms: ms(h.max()),
+        }
+    }
+}
+
+/// One second of the run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Second {
+    /// Seconds since t0.
+    pub t: u32,
+    /// Deliveries (fan-out) or completed connects (idle, churn) in this second.
+    pub events: u64,
+    /// Publications sent in this second.
+    pub published: u64,
+    /// Open connections at the end of this second.
+    pub connections: u64,
+    /// Latency of this second's events.
+    pub latency: Latency,
+    /// Server CPU in cores (summed over watched pids) during this second.
+    pub server_cpu_cores: Option<f64>,
+    /// Server resident memory (KiB, summed over watched pids).
+    pub server_rss_kib: Option<u64>,
+    /// The generator's own CPU in cores during this second.
+    pub generator_cpu_cores: f64,
+}
+
+/// The steady window: seconds `[from_s, to_s)` of the measured phase.
+#[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Steady {
+    pub from_s: u32,
+    pub to_s: u32,
+}
+
+impl Steady {
+    /// Excludes `warmup_s` at the start and `tail_s` at the end of a phase of
+    /// `duration_s` seconds; falls back to the whole phase when nothing would remain.
+    pub fn new(duration_s: u32, warmup_s: u32, tail_s: u32) -> Steady {
+        let to = duration_s.saturating_sub(tail_s);
+        if warmup_s < to {
+            Steady {
+                from_s: warmup_s,
+                to_s: to,
+            }
+        } else {
+            Steady {
+                from_s: 0,
+                to_s: duration_s.max(1),
+            }
+        }
+    }
+
+    /// The window as indices into the timeline.
+    pub fn range(&self) -> Range<usize> {
+        self.from_s as usize..self.to_s as usize
+    }
+
+    /// Its length in seconds.
+    pub fn seconds(&self) -> u32 {
+        self.to_s - self.from_s
+    }
+}
+
+/// Fan-out (and slow-consumer) results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Fanout {
+    pub subscribers: u64,
+    pub publishers: u64,
+    pub topics: u64,
+    pub payload_bytes: u64,
+    /// Publications the generator sent.
+    pub sent: u64,
+    /// Publications the server acknowledged (WS `published`, HTTP 200, Redis reply,
+    /// NATS PONG after the batch). Expected deliveries are computed from these.
+    pub published: u64,
+    pub publish_errors: u64,
+    /// Sent but neither acknowledged nor refused when the run ended.
+    pub unacked: u64,
+    /// Σ over topics of acknowledged publications × subscribers of the topic.
+    pub expected: u64,
+    pub delivered: u64,
+    pub unique: u64,
+    /// `expected − unique` (never negative).
+    pub lost: u64,
+    pub duplicated: u64,
+    pub reordered: u64,
+    pub foreign: u64,
+    /// Unique deliveries beyond the expected ones: publications that arrived although
+    /// their acknowledgement did not (normally 0).
+    pub extra: u64,
+    pub deliveries_per_s_steady: f64,
+    pub publishes_per_s_steady: f64,
+    /// Latency over the steady window.
+    pub latency: Latency,
+    /// Latency over the whole run.
+    pub latency_all: Latency,
+    /// Worst delay of a publisher behind its schedule (fixed-rate runs).
+    pub max_publish_lag_ms: f64,
+    /// Subscribers that stopped reading (scenario `slow`).
+    pub slow: Option<SlowGroup>,
+}
+
+/// The subscribers that stopped reading, in scenario `slow`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct SlowGroup {
+    pub subscribers: u64,
+    /// Of them, how many the server disconnected (close frame or connection end).
+    pub disconnected: u64,
+    /// Close codes seen (`"4008"`, …; `"eof"` for a connection end without one).
+    pub close_codes: BTreeMap<String, u64>,
+    pub counts: SeqCounts,
+}
+
+/// Connection results (every scenario connects).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Connect {
+    pub attempted: u64,
+    pub succeeded: u64,
+    pub failed: u64,
+    /// Failures by kind (`connect`, `handshake`, `subscribe`, `timeout`, …).
+    pub failures: BTreeMap<String, u64>,
+    /// Completed connections per second (ramp for idle, steady window for churn).
+    pub rate_per_s: f64,
+    /// Connect + WebSocket handshake (+ subscribe when asked) latency.
+    pub latency: Latency,
+}
+
+/// Idle results.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Idle {
+    pub held: u64,
+    pub ramp_s: f64,
+    pub hold_s: f64,
+    pub server_rss_before_kib: Option<u64>,
+    pub server_rss_after_kib: Option<u64>,
+    pub server_rss_per_connection_bytes: Option<f64>,
+    /// Server CPU in cores while the connections sat idle.
+    pub server_cpu_idle_cores: Option<f64>,
+    pub generator_rss_per_connection_bytes: Option<f64>,
+}
+
+/// What the generator itself cost (getrusage of this process).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Generator {
+    pub processes: u32,
+    pub threads: u32,
+    pub cpu_user_s: f64,
+    pub cpu_sys_s: f64,
+    pub wall_s: f64,
+    /// Average cores busy over the measured phase.
+    pub cpu_cores: f64,
+    /// The headline cost figure: CPU seconds per million deliveries (fan-out) or per
+    /// million connects (idle, churn).
+    pub cpu_s_per_million_events: Option<f64>,
+    pub max_rss_kib: u64,
+}
+
+/// A watched server process (`--server-pid`).
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Server {
+    pub pid: u32,
+    pub name: String,
+    pub rss_start_kib: u64,
+    pub rss_end_kib: u64,
+    pub rss_max_kib: u64,
+    /// CPU seconds used during the measured phase.
+    pub cpu_s: f64,
+    /// Average cores over the steady window.
+    pub cpu_cores_steady: f64,
+    /// CPU seconds per million events (deliveries or connects) over the whole phase.
+    pub cpu_s_per_million_events: Option<f64>,
+}
+
+/// Raw material kept for exact merging.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Raw {
+    pub published_per_topic: Vec<u64>,
+    pub subscribers_per_topic: Vec<u64>,
+    pub counts: SeqCounts,
+    /// One V2+deflate HDR histogram (µs) per second, base64.
+    pub hist_seconds: Vec<String>,
+    /// Fan-out only: the subscribers' connect latency histogram, likewise encoded.
+    #[serde(default)]
+    pub connect_hist: Option<String>,
+}
+
+/// A whole run report.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Report {
+    pub tool: String,
+    pub scenario: String,
+    pub target: String,
+    pub label: String,
+    /// Command line of each generator process.
+    pub commands: Vec<Vec<String>>,
+    /// Start of second 0 (ms since the UNIX epoch).
+    pub t0_unix_ms: u64,
+    /// Length of the measured phase in seconds.
+    pub duration_s: u32,
+    /// Seconds excluded at the start and the end of the phase (`--warmup`, `--tail`).
+    pub warmup_s: u32,
+    pub tail_s: u32,
+    pub steady: Steady,
+    pub fanout: Option<Fanout>,
+    pub connect: Connect,
+    pub idle: Option<Idle>,
+    pub generator: Generator,
+    pub servers: Vec<Server>,
+    /// Selected samples scraped from `/metrics` at the end of the run.
+    pub metrics: BTreeMap<String, f64>,
+    /// Warnings a reader must see (generator saturated, failures, …).
+    pub notes: Vec<String>,
+    pub timeline: Vec<Second>,
+    pub raw: Raw,
+}
+
+/// Serializes a histogram for [`Raw::hist_seconds`].
+pub fn encode_hist(h: &Histogram<u64>) -> String {
+    let mut bytes = Vec::new();
+    V2DeflateSerializer::new()
+        .serialize(h, &mut bytes)
+        .expect("serializing into a Vec");
+    base64::engine::general_purpose::STANDARD.encode(bytes)
+}
+
+/// Reverses [`encode_hist`].
+pub fn decode_hist(s: &str) -> Result<Histogram<u64>> {
+    let bytes = base64::engine::general_purpose::STANDARD
+        .decode(s)
+        .context("histogram is not base64")?;
+    let h: Histogram<u64> = Deserializer::new()
+        .deserialize(&mut bytes.as_slice())
+        .map_err(|e| anyhow::anyhow!("bad histogram: {e:?}"))?;
+    let mut out = new_hist();
+    out.add(&h).context("histogram bounds")?;
+    Ok(out)
+}
+
+/// Σ over topics of publications × subscribers.
+pub fn expected(published_per_topic: &[u64], subscribers_per_topic: &[u64]) -> u64 {
+    published_per_topic
+        .iter()
+        .zip(subscribers_per_topic)
+        .map(|(p, s)| p * s)
+        .sum()
+}
+
+impl Report {
+    /// Fills the timeline's events and histograms from the recorder's seconds.
+    pub fn set_seconds(&mut self, seconds: &[SecondAcc]) {
+        if self.timeline.len() < seconds.len() {
+            self.timeline.resize_with(seconds.len(), Second::default);
+        }
+        self.raw.hist_seconds = seconds.iter().map(|s| encode_hist(&s.hist)).collect();
+        for (i, s) in seconds.iter().enumerate() {
+            self.timeline[i].events = s.events;
+        }
+    }
+
+    /// Recomputes every derived number from the raw material and the timeline:
+    /// percentiles per second and over the steady window, expected/lost, rates, costs.
+    pub fn derive(&mut self) -> Result<()> {
+        for (i, s) in self.timeline.iter_mut().enumerate() {
+            s.t = i as u32;
+        }
+        let hists = self
+            .raw
+            .hist_seconds
+            .iter()
+            .map(|s| decode_hist(s))
+            .collect::<Result<Vec<_>>>()?;
+        let mut steady_hist = new_hist();
+        let mut all_hist = new_hist();
+        let range = self.steady.range();
+        for (i, h) in hists.iter().enumerate() {
+            if let Some(sec) = self.timeline.get_mut(i) {
+                sec.latency = Latency::from_hist(h);
+            }
+            all_hist.add(h)?;
+            if range.contains(&i) {
+                steady_hist.add(h)?;
+            }
+        }
+        let secs = f64::from(self.steady.seconds().max(1));
+        let steady_sum = |f: fn(&Second) -> u64| -> u64 {
+            self.timeline
+                .get(range.clone())
+                .unwrap_or(&[])
+                .iter()
+                .map(f)
+                .sum()
+        };
+        let steady_events = steady_sum(|s| s.events);
+        let steady_published = steady_sum(|s| s.published);
+        let total_events: u64 = self.timeline.iter().map(|s| s.events).sum();
+
+        if let Some(f) = self.fanout.as_mut() {
+            let c = &self.raw.counts;
+            f.expected = expected(
+                &self.raw.published_per_topic,
+                &self.raw.subscribers_per_topic,
+            );
+            f.published = self.raw.published_per_topic.iter().sum();
+            f.delivered = c.delivered;
+            f.unique = c.unique;
+            f.duplicated = c.duplicated;
+            f.reordered = c.reordered;
+            f.foreign = c.foreign;
+            f.lost = f.expected.saturating_sub(c.unique);
+            f.extra = c.unique.saturating_sub(f.expected);
+            f.deliveries_per_s_steady = steady_events as f64 / secs;
+            f.publishes_per_s_steady = steady_published as f64 / secs;
+            f.latency = Latency::from_hist(&steady_hist);
+            f.latency_all = Latency::from_hist(&all_hist);
+        } else {
+            self.connect.latency = Latency::from_hist(&all_hist);
+        }
+
+        let g = &mut self.generator;
+        let cpu = g.cpu_user_s + g.cpu_sys_s;
+        g.cpu_cores = if g.wall_s > 0.0 { cpu / g.wall_s } else { 0.0 };
+        g.cpu_s_per_million_events = per_million(cpu, total_events);
+        for s in &mut self.servers {
+            s.cpu_s_per_million_events = per_million(s.cpu_s, total_events);
+        }
+        Ok(())
+    }
+
+    /// Merges reports of generator processes that split one run (`--split k/n`).
+    /// Counts add up, histograms merge second by second (aligned on t0), the servers
+    /// are those of the first report (every process watched the same ones).
+    pub fn merge(mut parts: Vec<Report>) -> Result<Report> {
+        anyhow::ensure!(!parts.is_empty(), "nothing to merge");
+        parts.sort_by_key(|r| r.t0_unix_ms);
+        let mut out = parts[0].clone();
+        out.notes.clear();
+        out.commands.clear();
+        out.timeline.clear();
+        out.raw = Raw::default();
+        out.connect = Connect::default();
+        out.generator = Generator::default();
+        out.metrics.clear();
+        let mut hists: Vec<Histogram<u64>> = Vec::new();
+        let mut connect_hist: Option<Histogram<u64>> = None;
+        let (mut from, mut to) = (0u32, u32::MAX);
+        for (n, r) in parts.iter().enumerate() {
+            anyhow::ensure!(
+                r.scenario == out.scenario,
+                "cannot merge scenario {} with {}",
+                r.scenario,
+                out.scenario
+            );
+            let shift = ((r.t0_unix_ms - out.t0_unix_ms) as f64 / 1000.0).round() as usize;
+            for (i, s) in r.timeline.iter().enumerate() {
+                let j = i + shift;
+                if out.timeline.len() <= j {
+                    out.timeline.resize_with(j + 1, Second::default);
+                }
+                let o = &mut out.timeline[j];
+                o.events += s.events;
+                o.published += s.published;
+                o.connections += s.connections;
+                o.generator_cpu_cores += s.generator_cpu_cores;
+                o.server_cpu_cores = max_opt(o.server_cpu_cores, s.server_cpu_cores);
+                o.server_rss_kib = o.server_rss_kib.max(s.server_rss_kib);
+            }
+            for (i, h) in r.raw.hist_seconds.iter().enumerate() {
+                let j = i + shift;
+                if hists.len() <= j {
+                    hists.resize_with(j + 1, new_hist);
+                }
+                hists[j].add(decode_hist(h)?)?;
+            }
+            add_vec(&mut out.raw.published_per_topic, &r.raw.published_per_topic);
+            add_vec(
+                &mut out.raw.subscribers_per_topic,
+                &r.raw.subscribers_per_topic,
+            );
+            out.raw.counts.add(&r.raw.counts);
+            if let Some(h) = &r.raw.connect_hist {
+                connect_hist
+                    .get_or_insert_with(new_hist)
+                    .add(decode_hist(h)?)?;
+            }
+            merge_connect(&mut out.connect, &r.connect);
+            merge_generator(&mut out.generator, &r.generator);
+            out.commands.extend(r.commands.iter().cloned());
+            for n in &r.notes {
+                if !out.notes.contains(n) {
+                    out.notes.push(n.clone());
+                }
+            }
+            out.duration_s = out.duration_s.max(r.duration_s + shift as u32);
+            // The steady window of the whole is where every process was steady.
+            from = from.max(r.steady.from_s + shift as u32);
+            to = to.min(r.steady.to_s + shift as u32);
+            if n > 0 {
+                if let (Some(o), Some(f)) = (out.fanout.as_mut(), r.fanout.as_ref()) {
+                    merge_fanout(o, f);
+                }
+                if let (Some(o), Some(i)) = (out.idle.as_mut(), r.idle.as_ref()) {
+                    merge_idle(o, i);
+                }
+            }
+            for (k, v) in &r.metrics {
+                out.metrics.entry(k.clone()).or_insert(*v);
+            }
+        }
+        out.raw.hist_seconds = hists.iter().map(encode_hist).collect();
+        if let Some(h) = connect_hist {
+            out.connect.latency = Latency::from_hist(&h);
+            out.raw.connect_hist = Some(encode_hist(&h));
+        }
+        out.steady = if from < to {
+            Steady {
+                from_s: from,
+                to_s: to,
+            }
+        } else {
+            out.notes
+                .push("the processes' steady windows do not overlap".into());
+            Steady::new(out.duration_s, 0, 0)
+        };
+        out.derive()?;
+        Ok(out)
+    }
+}
+
+fn max_opt(a: Option<f64>, b: Option<f64>) -> Option<f64> {
+    match (a, b) {
+        (Some(x), Some(y)) => Some(x.max(y)),
+        (x, None) => x,
+        (None, y) => y,
+    }
+}
+
+fn per_million(cpu_s: f64, events: u64) -> Option<f64> {
+    (events > 0).then(|| cpu_s / (events as f64 / 1e6))
+}
+
+fn add_vec(into: &mut Vec<u64>, from: &[u64]) {
+    if into.len() < from.len() {
+        into.resize(from.len(), 0);
+    }
+    for (a, b) in into.iter_mut().zip(from) {
+        *a += b;
+    }
+}
+
+fn merge_connect(o: &mut Connect, c: &Connect) {
+    o.attempted += c.attempted;
+    o.succeeded += c.succeeded;
+    o.failed += c.failed;
+    o.rate_per_s += c.rate_per_s;
+    for (k, v) in &c.failures {
+        *o.failures.entry(k.clone()).or_default() += v;
+    }
+}
+
+fn merge_generator(o: &mut Generator, g: &Generator) {
+    o.processes += g.processes.max(1);
+    o.threads += g.threads;
+    o.cpu_user_s += g.cpu_user_s;
+    o.cpu_sys_s += g.cpu_sys_s;
+    o.wall_s = o.wall_s.max(g.wall_s);
+    o.max_rss_kib += g.max_rss_kib;
+}
+
+fn merge_fanout(o: &mut Fanout, f: &Fanout) {
+    o.subscribers += f.subscribers;
+    o.sent += f.sent;
+    o.publish_errors += f.publish_errors;
+    o.unacked += f.unacked;
+    o.max_publish_lag_ms = o.max_publish_lag_ms.max(f.max_publish_lag_ms);
+    if let (Some(os), Some(fs)) = (o.slow.as_mut(), f.slow.as_ref()) {
+        os.subscribers += fs.subscribers;
+        os.disconnected += fs.disconnected;
+        os.counts.add(&fs.counts);
+        for (k, v) in &fs.close_codes {
+            *os.close_codes.entry(k.clone()).or_default() += v;
+        }
+    }
+}
+
+fn merge_idle(o: &mut Idle, i: &Idle) {
+    o.held += i.held;
+    o.ramp_s = o.ramp_s.max(i.ramp_s);
+    o.server_rss_before_kib = o.server_rss_before_kib.min(i.server_rss_before_kib);
+    o.server_rss_after_kib = o.server_rss_after_kib.max(i.server_rss_after_kib);
+    if let (Some(b), Some(a)) = (o.server_rss_before_kib, o.server_rss_after_kib) {
+        o.server_rss_per_connection_bytes =
+            (o.held > 0).then(|| a.saturating_sub(b) as f64 * 1024.0 / o.held as f64);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn hist_of(values: &[u64]) -> Histogram<u64> {
+        let mut h = new_hist();
+        for v in values {
+            h.record(*v).unwrap();
+        }
+        h
+    }
+
+    #[test]
+    fn steady_window_excludes_warmup_and_tail() {
+        assert_eq!(
+            Steady::new(20, 3, 2),
+            Steady {
+                from_s: 3,
+                to_s: 18
+            }
+        );
+        assert_eq!(Steady::new(20, 3, 2).seconds(), 15);
+        // Nothing would remain: fall back to the whole phase.
+        assert_eq!(Steady::new(4, 3, 2), Steady { from_s: 0, to_s: 4 });
+    }
+
+    #[test]
+    fn percentiles_come_from_the_histogram() {
+        let values: Vec<u64> = (1..=1000).collect();
+        let l = Latency::from_hist(&hist_of(&values));
+        assert_eq!(l.count, 1000);
+        assert!((l.p50_ms - 0.5).abs() < 0.001, "{l:?}");
+        assert!((l.p99_ms - 0.99).abs() < 0.001, "{l:?}");
+        assert!((l.max_ms - 1.0).abs() < 0.001, "{l:?}");
+        assert_eq!(Latency::from_hist(&new_hist()), Latency::default());
+    }
+
+    #[test]
+    fn histograms_round_trip() {
+        let h = hist_of(&[1, 5, 5, 80_000, 1_000_000]);
+        let back = decode_hist(&encode_hist(&h)).unwrap();
+        assert_eq!(back.len(), 5);
+        assert_eq!(back.max(), h.max());
+    }
+
+    fn fanout_report(
+        t0: u64,
+        events: &[u64],
+        lat_us: u64,
+        published: Vec<u64>,
+        subs: Vec<u64>,
+        counts: SeqCounts,
+    ) -> Report {
+        let mut r = Report {
+            scenario: "fanout".into(),
+            t0_unix_ms: t0,
+            duration_s: events.len() as u32,
+            steady: Steady::new(events.len() as u32, 1, 1),
+            fanout: Some(Fanout::default()),
+            ..Report::default()
+        };
+        let seconds: Vec<SecondAcc> = events
+            .iter()
+            .map(|e| SecondAcc {
+                events: *e,
+                hist: hist_of(&vec![lat_us; *e as usize]),
+            })
+            .collect();
+        r.set_seconds(&seconds);
+        r.raw.published_per_topic = published;
+        r.raw.subscribers_per_topic = subs;
+        r.raw.counts = counts;
+        r.generator = Generator {
+            processes: 1,
+            cpu_user_s: 1.0,
+            cpu_sys_s: 1.0,
+            wall_s: 4.0,
+            ..Generator::default()
+        };
+        r.derive().unwrap();
+        r
+    }
+
+    #[test]
+    fn lost_expected_and_steady_rate() {
+        let counts = SeqCounts {
+            delivered: 33,
+            unique: 30,
+            duplicated: 3,
+            ..SeqCounts::default()
+        };
+        // 2 topics: 10 publications × 2 subscribers + 4 × 3 = 32 expected.
+        let r = fanout_report(
+            0,
+            &[100, 10, 20, 500],
+            1000,
+            vec![10, 4],
+            vec![2, 3],
+            counts,
+        );
+        let f = r.fanout.as_ref().unwrap();
+        assert_eq!(f.expected, 32);
+        assert_eq!(f.lost, 2);
+        assert_eq!(f.duplicated, 3);
+        assert_eq!(f.extra, 0);
+        // Steady window is seconds 1 and 2.
+        assert_eq!(f.deliveries_per_s_steady, 15.0);
+        assert_eq!(f.latency.count, 30);
+        assert_eq!(f.latency_all.count, 630);
+        assert_eq!(r.generator.cpu_cores, 0.5);
+        let per_m = r.generator.cpu_s_per_million_events.unwrap();
+        assert!((per_m - 2.0 / 630.0 * 1e6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn merge_aligns_seconds_and_adds_counts() {
+        let c = |u| SeqCounts {
+            delivered: u,
+            unique: u,
+            ..SeqCounts::default()
+        };
+        let a = fanout_report(10_000, &[10, 10, 10, 10], 500, vec![5], vec![1], c(5));
+        // Second process started one second later and saw the other subscriber.
+        let b = fanout_report(11_000, &[10, 10, 10, 10], 2000, vec![0], vec![1], c(5));
+        let m = Report::merge(vec![b, a]).unwrap();
+        let f = m.fanout.as_ref().unwrap();
+        assert_eq!(m.timeline.len(), 5);
+        assert_eq!(
+            m.timeline.iter().map(|s| s.events).collect::<Vec<_>>(),
+            [10, 20, 20, 20, 10]
+        );
+        assert_eq!(f.expected, 10);
+        assert_eq!(f.unique, 10);
+        assert_eq!(f.lost, 0);
+        assert_eq!(m.generator.processes, 2);
+        assert_eq!(m.timeline[0].latency.count, 10);
+        assert_eq!(m.timeline[1].latency.count, 20);
+        // a is steady over [1,3), b over [2,4): together [2,3).
+        assert_eq!(m.steady, Steady { from_s: 2, to_s: 3 });
+        assert_eq!(f.deliveries_per_s_steady, 20.0);
+    }
+}

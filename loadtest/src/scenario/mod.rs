@@ -1,0 +1,7 @@
+//! The scenarios, one module each, and what they share.
+
+pub mod churn;
+pub mod fanout;
+pub mod idle;
+pub mod publisher;
+pub mod session;
