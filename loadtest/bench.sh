@@ -97,7 +97,7 @@ start_server() {
       ((HAS_REDIS)) && redis_args=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
       # Limits opened up: the generator's publishers send thousands of commands/s.
       start "$port" target/release/wsgate --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
-        --node-id "bench-$node" --rate-limit 10000000 --rate-burst 10000000 --log-level warn "${redis_args[@]}"
+        --node-id "bench-$node" --drain-timeout 1s --rate-limit 10000000 --rate-burst 10000000 --log-level warn "${redis_args[@]}"
       URL="ws://127.0.0.1:$port/ws"; METRICS="http://127.0.0.1:$admin/metrics" ;;
     peer)
       (cd loadtest/peers && PEER_LISTEN="127.0.0.1:$port" REDIS_URL="redis://127.0.0.1:$REDIS_PORT" \
@@ -132,12 +132,14 @@ bench_target() {
   # limit) and their reports are merged.
   log "$t: idle $IDLE_CONNS"
   start_server "$t"
-  local start_at=$(( $(date +%s%3N) + 1000 ))
+  local gens=()
   for k in 0 1; do
     lt "$t-idle-part$k" idle $(common "$t" idle) --connections "$IDLE_CONNS" --topics 100 \
-      --duration "$HOLD" --split "$k/2" --start-at "$start_at" >/dev/null &
+      --duration "$HOLD" --split "$k/2" >/dev/null &
+    gens+=($!)
   done
-  wait
+  # Only the generators: a bare `wait` would also wait for the servers.
+  wait "${gens[@]}"
   "$LT" merge "$OUT/$t-idle-part0.json" "$OUT/$t-idle-part1.json" --out "$OUT/$t-idle.json" --chart "$OUT/$t-idle.png"
   echo "$LT merge $OUT/$t-idle-part0.json $OUT/$t-idle-part1.json --out $OUT/$t-idle.json --chart $OUT/$t-idle.png" >>"$OUT/commands.txt"
   rm -f "$OUT/$t-idle-part"[01].png
@@ -152,9 +154,15 @@ bench_target() {
   log "$t: fan-out offered 2M deliveries/s"
   lt "$t-fanout-2m" fanout $(common "$t" fanout-2m) --subscribers "$SUBS" --topics 1 \
     --publishers 4 --rate "$RATE_2M" --payload 100 --duration "$DUR"
-  log "$t: slow consumers (10% stop reading), offered 500k deliveries/s"
-  lt "$t-slow" slow $(common "$t" slow) --subscribers "$SUBS" --topics 1 --publishers 2 \
-    --rate "$RATE_500K" --payload 100 --duration "$DUR" --slow-share 0.1 --slow-after 2s
+  # Slow consumers: 10 topics, 1 KiB payloads, 1,000 publications/s. 10% of the
+  # subscribers take every topic (1 MB/s each) and stop reading after 2 s, so the
+  # server's buffers for them fill within the run; the control run is the same
+  # workload with everyone reading. Compare the others' latency between the two.
+  local slow_args=(--subscribers "$SUBS" --topics 10 --publishers 10 --rate 1000 --payload 1000 --duration "$DUR")
+  log "$t: slow-consumer control (everyone reads)"
+  lt "$t-slow-control" fanout $(common "$t" slow-control) "${slow_args[@]}"
+  log "$t: slow consumers (10% stop reading)"
+  lt "$t-slow" slow $(common "$t" slow) "${slow_args[@]}" --slow-share 0.1 --slow-after 2s --slow-all-topics
   stop "$PID"
 
   # Across two nodes: subscribers on node a, publishers on node b, through Redis.

@@ -117,9 +117,12 @@ pub struct Common {
     /// Give up on a connect + handshake + subscribe after this long.
     #[arg(long, value_parser = duration, default_value = "10s")]
     pub connect_timeout: Duration,
-    /// Topic names are this prefix followed by the topic index.
-    #[arg(long, default_value = "lt.")]
-    pub topic_prefix: String,
+    /// Topic names are this prefix followed by the topic index. Default: `lt.<run>.`
+    /// with a run id from `--start-at` (so split processes agree) or random, so that
+    /// a backlog left in a server by an earlier run never reaches this run's
+    /// subscribers.
+    #[arg(long)]
+    pub topic_prefix: Option<String>,
     /// Server process(es) to watch through /proc (CPU, RSS).
     #[arg(long, value_delimiter = ',')]
     pub server_pid: Vec<u32>,
@@ -206,8 +209,9 @@ pub struct FanoutArgs {
     /// Most publications written at once by one publisher.
     #[arg(long, default_value_t = 64)]
     pub batch: usize,
-    /// After publishing stops, wait this long for the last deliveries.
-    #[arg(long, value_parser = duration, default_value = "2s")]
+    /// After publishing stops, wait for the last deliveries: until none arrived for
+    /// 1 s, at most this long. What has not arrived by then counts as lost.
+    #[arg(long, value_parser = duration, default_value = "10s")]
     pub drain: Duration,
 }
 
@@ -225,6 +229,10 @@ pub struct SlowArgs {
     /// their backpressure within the run rather than after megabytes.
     #[arg(long, default_value_t = 4096)]
     pub slow_rcvbuf: u32,
+    /// Slow subscribers subscribe to every topic (the others to one each), so each
+    /// receives the whole publication stream and fills the server's buffers fast.
+    #[arg(long)]
+    pub slow_all_topics: bool,
 }
 
 #[derive(Debug, Clone, Args)]

@@ -63,6 +63,7 @@ fn main() -> Result<()> {
                     share: a.slow_share,
                     after: a.slow_after,
                     rcvbuf: a.slow_rcvbuf,
+                    all_topics: a.slow_all_topics,
                 };
                 fanout::run(ctx, a.fanout, Some(slow)).await
             }

@@ -49,10 +49,25 @@ impl Target {
     /// A subscribe command whose reply means "ready": `subscribed` for JSON; for NATS a
     /// `SUB` followed by `PING`, since the server handles a connection's commands in
     /// order and its `PONG` therefore confirms the subscription.
-    pub fn subscribe(self, topic: &str, id: u64) -> Vec<u8> {
+    pub fn subscribe(self, topics: &[String], id: u64) -> Vec<u8> {
         match self {
-            Target::Nats => format!("SUB {topic} {id}\r\nPING\r\n").into_bytes(),
-            _ => format!(r#"{{"op":"subscribe","id":{id},"topics":["{topic}"]}}"#).into_bytes(),
+            Target::Nats => {
+                let mut s: String = topics
+                    .iter()
+                    .enumerate()
+                    .map(|(i, t)| format!("SUB {t} {}\r\n", id + i as u64))
+                    .collect();
+                s.push_str("PING\r\n");
+                s.into_bytes()
+            }
+            _ => {
+                let list = topics
+                    .iter()
+                    .map(|t| format!("\"{t}\""))
+                    .collect::<Vec<_>>()
+                    .join(",");
+                format!(r#"{{"op":"subscribe","id":{id},"topics":[{list}]}}"#).into_bytes()
+            }
         }
     }
 
@@ -202,9 +217,14 @@ mod tests {
 
     #[test]
     fn builds_commands() {
-        let s = Target::Wsgate.subscribe("lt.0", 1);
+        let topics = ["lt.0".to_string(), "lt.1".to_string()];
+        let s = Target::Wsgate.subscribe(&topics, 1);
         let v: serde_json::Value = serde_json::from_slice(&s).unwrap();
-        assert_eq!(v["topics"][0], "lt.0");
+        assert_eq!(v["topics"][1], "lt.1");
+        assert_eq!(
+            Target::Nats.subscribe(&topics, 1),
+            b"SUB lt.0 1\r\nSUB lt.1 2\r\nPING\r\n"
+        );
         let mut out = Vec::new();
         Target::Peer.publish(&mut out, "lt.1", 9, br#"{"p":1}"#);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

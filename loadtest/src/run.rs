@@ -31,6 +31,8 @@ pub struct Ctx {
     /// Tells long-lived connection tasks to stop.
     pub cancel: CancellationToken,
     pub threads: usize,
+    /// See `--topic-prefix`.
+    pub topic_prefix: String,
     /// The first error message of each failure kind, for the report's notes.
     pub first_errors: Mutex<BTreeMap<&'static str, String>>,
 }
@@ -48,7 +50,6 @@ impl Ctx {
             None => Vec::new(),
         };
         Ok(Arc::new(Ctx {
-            common,
             urls,
             dialer: Dialer::new(sources),
             timeline: Timeline::new(threads * 4),
@@ -57,6 +58,13 @@ impl Ctx {
             cancel: CancellationToken::new(),
             threads,
             first_errors: Mutex::default(),
+            topic_prefix: common.topic_prefix.clone().unwrap_or_else(|| {
+                let run = common
+                    .start_at
+                    .unwrap_or_else(|| u64::from(rand::random::<u32>()));
+                format!("lt.{run:x}.")
+            }),
+            common,
         }))
     }
 
@@ -70,7 +78,7 @@ impl Ctx {
 
     /// Name of topic `t`.
     pub fn topic(&self, t: usize) -> String {
-        format!("{}{t}", self.common.topic_prefix)
+        format!("{}{t}", self.topic_prefix)
     }
 
     /// A progress bar of `len` steps (hidden with --no-progress or without a tty).

@@ -58,10 +58,13 @@ pub async fn run(ctx: Arc<Ctx>, a: ChurnArgs) -> Result<Report> {
                     // Global cycle index, so split processes use different topics/URLs.
                     let g = k as usize * split.n + split.k;
                     let url = &c.urls[g % c.urls.len()];
-                    let topic = (topics > 0).then(|| c.topic(g % topics));
+                    let topic: Vec<String> = (topics > 0)
+                        .then(|| c.topic(g % topics))
+                        .into_iter()
+                        .collect();
                     let started = now_ns();
                     me.attempted += 1;
-                    match session::open(&c, url, topic.as_deref(), None).await {
+                    match session::open(&c, url, &topic, None).await {
                         Ok(mut s) => {
                             let now = now_ns();
                             rec.record(now, (now - started) / 1000);

@@ -2,7 +2,8 @@
 //!
 //! Order of a run: ramp the subscribers (each confirmed subscribed), connect the
 //! publishers, wait for `--start-at`, start the monitor (t0), publish for
-//! `--duration`, wait `--drain` for the last deliveries, stop everything, account.
+//! `--duration`, wait (at most `--drain`) for the last deliveries, stop everything,
+//! account.
 
 use std::collections::BTreeMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -28,6 +29,9 @@ pub struct SlowOpts {
     pub share: f64,
     pub after: Duration,
     pub rcvbuf: u32,
+    /// Slow subscribers take every topic (more bytes per slow subscriber, so the
+    /// server's buffers fill within a bounded run).
+    pub all_topics: bool,
 }
 
 /// Whether subscriber `i` is one of the slow ones: spread evenly over the indices
@@ -76,11 +80,14 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
         let slow = slow.filter(|s| is_slow(i, s.share));
         let publishers = a.publishers;
         let topic = i % a.topics;
+        let topics: Vec<String> = match slow {
+            Some(s) if s.all_topics => (0..a.topics).map(|t| ctx.topic(t)).collect(),
+            _ => vec![ctx.topic(topic)],
+        };
         subs.push(tokio::spawn(async move {
             let url = &c.urls[i % c.urls.len()];
             let started = Instant::now();
-            let opened =
-                session::open(&c, url, Some(&c.topic(topic)), slow.map(|s| s.rcvbuf)).await;
+            let opened = session::open(&c, url, &topics, slow.map(|s| s.rcvbuf)).await;
             drop(permit);
             if opened.is_ok() {
                 let us = started.elapsed().as_micros() as u64;
@@ -178,7 +185,17 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
     for h in handles {
         outcomes.push(h.await?);
     }
-    tokio::time::sleep_until((end + a.drain).into()).await;
+    // Drain: an overloaded server may still hold a backlog; wait until deliveries
+    // stop (nothing new for 1 s), at most --drain.
+    let drain_end = Instant::now() + a.drain;
+    let mut last = (ctx.timeline.total(), Instant::now());
+    while Instant::now() < drain_end && last.1.elapsed() < Duration::from_secs(1) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        let total = ctx.timeline.total();
+        if total != last.0 {
+            last = (total, Instant::now());
+        }
+    }
     ctx.cancel.cancel();
     let mut results = Vec::new();
     for h in subs {

@@ -34,6 +34,7 @@ pub async fn run(ctx: Arc<Ctx>, a: IdleArgs) -> Result<Report> {
     let split = ctx.common.split;
     let mine: Vec<usize> = (0..a.connections).filter(|i| split.owns(*i)).collect();
     let ticks = sysmon::ticks_per_second();
+    ctx.wait_start().await;
     let self_rss_before = sysmon::self_rss_kib();
     // t0 is the start of the ramp: the timeline shows connects per second.
     let monitor = Monitor::start(&ctx, ProgressBar::hidden(), "connects");
@@ -47,11 +48,14 @@ pub async fn run(ctx: Arc<Ctx>, a: IdleArgs) -> Result<Report> {
         pace(ramp_start, ctx.common.connect_rate, k as u64).await;
         bar.set_position(done.load(Ordering::Relaxed) as u64);
         let (c, done) = (Arc::clone(&ctx), Arc::clone(&done));
-        let topic = (a.topics > 0).then(|| c.topic(i % a.topics));
+        let topics: Vec<String> = (a.topics > 0)
+            .then(|| c.topic(i % a.topics))
+            .into_iter()
+            .collect();
         tasks.push(tokio::spawn(async move {
             let url = &c.urls[i % c.urls.len()];
             let started = now_ns();
-            let opened = session::open(&c, url, topic.as_deref(), None).await;
+            let opened = session::open(&c, url, &topics, None).await;
             drop(permit);
             let mut s = match opened {
                 Ok(s) => s,

@@ -30,14 +30,14 @@ pub fn command_frame(target: Target, bytes: Vec<u8>) -> Frame<'static> {
     }
 }
 
-/// Connects to `url`; with `topic`, subscribes and waits for the server's confirmation.
+/// Connects to `url`; with `topics`, subscribes and waits for the server's confirmation.
 ///
 /// # Errors
 /// The failure kind, for the report's table (details go to the context's first-error log).
 pub async fn open(
     ctx: &Ctx,
     url: &Url,
-    topic: Option<&str>,
+    topics: &[String],
     rcvbuf: Option<u32>,
 ) -> Result<Session, Failure> {
     let target = ctx.common.target;
@@ -59,8 +59,8 @@ pub async fn open(
             ws,
             nats: NatsParser::default(),
         };
-        if let Some(topic) = topic {
-            s.ws.write_frame(command_frame(target, target.subscribe(topic, 1)))
+        if !topics.is_empty() {
+            s.ws.write_frame(command_frame(target, target.subscribe(topics, 1)))
                 .await
                 .map_err(|e| ctx.fail(Failure::Subscribe, e))?;
             wait_ready(&mut s, target)
