@@ -4,9 +4,11 @@
 //! - `main`: config → logging/tracing → file-descriptor limit → broker (in-memory, or
 //!   Redis with `--redis-url`) → server → signals. Composition happens here and
 //!   nowhere else; the crates hold the behaviour.
+//! - [`drain_cmd`]: `wsgate drain`, which asks a running node to drain (preStop hook).
 //! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
 //!   `OTEL_*` variables ask for it, OTLP trace export.
 
+mod drain_cmd;
 mod telemetry;
 
 use std::process::ExitCode;
@@ -102,6 +104,10 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
 }
 
 fn main() -> ExitCode {
+    let mut argv = std::env::args().skip(1);
+    if argv.next().as_deref() == Some("drain") {
+        return drain_cmd::run(argv);
+    }
     let mut cfg = Config::parse();
     // Resolved once, so logs, traces and `welcome` agree even on a random id.
     cfg.node_id = Some(cfg.resolved_node_id());

@@ -322,3 +322,34 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
     let _ = child.kill();
     let _ = child.wait();
 }
+
+#[test]
+fn drain_subcommand_starts_the_drain_of_a_running_node() {
+    let mut gw = Gateway::start(&["--drain-timeout", "200ms"]);
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args([
+            "drain",
+            "--admin-url",
+            &format!("http://127.0.0.1:{}", gw.admin),
+        ])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let status = gw.child.wait().unwrap();
+    assert!(status.success(), "the node drained and exited 0");
+    // Nothing listens any more: the command fails, with a message.
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args([
+            "drain",
+            "--admin-url",
+            &format!("http://127.0.0.1:{}", gw.admin),
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    assert!(!out.stderr.is_empty());
+}
