@@ -55,20 +55,11 @@ struct Conn {
 
 /// Writes every queued frame, like the writer's `write_all_bufs`.
 fn write_all(tx: &mut UnixStream, bufs: &mut VecDeque<Bytes>) {
-    use bytes::Buf;
     while !bufs.is_empty() {
         let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
-        let mut n = tx.write_vectored(&slices).expect("socket buffer has room");
-        while n > 0 {
-            let front = bufs.front_mut().unwrap();
-            if n >= front.len() {
-                n -= front.len();
-                bufs.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
+        let n = tx.write_vectored(&slices).expect("socket buffer has room");
+        drop(slices);
+        wsgate_gateway::io::consume(bufs, n);
     }
 }
 

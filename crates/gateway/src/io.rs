@@ -1,5 +1,6 @@
 //! Small I/O adapters.
 
+use std::collections::VecDeque;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -36,10 +37,38 @@ impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
     }
 }
 
+/// Drops the first `n` bytes of `bufs` after a (vectored) write accepted them:
+/// whole buffers are popped, a partly written one is advanced.
+///
+/// # Panics
+/// If `n` is more than `bufs` holds.
+pub fn consume(bufs: &mut VecDeque<Bytes>, mut n: usize) {
+    while n > 0 {
+        let front = bufs.front_mut().expect("wrote no more than was queued");
+        if n >= front.len() {
+            n -= front.len();
+            bufs.pop_front();
+        } else {
+            front.advance(n);
+            n = 0;
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use tokio::io::AsyncReadExt;
+
+    #[test]
+    fn consume_pops_and_advances() {
+        let mut bufs: VecDeque<Bytes> = [&b"abc"[..], b"de", b"fgh"].map(Bytes::from_static).into();
+        consume(&mut bufs, 6);
+        assert_eq!(bufs, VecDeque::from([Bytes::from_static(b"gh")]));
+        consume(&mut bufs, 0);
+        consume(&mut bufs, 2);
+        assert!(bufs.is_empty());
+    }
 
     #[tokio::test]
     async fn prefix_then_stream() {

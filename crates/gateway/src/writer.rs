@@ -11,7 +11,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use bytes::{Buf, Bytes};
+use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::time::{sleep, sleep_until, timeout, Instant};
 use tokio_util::sync::CancellationToken;
@@ -231,7 +231,7 @@ async fn write_all_bufs<W: AsyncWrite + Unpin>(
     bufs: &mut VecDeque<Bytes>,
 ) -> std::io::Result<()> {
     while !bufs.is_empty() {
-        let mut n = {
+        let n = {
             let slices: Vec<IoSlice<'_>> =
                 bufs.iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
             io.write_vectored(&slices).await?
@@ -239,16 +239,7 @@ async fn write_all_bufs<W: AsyncWrite + Unpin>(
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
-        while n > 0 {
-            let front = bufs.front_mut().expect("wrote no more than was queued");
-            if n >= front.len() {
-                n -= front.len();
-                bufs.pop_front();
-            } else {
-                front.advance(n);
-                n = 0;
-            }
-        }
+        crate::io::consume(bufs, n);
     }
     Ok(())
 }

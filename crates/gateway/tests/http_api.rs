@@ -82,55 +82,18 @@ async fn bad_requests_are_refused_whole() {
 async fn api_key_is_required_when_configured() {
     let s = start(&["--api-key", "s3cret-key"]).await;
     let body = br#"{"topic":"a","data":1}"#;
-    assert_eq!(http(s.addr, "POST", "/api/publish", &[], body).await.0, 401);
-    assert_eq!(
-        http(
-            s.addr,
-            "POST",
-            "/api/publish",
-            &[("Authorization", "Bearer wrong")],
-            body
-        )
-        .await
-        .0,
-        401
-    );
-    assert_eq!(
-        http(
-            s.addr,
-            "POST",
-            "/api/publish",
-            &[("Authorization", "Bearer s3cret-ke")],
-            body
-        )
-        .await
-        .0,
-        401
-    );
-    assert_eq!(
-        http(
-            s.addr,
-            "POST",
-            "/api/publish",
-            &[("Authorization", "s3cret-key")],
-            body
-        )
-        .await
-        .0,
-        401
-    );
-    assert_eq!(
-        http(
-            s.addr,
-            "POST",
-            "/api/publish",
-            &[("Authorization", "Bearer s3cret-key")],
-            body
-        )
-        .await
-        .0,
-        200
-    );
+    let refused: [&[(&str, &str)]; 4] = [
+        &[],
+        &[("Authorization", "Bearer wrong")],
+        &[("Authorization", "Bearer s3cret-ke")],
+        &[("Authorization", "s3cret-key")],
+    ];
+    for headers in refused {
+        let status = http(s.addr, "POST", "/api/publish", headers, body).await.0;
+        assert_eq!(status, 401, "{headers:?}");
+    }
+    let ok = [("Authorization", "Bearer s3cret-key")];
+    assert_eq!(http(s.addr, "POST", "/api/publish", &ok, body).await.0, 200);
     // Without a key configured, the API is open.
     let open = start(&[]).await;
     assert_eq!(
