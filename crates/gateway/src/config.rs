@@ -128,10 +128,47 @@ pub struct Config {
     #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
 
-    /// Redis URL (`redis://[:password@]host:port[/db]`). With it, every node sharing
-    /// this Redis acts as one service; without it the in-memory broker is used.
+    /// Redis URL: `redis://[[user]:password@]host:port[/db]`, `rediss://…` for TLS. With
+    /// it (or `--redis-sentinel`), every node sharing this Redis acts as one service;
+    /// without it the in-memory broker is used. See docs/redis.md.
     #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
     pub redis_url: Option<String>,
+
+    /// Redis password; overrides the one in `--redis-url` (no URL-encoding needed).
+    #[arg(long, env = "WSGATE_REDIS_PASSWORD", hide_env_values = true)]
+    pub redis_password: Option<String>,
+
+    /// CA certificate(s) (PEM) that sign the Redis server certificate, for `rediss://`
+    /// (replaces the system roots).
+    #[arg(long, env = "WSGATE_REDIS_CA_FILE")]
+    pub redis_ca_file: Option<PathBuf>,
+
+    /// Client certificate (PEM) for Redis servers that require mutual TLS.
+    #[arg(long, env = "WSGATE_REDIS_CLIENT_CERT", requires = "redis_client_key")]
+    pub redis_client_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of `--redis-client-cert`.
+    #[arg(long, env = "WSGATE_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
+    pub redis_client_key: Option<PathBuf>,
+
+    /// Comma-separated Redis Sentinel addresses (`host:port`). The master named by
+    /// `--redis-sentinel-master` is asked for on every (re)connect; `--redis-url` then
+    /// only gives the scheme, user, password and database (its host is not used).
+    #[arg(
+        long,
+        env = "WSGATE_REDIS_SENTINEL",
+        value_delimiter = ',',
+        requires = "redis_sentinel_master"
+    )]
+    pub redis_sentinel: Vec<String>,
+
+    /// The master's name in the sentinels' configuration.
+    #[arg(long, env = "WSGATE_REDIS_SENTINEL_MASTER")]
+    pub redis_sentinel_master: Option<String>,
+
+    /// Password of the sentinels themselves (`requirepass` in sentinel.conf), if set.
+    #[arg(long, env = "WSGATE_REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
+    pub redis_sentinel_password: Option<String>,
 
     /// Prefix of the Redis channel of each topic (`PUBLISH <prefix><topic> <payload>`).
     #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate:")]
@@ -242,6 +279,20 @@ impl Config {
                 return Err("--redis-url must start with redis:// or rediss://".into());
             }
         }
+        let tls_files = self.redis_ca_file.is_some() || self.redis_client_cert.is_some();
+        if tls_files
+            && !self
+                .redis_url
+                .as_deref()
+                .is_some_and(|u| u.starts_with("rediss://"))
+        {
+            return Err(
+                "--redis-ca-file and --redis-client-cert need a rediss:// --redis-url".into(),
+            );
+        }
+        if self.redis_sentinel_master.is_some() && self.redis_sentinel.is_empty() {
+            return Err("--redis-sentinel-master needs --redis-sentinel".into());
+        }
         if self.jwt_secret.as_deref() == Some("") {
             return Err("--jwt-secret must not be empty".into());
         }
@@ -278,6 +329,11 @@ impl Config {
         let mut argv = vec!["wsgate"];
         argv.extend_from_slice(args);
         Config::try_parse_from(argv).expect("valid arguments")
+    }
+
+    /// Whether a Redis relay is configured (`--redis-url` or `--redis-sentinel`).
+    pub fn redis_enabled(&self) -> bool {
+        self.redis_url.is_some() || !self.redis_sentinel.is_empty()
     }
 
     /// Whether clients must present a JWT.
@@ -325,6 +381,31 @@ mod tests {
             "10s",
         ]);
         assert!(c.validate().unwrap_err().contains("heartbeat-timeout"));
+    }
+
+    #[test]
+    fn redis_tls_and_sentinel_settings() {
+        let c = Config::parse_from([
+            "wsgate",
+            "--redis-url",
+            "redis://h:1/",
+            "--redis-ca-file",
+            "ca.pem",
+        ]);
+        assert!(c.validate().unwrap_err().contains("rediss://"));
+        let c = Config::try_parse_from(["wsgate", "--redis-sentinel", "a:1,b:2"]);
+        assert!(c.is_err(), "the master name is required");
+        let c = Config::parse_from([
+            "wsgate",
+            "--redis-sentinel",
+            "a:1,b:2",
+            "--redis-sentinel-master",
+            "m",
+        ]);
+        c.validate().unwrap();
+        assert!(c.redis_enabled());
+        assert_eq!(c.redis_sentinel, ["a:1", "b:2"]);
+        assert!(!Config::for_tests().redis_enabled());
     }
 
     #[test]

@@ -12,12 +12,15 @@
 //!   without ever blocking.
 //! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
 //!   which no backend payload can be mistaken for.
+//! - [`connect`]: opening connections (URL, password, TLS, Sentinel), used by both
+//!   halves: with Sentinel each (re)connect asks who the master is now.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
 //! - `health`: which connections are up, and the `wsgate_redis_*` metrics.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
 pub mod backoff;
+pub mod connect;
 pub mod envelope;
 mod health;
 mod publisher;
@@ -33,6 +36,8 @@ use wsgate_metrics::Metrics;
 
 use crate::health::Health;
 
+pub use crate::connect::{ConnectError, ConnectOptions, Connector, SentinelOptions, TlsFiles};
+
 use crate::publisher::Publisher;
 use crate::subscriber::{Command, Manager};
 
@@ -44,8 +49,14 @@ pub const DEFAULT_UNSUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 /// How to reach Redis and name channels.
 #[derive(Clone)]
 pub struct RedisOptions {
-    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS, when built in).
+    /// `redis://[user:password@]host:port[/db]` or `rediss://…` (TLS).
     pub url: String,
+    /// Overrides the URL's password.
+    pub password: Option<String>,
+    /// CA and client certificate for `rediss://`.
+    pub tls: TlsFiles,
+    /// Find the master through Sentinel (see [`connect`]).
+    pub sentinel: Option<SentinelOptions>,
     /// Prepended to every topic to form its channel name.
     pub prefix: String,
     /// Grace period before giving a topic up in Redis (see [`subscriber`]).
@@ -61,6 +72,7 @@ impl std::fmt::Debug for RedisOptions {
         f.debug_struct("RedisOptions")
             .field("prefix", &self.prefix)
             .field("unsubscribe_delay", &self.unsubscribe_delay)
+            .field("sentinel", &self.sentinel)
             .finish_non_exhaustive()
     }
 }
@@ -70,9 +82,22 @@ impl RedisOptions {
     pub fn new(url: impl Into<String>) -> Self {
         RedisOptions {
             url: url.into(),
+            password: None,
+            tls: TlsFiles::default(),
+            sentinel: None,
             prefix: DEFAULT_PREFIX.into(),
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
             metrics: None,
+        }
+    }
+
+    /// The connection part of these options.
+    pub fn connect_options(&self) -> ConnectOptions {
+        ConnectOptions {
+            url: self.url.clone(),
+            password: self.password.clone(),
+            tls: self.tls.clone(),
+            sentinel: self.sentinel.clone(),
         }
     }
 }
@@ -92,16 +117,16 @@ impl RedisBroker {
     /// [`Broker::is_ready`] is false and publishes and subscribes fail `unavailable`.
     ///
     /// # Errors
-    /// When the URL is not a valid Redis URL.
-    pub fn start(options: RedisOptions, hub: Arc<Hub>) -> Result<Self, redis::RedisError> {
-        let client = redis::Client::open(options.url.as_str())?;
+    /// When the connection options cannot work (see [`Connector::new`]).
+    pub fn start(options: RedisOptions, hub: Arc<Hub>) -> Result<Self, ConnectError> {
+        let connector = Connector::new(&options.connect_options())?;
         let stop = CancellationToken::new();
         let prefix: Arc<str> = Arc::from(options.prefix.as_str());
         let health = Arc::new(Health::new(options.metrics));
-        let publisher = Publisher::start(client.clone(), health.clone(), stop.clone());
+        let publisher = Publisher::start(connector.clone(), health.clone(), stop.clone());
         let (commands, rx) = mpsc::unbounded_channel();
         let manager = Manager {
-            client,
+            connector,
             hub,
             prefix: prefix.clone(),
             unsubscribe_delay: options.unsubscribe_delay,

@@ -17,6 +17,7 @@ use tracing::{debug, info, warn};
 use wsgate_fanout::{BrokerError, BrokerFuture};
 
 use crate::backoff::Backoff;
+use crate::connect::{explain, Connector};
 use crate::health::Health;
 
 /// Most publications sent in one pipeline: bounds the memory of one batch and the
@@ -42,12 +43,12 @@ pub(crate) struct Publisher {
 impl Publisher {
     /// Starts the writer task.
     pub(crate) fn start(
-        client: redis::Client,
+        connector: Connector,
         health: Arc<Health>,
         stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(client, rx, health.clone(), stop));
+        tokio::spawn(writer(connector, rx, health.clone(), stop));
         Publisher { tx, health }
     }
 
@@ -80,17 +81,8 @@ fn fail_queued(rx: &mut mpsc::UnboundedReceiver<Job>, err: &BrokerError) {
     }
 }
 
-async fn connect(client: &redis::Client) -> redis::RedisResult<redis::aio::MultiplexedConnection> {
-    let config = redis::AsyncConnectionConfig::new()
-        .set_connection_timeout(Some(Duration::from_secs(2)))
-        .set_response_timeout(Some(RESPONSE_TIMEOUT));
-    client
-        .get_multiplexed_async_connection_with_config(&config)
-        .await
-}
-
 async fn writer(
-    client: redis::Client,
+    connector: Connector,
     mut rx: mpsc::UnboundedReceiver<Job>,
     health: Arc<Health>,
     stop: CancellationToken,
@@ -100,11 +92,12 @@ async fn writer(
     loop {
         let mut conn = tokio::select! {
             _ = stop.cancelled() => return,
-            r = connect(&client) => match r {
+            r = connector.multiplexed(RESPONSE_TIMEOUT) => match r {
                 Ok(c) => c,
                 Err(e) => {
                     let delay = backoff.next_delay();
-                    warn!(error = %e, retry_in = ?delay, "redis publish connection failed");
+                    let target = connector.target();
+                    warn!(error = %explain(&e), redis = target, retry_in = ?delay, "redis publish connection failed");
                     fail_queued(&mut rx, &unavailable(format!("redis: {e}")));
                     tokio::select! {
                         _ = stop.cancelled() => return,
@@ -118,7 +111,7 @@ async fn writer(
         if lost_before {
             health.reconnected();
         }
-        info!("redis publish connection up");
+        info!(redis = connector.target(), "redis publish connection up");
         let mut batch = Vec::new();
         loop {
             let first = tokio::select! {

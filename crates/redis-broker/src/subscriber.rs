@@ -33,6 +33,7 @@ use tracing::{debug, info, warn};
 use wsgate_fanout::{unix_nanos, BrokerError, Hub, Publication};
 
 use crate::backoff::Backoff;
+use crate::connect::{explain, Connector};
 use crate::envelope;
 use crate::health::Health;
 
@@ -53,7 +54,7 @@ pub(crate) enum Command {
 
 /// What the manager needs to know, fixed at start.
 pub(crate) struct Manager {
-    pub client: redis::Client,
+    pub connector: Connector,
     pub hub: Arc<Hub>,
     pub prefix: Arc<str>,
     pub unsubscribe_delay: Duration,
@@ -97,7 +98,11 @@ impl Manager {
                         self.health.reconnected();
                         self.health.resubscribed(confirmed.len());
                     }
-                    info!(topics = confirmed.len(), "redis subscriptions up");
+                    info!(
+                        topics = confirmed.len(),
+                        redis = self.connector.target(),
+                        "redis subscriptions up"
+                    );
                     let lost = self.serve(&mut rx, sink, confirmed, &connection).await;
                     self.health.set_subscribe_up(false);
                     lost
@@ -112,7 +117,7 @@ impl Manager {
             let Lost::Connection(why) = lost else { return };
             // Until the next connection, subscribes cannot be made active.
             let delay = backoff.next_delay();
-            warn!(error = %why, retry_in = ?delay, "redis subscriptions down");
+            warn!(error = %why, redis = self.connector.target(), retry_in = ?delay, "redis subscriptions down");
             let until = Instant::now() + delay;
             loop {
                 tokio::select! {
@@ -138,10 +143,7 @@ impl Manager {
         &self,
         connection: &CancellationToken,
     ) -> Result<(redis::aio::PubSubSink, HashSet<Arc<str>>), String> {
-        let pubsub = tokio::time::timeout(CONFIRM_TIMEOUT, self.client.get_async_pubsub())
-            .await
-            .map_err(|_| "connect timed out".to_string())?
-            .map_err(|e| e.to_string())?;
+        let pubsub = self.connector.pubsub().await.map_err(|e| explain(&e))?;
         let (mut sink, stream) = pubsub.split();
         tokio::spawn(read(
             stream,

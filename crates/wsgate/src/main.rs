@@ -2,7 +2,7 @@
 //!
 //! # Layout
 //! - `main`: config → logging/tracing → file-descriptor limit → broker (in-memory, or
-//!   Redis with `--redis-url`) → server → signals. Composition happens here and
+//!   Redis with `--redis-url` / `--redis-sentinel`) → server → signals. Composition happens here and
 //!   nowhere else; the crates hold the behaviour.
 //! - [`drain_cmd`]: `wsgate drain`, which asks a running node to drain (preStop hook).
 //! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
@@ -20,7 +20,7 @@ use wsgate_fanout::Hub;
 use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
-use wsgate_redis::{RedisBroker, RedisOptions};
+use wsgate_redis::{Connector, RedisBroker, RedisOptions, SentinelOptions, TlsFiles};
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -40,23 +40,56 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
     })
 }
 
-async fn run(cfg: Config) -> anyhow::Result<()> {
+/// The Redis relay's options from the configuration, with the TLS files read and the
+/// whole checked (so a bad file or URL is a clear exit 2, not a retry loop).
+fn redis_options(cfg: &Config) -> Result<Option<RedisOptions>, String> {
+    if !cfg.redis_enabled() {
+        return Ok(None);
+    }
+    let read = |flag: &str, p: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, String> {
+        p.as_ref()
+            .map(|p| std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display())))
+            .transpose()
+    };
+    let mut options = RedisOptions::new(
+        cfg.redis_url
+            .clone()
+            .unwrap_or_else(|| "redis://localhost/".into()),
+    );
+    options.prefix = cfg.redis_prefix.clone();
+    options.unsubscribe_delay = cfg.redis_unsubscribe_delay;
+    options.password = cfg.redis_password.clone();
+    options.tls = TlsFiles {
+        ca: read("--redis-ca-file", &cfg.redis_ca_file)?,
+        client_cert: read("--redis-client-cert", &cfg.redis_client_cert)?,
+        client_key: read("--redis-client-key", &cfg.redis_client_key)?,
+    };
+    if !cfg.redis_sentinel.is_empty() {
+        options.sentinel = Some(SentinelOptions {
+            nodes: cfg.redis_sentinel.clone(),
+            master: cfg.redis_sentinel_master.clone().unwrap_or_default(),
+            password: cfg.redis_sentinel_password.clone(),
+        });
+    }
+    Connector::new(&options.connect_options()).map_err(|e| format!("redis: {e}"))?;
+    Ok(Some(options))
+}
+
+async fn run(cfg: Config, redis: Option<RedisOptions>) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
-    let gw: Arc<Gateway> = match cfg.redis_url.clone() {
+    let gw: Arc<Gateway> = match redis {
         None => Gateway::in_memory(cfg, metrics),
-        Some(url) => {
+        Some(mut options) => {
             // Redis need not be up yet: the broker connects in the background and
             // `/readyz` says 503 until it has (docs/redis.md).
             let hub = Arc::new(Hub::default());
-            let options = RedisOptions {
-                url,
-                prefix: cfg.redis_prefix.clone(),
-                unsubscribe_delay: cfg.redis_unsubscribe_delay,
-                metrics: Some(metrics.clone()),
-            };
+            options.metrics = Some(metrics.clone());
+            if options.url.ends_with("#insecure") {
+                warn!("redis TLS certificates are not verified (#insecure): for tests only");
+            }
             let broker = RedisBroker::start(options, hub.clone())
-                .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+                .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
             info!(prefix = %cfg.redis_prefix, "redis fan-out enabled");
             Gateway::new(cfg, hub, Arc::new(broker), metrics)
         }
@@ -120,6 +153,13 @@ fn main() -> ExitCode {
         eprintln!("wsgate: invalid configuration: {e}");
         return ExitCode::from(2);
     }
+    let redis = match redis_options(&cfg) {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("wsgate: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let telemetry = match telemetry::init(
         cfg.log_format,
         &cfg.log_level,
@@ -141,7 +181,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match runtime.block_on(run(cfg)) {
+    let code = match runtime.block_on(run(cfg, redis)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
