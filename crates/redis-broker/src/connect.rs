@@ -295,10 +295,17 @@ impl Connector {
         let config = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(CONNECT_TIMEOUT))
             .set_response_timeout(Some(response_timeout));
-        self.client()
+        let mut conn = self
+            .client()
             .await?
             .get_multiplexed_async_connection_with_config(&config)
-            .await
+            .await?;
+        // Connecting without credentials succeeds even where Redis wants some (`NOAUTH`
+        // comes with the first command): a connection counts only once Redis answers.
+        redis::cmd("PING")
+            .query_async::<redis::Value>(&mut conn)
+            .await?;
+        Ok(conn)
     }
 
     /// A dedicated pub/sub connection to the current master.
@@ -307,7 +314,13 @@ impl Connector {
     /// As [`Self::client`], and any failure to connect (timeout, TLS, `AUTH`).
     pub async fn pubsub(&self) -> RedisResult<redis::aio::PubSub> {
         let client = self.client().await?;
-        match tokio::time::timeout(CONNECT_TIMEOUT, client.get_async_pubsub()).await {
+        let open = async {
+            let mut pubsub = client.get_async_pubsub().await?;
+            // As in `multiplexed`: only a connection Redis answers on counts.
+            pubsub.ping::<redis::Value>().await?;
+            Ok(pubsub)
+        };
+        match tokio::time::timeout(CONNECT_TIMEOUT, open).await {
             Ok(r) => r,
             Err(_) => Err(RedisError::from((ErrorKind::Io, "connect timed out"))),
         }

@@ -178,11 +178,38 @@ pub struct Node {
     pub addr: SocketAddr,
     pub admin: SocketAddr,
     child: Child,
+    /// Where stderr goes when started with [`Node::start_logged`].
+    log: Option<tempfile::NamedTempFile>,
 }
 
 impl Node {
     /// Starts a node on free ports with `args` added; waits until `/healthz` answers.
     pub fn start(redis_url: Option<&str>, args: &[&str]) -> Node {
+        Self::start_inner(redis_url, args, None)
+    }
+
+    /// Like [`Node::start`], logging at `warn` into a file read by [`Node::logs`].
+    pub fn start_logged(redis_url: Option<&str>, args: &[&str]) -> Node {
+        Self::start_inner(
+            redis_url,
+            args,
+            Some(tempfile::NamedTempFile::new().unwrap()),
+        )
+    }
+
+    /// Everything the node logged so far (empty unless started with `start_logged`).
+    pub fn logs(&self) -> String {
+        self.log
+            .as_ref()
+            .map(|f| std::fs::read_to_string(f.path()).unwrap_or_default())
+            .unwrap_or_default()
+    }
+
+    fn start_inner(
+        redis_url: Option<&str>,
+        args: &[&str],
+        log: Option<tempfile::NamedTempFile>,
+    ) -> Node {
         let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_wsgate"));
@@ -192,16 +219,24 @@ impl Node {
             "--admin-listen",
             &admin.to_string(),
         ])
-        .args(["--log-level", "error"])
+        .args(["--log-level", if log.is_some() { "warn" } else { "error" }])
         .args(args)
         .env_remove("WSGATE_REDIS_URL")
         .stdout(Stdio::null())
-        .stderr(Stdio::inherit());
+        .stderr(match &log {
+            Some(f) => Stdio::from(f.reopen().unwrap()),
+            None => Stdio::inherit(),
+        });
         if let Some(url) = redis_url {
             cmd.args(["--redis-url", url]);
         }
         let child = cmd.spawn().expect("wsgate binary");
-        let node = Node { addr, admin, child };
+        let node = Node {
+            addr,
+            admin,
+            child,
+            log,
+        };
         assert!(
             wait_until(Duration::from_secs(10), || node.get("/healthz").0 == 200),
             "wsgate did not start"
