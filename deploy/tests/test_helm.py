@@ -210,15 +210,15 @@ def test_services_select_gateways_and_keep_admin_private(manifests):
 def test_secrets_are_referenced_never_inlined(manifests):
     c = container(gateway(manifests))
     for name, e in env(c).items():
-        if name in ("WSGATE_API_KEY", "WSGATE_JWT_SECRET", "REDIS_PASSWORD"):
+        if name in ("WSGATE_API_KEY", "WSGATE_JWT_SECRET", "WSGATE_REDIS_PASSWORD",
+                    "WSGATE_REDIS_SENTINEL_PASSWORD"):
             ref = e["valueFrom"]["secretKeyRef"]
             secret_names = {s["metadata"]["name"] for s in manifests.of_kind("Secret")}
             assert ref["name"] in secret_names or ref["name"] == "wsgate-secrets"
+    # The Redis password reaches the gateway as its own variable, never inside the URL.
     url = env(c).get("WSGATE_REDIS_URL", {}).get("value", "")
-    if "REDIS_PASSWORD" in env(c):
-        assert "$(REDIS_PASSWORD)@" in url
-        names = list(env(c))
-        assert names.index("REDIS_PASSWORD") < names.index("WSGATE_REDIS_URL")
+    userinfo = url.split("://", 1)[-1].split("@")[0] if "@" in url else ""
+    assert ":" not in userinfo and "$(" not in url, url
 
 
 def test_dashboard_configmap_for_grafana_sidecar(manifests):
@@ -304,7 +304,9 @@ def test_bundled_redis(render):
     (secret,) = m.of_kind("Secret")
     assert secret["data"]["redis-password"]
     url = env(container(gateway(m)))["WSGATE_REDIS_URL"]["value"]
-    assert url == "redis://:$(REDIS_PASSWORD)@t-wsgate-redis:6379/0"
+    assert url == "redis://t-wsgate-redis:6379/0"
+    pw = env(container(gateway(m)))["WSGATE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert pw["key"] == "redis-password"
     args = redis["spec"]["template"]["spec"]["containers"][0]["args"]
     assert args[args.index("--requirepass") + 1] == "$(REDIS_PASSWORD)"
 
@@ -313,8 +315,40 @@ def test_redis_acl_user_and_password(render):
     m = render(*VALUE_SETS["production"])
     e = env(container(gateway(m)))
     assert e["WSGATE_REDIS_URL"]["value"] == \
-        "redis://wsgate:$(REDIS_PASSWORD)@redis-master.redis.svc.cluster.local:6379/0"
-    assert e["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+        "redis://wsgate@redis-master.redis.svc.cluster.local:6379/0"
+    assert e["WSGATE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+
+
+def test_redis_tls_files_are_mounted(render):
+    m = render("--set", "redis.url=rediss://r:6380/0", "--set", "replicaCount=3",
+               "--set", "redis.tls.secretName=redis-client-tls",
+               "--set", "redis.tls.clientCertKey=tls.crt", "--set", "redis.tls.clientKeyKey=tls.key")
+    d = gateway(m)
+    c = container(d)
+    e = env(c)
+    assert e["WSGATE_REDIS_URL"]["value"] == "rediss://r:6380/0"
+    assert e["WSGATE_REDIS_CA_FILE"]["value"] == "/etc/wsgate/redis-tls/ca.crt"
+    assert e["WSGATE_REDIS_CLIENT_CERT"]["value"] == "/etc/wsgate/redis-tls/tls.crt"
+    assert e["WSGATE_REDIS_CLIENT_KEY"]["value"] == "/etc/wsgate/redis-tls/tls.key"
+    mounts = {v["name"]: v for v in c["volumeMounts"]}
+    assert mounts["redis-tls"]["mountPath"] == "/etc/wsgate/redis-tls"
+    volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["redis-tls"]["secret"]["secretName"] == "redis-client-tls"
+
+
+def test_redis_sentinel(render):
+    m = render("--set", "replicaCount=3", "--set", "redis.sentinel.addresses={s1:26379,s2:26379}",
+               "--set", "redis.sentinel.masterName=mymaster",
+               "--set", "secrets.redisPassword=p", "--set", "secrets.redisSentinelPassword=sp")
+    e = env(container(gateway(m)))
+    assert "WSGATE_REDIS_URL" not in e
+    assert e["WSGATE_REDIS_SENTINEL"]["value"] == "s1:26379,s2:26379"
+    assert e["WSGATE_REDIS_SENTINEL_MASTER"]["value"] == "mymaster"
+    assert e["WSGATE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+    ref = e["WSGATE_REDIS_SENTINEL_PASSWORD"]["valueFrom"]["secretKeyRef"]
+    assert ref["key"] == "redis-sentinel-password"
+    (secret,) = m.of_kind("Secret")
+    assert secret["data"]["redis-sentinel-password"]
 
 
 def test_jwt_public_key_and_tls_are_mounted_as_files(render):
@@ -359,6 +393,9 @@ def test_config_values_become_env_vars(render):
     (("--set", "redis.url=r:6379", "--set", "secrets.redisPassword=p"), "redis.url"),
     (("--set", "nosuchvalue=1"), "nosuchvalue"),
     (("--set", "tls.enabled=true"), "tls.secretName"),
+    (("--set", "redis.sentinel.addresses={s:26379}"), "masterName"),
+    (("--set", "redis.url=redis://r:6379", "--set", "redis.tls.secretName=x"), "rediss://"),
+    (("--set", "redis.sentinel.addresses={nocolon}", "--set", "redis.sentinel.masterName=m"), "addresses"),
     (("--set", "secrets.jwtPublicKeyFile=key.txt"), "jwtPublicKeyFile"),
 ])
 def test_refused(helm, args, message):

@@ -125,6 +125,7 @@ Secrets: the name, and the keys it holds (as a JSON list).
 {{- if .Values.secrets.jwtSecret }}{{ $keys = append $keys "jwt-secret" }}{{ end }}
 {{- if .Values.secrets.jwtPublicKey }}{{ $keys = append $keys "jwt-public-key" }}{{ end }}
 {{- if or .Values.secrets.redisPassword .Values.redis.bundled.enabled }}{{ $keys = append $keys "redis-password" }}{{ end }}
+{{- if .Values.secrets.redisSentinelPassword }}{{ $keys = append $keys "redis-sentinel-password" }}{{ end }}
 {{- end }}
 {{- toJson $keys }}
 {{- end }}
@@ -145,22 +146,26 @@ The Redis URL the gateway gets, without the password (empty: no Redis).
 {{- end }}
 
 {{/*
-With a password, the URL gets "[username]:$(REDIS_PASSWORD)@" after the scheme; the kubelet
-substitutes the variable (declared before WSGATE_REDIS_URL) from the Secret, so the
-password never appears in the pod spec. The password must therefore be URL-safe
-(the generated one is alphanumeric).
+The URL gets "username@" after the scheme when an ACL user is set. The password is not
+in it: WSGATE_REDIS_PASSWORD comes from the Secret (so it needs no URL-encoding and never
+appears in the pod spec).
 */}}
 {{- define "wsgate.redisUrl" -}}
 {{- $url := include "wsgate.redisBaseUrl" . }}
-{{- if and $url (include "wsgate.hasSecretKey" (dict "ctx" . "key" "redis-password")) }}
+{{- if and $url .Values.redis.username }}
 {{- $parts := regexSplit "://" $url 2 }}
 {{- if ne (len $parts) 2 }}
 {{- fail (printf "redis.url %q has no scheme (redis:// or rediss://)" $url) }}
 {{- end }}
-{{- printf "%s://%s:$(REDIS_PASSWORD)@%s" (index $parts 0) .Values.redis.username (index $parts 1) }}
+{{- printf "%s://%s@%s" (index $parts 0) .Values.redis.username (index $parts 1) }}
 {{- else }}
 {{- $url }}
 {{- end }}
+{{- end }}
+
+{{/* Whether the gateways use Redis at all ("true" or empty). */}}
+{{- define "wsgate.redisEnabled" -}}
+{{- if or (include "wsgate.redisBaseUrl" .) .Values.redis.sentinel.addresses }}true{{ end }}
 {{- end }}
 
 {{/*
@@ -168,7 +173,7 @@ Refuse configurations that would run but not work.
 */}}
 {{- define "wsgate.validate" -}}
 {{- $multi := or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled }}
-{{- if and $multi (not (include "wsgate.redisBaseUrl" .)) }}
+{{- if and $multi (not (include "wsgate.redisEnabled" .)) }}
 {{- fail "more than one wsgate pod needs Redis for fan-out between pods (a message published on one pod would not reach subscribers on the others): set redis.url, or redis.bundled.enabled=true to try it out" }}
 {{- end }}
 {{- if and .Values.redis.bundled.enabled .Values.redis.url }}
@@ -182,6 +187,15 @@ Refuse configurations that would run but not work.
 {{- if le (int .Values.ingress.websocketTimeoutSeconds) $hb }}
 {{- fail (printf "ingress.websocketTimeoutSeconds (%d) must be above config.heartbeatInterval (%ds), or the ingress cuts idle but healthy connections" (int .Values.ingress.websocketTimeoutSeconds) $hb) }}
 {{- end }}
+{{- end }}
+{{- if and .Values.redis.sentinel.addresses (not .Values.redis.sentinel.masterName) }}
+{{- fail "redis.sentinel.addresses needs redis.sentinel.masterName" }}
+{{- end }}
+{{- if and .Values.redis.sentinel.addresses .Values.redis.bundled.enabled }}
+{{- fail "redis.sentinel and redis.bundled.enabled do not go together (the bundled Redis has no sentinels)" }}
+{{- end }}
+{{- if and .Values.redis.tls.secretName (not (hasPrefix "rediss://" (include "wsgate.redisBaseUrl" .))) }}
+{{- fail "redis.tls.secretName needs a rediss:// redis.url" }}
 {{- end }}
 {{- if and .Values.tls.enabled (not .Values.tls.secretName) }}
 {{- fail "tls.enabled needs tls.secretName (a kubernetes.io/tls Secret with tls.crt and tls.key)" }}
