@@ -14,10 +14,14 @@
 //!   which no backend payload can be mistaken for.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
 //! - `health`: which connections are up, and the `wsgate_redis_*` metrics.
+//! - [`cluster`]: Redis Cluster mode, [`ClusterBroker`]: sharded pub/sub
+//!   (`SSUBSCRIBE`/`SPUBLISH`) with one pub/sub connection and one publish pipeline
+//!   per primary, following failovers and slot moves.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
 pub mod backoff;
+pub mod cluster;
 pub mod envelope;
 mod health;
 mod publisher;
@@ -31,6 +35,7 @@ use tokio_util::sync::CancellationToken;
 use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
 use wsgate_metrics::Metrics;
 
+pub use crate::cluster::{ClusterBroker, ClusterOptions};
 use crate::health::Health;
 
 use crate::publisher::Publisher;

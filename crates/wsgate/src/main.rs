@@ -17,10 +17,11 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info, warn};
 use wsgate_fanout::Hub;
+use wsgate_gateway::config::RedisMode;
 use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
-use wsgate_redis::{RedisBroker, RedisOptions};
+use wsgate_redis::{ClusterBroker, ClusterOptions, RedisBroker, RedisOptions};
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -45,6 +46,23 @@ async fn run(cfg: Config) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let gw: Arc<Gateway> = match cfg.redis_url.clone() {
         None => Gateway::in_memory(cfg, metrics),
+        Some(seeds) if cfg.redis_mode == RedisMode::Cluster => {
+            // The cluster need not be up yet either: the broker keeps asking the
+            // seeds for the slot map; `/readyz` is 503 until every shard is
+            // connected (docs/redis.md).
+            let hub = Arc::new(Hub::default());
+            let options = ClusterOptions {
+                seeds: seeds.split(',').map(|s| s.trim().to_string()).collect(),
+                prefix: cfg.redis_prefix.clone(),
+                unsubscribe_delay: cfg.redis_unsubscribe_delay,
+                hash_tag_separator: cfg.redis_hash_tag_separator.map(|c| c as u8),
+                metrics: Some(metrics.clone()),
+            };
+            let broker = ClusterBroker::start(options, hub.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+            info!(prefix = %cfg.redis_prefix, "redis cluster (sharded pub/sub) fan-out enabled");
+            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+        }
         Some(url) => {
             // Redis need not be up yet: the broker connects in the background and
             // `/readyz` says 503 until it has (docs/redis.md).
