@@ -50,8 +50,14 @@ impl RedisCluster {
     /// `primaries` primaries with `replicas` replicas each; returns once every node
     /// reports `cluster_state:ok` and knows every other node.
     pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let cluster = Self::spawn(primaries * (1 + replicas));
+        cluster.create(replicas);
+        cluster
+    }
+
+    /// `n` cluster-enabled servers that do not form a cluster yet.
+    pub fn spawn(n: usize) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
-        let n = primaries * (1 + replicas);
         let mut ports = Vec::new();
         let mut nodes = Vec::new();
         for _ in 0..n {
@@ -65,6 +71,10 @@ impl RedisCluster {
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
+                // A replica takes over however stale its data (tests, not durability),
+                // and its first sync starts at once (diskless sync waits 5 s by default).
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--repl-diskless-sync-delay", "0"])
                 .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
                 .args(["--loglevel", "warning"])
                 .arg("--dir")
@@ -87,6 +97,12 @@ impl RedisCluster {
                 node.port
             );
         }
+        cluster
+    }
+
+    /// `redis-cli --cluster create` over every node.
+    pub fn create(&self, replicas: usize) {
+        let cluster = self;
         let addrs: Vec<String> = cluster
             .nodes
             .iter()
@@ -101,7 +117,6 @@ impl RedisCluster {
             .unwrap();
         assert!(out.status.success(), "cluster create: {out:?}");
         cluster.wait_healthy();
-        cluster
     }
 
     /// Waits until every live node says the cluster is ok and knows all nodes.
@@ -110,9 +125,11 @@ impl RedisCluster {
         let ok = wait_until(Duration::from_secs(30), || {
             self.live().all(|node| {
                 let info = cli(node.port, &["CLUSTER", "INFO"]);
+                let repl = cli(node.port, &["INFO", "replication"]);
                 info.contains("cluster_state:ok")
                     && info.contains(&format!("cluster_known_nodes:{n}"))
                     && info.contains("cluster_slots_ok:16384")
+                    && (repl.contains("role:master") || repl.contains("master_link_status:up"))
             })
         });
         assert!(ok, "cluster did not become healthy");
@@ -199,6 +216,15 @@ impl RedisCluster {
             .collect();
         v.sort();
         v
+    }
+
+    /// Subscribers of a shard channel on one node (`PUBSUB SHARDNUMSUB`).
+    pub fn shardnumsub(&self, port: u16, channel: &str) -> u64 {
+        cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
     }
 
     /// `redis-cli -c SPUBLISH channel payload`: a backend using the stock client,

@@ -192,7 +192,10 @@ impl Node {
             "--admin-listen",
             &admin.to_string(),
         ])
-        .args(["--log-level", "error"])
+        .args([
+            "--log-level",
+            &std::env::var("WSGATE_TEST_LOG").unwrap_or("error".into()),
+        ])
         .args(args)
         .env_remove("WSGATE_REDIS_URL")
         .stdout(Stdio::null())
