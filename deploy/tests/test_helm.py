@@ -317,6 +317,17 @@ def test_redis_acl_user_and_password(render):
     assert e["REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
 
 
+def test_redis_cluster_mode_with_seeds(render):
+    m = render("--set", "redis.url=redis://rc-0.redis:6379", "--set", "redis.mode=cluster",
+               "--set", "redis.clusterSeeds={redis://rc-1.redis:6379,redis://rc-2.redis:6379}",
+               "--set", "secrets.redisPassword=pw", "--set", "replicaCount=3")
+    e = env(container(gateway(m)))
+    assert e["WSGATE_REDIS_MODE"]["value"] == "cluster"
+    # Every seed carries the password reference; the gateway splits the list on commas.
+    assert e["WSGATE_REDIS_URL"]["value"] == ",".join(
+        f"redis://:$(REDIS_PASSWORD)@rc-{i}.redis:6379" for i in range(3))
+
+
 def test_jwt_public_key_and_tls_are_mounted_as_files(render):
     m = render(*VALUE_SETS["hard-anti-affinity"])
     d = gateway(m)
@@ -358,6 +369,10 @@ def test_config_values_become_env_vars(render):
     (("--set", "redis.url=redis://:secret@r:6379"), "redis.url"),
     (("--set", "redis.url=r:6379", "--set", "secrets.redisPassword=p"), "redis.url"),
     (("--set", "nosuchvalue=1"), "nosuchvalue"),
+    (("--set", "redis.bundled.enabled=true", "--set", "redis.mode=cluster"), "redis.mode=cluster"),
+    (("--set", "redis.url=redis://r:6379", "--set", "redis.clusterSeeds={redis://s:1}"), "redis.clusterSeeds"),
+    (("--set", "redis.url=redis://r:6379", "--set", "redis.mode=cluster",
+      "--set", "redis.clusterSeeds={s:1}"), "clusterSeeds"),
     (("--set", "tls.enabled=true"), "tls.secretName"),
     (("--set", "secrets.jwtPublicKeyFile=key.txt"), "jwtPublicKeyFile"),
 ])
