@@ -22,9 +22,8 @@ from test_compose import GATEWAYS, compose
 from test_helm import VALUE_SETS, container, env, gateway
 
 # Flags announced for later issues, which deployment files may already set for users who
-# ask for them (the chart's redis.mode: cluster). Each one is reported; drop
-# it from here once `wsgate --help` lists it.
-PENDING_FLAGS = {"WSGATE_REDIS_MODE"}
+# ask for them. Each one is reported; drop it from here once `wsgate --help` lists it.
+PENDING_FLAGS: set[str] = set()
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +52,8 @@ def set_by_deployment_files(render) -> dict[str, set[str]]:
     for values, args in VALUE_SETS.items():
         add(f"helm ({values})", env(container(gateway(render(*args)))))
     add("helm (redis cluster)", env(container(gateway(render(
-        "--set", "redis.url=redis://r:6379", "--set", "redis.mode=cluster")))))
+        "--set", "redis.url=redis://r:6379", "--set", "redis.mode=cluster",
+        "--set", "redis.clusterSeeds={redis://r2:6379}")))))
     return found
 
 

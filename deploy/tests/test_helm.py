@@ -351,6 +351,24 @@ def test_redis_sentinel(render):
     assert secret["data"]["redis-sentinel-password"]
 
 
+def test_redis_cluster_mode_with_seeds(render):
+    m = render("--set", "redis.url=redis://rc-0.redis:6379", "--set", "redis.mode=cluster",
+               "--set", "redis.clusterSeeds={redis://rc-1.redis:6379,redis://rc-2.redis:6379}",
+               "--set", "secrets.redisPassword=pw", "--set", "replicaCount=3")
+    e = env(container(gateway(m)))
+    assert e["WSGATE_REDIS_MODE"]["value"] == "cluster"
+    # The gateway splits the seed list on commas; the password comes from the Secret
+    # (it wins over the URLs' in cluster mode too), never inside the URLs.
+    assert e["WSGATE_REDIS_URL"]["value"] == ",".join(
+        f"redis://rc-{i}.redis:6379" for i in range(3))
+    assert e["WSGATE_REDIS_PASSWORD"]["valueFrom"]["secretKeyRef"]["key"] == "redis-password"
+    m = render("--set", "redis.url=redis://rc-0.redis:6379", "--set", "redis.mode=cluster",
+               "--set", "redis.clusterSeeds={redis://rc-1.redis:6379}",
+               "--set", "redis.username=app")
+    e = env(container(gateway(m)))
+    assert e["WSGATE_REDIS_URL"]["value"] == "redis://app@rc-0.redis:6379,redis://app@rc-1.redis:6379"
+
+
 def test_jwt_public_key_and_tls_are_mounted_as_files(render):
     m = render(*VALUE_SETS["hard-anti-affinity"])
     d = gateway(m)
@@ -392,6 +410,10 @@ def test_config_values_become_env_vars(render):
     (("--set", "redis.url=redis://:secret@r:6379"), "redis.url"),
     (("--set", "redis.url=r:6379", "--set", "secrets.redisPassword=p"), "redis.url"),
     (("--set", "nosuchvalue=1"), "nosuchvalue"),
+    (("--set", "redis.bundled.enabled=true", "--set", "redis.mode=cluster"), "redis.mode=cluster"),
+    (("--set", "redis.url=redis://r:6379", "--set", "redis.clusterSeeds={redis://s:1}"), "redis.clusterSeeds"),
+    (("--set", "redis.url=redis://r:6379", "--set", "redis.mode=cluster",
+      "--set", "redis.clusterSeeds={s:1}"), "clusterSeeds"),
     (("--set", "tls.enabled=true"), "tls.secretName"),
     (("--set", "redis.sentinel.addresses={s:26379}"), "masterName"),
     (("--set", "redis.url=redis://r:6379", "--set", "redis.tls.secretName=x"), "rediss://"),

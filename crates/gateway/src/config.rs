@@ -16,6 +16,16 @@ pub enum LogFormat {
     Json,
 }
 
+/// How `--redis-url` is used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub enum RedisMode {
+    /// One Redis (classic `PUBLISH`/`SUBSCRIBE`).
+    Single,
+    /// A Redis Cluster (7+): sharded pub/sub, `SPUBLISH`/`SSUBSCRIBE` on the shard
+    /// owning each topic's slot. `--redis-url` lists seed nodes, comma-separated.
+    Cluster,
+}
+
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 25s, 1m)"))
 }
@@ -179,6 +189,17 @@ pub struct Config {
     #[arg(long, env = "WSGATE_REDIS_UNSUBSCRIBE_DELAY", default_value = "1s", value_parser = parse_duration)]
     pub redis_unsubscribe_delay: Duration,
 
+    /// `single` Redis, or a Redis `cluster` (sharded pub/sub; `--redis-url` is then a
+    /// comma-separated list of seed nodes, any one of which is enough). docs/redis.md.
+    #[arg(long, env = "WSGATE_REDIS_MODE", value_enum, default_value = "single")]
+    pub redis_mode: RedisMode,
+
+    /// Cluster mode: co-locate related topics. With `.`, topic `room42.chat` uses the
+    /// channel `<prefix>{room42}.chat`, so every `room42.*` topic is on one shard.
+    /// Unset: channels are `<prefix><topic>` as in single mode.
+    #[arg(long, env = "WSGATE_REDIS_HASH_TAG_SEPARATOR")]
+    pub redis_hash_tag_separator: Option<char>,
+
     /// TLS certificate chain (PEM) for the public listener (`wss://` and HTTPS for the
     /// publish API). Reloaded on SIGHUP and when the file changes. Needs `--tls-key`.
     #[arg(long, env = "WSGATE_TLS_CERT", requires = "tls_key")]
@@ -275,8 +296,22 @@ impl Config {
             return Err("--api-key must not be empty (omit it to leave the API open)".into());
         }
         if let Some(url) = &self.redis_url {
-            if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                return Err("--redis-url must start with redis:// or rediss://".into());
+            let urls: Vec<&str> = match self.redis_mode {
+                RedisMode::Single => vec![url.as_str()],
+                RedisMode::Cluster => url.split(',').map(str::trim).collect(),
+            };
+            for url in urls {
+                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
+                    return Err("--redis-url must start with redis:// or rediss://".into());
+                }
+            }
+        }
+        if let Some(sep) = self.redis_hash_tag_separator {
+            if self.redis_mode != RedisMode::Cluster {
+                return Err("--redis-hash-tag-separator needs --redis-mode cluster".into());
+            }
+            if !matches!(sep, '.' | ':' | '/' | '-' | '_') {
+                return Err("--redis-hash-tag-separator must be one of . : / - _".into());
             }
         }
         let tls_files = self.redis_ca_file.is_some() || self.redis_client_cert.is_some();
@@ -292,6 +327,19 @@ impl Config {
         }
         if self.redis_sentinel_master.is_some() && self.redis_sentinel.is_empty() {
             return Err("--redis-sentinel-master needs --redis-sentinel".into());
+        }
+        if self.redis_mode == RedisMode::Cluster {
+            if !self.redis_sentinel.is_empty() {
+                return Err("--redis-sentinel and --redis-mode cluster exclude each other (a cluster fails over by itself)".into());
+            }
+            if tls_files
+                || self
+                    .redis_url
+                    .as_deref()
+                    .is_some_and(|u| u.contains("rediss://"))
+            {
+                return Err("TLS to Redis (rediss://, --redis-ca-file, --redis-client-cert) is not supported in --redis-mode cluster yet".into());
+            }
         }
         if self.jwt_secret.as_deref() == Some("") {
             return Err("--jwt-secret must not be empty".into());
@@ -406,6 +454,36 @@ mod tests {
         assert!(c.redis_enabled());
         assert_eq!(c.redis_sentinel, ["a:1", "b:2"]);
         assert!(!Config::for_tests().redis_enabled());
+    }
+
+    #[test]
+    fn redis_cluster_mode_takes_seed_lists() {
+        let c = Config::parse_from([
+            "wsgate",
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            "redis://10.0.0.1:7000, redis://10.0.0.2:7000",
+            "--redis-hash-tag-separator",
+            ".",
+        ]);
+        c.validate().unwrap();
+        assert_eq!(c.redis_mode, RedisMode::Cluster);
+        let c = Config::parse_from([
+            "wsgate",
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            "redis://a:1,http://b:2",
+        ]);
+        assert!(c.validate().unwrap_err().contains("redis://"));
+        // A list is not a single URL, and the tag rule is cluster-only.
+        let c = Config::parse_from(["wsgate", "--redis-url", "redis://a:1,redis://b:2"]);
+        assert!(c
+            .validate()
+            .is_ok_and(|_| c.redis_mode == RedisMode::Single));
+        let c = Config::parse_from(["wsgate", "--redis-hash-tag-separator", "."]);
+        assert!(c.validate().unwrap_err().contains("cluster"));
     }
 
     #[test]

@@ -112,6 +112,30 @@ pub struct Metrics {
     /// connection index, a small bounded integer), 1 while connected. Use
     /// `redis_shard_up.with_label_values(&[&i.to_string()])` once per shard at start.
     pub redis_shard_up: IntGaugeVec,
+    /// `wsgate_redis_shard_reconnects_total{shard}`: Redis Cluster mode, pub/sub
+    /// connections to a shard's primary re-established after a loss (a failover
+    /// included).
+    pub redis_shard_reconnects: IntCounterVec,
+    /// `wsgate_redis_shard_resubscribed_topics_total{shard}`: Redis Cluster mode,
+    /// topics subscribed again on a shard after a reconnect, failover or slot move.
+    pub redis_shard_resubscribed_topics: IntCounterVec,
+    /// `wsgate_redis_shard_topics{shard}`: Redis Cluster mode, topics this node holds
+    /// (`SSUBSCRIBE`d) on each shard.
+    pub redis_shard_topics: IntGaugeVec,
+    /// `wsgate_redis_shard_publishes_total{shard}`: Redis Cluster mode, publications
+    /// this node sent (`SPUBLISH`) to each shard and Redis accepted.
+    pub redis_shard_publishes: IntCounterVec,
+    /// `wsgate_redis_cluster_slot_map_refreshes_total`: slot maps read from the
+    /// cluster (`CLUSTER SLOTS`), periodic and on demand.
+    pub redis_cluster_slot_map_refreshes: IntCounter,
+    /// `wsgate_redis_cluster_slot_map_changes_total`: refreshes that found a different
+    /// slot map (failover, resharding, a shard added or removed).
+    pub redis_cluster_slot_map_changes: IntCounter,
+    /// `wsgate_redis_cluster_redirects_total`: `MOVED`/`ASK` replies and
+    /// server-pushed `sunsubscribe`s (a slot left its node) seen.
+    pub redis_cluster_redirects: IntCounter,
+    /// `wsgate_redis_cluster_shards`: primaries in the current slot map.
+    pub redis_cluster_shards: IntGauge,
     /// `wsgate_build_info{version}`: constant 1.
     pub build_info: IntGaugeVec,
 }
@@ -311,6 +335,53 @@ impl Metrics {
                 "wsgate_redis_shard_up",
                 "1 while the Redis pub/sub connection for this shard index is up.",
                 "shard",
+            ),
+            redis_shard_reconnects: counter_vec(
+                r,
+                "wsgate_redis_shard_reconnects_total",
+                "Redis Cluster: pub/sub connections to this shard index re-established.",
+                "shard",
+                &[],
+            ),
+            redis_shard_resubscribed_topics: counter_vec(
+                r,
+                "wsgate_redis_shard_resubscribed_topics_total",
+                "Redis Cluster: topics subscribed again on this shard index after a reconnect, failover or slot move.",
+                "shard",
+                &[],
+            ),
+            redis_shard_topics: gauge_vec(
+                r,
+                "wsgate_redis_shard_topics",
+                "Redis Cluster: topics this node holds (SSUBSCRIBE) on this shard index.",
+                "shard",
+            ),
+            redis_shard_publishes: counter_vec(
+                r,
+                "wsgate_redis_shard_publishes_total",
+                "Redis Cluster: publications sent with SPUBLISH to this shard index and accepted.",
+                "shard",
+                &[],
+            ),
+            redis_cluster_slot_map_refreshes: counter(
+                r,
+                "wsgate_redis_cluster_slot_map_refreshes_total",
+                "Redis Cluster: slot maps read from the cluster.",
+            ),
+            redis_cluster_slot_map_changes: counter(
+                r,
+                "wsgate_redis_cluster_slot_map_changes_total",
+                "Redis Cluster: slot map refreshes that found a different map.",
+            ),
+            redis_cluster_redirects: counter(
+                r,
+                "wsgate_redis_cluster_redirects_total",
+                "Redis Cluster: MOVED/ASK replies and server-pushed sunsubscribes seen.",
+            ),
+            redis_cluster_shards: gauge(
+                r,
+                "wsgate_redis_cluster_shards",
+                "Redis Cluster: primaries in the current slot map.",
             ),
             build_info: gauge_vec(
                 r,

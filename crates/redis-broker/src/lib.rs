@@ -16,10 +16,14 @@
 //!   halves: with Sentinel each (re)connect asks who the master is now.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
 //! - `health`: which connections are up, and the `wsgate_redis_*` metrics.
+//! - [`cluster`]: Redis Cluster mode, [`ClusterBroker`]: sharded pub/sub
+//!   (`SSUBSCRIBE`/`SPUBLISH`) with one pub/sub connection and one publish pipeline
+//!   per primary, following failovers and slot moves.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
 pub mod backoff;
+pub mod cluster;
 pub mod connect;
 pub mod envelope;
 mod health;
@@ -34,6 +38,7 @@ use tokio_util::sync::CancellationToken;
 use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
 use wsgate_metrics::Metrics;
 
+pub use crate::cluster::{ClusterBroker, ClusterOptions};
 use crate::health::Health;
 
 pub use crate::connect::{ConnectError, ConnectOptions, Connector, SentinelOptions, TlsFiles};

@@ -17,10 +17,13 @@ use std::sync::Arc;
 use clap::Parser;
 use tracing::{error, info, warn};
 use wsgate_fanout::Hub;
+use wsgate_gateway::config::RedisMode;
 use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
-use wsgate_redis::{Connector, RedisBroker, RedisOptions, SentinelOptions, TlsFiles};
+use wsgate_redis::{
+    ClusterBroker, ClusterOptions, Connector, RedisBroker, RedisOptions, SentinelOptions, TlsFiles,
+};
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -71,7 +74,10 @@ fn redis_options(cfg: &Config) -> Result<Option<RedisOptions>, String> {
             password: cfg.redis_sentinel_password.clone(),
         });
     }
-    Connector::new(&options.connect_options()).map_err(|e| format!("redis: {e}"))?;
+    if cfg.redis_mode != RedisMode::Cluster {
+        // Cluster mode checks its seed list itself (`ClusterBroker::start`).
+        Connector::new(&options.connect_options()).map_err(|e| format!("redis: {e}"))?;
+    }
     Ok(Some(options))
 }
 
@@ -80,6 +86,24 @@ async fn run(cfg: Config, redis: Option<RedisOptions>) -> anyhow::Result<()> {
     let metrics = Metrics::default();
     let gw: Arc<Gateway> = match redis {
         None => Gateway::in_memory(cfg, metrics),
+        Some(redis) if cfg.redis_mode == RedisMode::Cluster => {
+            // The cluster need not be up yet either: the broker keeps asking the
+            // seeds for the slot map; `/readyz` is 503 until every shard is
+            // connected (docs/redis.md).
+            let hub = Arc::new(Hub::default());
+            let options = ClusterOptions {
+                seeds: redis.url.split(',').map(|s| s.trim().to_string()).collect(),
+                password: redis.password.clone(),
+                prefix: cfg.redis_prefix.clone(),
+                unsubscribe_delay: cfg.redis_unsubscribe_delay,
+                hash_tag_separator: cfg.redis_hash_tag_separator.map(|c| c as u8),
+                metrics: Some(metrics.clone()),
+            };
+            let broker = ClusterBroker::start(options, hub.clone())
+                .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+            info!(prefix = %cfg.redis_prefix, "redis cluster (sharded pub/sub) fan-out enabled");
+            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+        }
         Some(mut options) => {
             // Redis need not be up yet: the broker connects in the background and
             // `/readyz` says 503 until it has (docs/redis.md).

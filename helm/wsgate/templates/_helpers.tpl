@@ -151,13 +151,28 @@ in it: WSGATE_REDIS_PASSWORD comes from the Secret (so it needs no URL-encoding 
 appears in the pod spec).
 */}}
 {{- define "wsgate.redisUrl" -}}
-{{- $url := include "wsgate.redisBaseUrl" . }}
-{{- if and $url .Values.redis.username }}
+{{- $urls := list }}
+{{- with include "wsgate.redisBaseUrl" . }}{{ $urls = append $urls . }}{{ end }}
+{{- if and $urls (eq .Values.redis.mode "cluster") }}
+{{- /* Cluster mode: more seed nodes, comma-separated after redis.url. */}}
+{{- range .Values.redis.clusterSeeds }}{{ $urls = append $urls . }}{{ end }}
+{{- end }}
+{{- $out := list }}
+{{- range $urls }}
+{{- $out = append $out (include "wsgate.redisUrlWithUser" (dict "ctx" $ "url" .)) }}
+{{- end }}
+{{- join "," $out }}
+{{- end }}
+
+{{/* One Redis URL with "username@" inserted when an ACL user is set. */}}
+{{- define "wsgate.redisUrlWithUser" -}}
+{{- $url := .url }}
+{{- if .ctx.Values.redis.username }}
 {{- $parts := regexSplit "://" $url 2 }}
 {{- if ne (len $parts) 2 }}
-{{- fail (printf "redis.url %q has no scheme (redis:// or rediss://)" $url) }}
+{{- fail (printf "redis.url or redis.clusterSeeds entry %q has no scheme (redis:// or rediss://)" $url) }}
 {{- end }}
-{{- printf "%s://%s@%s" (index $parts 0) .Values.redis.username (index $parts 1) }}
+{{- printf "%s://%s@%s" (index $parts 0) .ctx.Values.redis.username (index $parts 1) }}
 {{- else }}
 {{- $url }}
 {{- end }}
@@ -175,6 +190,12 @@ Refuse configurations that would run but not work.
 {{- $multi := or (gt (int .Values.replicaCount) 1) .Values.autoscaling.enabled }}
 {{- if and $multi (not (include "wsgate.redisEnabled" .)) }}
 {{- fail "more than one wsgate pod needs Redis for fan-out between pods (a message published on one pod would not reach subscribers on the others): set redis.url, or redis.bundled.enabled=true to try it out" }}
+{{- end }}
+{{- if and .Values.redis.bundled.enabled (eq .Values.redis.mode "cluster") }}
+{{- fail "redis.mode=cluster needs a Redis Cluster (redis.url and redis.clusterSeeds); the bundled Redis is a single instance" }}
+{{- end }}
+{{- if and .Values.redis.clusterSeeds (ne .Values.redis.mode "cluster") }}
+{{- fail "redis.clusterSeeds is only used with redis.mode=cluster" }}
 {{- end }}
 {{- if and .Values.redis.bundled.enabled .Values.redis.url }}
 {{- fail "set either redis.url or redis.bundled.enabled, not both" }}

@@ -219,7 +219,11 @@ impl Node {
             "--admin-listen",
             &admin.to_string(),
         ])
-        .args(["--log-level", if log.is_some() { "warn" } else { "error" }])
+        .args([
+            "--log-level",
+            &std::env::var("WSGATE_TEST_LOG")
+                .unwrap_or(if log.is_some() { "warn" } else { "error" }.into()),
+        ])
         .args(args)
         .env_remove("WSGATE_REDIS_URL")
         .stdout(Stdio::null())

@@ -1,0 +1,282 @@
+//! A real Redis Cluster on loopback for the cluster-mode tests: N `redis-server`
+//! processes with `--cluster-enabled yes`, each with its own directory in a temp
+//! dir, joined with `redis-cli --cluster create`. Every process is killed on drop.
+
+#![allow(dead_code)] // each test file uses a different subset
+
+use std::net::TcpListener;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use crate::common::wait_until;
+
+/// Cluster bus timeout: short, so a killed primary's replica takes over in ~2 s.
+pub const NODE_TIMEOUT_MS: &str = "1000";
+
+/// A port `p` free for a cluster node: `p` and its bus port `p + 10000`.
+fn free_cluster_port(taken: &[u16]) -> u16 {
+    loop {
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let p = l.local_addr().unwrap().port();
+        if p > 55000 || taken.contains(&p) || taken.contains(&(p + 10000)) {
+            continue;
+        }
+        if TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+            return p;
+        }
+    }
+}
+
+pub struct ClusterNode {
+    pub port: u16,
+    child: Option<Child>,
+}
+
+pub struct RedisCluster {
+    pub nodes: Vec<ClusterNode>,
+    _dir: tempfile::TempDir,
+}
+
+fn cli(port: u16, args: &[&str]) -> String {
+    let out = Command::new("redis-cli")
+        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+        .args(args)
+        .output()
+        .expect("redis-cli is installed");
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+impl RedisCluster {
+    /// `primaries` primaries with `replicas` replicas each; returns once every node
+    /// reports `cluster_state:ok` and knows every other node.
+    pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
+        let cluster = Self::spawn(primaries * (1 + replicas));
+        cluster.create(replicas);
+        cluster
+    }
+
+    /// `n` cluster-enabled servers that do not form a cluster yet.
+    pub fn spawn(n: usize) -> RedisCluster {
+        let dir = tempfile::tempdir().unwrap();
+        let mut ports = Vec::new();
+        let mut nodes = Vec::new();
+        for _ in 0..n {
+            let port = free_cluster_port(&ports);
+            ports.push(port);
+            ports.push(port + 10000);
+            let d = dir.path().join(port.to_string());
+            std::fs::create_dir_all(&d).unwrap();
+            let child = Command::new("redis-server")
+                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--cluster-enabled", "yes"])
+                .args(["--cluster-config-file", "nodes.conf"])
+                .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
+                // A replica takes over however stale its data (tests, not durability),
+                // and its first sync starts at once (diskless sync waits 5 s by default).
+                .args(["--cluster-replica-validity-factor", "0"])
+                .args(["--repl-diskless-sync-delay", "0"])
+                .args(["--save", "", "--appendonly", "no", "--daemonize", "no"])
+                .args(["--loglevel", "warning"])
+                .arg("--dir")
+                .arg(&d)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("redis-server is installed");
+            nodes.push(ClusterNode {
+                port,
+                child: Some(child),
+            });
+        }
+        let cluster = RedisCluster { nodes, _dir: dir };
+        for node in &cluster.nodes {
+            assert!(
+                wait_until(Duration::from_secs(10), || cli(node.port, &["PING"])
+                    .contains("PONG")),
+                "redis-server {} did not start",
+                node.port
+            );
+        }
+        cluster
+    }
+
+    /// `redis-cli --cluster create` over every node.
+    pub fn create(&self, replicas: usize) {
+        let cluster = self;
+        let addrs: Vec<String> = cluster
+            .nodes
+            .iter()
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        let out = Command::new("redis-cli")
+            .arg("--cluster")
+            .arg("create")
+            .args(&addrs)
+            .args(["--cluster-replicas", &replicas.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "cluster create: {out:?}");
+        cluster.wait_healthy();
+    }
+
+    /// Waits until every live node says the cluster is ok and knows all nodes.
+    pub fn wait_healthy(&self) {
+        let n = self.nodes.len();
+        let ok = wait_until(Duration::from_secs(30), || {
+            self.live().all(|node| {
+                let info = cli(node.port, &["CLUSTER", "INFO"]);
+                let repl = cli(node.port, &["INFO", "replication"]);
+                info.contains("cluster_state:ok")
+                    && info.contains(&format!("cluster_known_nodes:{n}"))
+                    && info.contains("cluster_slots_ok:16384")
+                    && (repl.contains("role:master") || repl.contains("master_link_status:up"))
+            })
+        });
+        assert!(ok, "cluster did not become healthy");
+    }
+
+    fn live(&self) -> impl Iterator<Item = &ClusterNode> {
+        self.nodes.iter().filter(|n| n.child.is_some())
+    }
+
+    /// Seed URLs for `--redis-url`, comma-separated (the first two nodes).
+    pub fn seeds(&self) -> String {
+        self.nodes
+            .iter()
+            .take(2)
+            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .collect::<Vec<_>>()
+            .join(",")
+    }
+
+    /// A port of a live node, to ask things.
+    pub fn any_port(&self) -> u16 {
+        self.live().next().expect("a live node").port
+    }
+
+    /// The slot of a key, from the cluster itself (`CLUSTER KEYSLOT`).
+    pub fn keyslot(&self, key: &str) -> u16 {
+        cli(self.any_port(), &["CLUSTER", "KEYSLOT", key])
+            .trim()
+            .parse()
+            .unwrap()
+    }
+
+    /// `(first slot, last slot, primary port)` ranges from `CLUSTER SLOTS`.
+    pub fn slot_ranges(&self) -> Vec<(u16, u16, u16)> {
+        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}/", self.any_port()))
+            .unwrap()
+            .get_connection()
+            .unwrap();
+        let v: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).unwrap();
+        let mut out = Vec::new();
+        for e in v {
+            let redis::Value::Array(f) = e else { continue };
+            let (redis::Value::Int(a), redis::Value::Int(b), redis::Value::Array(node)) =
+                (&f[0], &f[1], &f[2])
+            else {
+                continue;
+            };
+            let redis::Value::Int(port) = node[1] else {
+                continue;
+            };
+            out.push((*a as u16, *b as u16, port as u16));
+        }
+        out.sort();
+        out
+    }
+
+    /// The primary port serving `channel`'s slot.
+    pub fn owner(&self, channel: &str) -> u16 {
+        let slot = self.keyslot(channel);
+        self.slot_ranges()
+            .into_iter()
+            .find(|(a, b, _)| (*a..=*b).contains(&slot))
+            .map(|(_, _, p)| p)
+            .expect("slot is served")
+    }
+
+    /// Ports of the primaries, in slot order.
+    pub fn primaries(&self) -> Vec<u16> {
+        let mut p: Vec<u16> = Vec::new();
+        for (_, _, port) in self.slot_ranges() {
+            if !p.contains(&port) {
+                p.push(port);
+            }
+        }
+        p
+    }
+
+    /// Sorted `PUBSUB SHARDCHANNELS` of one node.
+    pub fn shardchannels(&self, port: u16) -> Vec<String> {
+        let mut v: Vec<String> = cli(port, &["PUBSUB", "SHARDCHANNELS"])
+            .lines()
+            .map(str::to_string)
+            .filter(|l| !l.is_empty())
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Subscribers of a shard channel on one node (`PUBSUB SHARDNUMSUB`).
+    pub fn shardnumsub(&self, port: u16, channel: &str) -> u64 {
+        cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
+            .lines()
+            .nth(1)
+            .and_then(|n| n.trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// `redis-cli -c SPUBLISH channel payload`: a backend using the stock client,
+    /// which follows `MOVED` to the owner.
+    pub fn cli_spublish(&self, channel: &str, payload: &str) -> String {
+        cli(self.any_port(), &["-c", "SPUBLISH", channel, payload])
+    }
+
+    pub fn node_id(&self, port: u16) -> String {
+        cli(port, &["CLUSTER", "MYID"]).trim().to_string()
+    }
+
+    /// Kills the node on `port` (SIGKILL).
+    pub fn kill(&mut self, port: u16) {
+        let node = self.nodes.iter_mut().find(|n| n.port == port).unwrap();
+        if let Some(mut c) = node.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// `redis-cli --cluster reshard`: moves `slots` slots from `from` to `to`.
+    pub fn reshard(&self, from: u16, to: u16, slots: u16) {
+        let out = Command::new("redis-cli")
+            .args([
+                "--cluster",
+                "reshard",
+                &format!("127.0.0.1:{}", self.any_port()),
+            ])
+            .args(["--cluster-from", &self.node_id(from)])
+            .args(["--cluster-to", &self.node_id(to)])
+            .args(["--cluster-slots", &slots.to_string(), "--cluster-yes"])
+            .output()
+            .unwrap();
+        assert!(out.status.success(), "reshard: {out:?}");
+    }
+
+    /// The pids of the live nodes, by port (for CPU accounting).
+    pub fn pids(&self) -> Vec<(u16, u32)> {
+        self.live()
+            .map(|n| (n.port, n.child.as_ref().unwrap().id()))
+            .collect()
+    }
+}
+
+impl Drop for RedisCluster {
+    fn drop(&mut self) {
+        for n in &mut self.nodes {
+            if let Some(mut c) = n.child.take() {
+                let _ = c.kill();
+                let _ = c.wait();
+            }
+        }
+    }
+}
