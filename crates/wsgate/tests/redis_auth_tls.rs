@@ -94,15 +94,25 @@ async fn password_and_acl_user_relay_between_nodes() {
         &format!("redis://127.0.0.1:{port}/"),
         &["--redis-password", PASSWORD],
     );
+    // The user in the URL, the password apart (what the Helm chart does).
+    let d = node(
+        &format!("redis://alice@127.0.0.1:{port}/"),
+        &["--redis-password", ALICE_PASSWORD],
+    );
     assert!(
-        wait_until(WAIT, || a.is_ready() && b.is_ready() && c.is_ready()),
-        "{}{}{}",
+        wait_until(WAIT, || a.is_ready()
+            && b.is_ready()
+            && c.is_ready()
+            && d.is_ready()),
+        "{}{}{}{}",
         a.logs(),
         b.logs(),
-        c.logs()
+        c.logs(),
+        d.logs()
     );
     relays(&a, &b, "auth.ab").await;
     relays(&b, &c, "auth.bc").await;
+    relays(&c, &d, "auth.cd").await;
     // Redis sees b's connections as alice.
     let admin = redis::Client::open(format!("redis://:{PASSWORD}@127.0.0.1:{port}/"))
         .unwrap()
@@ -111,8 +121,12 @@ async fn password_and_acl_user_relay_between_nodes() {
     let mut admin = admin;
     let list: String = redis::cmd("CLIENT").arg("LIST").query(&mut admin).unwrap();
     assert!(list.contains("user=alice"), "{list}");
-    for n in [&a, &b, &c] {
-        assert!(!n.logs().contains(PASSWORD), "{}", n.logs());
+    for n in [&a, &b, &c, &d] {
+        assert!(
+            !n.logs().contains(PASSWORD) && !n.logs().contains(ALICE_PASSWORD),
+            "{}",
+            n.logs()
+        );
     }
 }
 

@@ -104,11 +104,21 @@ fn replication_online(master: &Redis) -> bool {
     info.contains("state=online")
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
+/// A master, its replica (in sync), three sentinels that know both and each other, and
+/// two gateway nodes that found the master through the sentinels.
+struct Setup {
+    master: Redis,
+    replica: Redis,
+    sentinels: Vec<Sentinel>,
+    a: Node,
+    b: Node,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+fn setup() -> Setup {
     let master_dir = tempfile::tempdir().unwrap();
     let replica_dir = tempfile::tempdir().unwrap();
-    let mut master = Redis::start_with(&["--dir", master_dir.path().to_str().unwrap()]);
+    let master = Redis::start_with(&["--dir", master_dir.path().to_str().unwrap()]);
     let master_port = master.port.to_string();
     let replica = Redis::start_with(&[
         "--dir",
@@ -155,6 +165,51 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
         a.logs(),
         b.logs()
     );
+    Setup {
+        master,
+        replica,
+        sentinels,
+        a,
+        b,
+        _dirs: [master_dir, replica_dir],
+    }
+}
+
+/// Publishes probes on `publisher` until one reaches `sub` (at most `within`).
+async fn probe_until_delivered(
+    publisher: &mut Client,
+    sub: &mut Client,
+    topic: &str,
+    within: Duration,
+) -> Option<serde_json::Value> {
+    let start = Instant::now();
+    let mut n = 1000;
+    while start.elapsed() < within {
+        let r = publisher
+            .call(json!({"op":"publish","topic":topic,"data":n}))
+            .await;
+        if r["op"] == "published" {
+            if let Some(m) = sub.next_message(Duration::from_millis(300)).await {
+                return Some(m);
+            }
+        } else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        n += 1;
+    }
+    None
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
+    let Setup {
+        mut master,
+        replica,
+        sentinels,
+        a,
+        b,
+        _dirs,
+    } = setup();
     let mut sub = Client::connect(&b).await;
     sub.subscribe(&["failover"]).await;
     let mut publisher = Client::connect(&a).await;
@@ -179,19 +234,13 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
     assert_eq!(r["code"], "unavailable", "{r}");
 
     // Sentinel promotes the replica; the nodes ask the sentinels again and follow.
-    let mut delivered = None;
-    let mut n = 1000;
-    while killed.elapsed() < Duration::from_secs(40) && delivered.is_none() {
-        let r = publisher
-            .call(json!({"op":"publish","topic":"failover","data":n}))
-            .await;
-        if r["op"] == "published" {
-            delivered = sub.next_message(Duration::from_millis(300)).await;
-        } else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        n += 1;
-    }
+    let delivered = probe_until_delivered(
+        &mut publisher,
+        &mut sub,
+        "failover",
+        Duration::from_secs(40),
+    )
+    .await;
     let m = delivered.unwrap_or_else(|| {
         panic!(
             "delivery resumed after the failover\n{}\n{}",
@@ -233,4 +282,58 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
         assert_eq!(got["data"], format!("after{k}"));
         k += 1;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_manual_failover_moves_the_nodes_to_the_new_master() {
+    let s = setup();
+    let mut sub = Client::connect(&s.b).await;
+    sub.subscribe(&["manual"]).await;
+    let mut publisher = Client::connect(&s.a).await;
+    assert_eq!(s.master.channels("wsgate:*"), ["wsgate:manual"]);
+    // The old master stays up and becomes a replica: Redis itself would keep the nodes'
+    // connections; the sentinels close them when they reconfigure it.
+    let mut sentinel = s.sentinels[0].conn().expect("sentinel");
+    let _: redis::Value = redis::cmd("SENTINEL")
+        .arg("FAILOVER")
+        .arg(MASTER)
+        .query(&mut sentinel)
+        .unwrap();
+    assert!(
+        wait_until(WAIT, || s.sentinels[0].master_port()
+            == Some(s.replica.port)),
+        "the sentinels promoted the replica"
+    );
+    assert!(
+        wait_until(Duration::from_secs(30), || {
+            s.replica.channels("wsgate:*") == ["wsgate:manual"]
+                && s.master.channels("wsgate:*").is_empty()
+        }),
+        "the subscription moved to the new master\n{}\n{}",
+        s.a.logs(),
+        s.b.logs()
+    );
+    let m = probe_until_delivered(&mut publisher, &mut sub, "manual", Duration::from_secs(30))
+        .await
+        .unwrap_or_else(|| panic!("delivery through the new master\n{}", s.a.logs()));
+    assert!(m["data"].as_i64().unwrap() >= 1000, "{m}");
+    assert!(
+        sub.alive().await && publisher.alive().await,
+        "clients stayed"
+    );
+    assert!(wait_until(WAIT, || s.a.is_ready() && s.b.is_ready()));
+    // The publishing node publishes on the new master too (the old one, now a replica,
+    // has no gateway connection left that could swallow publications).
+    let r = publisher
+        .call(json!({"op":"publish","topic":"manual","data":"last"}))
+        .await;
+    assert_eq!(r["op"], "published", "{r}");
+    let mut last = None;
+    while let Some(m) = sub.next_message(WAIT).await {
+        if m["data"] == "last" {
+            last = Some(m);
+            break;
+        }
+    }
+    assert!(last.is_some(), "the last publication arrived");
 }
