@@ -8,7 +8,7 @@
 #   loadtest/bench-redis-cluster.sh            # results under $BENCH_OUT (default: a temp dir)
 #
 # Environment: BENCH_OUT, ROUNDS (2), DUR (10s), RATE (publications/s, 20000), TOPICS
-# (300), SUBS (600: 2 per topic, half on each gateway node), PUBS (30), PAYLOAD (100).
+# (300), SUBS (600: 2 per topic, half on each gateway node), PUBS (300: one per topic), PAYLOAD (100).
 # Everything binds to 127.0.0.1, runs bounded in time and is killed at exit.
 set -euo pipefail
 cd "$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"
@@ -18,7 +18,7 @@ DUR=${DUR:-10s}
 RATE=${RATE:-20000}
 TOPICS=${TOPICS:-300}
 SUBS=${SUBS:-600}
-PUBS=${PUBS:-30}
+PUBS=${PUBS:-300}
 PAYLOAD=${PAYLOAD:-100}
 OUT=${BENCH_OUT:-$(mktemp -d)}
 TMP=$(mktemp -d)
@@ -107,9 +107,13 @@ read -r C_B C_B_M C_B_PID < <(start_gateway cluster-b --redis-mode cluster --red
 } >"$OUT/env.txt"
 
 LT=target/release/wsgate-loadtest
+# Ports of the Redis processes, by pid (for INFO commandstats).
+declare -A PORT_OF=(["$SINGLE_PID"]=$SINGLE)
+for i in 0 1 2; do PORT_OF[${CPIDS[$i]}]=${CPORTS[$i]}; done
 run() { # label url_a url_b metrics_a metrics_b pids...
   local label=$1 a=$2 b=$3 ma=$4 mb=$5; shift 5
   local redis_pids=("$@") before=() after=()
+  for p in "${redis_pids[@]}"; do redis-cli -p "${PORT_OF[$p]}" config resetstat >/dev/null; done
   for p in "${redis_pids[@]}"; do before+=("$(cpu_s "$p")"); done
   local cmd=("$LT" fanout --url "$a,$b" --pub-url "$b,$a" --subscribers "$SUBS" --topics "$TOPICS"
     --publishers "$PUBS" --rate "$RATE" --payload "$PAYLOAD" --duration "$DUR" --no-progress
@@ -120,6 +124,13 @@ run() { # label url_a url_b metrics_a metrics_b pids...
   local cpu=""
   for i in "${!redis_pids[@]}"; do cpu+="$(awk -v a="${before[$i]}" -v b="${after[$i]}" 'BEGIN{printf "%.2f", b - a}') "; done
   echo "$label ${cpu% }" >>"$OUT/redis_cpu.txt"
+  # Time Redis spent executing the publish commands themselves (fan-out included).
+  local stats=""
+  for p in "${redis_pids[@]}"; do
+    stats+="$(redis-cli -p "${PORT_OF[$p]}" info commandstats | tr -d '\r' \
+      | awk -F'[:,=]' '/^cmdstat_s?publish:/ { printf "%s:%s:%s ", $1, $3, $5 }')"
+  done
+  echo "$label $stats" >>"$OUT/commandstats.txt"
 }
 
 # Idle baseline (no traffic, gateways connected): cron and, for the cluster, the bus.
@@ -159,5 +170,5 @@ for label, secs in cpu.items():
           f"{f['latency']['p50_ms']:.2f} | {f['latency']['p99_ms']:.2f} | {f['lost']} | {f['reordered']} | "
           f"{' / '.join(f'{s:.2f}' for s in secs)} | {sum(secs):.2f} | {per_pub:.2f} |")
 EOF
-cat "$OUT/shards.txt" "$OUT/idle_cpu.txt"
+cat "$OUT/shards.txt" "$OUT/idle_cpu.txt" "$OUT/commandstats.txt"
 echo "results: $OUT"
