@@ -186,6 +186,8 @@ impl Manager {
         let map = self.shared.map();
         // Everything already waiting joins this batch.
         let mut want: HashMap<Addr, BTreeMap<u16, Vec<Arc<str>>>> = HashMap::new();
+        // Topics still held on a node that no longer owns their slot.
+        let mut stale: HashMap<Addr, Vec<Arc<str>>> = HashMap::new();
         let mut cmd = Some(first);
         let mut taken = 0usize;
         while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
@@ -209,13 +211,16 @@ impl Manager {
                                 break;
                             }
                             _ => {
-                                self.placed.insert(
+                                let old = self.placed.insert(
                                     t.clone(),
                                     Placement {
                                         addr: owner.clone(),
                                         confirmed: false,
                                     },
                                 );
+                                if let Some(old) = old {
+                                    stale.entry(old.addr).or_default().push(t.clone());
+                                }
                                 want.entry(owner.clone())
                                     .or_default()
                                     .entry(slot)
@@ -248,6 +253,9 @@ impl Manager {
             if taken >= CHUNK {
                 break;
             }
+        }
+        for (addr, topics) in stale {
+            self.send_unsubscribes(&addr, topics).await;
         }
         for (addr, slots) in want {
             self.send_subscribes(&addr, slots).await;
