@@ -148,7 +148,12 @@ async fn primary_killed_replica_promoted_clients_stay_connected() {
 async fn resharding_moves_a_subscribed_topic_and_delivery_continues() {
     let cluster = RedisCluster::start(3, 0);
     let (a, b) = (node(&cluster), node(&cluster));
-    assert!(wait_until(WAIT, || a.is_ready() && b.is_ready()));
+    // A third node with no subscribers: nothing tells it about the move but the
+    // `MOVED` its own publications get (or its periodic refresh).
+    let c = node(&cluster);
+    assert!(wait_until(WAIT, || a.is_ready()
+        && b.is_ready()
+        && c.is_ready()));
     let primaries = cluster.primaries();
     let (from, to) = (primaries[1], primaries[0]);
     // reshard moves the source's lowest slots first: this topic's slot moves.
@@ -182,6 +187,27 @@ async fn resharding_moves_a_subscribed_topic_and_delivery_continues() {
     for c in &mut subs {
         assert!(c.alive().await);
     }
+    // Published through the node that did not follow the move (nothing of it is
+    // subscribed, so no server push told it): redirected to
+    // the new owner and acknowledged only once it took the publication.
+    let (status, body) = c.http_publish(&moving, json!({"via": "c"}));
+    assert_eq!(status, 200, "{body}");
+    let (_, metrics) = c.get("/metrics");
+    let counter = |name: &str| -> u64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+            .unwrap()
+    };
+    let (redirects, changes) = (
+        counter("wsgate_redis_cluster_redirects_total"),
+        counter("wsgate_redis_cluster_slot_map_changes_total"),
+    );
+    println!("node c: {redirects} redirects, {changes} slot map changes");
+    assert!(
+        redirects >= 1 || changes >= 2,
+        "either MOVED was followed or the map was re-read first"
+    );
     // Every path reaches both nodes on the new owner, the unmoved topic too.
     for (i, via) in [&a, &b].into_iter().enumerate() {
         let (status, body) = via.http_publish(&moving, json!({"via": i}));
@@ -193,7 +219,7 @@ async fn resharding_moves_a_subscribed_topic_and_delivery_continues() {
     assert_eq!(status, 200);
     for (i, c) in subs.iter_mut().enumerate() {
         let mut got = Vec::new();
-        while got.len() < 4 {
+        while got.len() < 5 {
             let m = c
                 .next_message(WAIT)
                 .await
@@ -203,7 +229,7 @@ async fn resharding_moves_a_subscribed_topic_and_delivery_continues() {
         got.sort_by_key(|v| v.to_string());
         assert_eq!(
             got,
-            vec![json!("cli"), json!("stay"), json!(0), json!(1)],
+            vec![json!("c"), json!("cli"), json!("stay"), json!(0), json!(1)],
             "node {i}"
         );
     }

@@ -194,6 +194,9 @@ Refuse configurations that would run but not work.
 {{- if and .Values.redis.bundled.enabled (eq .Values.redis.mode "cluster") }}
 {{- fail "redis.mode=cluster needs a Redis Cluster (redis.url and redis.clusterSeeds); the bundled Redis is a single instance" }}
 {{- end }}
+{{- if and (eq .Values.redis.mode "cluster") (or .Values.redis.sentinel.addresses .Values.redis.tls.secretName) }}
+{{- fail "redis.mode=cluster does not take redis.sentinel (a cluster fails over by itself) or redis.tls (not supported in cluster mode yet)" }}
+{{- end }}
 {{- if and .Values.redis.clusterSeeds (ne .Values.redis.mode "cluster") }}
 {{- fail "redis.clusterSeeds is only used with redis.mode=cluster" }}
 {{- end }}

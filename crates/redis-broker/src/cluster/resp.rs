@@ -185,18 +185,9 @@ impl Reader {
                 self.buf.drain(..self.start);
                 self.start = 0;
             }
-            let len = self.buf.len();
-            self.buf.resize(len + 64 * 1024, 0);
-            let n = self.io.read(&mut self.buf[len..]).await;
-            let n = match n {
-                Ok(n) => n,
-                Err(e) => {
-                    self.buf.truncate(len);
-                    return Err(e);
-                }
-            };
-            self.buf.truncate(len + n);
-            if n == 0 {
+            // Into spare capacity: no zeroing per read.
+            self.buf.reserve(64 * 1024);
+            if self.io.read_buf(&mut self.buf).await? == 0 {
                 return Err(std::io::ErrorKind::UnexpectedEof.into());
             }
         }

@@ -186,68 +186,90 @@ impl Manager {
         let map = self.shared.map();
         // Everything already waiting joins this batch.
         let mut want: HashMap<Addr, BTreeMap<u16, Vec<Arc<str>>>> = HashMap::new();
+        // Topics still held on a node that no longer owns their slot.
+        let mut stale: HashMap<Addr, Vec<Arc<str>>> = HashMap::new();
         let mut cmd = Some(first);
         let mut taken = 0usize;
-        while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
-            match c {
-                Command::Subscribe(topics, done) => {
-                    let mut left = HashSet::new();
-                    let mut failed = None;
-                    for t in topics {
-                        let slot = key_slot(&self.shared.channel(&t));
-                        let Some((_, owner)) = map.owner(slot) else {
-                            failed = Some("no Redis Cluster shard owns the topic's slot");
-                            break;
-                        };
-                        match self.placed.get(&t) {
-                            Some(p) if p.addr == *owner && p.confirmed => {}
-                            Some(p) if p.addr == *owner => {
-                                left.insert(t);
-                            }
-                            _ if !self.conns.contains_key(owner) => {
-                                failed = Some("the topic's Redis Cluster shard is not connected");
+        let mut yields = 0;
+        loop {
+            while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
+                match c {
+                    Command::Subscribe(topics, done) => {
+                        let mut left = HashSet::new();
+                        let mut failed = None;
+                        for t in topics {
+                            let slot = key_slot(&self.shared.channel(&t));
+                            let Some((_, owner)) = map.owner(slot) else {
+                                failed = Some("no Redis Cluster shard owns the topic's slot");
                                 break;
+                            };
+                            match self.placed.get(&t) {
+                                Some(p) if p.addr == *owner && p.confirmed => {}
+                                Some(p) if p.addr == *owner => {
+                                    left.insert(t);
+                                }
+                                _ if !self.conns.contains_key(owner) => {
+                                    failed =
+                                        Some("the topic's Redis Cluster shard is not connected");
+                                    break;
+                                }
+                                _ => {
+                                    let old = self.placed.insert(
+                                        t.clone(),
+                                        Placement {
+                                            addr: owner.clone(),
+                                            confirmed: false,
+                                        },
+                                    );
+                                    if let Some(old) = old {
+                                        stale.entry(old.addr).or_default().push(t.clone());
+                                    }
+                                    want.entry(owner.clone())
+                                        .or_default()
+                                        .entry(slot)
+                                        .or_default()
+                                        .push(t.clone());
+                                    taken += 1;
+                                    left.insert(t);
+                                }
                             }
-                            _ => {
-                                self.placed.insert(
-                                    t.clone(),
-                                    Placement {
-                                        addr: owner.clone(),
-                                        confirmed: false,
-                                    },
-                                );
-                                want.entry(owner.clone())
-                                    .or_default()
-                                    .entry(slot)
-                                    .or_default()
-                                    .push(t.clone());
-                                taken += 1;
-                                left.insert(t);
+                        }
+                        match failed {
+                            Some(why) => {
+                                let _ = done.send(Err(unavailable(why)));
                             }
+                            None if left.is_empty() => {
+                                let _ = done.send(Ok(()));
+                            }
+                            None => self.waiters.push(Waiter {
+                                left,
+                                done,
+                                deadline: Instant::now() + CONFIRM_TIMEOUT,
+                            }),
                         }
                     }
-                    match failed {
-                        Some(why) => {
-                            let _ = done.send(Err(unavailable(why)));
-                        }
-                        None if left.is_empty() => {
-                            let _ = done.send(Ok(()));
-                        }
-                        None => self.waiters.push(Waiter {
-                            left,
-                            done,
-                            deadline: Instant::now() + CONFIRM_TIMEOUT,
-                        }),
+                    Command::Release(topics) => {
+                        let at = Instant::now() + self.unsubscribe_delay;
+                        self.due.extend(topics.into_iter().map(|t| (at, t)));
                     }
                 }
-                Command::Release(topics) => {
-                    let at = Instant::now() + self.unsubscribe_delay;
-                    self.due.extend(topics.into_iter().map(|t| (at, t)));
+                if taken >= CHUNK {
+                    break;
                 }
             }
-            if taken >= CHUNK {
+            // Subscribes of sessions running right now join this batch: one yield lets
+            // them be queued (no timer, so an idle node adds no latency).
+            if taken >= CHUNK || yields == 2 {
                 break;
             }
+            tokio::task::yield_now().await;
+            yields += 1;
+            if rx.is_empty() {
+                break;
+            }
+        }
+        for (addr, topics) in stale {
+            self.send_unsubscribes(&addr, topics).await;
         }
         for (addr, slots) in want {
             self.send_subscribes(&addr, slots).await;
