@@ -5,6 +5,7 @@
 //! - [`config`]: every setting, its `WSGATE_*` variable and default.
 //! - [`server`]: listeners, routing, the accept loop (survives EMFILE), the upgrade,
 //!   and the end of the drain.
+//! - [`frames`]: client WebSocket frames, read without a buffer held while idle.
 //! - [`session`]: one connection's reader loop and its commands (subscribe,
 //!   unsubscribe, publish, ping), message reassembly and limits.
 //! - [`writer`]: the task that alone writes to a socket: batches, one flush per batch,
@@ -27,6 +28,7 @@ pub mod auth;
 pub mod close;
 pub mod config;
 pub mod demo;
+mod frames;
 pub mod http_api;
 pub mod io;
 pub mod iplimit;

@@ -1,18 +1,15 @@
 //! One WebSocket session: the reader loop and the commands it runs.
 //!
 //! The session's own task reads frames and runs commands; a second task, the
-//! [`Writer`], owns the write half. fastwebsockets' `read_frame` is not cancel safe,
-//! so it only ever races the writer's exit, after which the session is over and no
-//! other read happens: a partly read frame is never resumed.
+//! [`Writer`], owns the write half. Frames are read with [`FrameReader`], which
+//! holds no buffer while the client is quiet and is cancel safe.
 
 use std::collections::HashSet;
-use std::convert::Infallible;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
@@ -22,6 +19,7 @@ use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
 
 use crate::auth::Identity;
 use crate::close::Disconnect;
+use crate::frames::{op, Frame, FrameReader, ReadError};
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, CommandError, ErrorCode};
 use crate::ratelimit::{RateLimiter, Verdict};
@@ -136,7 +134,7 @@ async fn run_inner<R, W>(
             .spawn(expiry(deadline, outbox.clone(), reader_done.clone()).in_current_span());
     }
 
-    let (ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
+    let frames = FrameReader::new(read, cfg.max_message_size);
     let mut reader = Reader {
         subscriber: outbox.clone(),
         outbox,
@@ -151,7 +149,7 @@ async fn run_inner<R, W>(
         expires,
         mode,
     };
-    reader.run(ws, &writer_done).await;
+    reader.run(frames, &writer_done).await;
     reader_done.cancel();
     reader.leave_all();
 
@@ -173,12 +171,12 @@ async fn run_inner<R, W>(
 }
 
 /// Reassembles fragmented messages, enforcing the size limit on the whole message
-/// (fastwebsockets only bounds single frames) and validating UTF-8 as fragments
+/// (the frame reader only bounds single frames) and validating UTF-8 as fragments
 /// arrive.
 struct Assembler {
     max: usize,
     buf: Vec<u8>,
-    opcode: Option<OpCode>,
+    opcode: Option<u8>,
     /// Bytes of `buf` known to be valid UTF-8 (text messages).
     checked: usize,
 }
@@ -198,23 +196,23 @@ impl Assembler {
         }
     }
 
-    fn push(&mut self, frame: Frame<'_>) -> Result<Option<Message>, Disconnect> {
+    fn push(&mut self, frame: Frame) -> Result<Option<Message>, Disconnect> {
         match (frame.opcode, self.opcode) {
-            (OpCode::Text | OpCode::Binary, Some(_)) => Err(Disconnect::ProtocolError),
-            (OpCode::Continuation, None) => Err(Disconnect::ProtocolError),
-            (OpCode::Text, None) if frame.fin => {
-                // fastwebsockets has validated UTF-8 of unfragmented text.
-                Ok(Some(Message::Text(Bytes::from(frame.payload.to_vec()))))
+            (op::TEXT | op::BINARY, Some(_)) => Err(Disconnect::ProtocolError),
+            (op::CONTINUATION, None) => Err(Disconnect::ProtocolError),
+            (op::TEXT, None) if frame.fin => {
+                // The reader has validated UTF-8 of unfragmented text.
+                Ok(Some(Message::Text(Bytes::from(frame.payload))))
             }
-            (OpCode::Binary, None) if frame.fin => {
-                Ok(Some(Message::Binary(Bytes::from(frame.payload.to_vec()))))
+            (op::BINARY, None) if frame.fin => {
+                Ok(Some(Message::Binary(Bytes::from(frame.payload))))
             }
-            (op @ (OpCode::Text | OpCode::Binary), None) => {
-                self.opcode = Some(op);
+            (opcode @ (op::TEXT | op::BINARY), None) => {
+                self.opcode = Some(opcode);
                 self.append(&frame.payload)?;
                 Ok(None)
             }
-            (OpCode::Continuation, Some(op)) => {
+            (op::CONTINUATION, Some(opcode)) => {
                 self.append(&frame.payload)?;
                 if !frame.fin {
                     return Ok(None);
@@ -222,8 +220,8 @@ impl Assembler {
                 self.opcode = None;
                 self.checked = 0;
                 let buf = std::mem::take(&mut self.buf);
-                match op {
-                    OpCode::Text => {
+                match opcode {
+                    op::TEXT => {
                         if std::str::from_utf8(&buf).is_err() {
                             return Err(Disconnect::InvalidUtf8);
                         }
@@ -241,7 +239,7 @@ impl Assembler {
             return Err(Disconnect::TooBig);
         }
         self.buf.extend_from_slice(data);
-        if self.opcode == Some(OpCode::Text) {
+        if self.opcode == Some(op::TEXT) {
             // Fail fast on invalid UTF-8; an incomplete sequence at the end may be
             // completed by the next fragment.
             match std::str::from_utf8(&self.buf[self.checked..]) {
@@ -310,62 +308,86 @@ async fn expiry(
     }
 }
 
-fn classify(err: &WebSocketError) -> Disconnect {
-    match err {
-        WebSocketError::FrameTooLarge => Disconnect::TooBig,
-        WebSocketError::InvalidUTF8 => Disconnect::InvalidUtf8,
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => Disconnect::ClientGone,
-        _ => Disconnect::ProtocolError,
+/// How a client's close frame (its payload) ends the session: the reason, and the
+/// close frame we answer with (RFC 6455 §5.5.1, §7.4).
+fn close_reply(payload: &[u8]) -> (Disconnect, Bytes) {
+    match payload.len() {
+        0 => (
+            Disconnect::ClientClose,
+            frame::encode(frame::OP_CLOSE, payload),
+        ),
+        1 => {
+            let reason = Disconnect::ProtocolError;
+            (reason, frame::close(reason.code(), reason.reason()))
+        }
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                let reason = Disconnect::InvalidUtf8;
+                return (reason, frame::close(reason.code(), reason.reason()));
+            }
+            // Codes a peer may send (§7.4.1–7.4.2): not 1004–1006, 1015, or unassigned.
+            if matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999) {
+                (
+                    Disconnect::ClientClose,
+                    frame::encode(frame::OP_CLOSE, payload),
+                )
+            } else {
+                let mut reply = 1002u16.to_be_bytes().to_vec();
+                reply.extend_from_slice(&payload[2..]);
+                (
+                    Disconnect::ProtocolError,
+                    frame::encode(frame::OP_CLOSE, &reply),
+                )
+            }
+        }
     }
 }
 
 impl Reader {
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
-        mut ws: WebSocketRead<R>,
+        mut frames: FrameReader<R>,
         writer_done: &CancellationToken,
     ) {
-        ws.set_auto_close(true);
-        ws.set_auto_pong(true);
-        // fastwebsockets refuses frames of `payload_len >= max`; ours is inclusive.
-        ws.set_max_message_size(self.gw.config.max_message_size + 1);
         loop {
-            // A close frame that fastwebsockets owes the client (the echo of its
-            // close, or 1002 for a bad close code) is kept to be sent as ours.
-            let mut owed_close: Option<Bytes> = None;
-            let outbox = &self.outbox;
-            let mut send = |f: Frame<'_>| {
-                let bytes = frame::encode(f.opcode as u8, &f.payload);
-                if f.opcode == OpCode::Close {
-                    owed_close = Some(bytes);
-                } else {
-                    outbox.push_control(bytes);
-                }
-                std::future::ready(Ok::<(), Infallible>(()))
-            };
+            // `next` is cancel safe, so it may race the writer's end.
             let result = tokio::select! {
                 biased;
                 _ = writer_done.cancelled() => return,
-                r = ws.read_frame(&mut send) => r,
+                r = frames.next() => r,
             };
             let frame = match result {
                 Ok(frame) => frame,
                 Err(e) => {
-                    debug!(error = %e, "read ended");
-                    self.outbox.close_with(classify(&e), owed_close);
+                    let reason = match e {
+                        ReadError::Protocol(reason) => reason,
+                        ReadError::Gone => Disconnect::ClientGone,
+                    };
+                    debug!(reason = reason.label(), "read ended");
+                    self.outbox.close(reason);
                     return;
                 }
             };
             self.liveness.touch();
             match frame.opcode {
-                OpCode::Close => {
-                    self.outbox.close_with(Disconnect::ClientClose, owed_close);
+                op::PING => {
+                    self.outbox
+                        .push_control(frame::encode(frame::OP_PONG, &frame.payload));
+                    continue;
+                }
+                op::PONG => continue,
+                op::CLOSE => {
+                    let (reason, reply) = close_reply(&frame.payload);
+                    self.outbox.close_with(reason, Some(reply));
                     return;
                 }
-                OpCode::Ping | OpCode::Pong => continue,
                 _ => {}
+            }
+            if frame.opcode == op::TEXT && frame.fin && std::str::from_utf8(&frame.payload).is_err()
+            {
+                self.outbox.close(Disconnect::InvalidUtf8);
+                return;
             }
             self.gw
                 .metrics
@@ -379,7 +401,10 @@ impl Reader {
                     return;
                 }
             };
-            if !self.on_message(message).await {
+            // Boxed: the commands' futures are large and short-lived, and an idle
+            // session's future (kept for the connection's whole life) should not
+            // reserve room for them.
+            if !Box::pin(self.on_message(message)).await {
                 return;
             }
         }
@@ -395,7 +420,7 @@ impl Reader {
         if self.mode == Mode::Echo {
             let frame = match &message {
                 Message::Text(t) => frame::text(t),
-                Message::Binary(b) => frame::encode(OpCode::Binary as u8, b),
+                Message::Binary(b) => frame::encode(op::BINARY, b),
             };
             self.outbox.push(frame, 0);
             return true;
