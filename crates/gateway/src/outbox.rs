@@ -8,6 +8,7 @@
 //! clients stop reading) and the writer closes the connection with 4008.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -62,6 +63,11 @@ pub struct Outbox {
     /// between the writer's last `take` and its wait is never lost.
     notify: Notify,
     limit: usize,
+    /// When the client was last heard from (any frame), in milliseconds on the
+    /// session table's clock: written by the reader, read by the heartbeat ticker.
+    heard_ms: AtomicU64,
+    /// Set when the reader has finished (the client's close arrived, or EOF).
+    reader_done: AtomicBool,
 }
 
 impl Outbox {
@@ -71,7 +77,30 @@ impl Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             limit,
+            heard_ms: AtomicU64::new(0),
+            reader_done: AtomicBool::new(false),
         }
+    }
+
+    /// Records that a frame from the client arrived at `now_ms`.
+    pub fn heard(&self, now_ms: u64) {
+        self.heard_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the client was last heard from (see [`Outbox::heard`]).
+    pub fn last_heard(&self) -> u64 {
+        self.heard_ms.load(Ordering::Relaxed)
+    }
+
+    /// The reader has finished: wakes the writer to see it.
+    pub fn reader_finished(&self) {
+        self.reader_done.store(true, Ordering::Release);
+        self.notify.notify_one();
+    }
+
+    /// Whether [`Outbox::reader_finished`] was called.
+    pub fn is_reader_done(&self) -> bool {
+        self.reader_done.load(Ordering::Acquire)
     }
 
     /// Queues a frame. Returns `false` if it was not queued: the connection is
@@ -147,6 +176,18 @@ impl Outbox {
             st.frames = VecDeque::new();
             st.control = Vec::new();
             st.bytes = 0;
+        }
+    }
+
+    /// Frees the queue's buffers if nothing is queued: an idle connection keeps none
+    /// (the heartbeat calls this before each ping).
+    pub fn trim(&self) {
+        let mut st = self.state.lock();
+        if st.frames.is_empty() && st.frames.capacity() > 0 {
+            st.frames = VecDeque::new();
+        }
+        if st.control.is_empty() && st.control.capacity() > 0 {
+            st.control = Vec::new();
         }
     }
 

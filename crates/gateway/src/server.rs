@@ -112,7 +112,10 @@ impl Server {
         } else {
             Role::Both
         };
-        let mut loops = vec![tokio::spawn(accept_loop(gw.clone(), self.public, role))];
+        let mut loops = vec![
+            tokio::spawn(accept_loop(gw.clone(), self.public, role)),
+            tokio::spawn(crate::heartbeat::run(gw.clone())),
+        ];
         if let Some(admin) = self.admin {
             info!(listen = %admin.local_addr().expect("bound"), "admin endpoints serving");
             loops.push(tokio::spawn(accept_loop(gw.clone(), admin, Role::Admin)));

@@ -12,8 +12,8 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
+use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
 
@@ -25,7 +25,7 @@ use crate::protocol::{self, Command, CommandError, ErrorCode};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::security::Admitted;
 use crate::state::{ConnectionSlot, Gateway};
-use crate::writer::{Liveness, Writer};
+use crate::writer::Writer;
 
 /// What a session does with client messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -62,19 +62,24 @@ where
         disconnect.reason = tracing::field::Empty,
         close.code = tracing::field::Empty,
     );
-    run_inner(gw, read, write, id, session, start)
+    // The welcome is encoded here so that the session id string is not kept for
+    // the connection's life.
+    let welcome = frame::text(
+        protocol::welcome(
+            &session,
+            &gw.node_id,
+            gw.config.heartbeat_interval.as_millis() as u64,
+        )
+        .as_bytes(),
+    );
+    drop(session);
+    run_inner(gw, read, write, id, welcome, start)
         .instrument(span)
         .await
 }
 
-async fn run_inner<R, W>(
-    gw: Arc<Gateway>,
-    read: R,
-    write: W,
-    id: u64,
-    session: String,
-    start: Start,
-) where
+async fn run_inner<R, W>(gw: Arc<Gateway>, read: R, write: W, id: u64, welcome: Bytes, start: Start)
+where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
@@ -89,50 +94,32 @@ async fn run_inner<R, W>(
     gw.metrics.connections_accepted.inc();
     debug!("connected");
     let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
-    let welcome = protocol::welcome(
-        &session,
-        &gw.node_id,
-        cfg.heartbeat_interval.as_millis() as u64,
-    );
     if mode == Mode::PubSub {
         // An echo client expects only its own messages back.
-        outbox.push(frame::text(welcome.as_bytes()), 0);
+        outbox.push(welcome, 0);
     }
-    gw.sessions.insert(id, outbox.clone());
+    let key = gw.sessions.insert(outbox.clone());
     if gw.is_draining() {
         // Upgraded while the drain began: tell it to go elsewhere at once.
         outbox.close(Disconnect::Drain);
     }
 
-    let liveness = Arc::new(Liveness::new());
-    let reader_done = CancellationToken::new();
-    let writer_done = CancellationToken::new();
     let writer = Writer {
         outbox: outbox.clone(),
-        liveness: liveness.clone(),
-        metrics: gw.metrics.clone(),
-        heartbeat_interval: cfg.heartbeat_interval,
+        stats: gw.metrics.delivery.clone(),
         heartbeat_timeout: cfg.heartbeat_timeout,
-        reader_done: reader_done.clone(),
     };
-    let writer = {
-        let writer_done = writer_done.clone();
-        gw.tracker.spawn(
-            async move {
-                let reason = writer.run(write).await;
-                writer_done.cancel();
-                reason
-            }
-            .in_current_span(),
-        )
-    };
+    let mut writer = gw.tracker.spawn(writer.run(write).in_current_span());
 
-    let (expires, deadline) = tokio::sync::watch::channel(0);
-    if gw.security.auth.is_some() {
+    // Token expiry is watched by a task of its own, only when tokens are used; it
+    // ends when the reader (the sender) is dropped.
+    let expires = gw.security.auth.is_some().then(|| {
+        let (expires, deadline) = tokio::sync::watch::channel(0);
         set_deadline(&expires, &identity, cfg.jwt_leeway);
         gw.tracker
-            .spawn(expiry(deadline, outbox.clone(), reader_done.clone()).in_current_span());
-    }
+            .spawn(expiry(deadline, outbox.clone()).in_current_span());
+        expires
+    });
 
     let frames = FrameReader::new(read, cfg.max_message_size);
     let mut reader = Reader {
@@ -142,19 +129,21 @@ async fn run_inner<R, W>(
         id,
         topics: HashSet::new(),
         limiter: RateLimiter::new(cfg.rate_limit, cfg.rate_burst, Instant::now()),
-        inflight: Arc::new(Semaphore::new(cfg.max_inflight_publishes)),
-        liveness,
+        inflight: None,
         assembler: Assembler::new(cfg.max_message_size),
         identity,
         expires,
         mode,
     };
-    reader.run(frames, &writer_done).await;
-    reader_done.cancel();
+    let ended = reader.run(frames, &mut writer).await;
+    reader.outbox.reader_finished();
     reader.leave_all();
 
-    let reason = writer.await.unwrap_or(Disconnect::Error);
-    gw.sessions.remove(id);
+    let reason = match ended {
+        Some(reason) => reason,
+        None => writer.await.unwrap_or(Disconnect::Error),
+    };
+    gw.sessions.remove(key);
     gw.metrics.disconnected(reason.label());
     let label = if reason == Disconnect::SlowConsumer {
         "slow_consumer"
@@ -166,6 +155,7 @@ async fn run_inner<R, W>(
     span.record("disconnect.reason", reason.label());
     span.record("close.code", reason.code());
     debug!(reason = reason.label(), "disconnected");
+    drop(reader);
     drop(ip_slot);
     drop(slot);
 }
@@ -261,15 +251,15 @@ struct Reader {
     topics: HashSet<Arc<str>>,
     limiter: RateLimiter,
     /// Bounds publications waiting for the broker, so a client cannot pile up
-    /// unbounded work: at the limit the reader waits (TCP backpressure).
-    inflight: Arc<Semaphore>,
-    liveness: Arc<Liveness>,
+    /// unbounded work: at the limit the reader waits (TCP backpressure). Made at
+    /// the first publication that has to wait for the broker.
+    inflight: Option<Arc<Semaphore>>,
     assembler: Assembler,
     /// Who the client is and what it may do (replaced by `refresh`).
     identity: Identity,
     /// When the session ends unless refreshed (unix seconds, leeway included),
-    /// watched by the [`expiry`] task.
-    expires: tokio::sync::watch::Sender<u64>,
+    /// watched by the [`expiry`] task (only when auth is on).
+    expires: Option<tokio::sync::watch::Sender<u64>>,
     mode: Mode,
 }
 
@@ -286,11 +276,7 @@ fn set_deadline(expires: &tokio::sync::watch::Sender<u64>, identity: &Identity, 
 
 /// Closes the session with 1008 when its token's deadline passes. A `refresh` moves
 /// the deadline, later or earlier, and wakes the task to sleep again.
-async fn expiry(
-    mut expires: tokio::sync::watch::Receiver<u64>,
-    outbox: Arc<Outbox>,
-    done: CancellationToken,
-) {
+async fn expiry(mut expires: tokio::sync::watch::Receiver<u64>, outbox: Arc<Outbox>) {
     loop {
         let deadline = UNIX_EPOCH + Duration::from_secs(*expires.borrow_and_update());
         let left = deadline
@@ -301,7 +287,6 @@ async fn expiry(
             return;
         }
         tokio::select! {
-            _ = done.cancelled() => return,
             _ = tokio::time::sleep(left) => {}
             changed = expires.changed() => if changed.is_err() { return },
         }
@@ -345,16 +330,18 @@ fn close_reply(payload: &[u8]) -> (Disconnect, Bytes) {
 }
 
 impl Reader {
+    /// Reads and runs commands until the client or the writer ends the session.
+    /// Returns the writer's result if the writer ended first.
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
         mut frames: FrameReader<R>,
-        writer_done: &CancellationToken,
-    ) {
+        writer: &mut JoinHandle<Disconnect>,
+    ) -> Option<Disconnect> {
         loop {
             // `next` is cancel safe, so it may race the writer's end.
             let result = tokio::select! {
                 biased;
-                _ = writer_done.cancelled() => return,
+                r = &mut *writer => return Some(r.unwrap_or(Disconnect::Error)),
                 r = frames.next() => r,
             };
             let frame = match result {
@@ -366,10 +353,10 @@ impl Reader {
                     };
                     debug!(reason = reason.label(), "read ended");
                     self.outbox.close(reason);
-                    return;
+                    return None;
                 }
             };
-            self.liveness.touch();
+            self.outbox.heard(self.gw.sessions.now_ms());
             match frame.opcode {
                 op::PING => {
                     self.outbox
@@ -380,14 +367,14 @@ impl Reader {
                 op::CLOSE => {
                     let (reason, reply) = close_reply(&frame.payload);
                     self.outbox.close_with(reason, Some(reply));
-                    return;
+                    return None;
                 }
                 _ => {}
             }
             if frame.opcode == op::TEXT && frame.fin && std::str::from_utf8(&frame.payload).is_err()
             {
                 self.outbox.close(Disconnect::InvalidUtf8);
-                return;
+                return None;
             }
             self.gw
                 .metrics
@@ -398,14 +385,14 @@ impl Reader {
                 Ok(None) => continue,
                 Err(reason) => {
                     self.outbox.close(reason);
-                    return;
+                    return None;
                 }
             };
             // Boxed: the commands' futures are large and short-lived, and an idle
             // session's future (kept for the connection's whole life) should not
             // reserve room for them.
             if !Box::pin(self.on_message(message)).await {
-                return;
+                return None;
             }
         }
     }
@@ -505,7 +492,9 @@ impl Reader {
         if !revoked.is_empty() {
             self.unsubscribe(None, revoked);
         }
-        set_deadline(&self.expires, &identity, self.gw.config.jwt_leeway);
+        if let Some(expires) = &self.expires {
+            set_deadline(expires, &identity, self.gw.config.jwt_leeway);
+        }
         self.identity = identity;
         Ok(protocol::refreshed_reply(id))
     }
@@ -633,8 +622,10 @@ impl Reader {
                 Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
             };
         }
+        let max = cfg.max_inflight_publishes;
         let permit = self
             .inflight
+            .get_or_insert_with(|| Arc::new(Semaphore::new(max)))
             .clone()
             .acquire_owned()
             .await
