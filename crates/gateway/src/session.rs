@@ -5,6 +5,7 @@
 //! holds no buffer while the client is quiet and is cancel safe.
 
 use std::collections::HashSet;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
@@ -20,6 +21,8 @@ use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
 use crate::auth::Identity;
 use crate::close::Disconnect;
 use crate::frames::{op, Frame, FrameReader, ReadError};
+use crate::heartbeat::Key;
+use crate::iplimit::IpSlot;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, CommandError, ErrorCode};
 use crate::ratelimit::{RateLimiter, Verdict};
@@ -44,8 +47,39 @@ pub(crate) struct Start {
     pub mode: Mode,
 }
 
-/// Runs a session to its end on an upgraded connection.
-pub(crate) async fn run<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start)
+/// Starts a session on an upgraded connection; the future runs it to its end.
+///
+/// Not an `async fn`: what an async fn holds (its arguments, and locals even once
+/// moved out) stays in the session task's memory, allocated once per connection
+/// and kept for its whole life. Setting up in plain functions leaves the future
+/// only what the session needs while it runs.
+pub(crate) fn run<R, W>(
+    gw: Arc<Gateway>,
+    read: R,
+    write: W,
+    start: Start,
+) -> impl Future<Output = ()> + Send
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (session, span) = open(gw, read, write, start);
+    session.run().instrument(span)
+}
+
+/// A running session: what the reader task holds for the connection's life.
+struct Session<R> {
+    reader: Reader,
+    frames: FrameReader<R>,
+    writer: JoinHandle<Disconnect>,
+    key: Key,
+    ip_slot: IpSlot,
+    slot: ConnectionSlot,
+}
+
+/// Registers a new session, queues its welcome and starts its writer (and, with
+/// auth, its expiry task).
+fn open<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start) -> (Session<R>, tracing::Span)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -62,27 +96,7 @@ where
         disconnect.reason = tracing::field::Empty,
         close.code = tracing::field::Empty,
     );
-    // The welcome is encoded here so that the session id string is not kept for
-    // the connection's life.
-    let welcome = frame::text(
-        protocol::welcome(
-            &session,
-            &gw.node_id,
-            gw.config.heartbeat_interval.as_millis() as u64,
-        )
-        .as_bytes(),
-    );
-    drop(session);
-    run_inner(gw, read, write, id, welcome, start)
-        .instrument(span)
-        .await
-}
-
-async fn run_inner<R, W>(gw: Arc<Gateway>, read: R, write: W, id: u64, welcome: Bytes, start: Start)
-where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+    let _entered = span.enter();
     let cfg = &gw.config;
     let Start {
         slot,
@@ -96,7 +110,12 @@ where
     let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
     if mode == Mode::PubSub {
         // An echo client expects only its own messages back.
-        outbox.push(welcome, 0);
+        let welcome = protocol::welcome(
+            &session,
+            &gw.node_id,
+            cfg.heartbeat_interval.as_millis() as u64,
+        );
+        outbox.push(frame::text(welcome.as_bytes()), 0);
     }
     let key = gw.sessions.insert(outbox.clone());
     if gw.is_draining() {
@@ -109,7 +128,7 @@ where
         stats: gw.metrics.delivery.clone(),
         heartbeat_timeout: cfg.heartbeat_timeout,
     };
-    let mut writer = gw.tracker.spawn(writer.run(write).in_current_span());
+    let writer = gw.tracker.spawn(writer.run(write).in_current_span());
 
     // Token expiry is watched by a task of its own, only when tokens are used; it
     // ends when the reader (the sender) is dropped.
@@ -122,7 +141,7 @@ where
     });
 
     let frames = FrameReader::new(read, cfg.max_message_size);
-    let mut reader = Reader {
+    let reader = Reader {
         subscriber: outbox.clone(),
         outbox,
         gw: gw.clone(),
@@ -135,29 +154,54 @@ where
         expires,
         mode,
     };
-    let ended = reader.run(frames, &mut writer).await;
-    reader.outbox.reader_finished();
-    reader.leave_all();
+    drop(_entered);
+    let session = Session {
+        reader,
+        frames,
+        writer,
+        key,
+        ip_slot,
+        slot,
+    };
+    (session, span)
+}
 
-    let reason = match ended {
-        Some(reason) => reason,
-        None => writer.await.unwrap_or(Disconnect::Error),
-    };
-    gw.sessions.remove(key);
-    gw.metrics.disconnected(reason.label());
-    let label = if reason == Disconnect::SlowConsumer {
-        "slow_consumer"
-    } else {
-        "disconnected"
-    };
-    gw.metrics.dropped(label, reader.outbox.dropped());
-    let span = tracing::Span::current();
-    span.record("disconnect.reason", reason.label());
-    span.record("close.code", reason.code());
-    debug!(reason = reason.label(), "disconnected");
-    drop(reader);
-    drop(ip_slot);
-    drop(slot);
+impl<R: AsyncRead + Unpin + Send> Session<R> {
+    /// An `async move` block rather than an `async fn`, whose argument would be
+    /// stored twice in the future.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            let ended = self.reader.run(&mut self.frames, &mut self.writer).await;
+            self.reader.outbox.reader_finished();
+            self.reader.leave_all();
+            let reason = match ended {
+                Some(reason) => reason,
+                None => (&mut self.writer).await.unwrap_or(Disconnect::Error),
+            };
+            self.close(reason);
+        }
+    }
+
+    /// Counts and logs the end of the session; frees its slots.
+    fn close(self, reason: Disconnect) {
+        let gw = &self.reader.gw;
+        gw.sessions.remove(self.key);
+        gw.metrics.disconnected(reason.label());
+        let label = if reason == Disconnect::SlowConsumer {
+            "slow_consumer"
+        } else {
+            "disconnected"
+        };
+        gw.metrics.dropped(label, self.reader.outbox.dropped());
+        let span = tracing::Span::current();
+        span.record("disconnect.reason", reason.label());
+        span.record("close.code", reason.code());
+        debug!(reason = reason.label(), "disconnected");
+        drop(self.reader);
+        drop(self.ip_slot);
+        drop(self.slot);
+    }
 }
 
 /// Reassembles fragmented messages, enforcing the size limit on the whole message
@@ -334,7 +378,7 @@ impl Reader {
     /// Returns the writer's result if the writer ended first.
     async fn run<R: AsyncRead + Unpin>(
         &mut self,
-        mut frames: FrameReader<R>,
+        frames: &mut FrameReader<R>,
         writer: &mut JoinHandle<Disconnect>,
     ) -> Option<Disconnect> {
         loop {
@@ -659,5 +703,62 @@ fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerEr
     match result {
         Ok(()) => metrics.received.client.inc(),
         Err(_) => metrics.dropped("broker_unavailable", 1),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    /// The futures of a session's two tasks are allocated once per connection and
+    /// kept for its whole life (docs/benchmarks.md, "Idle footprint"): they must
+    /// stay small. Prints the sizes with `--nocapture`.
+    #[tokio::test]
+    async fn session_futures_stay_small() {
+        let gw = Gateway::in_memory(
+            crate::Config::for_tests(),
+            wsgate_metrics::Metrics::default(),
+        );
+        let start = || {
+            Box::new(Start {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                slot: gw.try_reserve_connection().unwrap(),
+                admitted: Admitted {
+                    identity: Identity::anonymous(),
+                    ip_slot: crate::iplimit::PerIpLimit::new(10)
+                        .try_acquire("127.0.0.1".parse().unwrap())
+                        .unwrap(),
+                },
+                mode: Mode::PubSub,
+            })
+        };
+        // The plain-TCP halves, as in production.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (r, w) = server.into_split();
+        let session = run(
+            gw.clone(),
+            crate::io::Prefixed::new(Bytes::new(), r),
+            w,
+            *start(),
+        );
+        let (r, w) = tokio::io::split(tokio::io::duplex(64).0);
+        let writer = Writer {
+            outbox: Arc::new(Outbox::new(10)),
+            stats: gw.metrics.delivery.clone(),
+            heartbeat_timeout: Duration::from_secs(1),
+        }
+        .run(w);
+        let (session_b, writer_b) = (
+            std::mem::size_of_val(&session),
+            std::mem::size_of_val(&writer),
+        );
+        println!("session future {session_b} B, writer future {writer_b} B");
+        assert!(session_b <= 768, "session future {session_b} B");
+        assert!(writer_b <= 512, "writer future {writer_b} B");
+        drop(r);
     }
 }
