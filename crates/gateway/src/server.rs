@@ -404,11 +404,18 @@ async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, start: Box<Start>) {
     // The stream is taken apart by a plain function: a TLS stream is kilobytes, and
     // as a local of this async fn it would stay in the session task's memory for
     // the connection's whole life.
+    // `unbox` frees the box now; `*start` would free it when this fn returns.
     match into_halves(upgraded) {
-        Halves::Tcp(read, write) => session::run(gw, read, write, *start).await,
-        Halves::Tls(read, write) => session::run(gw, read, write, *start).await,
-        Halves::Other(read, write) => session::run(gw, read, write, *start).await,
+        Halves::Tcp(read, write) => session::run(gw, read, write, unbox(start)).await,
+        Halves::Tls(read, write) => session::run(gw, read, write, unbox(start)).await,
+        Halves::Other(read, write) => session::run(gw, read, write, unbox(start)).await,
     }
+}
+
+// Taking the box by value is the point: it is freed on return.
+#[allow(clippy::boxed_local)]
+fn unbox<T>(b: Box<T>) -> T {
+    *b
 }
 
 /// An upgraded connection's read and write halves.

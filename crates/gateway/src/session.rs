@@ -1,8 +1,11 @@
 //! One WebSocket session: the reader loop and the commands it runs.
 //!
-//! The session's own task reads frames and runs commands; a second task, the
-//! [`Writer`], owns the write half. Frames are read with [`FrameReader`], which
-//! holds no buffer while the client is quiet and is cancel safe.
+//! One task per connection runs two loops side by side: the reader, which reads
+//! frames and runs commands, and the [`Writer`], which alone owns the write half.
+//! (Two tasks would cost a second task allocation and join handle per connection,
+//! a few hundred bytes of an idle connection's budget.) Frames are read with
+//! [`FrameReader`], which holds no buffer while the client is quiet and is cancel
+//! safe.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -13,7 +16,6 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
 use tracing::{debug, Instrument};
 use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
@@ -68,18 +70,19 @@ where
 }
 
 /// A running session: what the reader task holds for the connection's life.
-struct Session<R> {
+struct Session<R, W> {
     reader: Reader,
     frames: FrameReader<R>,
-    writer: JoinHandle<Disconnect>,
+    writer: Writer,
+    write: W,
     key: Key,
     ip_slot: IpSlot,
     slot: ConnectionSlot,
 }
 
-/// Registers a new session, queues its welcome and starts its writer (and, with
-/// auth, its expiry task).
-fn open<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start) -> (Session<R>, tracing::Span)
+/// Registers a new session and queues its welcome (and, with auth, starts its
+/// expiry task).
+fn open<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start) -> (Session<R, W>, tracing::Span)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -128,7 +131,6 @@ where
         stats: gw.metrics.delivery.clone(),
         heartbeat_timeout: cfg.heartbeat_timeout,
     };
-    let writer = gw.tracker.spawn(writer.run(write).in_current_span());
 
     // Token expiry is watched by a task of its own, only when tokens are used; it
     // ends when the reader (the sender) is dropped.
@@ -159,6 +161,7 @@ where
         reader,
         frames,
         writer,
+        write,
         key,
         ip_slot,
         slot,
@@ -166,18 +169,35 @@ where
     (session, span)
 }
 
-impl<R: AsyncRead + Unpin + Send> Session<R> {
+impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Session<R, W> {
     /// An `async move` block rather than an `async fn`, whose argument would be
     /// stored twice in the future.
     #[allow(clippy::manual_async_fn)]
     fn run(mut self) -> impl Future<Output = ()> + Send {
         async move {
-            let ended = self.reader.run(&mut self.frames, &mut self.writer).await;
-            self.reader.outbox.reader_finished();
-            self.reader.leave_all();
-            let reason = match ended {
-                Some(reason) => reason,
-                None => (&mut self.writer).await.unwrap_or(Disconnect::Error),
+            let reason = {
+                let Session {
+                    reader,
+                    frames,
+                    writer,
+                    write,
+                    ..
+                } = &mut self;
+                let mut writing = std::pin::pin!(writer.run(write));
+                // The writer first: when it has ended the session, the reader stops
+                // (its read is cancel safe; a command cut short leaves nothing that
+                // `leave_all` does not undo).
+                let ended = tokio::select! {
+                    biased;
+                    reason = &mut writing => Some(reason),
+                    () = reader.run(frames) => None,
+                };
+                reader.outbox.reader_finished();
+                reader.leave_all();
+                match ended {
+                    Some(reason) => reason,
+                    None => writing.await,
+                }
             };
             self.close(reason);
         }
@@ -374,20 +394,11 @@ fn close_reply(payload: &[u8]) -> (Disconnect, Bytes) {
 }
 
 impl Reader {
-    /// Reads and runs commands until the client or the writer ends the session.
-    /// Returns the writer's result if the writer ended first.
-    async fn run<R: AsyncRead + Unpin>(
-        &mut self,
-        frames: &mut FrameReader<R>,
-        writer: &mut JoinHandle<Disconnect>,
-    ) -> Option<Disconnect> {
+    /// Reads and runs commands until the client ends the session (or breaks the
+    /// protocol). Dropped mid-way when the writer ends first: the session is over.
+    async fn run<R: AsyncRead + Unpin>(&mut self, frames: &mut FrameReader<R>) {
         loop {
-            // `next` is cancel safe, so it may race the writer's end.
-            let result = tokio::select! {
-                biased;
-                r = &mut *writer => return Some(r.unwrap_or(Disconnect::Error)),
-                r = frames.next() => r,
-            };
+            let result = frames.next().await;
             let frame = match result {
                 Ok(frame) => frame,
                 Err(e) => {
@@ -397,7 +408,7 @@ impl Reader {
                     };
                     debug!(reason = reason.label(), "read ended");
                     self.outbox.close(reason);
-                    return None;
+                    return;
                 }
             };
             self.outbox.heard(self.gw.sessions.now_ms());
@@ -411,14 +422,14 @@ impl Reader {
                 op::CLOSE => {
                     let (reason, reply) = close_reply(&frame.payload);
                     self.outbox.close_with(reason, Some(reply));
-                    return None;
+                    return;
                 }
                 _ => {}
             }
             if frame.opcode == op::TEXT && frame.fin && std::str::from_utf8(&frame.payload).is_err()
             {
                 self.outbox.close(Disconnect::InvalidUtf8);
-                return None;
+                return;
             }
             self.gw
                 .metrics
@@ -429,14 +440,14 @@ impl Reader {
                 Ok(None) => continue,
                 Err(reason) => {
                     self.outbox.close(reason);
-                    return None;
+                    return;
                 }
             };
             // Boxed: the commands' futures are large and short-lived, and an idle
             // session's future (kept for the connection's whole life) should not
             // reserve room for them.
             if !Box::pin(self.on_message(message)).await {
-                return None;
+                return;
             }
         }
     }
@@ -710,9 +721,9 @@ fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerEr
 mod size_tests {
     use super::*;
 
-    /// The futures of a session's two tasks are allocated once per connection and
-    /// kept for its whole life (docs/benchmarks.md, "Idle footprint"): they must
-    /// stay small. Prints the sizes with `--nocapture`.
+    /// A session's future (its reader and writer loops) is allocated once per
+    /// connection and kept for its whole life (docs/benchmarks.md, "Idle
+    /// footprint"): it must stay small. Prints the sizes with `--nocapture`.
     #[tokio::test]
     async fn session_futures_stay_small() {
         let gw = Gateway::in_memory(
@@ -745,20 +756,21 @@ mod size_tests {
             w,
             *start(),
         );
-        let (r, w) = tokio::io::split(tokio::io::duplex(64).0);
+        let (r, mut w) = tokio::io::split(tokio::io::duplex(64).0);
         let writer = Writer {
             outbox: Arc::new(Outbox::new(10)),
             stats: gw.metrics.delivery.clone(),
             heartbeat_timeout: Duration::from_secs(1),
-        }
-        .run(w);
+        };
+        let writer = writer.run(&mut w);
         let (session_b, writer_b) = (
             std::mem::size_of_val(&session),
             std::mem::size_of_val(&writer),
         );
         println!("session future {session_b} B, writer future {writer_b} B");
-        assert!(session_b <= 768, "session future {session_b} B");
+        assert!(session_b <= 1024, "session future {session_b} B");
         assert!(writer_b <= 512, "writer future {writer_b} B");
+        drop(writer);
         drop(r);
     }
 }

@@ -1,4 +1,4 @@
-//! The writer task: the only owner of a connection's write half.
+//! The writer: the only owner of a connection's write half.
 //!
 //! It takes everything queued in the [`Outbox`] at once, writes it with vectored
 //! writes (no copy of the shared publication frames) and flushes once per batch,
@@ -40,12 +40,12 @@ impl Writer {
     ///
     /// Heartbeat pings come through the outbox (see [`crate::heartbeat`]), so an
     /// idle writer waits for its outbox and nothing else: no timer of its own.
-    pub(crate) async fn run<W: AsyncWrite + Unpin>(self, mut io: W) -> Disconnect {
+    pub(crate) async fn run<W: AsyncWrite + Unpin>(&self, io: &mut W) -> Disconnect {
         let mut batch = Batch::default();
         loop {
             let close = self.outbox.take(&mut batch);
             if !batch.is_empty() {
-                if let Err(reason) = self.write_batch(&mut io, &mut batch).await {
+                if let Err(reason) = self.write_batch(io, &mut batch).await {
                     // The frame stream may be cut mid-frame: no close frame is possible.
                     self.outbox.close(reason);
                     return reason;
@@ -59,7 +59,7 @@ impl Writer {
             if let Some((reason, frame)) = close {
                 // Boxed: the close handshake's timers are needed once per connection
                 // and should not make every idle writer's future larger.
-                Box::pin(self.finish(&mut io, reason, frame)).await;
+                Box::pin(self.finish(io, reason, frame)).await;
                 return reason;
             }
             self.outbox.notified().await;
@@ -92,7 +92,7 @@ impl Writer {
                 Poll::Pending => Box::pin(self.slow_write(write)).await,
             }
         };
-        let control_only = batch.frames.is_empty();
+        let light = batch.frames.len() <= 1;
         if result.is_ok() {
             let born = batch.frames.iter().map(|i| i.born).filter(|&b| b != 0);
             // Latency ends when the socket has taken the frame: one clock read per
@@ -104,10 +104,11 @@ impl Writer {
             };
             self.stats.record_batch(batch.bytes, bytes, born, now);
         }
-        if control_only || batch.frames.capacity() > 1024 {
-            // A batch of control frames only is what an idle connection writes (its
-            // heartbeat ping): give the queue's buffers back, so an idle connection
-            // holds none. Also drop a burst's worth of slots.
+        if light || batch.frames.capacity() > 1024 {
+            // A batch of at most one frame (a reply, a ping, light traffic): give
+            // the buffers back, so that a connection going idle keeps only the
+            // queue's own (which the heartbeat frees). Busy connections, whose
+            // batches carry several frames, keep theirs. Also drop a burst's worth.
             *batch = Batch::default();
         } else {
             batch.control.clear();
