@@ -7,7 +7,6 @@
 //! [`FrameReader`], which holds no buffer while the client is quiet and is cancel
 //! safe.
 
-use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -144,11 +143,10 @@ where
 
     let frames = FrameReader::new(read, cfg.max_message_size);
     let reader = Reader {
-        subscriber: outbox.clone(),
         outbox,
         gw: gw.clone(),
         id,
-        topics: HashSet::new(),
+        topics: TopicSet::default(),
         limiter: RateLimiter::new(cfg.rate_limit, cfg.rate_burst, Instant::now()),
         inflight: None,
         assembler: Assembler::new(cfg.max_message_size),
@@ -306,13 +304,62 @@ impl Assembler {
     }
 }
 
+/// A session's topics: a sorted vector, a few bytes where a hash set would take a
+/// hundred for the one or two topics most connections have.
+#[derive(Default)]
+struct TopicSet(Vec<Arc<str>>);
+
+impl TopicSet {
+    fn contains(&self, t: &str) -> bool {
+        self.0.binary_search_by(|x| (**x).cmp(t)).is_ok()
+    }
+
+    /// Adds `t`; `false` if it was there.
+    fn insert(&mut self, t: Arc<str>) -> bool {
+        match self.0.binary_search_by(|x| (**x).cmp(&*t)) {
+            Ok(_) => false,
+            Err(i) => {
+                // Grow one at a time while small (most sessions never have many
+                // topics), by doubling beyond.
+                if self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(i, t);
+                true
+            }
+        }
+    }
+
+    /// Removes `t`; `false` if it was not there.
+    fn remove(&mut self, t: &str) -> bool {
+        match self.0.binary_search_by(|x| (**x).cmp(t)) {
+            Ok(i) => {
+                self.0.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter()
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Arc<str>> {
+        std::mem::take(&mut self.0).into_iter()
+    }
+}
+
 struct Reader {
     gw: Arc<Gateway>,
     outbox: Arc<Outbox>,
-    subscriber: Arc<Outbox>,
     id: u64,
     /// Topics this session is subscribed to.
-    topics: HashSet<Arc<str>>,
+    topics: TopicSet,
     limiter: RateLimiter,
     /// Bounds publications waiting for the broker, so a client cannot pile up
     /// unbounded work: at the limit the reader waits (TCP backpressure). Made at
@@ -583,7 +630,7 @@ impl Reader {
         if !fresh.is_empty() {
             // Into the hub first, so nothing published once the broker confirms can
             // miss this connection.
-            let sub: Arc<dyn Subscriber> = self.subscriber.clone();
+            let sub: Arc<dyn Subscriber> = self.outbox.clone();
             for t in &fresh {
                 self.gw.hub.subscribe(t, self.id, sub.clone());
                 self.topics.insert(t.clone());
@@ -720,6 +767,21 @@ fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerEr
 #[cfg(test)]
 mod size_tests {
     use super::*;
+
+    #[test]
+    fn topic_set_is_a_set() {
+        let mut s = TopicSet::default();
+        for t in ["b", "a", "c", "a"] {
+            s.insert(Arc::from(t));
+        }
+        assert_eq!(s.len(), 3);
+        assert!(s.contains("a") && s.contains("c") && !s.contains("d"));
+        assert_eq!(s.0.capacity(), 3, "no spare slots while small");
+        assert!(s.remove("b") && !s.remove("b"));
+        let rest: Vec<Arc<str>> = s.drain().collect();
+        assert_eq!(rest, [Arc::from("a"), Arc::from("c")]);
+        assert_eq!(s.len(), 0);
+    }
 
     /// A session's future (its reader and writer loops) is allocated once per
     /// connection and kept for its whole life (docs/benchmarks.md, "Idle
