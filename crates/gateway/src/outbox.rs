@@ -8,7 +8,7 @@
 //! clients stop reading) and the writer closes the connection with 4008.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -39,6 +39,10 @@ struct State {
     close_frame: Option<Bytes>,
     /// Publications thrown away because of the close.
     dropped: u64,
+    /// Set when the reader has finished (the client's close arrived, or EOF). Here
+    /// rather than in an atomic of its own: it fits in this struct's padding, and
+    /// the outbox of every idle connection is counted in bytes.
+    reader_done: bool,
 }
 
 /// What the writer took from the queue.
@@ -66,8 +70,6 @@ pub struct Outbox {
     /// When the client was last heard from (any frame), in milliseconds on the
     /// session table's clock: written by the reader, read by the heartbeat ticker.
     heard_ms: AtomicU64,
-    /// Set when the reader has finished (the client's close arrived, or EOF).
-    reader_done: AtomicBool,
 }
 
 impl Outbox {
@@ -78,7 +80,6 @@ impl Outbox {
             notify: Notify::new(),
             limit,
             heard_ms: AtomicU64::new(0),
-            reader_done: AtomicBool::new(false),
         }
     }
 
@@ -94,13 +95,13 @@ impl Outbox {
 
     /// The reader has finished: wakes the writer to see it.
     pub fn reader_finished(&self) {
-        self.reader_done.store(true, Ordering::Release);
+        self.state.lock().reader_done = true;
         self.notify.notify_one();
     }
 
     /// Whether [`Outbox::reader_finished`] was called.
     pub fn is_reader_done(&self) -> bool {
-        self.reader_done.load(Ordering::Acquire)
+        self.state.lock().reader_done
     }
 
     /// Queues a frame. Returns `false` if it was not queued: the connection is
@@ -205,11 +206,24 @@ impl Outbox {
     /// its buffers' capacity survives between batches). Returns the close reason and
     /// frame once the queue is empty and a close has been requested.
     pub fn take(&self, batch: &mut Batch) -> Option<(Disconnect, Option<Bytes>)> {
+        let reason = self.take_batch(batch)?;
+        Some((reason, self.take_close_frame()))
+    }
+
+    /// Like [`Outbox::take`], returning only the close reason; the frame stays
+    /// for [`Outbox::take_close_frame`]. (The writer keeps one byte, not a frame,
+    /// across its write.)
+    pub fn take_batch(&self, batch: &mut Batch) -> Option<Disconnect> {
         let mut st = self.state.lock();
         std::mem::swap(&mut st.frames, &mut batch.frames);
         std::mem::swap(&mut st.control, &mut batch.control);
         batch.bytes = std::mem::take(&mut st.bytes);
-        st.closing.map(|reason| (reason, st.close_frame.take()))
+        st.closing
+    }
+
+    /// The close frame to send instead of the reason's own, if any.
+    pub fn take_close_frame(&self) -> Option<Bytes> {
+        self.state.lock().close_frame.take()
     }
 
     /// Waits until something is pushed or a close is requested.

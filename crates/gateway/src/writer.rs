@@ -43,7 +43,7 @@ impl Writer {
     pub(crate) async fn run<W: AsyncWrite + Unpin>(&self, io: &mut W) -> Disconnect {
         let mut batch = Batch::default();
         loop {
-            let close = self.outbox.take(&mut batch);
+            let close = self.outbox.take_batch(&mut batch);
             if !batch.is_empty() {
                 if let Err(reason) = self.write_batch(io, &mut batch).await {
                     // The frame stream may be cut mid-frame: no close frame is possible.
@@ -56,7 +56,8 @@ impl Writer {
                 // Anything queued after the close request was refused by the outbox,
                 // so the batch just written was the last one.
             }
-            if let Some((reason, frame)) = close {
+            if let Some(reason) = close {
+                let frame = self.outbox.take_close_frame();
                 // Boxed: the close handshake's timers are needed once per connection
                 // and should not make every idle writer's future larger.
                 Box::pin(self.finish(io, reason, frame)).await;
@@ -74,12 +75,6 @@ impl Writer {
         io: &mut W,
         batch: &mut Batch,
     ) -> Result<(), Disconnect> {
-        let bytes: u64 = batch.control.iter().map(|f| f.len() as u64).sum::<u64>()
-            + batch
-                .frames
-                .iter()
-                .map(|i| i.frame.len() as u64)
-                .sum::<u64>();
         let result = {
             let mut cursor = Cursor::default();
             let mut write = pin!(async {
@@ -94,6 +89,12 @@ impl Writer {
         };
         let light = batch.frames.len() <= 1;
         if result.is_ok() {
+            let bytes: u64 = batch.control.iter().map(|f| f.len() as u64).sum::<u64>()
+                + batch
+                    .frames
+                    .iter()
+                    .map(|i| i.frame.len() as u64)
+                    .sum::<u64>();
             let born = batch.frames.iter().map(|i| i.born).filter(|&b| b != 0);
             // Latency ends when the socket has taken the frame: one clock read per
             // batch (none for a batch of pings and replies).
