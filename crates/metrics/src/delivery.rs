@@ -19,6 +19,8 @@ use std::sync::{Arc, Mutex};
 use prometheus::core::{Collector, Desc};
 use prometheus::proto;
 
+use crate::delivery_names as names;
+
 /// Stripes owned by one thread each; threads beyond these share the last stripe,
 /// which is updated with atomic adds.
 const STRIPES: usize = 64;
@@ -166,19 +168,19 @@ impl DeliveryStats {
         DeliveryStats(Arc::new(Inner {
             stripes: (0..=STRIPES).map(|_| Stripe::default()).collect(),
             delivered: desc(
-                "wsgate_messages_delivered_total",
+                names::MESSAGES_DELIVERED,
                 "Message frames written to subscribers' sockets.",
             ),
             bytes_sent: desc(
-                "wsgate_bytes_sent_total",
+                names::BYTES_SENT,
                 "Bytes written to WebSocket clients, frame headers included.",
             ),
             queue: desc(
-                "wsgate_outbound_queue_bytes",
+                names::OUTBOUND_QUEUE_BYTES,
                 "Bytes queued for a connection when its writer takes a batch.",
             ),
             latency: desc(
-                "wsgate_delivery_latency_seconds",
+                names::DELIVERY_LATENCY,
                 "From a node accepting a publication to its frame being written to a subscriber.",
             ),
         }))

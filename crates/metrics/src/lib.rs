@@ -29,6 +29,14 @@ use prometheus::{
 
 pub use delivery::{DeliveryStats, DeliveryTotals};
 
+/// The families [`DeliveryStats`] exports (named here, with every other metric name).
+pub mod delivery_names {
+    pub const MESSAGES_DELIVERED: &str = "wsgate_messages_delivered_total";
+    pub const BYTES_SENT: &str = "wsgate_bytes_sent_total";
+    pub const OUTBOUND_QUEUE_BYTES: &str = "wsgate_outbound_queue_bytes";
+    pub const DELIVERY_LATENCY: &str = "wsgate_delivery_latency_seconds";
+}
+
 /// Publications accepted, one pre-resolved handle per source.
 #[derive(Clone)]
 pub struct Received {
