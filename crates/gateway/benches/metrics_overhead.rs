@@ -7,10 +7,14 @@
 //! own socket (a Unix socket pair; the reading end is drained outside the timed part),
 //! as the writer task does. Variants:
 //! - `off`: no metric work at all;
-//! - `per_connection` (what the writer does): [`ConnectionStats`] per connection,
-//!   folded into the shared metrics at most every 250 ms;
-//! - `shared_per_batch` (for comparison, the writer's code before): the shared
-//!   atomics and prometheus' float histograms updated on every batch.
+//! - `striped` (what the writer does): [`wsgate_metrics::DeliveryStats`], one
+//!   record per batch into the current thread's stripe (plain loads and stores,
+//!   summed at scrape time);
+//! - `shared_per_batch` (for comparison, an earlier design): shared prometheus
+//!   atomics and float histograms updated on every batch.
+//!
+//! (The design in between, per-connection accumulators folded every 250 ms, is
+//! gone from the code; its numbers are in docs/benchmarks.md.)
 //!
 //! The machine this runs on is shared, so the variants are interleaved: every round
 //! runs each variant for a few iterations, in rotating order, and the report gives
@@ -29,7 +33,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use wsgate_fanout::{unix_nanos, Broker, Hub, MemoryBroker, Subscriber};
 use wsgate_gateway::outbox::{Batch, Outbox};
-use wsgate_metrics::{ConnectionStats, Metrics};
+use wsgate_metrics::{latency_buckets, queue_buckets, Metrics};
 
 const SUBSCRIBERS: usize = 1000;
 const PER_ITER: usize = 8;
@@ -37,8 +41,31 @@ const PER_ITER: usize = 8;
 #[derive(Clone, Copy, PartialEq)]
 enum Mode {
     Off,
-    PerConnection,
+    Striped,
     SharedPerBatch,
+}
+
+/// The shared metrics of the earlier design (not registered anywhere).
+struct Shared {
+    queue: prometheus::Histogram,
+    latency: prometheus::Histogram,
+    delivered: prometheus::IntCounter,
+    bytes_sent: prometheus::IntCounter,
+}
+
+impl Shared {
+    fn new() -> Self {
+        let h = |name: &str, b| {
+            prometheus::Histogram::with_opts(prometheus::HistogramOpts::new(name, "h").buckets(b))
+                .unwrap()
+        };
+        Shared {
+            queue: h("q", queue_buckets()),
+            latency: h("l", latency_buckets()),
+            delivered: prometheus::IntCounter::new("d", "d").unwrap(),
+            bytes_sent: prometheus::IntCounter::new("b", "b").unwrap(),
+        }
+    }
 }
 
 /// One subscriber as its writer sees it.
@@ -47,7 +74,6 @@ struct Conn {
     batch: Batch,
     bufs: VecDeque<Bytes>,
     borns: Vec<u64>,
-    stats: ConnectionStats,
     /// The socket the writer writes to, and the client's end.
     tx: UnixStream,
     rx: UnixStream,
@@ -77,26 +103,25 @@ fn drain(conns: &mut [Conn]) {
 }
 
 /// The writer's per-batch work, minus the socket.
-fn write_side(conns: &mut [Conn], mode: Mode, metrics: &Metrics, socket: bool) {
+fn write_side(conns: &mut [Conn], mode: Mode, m: &(Metrics, Shared), socket: bool) {
+    let (metrics, shared) = m;
     for c in conns {
         c.outbox.take(&mut c.batch);
         match mode {
             Mode::Off => {
                 c.bufs.extend(c.batch.frames.drain(..).map(|i| i.frame));
             }
-            Mode::PerConnection => {
-                c.stats.record_queue(c.batch.bytes);
-                c.borns.clear();
-                let mut bytes = 0u64;
-                for item in c.batch.frames.drain(..) {
-                    c.borns.push(item.born);
-                    bytes += item.frame.len() as u64;
-                    c.bufs.push_back(item.frame);
-                }
-                c.stats.record_written(bytes, &c.borns, unix_nanos());
+            Mode::Striped => {
+                let frames = &c.batch.frames;
+                let bytes: u64 = frames.iter().map(|i| i.frame.len() as u64).sum();
+                let born = frames.iter().map(|i| i.born).filter(|&b| b != 0);
+                metrics
+                    .delivery
+                    .record_batch(c.batch.bytes, bytes, born, unix_nanos());
+                c.bufs.extend(c.batch.frames.drain(..).map(|i| i.frame));
             }
             Mode::SharedPerBatch => {
-                metrics.outbound_queue_bytes.observe(c.batch.bytes as f64);
+                shared.queue.observe(c.batch.bytes as f64);
                 c.borns.clear();
                 let mut bytes = 0u64;
                 for item in c.batch.frames.drain(..) {
@@ -105,15 +130,14 @@ fn write_side(conns: &mut [Conn], mode: Mode, metrics: &Metrics, socket: bool) {
                     c.bufs.push_back(item.frame);
                 }
                 let now = unix_nanos();
-                // The writer's code before per-connection stats: prometheus' float
-                // histogram (same buckets), a local one per batch, flushed at once.
-                let latency = metrics.broker_publish_duration.local();
+                // Prometheus' float histogram, a local one per batch, flushed at once.
+                let latency = shared.latency.local();
                 for &b in &c.borns {
                     latency.observe(now.saturating_sub(b) as f64 / 1e9);
                 }
                 latency.flush();
-                metrics.messages_delivered.inc_by(c.borns.len() as u64);
-                metrics.bytes_sent.inc_by(bytes);
+                shared.delivered.inc_by(c.borns.len() as u64);
+                shared.bytes_sent.inc_by(bytes);
             }
         }
         if socket {
@@ -125,7 +149,7 @@ fn write_side(conns: &mut [Conn], mode: Mode, metrics: &Metrics, socket: bool) {
     }
 }
 
-fn setup(metrics: &Metrics, threads: usize) -> (Arc<Hub>, MemoryBroker, Vec<Vec<Conn>>) {
+fn setup(threads: usize) -> (Arc<Hub>, MemoryBroker, Vec<Vec<Conn>>) {
     let hub = Arc::new(Hub::default());
     let broker = MemoryBroker::new(hub.clone());
     let topic: Arc<str> = Arc::from("bench");
@@ -141,7 +165,6 @@ fn setup(metrics: &Metrics, threads: usize) -> (Arc<Hub>, MemoryBroker, Vec<Vec<
             batch: Batch::default(),
             bufs: VecDeque::new(),
             borns: Vec::new(),
-            stats: ConnectionStats::new(metrics),
             tx,
             rx,
         });
@@ -153,7 +176,7 @@ fn setup(metrics: &Metrics, threads: usize) -> (Arc<Hub>, MemoryBroker, Vec<Vec<
 struct Setup {
     name: &'static str,
     mode: Mode,
-    metrics: Metrics,
+    metrics: (Metrics, Shared),
     broker: MemoryBroker,
     groups: Vec<Vec<Conn>>,
     /// Seconds per iteration, one entry per round.
@@ -209,13 +232,13 @@ fn main() {
     ] {
         let mut setups: Vec<Setup> = [
             ("off", Mode::Off),
-            ("per_connection", Mode::PerConnection),
+            ("striped", Mode::Striped),
             ("shared_per_batch", Mode::SharedPerBatch),
         ]
         .into_iter()
         .map(|(name, mode)| {
-            let metrics = Metrics::default();
-            let (_hub, broker, groups) = setup(&metrics, threads);
+            let metrics = (Metrics::default(), Shared::new());
+            let (_hub, broker, groups) = setup(threads);
             Setup {
                 name,
                 mode,

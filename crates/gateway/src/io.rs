@@ -17,6 +17,14 @@ pub struct Prefixed<R> {
 
 impl<R> Prefixed<R> {
     pub fn new(prefix: Bytes, inner: R) -> Self {
+        // hyper hands over a slice of its own read buffer (8 KiB), which the slice
+        // would keep alive for the connection's life: copy the few bytes (usually
+        // none) so that buffer is freed now.
+        let prefix = if prefix.is_empty() {
+            Bytes::new()
+        } else {
+            Bytes::copy_from_slice(&prefix)
+        };
         Prefixed { prefix, inner }
     }
 }
@@ -31,6 +39,9 @@ impl<R: AsyncRead + Unpin> AsyncRead for Prefixed<R> {
             let n = self.prefix.len().min(buf.remaining());
             buf.put_slice(&self.prefix[..n]);
             self.prefix.advance(n);
+            if self.prefix.is_empty() {
+                self.prefix = Bytes::new();
+            }
             return Poll::Ready(Ok(()));
         }
         Pin::new(&mut self.inner).poll_read(cx, buf)

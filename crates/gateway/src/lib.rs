@@ -5,10 +5,13 @@
 //! - [`config`]: every setting, its `WSGATE_*` variable and default.
 //! - [`server`]: listeners, routing, the accept loop (survives EMFILE), the upgrade,
 //!   and the end of the drain.
+//! - [`frames`]: client WebSocket frames, read without a buffer held while idle.
+//! - [`heartbeat`]: the live sessions, pinged (or closed 4000) by one shared
+//!   ticker instead of a timer per connection; the drain walks the same table.
 //! - [`session`]: one connection's reader loop and its commands (subscribe,
 //!   unsubscribe, publish, ping), message reassembly and limits.
 //! - [`writer`]: the task that alone writes to a socket: batches, one flush per batch,
-//!   heartbeats, close frames.
+//!   close frames.
 //! - [`outbox`]: the byte-bounded, non-blocking outbound queue between them (and the
 //!   hub's [`wsgate_fanout::Subscriber`]).
 //! - [`protocol`]: the JSON command codec and replies (docs/protocol.md).
@@ -27,6 +30,8 @@ pub mod auth;
 pub mod close;
 pub mod config;
 pub mod demo;
+mod frames;
+mod heartbeat;
 pub mod http_api;
 pub mod io;
 pub mod iplimit;

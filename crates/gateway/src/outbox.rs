@@ -8,6 +8,7 @@
 //! clients stop reading) and the writer closes the connection with 4008.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use bytes::Bytes;
 use parking_lot::Mutex;
@@ -38,6 +39,10 @@ struct State {
     close_frame: Option<Bytes>,
     /// Publications thrown away because of the close.
     dropped: u64,
+    /// Set when the reader has finished (the client's close arrived, or EOF). Here
+    /// rather than in an atomic of its own: it fits in this struct's padding, and
+    /// the outbox of every idle connection is counted in bytes.
+    reader_done: bool,
 }
 
 /// What the writer took from the queue.
@@ -62,6 +67,9 @@ pub struct Outbox {
     /// between the writer's last `take` and its wait is never lost.
     notify: Notify,
     limit: usize,
+    /// When the client was last heard from (any frame), in milliseconds on the
+    /// session table's clock: written by the reader, read by the heartbeat ticker.
+    heard_ms: AtomicU64,
 }
 
 impl Outbox {
@@ -71,7 +79,29 @@ impl Outbox {
             state: Mutex::new(State::default()),
             notify: Notify::new(),
             limit,
+            heard_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Records that a frame from the client arrived at `now_ms`.
+    pub fn heard(&self, now_ms: u64) {
+        self.heard_ms.store(now_ms, Ordering::Relaxed);
+    }
+
+    /// When the client was last heard from (see [`Outbox::heard`]).
+    pub fn last_heard(&self) -> u64 {
+        self.heard_ms.load(Ordering::Relaxed)
+    }
+
+    /// The reader has finished: wakes the writer to see it.
+    pub fn reader_finished(&self) {
+        self.state.lock().reader_done = true;
+        self.notify.notify_one();
+    }
+
+    /// Whether [`Outbox::reader_finished`] was called.
+    pub fn is_reader_done(&self) -> bool {
+        self.state.lock().reader_done
     }
 
     /// Queues a frame. Returns `false` if it was not queued: the connection is
@@ -150,6 +180,18 @@ impl Outbox {
         }
     }
 
+    /// Frees the queue's buffers if nothing is queued: an idle connection keeps none
+    /// (the heartbeat calls this before each ping).
+    pub fn trim(&self) {
+        let mut st = self.state.lock();
+        if st.frames.is_empty() && st.frames.capacity() > 0 {
+            st.frames = VecDeque::new();
+        }
+        if st.control.is_empty() && st.control.capacity() > 0 {
+            st.control = Vec::new();
+        }
+    }
+
     /// Why the connection is closing, if it is.
     pub fn closing(&self) -> Option<Disconnect> {
         self.state.lock().closing
@@ -164,11 +206,24 @@ impl Outbox {
     /// its buffers' capacity survives between batches). Returns the close reason and
     /// frame once the queue is empty and a close has been requested.
     pub fn take(&self, batch: &mut Batch) -> Option<(Disconnect, Option<Bytes>)> {
+        let reason = self.take_batch(batch)?;
+        Some((reason, self.take_close_frame()))
+    }
+
+    /// Like [`Outbox::take`], returning only the close reason; the frame stays
+    /// for [`Outbox::take_close_frame`]. (The writer keeps one byte, not a frame,
+    /// across its write.)
+    pub fn take_batch(&self, batch: &mut Batch) -> Option<Disconnect> {
         let mut st = self.state.lock();
         std::mem::swap(&mut st.frames, &mut batch.frames);
         std::mem::swap(&mut st.control, &mut batch.control);
         batch.bytes = std::mem::take(&mut st.bytes);
-        st.closing.map(|reason| (reason, st.close_frame.take()))
+        st.closing
+    }
+
+    /// The close frame to send instead of the reason's own, if any.
+    pub fn take_close_frame(&self) -> Option<Bytes> {
+        self.state.lock().close_frame.take()
     }
 
     /// Waits until something is pushed or a close is requested.

@@ -17,7 +17,8 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioIo, TokioTimer};
-use tokio::io::{AsyncRead, AsyncWrite};
+use tokio::io::{AsyncRead, AsyncWrite, ReadHalf, WriteHalf};
+use tokio::net::tcp::{OwnedReadHalf, OwnedWriteHalf};
 use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
@@ -112,7 +113,10 @@ impl Server {
         } else {
             Role::Both
         };
-        let mut loops = vec![tokio::spawn(accept_loop(gw.clone(), self.public, role))];
+        let mut loops = vec![
+            tokio::spawn(accept_loop(gw.clone(), self.public, role)),
+            tokio::spawn(crate::heartbeat::run(gw.clone())),
+        ];
         if let Some(admin) = self.admin {
             info!(listen = %admin.local_addr().expect("bound"), "admin endpoints serving");
             loops.push(tokio::spawn(accept_loop(gw.clone(), admin, Role::Admin)));
@@ -382,36 +386,68 @@ fn upgrade(
         admitted,
         mode,
     };
-    gw.tracker.spawn(run_upgraded(gw2, fut, start));
+    gw.tracker.spawn(run_upgraded(gw2, fut, Box::new(start)));
     let (parts, _) = response.into_parts();
     Response::from_parts(parts, Full::default())
 }
 
-async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, start: Start) {
-    let ws = match fut.await {
-        Ok(ws) => ws,
+/// `start` is boxed: it is needed only until the session is set up, but an async
+/// fn's arguments stay in the task's memory for the connection's whole life.
+async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, start: Box<Start>) {
+    let upgraded = match fut.await {
+        Ok(ws) => ws.into_inner().into_inner(),
         Err(e) => {
             debug!(error = %e, peer = %start.peer, "upgrade did not complete");
             return;
         }
     };
-    let upgraded = ws.into_inner().into_inner();
+    // The stream is taken apart by a plain function: a TLS stream is kilobytes, and
+    // as a local of this async fn it would stay in the session task's memory for
+    // the connection's whole life.
+    // `unbox` frees the box now; `*start` would free it when this fn returns.
+    match into_halves(upgraded) {
+        Halves::Tcp(read, write) => session::run(gw, read, write, unbox(start)).await,
+        Halves::Tls(read, write) => session::run(gw, read, write, unbox(start)).await,
+        Halves::Other(read, write) => session::run(gw, read, write, unbox(start)).await,
+    }
+}
+
+// Taking the box by value is the point: it is freed on return.
+#[allow(clippy::boxed_local)]
+fn unbox<T>(b: Box<T>) -> T {
+    *b
+}
+
+/// An upgraded connection's read and write halves.
+enum Halves {
+    Tcp(Prefixed<OwnedReadHalf>, OwnedWriteHalf),
+    Tls(
+        Prefixed<ReadHalf<TlsStream<TcpStream>>>,
+        WriteHalf<TlsStream<TcpStream>>,
+    ),
+    Other(
+        ReadHalf<TokioIo<hyper::upgrade::Upgraded>>,
+        WriteHalf<TokioIo<hyper::upgrade::Upgraded>>,
+    ),
+}
+
+fn into_halves(upgraded: hyper::upgrade::Upgraded) -> Halves {
     // Plain TCP: take the socket back from hyper and split it without a lock.
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
-            session::run(gw, Prefixed::new(parts.read_buf, read), write, start).await;
+            Halves::Tcp(Prefixed::new(parts.read_buf, read), write)
         }
         Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
             // TLS: a TLS stream cannot be split without a lock; tokio's split
             // takes one only for the instant of each read or write call.
             Ok(parts) => {
                 let (read, write) = tokio::io::split(parts.io.into_inner());
-                session::run(gw, Prefixed::new(parts.read_buf, read), write, start).await;
+                Halves::Tls(Prefixed::new(parts.read_buf, read), write)
             }
             Err(upgraded) => {
                 let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-                session::run(gw, read, write, start).await;
+                Halves::Other(read, write)
             }
         },
     }

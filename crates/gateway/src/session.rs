@@ -1,33 +1,35 @@
 //! One WebSocket session: the reader loop and the commands it runs.
 //!
-//! The session's own task reads frames and runs commands; a second task, the
-//! [`Writer`], owns the write half. fastwebsockets' `read_frame` is not cancel safe,
-//! so it only ever races the writer's exit, after which the session is over and no
-//! other read happens: a partly read frame is never resumed.
+//! One task per connection runs two loops side by side: the reader, which reads
+//! frames and runs commands, and the [`Writer`], which alone owns the write half.
+//! (Two tasks would cost a second task allocation and join handle per connection,
+//! a few hundred bytes of an idle connection's budget.) Frames are read with
+//! [`FrameReader`], which holds no buffer while the client is quiet and is cancel
+//! safe.
 
-use std::collections::HashSet;
-use std::convert::Infallible;
+use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
-use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::Semaphore;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
 use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
 
 use crate::auth::Identity;
 use crate::close::Disconnect;
+use crate::frames::{op, Frame, FrameReader, ReadError};
+use crate::heartbeat::Key;
+use crate::iplimit::IpSlot;
 use crate::outbox::Outbox;
 use crate::protocol::{self, Command, CommandError, ErrorCode};
 use crate::ratelimit::{RateLimiter, Verdict};
 use crate::security::Admitted;
 use crate::state::{ConnectionSlot, Gateway};
-use crate::writer::{Liveness, Writer};
+use crate::writer::Writer;
 
 /// What a session does with client messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -46,8 +48,40 @@ pub(crate) struct Start {
     pub mode: Mode,
 }
 
-/// Runs a session to its end on an upgraded connection.
-pub(crate) async fn run<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start)
+/// Starts a session on an upgraded connection; the future runs it to its end.
+///
+/// Not an `async fn`: what an async fn holds (its arguments, and locals even once
+/// moved out) stays in the session task's memory, allocated once per connection
+/// and kept for its whole life. Setting up in plain functions leaves the future
+/// only what the session needs while it runs.
+pub(crate) fn run<R, W>(
+    gw: Arc<Gateway>,
+    read: R,
+    write: W,
+    start: Start,
+) -> impl Future<Output = ()> + Send
+where
+    R: AsyncRead + Unpin + Send + 'static,
+    W: AsyncWrite + Unpin + Send + 'static,
+{
+    let (session, span) = open(gw, read, write, start);
+    session.run().instrument(span)
+}
+
+/// A running session: what the reader task holds for the connection's life.
+struct Session<R, W> {
+    reader: Reader,
+    frames: FrameReader<R>,
+    writer: Writer,
+    write: W,
+    key: Key,
+    ip_slot: IpSlot,
+    slot: ConnectionSlot,
+}
+
+/// Registers a new session and queues its welcome (and, with auth, starts its
+/// expiry task).
+fn open<R, W>(gw: Arc<Gateway>, read: R, write: W, start: Start) -> (Session<R, W>, tracing::Span)
 where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
@@ -64,22 +98,7 @@ where
         disconnect.reason = tracing::field::Empty,
         close.code = tracing::field::Empty,
     );
-    run_inner(gw, read, write, id, session, start)
-        .instrument(span)
-        .await
-}
-
-async fn run_inner<R, W>(
-    gw: Arc<Gateway>,
-    read: R,
-    write: W,
-    id: u64,
-    session: String,
-    start: Start,
-) where
-    R: AsyncRead + Unpin + Send + 'static,
-    W: AsyncWrite + Unpin + Send + 'static,
-{
+    let _entered = span.enter();
     let cfg = &gw.config;
     let Start {
         slot,
@@ -91,94 +110,125 @@ async fn run_inner<R, W>(
     gw.metrics.connections_accepted.inc();
     debug!("connected");
     let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
-    let welcome = protocol::welcome(
-        &session,
-        &gw.node_id,
-        cfg.heartbeat_interval.as_millis() as u64,
-    );
     if mode == Mode::PubSub {
         // An echo client expects only its own messages back.
+        let welcome = protocol::welcome(
+            &session,
+            &gw.node_id,
+            cfg.heartbeat_interval.as_millis() as u64,
+        );
         outbox.push(frame::text(welcome.as_bytes()), 0);
     }
-    gw.sessions.insert(id, outbox.clone());
+    let key = gw.sessions.insert(outbox.clone());
     if gw.is_draining() {
         // Upgraded while the drain began: tell it to go elsewhere at once.
         outbox.close(Disconnect::Drain);
     }
 
-    let liveness = Arc::new(Liveness::new());
-    let reader_done = CancellationToken::new();
-    let writer_done = CancellationToken::new();
     let writer = Writer {
         outbox: outbox.clone(),
-        liveness: liveness.clone(),
-        metrics: gw.metrics.clone(),
-        heartbeat_interval: cfg.heartbeat_interval,
+        stats: gw.metrics.delivery.clone(),
         heartbeat_timeout: cfg.heartbeat_timeout,
-        reader_done: reader_done.clone(),
-    };
-    let writer = {
-        let writer_done = writer_done.clone();
-        gw.tracker.spawn(
-            async move {
-                let reason = writer.run(write).await;
-                writer_done.cancel();
-                reason
-            }
-            .in_current_span(),
-        )
     };
 
-    let (expires, deadline) = tokio::sync::watch::channel(0);
-    if gw.security.auth.is_some() {
+    // Token expiry is watched by a task of its own, only when tokens are used; it
+    // ends when the reader (the sender) is dropped.
+    let expires = gw.security.auth.is_some().then(|| {
+        let (expires, deadline) = tokio::sync::watch::channel(0);
         set_deadline(&expires, &identity, cfg.jwt_leeway);
         gw.tracker
-            .spawn(expiry(deadline, outbox.clone(), reader_done.clone()).in_current_span());
-    }
+            .spawn(expiry(deadline, outbox.clone()).in_current_span());
+        expires
+    });
 
-    let (ws, _) = fastwebsockets::after_handshake_split(read, tokio::io::sink(), Role::Server);
-    let mut reader = Reader {
-        subscriber: outbox.clone(),
+    let frames = FrameReader::new(read, cfg.max_message_size);
+    let reader = Reader {
         outbox,
         gw: gw.clone(),
         id,
-        topics: HashSet::new(),
+        topics: TopicSet::default(),
         limiter: RateLimiter::new(cfg.rate_limit, cfg.rate_burst, Instant::now()),
-        inflight: Arc::new(Semaphore::new(cfg.max_inflight_publishes)),
-        liveness,
+        inflight: None,
         assembler: Assembler::new(cfg.max_message_size),
         identity,
         expires,
         mode,
     };
-    reader.run(ws, &writer_done).await;
-    reader_done.cancel();
-    reader.leave_all();
-
-    let reason = writer.await.unwrap_or(Disconnect::Error);
-    gw.sessions.remove(id);
-    gw.metrics.disconnected(reason.label());
-    let label = if reason == Disconnect::SlowConsumer {
-        "slow_consumer"
-    } else {
-        "disconnected"
+    drop(_entered);
+    let session = Session {
+        reader,
+        frames,
+        writer,
+        write,
+        key,
+        ip_slot,
+        slot,
     };
-    gw.metrics.dropped(label, reader.outbox.dropped());
-    let span = tracing::Span::current();
-    span.record("disconnect.reason", reason.label());
-    span.record("close.code", reason.code());
-    debug!(reason = reason.label(), "disconnected");
-    drop(ip_slot);
-    drop(slot);
+    (session, span)
+}
+
+impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Session<R, W> {
+    /// An `async move` block rather than an `async fn`, whose argument would be
+    /// stored twice in the future.
+    #[allow(clippy::manual_async_fn)]
+    fn run(mut self) -> impl Future<Output = ()> + Send {
+        async move {
+            let reason = {
+                let Session {
+                    reader,
+                    frames,
+                    writer,
+                    write,
+                    ..
+                } = &mut self;
+                let mut writing = std::pin::pin!(writer.run(write));
+                // The writer first: when it has ended the session, the reader stops
+                // (its read is cancel safe; a command cut short leaves nothing that
+                // `leave_all` does not undo).
+                let ended = tokio::select! {
+                    biased;
+                    reason = &mut writing => Some(reason),
+                    () = reader.run(frames) => None,
+                };
+                reader.outbox.reader_finished();
+                reader.leave_all();
+                match ended {
+                    Some(reason) => reason,
+                    None => writing.await,
+                }
+            };
+            self.close(reason);
+        }
+    }
+
+    /// Counts and logs the end of the session; frees its slots.
+    fn close(self, reason: Disconnect) {
+        let gw = &self.reader.gw;
+        gw.sessions.remove(self.key);
+        gw.metrics.disconnected(reason.label());
+        let label = if reason == Disconnect::SlowConsumer {
+            "slow_consumer"
+        } else {
+            "disconnected"
+        };
+        gw.metrics.dropped(label, self.reader.outbox.dropped());
+        let span = tracing::Span::current();
+        span.record("disconnect.reason", reason.label());
+        span.record("close.code", reason.code());
+        debug!(reason = reason.label(), "disconnected");
+        drop(self.reader);
+        drop(self.ip_slot);
+        drop(self.slot);
+    }
 }
 
 /// Reassembles fragmented messages, enforcing the size limit on the whole message
-/// (fastwebsockets only bounds single frames) and validating UTF-8 as fragments
+/// (the frame reader only bounds single frames) and validating UTF-8 as fragments
 /// arrive.
 struct Assembler {
     max: usize,
     buf: Vec<u8>,
-    opcode: Option<OpCode>,
+    opcode: Option<u8>,
     /// Bytes of `buf` known to be valid UTF-8 (text messages).
     checked: usize,
 }
@@ -198,23 +248,23 @@ impl Assembler {
         }
     }
 
-    fn push(&mut self, frame: Frame<'_>) -> Result<Option<Message>, Disconnect> {
+    fn push(&mut self, frame: Frame) -> Result<Option<Message>, Disconnect> {
         match (frame.opcode, self.opcode) {
-            (OpCode::Text | OpCode::Binary, Some(_)) => Err(Disconnect::ProtocolError),
-            (OpCode::Continuation, None) => Err(Disconnect::ProtocolError),
-            (OpCode::Text, None) if frame.fin => {
-                // fastwebsockets has validated UTF-8 of unfragmented text.
-                Ok(Some(Message::Text(Bytes::from(frame.payload.to_vec()))))
+            (op::TEXT | op::BINARY, Some(_)) => Err(Disconnect::ProtocolError),
+            (op::CONTINUATION, None) => Err(Disconnect::ProtocolError),
+            (op::TEXT, None) if frame.fin => {
+                // The reader has validated UTF-8 of unfragmented text.
+                Ok(Some(Message::Text(Bytes::from(frame.payload))))
             }
-            (OpCode::Binary, None) if frame.fin => {
-                Ok(Some(Message::Binary(Bytes::from(frame.payload.to_vec()))))
+            (op::BINARY, None) if frame.fin => {
+                Ok(Some(Message::Binary(Bytes::from(frame.payload))))
             }
-            (op @ (OpCode::Text | OpCode::Binary), None) => {
-                self.opcode = Some(op);
+            (opcode @ (op::TEXT | op::BINARY), None) => {
+                self.opcode = Some(opcode);
                 self.append(&frame.payload)?;
                 Ok(None)
             }
-            (OpCode::Continuation, Some(op)) => {
+            (op::CONTINUATION, Some(opcode)) => {
                 self.append(&frame.payload)?;
                 if !frame.fin {
                     return Ok(None);
@@ -222,8 +272,8 @@ impl Assembler {
                 self.opcode = None;
                 self.checked = 0;
                 let buf = std::mem::take(&mut self.buf);
-                match op {
-                    OpCode::Text => {
+                match opcode {
+                    op::TEXT => {
                         if std::str::from_utf8(&buf).is_err() {
                             return Err(Disconnect::InvalidUtf8);
                         }
@@ -241,7 +291,7 @@ impl Assembler {
             return Err(Disconnect::TooBig);
         }
         self.buf.extend_from_slice(data);
-        if self.opcode == Some(OpCode::Text) {
+        if self.opcode == Some(op::TEXT) {
             // Fail fast on invalid UTF-8; an incomplete sequence at the end may be
             // completed by the next fragment.
             match std::str::from_utf8(&self.buf[self.checked..]) {
@@ -254,24 +304,73 @@ impl Assembler {
     }
 }
 
+/// A session's topics: a sorted vector, a few bytes where a hash set would take a
+/// hundred for the one or two topics most connections have.
+#[derive(Default)]
+struct TopicSet(Vec<Arc<str>>);
+
+impl TopicSet {
+    fn contains(&self, t: &str) -> bool {
+        self.0.binary_search_by(|x| (**x).cmp(t)).is_ok()
+    }
+
+    /// Adds `t`; `false` if it was there.
+    fn insert(&mut self, t: Arc<str>) -> bool {
+        match self.0.binary_search_by(|x| (**x).cmp(&*t)) {
+            Ok(_) => false,
+            Err(i) => {
+                // Grow one at a time while small (most sessions never have many
+                // topics), by doubling beyond.
+                if self.0.len() < 4 {
+                    self.0.reserve_exact(1);
+                }
+                self.0.insert(i, t);
+                true
+            }
+        }
+    }
+
+    /// Removes `t`; `false` if it was not there.
+    fn remove(&mut self, t: &str) -> bool {
+        match self.0.binary_search_by(|x| (**x).cmp(t)) {
+            Ok(i) => {
+                self.0.remove(i);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Arc<str>> {
+        self.0.iter()
+    }
+
+    fn drain(&mut self) -> impl Iterator<Item = Arc<str>> {
+        std::mem::take(&mut self.0).into_iter()
+    }
+}
+
 struct Reader {
     gw: Arc<Gateway>,
     outbox: Arc<Outbox>,
-    subscriber: Arc<Outbox>,
     id: u64,
     /// Topics this session is subscribed to.
-    topics: HashSet<Arc<str>>,
+    topics: TopicSet,
     limiter: RateLimiter,
     /// Bounds publications waiting for the broker, so a client cannot pile up
-    /// unbounded work: at the limit the reader waits (TCP backpressure).
-    inflight: Arc<Semaphore>,
-    liveness: Arc<Liveness>,
+    /// unbounded work: at the limit the reader waits (TCP backpressure). Made at
+    /// the first publication that has to wait for the broker.
+    inflight: Option<Arc<Semaphore>>,
     assembler: Assembler,
     /// Who the client is and what it may do (replaced by `refresh`).
     identity: Identity,
     /// When the session ends unless refreshed (unix seconds, leeway included),
-    /// watched by the [`expiry`] task.
-    expires: tokio::sync::watch::Sender<u64>,
+    /// watched by the [`expiry`] task (only when auth is on).
+    expires: Option<tokio::sync::watch::Sender<u64>>,
     mode: Mode,
 }
 
@@ -288,11 +387,7 @@ fn set_deadline(expires: &tokio::sync::watch::Sender<u64>, identity: &Identity, 
 
 /// Closes the session with 1008 when its token's deadline passes. A `refresh` moves
 /// the deadline, later or earlier, and wakes the task to sleep again.
-async fn expiry(
-    mut expires: tokio::sync::watch::Receiver<u64>,
-    outbox: Arc<Outbox>,
-    done: CancellationToken,
-) {
+async fn expiry(mut expires: tokio::sync::watch::Receiver<u64>, outbox: Arc<Outbox>) {
     loop {
         let deadline = UNIX_EPOCH + Duration::from_secs(*expires.borrow_and_update());
         let left = deadline
@@ -303,69 +398,85 @@ async fn expiry(
             return;
         }
         tokio::select! {
-            _ = done.cancelled() => return,
             _ = tokio::time::sleep(left) => {}
             changed = expires.changed() => if changed.is_err() { return },
         }
     }
 }
 
-fn classify(err: &WebSocketError) -> Disconnect {
-    match err {
-        WebSocketError::FrameTooLarge => Disconnect::TooBig,
-        WebSocketError::InvalidUTF8 => Disconnect::InvalidUtf8,
-        WebSocketError::UnexpectedEOF
-        | WebSocketError::IoError(_)
-        | WebSocketError::ConnectionClosed => Disconnect::ClientGone,
-        _ => Disconnect::ProtocolError,
+/// How a client's close frame (its payload) ends the session: the reason, and the
+/// close frame we answer with (RFC 6455 §5.5.1, §7.4).
+fn close_reply(payload: &[u8]) -> (Disconnect, Bytes) {
+    match payload.len() {
+        0 => (
+            Disconnect::ClientClose,
+            frame::encode(frame::OP_CLOSE, payload),
+        ),
+        1 => {
+            let reason = Disconnect::ProtocolError;
+            (reason, frame::close(reason.code(), reason.reason()))
+        }
+        _ => {
+            let code = u16::from_be_bytes([payload[0], payload[1]]);
+            if std::str::from_utf8(&payload[2..]).is_err() {
+                let reason = Disconnect::InvalidUtf8;
+                return (reason, frame::close(reason.code(), reason.reason()));
+            }
+            // Codes a peer may send (§7.4.1–7.4.2): not 1004–1006, 1015, or unassigned.
+            if matches!(code, 1000..=1003 | 1007..=1013 | 3000..=4999) {
+                (
+                    Disconnect::ClientClose,
+                    frame::encode(frame::OP_CLOSE, payload),
+                )
+            } else {
+                let mut reply = 1002u16.to_be_bytes().to_vec();
+                reply.extend_from_slice(&payload[2..]);
+                (
+                    Disconnect::ProtocolError,
+                    frame::encode(frame::OP_CLOSE, &reply),
+                )
+            }
+        }
     }
 }
 
 impl Reader {
-    async fn run<R: AsyncRead + Unpin>(
-        &mut self,
-        mut ws: WebSocketRead<R>,
-        writer_done: &CancellationToken,
-    ) {
-        ws.set_auto_close(true);
-        ws.set_auto_pong(true);
-        // fastwebsockets refuses frames of `payload_len >= max`; ours is inclusive.
-        ws.set_max_message_size(self.gw.config.max_message_size + 1);
+    /// Reads and runs commands until the client ends the session (or breaks the
+    /// protocol). Dropped mid-way when the writer ends first: the session is over.
+    async fn run<R: AsyncRead + Unpin>(&mut self, frames: &mut FrameReader<R>) {
         loop {
-            // A close frame that fastwebsockets owes the client (the echo of its
-            // close, or 1002 for a bad close code) is kept to be sent as ours.
-            let mut owed_close: Option<Bytes> = None;
-            let outbox = &self.outbox;
-            let mut send = |f: Frame<'_>| {
-                let bytes = frame::encode(f.opcode as u8, &f.payload);
-                if f.opcode == OpCode::Close {
-                    owed_close = Some(bytes);
-                } else {
-                    outbox.push_control(bytes);
-                }
-                std::future::ready(Ok::<(), Infallible>(()))
-            };
-            let result = tokio::select! {
-                biased;
-                _ = writer_done.cancelled() => return,
-                r = ws.read_frame(&mut send) => r,
-            };
+            let result = frames.next().await;
             let frame = match result {
                 Ok(frame) => frame,
                 Err(e) => {
-                    debug!(error = %e, "read ended");
-                    self.outbox.close_with(classify(&e), owed_close);
+                    let reason = match e {
+                        ReadError::Protocol(reason) => reason,
+                        ReadError::Gone => Disconnect::ClientGone,
+                    };
+                    debug!(reason = reason.label(), "read ended");
+                    self.outbox.close(reason);
                     return;
                 }
             };
-            self.liveness.touch();
+            self.outbox.heard(self.gw.sessions.now_ms());
             match frame.opcode {
-                OpCode::Close => {
-                    self.outbox.close_with(Disconnect::ClientClose, owed_close);
+                op::PING => {
+                    self.outbox
+                        .push_control(frame::encode(frame::OP_PONG, &frame.payload));
+                    continue;
+                }
+                op::PONG => continue,
+                op::CLOSE => {
+                    let (reason, reply) = close_reply(&frame.payload);
+                    self.outbox.close_with(reason, Some(reply));
                     return;
                 }
-                OpCode::Ping | OpCode::Pong => continue,
                 _ => {}
+            }
+            if frame.opcode == op::TEXT && frame.fin && std::str::from_utf8(&frame.payload).is_err()
+            {
+                self.outbox.close(Disconnect::InvalidUtf8);
+                return;
             }
             self.gw
                 .metrics
@@ -379,7 +490,10 @@ impl Reader {
                     return;
                 }
             };
-            if !self.on_message(message).await {
+            // Boxed: the commands' futures are large and short-lived, and an idle
+            // session's future (kept for the connection's whole life) should not
+            // reserve room for them.
+            if !Box::pin(self.on_message(message)).await {
                 return;
             }
         }
@@ -395,7 +509,7 @@ impl Reader {
         if self.mode == Mode::Echo {
             let frame = match &message {
                 Message::Text(t) => frame::text(t),
-                Message::Binary(b) => frame::encode(OpCode::Binary as u8, b),
+                Message::Binary(b) => frame::encode(op::BINARY, b),
             };
             self.outbox.push(frame, 0);
             return true;
@@ -480,7 +594,9 @@ impl Reader {
         if !revoked.is_empty() {
             self.unsubscribe(None, revoked);
         }
-        set_deadline(&self.expires, &identity, self.gw.config.jwt_leeway);
+        if let Some(expires) = &self.expires {
+            set_deadline(expires, &identity, self.gw.config.jwt_leeway);
+        }
         self.identity = identity;
         Ok(protocol::refreshed_reply(id))
     }
@@ -514,7 +630,7 @@ impl Reader {
         if !fresh.is_empty() {
             // Into the hub first, so nothing published once the broker confirms can
             // miss this connection.
-            let sub: Arc<dyn Subscriber> = self.subscriber.clone();
+            let sub: Arc<dyn Subscriber> = self.outbox.clone();
             for t in &fresh {
                 self.gw.hub.subscribe(t, self.id, sub.clone());
                 self.topics.insert(t.clone());
@@ -608,8 +724,10 @@ impl Reader {
                 Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
             };
         }
+        let max = cfg.max_inflight_publishes;
         let permit = self
             .inflight
+            .get_or_insert_with(|| Arc::new(Semaphore::new(max)))
             .clone()
             .acquire_owned()
             .await
@@ -643,5 +761,78 @@ fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerEr
     match result {
         Ok(()) => metrics.received.client.inc(),
         Err(_) => metrics.dropped("broker_unavailable", 1),
+    }
+}
+
+#[cfg(test)]
+mod size_tests {
+    use super::*;
+
+    #[test]
+    fn topic_set_is_a_set() {
+        let mut s = TopicSet::default();
+        for t in ["b", "a", "c", "a"] {
+            s.insert(Arc::from(t));
+        }
+        assert_eq!(s.len(), 3);
+        assert!(s.contains("a") && s.contains("c") && !s.contains("d"));
+        assert_eq!(s.0.capacity(), 3, "no spare slots while small");
+        assert!(s.remove("b") && !s.remove("b"));
+        let rest: Vec<Arc<str>> = s.drain().collect();
+        assert_eq!(rest, [Arc::from("a"), Arc::from("c")]);
+        assert_eq!(s.len(), 0);
+    }
+
+    /// A session's future (its reader and writer loops) is allocated once per
+    /// connection and kept for its whole life (docs/benchmarks.md, "Idle
+    /// footprint"): it must stay small. Prints the sizes with `--nocapture`.
+    #[tokio::test]
+    async fn session_futures_stay_small() {
+        let gw = Gateway::in_memory(
+            crate::Config::for_tests(),
+            wsgate_metrics::Metrics::default(),
+        );
+        let start = || {
+            Box::new(Start {
+                peer: "127.0.0.1:1".parse().unwrap(),
+                slot: gw.try_reserve_connection().unwrap(),
+                admitted: Admitted {
+                    identity: Identity::anonymous(),
+                    ip_slot: crate::iplimit::PerIpLimit::new(10)
+                        .try_acquire("127.0.0.1".parse().unwrap())
+                        .unwrap(),
+                },
+                mode: Mode::PubSub,
+            })
+        };
+        // The plain-TCP halves, as in production.
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let _client = tokio::net::TcpStream::connect(listener.local_addr().unwrap())
+            .await
+            .unwrap();
+        let (server, _) = listener.accept().await.unwrap();
+        let (r, w) = server.into_split();
+        let session = run(
+            gw.clone(),
+            crate::io::Prefixed::new(Bytes::new(), r),
+            w,
+            *start(),
+        );
+        let (r, mut w) = tokio::io::split(tokio::io::duplex(64).0);
+        let writer = Writer {
+            outbox: Arc::new(Outbox::new(10)),
+            stats: gw.metrics.delivery.clone(),
+            heartbeat_timeout: Duration::from_secs(1),
+        };
+        let writer = writer.run(&mut w);
+        let (session_b, writer_b) = (
+            std::mem::size_of_val(&session),
+            std::mem::size_of_val(&writer),
+        );
+        println!("session future {session_b} B, writer future {writer_b} B");
+        assert!(session_b <= 960, "session future {session_b} B");
+        assert!(writer_b <= 320, "writer future {writer_b} B");
+        drop(writer);
+        drop(r);
     }
 }

@@ -1,11 +1,9 @@
 //! The node's shared state: configuration, hub, broker, metrics, live sessions and
 //! the shutdown tree. One `Arc<Gateway>` is shared by every task.
 
-use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
-use parking_lot::Mutex;
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wsgate_fanout::{Broker, Hub};
@@ -13,28 +11,8 @@ use wsgate_metrics::Metrics;
 
 use crate::close::Disconnect;
 use crate::config::Config;
-use crate::outbox::Outbox;
+use crate::heartbeat::Sessions;
 use crate::security::Security;
-
-/// Live sessions, for the drain (which closes them one by one).
-#[derive(Default)]
-pub(crate) struct Sessions {
-    map: Mutex<HashMap<u64, Arc<Outbox>>>,
-}
-
-impl Sessions {
-    pub(crate) fn insert(&self, id: u64, outbox: Arc<Outbox>) {
-        self.map.lock().insert(id, outbox);
-    }
-
-    pub(crate) fn remove(&self, id: u64) {
-        self.map.lock().remove(&id);
-    }
-
-    pub(crate) fn snapshot(&self) -> Vec<Arc<Outbox>> {
-        self.map.lock().values().cloned().collect()
-    }
-}
 
 /// Shared state of one gateway node.
 pub struct Gateway {
@@ -45,6 +23,7 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Auth, origin policy, per-IP limits, TLS.
     pub security: Security,
+    /// Live sessions: the drain closes them, the heartbeat ticker pings them.
     pub(crate) sessions: Sessions,
     /// Cancelled when the drain starts (SIGTERM, SIGINT or `POST /drain`).
     pub drain_started: CancellationToken,
@@ -83,6 +62,7 @@ impl Gateway {
         security: Security,
     ) -> Arc<Self> {
         let node_id = config.resolved_node_id();
+        let sessions = Sessions::new(config.heartbeat_interval, config.heartbeat_timeout);
         metrics.broker_up.set(i64::from(broker.is_ready()));
         metrics.set_broker_kind(broker.kind());
         metrics.ready.set(1);
@@ -93,7 +73,7 @@ impl Gateway {
             broker,
             metrics,
             security,
-            sessions: Sessions::default(),
+            sessions,
             drain_started: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),

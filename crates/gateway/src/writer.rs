@@ -1,93 +1,51 @@
-//! The writer task: the only owner of a connection's write half.
+//! The writer: the only owner of a connection's write half.
 //!
 //! It takes everything queued in the [`Outbox`] at once, writes it with vectored
-//! writes (no copy of the shared publication frames) and flushes once per batch. It
-//! also sends the heartbeat pings and enforces the heartbeat timeout, and it writes
-//! the close frame when the session ends.
+//! writes (no copy of the shared publication frames) and flushes once per batch,
+//! and it writes the close frame when the session ends. Heartbeat pings reach it
+//! through the outbox from [`crate::heartbeat`].
 
-use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::pin::{pin, Pin};
 use std::sync::Arc;
+use std::task::{ready, Context, Poll};
 use std::time::Duration;
 
 use bytes::Bytes;
 use tokio::io::{AsyncWrite, AsyncWriteExt};
-use tokio::time::{sleep, sleep_until, timeout, Instant};
-use tokio_util::sync::CancellationToken;
+use tokio::time::{sleep, timeout};
 use wsgate_fanout::{frame, unix_nanos};
-use wsgate_metrics::{ConnectionStats, Metrics};
+use wsgate_metrics::DeliveryStats;
 
 use crate::close::Disconnect;
 use crate::outbox::{Batch, Outbox};
 
 /// Slices handed to one `writev(2)` call at most (below Linux's IOV_MAX of 1024).
 const MAX_IOV: usize = 512;
+/// Batches of at most this many frames are written from slices on the stack.
+const SMALL_IOV: usize = 8;
 /// How long a close frame, and the client's answer to it, may take.
 const CLOSE_GRACE: Duration = Duration::from_secs(1);
-
-/// When the client was last heard from, as milliseconds since the session began.
-/// Written by the reader on every frame, read by the writer at each heartbeat.
-pub(crate) struct Liveness {
-    base: Instant,
-    last_ms: AtomicU64,
-}
-
-impl Liveness {
-    pub(crate) fn new() -> Self {
-        Liveness {
-            base: Instant::now(),
-            last_ms: AtomicU64::new(0),
-        }
-    }
-
-    /// Records that a frame arrived now.
-    pub(crate) fn touch(&self) {
-        let ms = self.base.elapsed().as_millis() as u64;
-        self.last_ms.store(ms, Ordering::Relaxed);
-    }
-
-    fn silent_for(&self) -> Duration {
-        let now = self.base.elapsed().as_millis() as u64;
-        Duration::from_millis(now.saturating_sub(self.last_ms.load(Ordering::Relaxed)))
-    }
-}
 
 /// Everything the writer needs besides the socket.
 pub(crate) struct Writer {
     pub outbox: Arc<Outbox>,
-    pub liveness: Arc<Liveness>,
-    pub metrics: Metrics,
-    pub heartbeat_interval: Duration,
+    pub stats: DeliveryStats,
     pub heartbeat_timeout: Duration,
-    /// Cancelled when the reader has finished (the client's close arrived, or EOF).
-    pub reader_done: CancellationToken,
 }
 
 impl Writer {
     /// Runs until the connection closes; returns why.
-    pub(crate) async fn run<W: AsyncWrite + Unpin>(self, mut io: W) -> Disconnect {
+    ///
+    /// Heartbeat pings come through the outbox (see [`crate::heartbeat`]), so an
+    /// idle writer waits for its outbox and nothing else: no timer of its own.
+    pub(crate) async fn run<W: AsyncWrite + Unpin>(&self, io: &mut W) -> Disconnect {
         let mut batch = Batch::default();
-        let mut bufs: VecDeque<Bytes> = VecDeque::new();
-        // Folded into the shared metrics a few times a second, not per batch: the
-        // fan-out hot path touches no shared cache line (see wsgate_metrics::connection).
-        let mut stats = ConnectionStats::new(&self.metrics);
-        let mut borns: Vec<u64> = Vec::new();
-        // The first ping is jittered so that connections made together (a reconnect
-        // storm) do not ping together forever after.
-        let jitter = rand::random_range(0.0..1.0);
-        let mut next_ping = Instant::now() + self.heartbeat_interval.mul_f64(jitter);
         loop {
-            if Instant::now() >= next_ping {
-                self.heartbeat();
-                next_ping = Instant::now() + self.heartbeat_interval;
-            }
-            let close = self.outbox.take(&mut batch);
+            let close = self.outbox.take_batch(&mut batch);
             if !batch.is_empty() {
-                let written = self
-                    .write_batch(&mut io, &mut batch, &mut bufs, &mut stats, &mut borns)
-                    .await;
-                if let Err(reason) = written {
+                if let Err(reason) = self.write_batch(io, &mut batch).await {
                     // The frame stream may be cut mid-frame: no close frame is possible.
                     self.outbox.close(reason);
                     return reason;
@@ -98,99 +56,89 @@ impl Writer {
                 // Anything queued after the close request was refused by the outbox,
                 // so the batch just written was the last one.
             }
-            if let Some((reason, frame)) = close {
-                self.finish(&mut io, reason, frame).await;
+            if let Some(reason) = close {
+                let frame = self.outbox.take_close_frame();
+                // Boxed: the close handshake's timers are needed once per connection
+                // and should not make every idle writer's future larger.
+                Box::pin(self.finish(io, reason, frame)).await;
                 return reason;
             }
-            // An idle writer still folds its last counts in on time.
-            let wake = match stats.flush_if_due(unix_nanos()) {
-                Some(wait) => next_ping.min(Instant::now() + wait),
-                None => next_ping,
-            };
-            tokio::select! {
-                _ = self.outbox.notified() => {}
-                _ = sleep_until(wake) => {}
-                _ = self.reader_done.cancelled(), if !self.reader_done.is_cancelled() => {
-                    // The reader closes the outbox before it finishes; this only wakes
-                    // the loop to see it.
-                }
-            }
-        }
-    }
-
-    /// Pings the client, or closes it if it has been silent too long.
-    fn heartbeat(&self) {
-        if self.liveness.silent_for() >= self.heartbeat_timeout {
-            self.outbox.close(Disconnect::HeartbeatTimeout);
-        } else {
-            self.outbox.push_control(frame::encode(frame::OP_PING, b""));
+            self.outbox.notified().await;
         }
     }
 
     /// Writes one batch: control frames first, then queued frames in order, then one
     /// flush. Gives up when the client is declared a slow consumer meanwhile, or when
-    /// the socket accepts nothing for the heartbeat timeout.
+    /// the socket takes the heartbeat timeout to accept the batch.
     async fn write_batch<W: AsyncWrite + Unpin>(
         &self,
         io: &mut W,
         batch: &mut Batch,
-        bufs: &mut VecDeque<Bytes>,
-        stats: &mut ConnectionStats,
-        borns: &mut Vec<u64>,
     ) -> Result<(), Disconnect> {
-        stats.record_queue(batch.bytes);
-        let mut bytes = 0u64;
-        borns.clear();
-        for frame in batch.control.drain(..) {
-            bytes += frame.len() as u64;
-            bufs.push_back(frame);
-        }
-        for item in batch.frames.drain(..) {
-            if item.born != 0 {
-                borns.push(item.born);
-            }
-            bytes += item.frame.len() as u64;
-            bufs.push_back(item.frame);
-        }
-
-        // The write borrows `bufs`; it ends with this block.
         let result = {
-            let write = async {
-                write_all_bufs(io, bufs).await?;
+            let mut cursor = Cursor::default();
+            let mut write = pin!(async {
+                poll_fn(|cx| poll_write_batch(&mut *io, batch, &mut cursor, cx)).await?;
                 io.flush().await
-            };
-            tokio::pin!(write);
-            let stall = sleep(self.heartbeat_timeout);
-            tokio::pin!(stall);
-            loop {
-                tokio::select! {
-                    r = &mut write => break r.map_err(|_| Disconnect::ClientGone),
-                    _ = self.outbox.notified() => {
-                        if let Some(reason) = self.outbox.closing() {
-                            if reason.discards_queue() {
-                                break Err(reason);
-                            }
-                        }
-                    }
-                    _ = &mut stall => break Err(Disconnect::SlowConsumer),
-                }
+            });
+            // Most writes complete at once: no stall timer unless the socket is full.
+            match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                Poll::Ready(r) => r.map_err(|_| Disconnect::ClientGone),
+                Poll::Pending => Box::pin(self.slow_write(write)).await,
             }
         };
-        bufs.clear();
-        if bufs.capacity() > 1024 {
-            // Do not keep a burst's worth of slots around for an idle connection.
-            *bufs = VecDeque::new();
+        let light = batch.frames.len() <= 1;
+        if result.is_ok() {
+            let bytes: u64 = batch.control.iter().map(|f| f.len() as u64).sum::<u64>()
+                + batch
+                    .frames
+                    .iter()
+                    .map(|i| i.frame.len() as u64)
+                    .sum::<u64>();
+            let born = batch.frames.iter().map(|i| i.born).filter(|&b| b != 0);
+            // Latency ends when the socket has taken the frame: one clock read per
+            // batch (none for a batch of pings and replies).
+            let now = if batch.frames.iter().any(|i| i.born != 0) {
+                unix_nanos()
+            } else {
+                0
+            };
+            self.stats.record_batch(batch.bytes, bytes, born, now);
         }
-        if batch.frames.capacity() > 1024 {
-            batch.frames = VecDeque::new();
+        if light || batch.frames.capacity() > 1024 {
+            // A batch of at most one frame (a reply, a ping, light traffic): give
+            // the buffers back, so that a connection going idle keeps only the
+            // queue's own (which the heartbeat frees). Busy connections, whose
+            // batches carry several frames, keep theirs. Also drop a burst's worth.
+            *batch = Batch::default();
+        } else {
+            batch.control.clear();
+            batch.frames.clear();
         }
-        result?;
-        // Latency ends when the socket has taken the frame: one clock read per batch.
-        stats.record_written(bytes, borns, unix_nanos());
-        if borns.capacity() > 1024 {
-            *borns = Vec::new();
+        result
+    }
+
+    /// The rest of a write the socket did not take at once, bounded by the heartbeat
+    /// timeout and cut short when the connection is declared a slow consumer.
+    async fn slow_write<F>(&self, mut write: Pin<&mut F>) -> Result<(), Disconnect>
+    where
+        F: Future<Output = std::io::Result<()>>,
+    {
+        let stall = sleep(self.heartbeat_timeout);
+        tokio::pin!(stall);
+        loop {
+            tokio::select! {
+                r = &mut write => break r.map_err(|_| Disconnect::ClientGone),
+                _ = self.outbox.notified() => {
+                    if let Some(reason) = self.outbox.closing() {
+                        if reason.discards_queue() {
+                            break Err(reason);
+                        }
+                    }
+                }
+                _ = &mut stall => break Err(Disconnect::SlowConsumer),
+            }
         }
-        Ok(())
     }
 
     /// Sends the close frame (best effort), waits briefly for the client's answer,
@@ -214,57 +162,153 @@ impl Writer {
             .await;
             if matches!(sent, Ok(Ok(()))) && reason.sends_close() {
                 // RFC 6455 §7.1.1: the server closes TCP after the client's close.
-                let _ = timeout(CLOSE_GRACE, self.reader_done.cancelled()).await;
+                let _ = timeout(CLOSE_GRACE, async {
+                    while !self.outbox.is_reader_done() {
+                        self.outbox.notified().await;
+                    }
+                })
+                .await;
             }
         }
         let _ = timeout(CLOSE_GRACE, io.shutdown()).await;
     }
 }
 
-/// Writes every buffer in `bufs`, in order, with as few `writev(2)` calls as the
-/// socket allows. Empties `bufs`.
+/// How much of a batch has been written: whole frames, then bytes of the next.
+#[derive(Default)]
+struct Cursor {
+    frame: usize,
+    offset: usize,
+}
+
+/// The `i`th frame of a batch: control frames first.
+fn nth(batch: &Batch, i: usize) -> Option<&Bytes> {
+    match batch.control.get(i) {
+        Some(f) => Some(f),
+        None => batch
+            .frames
+            .get(i - batch.control.len())
+            .map(|item| &item.frame),
+    }
+}
+
+/// Writes what is left of `batch` after `cursor` with `writev(2)` calls (as few as
+/// the socket allows), without copying the frames.
 ///
 /// # Cancel safety
-/// Not cancel safe: a cancelled call may have written part of a frame.
-async fn write_all_bufs<W: AsyncWrite + Unpin>(
+/// The cursor records what was written, so polling may stop and resume.
+fn poll_write_batch<W: AsyncWrite + Unpin>(
     io: &mut W,
-    bufs: &mut VecDeque<Bytes>,
-) -> std::io::Result<()> {
-    while !bufs.is_empty() {
-        let n = {
-            let slices: Vec<IoSlice<'_>> =
-                bufs.iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
-            io.write_vectored(&slices).await?
+    batch: &Batch,
+    cursor: &mut Cursor,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    let total = batch.control.len() + batch.frames.len();
+    while cursor.frame < total {
+        let left = total - cursor.frame;
+        let n = if left <= SMALL_IOV {
+            let mut slices = [IoSlice::new(&[]); SMALL_IOV];
+            let k = fill(&mut slices, batch, cursor);
+            ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]))?
+        } else {
+            let mut slices = vec![IoSlice::new(&[]); left.min(MAX_IOV)];
+            let k = fill(&mut slices, batch, cursor);
+            ready!(Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k]))?
         };
         if n == 0 {
-            return Err(std::io::ErrorKind::WriteZero.into());
+            return Poll::Ready(Err(std::io::ErrorKind::WriteZero.into()));
         }
-        crate::io::consume(bufs, n);
+        advance(batch, cursor, n);
     }
-    Ok(())
+    Poll::Ready(Ok(()))
+}
+
+/// Points `slices` at the unwritten frames from `cursor` on; returns how many.
+fn fill<'a>(slices: &mut [IoSlice<'a>], batch: &'a Batch, cursor: &Cursor) -> usize {
+    let mut k = 0;
+    while k < slices.len() {
+        let Some(f) = nth(batch, cursor.frame + k) else {
+            break;
+        };
+        let skip = if k == 0 { cursor.offset } else { 0 };
+        slices[k] = IoSlice::new(&f[skip..]);
+        k += 1;
+    }
+    k
+}
+
+/// Moves `cursor` past `n` written bytes.
+fn advance(batch: &Batch, cursor: &mut Cursor, mut n: usize) {
+    while n > 0 {
+        let len = nth(batch, cursor.frame)
+            .expect("wrote no more than was queued")
+            .len()
+            - cursor.offset;
+        if n >= len {
+            n -= len;
+            cursor.frame += 1;
+            cursor.offset = 0;
+        } else {
+            cursor.offset += n;
+            n = 0;
+        }
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::outbox::Item;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
-    async fn writes_every_buffer_in_order_across_partial_writes() {
-        // A duplex with a tiny buffer forces many partial writes.
+    async fn writes_every_frame_in_order_across_partial_writes() {
+        // A duplex with a tiny buffer forces many partial writes; 2000 frames need
+        // more than one writev each time and the heap-allocated slices.
         let (mut a, mut b) = tokio::io::duplex(7);
-        let mut bufs: VecDeque<Bytes> = (0..2000u32)
-            .map(|i| Bytes::from(format!("<{i}>")))
+        let mut batch = Batch::default();
+        batch.control.push(Bytes::from_static(b"[ping]"));
+        batch.frames = (0..2000u32)
+            .map(|i| Item {
+                frame: Bytes::from(format!("<{i}>")),
+                born: 0,
+            })
             .collect();
-        let expected: String = (0..2000u32).map(|i| format!("<{i}>")).collect();
+        let expected: String =
+            "[ping]".to_string() + &(0..2000u32).map(|i| format!("<{i}>")).collect::<String>();
         let reader = tokio::spawn(async move {
             let mut s = String::new();
             b.read_to_string(&mut s).await.unwrap();
             s
         });
-        write_all_bufs(&mut a, &mut bufs).await.unwrap();
+        let mut cursor = Cursor::default();
+        poll_fn(|cx| poll_write_batch(&mut a, &batch, &mut cursor, cx))
+            .await
+            .unwrap();
         drop(a);
         assert_eq!(reader.await.unwrap(), expected);
-        assert!(bufs.is_empty());
+        assert_eq!(cursor.frame, 2001);
+    }
+
+    #[tokio::test]
+    async fn a_small_batch_is_written_whole() {
+        let (mut a, mut b) = tokio::io::duplex(1024);
+        let batch = Batch {
+            frames: (0..3u8)
+                .map(|i| Item {
+                    frame: Bytes::from(vec![b'a' + i; 3]),
+                    born: 1,
+                })
+                .collect(),
+            ..Default::default()
+        };
+        let mut cursor = Cursor::default();
+        poll_fn(|cx| poll_write_batch(&mut a, &batch, &mut cursor, cx))
+            .await
+            .unwrap();
+        drop(a);
+        let mut s = String::new();
+        b.read_to_string(&mut s).await.unwrap();
+        assert_eq!(s, "aaabbbccc");
     }
 }

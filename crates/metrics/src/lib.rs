@@ -6,32 +6,36 @@
 //!   handles. `docs/metrics.md` documents each one; keep the two in step.
 //! - [`labels`]: the bounded label values (reasons, sources), pre-created at zero so
 //!   dashboards and `rate()` see every series from the first scrape.
-//! - [`connection`]: [`ConnectionStats`], a writer's private accumulator, folded into
-//!   the shared metrics a few times a second instead of on every batch.
-//! - [`nanos`]: [`NanosHistogram`], an integer-nanosecond histogram for the
-//!   per-delivery latency (cheaper per observation than prometheus' float one).
+//! - [`delivery`]: [`DeliveryStats`], the per-delivery counters and histograms,
+//!   striped per thread and summed at scrape time.
 //!
 //! Labels are bounded enums (reasons, sources, a Redis shard index); never a topic,
 //! user or connection id.
 //!
 //! # The hot path
-//! Fan-out touches no shared metric: each connection's writer counts into its own
-//! [`ConnectionStats`] (plain integers and a local histogram) and folds them into the
-//! shared atomics at most every [`connection::FLUSH_EVERY`]. Everything else that
+//! Fan-out touches no shared cache line: each writer batch is counted into the
+//! [`DeliveryStats`] stripe of the thread it runs on (plain loads and stores, no
+//! allocation, nothing per connection), and a scrape sums the stripes. Everything else that
 //! counts (commands, HTTP requests, connects) is per client action and rate limited,
 //! and uses pre-resolved handles (one relaxed atomic add, no label lookup).
 
-pub mod connection;
+pub mod delivery;
 pub mod labels;
-pub mod nanos;
 
 use prometheus::{
     Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
     Registry, TextEncoder,
 };
 
-pub use connection::ConnectionStats;
-pub use nanos::NanosHistogram;
+pub use delivery::{DeliveryStats, DeliveryTotals};
+
+/// The families [`DeliveryStats`] exports (named here, with every other metric name).
+pub mod delivery_names {
+    pub const MESSAGES_DELIVERED: &str = "wsgate_messages_delivered_total";
+    pub const BYTES_SENT: &str = "wsgate_bytes_sent_total";
+    pub const OUTBOUND_QUEUE_BYTES: &str = "wsgate_outbound_queue_bytes";
+    pub const DELIVERY_LATENCY: &str = "wsgate_delivery_latency_seconds";
+}
 
 /// Publications accepted, one pre-resolved handle per source.
 #[derive(Clone)]
@@ -65,23 +69,19 @@ pub struct Metrics {
     pub messages_received: IntCounterVec,
     /// The same counter, resolved per source for the publish paths.
     pub received: Received,
-    /// `wsgate_messages_delivered_total`: message frames written to subscribers.
-    pub messages_delivered: IntCounter,
+    /// `wsgate_messages_delivered_total` (message frames written to subscribers),
+    /// `wsgate_bytes_sent_total` (bytes written to clients, frame headers included),
+    /// `wsgate_outbound_queue_bytes` (bytes queued for a connection when its writer
+    /// takes a batch — a distribution over connections and time, no per-connection
+    /// label) and `wsgate_delivery_latency_seconds` (publication accepted by a node,
+    /// the publishing node through Redis → its frame written to a subscriber's
+    /// socket): recorded once per written batch, see [`delivery`].
+    pub delivery: DeliveryStats,
     /// `wsgate_bytes_received_total`: WebSocket payload bytes read from clients.
     pub bytes_received: IntCounter,
-    /// `wsgate_bytes_sent_total`: bytes written to clients (frame headers included).
-    pub bytes_sent: IntCounter,
     /// `wsgate_messages_dropped_total{reason}`: messages not delivered
     /// ([`labels::DROPPED`]).
     pub messages_dropped: IntCounterVec,
-    /// `wsgate_outbound_queue_bytes`: bytes queued for a connection when its writer
-    /// takes a batch — a distribution over connections and time, no per-connection
-    /// label.
-    pub outbound_queue_bytes: Histogram,
-    /// `wsgate_delivery_latency_seconds`: publication accepted by a node (the
-    /// publishing node, through Redis) → its frame written to a subscriber's socket.
-    /// Observed per delivered frame, so an integer-nanosecond histogram.
-    pub delivery_latency: NanosHistogram,
     /// `wsgate_broker_publish_duration_seconds`: time for the broker to accept a
     /// publication (or an HTTP batch of them).
     pub broker_publish_duration: Histogram,
@@ -250,20 +250,11 @@ impl Metrics {
             ),
             messages_received,
             received,
-            messages_delivered: counter(
-                r,
-                "wsgate_messages_delivered_total",
-                "Message frames written to subscribers' sockets.",
-            ),
+            delivery: register(r, DeliveryStats::new()),
             bytes_received: counter(
                 r,
                 "wsgate_bytes_received_total",
                 "WebSocket message payload bytes received from clients.",
-            ),
-            bytes_sent: counter(
-                r,
-                "wsgate_bytes_sent_total",
-                "Bytes written to WebSocket clients, frame headers included.",
             ),
             messages_dropped: counter_vec(
                 r,
@@ -271,20 +262,6 @@ impl Metrics {
                 "Messages not delivered, by reason.",
                 "reason",
                 labels::DROPPED,
-            ),
-            outbound_queue_bytes: histogram(
-                r,
-                "wsgate_outbound_queue_bytes",
-                "Bytes queued for a connection when its writer takes a batch.",
-                queue_buckets(),
-            ),
-            delivery_latency: register(
-                r,
-                NanosHistogram::new(
-                    "wsgate_delivery_latency_seconds",
-                    "From a node accepting a publication to its frame being written to a subscriber.",
-                    &latency_buckets(),
-                ),
             ),
             broker_publish_duration: histogram(
                 r,
