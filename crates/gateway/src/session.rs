@@ -14,11 +14,11 @@ use std::time::{Duration, UNIX_EPOCH};
 use bytes::Bytes;
 use fastwebsockets::{Frame, OpCode, Role, WebSocketError, WebSocketRead};
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, Instrument};
-use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
+use wsgate_fanout::{frame, unix_nanos, BrokerError, BrokerFuture, Subscriber};
 
 use crate::auth::Identity;
 use crate::close::Disconnect;
@@ -144,7 +144,7 @@ async fn run_inner<R, W>(
         id,
         topics: HashSet::new(),
         limiter: RateLimiter::new(cfg.rate_limit, cfg.rate_burst, Instant::now()),
-        inflight: Arc::new(Semaphore::new(cfg.max_inflight_publishes)),
+        replies: None,
         liveness,
         assembler: Assembler::new(cfg.max_message_size),
         identity,
@@ -262,9 +262,9 @@ struct Reader {
     /// Topics this session is subscribed to.
     topics: HashSet<Arc<str>>,
     limiter: RateLimiter,
-    /// Bounds publications waiting for the broker, so a client cannot pile up
-    /// unbounded work: at the limit the reader waits (TCP backpressure).
-    inflight: Arc<Semaphore>,
+    /// Replies that must wait behind a publication the broker has not answered yet,
+    /// in command order (see [`Replies`]). Started at the first such publication.
+    replies: Option<mpsc::Sender<Pending>>,
     liveness: Arc<Liveness>,
     assembler: Assembler,
     /// Who the client is and what it may do (replaced by `refresh`).
@@ -407,14 +407,15 @@ impl Reader {
                     None,
                     ErrorCode::BadRequest,
                     "binary frames are not supported: send JSON text frames",
-                ));
+                ))
+                .await;
                 return true;
             }
         };
         let command = match protocol::decode(text) {
             Ok(c) => c,
             Err(e) => {
-                self.reply_error(&e);
+                self.reply_error(&e).await;
                 return true;
             }
         };
@@ -423,7 +424,8 @@ impl Reader {
                 command.id(),
                 ErrorCode::RateLimited,
                 "too many commands: slow down",
-            ));
+            ))
+            .await;
             return true;
         }
         let reply = match command {
@@ -440,17 +442,28 @@ impl Reader {
             Command::Refresh { id, token } => self.refresh(id, &token),
         };
         match reply {
-            Ok(text) => {
-                self.outbox.push(frame::text(text.as_bytes()), 0);
-            }
-            Err(e) => self.reply_error(&e),
+            Ok(text) => self.reply(frame::text(text.as_bytes())).await,
+            Err(e) => self.reply_error(&e).await,
         }
         true
     }
 
-    fn reply_error(&self, err: &CommandError) {
-        self.outbox
-            .push(frame::text(protocol::error_reply(err).as_bytes()), 0);
+    /// Queues a reply behind any publication still waiting for the broker, so that
+    /// replies leave in the order of the commands.
+    async fn reply(&self, frame: Bytes) {
+        match &self.replies {
+            Some(tx) => {
+                let _ = tx.send(Pending::Ready(frame)).await;
+            }
+            None => {
+                self.outbox.push(frame, 0);
+            }
+        }
+    }
+
+    async fn reply_error(&self, err: &CommandError) {
+        self.reply(frame::text(protocol::error_reply(err).as_bytes()))
+            .await;
     }
 
     /// `refresh`: a new token replaces the session's identity and moves its expiry.
@@ -597,43 +610,83 @@ impl Reader {
         // client cannot overtake this one even while its reply is pending.
         let started = Instant::now();
         let mut ack = self.gw.broker.publish(topic, data, unix_nanos());
-        if let Some(result) = ack.now() {
-            self.gw
-                .metrics
-                .broker_publish_duration
-                .observe(started.elapsed().as_secs_f64());
-            count_publish(&self.gw.metrics, &result);
-            return match result {
-                Ok(()) => Ok(Some(protocol::published_reply(id))),
-                Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
-            };
+        if self.replies.is_none() {
+            if let Some(result) = ack.now() {
+                // The in-memory broker: answered at once, nothing is queued.
+                self.gw
+                    .metrics
+                    .broker_publish_duration
+                    .observe(started.elapsed().as_secs_f64());
+                count_publish(&self.gw.metrics, &result);
+                return match result {
+                    Ok(()) => Ok(Some(protocol::published_reply(id))),
+                    Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
+                };
+            }
         }
-        let permit = self
-            .inflight
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("never closed");
-        let outbox = self.outbox.clone();
-        let metrics = self.gw.metrics.clone();
-        self.gw.tracker.spawn(async move {
-            let result = ack.await;
-            metrics
-                .broker_publish_duration
-                .observe(started.elapsed().as_secs_f64());
-            count_publish(&metrics, &result);
-            let reply = match result {
-                Ok(()) => protocol::published_reply(id),
-                Err(e) => protocol::error_reply(&CommandError::new(
-                    id,
-                    ErrorCode::Unavailable,
-                    e.to_string(),
-                )),
+        let tx = self.replies.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(self.gw.config.max_inflight_publishes);
+            let replies = Replies {
+                rx,
+                outbox: self.outbox.clone(),
+                metrics: self.gw.metrics.clone(),
             };
-            outbox.push(frame::text(reply.as_bytes()), 0);
-            drop(permit);
+            self.gw.tracker.spawn(replies.run().in_current_span());
+            tx
         });
+        // At the limit this waits: the client's further commands stay in its socket
+        // (TCP backpressure) instead of piling up here.
+        let _ = tx.send(Pending::Publish { id, started, ack }).await;
         Ok(None)
+    }
+}
+
+/// A reply waiting its turn in [`Replies`].
+enum Pending {
+    /// A publication the broker has not answered yet.
+    Publish {
+        id: Option<u64>,
+        started: Instant,
+        ack: BrokerFuture,
+    },
+    /// Any other reply, made after such a publication.
+    Ready(Bytes),
+}
+
+/// A session's publication replies, in command order: one task per connection that
+/// publishes through an asynchronous broker (not one task per publication). The
+/// broker answers in publish order (its pipeline is ordered), so awaiting the acks one
+/// after another costs no extra round trips.
+struct Replies {
+    rx: mpsc::Receiver<Pending>,
+    outbox: Arc<Outbox>,
+    metrics: wsgate_metrics::Metrics,
+}
+
+impl Replies {
+    async fn run(mut self) {
+        while let Some(p) = self.rx.recv().await {
+            let frame = match p {
+                Pending::Ready(frame) => frame,
+                Pending::Publish { id, started, ack } => {
+                    let result = ack.await;
+                    self.metrics
+                        .broker_publish_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    count_publish(&self.metrics, &result);
+                    let reply = match result {
+                        Ok(()) => protocol::published_reply(id),
+                        Err(e) => protocol::error_reply(&CommandError::new(
+                            id,
+                            ErrorCode::Unavailable,
+                            e.to_string(),
+                        )),
+                    };
+                    frame::text(reply.as_bytes())
+                }
+            };
+            self.outbox.push(frame, 0);
+        }
     }
 }
 

@@ -6,9 +6,12 @@
 //! the close frame when the session ends.
 
 use std::collections::VecDeque;
+use std::future::{poll_fn, Future};
 use std::io::IoSlice;
+use std::pin::{pin, Pin};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
+use std::task::Poll;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -77,6 +80,15 @@ impl Writer {
         // storm) do not ping together forever after.
         let jitter = rand::random_range(0.0..1.0);
         let mut next_ping = Instant::now() + self.heartbeat_interval.mul_f64(jitter);
+        // Made once and re-armed, not re-created per wake-up: a new sleep and a new
+        // cancellation wait would each register (and later deregister) with the
+        // timer wheel and the token under a lock on every batch, which at hundreds of
+        // thousands of wake-ups per second is a visible share of the fan-out cost.
+        // Moving a registered timer later is lock-free.
+        let mut idle_timer = pin!(sleep_until(next_ping));
+        let mut armed = next_ping;
+        let mut reader_gone = pin!(self.reader_done.clone().cancelled_owned());
+        let mut reader_done = false;
         loop {
             if Instant::now() >= next_ping {
                 self.heartbeat();
@@ -107,12 +119,21 @@ impl Writer {
                 Some(wait) => next_ping.min(Instant::now() + wait),
                 None => next_ping,
             };
+            if wake != armed {
+                idle_timer.as_mut().reset(wake);
+                armed = wake;
+            }
             tokio::select! {
+                biased;
                 _ = self.outbox.notified() => {}
-                _ = sleep_until(wake) => {}
-                _ = self.reader_done.cancelled(), if !self.reader_done.is_cancelled() => {
+                _ = &mut idle_timer => {
+                    // Fired: the next reset re-registers it.
+                    armed = Instant::now();
+                }
+                _ = &mut reader_gone, if !reader_done => {
                     // The reader closes the outbox before it finishes; this only wakes
                     // the loop to see it.
+                    reader_done = true;
                 }
             }
         }
@@ -159,20 +180,27 @@ impl Writer {
                 write_all_bufs(io, bufs).await?;
                 io.flush().await
             };
-            tokio::pin!(write);
-            let stall = sleep(self.heartbeat_timeout);
-            tokio::pin!(stall);
-            loop {
-                tokio::select! {
-                    r = &mut write => break r.map_err(|_| Disconnect::ClientGone),
-                    _ = self.outbox.notified() => {
-                        if let Some(reason) = self.outbox.closing() {
-                            if reason.discards_queue() {
-                                break Err(reason);
+            let mut write = pin!(write);
+            // Fast path: the socket almost always takes the whole batch at once, and
+            // then neither the stall timer nor a close watch is needed (both cost a
+            // registration under a lock).
+            match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
+                Poll::Ready(r) => r.map_err(|_| Disconnect::ClientGone),
+                Poll::Pending => {
+                    let mut stall = pin!(sleep(self.heartbeat_timeout));
+                    loop {
+                        tokio::select! {
+                            r = &mut write => break r.map_err(|_| Disconnect::ClientGone),
+                            _ = self.outbox.notified() => {
+                                if let Some(reason) = self.outbox.closing() {
+                                    if reason.discards_queue() {
+                                        break Err(reason);
+                                    }
+                                }
                             }
+                            _ = &mut stall => break Err(Disconnect::SlowConsumer),
                         }
                     }
-                    _ = &mut stall => break Err(Disconnect::SlowConsumer),
                 }
             }
         };
@@ -231,11 +259,19 @@ async fn write_all_bufs<W: AsyncWrite + Unpin>(
     bufs: &mut VecDeque<Bytes>,
 ) -> std::io::Result<()> {
     while !bufs.is_empty() {
-        let n = {
-            let slices: Vec<IoSlice<'_>> =
-                bufs.iter().take(MAX_IOV).map(|b| IoSlice::new(b)).collect();
-            io.write_vectored(&slices).await?
-        };
+        // The slices live on the stack of one poll, not in the future (which would
+        // carry them for the connection's life) nor on the heap (one allocation
+        // per write).
+        let n = poll_fn(|cx| {
+            let mut slices = [IoSlice::new(&[]); MAX_IOV];
+            let mut k = 0;
+            for (slot, b) in slices.iter_mut().zip(bufs.iter()) {
+                *slot = IoSlice::new(b);
+                k += 1;
+            }
+            Pin::new(&mut *io).poll_write_vectored(cx, &slices[..k])
+        })
+        .await?;
         if n == 0 {
             return Err(std::io::ErrorKind::WriteZero.into());
         }
