@@ -698,3 +698,62 @@ fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerEr
         Err(_) => metrics.dropped("broker_unavailable", 1),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Batch;
+
+    fn texts(ob: &Outbox) -> Vec<String> {
+        let mut b = Batch::default();
+        ob.take(&mut b);
+        b.frames
+            .iter()
+            .map(|i| String::from_utf8(i.frame[2..].to_vec()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replies_leave_in_command_order_whatever_order_the_broker_answers() {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(
+            Replies {
+                rx,
+                outbox: outbox.clone(),
+                metrics: wsgate_metrics::Metrics::default(),
+            }
+            .run(),
+        );
+        let (ack1, done1) = tokio::sync::oneshot::channel::<Result<(), BrokerError>>();
+        let (ack2, done2) = tokio::sync::oneshot::channel::<Result<(), BrokerError>>();
+        let pending =
+            |id, done: tokio::sync::oneshot::Receiver<Result<(), BrokerError>>| Pending::Publish {
+                id: Some(id),
+                started: Instant::now(),
+                ack: BrokerFuture::pending(async move { done.await.unwrap() }),
+            };
+        tx.send(pending(1, done1)).await.unwrap();
+        tx.send(Pending::Ready(frame::text(b"{\"op\":\"pong\",\"id\":2}")))
+            .await
+            .unwrap();
+        tx.send(pending(3, done2)).await.unwrap();
+        // The broker answers the later publication first, and refuses it.
+        ack2.send(Err(BrokerError::Unavailable("down".into())))
+            .unwrap();
+        tokio::task::yield_now().await;
+        assert!(texts(&outbox).is_empty(), "nothing may overtake id 1");
+        ack1.send(Ok(())).unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let got = texts(&outbox);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], protocol::published_reply(Some(1)));
+        assert_eq!(got[1], "{\"op\":\"pong\",\"id\":2}");
+        assert!(
+            got[2].contains("\"id\":3") && got[2].contains("unavailable"),
+            "{}",
+            got[2]
+        );
+    }
+}
