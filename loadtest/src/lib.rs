@@ -6,6 +6,8 @@
 //! - `scenario/` — `fanout` (also `slow`), `idle`, `churn`; `session` is one client
 //!   connection (connect, subscribe, receive), `publisher` the WS/HTTP/Redis publishers.
 //! - `net` — source-address spreading, open-file limit, the client handshake, frames.
+//! - `wsconn` — the client WebSocket reader: one `read` per wake-up, every frame in it
+//!   parsed in place.
 //! - `proto` — protocol flavours: wsgate/peer JSON, NATS text protocol.
 //! - `payload` — the stamped payload (`p`, `s`, `t`, padding) and its fast scan.
 //! - `seq` — lost/duplicated/reordered accounting per subscriber and publisher.
@@ -28,3 +30,4 @@ pub mod seq;
 pub mod stats;
 pub mod summary;
 pub mod sysmon;
+pub mod wsconn;

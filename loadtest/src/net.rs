@@ -9,7 +9,7 @@
 //!
 //! The handshake is written by hand instead of going through hyper: it is one
 //! request and one response head, and keeping the plain `TcpStream` under the
-//! `WebSocket` (no boxed upgrade stream) keeps both the connect rate and the cost per
+//! reader ([`crate::wsconn`], no boxed upgrade stream) keeps both the connect rate and the cost per
 //! delivery low. The response head is consumed with `peek` + exact `read`, so the
 //! first WebSocket frames that follow it in the same segment stay in the socket.
 
@@ -19,7 +19,6 @@ use std::time::Duration;
 
 use anyhow::{bail, Context as _, Result};
 use base64::Engine as _;
-use fastwebsockets::{Role, WebSocket};
 use nix::sys::socket::{setsockopt, sockopt::IpBindAddressNoPort};
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::{TcpSocket, TcpStream};
@@ -151,23 +150,11 @@ impl Failure {
     }
 }
 
-/// Performs the client handshake on `stream` for `url` and wraps it in a WebSocket.
+/// Performs the client handshake on `stream` for `url`; returns the stream positioned
+/// at the first WebSocket frame (read it with [`crate::wsconn::WsConn`]).
 ///
 /// # Errors
 /// Any I/O error, a status other than 101, or a wrong `Sec-WebSocket-Accept`.
-pub async fn handshake(stream: TcpStream, url: &Url) -> Result<WebSocket<TcpStream>> {
-    let stream = handshake_stream(stream, url).await?;
-    let mut ws = WebSocket::after_handshake(stream, Role::Client);
-    ws.set_auto_pong(true);
-    ws.set_auto_close(true);
-    ws.set_max_message_size(16 << 20);
-    Ok(ws)
-}
-
-/// The handshake alone: returns the stream positioned at the first WebSocket frame.
-///
-/// # Errors
-/// As [`handshake`].
 pub async fn handshake_stream(mut stream: TcpStream, url: &Url) -> Result<TcpStream> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let req = format!(

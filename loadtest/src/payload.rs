@@ -8,8 +8,16 @@
 //! pretty-printed) is still read correctly.
 
 use std::io::Write as _;
+use std::sync::LazyLock;
 
 use memchr::memmem;
+
+// Searchers built once: `memmem::find` would build one per call, per message.
+static DATA: LazyLock<memmem::Finder<'static>> =
+    LazyLock::new(|| memmem::Finder::new(b"\"data\":"));
+static KEY_P: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"p\":"));
+static KEY_S: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"s\":"));
+static KEY_T: LazyLock<memmem::Finder<'static>> = LazyLock::new(|| memmem::Finder::new(b"\"t\":"));
 
 /// What a subscriber learns from one delivery.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -37,19 +45,51 @@ pub fn encode(buf: &mut Vec<u8>, stamp: &Stamp, size: usize) {
     buf.extend_from_slice(b"\"}");
 }
 
+/// The fast path for the frame a subscriber sees most: wsgate's envelope around
+/// our own payload, `{"op":"message","topic":"<t>","data":{"p":N,"s":N,"t":N,…`,
+/// read in one pass. `None` when the frame has any other shape (not a message,
+/// other key order, spaces, …): then use [`crate::proto::classify`] and [`scan`].
+pub fn scan_message(frame: &[u8]) -> Option<Stamp> {
+    let rest = frame.strip_prefix(br#"{"op":"message","topic":""#)?;
+    // Topics cannot contain a quote or a backslash, so the first quote ends it.
+    let q = memchr::memchr(b'"', rest)?;
+    let rest = rest[q..].strip_prefix(br#"","data":{"p":"#)?;
+    let (publisher, rest) = leading_number(rest)?;
+    let (seq, rest) = leading_number(rest.strip_prefix(br#","s":"#)?)?;
+    let (sent_ns, _) = leading_number(rest.strip_prefix(br#","t":"#)?)?;
+    Some(Stamp {
+        publisher: u32::try_from(publisher).ok()?,
+        seq,
+        sent_ns,
+    })
+}
+
+/// The unsigned integer at the start of `s` (at least one digit) and what follows.
+fn leading_number(s: &[u8]) -> Option<(u64, &[u8])> {
+    let len = s.iter().take_while(|b| b.is_ascii_digit()).count();
+    if len == 0 {
+        return None;
+    }
+    let mut n: u64 = 0;
+    for b in &s[..len] {
+        n = n.checked_mul(10)?.checked_add(u64::from(b - b'0'))?;
+    }
+    Some((n, &s[len..]))
+}
+
 /// Finds the stamp inside a whole server frame (an envelope such as
 /// `{"op":"message","topic":"t","data":{…}}`) or inside a bare payload.
 ///
 /// Returns `None` when one of the three keys is missing or not a number.
 pub fn scan(frame: &[u8]) -> Option<Stamp> {
     // Skip the envelope so that no envelope field can be mistaken for ours.
-    let body = match memmem::find(frame, b"\"data\":") {
+    let body = match DATA.find(frame) {
         Some(i) => &frame[i + 7..],
         None => frame,
     };
-    let publisher = number_after(body, b"\"p\":")?;
-    let seq = number_after(body, b"\"s\":")?;
-    let sent_ns = number_after(body, b"\"t\":")?;
+    let publisher = number_after(body, &KEY_P)?;
+    let seq = number_after(body, &KEY_S)?;
+    let sent_ns = number_after(body, &KEY_T)?;
     Some(Stamp {
         publisher: u32::try_from(publisher).ok()?,
         seq,
@@ -58,8 +98,8 @@ pub fn scan(frame: &[u8]) -> Option<Stamp> {
 }
 
 /// Parses the unsigned integer that follows `key` (spaces allowed before it).
-fn number_after(hay: &[u8], key: &[u8]) -> Option<u64> {
-    let at = memmem::find(hay, key)? + key.len();
+fn number_after(hay: &[u8], key: &memmem::Finder<'_>) -> Option<u64> {
+    let at = key.find(hay)? + key.needle().len();
     let mut digits = hay[at..].iter().skip_while(|b| **b == b' ').peekable();
     digits.peek().filter(|b| b.is_ascii_digit())?;
     let mut n: u64 = 0;
@@ -99,6 +139,25 @@ mod tests {
         assert_eq!(scan(f), Some(STAMP));
         let nats = br#"{"p":7,"s":123456,"t":1700000000123456789}"#;
         assert_eq!(scan(nats), Some(STAMP));
+    }
+
+    #[test]
+    fn fast_path_agrees_with_the_general_scan() {
+        let mut f = br#"{"op":"message","topic":"lt.5f.0","data":"#.to_vec();
+        encode(&mut f, &STAMP, 100);
+        f.push(b'}');
+        assert_eq!(scan_message(&f), Some(STAMP));
+        assert_eq!(scan(&f), Some(STAMP));
+        // Other shapes are left to the general path.
+        for other in [
+            &br#"{"op":"message","topic":"a","data":{"pad":"x","p":7,"s":1,"t":2}}"#[..],
+            br#"{"op":"message","topic":"a","data":{"p": 7,"s":1,"t":2}}"#,
+            br#"{"op":"published","id":3}"#,
+            br#"{"op":"message","topic":"a","data":{"p":7,"s":1}}"#,
+            br#"{"op":"message","topic":"a","data":{"p":99999999999,"s":1,"t":2}}"#,
+        ] {
+            assert_eq!(scan_message(other), None);
+        }
     }
 
     #[test]

@@ -8,11 +8,13 @@
 //! clients stop reading) and the writer closes the connection with 4008.
 
 use std::collections::VecDeque;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::future::poll_fn;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::task::Poll;
 
 use bytes::Bytes;
+use futures_util::task::AtomicWaker;
 use parking_lot::Mutex;
-use tokio::sync::Notify;
 use wsgate_fanout::{Publication, Subscriber};
 
 use crate::close::Disconnect;
@@ -63,9 +65,12 @@ impl Batch {
 /// The outbound queue of one connection.
 pub struct Outbox {
     state: Mutex<State>,
-    /// Wakes the writer. `notify_one` keeps a permit when nobody waits, so a push
-    /// between the writer's last `take` and its wait is never lost.
-    notify: Notify,
+    /// The writer's waker (the writer is the only task that waits here).
+    waker: AtomicWaker,
+    /// Set when there is something for the writer; kept until it looks, so a push
+    /// between the writer's last `take` and its wait is never lost. `take` clears it:
+    /// a push that the batch already carries needs no wake-up of its own.
+    signaled: AtomicBool,
     limit: usize,
     /// When the client was last heard from (any frame), in milliseconds on the
     /// session table's clock: written by the reader, read by the heartbeat ticker.
@@ -77,7 +82,8 @@ impl Outbox {
     pub fn new(limit: usize) -> Self {
         Outbox {
             state: Mutex::new(State::default()),
-            notify: Notify::new(),
+            waker: AtomicWaker::new(),
+            signaled: AtomicBool::new(false),
             limit,
             heard_ms: AtomicU64::new(0),
         }
@@ -96,7 +102,7 @@ impl Outbox {
     /// The reader has finished: wakes the writer to see it.
     pub fn reader_finished(&self) {
         self.state.lock().reader_done = true;
-        self.notify.notify_one();
+        self.wake();
     }
 
     /// Whether [`Outbox::reader_finished`] was called.
@@ -117,7 +123,7 @@ impl Outbox {
                 u64::from(born != 0) + st.frames.iter().filter(|i| i.born != 0).count() as u64;
             Self::start_close(&mut st, Disconnect::SlowConsumer, None);
             drop(st);
-            self.notify.notify_one();
+            self.wake();
             return false;
         }
         let was_idle = st.frames.is_empty() && st.control.is_empty();
@@ -127,7 +133,7 @@ impl Outbox {
         // The writer re-checks the queue after every write, so it only needs a wake-up
         // when the queue goes from empty to non-empty.
         if was_idle {
-            self.notify.notify_one();
+            self.wake();
         }
         true
     }
@@ -148,7 +154,7 @@ impl Outbox {
             st.control.push(frame);
         }
         drop(st);
-        self.notify.notify_one();
+        self.wake();
         true
     }
 
@@ -167,7 +173,14 @@ impl Outbox {
             Self::start_close(&mut st, reason, frame);
         }
         drop(st);
-        self.notify.notify_one();
+        self.wake();
+    }
+
+    /// Wakes the writer unless a wake-up is already pending.
+    fn wake(&self) {
+        if !self.signaled.swap(true, Ordering::AcqRel) {
+            self.waker.wake();
+        }
     }
 
     fn start_close(st: &mut State, reason: Disconnect, frame: Option<Bytes>) {
@@ -215,6 +228,9 @@ impl Outbox {
     /// across its write.)
     pub fn take_batch(&self, batch: &mut Batch) -> Option<Disconnect> {
         let mut st = self.state.lock();
+        // Under the lock: every push before this is in the batch, every push after it
+        // finds the queue empty and signals again.
+        self.signaled.store(false, Ordering::Release);
         std::mem::swap(&mut st.frames, &mut batch.frames);
         std::mem::swap(&mut st.control, &mut batch.control);
         batch.bytes = std::mem::take(&mut st.bytes);
@@ -228,10 +244,25 @@ impl Outbox {
 
     /// Waits until something is pushed or a close is requested.
     ///
+    /// Only the connection's writer may wait here (one waker is kept).
+    ///
     /// # Cancel safety
-    /// Cancel safe: a permit not consumed stays for the next call.
+    /// Cancel safe: a signal not consumed stays for the next call.
     pub async fn notified(&self) {
-        self.notify.notified().await;
+        poll_fn(|cx| {
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                return Poll::Ready(());
+            }
+            self.waker.register(cx.waker());
+            // Re-checked after registering: a signal set in between would
+            // otherwise wake nobody.
+            if self.signaled.swap(false, Ordering::AcqRel) {
+                Poll::Ready(())
+            } else {
+                Poll::Pending
+            }
+        })
+        .await
     }
 
     /// Bytes queued right now.
@@ -251,6 +282,7 @@ impl Subscriber for Outbox {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::sync::Arc;
 
     fn frame(n: usize) -> Bytes {
         Bytes::from(vec![0u8; n])
@@ -286,6 +318,26 @@ mod tests {
         let close = ob.take(&mut b).unwrap();
         assert_eq!(close.0, Disconnect::Drain, "first reason wins");
         assert_eq!((b.frames.len(), b.control.len(), b.bytes), (1, 1, 12));
+    }
+
+    #[tokio::test]
+    async fn a_push_already_taken_does_not_wake_the_writer_again() {
+        let ob = Arc::new(Outbox::new(1000));
+        ob.push(frame(1), 1);
+        let mut b = Batch::default();
+        ob.take(&mut b);
+        assert_eq!(b.frames.len(), 1);
+        let waiting = tokio::time::timeout(std::time::Duration::from_millis(50), ob.notified());
+        assert!(waiting.await.is_err(), "the batch carried it: no wake-up");
+        // A push from another task wakes the waiting writer.
+        let ob2 = ob.clone();
+        let waiter = tokio::spawn(async move { ob2.notified().await });
+        tokio::task::yield_now().await;
+        ob.push(frame(1), 1);
+        tokio::time::timeout(std::time::Duration::from_secs(1), waiter)
+            .await
+            .expect("woken")
+            .unwrap();
     }
 
     #[tokio::test]

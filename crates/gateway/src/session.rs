@@ -14,10 +14,10 @@ use std::time::{Duration, UNIX_EPOCH};
 
 use bytes::Bytes;
 use tokio::io::{AsyncRead, AsyncWrite};
-use tokio::sync::Semaphore;
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, Instrument};
-use wsgate_fanout::{frame, unix_nanos, BrokerError, Subscriber};
+use wsgate_fanout::{frame, unix_nanos, BrokerError, BrokerFuture, Subscriber};
 
 use crate::auth::Identity;
 use crate::close::Disconnect;
@@ -148,7 +148,7 @@ where
         id,
         topics: TopicSet::default(),
         limiter: RateLimiter::new(cfg.rate_limit, cfg.rate_burst, Instant::now()),
-        inflight: None,
+        replies: None,
         assembler: Assembler::new(cfg.max_message_size),
         identity,
         expires,
@@ -361,10 +361,9 @@ struct Reader {
     /// Topics this session is subscribed to.
     topics: TopicSet,
     limiter: RateLimiter,
-    /// Bounds publications waiting for the broker, so a client cannot pile up
-    /// unbounded work: at the limit the reader waits (TCP backpressure). Made at
-    /// the first publication that has to wait for the broker.
-    inflight: Option<Arc<Semaphore>>,
+    /// Replies that must wait behind a publication the broker has not answered yet,
+    /// in command order (see [`Replies`]). Started at the first such publication.
+    replies: Option<mpsc::Sender<Pending>>,
     assembler: Assembler,
     /// Who the client is and what it may do (replaced by `refresh`).
     identity: Identity,
@@ -521,14 +520,15 @@ impl Reader {
                     None,
                     ErrorCode::BadRequest,
                     "binary frames are not supported: send JSON text frames",
-                ));
+                ))
+                .await;
                 return true;
             }
         };
         let command = match protocol::decode(text) {
             Ok(c) => c,
             Err(e) => {
-                self.reply_error(&e);
+                self.reply_error(&e).await;
                 return true;
             }
         };
@@ -537,7 +537,8 @@ impl Reader {
                 command.id(),
                 ErrorCode::RateLimited,
                 "too many commands: slow down",
-            ));
+            ))
+            .await;
             return true;
         }
         let reply = match command {
@@ -554,17 +555,28 @@ impl Reader {
             Command::Refresh { id, token } => self.refresh(id, &token),
         };
         match reply {
-            Ok(text) => {
-                self.outbox.push(frame::text(text.as_bytes()), 0);
-            }
-            Err(e) => self.reply_error(&e),
+            Ok(text) => self.reply(frame::text(text.as_bytes())).await,
+            Err(e) => self.reply_error(&e).await,
         }
         true
     }
 
-    fn reply_error(&self, err: &CommandError) {
-        self.outbox
-            .push(frame::text(protocol::error_reply(err).as_bytes()), 0);
+    /// Queues a reply behind any publication still waiting for the broker, so that
+    /// replies leave in the order of the commands.
+    async fn reply(&self, frame: Bytes) {
+        match &self.replies {
+            Some(tx) => {
+                let _ = tx.send(Pending::Ready(frame)).await;
+            }
+            None => {
+                self.outbox.push(frame, 0);
+            }
+        }
+    }
+
+    async fn reply_error(&self, err: &CommandError) {
+        self.reply(frame::text(protocol::error_reply(err).as_bytes()))
+            .await;
     }
 
     /// `refresh`: a new token replaces the session's identity and moves its expiry.
@@ -713,45 +725,83 @@ impl Reader {
         // client cannot overtake this one even while its reply is pending.
         let started = Instant::now();
         let mut ack = self.gw.broker.publish(topic, data, unix_nanos());
-        if let Some(result) = ack.now() {
-            self.gw
-                .metrics
-                .broker_publish_duration
-                .observe(started.elapsed().as_secs_f64());
-            count_publish(&self.gw.metrics, &result);
-            return match result {
-                Ok(()) => Ok(Some(protocol::published_reply(id))),
-                Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
-            };
+        if self.replies.is_none() {
+            if let Some(result) = ack.now() {
+                // The in-memory broker: answered at once, nothing is queued.
+                self.gw
+                    .metrics
+                    .broker_publish_duration
+                    .observe(started.elapsed().as_secs_f64());
+                count_publish(&self.gw.metrics, &result);
+                return match result {
+                    Ok(()) => Ok(Some(protocol::published_reply(id))),
+                    Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
+                };
+            }
         }
-        let max = cfg.max_inflight_publishes;
-        let permit = self
-            .inflight
-            .get_or_insert_with(|| Arc::new(Semaphore::new(max)))
-            .clone()
-            .acquire_owned()
-            .await
-            .expect("never closed");
-        let outbox = self.outbox.clone();
-        let metrics = self.gw.metrics.clone();
-        self.gw.tracker.spawn(async move {
-            let result = ack.await;
-            metrics
-                .broker_publish_duration
-                .observe(started.elapsed().as_secs_f64());
-            count_publish(&metrics, &result);
-            let reply = match result {
-                Ok(()) => protocol::published_reply(id),
-                Err(e) => protocol::error_reply(&CommandError::new(
-                    id,
-                    ErrorCode::Unavailable,
-                    e.to_string(),
-                )),
+        let tx = self.replies.get_or_insert_with(|| {
+            let (tx, rx) = mpsc::channel(self.gw.config.max_inflight_publishes);
+            let replies = Replies {
+                rx,
+                outbox: self.outbox.clone(),
+                metrics: self.gw.metrics.clone(),
             };
-            outbox.push(frame::text(reply.as_bytes()), 0);
-            drop(permit);
+            self.gw.tracker.spawn(replies.run().in_current_span());
+            tx
         });
+        // At the limit this waits: the client's further commands stay in its socket
+        // (TCP backpressure) instead of piling up here.
+        let _ = tx.send(Pending::Publish { id, started, ack }).await;
         Ok(None)
+    }
+}
+
+/// A reply waiting its turn in [`Replies`].
+enum Pending {
+    /// A publication the broker has not answered yet.
+    Publish {
+        id: Option<u64>,
+        started: Instant,
+        ack: BrokerFuture,
+    },
+    /// Any other reply, made after such a publication.
+    Ready(Bytes),
+}
+
+/// A session's publication replies, in command order: one task per connection that
+/// publishes through an asynchronous broker (not one task per publication). The
+/// broker answers in publish order (its pipeline is ordered), so awaiting the acks one
+/// after another costs no extra round trips.
+struct Replies {
+    rx: mpsc::Receiver<Pending>,
+    outbox: Arc<Outbox>,
+    metrics: wsgate_metrics::Metrics,
+}
+
+impl Replies {
+    async fn run(mut self) {
+        while let Some(p) = self.rx.recv().await {
+            let frame = match p {
+                Pending::Ready(frame) => frame,
+                Pending::Publish { id, started, ack } => {
+                    let result = ack.await;
+                    self.metrics
+                        .broker_publish_duration
+                        .observe(started.elapsed().as_secs_f64());
+                    count_publish(&self.metrics, &result);
+                    let reply = match result {
+                        Ok(()) => protocol::published_reply(id),
+                        Err(e) => protocol::error_reply(&CommandError::new(
+                            id,
+                            ErrorCode::Unavailable,
+                            e.to_string(),
+                        )),
+                    };
+                    frame::text(reply.as_bytes())
+                }
+            };
+            self.outbox.push(frame, 0);
+        }
     }
 }
 
@@ -834,5 +884,64 @@ mod size_tests {
         assert!(writer_b <= 320, "writer future {writer_b} B");
         drop(writer);
         drop(r);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::outbox::Batch;
+
+    fn texts(ob: &Outbox) -> Vec<String> {
+        let mut b = Batch::default();
+        ob.take(&mut b);
+        b.frames
+            .iter()
+            .map(|i| String::from_utf8(i.frame[2..].to_vec()).unwrap())
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn replies_leave_in_command_order_whatever_order_the_broker_answers() {
+        let outbox = Arc::new(Outbox::new(1 << 20));
+        let (tx, rx) = mpsc::channel(8);
+        let task = tokio::spawn(
+            Replies {
+                rx,
+                outbox: outbox.clone(),
+                metrics: wsgate_metrics::Metrics::default(),
+            }
+            .run(),
+        );
+        let (ack1, done1) = tokio::sync::oneshot::channel::<Result<(), BrokerError>>();
+        let (ack2, done2) = tokio::sync::oneshot::channel::<Result<(), BrokerError>>();
+        let pending =
+            |id, done: tokio::sync::oneshot::Receiver<Result<(), BrokerError>>| Pending::Publish {
+                id: Some(id),
+                started: Instant::now(),
+                ack: BrokerFuture::pending(async move { done.await.unwrap() }),
+            };
+        tx.send(pending(1, done1)).await.unwrap();
+        tx.send(Pending::Ready(frame::text(b"{\"op\":\"pong\",\"id\":2}")))
+            .await
+            .unwrap();
+        tx.send(pending(3, done2)).await.unwrap();
+        // The broker answers the later publication first, and refuses it.
+        ack2.send(Err(BrokerError::Unavailable("down".into())))
+            .unwrap();
+        tokio::task::yield_now().await;
+        assert!(texts(&outbox).is_empty(), "nothing may overtake id 1");
+        ack1.send(Ok(())).unwrap();
+        drop(tx);
+        task.await.unwrap();
+        let got = texts(&outbox);
+        assert_eq!(got.len(), 3, "{got:?}");
+        assert_eq!(got[0], protocol::published_reply(Some(1)));
+        assert_eq!(got[1], "{\"op\":\"pong\",\"id\":2}");
+        assert!(
+            got[2].contains("\"id\":3") && got[2].contains("unavailable"),
+            "{}",
+            got[2]
+        );
     }
 }

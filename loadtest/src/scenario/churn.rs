@@ -8,13 +8,13 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Result;
-use fastwebsockets::{Frame, OpCode};
 
 use super::session;
 use crate::cli::ChurnArgs;
 use crate::report::{Connect, Report, Steady};
 use crate::run::{self, Ctx, Monitor};
 use crate::stats::now_ns;
+use crate::wsconn::OP_CLOSE;
 
 #[derive(Default)]
 struct Worker {
@@ -72,10 +72,10 @@ pub async fn run(ctx: Arc<Ctx>, a: ChurnArgs) -> Result<Report> {
                             c.open.fetch_add(1, Ordering::Relaxed);
                             // A clean close: our close frame, then the server's.
                             let bye = async {
-                                s.ws.write_frame(Frame::close(1000, b"")).await?;
+                                s.ws.send(OP_CLOSE, &1000u16.to_be_bytes()).await?;
                                 loop {
-                                    if s.ws.read_frame().await?.opcode == OpCode::Close {
-                                        return Ok::<(), fastwebsockets::WebSocketError>(());
+                                    if s.ws.read_frame().await?.opcode == OP_CLOSE {
+                                        return Ok::<(), std::io::Error>(());
                                     }
                                 }
                             };

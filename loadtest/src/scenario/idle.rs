@@ -7,8 +7,8 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::wsconn::OP_CLOSE;
 use anyhow::Result;
-use fastwebsockets::OpCode;
 use indicatif::ProgressBar;
 use tokio::sync::Semaphore;
 
@@ -75,7 +75,7 @@ pub async fn run(ctx: Arc<Ctx>, a: IdleArgs) -> Result<Report> {
                 tokio::select! {
                     _ = c.cancel.cancelled() => break Held::Kept,
                     f = s.ws.read_frame() => match f {
-                        Ok(f) if f.opcode == OpCode::Close => break Held::Dropped,
+                        Ok(f) if f.opcode == OP_CLOSE => break Held::Dropped,
                         Ok(_) => {}
                         Err(_) => break Held::Dropped,
                     },

@@ -4,29 +4,27 @@
 use std::pin::pin;
 use std::time::Duration;
 
-use fastwebsockets::{Frame, OpCode, Payload, WebSocket};
-use tokio::net::TcpStream;
-
-use crate::net::{handshake, Failure, Url};
+use crate::net::{handshake_stream, Failure, Url};
 use crate::payload;
 use crate::proto::{classify, NatsEvent, NatsParser, Op, Target};
 use crate::run::Ctx;
 use crate::seq::{SeqCounts, SeqTracker};
 use crate::stats::now_ns;
+use crate::wsconn::{WsConn, OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT};
 
 /// An open, ready session.
 pub struct Session {
-    pub ws: WebSocket<TcpStream>,
+    pub ws: WsConn,
     /// NATS only: protocol bytes carried over between frames.
     pub nats: NatsParser,
 }
 
-/// A frame carrying a protocol command for `target` (NATS reads binary frames).
-pub fn command_frame(target: Target, bytes: Vec<u8>) -> Frame<'static> {
+/// The opcode of protocol commands for `target` (NATS reads binary frames).
+pub fn command_opcode(target: Target) -> u8 {
     if target.is_json() {
-        Frame::text(Payload::Owned(bytes))
+        OP_TEXT
     } else {
-        Frame::binary(Payload::Owned(bytes))
+        OP_BINARY
     }
 }
 
@@ -47,11 +45,12 @@ pub async fn open(
             .dial(url.addr, rcvbuf)
             .await
             .map_err(|e| ctx.fail(Failure::Connect, e))?;
-        let mut ws = handshake(stream, url)
+        let stream = handshake_stream(stream, url)
             .await
             .map_err(|e| ctx.fail(Failure::Handshake, e))?;
+        let mut ws = WsConn::new(stream);
         if let Some(hello) = target.hello() {
-            ws.write_frame(command_frame(target, hello.to_vec()))
+            ws.send(command_opcode(target), hello)
                 .await
                 .map_err(|e| ctx.fail(Failure::Handshake, e))?;
         }
@@ -60,7 +59,7 @@ pub async fn open(
             nats: NatsParser::default(),
         };
         if !topics.is_empty() {
-            s.ws.write_frame(command_frame(target, target.subscribe(topics, 1)))
+            s.ws.send(command_opcode(target), &target.subscribe(topics, 1))
                 .await
                 .map_err(|e| ctx.fail(Failure::Subscribe, e))?;
             wait_ready(&mut s, target)
@@ -79,12 +78,12 @@ async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<()> {
     loop {
         let frame = s.ws.read_frame().await?;
         match frame.opcode {
-            OpCode::Close => anyhow::bail!("closed before the subscription was confirmed"),
-            OpCode::Text | OpCode::Binary => {}
+            OP_CLOSE => anyhow::bail!("closed before the subscription was confirmed"),
+            OP_TEXT | OP_BINARY => {}
             _ => continue,
         }
         if target.is_json() {
-            match classify(&frame.payload) {
+            match classify(frame.payload) {
                 Op::Subscribed => return Ok(()),
                 Op::Error(code) => anyhow::bail!("subscribe refused: {code}"),
                 _ => {}
@@ -92,7 +91,7 @@ async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<()> {
         } else {
             let mut outcome = None;
             s.nats
-                .feed(&frame.payload, |ev| match ev {
+                .feed(frame.payload, |ev| match ev {
                     NatsEvent::Pong if outcome.is_none() => outcome = Some(Ok(())),
                     NatsEvent::Err(e) => outcome = Some(Err(anyhow::anyhow!("SUB refused: {e}"))),
                     _ => {}
@@ -119,6 +118,11 @@ pub struct Received {
 /// Receives stamped messages until `ctx.cancel`, the server closes, or (slow
 /// subscribers) `stop_at_ns` passes. Latencies go to the shared timeline when
 /// `record` is set.
+///
+/// Every frame is parsed and every stamp accounted; what is batched is the clock: one
+/// reading per `read` from the socket, taken when the read returns, is the receive
+/// time of every frame that read completed (the generator's own parsing of earlier
+/// frames in the batch is not counted as server latency).
 pub async fn receive(
     ctx: &Ctx,
     s: &mut Session,
@@ -131,63 +135,66 @@ pub async fn receive(
     let mut rec = ctx.timeline.recorder(key);
     let mut seq = SeqTracker::new(publishers);
     let mut out = Received::default();
-    // One cancellation future for the whole loop: creating one per frame would
-    // register a waiter per message.
+    // One cancellation future for the whole loop: creating one per read would
+    // register a waiter each time.
     let mut cancelled = pin!(ctx.cancel.cancelled());
-    let mut on_payload = |body: &[u8]| {
-        if let Some(st) = payload::scan(body) {
-            let now = now_ns();
-            seq.record(st.publisher, st.seq);
-            if record {
-                rec.record(now, now.saturating_sub(st.sent_ns) / 1000);
-            }
+    let mut now = now_ns();
+    let mut on_stamp = |st: payload::Stamp, now: u64| {
+        seq.record(st.publisher, st.seq);
+        if record {
+            rec.record(now, now.saturating_sub(st.sent_ns) / 1000);
         }
     };
-    loop {
-        // `read_frame` is not cancel-safe, but a cancelled session is dropped whole.
-        let frame = tokio::select! {
-            biased;
-            _ = &mut cancelled => break,
-            f = s.ws.read_frame() => f,
-        };
-        let frame = match frame {
-            Ok(f) => f,
-            Err(_) => {
-                out.closed_by_server = Some("eof".into());
-                break;
-            }
-        };
-        // Not collapsible: a JSON frame that is not a message must not reach the
-        // NATS arm below.
-        #[allow(clippy::collapsible_match)]
-        match frame.opcode {
-            OpCode::Text | OpCode::Binary if target.is_json() => {
-                if classify(&frame.payload) == Op::Message {
-                    on_payload(&frame.payload);
-                }
-            }
-            OpCode::Text | OpCode::Binary => {
-                let mut ping = false;
-                let fed = s.nats.feed(&frame.payload, |ev| match ev {
-                    NatsEvent::Msg(body) => on_payload(body),
-                    NatsEvent::Ping => ping = true,
-                    _ => {}
-                });
-                if fed.is_err() {
+    'outer: loop {
+        // Everything complete in the buffer, without awaiting.
+        loop {
+            let frame = match s.ws.next_frame() {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(_) => {
                     out.closed_by_server = Some("protocol".into());
-                    break;
+                    break 'outer;
                 }
-                if ping {
-                    let _ =
-                        s.ws.write_frame(command_frame(target, b"PONG\r\n".to_vec()))
-                            .await;
+            };
+            match frame.opcode {
+                OP_TEXT | OP_BINARY if target.is_json() => {
+                    if let Some(st) = payload::scan_message(frame.payload) {
+                        on_stamp(st, now);
+                    } else if classify(frame.payload) == Op::Message {
+                        if let Some(st) = payload::scan(frame.payload) {
+                            on_stamp(st, now);
+                        }
+                    }
                 }
+                OP_TEXT | OP_BINARY => {
+                    let mut ping = false;
+                    let fed = s.nats.feed(frame.payload, |ev| match ev {
+                        NatsEvent::Msg(body) => {
+                            if let Some(st) = payload::scan(body) {
+                                on_stamp(st, now);
+                            }
+                        }
+                        NatsEvent::Ping => ping = true,
+                        _ => {}
+                    });
+                    if fed.is_err() {
+                        out.closed_by_server = Some("protocol".into());
+                        break 'outer;
+                    }
+                    if ping {
+                        let _ = s.ws.send(command_opcode(target), b"PONG\r\n").await;
+                    }
+                }
+                OP_PING => {
+                    let payload = frame.payload.to_vec();
+                    let _ = s.ws.send(crate::wsconn::OP_PONG, &payload).await;
+                }
+                OP_CLOSE => {
+                    out.closed_by_server = Some(close_code(frame.payload));
+                    break 'outer;
+                }
+                _ => {}
             }
-            OpCode::Close => {
-                out.closed_by_server = Some(close_code(&frame.payload));
-                break;
-            }
-            _ => {}
         }
         if let Some(at) = stop_at_ns {
             if now_ns() >= at {
@@ -195,6 +202,17 @@ pub async fn receive(
                 break;
             }
         }
+        // `fill` is cancel safe.
+        let filled = tokio::select! {
+            biased;
+            _ = &mut cancelled => break,
+            r = s.ws.fill() => r,
+        };
+        if filled.is_err() {
+            out.closed_by_server = Some("eof".into());
+            break;
+        }
+        now = now_ns();
     }
     out.counts = seq.counts();
     out
@@ -207,7 +225,7 @@ pub async fn stall(ctx: &Ctx, s: &mut Session) -> String {
     let drain = async {
         loop {
             match s.ws.read_frame().await {
-                Ok(f) if f.opcode == OpCode::Close => return close_code(&f.payload),
+                Ok(f) if f.opcode == OP_CLOSE => return close_code(f.payload),
                 Ok(_) => {}
                 Err(_) => return "eof".to_string(),
             }

@@ -1,0 +1,345 @@
+//! The client side of a WebSocket connection, made for reading many small frames
+//! cheaply.
+//!
+//! A subscriber of the generator receives up to thousands of frames per second. This
+//! reader does one `read` per wake-up into a buffer that holds many frames, then
+//! parses every complete frame in it synchronously (no future per frame, no copy of
+//! the payload), so the receive loop can take one clock reading per `read` and handle
+//! the batch in a tight loop. [`WsConn::fill`] is the only await on the read side and
+//! is cancel safe (bytes are either in the buffer or still in the socket), so the
+//! reader may be raced against cancellation freely.
+//!
+//! Server frames are checked as RFC 6455 requires of a client: never masked, reserved
+//! bits clear, control frames final and ≤ 125 bytes, continuation only inside a
+//! fragmented message. Fragmented messages are reassembled.
+
+use std::io;
+
+use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+use tokio::net::TcpStream;
+
+use crate::net::push_frame;
+
+/// Opcodes (RFC 6455 §5.2).
+pub const OP_CONT: u8 = 0x0;
+pub const OP_TEXT: u8 = 0x1;
+pub const OP_BINARY: u8 = 0x2;
+pub const OP_CLOSE: u8 = 0x8;
+pub const OP_PING: u8 = 0x9;
+pub const OP_PONG: u8 = 0xA;
+
+/// Read buffer to start with (the same as fastwebsockets' reader); it grows only for
+/// a frame larger than itself.
+const INITIAL_BUF: usize = 8 * 1024;
+/// Largest message accepted from a server.
+const MAX_MESSAGE: usize = 16 << 20;
+
+/// One complete message or control frame.
+#[derive(Debug, PartialEq, Eq)]
+pub struct Frame<'a> {
+    pub opcode: u8,
+    pub payload: &'a [u8],
+}
+
+/// Where the last parsed frame's payload is (lets `next_frame` return a borrow
+/// without holding one while parsing).
+#[derive(Clone, Copy)]
+enum Loc {
+    Buf(usize, usize),
+    Frag,
+}
+
+/// A client WebSocket over a plain TCP stream, positioned after the handshake.
+#[derive(Debug)]
+pub struct WsConn {
+    stream: TcpStream,
+    buf: Vec<u8>,
+    /// Unparsed bytes are `buf[start..end]`.
+    start: usize,
+    end: usize,
+    /// A fragmented message being reassembled: its opcode and bytes so far.
+    frag_op: Option<u8>,
+    frag: Vec<u8>,
+}
+
+fn protocol(msg: &str) -> io::Error {
+    io::Error::new(io::ErrorKind::InvalidData, msg.to_string())
+}
+
+impl WsConn {
+    /// Wraps a stream whose handshake is done.
+    pub fn new(stream: TcpStream) -> Self {
+        WsConn {
+            stream,
+            buf: vec![0; INITIAL_BUF],
+            start: 0,
+            end: 0,
+            frag_op: None,
+            frag: Vec::new(),
+        }
+    }
+
+    /// Reads once from the socket into the buffer (making room first).
+    ///
+    /// # Errors
+    /// I/O errors; `UnexpectedEof` when the server closed the connection.
+    ///
+    /// # Cancel safety
+    /// Cancel safe.
+    pub async fn fill(&mut self) -> io::Result<()> {
+        if self.start == self.end {
+            self.start = 0;
+            self.end = 0;
+        } else if self.start > 0 && self.end == self.buf.len() {
+            self.buf.copy_within(self.start..self.end, 0);
+            self.end -= self.start;
+            self.start = 0;
+        }
+        if self.end == self.buf.len() {
+            // A frame bigger than the buffer: grow (bounded by `parse`'s size check).
+            let len = (self.buf.len() * 2).min(MAX_MESSAGE + 14).max(self.end + 1);
+            self.buf.resize(len, 0);
+        }
+        let n = self.stream.read(&mut self.buf[self.end..]).await?;
+        if n == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        self.end += n;
+        Ok(())
+    }
+
+    /// The next complete frame already in the buffer, if any: a whole message (text
+    /// or binary, reassembled if it was fragmented) or a control frame.
+    ///
+    /// # Errors
+    /// A protocol violation by the server (the connection cannot go on).
+    pub fn next_frame(&mut self) -> io::Result<Option<Frame<'_>>> {
+        Ok(self.next_loc()?.map(|(op, loc)| self.frame_at(op, loc)))
+    }
+
+    fn next_loc(&mut self) -> io::Result<Option<(u8, Loc)>> {
+        loop {
+            match self.parse()? {
+                None => return Ok(None),
+                Some((op, Some(loc))) => return Ok(Some((op, loc))),
+                Some((_, None)) => {}
+            }
+        }
+    }
+
+    fn frame_at(&self, opcode: u8, loc: Loc) -> Frame<'_> {
+        let payload = match loc {
+            Loc::Buf(a, b) => &self.buf[a..b],
+            Loc::Frag => &self.frag[..],
+        };
+        Frame { opcode, payload }
+    }
+
+    /// Parses one frame header + payload from the buffer. `Some((op, None))` is a
+    /// fragment that was absorbed into the reassembly buffer.
+    fn parse(&mut self) -> io::Result<Option<(u8, Option<Loc>)>> {
+        let avail = &self.buf[self.start..self.end];
+        if avail.len() < 2 {
+            return Ok(None);
+        }
+        let (b0, b1) = (avail[0], avail[1]);
+        if b0 & 0x70 != 0 {
+            return Err(protocol("reserved bits set"));
+        }
+        if b1 & 0x80 != 0 {
+            return Err(protocol("masked frame from the server"));
+        }
+        let fin = b0 & 0x80 != 0;
+        let opcode = b0 & 0x0F;
+        let (len, head) = match b1 & 0x7F {
+            126 => {
+                if avail.len() < 4 {
+                    return Ok(None);
+                }
+                (usize::from(u16::from_be_bytes([avail[2], avail[3]])), 4)
+            }
+            127 => {
+                if avail.len() < 10 {
+                    return Ok(None);
+                }
+                let n = u64::from_be_bytes(avail[2..10].try_into().expect("8 bytes"));
+                (usize::try_from(n).unwrap_or(usize::MAX), 10)
+            }
+            n => (usize::from(n), 2),
+        };
+        if len > MAX_MESSAGE {
+            return Err(protocol("frame too large"));
+        }
+        let control = opcode & 0x8 != 0;
+        if control && (!fin || len > 125) {
+            return Err(protocol("bad control frame"));
+        }
+        if avail.len() < head + len {
+            return Ok(None);
+        }
+        let (a, b) = (self.start + head, self.start + head + len);
+        self.start = b;
+        match opcode {
+            OP_CLOSE | OP_PING | OP_PONG => Ok(Some((opcode, Some(Loc::Buf(a, b))))),
+            OP_TEXT | OP_BINARY if self.frag_op.is_some() => {
+                Err(protocol("new message inside a fragmented one"))
+            }
+            OP_TEXT | OP_BINARY if fin => Ok(Some((opcode, Some(Loc::Buf(a, b))))),
+            OP_TEXT | OP_BINARY => {
+                self.frag_op = Some(opcode);
+                self.frag.clear();
+                self.frag.extend_from_slice(&self.buf[a..b]);
+                Ok(Some((opcode, None)))
+            }
+            OP_CONT => {
+                let Some(op) = self.frag_op else {
+                    return Err(protocol("continuation without a message"));
+                };
+                if self.frag.len() + len > MAX_MESSAGE {
+                    return Err(protocol("message too large"));
+                }
+                self.frag.extend_from_slice(&self.buf[a..b]);
+                if fin {
+                    self.frag_op = None;
+                    Ok(Some((op, Some(Loc::Frag))))
+                } else {
+                    Ok(Some((op, None)))
+                }
+            }
+            _ => Err(protocol("unknown opcode")),
+        }
+    }
+
+    /// The next message or control frame, reading as needed. Pings are answered
+    /// (with a pong carrying their payload) before they are returned.
+    ///
+    /// # Errors
+    /// As [`WsConn::fill`] and [`WsConn::next_frame`], and a failed pong.
+    ///
+    /// # Cancel safety
+    /// Cancel safe except while a pong is being written (a pong may be lost).
+    pub async fn read_frame(&mut self) -> io::Result<Frame<'_>> {
+        loop {
+            match self.next_loc()? {
+                Some((OP_PING, loc)) => {
+                    let ping = self.frame_at(OP_PING, loc).payload.to_vec();
+                    self.send(OP_PONG, &ping).await?;
+                    return Ok(self.frame_at(OP_PING, loc));
+                }
+                Some((op, loc)) => return Ok(self.frame_at(op, loc)),
+                None => self.fill().await?,
+            }
+        }
+    }
+
+    /// Sends one frame (masked, as a client must).
+    ///
+    /// # Errors
+    /// I/O errors.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: a cancelled call may have written part of the frame.
+    pub async fn send(&mut self, opcode: u8, payload: &[u8]) -> io::Result<()> {
+        let mut out = Vec::with_capacity(payload.len() + 14);
+        push_frame(&mut out, opcode, payload);
+        self.stream.write_all(&out).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tokio::net::TcpListener;
+
+    fn server_frame(out: &mut Vec<u8>, b0: u8, payload: &[u8]) {
+        out.push(b0);
+        match payload.len() {
+            n @ 0..=125 => out.push(n as u8),
+            n @ 126..=65535 => {
+                out.push(126);
+                out.extend_from_slice(&(n as u16).to_be_bytes());
+            }
+            n => {
+                out.push(127);
+                out.extend_from_slice(&(n as u64).to_be_bytes());
+            }
+        }
+        out.extend_from_slice(payload);
+    }
+
+    async fn pair() -> (WsConn, TcpStream) {
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let c = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        let (s, _) = l.accept().await.unwrap();
+        (WsConn::new(c), s)
+    }
+
+    #[tokio::test]
+    async fn frames_cut_anywhere_reassembled_and_pings_answered() {
+        let big = vec![b'b'; 70_000];
+        let mut stream = Vec::new();
+        server_frame(&mut stream, 0x81, b"hello");
+        server_frame(&mut stream, 0x01, b"fra"); // text, not final
+        server_frame(&mut stream, 0x89, b"p1"); // ping in the middle
+        server_frame(&mut stream, 0x80, b"gment"); // final continuation
+        server_frame(&mut stream, 0x82, &big);
+        server_frame(&mut stream, 0x81, &[b'm'; 300]);
+        server_frame(&mut stream, 0x88, &1000u16.to_be_bytes());
+        let (mut ws, mut srv) = pair().await;
+        let writer = tokio::spawn(async move {
+            // Dribbled in small, uneven pieces.
+            for chunk in stream.chunks(7) {
+                srv.write_all(chunk).await.unwrap();
+                srv.flush().await.unwrap();
+            }
+            let mut pong = [0u8; 8];
+            srv.read_exact(&mut pong).await.unwrap();
+            pong
+        });
+        let mut got = Vec::new();
+        loop {
+            let f = ws.read_frame().await.unwrap();
+            got.push((f.opcode, f.payload.len(), f.payload.first().copied()));
+            if f.opcode == OP_CLOSE {
+                break;
+            }
+        }
+        assert_eq!(
+            got,
+            [
+                (OP_TEXT, 5, Some(b'h')),
+                (OP_PING, 2, Some(b'p')),
+                (OP_TEXT, 8, Some(b'f')),
+                (OP_BINARY, 70_000, Some(b'b')),
+                (OP_TEXT, 300, Some(b'm')),
+                (OP_CLOSE, 2, Some(0x03)),
+            ]
+        );
+        let pong = writer.await.unwrap();
+        // A masked pong carrying "p1".
+        assert_eq!((pong[0], pong[1]), (0x8A, 0x82));
+        let mut body = pong[6..8].to_vec();
+        fastwebsockets::unmask(&mut body, pong[2..6].try_into().unwrap());
+        assert_eq!(body, b"p1");
+    }
+
+    #[tokio::test]
+    async fn protocol_violations_are_errors() {
+        for bad in [
+            vec![0x81u8, 0x81, 0, 0, 0, 0, b'x'], // masked
+            vec![0xC1, 1, b'x'],                  // reserved bit
+            vec![0x80, 1, b'x'],                  // continuation without a message
+            vec![0x09, 0],                        // fragmented ping
+        ] {
+            let (mut ws, mut srv) = pair().await;
+            srv.write_all(&bad).await.unwrap();
+            assert!(ws.read_frame().await.is_err(), "{bad:?}");
+        }
+        let (mut ws, srv) = pair().await;
+        drop(srv);
+        assert_eq!(
+            ws.read_frame().await.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
+    }
+}
