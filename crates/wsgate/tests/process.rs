@@ -242,11 +242,17 @@ fn a_flood_to_a_client_that_stopped_reading_keeps_memory_bounded() {
         after < before + 64 * 1024,
         "RSS grew from {before} KiB to {after} KiB"
     );
-    let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").unwrap();
-    assert!(
-        metrics.contains("wsgate_disconnects_total{reason=\"slow_consumer\"} 1"),
-        "{metrics}"
-    );
+    // The session ends on its own task, after the publishes were accepted: wait
+    // for it to be counted (bounded; a node that never cuts the client fails).
+    let deadline = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").unwrap();
+        if metrics.contains("wsgate_disconnects_total{reason=\"slow_consumer\"} 1") {
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "{metrics}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
 }
 
 /// The Python `websockets` library (installed by the test command) drives the
