@@ -114,16 +114,13 @@ async fn writer(
         info!(redis = connector.target(), "redis publish connection up");
         let mut batch = Vec::new();
         loop {
-            let first = tokio::select! {
+            // Everything queued so far, up to MAX_BATCH, in one go (cancel safe).
+            let received = tokio::select! {
                 _ = stop.cancelled() => return,
-                job = rx.recv() => match job { Some(j) => j, None => return },
+                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
             };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
+            if received == 0 {
+                return; // every sender is gone
             }
             let mut pipe = redis::pipe();
             for job in &batch {

@@ -131,16 +131,13 @@ async fn writer(
         let mut batch: Vec<Job> = Vec::new();
         let mut bytes = Vec::new();
         let lost = loop {
-            let first = tokio::select! {
+            // Everything queued so far, up to MAX_BATCH, in one go (cancel safe).
+            let received = tokio::select! {
                 _ = stop.cancelled() => return,
-                job = rx.recv() => match job { Some(j) => j, None => return },
+                n = rx.recv_many(&mut batch, MAX_BATCH) => n,
             };
-            batch.push(first);
-            while batch.len() < MAX_BATCH {
-                match rx.try_recv() {
-                    Ok(j) => batch.push(j),
-                    Err(_) => break,
-                }
+            if received == 0 {
+                return; // every sender is gone
             }
             bytes.clear();
             for job in &batch {
