@@ -110,36 +110,7 @@ async fn ten_thousand_messages_cross_nodes_complete_and_in_order() {
     let redis = Redis::start();
     let (a, c) = (node(&redis), node(&redis));
     assert!(wait_until(WAIT, || a.is_ready() && c.is_ready()));
-    let mut sub = Client::connect(&c).await;
-    sub.subscribe(&["seq"]).await;
-    let mut publisher = Client::connect(&a).await;
-
-    let reader = tokio::spawn(async move {
-        let mut expect = 0u64;
-        while expect < N {
-            let m = sub
-                .next_message(WAIT)
-                .await
-                .unwrap_or_else(|| panic!("stream stopped after {expect} messages"));
-            assert_eq!(m["data"]["n"], json!(expect), "out of order or lost");
-            expect += 1;
-        }
-        expect
-    });
-    // Sent without waiting for replies (the gateway pipelines them to Redis); the
-    // replies are collected at the end.
-    for n in 0..N {
-        publisher
-            .send(json!({"op":"publish","topic":"seq","data":{"n":n}}))
-            .await;
-    }
-    let mut published = 0;
-    while published < N {
-        let f = publisher.next_frame(WAIT).await.expect("publish replies");
-        assert_eq!(f["op"], "published", "{f}");
-        published += 1;
-    }
-    assert_eq!(reader.await.unwrap(), N);
+    common::ordered_stream_crosses_nodes(&a, &c, N, WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -425,3 +425,37 @@ impl Client {
             .unwrap_or(false)
     }
 }
+
+/// Publishes `n` numbered messages on topic `seq` from a client of `from` (sent
+/// without waiting for replies, which the gateway pipelines to Redis; the replies
+/// are collected at the end) and checks that a subscriber on `to` receives every
+/// one, in order, each within `wait`.
+pub async fn ordered_stream_crosses_nodes(from: &Node, to: &Node, n: u64, wait: Duration) {
+    let mut sub = Client::connect(to).await;
+    sub.subscribe(&["seq"]).await;
+    let mut publisher = Client::connect(from).await;
+    let reader = tokio::spawn(async move {
+        let mut expect = 0u64;
+        while expect < n {
+            let m = sub
+                .next_message(wait)
+                .await
+                .unwrap_or_else(|| panic!("stream stopped after {expect} messages"));
+            assert_eq!(m["data"]["n"], json!(expect), "out of order or lost");
+            expect += 1;
+        }
+        expect
+    });
+    for i in 0..n {
+        publisher
+            .send(json!({"op":"publish","topic":"seq","data":{"n":i}}))
+            .await;
+    }
+    let mut published = 0;
+    while published < n {
+        let f = publisher.next_frame(wait).await.expect("publish replies");
+        assert_eq!(f["op"], "published", "{f}");
+        published += 1;
+    }
+    assert_eq!(reader.await.unwrap(), n);
+}
