@@ -24,12 +24,8 @@ OUT=${BENCH_OUT:-$(mktemp -d)}
 TMP=$(mktemp -d)
 mkdir -p "$OUT"
 PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
+# shellcheck source=loadtest/bench-common.sh
+source loadtest/bench-common.sh
 trap cleanup EXIT
 
 TICKS=$(getconf CLK_TCK)
@@ -46,15 +42,6 @@ cluster_port() {
   done
 }
 free_port() { cluster_port; }
-
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2; return 1
-}
-pid_of_port() { ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
 
 start_redis() { # port [extra args...]
   local port=$1; shift

@@ -7,8 +7,9 @@
 #   BENCH_QUICK=1 loadtest/bench.sh   # a smaller, faster run (smoke test)
 #
 # Results: $BENCH_OUT (default docs/bench/): one JSON report + PNG chart per
-# workload and target, summary.md (the comparison table), machine.txt, and the exact
-# commands in commands.txt. Every server binds 127.0.0.1 on free ports and is
+# workload and target, floor/ (the kernel-only fan-out at the same rates),
+# summary.md (the comparison table), machine.txt, and the exact commands in
+# commands.txt. Every server binds 127.0.0.1 on free ports and is
 # stopped at the end; every generator run is bounded in time.
 #
 # Environment: BENCH_OUT, BENCH_QUICK, BENCH_TARGETS (default "wsgate peer nats"),
@@ -28,11 +29,11 @@ PIDS=()
 if [[ "${BENCH_QUICK:-0}" == 1 ]]; then
   SUBS=200; IDLE_CONNS=2000; DUR=4s; HOLD=3s; CHURN_DUR=4s
 else
-  SUBS=2000; IDLE_CONNS=19000; DUR=10s; HOLD=10s; CHURN_DUR=8s
+  SUBS=2000; IDLE_CONNS=19000; DUR=10s; HOLD=20s; CHURN_DUR=8s
 fi
-# Publications per second that offer 500,000 and 2,000,000 deliveries/s to SUBS
-# subscribers of one topic.
-RATE_500K=$((500000 / SUBS)); RATE_2M=$((2000000 / SUBS))
+# Publications per second that offer 500,000, 2,000,000 and 6,000,000 deliveries/s
+# to SUBS subscribers of one topic.
+RATE_500K=$((500000 / SUBS)); RATE_2M=$((2000000 / SUBS)); RATE_6M=$((6000000 / SUBS))
 SRC="127.0.0.2-127.0.0.9"
 
 log() { printf '\n== %s\n' "$*" >&2; }
@@ -50,27 +51,11 @@ install() {
   [[ -d loadtest/peers/node_modules ]] || (cd loadtest/peers && npm ci --no-audit --no-fund)
 }
 
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  sleep 0.3
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  rm -rf "$TMP"
-}
+# shellcheck source=loadtest/bench-common.sh
+source "$ROOT/loadtest/bench-common.sh"
 trap cleanup EXIT
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-wait_port() {
-  for _ in $(seq 200); do
-    (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0
-    sleep 0.05
-  done
-  echo "nothing listens on port $1" >&2
-  return 1
-}
-
-# The pid of the process listening on a port (not a wrapper's).
-pid_of_port() { ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
 
 # Starts "$@" in the background; remembers the listener's pid in $SPID.
 start() {
@@ -154,6 +139,13 @@ bench_target() {
   log "$t: fan-out offered 2M deliveries/s"
   lt "$t-fanout-2m" fanout $(common "$t" fanout-2m) --subscribers "$SUBS" --topics 1 \
     --publishers 4 --rate "$RATE_2M" --payload 100 --duration "$DUR"
+  # Capacity: three times the 2M target. Not for the peer, which already falls
+  # behind at 0.1M/s (its backlog would only grow faster).
+  if [[ $t != peer ]]; then
+    log "$t: fan-out offered 6M deliveries/s (capacity)"
+    lt "$t-fanout-6m" fanout $(common "$t" fanout-6m) --subscribers "$SUBS" --topics 1 \
+      --publishers 4 --rate "$RATE_6M" --payload 100 --duration "$DUR"
+  fi
   # Slow consumers: 10 topics, 1 KiB payloads, 1,000 publications/s. 10% of the
   # subscribers take every topic (1 MB/s each) and stop reading after 2 s, so the
   # server's buffers for them fill within the run; the control run is the same
@@ -175,6 +167,22 @@ bench_target() {
       --subscribers "$SUBS" --topics 1 --publishers 4 --rate "$RATE_2M" --payload 100 --duration "$DUR"
     stop "$pid_a"; stop "$pid_b"
   fi
+}
+
+# The kernel alone: no server and no generator, only threads writing ready-made frames
+# into loopback sockets and epoll readers (`wsgate-loadtest floor`): the yardstick
+# for the fan-out latencies, since a real server does all that and more. A 149-byte
+# payload makes 153-byte frames, the size of wsgate's deliveries of the generator's
+# 100-byte publications (the envelope and topic name add about 50 bytes).
+floor() {
+  local r name
+  for r in "$RATE_500K:500k" "$RATE_2M:2m" "$RATE_6M:6m"; do
+    name="floor-fanout-${r##*:}"
+    log "kernel floor: $SUBS sockets, offered ${r##*:} deliveries/s"
+    echo "$LT floor --sockets $SUBS --rate ${r%%:*} --payload 149 --duration $DUR --source-addrs $SRC --out $OUT/floor/$name.json" >>"$OUT/commands.txt"
+    timeout 120 nice -n "$NICE" "$LT" floor --sockets "$SUBS" --rate "${r%%:*}" --payload 149 \
+      --duration "$DUR" --source-addrs "$SRC" --out "$OUT/floor/$name.json" | tee "$OUT/floor/$name.txt"
+  done
 }
 
 machine() {
@@ -199,13 +207,20 @@ main() {
   cargo build --release -p wsgate -p wsgate-loadtest
   mkdir -p "$OUT"
   rm -f "$OUT"/*.json "$OUT"/*.png "$OUT/commands.txt"
+  rm -rf "$OUT/floor"; mkdir -p "$OUT/floor"
   machine
+  floor
   if target/release/wsgate --help | grep -q -- '--redis-url'; then HAS_REDIS=1; fi
   start_redis
   for t in $TARGETS; do bench_target "$t"; done
   echo "load average after the run: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/machine.txt"
   rm -f "$OUT"/*-part[01].json
   "$LT" table "$OUT"/*.json >"$OUT/summary.md"
+  {
+    printf '\n## Kernel floor (no server, no generator; same sockets, rates and frame size)\n\n```\n'
+    cat "$OUT"/floor/*.txt
+    printf '```\n'
+  } >>"$OUT/summary.md"
   log "summary ($OUT/summary.md)"
   cat "$OUT/summary.md"
 }

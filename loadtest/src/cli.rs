@@ -29,6 +29,9 @@ pub enum Cmd {
     Merge(MergeArgs),
     /// Print a Markdown table comparing reports (grouped by --label).
     Table(TableArgs),
+    /// No server: what the same fan-out costs the kernel alone (plain threads writing
+    /// frames into loopback sockets, epoll readers): the yardstick for any server here.
+    Floor(crate::floor::FloorArgs),
 }
 
 /// Which of the run's subscribers, publishers or connections this process takes.
@@ -63,7 +66,7 @@ impl std::str::FromStr for Split {
     }
 }
 
-fn duration(s: &str) -> Result<Duration, String> {
+pub(crate) fn duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| e.to_string())
 }
 

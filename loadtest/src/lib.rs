@@ -13,12 +13,15 @@
 //! - `seq` — lost/duplicated/reordered accounting per subscriber and publisher.
 //! - `stats` — per-second HDR histograms fed by cheap per-task recorders.
 //! - `report` — the JSON report, its math (steady window, percentiles), and merging.
+//! - `floor` — the kernel-only fan-out (no server, no generator): the yardstick for
+//!   any server on this machine.
 //! - `chart` — the PNG chart; `sysmon` — /proc, getrusage, /metrics; `http` — a
 //!   small HTTP client; `summary` — the human-readable summary.
 #![forbid(unsafe_code)]
 
 pub mod chart;
 pub mod cli;
+pub mod floor;
 pub mod http;
 pub mod net;
 pub mod payload;

@@ -64,7 +64,17 @@ pub struct SelfUsage {
 
 /// getrusage(RUSAGE_SELF).
 pub fn self_usage() -> SelfUsage {
-    match getrusage(UsageWho::RUSAGE_SELF) {
+    usage(UsageWho::RUSAGE_SELF)
+}
+
+/// getrusage(RUSAGE_THREAD): the calling thread's CPU (`max_rss_kib` is the
+/// process's).
+pub fn thread_usage() -> SelfUsage {
+    usage(UsageWho::RUSAGE_THREAD)
+}
+
+fn usage(who: UsageWho) -> SelfUsage {
+    match getrusage(who) {
         Ok(u) => {
             let s = |t: nix::sys::time::TimeVal| t.tv_sec() as f64 + t.tv_usec() as f64 / 1e6;
             SelfUsage {

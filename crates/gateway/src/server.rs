@@ -155,6 +155,12 @@ async fn accept_loop(gw: Arc<Gateway>, listener: TcpListener, role: Role) {
         match accepted {
             Ok((stream, peer)) => {
                 let _ = stream.set_nodelay(true);
+                let sndbuf = gw.config.socket_send_buffer;
+                if sndbuf > 0 && role != Role::Admin {
+                    if let Err(e) = socket2::SockRef::from(&stream).set_send_buffer_size(sndbuf) {
+                        debug!(error = %e, "could not set SO_SNDBUF");
+                    }
+                }
                 let gw2 = gw.clone();
                 match (&gw.security.tls, role) {
                     // The admin listener stays plain: probes and scrapers are local.

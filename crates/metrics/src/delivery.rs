@@ -25,8 +25,8 @@ use crate::delivery_names as names;
 /// which is updated with atomic adds.
 const STRIPES: usize = 64;
 
-/// Latency bucket upper bounds (inclusive), in ns: [`crate::latency_buckets`].
-const LATENCY_NS: [u64; 17] = [
+/// Latency bucket upper bounds (inclusive), in ns; [`crate::latency_buckets`] in seconds.
+pub(crate) const LATENCY_NS: [u64; 17] = [
     50_000,
     100_000,
     250_000,
@@ -45,8 +45,8 @@ const LATENCY_NS: [u64; 17] = [
     5_000_000_000,
     10_000_000_000,
 ];
-/// Queue-size bucket upper bounds, in bytes: [`crate::queue_buckets`] (256 B × 4ⁿ).
-const QUEUE_B: [u64; 8] = [256, 1024, 4096, 16384, 65536, 262_144, 1_048_576, 4_194_304];
+/// Queue-size bucket upper bounds, in bytes (256 B × 4ⁿ): [`crate::queue_buckets`].
+pub(crate) const QUEUE_B: [u64; 8] = [256, 1024, 4096, 16384, 65536, 262_144, 1_048_576, 4_194_304];
 
 /// One thread's counters: a few cache lines, aligned so stripes never share one.
 #[repr(align(128))]

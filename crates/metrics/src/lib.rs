@@ -188,17 +188,17 @@ fn histogram(r: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> Histogr
     )
 }
 
-/// Latency buckets from 50 µs to 10 s.
+/// Latency buckets from 50 µs to 10 s (the delivery histogram's bounds, in seconds).
 pub fn latency_buckets() -> Vec<f64> {
-    vec![
-        0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
-        1.0, 2.5, 5.0, 10.0,
-    ]
+    delivery::LATENCY_NS
+        .iter()
+        .map(|&ns| ns as f64 / 1e9)
+        .collect()
 }
 
 /// Queue-size buckets: 256 B × 4ⁿ, up to 4 MiB (the default limit is 1 MiB).
 pub fn queue_buckets() -> Vec<f64> {
-    prometheus::exponential_buckets(256.0, 4.0, 8).expect("valid buckets")
+    delivery::QUEUE_B.iter().map(|&b| b as f64).collect()
 }
 
 impl Metrics {

@@ -16,6 +16,7 @@
 //!   halves: with Sentinel each (re)connect asks who the master is now.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
 //! - `health`: which connections are up, and the `wsgate_redis_*` metrics.
+//! - `reply`: how broker calls get their answers from the relay tasks.
 //! - [`cluster`]: Redis Cluster mode, [`ClusterBroker`]: sharded pub/sub
 //!   (`SSUBSCRIBE`/`SPUBLISH`) with one pub/sub connection and one publish pipeline
 //!   per primary, following failovers and slot moves.
@@ -28,14 +29,15 @@ pub mod connect;
 pub mod envelope;
 mod health;
 mod publisher;
+mod reply;
 mod subscriber;
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
+use wsgate_fanout::{Broker, BrokerFuture, Hub};
 use wsgate_metrics::Metrics;
 
 pub use crate::cluster::{ClusterBroker, ClusterOptions};
@@ -170,19 +172,9 @@ impl Broker for RedisBroker {
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {
         if !self.health.subscribe_up() {
-            return BrokerFuture::ready(Err(BrokerError::Unavailable(
-                "redis is not connected".into(),
-            )));
+            return BrokerFuture::ready(Err(reply::unavailable("redis is not connected")));
         }
-        let (done, confirmed) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Subscribe(topics, done))
-            .is_err()
-        {
-            return BrokerFuture::ready(Err(BrokerError::Closed));
-        }
-        BrokerFuture::pending(async move { confirmed.await.unwrap_or(Err(BrokerError::Closed)) })
+        reply::ask(&self.commands, |done| Command::Subscribe(topics, done))
     }
 
     fn release(&self, topics: Vec<Arc<str>>) {

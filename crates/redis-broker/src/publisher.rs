@@ -11,7 +11,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wsgate_fanout::{BrokerError, BrokerFuture};
@@ -19,6 +19,7 @@ use wsgate_fanout::{BrokerError, BrokerFuture};
 use crate::backoff::Backoff;
 use crate::connect::{explain, Connector};
 use crate::health::Health;
+use crate::reply::{self, unavailable, Reply};
 
 /// Most publications sent in one pipeline: bounds the memory of one batch and the
 /// latency its first publication waits for the last.
@@ -29,7 +30,7 @@ const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 struct Job {
     channel: Vec<u8>,
     payload: Vec<u8>,
-    ack: oneshot::Sender<Result<(), BrokerError>>,
+    ack: Reply,
 }
 
 /// Handle used by the broker; the writer task owns the connection.
@@ -57,21 +58,12 @@ impl Publisher {
         if !self.health.publish_up() {
             return BrokerFuture::ready(Err(unavailable("redis is not connected")));
         }
-        let (ack, done) = oneshot::channel();
-        let job = Job {
+        reply::ask(&self.tx, |ack| Job {
             channel,
             payload,
             ack,
-        };
-        if self.tx.send(job).is_err() {
-            return BrokerFuture::ready(Err(BrokerError::Closed));
-        }
-        BrokerFuture::pending(async move { done.await.unwrap_or(Err(BrokerError::Closed)) })
+        })
     }
-}
-
-fn unavailable(why: impl Into<String>) -> BrokerError {
-    BrokerError::Unavailable(why.into())
 }
 
 /// Answers every queued job with `err` (the connection they were waiting for is gone).

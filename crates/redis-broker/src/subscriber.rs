@@ -26,16 +26,17 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::StreamExt;
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsgate_fanout::{unix_nanos, BrokerError, Hub, Publication};
+use wsgate_fanout::{unix_nanos, Hub, Publication};
 
 use crate::backoff::Backoff;
 use crate::connect::{explain, Connector};
 use crate::envelope;
 use crate::health::Health;
+use crate::reply::{unavailable, Reply};
 
 /// Channels per `SUBSCRIBE`/`UNSUBSCRIBE` command when many change at once (a
 /// resubscribe after reconnect): keeps each command and its reply reasonably small.
@@ -48,7 +49,7 @@ const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
 const KEEPALIVE: Duration = Duration::from_secs(5);
 
 pub(crate) enum Command {
-    Subscribe(Vec<Arc<str>>, oneshot::Sender<Result<(), BrokerError>>),
+    Subscribe(Vec<Arc<str>>, Reply),
     Release(Vec<Arc<str>>),
 }
 
@@ -61,10 +62,6 @@ pub(crate) struct Manager {
     /// Up while the pub/sub connection is up and resubscribed.
     pub health: Arc<Health>,
     pub stop: CancellationToken,
-}
-
-fn unavailable(why: impl Into<String>) -> BrokerError {
-    BrokerError::Unavailable(why.into())
 }
 
 /// Why serving a connection ended.

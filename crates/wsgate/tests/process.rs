@@ -215,14 +215,7 @@ fn help_documents_every_setting_with_its_env_var() {
 fn a_flood_to_a_client_that_stopped_reading_keeps_memory_bounded() {
     let gw = Gateway::start(&["--outbound-queue-bytes", "256KiB"]);
     // A client that subscribes, then never reads again.
-    let mut slow = TcpStream::connect(("127.0.0.1", gw.port)).unwrap();
-    write!(slow, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
-    let mut r = BufReader::new(slow.try_clone().unwrap());
-    let mut line = String::new();
-    while line != "\r\n" {
-        line.clear();
-        r.read_line(&mut line).unwrap();
-    }
+    let mut slow = upgraded_client(gw.port);
     let cmd = br#"{"op":"subscribe","topics":["flood"]}"#;
     let mut frame = vec![0x81, 0x80 | cmd.len() as u8, 0, 0, 0, 0];
     frame.extend_from_slice(cmd);
@@ -253,6 +246,60 @@ fn a_flood_to_a_client_that_stopped_reading_keeps_memory_bounded() {
         assert!(std::time::Instant::now() < deadline, "{metrics}");
         std::thread::sleep(Duration::from_millis(100));
     }
+}
+
+/// The kernel send buffer of a client's socket on the server side, read with `ss`
+/// (iproute2): the `tb` field of its socket memory.
+fn server_side_sndbuf(port: u16) -> u64 {
+    let out = Command::new("ss")
+        .args(["-tmnH", "state", "established"])
+        .arg(format!("( sport = :{port} )"))
+        .output()
+        .expect("ss (iproute2) is needed by this test");
+    let text = String::from_utf8_lossy(&out.stdout);
+    let tb = text
+        .split(|c: char| c == ',' || c == '(' || c.is_whitespace())
+        .find_map(|f| f.strip_prefix("tb"))
+        .unwrap_or_else(|| panic!("no socket memory in: {text}"));
+    tb.parse().unwrap()
+}
+
+/// A raw WebSocket client: the upgrade is done, nothing else read or sent.
+fn upgraded_client(port: u16) -> TcpStream {
+    let mut c = TcpStream::connect(("127.0.0.1", port)).unwrap();
+    write!(c, "GET /ws HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").unwrap();
+    let mut r = BufReader::new(c.try_clone().unwrap());
+    let mut line = String::new();
+    while line != "\r\n" {
+        line.clear();
+        r.read_line(&mut line).unwrap();
+    }
+    c
+}
+
+#[test]
+fn client_sockets_get_the_configured_send_buffer() {
+    // Linux doubles SO_SNDBUF for its bookkeeping and caps it at net.core.wmem_max.
+    let wmem_max: u64 = std::fs::read_to_string("/proc/sys/net/core/wmem_max")
+        .unwrap()
+        .trim()
+        .parse()
+        .unwrap();
+    let gw = Gateway::start(&[]);
+    let _c = upgraded_client(gw.port);
+    assert_eq!(server_side_sndbuf(gw.port), 2 * wmem_max.min(256 * 1024));
+    let gw = Gateway::start(&["--socket-send-buffer", "64KiB"]);
+    let _c = upgraded_client(gw.port);
+    assert_eq!(server_side_sndbuf(gw.port), 2 * wmem_max.min(64 * 1024));
+    // 0: left to the kernel's autotuning, which sizes it from the initial congestion
+    // window and the MSS (on loopback, with its 64 KiB MTU: megabytes at once).
+    let gw = Gateway::start(&["--socket-send-buffer", "0"]);
+    let _c = upgraded_client(gw.port);
+    let auto = server_side_sndbuf(gw.port);
+    assert!(
+        auto != 2 * wmem_max.min(256 * 1024) && auto != 2 * wmem_max.min(64 * 1024),
+        "{auto}"
+    );
 }
 
 /// The Python `websockets` library (installed by the test command) drives the

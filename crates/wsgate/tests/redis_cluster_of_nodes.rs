@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{wait_until, Client, Node, Redis};
+use common::{command_calls, subscribe_each_at_once, wait_until, Client, Node, Redis};
 use serde_json::json;
 
 const WAIT: Duration = Duration::from_secs(10);
@@ -194,25 +194,13 @@ async fn concurrent_subscribes_are_batched_into_few_subscribe_commands() {
         .exec(&mut redis.conn())
         .unwrap();
     // Every client asks at once, each for its own topic.
-    let mut ids = Vec::new();
-    for (i, c) in clients.iter_mut().enumerate() {
-        let topic = format!("batch{i}");
-        ids.push(c.send(json!({"op":"subscribe","topics":[topic]})).await);
-    }
-    for (c, id) in clients.iter_mut().zip(ids) {
-        assert_eq!(c.reply(id).await["op"], "subscribed");
-    }
+    subscribe_each_at_once(&mut clients, |i| format!("batch{i}")).await;
     assert_eq!(redis.channels("wsgate:batch*").len(), CLIENTS);
     let info: String = redis::cmd("INFO")
         .arg("commandstats")
         .query(&mut redis.conn())
         .unwrap();
-    let calls: usize = info
-        .lines()
-        .find_map(|l| l.strip_prefix("cmdstat_subscribe:calls="))
-        .and_then(|v| v.split(',').next())
-        .and_then(|v| v.parse().ok())
-        .expect("cmdstat_subscribe");
+    let calls = command_calls(&info, "subscribe").expect("cmdstat_subscribe") as usize;
     println!("{CLIENTS} concurrent subscribes took {calls} SUBSCRIBE commands");
     assert!(
         calls < CLIENTS,

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use cluster_common::RedisCluster;
-use common::{wait_until, Client, Node};
+use common::{command_calls, subscribe_each_at_once, wait_until, Client, Node};
 use serde_json::json;
 use wsgate_redis::cluster::slot::key_slot;
 
@@ -245,22 +245,10 @@ async fn concurrent_subscribes_are_batched_per_slot() {
             .args(["-p", &owner.to_string(), "INFO", "commandstats"])
             .output()
             .unwrap();
-        String::from_utf8_lossy(&out.stdout)
-            .lines()
-            .find_map(|l| l.strip_prefix("cmdstat_ssubscribe:calls="))
-            .and_then(|v| v.split(',').next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
+        command_calls(&String::from_utf8_lossy(&out.stdout), "ssubscribe").unwrap_or(0)
     };
     let before = calls();
-    let mut ids = Vec::new();
-    for (i, c) in clients.iter_mut().enumerate() {
-        let topic = format!("lobby.user{i}");
-        ids.push(c.send(json!({"op":"subscribe","topics":[topic]})).await);
-    }
-    for (c, id) in clients.iter_mut().zip(ids) {
-        assert_eq!(c.reply(id).await["op"], "subscribed");
-    }
+    subscribe_each_at_once(&mut clients, |i| format!("lobby.user{i}")).await;
     assert_eq!(cluster.shardchannels(owner).len(), CLIENTS);
     let used = calls() - before;
     println!("{CLIENTS} concurrent subscribes in one slot took {used} SSUBSCRIBE commands");

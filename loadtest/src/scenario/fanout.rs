@@ -156,6 +156,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
             topic_idx: j % a.topics,
             topic: ctx.topic(j % a.topics),
             rate: per_pub_rate,
+            phase: phase(j, a.publishers, per_pub_rate),
             payload: a.payload,
             batch: batch.max(1),
             max_inflight: a.max_inflight.max(1),
@@ -341,9 +342,32 @@ fn endpoints(ctx: &Ctx, a: &FanoutArgs) -> Result<Endpoints> {
     })
 }
 
+/// Publisher `j` of `publishers`, each at `rate` per second, starts this long after the
+/// common start: together they publish at evenly spaced instants, `publishers * rate`
+/// times a second, instead of `publishers` at once.
+fn phase(j: usize, publishers: usize, rate: f64) -> Duration {
+    if rate > 0.0 && publishers > 0 {
+        Duration::from_secs_f64(j as f64 / (publishers as f64 * rate))
+    } else {
+        Duration::ZERO
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn publishers_are_spread_evenly_over_one_period() {
+        // 2 publishers at 125/s: one publication every 4 ms between them.
+        assert_eq!(phase(0, 2, 125.0), Duration::ZERO);
+        assert_eq!(phase(1, 2, 125.0), Duration::from_millis(4));
+        // 4 at 250/s: 1 ms apart, the last 3 ms into the 4 ms period.
+        let p: Vec<_> = (0..4).map(|j| phase(j, 4, 250.0).as_micros()).collect();
+        assert_eq!(p, [0, 1000, 2000, 3000]);
+        // Open loop: no schedule to spread.
+        assert_eq!(phase(3, 4, 0.0), Duration::ZERO);
+    }
 
     #[test]
     fn slow_share_is_spread_evenly() {

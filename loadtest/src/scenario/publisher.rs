@@ -39,6 +39,12 @@ pub struct Plan {
     pub topic: String,
     /// Publications per second for this publisher; 0 = open loop.
     pub rate: f64,
+    /// Delay of this publisher's schedule after the common start. Publishers at a
+    /// fixed rate are spread evenly over one period (publisher j of P starts j/P of a
+    /// period late), as independent publishers would be on average: P publishers
+    /// firing at the same instants would offer P-fold bursts instead of the stated
+    /// rate.
+    pub phase: Duration,
     pub payload: usize,
     pub batch: usize,
     pub max_inflight: usize,
@@ -154,6 +160,7 @@ impl Publisher {
     /// acknowledgements.
     pub async fn run(mut self, ctx: &Ctx, start: Instant, end: Instant) -> Outcome {
         let plan = self.plan.clone();
+        let start = start + plan.phase;
         let mut out = Outcome {
             topic_idx: plan.topic_idx,
             ..Outcome::default()
@@ -168,7 +175,10 @@ impl Publisher {
                 break;
             }
             let n = if plan.rate > 0.0 {
-                let due = ((now - start).as_secs_f64() * plan.rate) as u64 + 1;
+                let due = match now.checked_duration_since(start) {
+                    Some(d) => (d.as_secs_f64() * plan.rate) as u64 + 1,
+                    None => 0,
+                };
                 let next_at = start + Duration::from_secs_f64(seq as f64 / plan.rate);
                 if due <= seq {
                     tokio::time::sleep_until(next_at.into()).await;

@@ -35,10 +35,11 @@ use std::time::Duration;
 use redis::IntoConnectionInfo;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
+use wsgate_fanout::{Broker, BrokerFuture, Hub};
 use wsgate_metrics::Metrics;
 
 use crate::envelope;
+use crate::reply::{self, unavailable};
 use publish::PubHandle;
 use resp::Auth;
 use subscribe::{Command, Event, Manager};
@@ -235,10 +236,6 @@ impl Drop for ClusterBroker {
     }
 }
 
-fn unavailable(why: impl Into<String>) -> BrokerError {
-    BrokerError::Unavailable(why.into())
-}
-
 impl Broker for ClusterBroker {
     fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture {
         let channel = self.shared.channel(topic);
@@ -261,7 +258,7 @@ impl Broker for ClusterBroker {
             ack,
             redirects: 0,
         });
-        BrokerFuture::pending(async move { done.await.unwrap_or(Err(BrokerError::Closed)) })
+        reply::answer(done)
     }
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {
@@ -270,15 +267,7 @@ impl Broker for ClusterBroker {
                 "the Redis Cluster is not fully connected",
             )));
         }
-        let (done, confirmed) = oneshot::channel();
-        if self
-            .commands
-            .send(Command::Subscribe(topics, done))
-            .is_err()
-        {
-            return BrokerFuture::ready(Err(BrokerError::Closed));
-        }
-        BrokerFuture::pending(async move { confirmed.await.unwrap_or(Err(BrokerError::Closed)) })
+        reply::ask(&self.commands, |done| Command::Subscribe(topics, done))
     }
 
     fn release(&self, topics: Vec<Arc<str>>) {

@@ -15,7 +15,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tracing::{debug, info, warn};
 use wsgate_fanout::BrokerError;
 
@@ -23,6 +23,7 @@ use crate::backoff::Backoff;
 use crate::cluster::resp::{self, Value};
 use crate::cluster::topology::Addr;
 use crate::cluster::Shared;
+use crate::reply::{unavailable, Reply};
 
 /// Most publications in one pipeline.
 const MAX_BATCH: usize = 1024;
@@ -36,7 +37,7 @@ pub const MAX_REDIRECTS: u8 = 3;
 pub(crate) struct Job {
     pub channel: Vec<u8>,
     pub payload: Vec<u8>,
-    pub ack: oneshot::Sender<Result<(), BrokerError>>,
+    pub ack: Reply,
     pub redirects: u8,
 }
 
@@ -68,10 +69,6 @@ impl PubHandle {
                 .send(Err(unavailable("the shard's writer has stopped")));
         }
     }
-}
-
-fn unavailable(why: impl Into<String>) -> BrokerError {
-    BrokerError::Unavailable(why.into())
 }
 
 fn fail_queued(rx: &mut mpsc::UnboundedReceiver<Job>, err: &BrokerError) {

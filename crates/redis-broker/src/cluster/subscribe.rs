@@ -26,11 +26,11 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsgate_fanout::{unix_nanos, BrokerError, Hub, Publication};
+use wsgate_fanout::{unix_nanos, Hub, Publication};
 
 use crate::backoff::Backoff;
 use crate::cluster::resp::{self, Reader, Value, Writer};
@@ -38,6 +38,7 @@ use crate::cluster::slot::key_slot;
 use crate::cluster::topology::{self, Addr};
 use crate::cluster::Shared;
 use crate::envelope;
+use crate::reply::{unavailable, Reply};
 
 /// Periodic slot-map refresh (catches shards added without any redirect).
 pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
@@ -57,7 +58,7 @@ const SILENCE: Duration = Duration::from_secs(15);
 const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
 
 pub(crate) enum Command {
-    Subscribe(Vec<Arc<str>>, oneshot::Sender<Result<(), BrokerError>>),
+    Subscribe(Vec<Arc<str>>, Reply),
     Release(Vec<Arc<str>>),
 }
 
@@ -91,7 +92,7 @@ struct Conn {
 
 struct Waiter {
     left: HashSet<Arc<str>>,
-    done: oneshot::Sender<Result<(), BrokerError>>,
+    done: Reply,
     deadline: Instant,
 }
 
@@ -120,10 +121,6 @@ pub(crate) struct Manager {
     refresh_wanted: bool,
     last_refresh: Option<Instant>,
     next_conn: u64,
-}
-
-fn unavailable(why: impl Into<String>) -> BrokerError {
-    BrokerError::Unavailable(why.into())
 }
 
 impl Manager {
@@ -278,29 +275,14 @@ impl Manager {
 
     /// Pipelines one `SSUBSCRIBE` per slot (and per [`CHUNK`]) on `addr`.
     async fn send_subscribes(&mut self, addr: &Addr, slots: BTreeMap<u16, Vec<Arc<str>>>) {
-        let Some(conn) = self.conns.get_mut(addr) else {
-            return;
-        };
-        let mut bytes = Vec::new();
-        for topics in slots.into_values() {
-            for chunk in topics.chunks(CHUNK) {
-                let mut args: Vec<Vec<u8>> = vec![b"SSUBSCRIBE".to_vec()];
-                args.extend(chunk.iter().map(|t| self.shared.channel(t)));
-                resp::encode(&mut bytes, &args);
-                conn.expect.push_back(Expect::Subscribe {
-                    topics: chunk.to_vec(),
-                    left: chunk.len(),
-                });
-            }
-        }
-        self.write(addr, bytes).await;
+        self.send_per_slot(addr, b"SSUBSCRIBE", slots, |topics, left| {
+            Expect::Subscribe { topics, left }
+        })
+        .await;
     }
 
     /// Pipelines one `SUNSUBSCRIBE` per slot on `addr`.
     async fn send_unsubscribes(&mut self, addr: &Addr, topics: Vec<Arc<str>>) {
-        let Some(conn) = self.conns.get_mut(addr) else {
-            return;
-        };
         let mut per_slot: BTreeMap<u16, Vec<Arc<str>>> = BTreeMap::new();
         for t in topics {
             per_slot
@@ -308,16 +290,31 @@ impl Manager {
                 .or_default()
                 .push(t);
         }
+        self.send_per_slot(addr, b"SUNSUBSCRIBE", per_slot, |topics, left| {
+            Expect::Unsubscribe { topics, left }
+        })
+        .await;
+    }
+
+    /// Pipelines `command` once per slot (and per [`CHUNK`] of its topics) on `addr`,
+    /// expecting one confirmation per topic (`expect(topics, count)`).
+    async fn send_per_slot(
+        &mut self,
+        addr: &Addr,
+        command: &[u8],
+        slots: BTreeMap<u16, Vec<Arc<str>>>,
+        expect: fn(Vec<Arc<str>>, usize) -> Expect,
+    ) {
+        let Some(conn) = self.conns.get_mut(addr) else {
+            return;
+        };
         let mut bytes = Vec::new();
-        for topics in per_slot.into_values() {
+        for topics in slots.into_values() {
             for chunk in topics.chunks(CHUNK) {
-                let mut args: Vec<Vec<u8>> = vec![b"SUNSUBSCRIBE".to_vec()];
+                let mut args: Vec<Vec<u8>> = vec![command.to_vec()];
                 args.extend(chunk.iter().map(|t| self.shared.channel(t)));
                 resp::encode(&mut bytes, &args);
-                conn.expect.push_back(Expect::Unsubscribe {
-                    topics: chunk.to_vec(),
-                    left: chunk.len(),
-                });
+                conn.expect.push_back(expect(chunk.to_vec(), chunk.len()));
             }
         }
         self.write(addr, bytes).await;

@@ -15,6 +15,27 @@ use tokio::net::TcpStream as TokioTcp;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
+/// How many times Redis ran `command`, from the text of `INFO commandstats` (`None`
+/// if it never did).
+pub fn command_calls(info: &str, command: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// Every client asks at once to subscribe to its own topic, `topic(i)`; then each
+/// confirmation is awaited.
+pub async fn subscribe_each_at_once(clients: &mut [Client], topic: impl Fn(usize) -> String) {
+    let mut ids = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        ids.push(c.send(json!({"op":"subscribe","topics":[topic(i)]})).await);
+    }
+    for (c, id) in clients.iter_mut().zip(ids) {
+        assert_eq!(c.reply(id).await["op"], "subscribed");
+    }
+}
+
 /// A port nobody listens on right now (bind to 0, read it, release it).
 pub fn free_port() -> u16 {
     TcpListener::bind("127.0.0.1:0")
