@@ -21,13 +21,7 @@ impl Drop for Guard {
     }
 }
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use wsgate_testkit::free_port;
 
 fn wait_port(port: u16) {
     let deadline = Instant::now() + Duration::from_secs(15);

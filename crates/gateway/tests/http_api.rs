@@ -130,11 +130,7 @@ async fn health_readiness_metrics_and_routing() {
 #[tokio::test]
 async fn one_port_for_everything_when_configured() {
     // Bind a free port, then ask for listen == admin-listen on it.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = wsgate_testkit::free_port();
     let addr = format!("127.0.0.1:{port}");
     let s = start_with(wsgate_gateway::Config::try_parse_from_args(&[
         "--listen",

@@ -20,11 +20,7 @@ impl Drop for RedisProc {
 }
 
 fn start_redis() -> RedisProc {
-    let port = TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = wsgate_testkit::free_port();
     let child = Command::new("redis-server")
         .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
         .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])

@@ -9,13 +9,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use wsgate_testkit::free_port;
 
 struct Gateway {
     child: Child,

@@ -271,10 +271,7 @@ fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
     );
     std::fs::write(dir.join("prometheus.yml"), config).unwrap();
     // A free port: bound, then released for Prometheus (loopback only).
-    let addr = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap();
+    let addr = std::net::SocketAddr::from(([127, 0, 0, 1], wsgate_testkit::free_port()));
     let child = tool("prometheus")
         .arg(format!(
             "--config.file={}",

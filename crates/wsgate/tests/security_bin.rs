@@ -2,7 +2,7 @@
 //! loudly, and SIGHUP reloads the TLS certificate without a restart.
 
 use std::io::{BufRead, BufReader};
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
@@ -13,13 +13,7 @@ use rustls_pki_types::{CertificateDer, ServerName};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
-fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+use wsgate_testkit::free_port;
 
 struct Ca {
     der: CertificateDer<'static>,

@@ -15,13 +15,18 @@ pub const NODE_TIMEOUT_MS: &str = "1000";
 
 /// A port `p` free for a cluster node: `p` and its bus port `p + 10000`.
 fn free_cluster_port(taken: &[u16]) -> u16 {
+    let quiet = wsgate_testkit::quiet_range();
     loop {
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        let p = l.local_addr().unwrap().port();
-        if p > 55000 || taken.contains(&p) || taken.contains(&(p + 10000)) {
+        let p = wsgate_testkit::free_port();
+        // The bus port must be outside the ephemeral range too (when there is room).
+        let bus = p.checked_add(10000);
+        let Some(bus) = bus.filter(|b| quiet.len() < 20_000 || quiet.contains(b)) else {
+            continue;
+        };
+        if taken.contains(&p) || taken.contains(&bus) {
             continue;
         }
-        if TcpListener::bind(("127.0.0.1", p + 10000)).is_ok() {
+        if TcpListener::bind(("127.0.0.1", bus)).is_ok() {
             return p;
         }
     }

@@ -5,7 +5,7 @@
 #![allow(dead_code)] // each test file uses a different subset
 
 use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpListener, TcpStream};
+use std::net::{SocketAddr, TcpStream};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -36,14 +36,7 @@ pub async fn subscribe_each_at_once(clients: &mut [Client], topic: impl Fn(usize
     }
 }
 
-/// A port nobody listens on right now (bind to 0, read it, release it).
-pub fn free_port() -> u16 {
-    TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
-}
+pub use wsgate_testkit::free_port;
 
 /// Polls `f` until it is true or `timeout` passes; returns whether it became true.
 pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
@@ -256,15 +249,22 @@ impl Node {
             cmd.args(["--redis-url", url]);
         }
         let child = cmd.spawn().expect("wsgate binary");
-        let node = Node {
+        let mut node = Node {
             addr,
             admin,
             child,
             log,
         };
+        let mut exited = None;
+        let up = wait_until(Duration::from_secs(10), || {
+            exited = node.child.try_wait().ok().flatten();
+            exited.is_some() || node.get("/healthz").0 == 200
+        });
         assert!(
-            wait_until(Duration::from_secs(10), || node.get("/healthz").0 == 200),
-            "wsgate did not start"
+            up && exited.is_none(),
+            "wsgate did not start on {addr} (admin {admin}): {}\n{}",
+            exited.map_or("no answer in 10 s".into(), |s| format!("it exited, {s}")),
+            node.logs()
         );
         node
     }
