@@ -2,7 +2,6 @@
 //! topics must leave Redis holding exactly the hub's topics, and every `subscribe`
 //! that resolved must already be live in Redis (`subscribed` means ready).
 
-use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
