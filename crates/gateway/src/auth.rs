@@ -8,6 +8,7 @@
 //! names a configured (algorithm, key) pair.
 
 use std::path::Path;
+use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
@@ -80,6 +81,15 @@ impl Identity {
             subscribe: Acl::any(),
             publish: Acl::any(),
         }
+    }
+
+    /// The one anonymous identity that every session of a gateway without auth shares
+    /// (sessions hold identities behind an `Arc`, so an open gateway's idle
+    /// connections carry 8 bytes for it, not the whole identity).
+    pub fn shared_anonymous() -> Arc<Self> {
+        static ANONYMOUS: LazyLock<Arc<Identity>> =
+            LazyLock::new(|| Arc::new(Identity::anonymous()));
+        ANONYMOUS.clone()
     }
 }
 

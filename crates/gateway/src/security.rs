@@ -35,7 +35,7 @@ pub struct Security {
 
 /// An upgrade request that passed every check.
 pub(crate) struct Admitted {
-    pub identity: Identity,
+    pub identity: Arc<Identity>,
     pub ip_slot: IpSlot,
 }
 
@@ -120,11 +120,11 @@ impl Security {
             return Err(Refusal::Origin);
         }
         let identity = match &self.auth {
-            None => Identity::anonymous(),
+            None => Identity::shared_anonymous(),
             Some(a) => {
                 let token =
                     auth::token_from_request(req).ok_or(Refusal::Auth(AuthError::Missing))?;
-                a.verify(&token).map_err(Refusal::Auth)?
+                Arc::new(a.verify(&token).map_err(Refusal::Auth)?)
             }
         };
         let ip_slot = self.per_ip.try_acquire(peer.ip()).ok_or(Refusal::PerIp)?;

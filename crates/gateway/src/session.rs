@@ -147,7 +147,7 @@ where
         gw: gw.clone(),
         id,
         topics: TopicSet::default(),
-        limiter: RateLimiter::new(cfg.rate_limit, cfg.rate_burst, Instant::now()),
+        limiter: RateLimiter::new(cfg.rate_burst, Instant::now()),
         replies: None,
         assembler: Assembler::new(cfg.max_message_size),
         identity,
@@ -366,7 +366,8 @@ struct Reader {
     replies: Option<mpsc::Sender<Pending>>,
     assembler: Assembler,
     /// Who the client is and what it may do (replaced by `refresh`).
-    identity: Identity,
+    /// Behind an `Arc`: without auth every session shares one anonymous identity.
+    identity: Arc<Identity>,
     /// When the session ends unless refreshed (unix seconds, leeway included),
     /// watched by the [`expiry`] task (only when auth is on).
     expires: Option<tokio::sync::watch::Sender<u64>>,
@@ -500,7 +501,10 @@ impl Reader {
 
     /// Runs one message; `false` ends the session.
     async fn on_message(&mut self, message: Message) -> bool {
-        let verdict = self.limiter.check(Instant::now());
+        let cfg = &self.gw.config;
+        let verdict = self
+            .limiter
+            .check(Instant::now(), cfg.rate_limit, cfg.rate_burst);
         if verdict == Verdict::Abuse {
             self.outbox.close(Disconnect::RateLimit);
             return false;
@@ -609,7 +613,7 @@ impl Reader {
         if let Some(expires) = &self.expires {
             set_deadline(expires, &identity, self.gw.config.jwt_leeway);
         }
-        self.identity = identity;
+        self.identity = Arc::new(identity);
         Ok(protocol::refreshed_reply(id))
     }
 
@@ -847,7 +851,7 @@ mod size_tests {
                 peer: "127.0.0.1:1".parse().unwrap(),
                 slot: gw.try_reserve_connection().unwrap(),
                 admitted: Admitted {
-                    identity: Identity::anonymous(),
+                    identity: Identity::shared_anonymous(),
                     ip_slot: crate::iplimit::PerIpLimit::new(10)
                         .try_acquire("127.0.0.1".parse().unwrap())
                         .unwrap(),
@@ -880,7 +884,7 @@ mod size_tests {
             std::mem::size_of_val(&writer),
         );
         println!("session future {session_b} B, writer future {writer_b} B");
-        assert!(session_b <= 960, "session future {session_b} B");
+        assert!(session_b <= 800, "session future {session_b} B");
         assert!(writer_b <= 320, "writer future {writer_b} B");
         drop(writer);
         drop(r);
