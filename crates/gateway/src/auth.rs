@@ -74,21 +74,19 @@ pub struct Identity {
 
 impl Identity {
     /// The anonymous client of a gateway without auth: may do anything, never expires.
-    pub fn anonymous() -> Self {
-        Identity {
-            subject: String::new(),
-            expires: SystemTime::UNIX_EPOCH + Duration::from_secs(MAX_EXP),
-            subscribe: Acl::any(),
-            publish: Acl::any(),
-        }
-    }
-
-    /// The one anonymous identity that every session of a gateway without auth shares
-    /// (sessions hold identities behind an `Arc`, so an open gateway's idle
-    /// connections carry 8 bytes for it, not the whole identity).
-    pub fn shared_anonymous() -> Arc<Self> {
-        static ANONYMOUS: LazyLock<Arc<Identity>> =
-            LazyLock::new(|| Arc::new(Identity::anonymous()));
+    ///
+    /// One identity that every such session shares (sessions hold identities behind
+    /// an `Arc`, so an open gateway's idle connections carry 8 bytes for it, not the
+    /// whole identity).
+    pub fn anonymous() -> Arc<Self> {
+        static ANONYMOUS: LazyLock<Arc<Identity>> = LazyLock::new(|| {
+            Arc::new(Identity {
+                subject: String::new(),
+                expires: SystemTime::UNIX_EPOCH + Duration::from_secs(MAX_EXP),
+                subscribe: Acl::any(),
+                publish: Acl::any(),
+            })
+        });
         ANONYMOUS.clone()
     }
 }

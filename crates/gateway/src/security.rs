@@ -120,7 +120,7 @@ impl Security {
             return Err(Refusal::Origin);
         }
         let identity = match &self.auth {
-            None => Identity::shared_anonymous(),
+            None => Identity::anonymous(),
             Some(a) => {
                 let token =
                     auth::token_from_request(req).ok_or(Refusal::Auth(AuthError::Missing))?;

@@ -851,7 +851,7 @@ mod size_tests {
                 peer: "127.0.0.1:1".parse().unwrap(),
                 slot: gw.try_reserve_connection().unwrap(),
                 admitted: Admitted {
-                    identity: Identity::shared_anonymous(),
+                    identity: Identity::anonymous(),
                     ip_slot: crate::iplimit::PerIpLimit::new(10)
                         .try_acquire("127.0.0.1".parse().unwrap())
                         .unwrap(),
