@@ -15,12 +15,11 @@ pub const NODE_TIMEOUT_MS: &str = "1000";
 
 /// A port `p` free for a cluster node: `p` and its bus port `p + 10000`.
 fn free_cluster_port(taken: &[u16]) -> u16 {
-    let quiet = wsgate_testkit::quiet_range();
+    let ephemeral = wsgate_testkit::ephemeral_range();
     loop {
         let p = wsgate_testkit::free_port();
-        // The bus port must be outside the ephemeral range too (when there is room).
-        let bus = p.checked_add(10000);
-        let Some(bus) = bus.filter(|b| quiet.len() < 20_000 || quiet.contains(b)) else {
+        // The bus port must be outside the ephemeral range too.
+        let Some(bus) = p.checked_add(10000).filter(|b| !ephemeral.contains(b)) else {
             continue;
         };
         if taken.contains(&p) || taken.contains(&bus) {
