@@ -1,25 +1,26 @@
 //! The broker seam: how a node publishes to, and hears from, the rest of the cluster.
 //!
-//! A node calls its broker for three things (centrifuge's node/broker split):
-//! - [`Broker::publish`] for every accepted publication (client, HTTP API). The
-//!   broker delivers it — to the local hub directly (memory) or through a relay
-//!   that delivers back to every node, this one included (Redis).
-//! - [`Broker::subscribe`] after adding a connection to a topic in the [`Hub`]. It
-//!   resolves once the node is guaranteed to receive that topic, which is what makes
-//!   the contract's "`subscribed` means ready" true across nodes.
+//! The [`Node`](crate::Node) calls its broker for three things (centrifuge's
+//! node/broker split):
+//! - [`Broker::publish`] for every accepted publication (client, HTTP API, demo). The
+//!   broker hands it back to the node through [`BrokerEvents::publication`] — at once
+//!   (memory) or through a relay that reports it on every node, this one included
+//!   (Redis).
+//! - [`Broker::subscribe`] after the node added a connection to a topic in its hub.
+//!   It resolves once the node is guaranteed to receive that topic, which is what
+//!   makes the contract's "`subscribed` means ready" true across nodes.
 //! - [`Broker::release`] when a topic lost its last local subscriber.
 //!
-//! Relays deliver incoming messages with [`Hub::deliver`] and use
-//! [`Hub::has_subscribers`] / [`Hub::topics`] as the source of truth for interest, so
-//! racing subscribes and releases always settle on what the hub says.
+//! Brokers never see the hub, connections or frames. What arrives is reported through
+//! the one [`BrokerEvents`] handler the node gives the broker when it is built; the
+//! node encodes, delivers and counts. The same handler answers the broker's questions
+//! about interest ([`BrokerEvents::has_subscribers`], [`BrokerEvents::topics`]), so
+//! racing subscribes and releases always settle on what the node's hub says.
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
-
-use crate::hub::Hub;
-use crate::publication::Publication;
 
 /// Why a broker could not do what was asked. Client-visible as `unavailable`.
 #[derive(Debug, Clone, thiserror::Error)]
@@ -30,6 +31,34 @@ pub enum BrokerError {
     /// The broker is shutting down.
     #[error("broker closed")]
     Closed,
+}
+
+/// Where a publication reported by a broker was first accepted.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    /// By a gateway node (this one or another): it was counted where it was accepted.
+    Gateway,
+    /// By a backend writing to the broker directly (e.g. a Redis `PUBLISH`).
+    Backend,
+}
+
+/// What a broker reports to its node, and the node's interest it may ask about.
+///
+/// Implemented by the node; brokers hold it as `Arc<dyn BrokerEvents>`.
+pub trait BrokerEvents: Send + Sync + 'static {
+    /// A publication of `data` (valid JSON text) to `topic` (valid) arrived.
+    /// `accepted_at` is when a node first accepted it, in nanoseconds since the UNIX
+    /// epoch (the receive time for a backend's publication). Called in topic order;
+    /// must not block (it only enqueues).
+    fn publication(&self, topic: &str, data: &[u8], accepted_at: u64, origin: Origin);
+
+    /// Whether the node has a local subscriber of `topic` now: the truth a broker
+    /// re-checks before it gives a topic up.
+    fn has_subscribers(&self, topic: &str) -> bool;
+
+    /// Every topic with local subscribers (what to subscribe again after a broker
+    /// reconnect). A snapshot: it may be stale by the time it is used.
+    fn topics(&self) -> Vec<Arc<str>>;
 }
 
 /// The outcome of a broker operation: ready at once (the in-memory broker) or later
@@ -84,12 +113,15 @@ pub trait Broker: Send + Sync + 'static {
     /// means it was not accepted (never a false success).
     fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture;
 
-    /// Ensures this node receives `topics`, which the caller has already added to the
-    /// hub. Resolves once messages published from now on will reach the hub.
+    /// Ensures this node receives `topics`, which the node has already added to its
+    /// hub. Resolves once messages published from now on will be reported through
+    /// [`BrokerEvents::publication`]. Topics that were already live resolve at once,
+    /// or when their pending subscription is confirmed.
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture;
 
     /// `topics` have lost their last local subscriber. The broker may stop receiving
-    /// them (after re-checking the hub, possibly after a delay).
+    /// them (after re-checking [`BrokerEvents::has_subscribers`], possibly after a
+    /// delay).
     fn release(&self, topics: Vec<Arc<str>>);
 
     /// Whether the broker can fan out right now (for `/readyz`).
@@ -99,29 +131,28 @@ pub trait Broker: Send + Sync + 'static {
     fn kind(&self) -> &'static str;
 }
 
-/// The embedded single-node broker: a publication goes straight to the local hub.
+/// The embedded single-node broker: a publication is reported back at once.
 pub struct MemoryBroker {
-    hub: Arc<Hub>,
+    events: Arc<dyn BrokerEvents>,
 }
 
 impl MemoryBroker {
-    /// A broker delivering into `hub`.
-    pub fn new(hub: Arc<Hub>) -> Self {
-        MemoryBroker { hub }
+    /// A broker reporting to `events` (the node).
+    pub fn new(events: Arc<dyn BrokerEvents>) -> Self {
+        MemoryBroker { events }
     }
 }
 
 impl Broker for MemoryBroker {
     fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture {
-        // Encoded once, here, for every local subscriber; delivered synchronously, so
-        // the caller's sequence is the delivery order.
-        let publication = Publication::encode(topic, data, accepted_at);
-        self.hub.deliver(topic, &publication);
+        // Delivered synchronously, so the caller's sequence is the delivery order.
+        self.events
+            .publication(topic, data, accepted_at, Origin::Gateway);
         BrokerFuture::ready(Ok(()))
     }
 
     fn subscribe(&self, _topics: Vec<Arc<str>>) -> BrokerFuture {
-        // The hub *is* the broker here: the caller's hub entry makes the topic live.
+        // The node's hub is the whole cluster here: its entry makes the topic live.
         BrokerFuture::ready(Ok(()))
     }
 
@@ -139,41 +170,45 @@ impl Broker for MemoryBroker {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::hub::Subscriber;
     use parking_lot::Mutex;
 
+    /// One reported publication: topic, data, accept time, origin.
+    type Reported = (String, Vec<u8>, u64, Origin);
+
     #[derive(Default)]
-    struct Recorder(Mutex<Vec<bytes::Bytes>>);
-    impl Subscriber for Recorder {
-        fn deliver(&self, p: &Publication) {
-            self.0.lock().push(p.frame.clone());
+    struct Recorder(Mutex<Vec<Reported>>);
+    impl BrokerEvents for Recorder {
+        fn publication(&self, topic: &str, data: &[u8], at: u64, origin: Origin) {
+            self.0.lock().push((topic.into(), data.into(), at, origin));
+        }
+        fn has_subscribers(&self, _topic: &str) -> bool {
+            true
+        }
+        fn topics(&self) -> Vec<Arc<str>> {
+            Vec::new()
         }
     }
 
     #[tokio::test]
-    async fn memory_broker_delivers_in_order_and_shares_frames() {
-        let hub = Arc::new(Hub::default());
-        let broker = MemoryBroker::new(hub.clone());
-        let (a, b) = (Arc::new(Recorder::default()), Arc::new(Recorder::default()));
-        let topic: Arc<str> = Arc::from("chat.1");
-        hub.subscribe(&topic, 1, a.clone());
-        hub.subscribe(&topic, 2, b.clone());
-        broker.subscribe(vec![topic.clone()]).await.unwrap();
-        for i in 0..100 {
-            let mut f = broker.publish("chat.1", i.to_string().as_bytes(), 0);
+    async fn memory_broker_reports_every_publication_at_once_in_order() {
+        let events = Arc::new(Recorder::default());
+        let broker = MemoryBroker::new(events.clone());
+        broker.subscribe(vec![Arc::from("chat.1")]).await.unwrap();
+        for i in 0..100u64 {
+            let mut f = broker.publish("chat.1", i.to_string().as_bytes(), i);
             assert!(
                 f.now().unwrap().is_ok(),
                 "memory publishes complete at once"
             );
         }
-        let got_a = a.0.lock().clone();
-        assert_eq!(got_a.len(), 100);
-        for (i, f) in got_a.iter().enumerate() {
-            let text = std::str::from_utf8(&f[2..]).unwrap();
-            assert!(text.ends_with(&format!("\"data\":{i}}}")), "{text}");
+        let got = events.0.lock();
+        assert_eq!(got.len(), 100);
+        for (i, (topic, data, at, origin)) in got.iter().enumerate() {
+            assert_eq!(topic, "chat.1");
+            assert_eq!(data, i.to_string().as_bytes());
+            assert_eq!(*at, i as u64);
+            assert_eq!(*origin, Origin::Gateway);
         }
-        // One encoding per publication: both subscribers hold the very same buffer.
-        assert_eq!(got_a[0].as_ptr(), b.0.lock()[0].as_ptr());
         assert!(broker.is_ready());
     }
 }

@@ -2,26 +2,38 @@
 //! publication reaches them.
 //!
 //! # Layout
-//! - [`topic`]: topic name validation (the contract's `invalid_topic` rule).
-//! - [`frame`]: server-side WebSocket frame encoding (unmasked, so it can be built once).
-//! - [`publication`]: a publication encoded **once** into its complete WebSocket frame;
-//!   every local subscriber shares those bytes.
+//! - [`node`]: the [`Node`], which owns the hub and the broker and is the only place
+//!   that joins them: subscribe (hub add → broker subscribe → undo on failure),
+//!   unsubscribe, publish (validation, counting), and the broker's event handler that
+//!   encodes each arriving publication once and delivers it.
 //! - [`hub`]: the topic → local subscribers index. Pure data, sharded by topic hash, no
 //!   I/O, no `.await` under a lock. `subscribe` says "first local subscriber",
-//!   `unsubscribe` says "now empty" — the broker uses both to manage interest.
+//!   `unsubscribe` says "now empty".
 //! - [`broker`]: the [`Broker`] trait, the seam between a node and the rest of the
-//!   cluster, and [`MemoryBroker`], the embedded single-node default.
+//!   cluster; [`BrokerEvents`], how a broker reports back; and [`MemoryBroker`], the
+//!   embedded single-node default.
+//! - [`publication`]: a publication encoded **once** into its complete WebSocket frame;
+//!   every local subscriber shares those bytes.
+//! - [`frame`]: server-side WebSocket frame encoding (unmasked, so it can be built once).
+//! - [`topic`]: topic name validation (the contract's `invalid_topic` rule).
 //!
-//! Relays (e.g. Redis) live in their own modules/crates and implement [`Broker`]:
-//! they deliver what they receive with [`Hub::deliver`].
+//! Relays (e.g. Redis, in `wsgate-redis`) implement [`Broker`] and report what they
+//! receive through the [`BrokerEvents`] the node hands them; they never see the hub.
+//!
+//! One publication, end to end: a session calls [`Node::publish`] → the broker
+//! ([`Broker::publish`]) → on every node, [`BrokerEvents::publication`] →
+//! [`Publication::encode`] → [`Hub::deliver`] → each subscriber's queue
+//! ([`Subscriber::deliver`]) → its writer.
 
 pub mod broker;
 pub mod frame;
 pub mod hub;
+pub mod node;
 pub mod publication;
 pub mod topic;
 
-pub use broker::{Broker, BrokerError, BrokerFuture, MemoryBroker};
+pub use broker::{Broker, BrokerError, BrokerEvents, BrokerFuture, MemoryBroker, Origin};
 pub use hub::{Hub, Subscriber, SubscriberId};
+pub use node::{Node, PublishAck, PublishError, Source};
 pub use publication::{unix_nanos, Publication};
 pub use topic::{validate_topic, TopicError};

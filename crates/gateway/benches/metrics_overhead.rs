@@ -31,7 +31,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use wsgate_fanout::{unix_nanos, Broker, Hub, MemoryBroker, Subscriber};
+use wsgate_fanout::{unix_nanos, Node, Source, Subscriber};
 use wsgate_gateway::outbox::{Batch, Outbox};
 use wsgate_metrics::{latency_buckets, queue_buckets, Metrics};
 
@@ -149,15 +149,14 @@ fn write_side(conns: &mut [Conn], mode: Mode, m: &(Metrics, Shared), socket: boo
     }
 }
 
-fn setup(threads: usize) -> (Arc<Hub>, MemoryBroker, Vec<Vec<Conn>>) {
-    let hub = Arc::new(Hub::default());
-    let broker = MemoryBroker::new(hub.clone());
+fn setup(threads: usize) -> (Node, Vec<Vec<Conn>>) {
+    let node = Node::in_memory(Metrics::default(), 1 << 16);
     let topic: Arc<str> = Arc::from("bench");
     let mut groups: Vec<Vec<Conn>> = (0..threads).map(|_| Vec::new()).collect();
     for i in 0..SUBSCRIBERS {
         let outbox = Arc::new(Outbox::new(1 << 20));
         let sub: Arc<dyn Subscriber> = outbox.clone();
-        hub.subscribe(&topic, i as u64, sub);
+        node.hub().subscribe(&topic, i as u64, sub);
         let (tx, rx) = UnixStream::pair().expect("socket pair");
         rx.set_nonblocking(true).unwrap();
         groups[i % threads].push(Conn {
@@ -169,7 +168,7 @@ fn setup(threads: usize) -> (Arc<Hub>, MemoryBroker, Vec<Vec<Conn>>) {
             rx,
         });
     }
-    (hub, broker, groups)
+    (node, groups)
 }
 
 /// One variant, ready to run.
@@ -177,7 +176,7 @@ struct Setup {
     name: &'static str,
     mode: Mode,
     metrics: (Metrics, Shared),
-    broker: MemoryBroker,
+    node: Node,
     groups: Vec<Vec<Conn>>,
     /// Seconds per iteration, one entry per round.
     rounds: Vec<f64>,
@@ -191,7 +190,7 @@ fn run(s: &mut Setup, iters: usize, socket: bool) -> f64 {
     for _ in 0..iters {
         let start = Instant::now();
         for _ in 0..PER_ITER {
-            drop(s.broker.publish("bench", DATA, unix_nanos()));
+            drop(s.node.publish(Source::Http, "bench", DATA));
         }
         let (mode, m) = (s.mode, &s.metrics);
         if s.groups.len() == 1 {
@@ -238,12 +237,12 @@ fn main() {
         .into_iter()
         .map(|(name, mode)| {
             let metrics = (Metrics::default(), Shared::new());
-            let (_hub, broker, groups) = setup(threads);
+            let (node, groups) = setup(threads);
             Setup {
                 name,
                 mode,
                 metrics,
-                broker,
+                node,
                 groups,
                 rounds: Vec::new(),
             }

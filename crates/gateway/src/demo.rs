@@ -1,5 +1,5 @@
 //! The browser client (`/wsgate.js`, always served) and, with `--demo`, a demo page at
-//! `/` plus a ticker that publishes to `demo.ticker` through the broker — the same path
+//! `/` plus a ticker that publishes to `demo.ticker` through the node — the same path
 //! as the HTTP API, so with Redis every node's page sees every node's ticker.
 
 use std::sync::Arc;
@@ -8,7 +8,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use http::{header, Response, StatusCode};
 use http_body_util::Full;
-use wsgate_fanout::unix_nanos;
+use wsgate_fanout::{unix_nanos, Source};
 
 use crate::http_api::Body;
 use crate::protocol::json_string;
@@ -67,11 +67,14 @@ pub async fn run_ticker(gw: Arc<Gateway>) {
             })
             .collect();
         let data = format!("[{}]", rows.join(","));
-        if let Err(e) = gw
-            .broker
-            .publish("demo.ticker", data.as_bytes(), unix_nanos())
-            .await
+        let result = match gw
+            .node
+            .publish(Source::Demo, "demo.ticker", data.as_bytes())
         {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        if let Err(e) = result {
             tracing::debug!(error = %e, "demo ticker publish failed");
         }
     }

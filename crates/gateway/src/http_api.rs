@@ -10,8 +10,7 @@ use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
-use tokio::time::Instant;
-use wsgate_fanout::{unix_nanos, validate_topic};
+use wsgate_fanout::{validate_topic, PublishError, Source};
 
 use crate::protocol::json_string;
 use crate::state::Gateway;
@@ -51,8 +50,8 @@ pub fn readyz(gw: &Gateway) -> Response<Body> {
     let body = format!(
         r#"{{"ready":{ready},"draining":{},"broker":"{}","broker_ready":{},"connections":{},"node":{}}}"#,
         gw.is_draining(),
-        gw.broker.kind(),
-        gw.broker.is_ready(),
+        gw.node.broker_kind(),
+        gw.node.broker_ready(),
         gw.connections(),
         json_string(&gw.node_id),
     );
@@ -191,7 +190,6 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
     }
     // Validate everything before publishing anything: a batch is accepted whole or
     // refused whole when the request itself is wrong.
-    let max = gw.config.max_publication_size();
     let mut checked = Vec::with_capacity(items.len());
     for (i, item) in items.iter().enumerate() {
         let Some(topic) = item.topic.as_deref() else {
@@ -201,53 +199,58 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
                 &format!("item {i}: `topic` is required"),
             );
         };
-        if let Err(e) = validate_topic(topic) {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "invalid_topic",
-                &format!("item {i}: {e}"),
-            );
-        }
         let Some(data) = item.data else {
+            // The topic's own problem, if it has one, is the first thing to say.
+            if let Err(e) = validate_topic(topic) {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_topic",
+                    &format!("item {i}: {e}"),
+                );
+            }
             return error(
                 StatusCode::BAD_REQUEST,
                 "bad_request",
                 &format!("item {i}: `data` is required"),
             );
         };
-        if data.get().len() > max {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!(
-                    "item {i}: data is {} bytes; the limit is {max}",
-                    data.get().len()
-                ),
-            );
+        let data = data.get().as_bytes();
+        match gw.node.check(topic, data) {
+            Ok(()) => checked.push((topic, data)),
+            Err(e @ PublishError::InvalidTopic(_)) => {
+                return error(
+                    StatusCode::BAD_REQUEST,
+                    "invalid_topic",
+                    &format!("item {i}: {e}"),
+                )
+            }
+            Err(e @ PublishError::TooLarge { .. }) => {
+                return error(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    "payload_too_large",
+                    &format!("item {i}: {e}"),
+                )
+            }
         }
-        checked.push((topic, data.get().as_bytes()));
     }
-    let started = Instant::now();
-    let accepted_at = unix_nanos();
-    // Every publish is issued (ordered) before any is awaited: one pipeline.
+    // Every publish is issued (ordered) before any is awaited: one pipeline. The node
+    // counts each outcome.
     let acks: Vec<_> = checked
         .iter()
-        .map(|(topic, data)| gw.broker.publish(topic, data, accepted_at))
+        .map(|(topic, data)| gw.node.publish(Source::Http, topic, data))
         .collect();
     let mut published = 0usize;
     let mut failure = None;
     for ack in acks {
-        match ack.await {
-            Ok(()) => published += 1,
-            Err(e) => failure = Some(e),
+        match ack {
+            Ok(ack) => match ack.await {
+                Ok(()) => published += 1,
+                Err(e) => failure = Some(e.to_string()),
+            },
+            // Checked above; kept as a failure rather than a panic.
+            Err(e) => failure = Some(e.to_string()),
         }
     }
-    gw.metrics
-        .broker_publish_duration
-        .observe(started.elapsed().as_secs_f64());
-    gw.metrics.received.http.inc_by(published as u64);
-    gw.metrics
-        .dropped("broker_unavailable", (checked.len() - published) as u64);
     match failure {
         None => json(
             StatusCode::OK,
@@ -257,7 +260,7 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
                 r#"{{"error":"unavailable","message":{},"published":{published}}}"#,
-                json_string(&e.to_string())
+                json_string(&e)
             ),
         ),
     }

@@ -107,7 +107,7 @@ impl Server {
     /// Serves until the drain has finished (or [`Gateway::shutdown`] is cancelled).
     pub async fn run(self) {
         let gw = self.gw;
-        info!(listen = %self.public.local_addr().expect("bound"), node = %gw.node_id, broker = gw.broker.kind(), "wsgate serving");
+        info!(listen = %self.public.local_addr().expect("bound"), node = %gw.node_id, broker = gw.node.broker_kind(), "wsgate serving");
         let role = if self.admin.is_some() {
             Role::Public
         } else {

@@ -17,7 +17,7 @@ use tokio::io::{AsyncRead, AsyncWrite};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tracing::{debug, Instrument};
-use wsgate_fanout::{frame, unix_nanos, BrokerError, BrokerFuture, Subscriber};
+use wsgate_fanout::{frame, PublishAck, PublishError, Source, Subscriber};
 
 use crate::auth::Identity;
 use crate::close::Disconnect;
@@ -644,23 +644,14 @@ impl Reader {
             ));
         }
         if !fresh.is_empty() {
-            // Into the hub first, so nothing published once the broker confirms can
-            // miss this connection.
             let sub: Arc<dyn Subscriber> = self.outbox.clone();
             for t in &fresh {
-                self.gw.hub.subscribe(t, self.id, sub.clone());
                 self.topics.insert(t.clone());
             }
-            if let Err(e) = self.gw.broker.subscribe(fresh.clone()).await {
-                let mut emptied = Vec::new();
-                for t in fresh {
-                    self.topics.remove(&t);
-                    if self.gw.hub.unsubscribe(&t, self.id) {
-                        emptied.push(t);
-                    }
-                }
-                if !emptied.is_empty() {
-                    self.gw.broker.release(emptied);
+            if let Err(e) = self.gw.node.subscribe(self.id, &sub, &fresh).await {
+                // The node took them out of the hub again.
+                for t in &fresh {
+                    self.topics.remove(t);
                 }
                 return Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string()));
             }
@@ -669,29 +660,16 @@ impl Reader {
     }
 
     fn unsubscribe(&mut self, id: Option<u64>, topics: Vec<Arc<str>>) -> String {
-        let mut emptied = Vec::new();
-        for t in &topics {
-            if self.topics.remove(t) && self.gw.hub.unsubscribe(t, self.id) {
-                emptied.push(t.clone());
-            }
-        }
-        if !emptied.is_empty() {
-            self.gw.broker.release(emptied);
-        }
+        let mine = &mut self.topics;
+        self.gw
+            .node
+            .unsubscribe(self.id, topics.iter().filter(|t| mine.remove(t)).cloned());
         protocol::topics_reply("unsubscribed", id, &topics)
     }
 
     /// Leaves every topic (the session is over).
     fn leave_all(&mut self) {
-        let mut emptied = Vec::new();
-        for t in self.topics.drain() {
-            if self.gw.hub.unsubscribe(&t, self.id) {
-                emptied.push(t);
-            }
-        }
-        if !emptied.is_empty() {
-            self.gw.broker.release(emptied);
-        }
+        self.gw.node.unsubscribe(self.id, self.topics.drain());
     }
 
     /// Publishes; returns the reply now, or `None` when the reply will be queued by a
@@ -717,26 +695,29 @@ impl Reader {
                 format!("not allowed to publish to {}", protocol::json_string(topic)),
             ));
         }
-        let max = cfg.max_publication_size();
-        if data.len() > max {
-            return Err(CommandError::new(
-                id,
-                ErrorCode::PayloadTooLarge,
-                format!("data is {} bytes; the limit is {max}", data.len()),
-            ));
-        }
         // Ordering is fixed when `publish` returns, so later publishes from this
         // client cannot overtake this one even while its reply is pending.
-        let started = Instant::now();
-        let mut ack = self.gw.broker.publish(topic, data, unix_nanos());
+        let mut ack = match self.gw.node.publish(Source::Client, topic, data) {
+            Ok(ack) => ack,
+            Err(e @ PublishError::TooLarge { .. }) => {
+                return Err(CommandError::new(
+                    id,
+                    ErrorCode::PayloadTooLarge,
+                    e.to_string(),
+                ))
+            }
+            Err(e @ PublishError::InvalidTopic(_)) => {
+                return Err(CommandError::new(
+                    id,
+                    ErrorCode::InvalidTopic,
+                    format!("invalid topic: {e}"),
+                ))
+            }
+        };
         if self.replies.is_none() {
             if let Some(result) = ack.now() {
-                // The in-memory broker: answered at once, nothing is queued.
-                self.gw
-                    .metrics
-                    .broker_publish_duration
-                    .observe(started.elapsed().as_secs_f64());
-                count_publish(&self.gw.metrics, &result);
+                // The in-memory broker: answered (and counted) at once, nothing is
+                // queued.
                 return match result {
                     Ok(()) => Ok(Some(protocol::published_reply(id))),
                     Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
@@ -748,14 +729,13 @@ impl Reader {
             let replies = Replies {
                 rx,
                 outbox: self.outbox.clone(),
-                metrics: self.gw.metrics.clone(),
             };
             self.gw.tracker.spawn(replies.run().in_current_span());
             tx
         });
         // At the limit this waits: the client's further commands stay in its socket
         // (TCP backpressure) instead of piling up here.
-        let _ = tx.send(Pending::Publish { id, started, ack }).await;
+        let _ = tx.send(Pending::Publish { id, ack }).await;
         Ok(None)
     }
 }
@@ -763,11 +743,7 @@ impl Reader {
 /// A reply waiting its turn in [`Replies`].
 enum Pending {
     /// A publication the broker has not answered yet.
-    Publish {
-        id: Option<u64>,
-        started: Instant,
-        ack: BrokerFuture,
-    },
+    Publish { id: Option<u64>, ack: PublishAck },
     /// Any other reply, made after such a publication.
     Ready(Bytes),
 }
@@ -779,7 +755,6 @@ enum Pending {
 struct Replies {
     rx: mpsc::Receiver<Pending>,
     outbox: Arc<Outbox>,
-    metrics: wsgate_metrics::Metrics,
 }
 
 impl Replies {
@@ -787,13 +762,9 @@ impl Replies {
         while let Some(p) = self.rx.recv().await {
             let frame = match p {
                 Pending::Ready(frame) => frame,
-                Pending::Publish { id, started, ack } => {
-                    let result = ack.await;
-                    self.metrics
-                        .broker_publish_duration
-                        .observe(started.elapsed().as_secs_f64());
-                    count_publish(&self.metrics, &result);
-                    let reply = match result {
+                Pending::Publish { id, ack } => {
+                    // The ack counts the publication as it resolves.
+                    let reply = match ack.await {
                         Ok(()) => protocol::published_reply(id),
                         Err(e) => protocol::error_reply(&CommandError::new(
                             id,
@@ -806,15 +777,6 @@ impl Replies {
             };
             self.outbox.push(frame, 0);
         }
-    }
-}
-
-/// Counts a client publication once the broker has answered: accepted ones are
-/// received messages, refused ones are dropped.
-fn count_publish(metrics: &wsgate_metrics::Metrics, result: &Result<(), BrokerError>) {
-    match result {
-        Ok(()) => metrics.received.client.inc(),
-        Err(_) => metrics.dropped("broker_unavailable", 1),
     }
 }
 
@@ -845,7 +807,8 @@ mod size_tests {
         let gw = Gateway::in_memory(
             crate::Config::for_tests(),
             wsgate_metrics::Metrics::default(),
-        );
+        )
+        .unwrap();
         let start = || {
             Box::new(Start {
                 peer: "127.0.0.1:1".parse().unwrap(),
@@ -895,6 +858,7 @@ mod size_tests {
 mod tests {
     use super::*;
     use crate::outbox::Batch;
+    use wsgate_fanout::{Broker, BrokerError, BrokerFuture};
 
     fn texts(ob: &Outbox) -> Vec<String> {
         let mut b = Batch::default();
@@ -905,31 +869,54 @@ mod tests {
             .collect()
     }
 
+    type Answer = tokio::sync::oneshot::Receiver<Result<(), BrokerError>>;
+
+    /// A broker that answers each publication when the test says so.
+    struct Manual(parking_lot::Mutex<std::collections::VecDeque<Answer>>);
+    impl Broker for Manual {
+        fn publish(&self, _: &str, _: &[u8], _: u64) -> BrokerFuture {
+            let done = self.0.lock().pop_front().expect("an answer per publish");
+            BrokerFuture::pending(async move { done.await.unwrap() })
+        }
+        fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
+            BrokerFuture::ready(Ok(()))
+        }
+        fn release(&self, _: Vec<Arc<str>>) {}
+        fn is_ready(&self) -> bool {
+            true
+        }
+        fn kind(&self) -> &'static str {
+            "manual"
+        }
+    }
+
     #[tokio::test]
     async fn replies_leave_in_command_order_whatever_order_the_broker_answers() {
+        let (ack1, done1) = tokio::sync::oneshot::channel();
+        let (ack2, done2) = tokio::sync::oneshot::channel();
+        let answers = parking_lot::Mutex::new([done1, done2].into());
+        let node = wsgate_fanout::Node::new(wsgate_metrics::Metrics::default(), 64, |_| {
+            Ok::<_, ()>(Manual(answers))
+        })
+        .unwrap();
         let outbox = Arc::new(Outbox::new(1 << 20));
         let (tx, rx) = mpsc::channel(8);
         let task = tokio::spawn(
             Replies {
                 rx,
                 outbox: outbox.clone(),
-                metrics: wsgate_metrics::Metrics::default(),
             }
             .run(),
         );
-        let (ack1, done1) = tokio::sync::oneshot::channel::<Result<(), BrokerError>>();
-        let (ack2, done2) = tokio::sync::oneshot::channel::<Result<(), BrokerError>>();
-        let pending =
-            |id, done: tokio::sync::oneshot::Receiver<Result<(), BrokerError>>| Pending::Publish {
-                id: Some(id),
-                started: Instant::now(),
-                ack: BrokerFuture::pending(async move { done.await.unwrap() }),
-            };
-        tx.send(pending(1, done1)).await.unwrap();
+        let pending = |id| Pending::Publish {
+            id: Some(id),
+            ack: node.publish(Source::Client, "t", b"1").unwrap(),
+        };
+        tx.send(pending(1)).await.unwrap();
         tx.send(Pending::Ready(frame::text(b"{\"op\":\"pong\",\"id\":2}")))
             .await
             .unwrap();
-        tx.send(pending(3, done2)).await.unwrap();
+        tx.send(pending(3)).await.unwrap();
         // The broker answers the later publication first, and refuses it.
         ack2.send(Err(BrokerError::Unavailable("down".into())))
             .unwrap();
@@ -947,5 +934,9 @@ mod tests {
             "{}",
             got[2]
         );
+        // Each publication was counted once, by its ack.
+        let m = node.metrics();
+        assert_eq!(m.received.client.get(), 1);
+        assert_eq!(m.broker_publish_duration.get_sample_count(), 2);
     }
 }

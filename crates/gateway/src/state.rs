@@ -1,25 +1,28 @@
-//! The node's shared state: configuration, hub, broker, metrics, live sessions and
-//! the shutdown tree. One `Arc<Gateway>` is shared by every task.
+//! The gateway's shared state: configuration, the fan-out [`Node`] (hub and broker),
+//! metrics, security, live sessions and the shutdown tree. One `Arc<Gateway>` is
+//! shared by every task.
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
-use wsgate_fanout::{Broker, Hub};
+use wsgate_fanout::Node;
 use wsgate_metrics::Metrics;
 
 use crate::close::Disconnect;
 use crate::config::Config;
 use crate::heartbeat::Sessions;
-use crate::security::Security;
+use crate::security::{Security, SecurityError};
 
 /// Shared state of one gateway node.
 pub struct Gateway {
     pub config: Config,
     pub node_id: String,
-    pub hub: Arc<Hub>,
-    pub broker: Arc<dyn Broker>,
+    /// The hub, the broker and the rules between them: every subscribe, unsubscribe
+    /// and publish goes through it.
+    pub node: Node,
+    /// The node's metrics (the same handles as `node.metrics()`).
     pub metrics: Metrics,
     /// Auth, origin policy, per-IP limits, TLS.
     pub security: Security,
@@ -37,40 +40,17 @@ pub struct Gateway {
 }
 
 impl Gateway {
-    /// Assembles a node from its parts. The broker must deliver into `hub`.
-    ///
-    /// # Panics
-    /// When the security settings cannot be loaded; check them first with
-    /// [`Security::from_config`] to report that nicely (as `main` does).
-    pub fn new(
-        config: Config,
-        hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
-        metrics: Metrics,
-    ) -> Arc<Self> {
-        let security = Security::from_config(&config)
-            .unwrap_or_else(|e| panic!("invalid security configuration: {e}"));
-        Self::with_security(config, hub, broker, metrics, security)
-    }
-
-    /// [`Gateway::new`] with security settings loaded by the caller.
-    pub fn with_security(
-        config: Config,
-        hub: Arc<Hub>,
-        broker: Arc<dyn Broker>,
-        metrics: Metrics,
-        security: Security,
-    ) -> Arc<Self> {
+    /// Assembles a gateway from its parts. `security` is built (and its errors
+    /// reported) by the caller, once: [`Security::from_config`].
+    pub fn new(config: Config, node: Node, security: Security) -> Arc<Self> {
         let node_id = config.resolved_node_id();
         let sessions = Sessions::new(config.heartbeat_interval, config.heartbeat_timeout);
-        metrics.broker_up.set(i64::from(broker.is_ready()));
-        metrics.set_broker_kind(broker.kind());
+        let metrics = node.metrics().clone();
         metrics.ready.set(1);
         Arc::new(Gateway {
             config,
             node_id,
-            hub,
-            broker,
+            node,
             metrics,
             security,
             sessions,
@@ -83,11 +63,14 @@ impl Gateway {
         })
     }
 
-    /// A node with the in-memory broker (the embedded default).
-    pub fn in_memory(config: Config, metrics: Metrics) -> Arc<Self> {
-        let hub = Arc::new(Hub::default());
-        let broker = Arc::new(wsgate_fanout::MemoryBroker::new(hub.clone()));
-        Self::new(config, hub, broker, metrics)
+    /// A gateway with the in-memory broker (the embedded default).
+    ///
+    /// # Errors
+    /// The security settings cannot be loaded (a key, certificate or JWKS file).
+    pub fn in_memory(config: Config, metrics: Metrics) -> Result<Arc<Self>, SecurityError> {
+        let security = Security::from_config(&config)?;
+        let node = Node::in_memory(metrics, config.max_publication_size());
+        Ok(Self::new(config, node, security))
     }
 
     /// Starts the graceful drain. Idempotent.
@@ -108,7 +91,7 @@ impl Gateway {
     /// its broker can fan out (a Redis node that lost Redis would accept clients it
     /// cannot serve; existing clients stay connected meanwhile).
     pub fn is_ready(&self) -> bool {
-        !self.is_draining() && self.broker.is_ready()
+        !self.is_draining() && self.node.broker_ready()
     }
 
     /// Open WebSocket connections.
@@ -147,13 +130,7 @@ impl Gateway {
 
     /// Refreshes gauges that are cheaper to read than to maintain (at scrape time).
     pub fn refresh_gauges(&self) {
-        self.metrics
-            .subscriptions
-            .set(self.hub.subscription_count());
-        self.metrics.topics.set(self.hub.topic_count());
-        self.metrics
-            .broker_up
-            .set(i64::from(self.broker.is_ready()));
+        self.node.refresh_gauges();
         self.metrics.ready.set(i64::from(self.is_ready()));
     }
 }

@@ -293,7 +293,7 @@ async fn refresh_with_narrower_token_leaves_revoked_topics() {
     )
     .await;
     assert_eq!(r["op"], "refreshed");
-    assert_eq!(node.gw.hub.subscription_count(), 0);
+    assert_eq!(node.gw.node.hub().subscription_count(), 0);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -289,7 +289,8 @@ async fn client_publish_can_be_forbidden() {
 mod unavailable {
     use super::*;
     use std::sync::Arc;
-    use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Hub};
+    use wsgate_fanout::{Broker, BrokerError, BrokerFuture, Node};
+    use wsgate_gateway::security::Security;
     use wsgate_gateway::Gateway;
     use wsgate_metrics::Metrics;
 
@@ -314,14 +315,14 @@ mod unavailable {
 
     #[tokio::test]
     async fn broker_outage_is_unavailable_never_false_success() {
-        let hub = Arc::new(Hub::default());
-        let gw = Gateway::new(
-            config(&[]),
-            hub.clone(),
-            Arc::new(DownBroker),
-            Metrics::default(),
-        );
-        let s = start_gateway(gw).await;
+        let cfg = config(&[]);
+        let node = Node::new(Metrics::default(), cfg.max_publication_size(), |_| {
+            Ok::<_, ()>(DownBroker)
+        })
+        .unwrap();
+        let security = Security::from_config(&cfg).unwrap();
+        let gw = Gateway::new(cfg, node, security);
+        let s = start_gateway(gw.clone()).await;
         let (mut ws, _) = connect(&s).await;
         expect_error(
             &mut ws,
@@ -331,7 +332,7 @@ mod unavailable {
         )
         .await;
         assert!(
-            !hub.has_subscribers("t"),
+            !gw.node.hub().has_subscribers("t"),
             "a failed subscribe is rolled back"
         );
         expect_error(

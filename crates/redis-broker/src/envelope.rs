@@ -18,6 +18,7 @@ use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 use wsgate_fanout::publication::payload_to_json;
+use wsgate_fanout::{unix_nanos, BrokerEvents, Origin};
 
 /// First bytes of every gateway payload: a non-UTF-8 marker and a version tag.
 pub const MAGIC: &[u8; 5] = b"\xFFWSG1";
@@ -48,6 +49,16 @@ pub fn decode(payload: &[u8]) -> (Cow<'_, [u8]>, Option<u64>) {
         }
     }
     (payload_to_json(payload), None)
+}
+
+/// Reports a message that arrived on `topic`'s channel to the node: a gateway's
+/// envelope with its accept time, anything else as a backend's publication received now.
+/// Both modes' readers end here.
+pub(crate) fn report(events: &dyn BrokerEvents, topic: &str, payload: &[u8]) {
+    match decode(payload) {
+        (data, Some(at)) => events.publication(topic, &data, at, Origin::Gateway),
+        (data, None) => events.publication(topic, &data, unix_nanos(), Origin::Backend),
+    }
 }
 
 #[cfg(test)]

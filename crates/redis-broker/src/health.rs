@@ -70,12 +70,4 @@ impl Health {
             m.redis_errors.inc();
         }
     }
-
-    /// A backend's (not a gateway's) publication arrived from Redis. Gateway
-    /// publications are counted once, as `client`/`http`, on the node that took them.
-    pub(crate) fn backend_message(&self) {
-        if let Some(m) = &self.metrics {
-            m.received.redis.inc();
-        }
-    }
 }

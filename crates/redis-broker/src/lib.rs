@@ -7,9 +7,9 @@
 //! - [`publisher`]: one connection and one writer task; `PUBLISH`es are queued in
 //!   call order and sent in pipelines, each acknowledged or failed `unavailable`.
 //! - [`subscriber`]: the manager task owning the pub/sub connection's subscription
-//!   state (batched `SUBSCRIBE`, delayed `UNSUBSCRIBE` re-checked against the hub,
-//!   resubscribe after reconnect) and the reader task that delivers into the hub
-//!   without ever blocking.
+//!   state (batched `SUBSCRIBE`, delayed `UNSUBSCRIBE` re-checked against the node's
+//!   interest, resubscribe after reconnect) and the reader task that reports what
+//!   arrives to the node ([`wsgate_fanout::BrokerEvents`]) without ever blocking.
 //! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
 //!   which no backend payload can be mistaken for.
 //! - [`connect`]: opening connections (URL, password, TLS, Sentinel), used by both
@@ -37,7 +37,7 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use wsgate_fanout::{Broker, BrokerFuture, Hub};
+use wsgate_fanout::{Broker, BrokerEvents, BrokerFuture};
 use wsgate_metrics::Metrics;
 
 pub use crate::cluster::{ClusterBroker, ClusterOptions};
@@ -125,7 +125,10 @@ impl RedisBroker {
     ///
     /// # Errors
     /// When the connection options cannot work (see [`Connector::new`]).
-    pub fn start(options: RedisOptions, hub: Arc<Hub>) -> Result<Self, ConnectError> {
+    pub fn start(
+        options: RedisOptions,
+        events: Arc<dyn BrokerEvents>,
+    ) -> Result<Self, ConnectError> {
         let connector = Connector::new(&options.connect_options())?;
         let stop = CancellationToken::new();
         let prefix: Arc<str> = Arc::from(options.prefix.as_str());
@@ -134,7 +137,7 @@ impl RedisBroker {
         let (commands, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             connector,
-            hub,
+            events,
             prefix: prefix.clone(),
             unsubscribe_delay: options.unsubscribe_delay,
             health: health.clone(),

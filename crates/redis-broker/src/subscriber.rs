@@ -1,5 +1,5 @@
 //! The receiving side: which channels this node holds in Redis, and the reader that
-//! hands what arrives to the hub.
+//! hands what arrives to the node.
 //!
 //! One task, the *manager*, owns the pub/sub connection's subscription state; every
 //! change goes through it, in order, so racing subscribes and releases of one topic
@@ -13,7 +13,7 @@
 //! - On a lost connection it reconnects with backoff and resubscribes every topic the
 //!   hub has, so local clients never notice more than the gap.
 //!
-//! A second task, the *reader*, only decodes and delivers: [`Hub::deliver`] is a
+//! A second task, the *reader*, only decodes and delivers: [`BrokerEvents::publication`] is a
 //! non-blocking enqueue into each subscriber's byte-bounded outbox, so the reader
 //! never waits on a slow client, the connection is drained as fast as Redis writes,
 //! and Redis never sees a growing output buffer (`client-output-buffer-limit pubsub`).
@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsgate_fanout::{unix_nanos, Hub, Publication};
+use wsgate_fanout::BrokerEvents;
 
 use crate::backoff::Backoff;
 use crate::connect::{explain, Connector};
@@ -56,7 +56,8 @@ pub(crate) enum Command {
 /// What the manager needs to know, fixed at start.
 pub(crate) struct Manager {
     pub connector: Connector,
-    pub hub: Arc<Hub>,
+    /// The node: where messages go, and the truth about which topics it wants.
+    pub events: Arc<dyn BrokerEvents>,
     pub prefix: Arc<str>,
     pub unsubscribe_delay: Duration,
     /// Up while the pub/sub connection is up and resubscribed.
@@ -144,13 +145,12 @@ impl Manager {
         let (mut sink, stream) = pubsub.split();
         tokio::spawn(read(
             stream,
-            self.hub.clone(),
+            self.events.clone(),
             self.prefix.clone(),
-            self.health.clone(),
             connection.clone(),
             self.stop.clone(),
         ));
-        let topics = self.hub.topics();
+        let topics = self.events.topics();
         let mut confirmed = HashSet::with_capacity(topics.len());
         for chunk in topics.chunks(CHUNK) {
             let channels: Vec<String> = chunk.iter().map(|t| self.channel(t)).collect();
@@ -237,7 +237,7 @@ impl Manager {
                     while due.front().is_some_and(|(at, _)| *at <= now) {
                         let (_, t) = due.pop_front().expect("checked");
                         // The hub is the truth: a subscriber that came back keeps it.
-                        if confirmed.contains(&t) && !self.hub.has_subscribers(&t) && seen.insert(t.clone()) {
+                        if confirmed.contains(&t) && !self.events.has_subscribers(&t) && seen.insert(t.clone()) {
                             gone.push(t);
                         }
                     }
@@ -275,13 +275,12 @@ async fn confirm(
     }
 }
 
-/// The reader: decode, encode once, deliver. Never awaits anything but the next
+/// The reader: decode and report to the node. Never awaits anything but the next
 /// message.
 async fn read(
     mut stream: redis::aio::PubSubStream,
-    hub: Arc<Hub>,
+    events: Arc<dyn BrokerEvents>,
     prefix: Arc<str>,
-    health: Arc<Health>,
     connection: CancellationToken,
     stop: CancellationToken,
 ) {
@@ -295,16 +294,7 @@ async fn read(
         let Some(topic) = msg.get_channel_name().strip_prefix(&*prefix) else {
             continue;
         };
-        let (data, at) = envelope::decode(msg.get_payload_bytes());
-        let at = match at {
-            Some(at) => at,
-            None => {
-                health.backend_message();
-                unix_nanos()
-            }
-        };
-        let publication = Publication::encode(topic, &data, at);
-        hub.deliver(topic, &publication);
+        envelope::report(&*events, topic, msg.get_payload_bytes());
     }
     connection.cancel();
 }

@@ -1,12 +1,14 @@
-//! The broker against a real redis-server: racing subscribes and releases of the same
-//! topics must leave Redis holding exactly the hub's topics, and every `subscribe`
-//! that resolved must already be live in Redis (`subscribed` means ready).
+//! The broker against a real redis-server, driven through the node: racing subscribes
+//! and unsubscribes of the same topics must leave Redis holding exactly the hub's
+//! topics, and every `subscribe` that resolved must already be live in Redis
+//! (`subscribed` means ready).
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use wsgate_fanout::{Broker, Hub, Publication, Subscriber};
+use wsgate_fanout::{Node, Publication, Subscriber};
+use wsgate_metrics::Metrics;
 use wsgate_redis::{RedisBroker, RedisOptions};
 
 struct RedisProc(Child, u16);
@@ -47,14 +49,18 @@ impl Subscriber for Sink {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn racing_subscribes_and_releases_settle_on_the_hub() {
+async fn racing_subscribes_and_unsubscribes_settle_on_the_hub() {
     let redis = start_redis();
-    let hub = Arc::new(Hub::default());
     let mut options = RedisOptions::new(format!("redis://127.0.0.1:{}/", redis.1));
     options.unsubscribe_delay = Duration::from_millis(0);
-    let broker = Arc::new(RedisBroker::start(options, hub.clone()).unwrap());
+    let node = Arc::new(
+        Node::new(Metrics::default(), 1 << 16, |events| {
+            RedisBroker::start(options, events)
+        })
+        .unwrap(),
+    );
     let end = Instant::now() + Duration::from_secs(10);
-    while !broker.is_ready() {
+    while !node.broker_ready() {
         assert!(Instant::now() < end, "broker ready");
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
@@ -65,14 +71,15 @@ async fn racing_subscribes_and_releases_settle_on_the_hub() {
     let port = redis.1;
     let mut workers = Vec::new();
     for w in 0..8u64 {
-        let (hub, broker, topics) = (hub.clone(), broker.clone(), topics.clone());
+        let (node, topics) = (node.clone(), topics.clone());
         workers.push(tokio::spawn(async move {
             let mut check = conn(port).unwrap();
             let sink: Arc<dyn Subscriber> = Arc::new(Sink);
             for i in 0..150u64 {
                 let t = &topics[((w + i) % 4) as usize];
-                hub.subscribe(t, w, sink.clone());
-                broker.subscribe(vec![t.clone()]).await.unwrap();
+                node.subscribe(w, &sink, std::slice::from_ref(t))
+                    .await
+                    .unwrap();
                 let receivers: u64 = redis::cmd("PUBLISH")
                     .arg(format!("wsgate:{t}"))
                     .arg("1")
@@ -82,17 +89,16 @@ async fn racing_subscribes_and_releases_settle_on_the_hub() {
                 if i % 3 != 0 {
                     tokio::time::sleep(Duration::from_micros(200 * (i % 5))).await;
                 }
-                if hub.unsubscribe(t, w) {
-                    broker.release(vec![t.clone()]);
-                }
+                node.unsubscribe(w, [t.clone()]);
             }
             // Each worker ends subscribed to one topic (workers 0 and 4 share race0…).
             let t = &topics[(w % 4) as usize];
-            hub.subscribe(t, w, sink.clone());
-            broker.subscribe(vec![t.clone()]).await.unwrap();
+            node.subscribe(w, &sink, std::slice::from_ref(t))
+                .await
+                .unwrap();
             // …and then workers 4..8 leave again.
-            if w >= 4 && hub.unsubscribe(t, w) {
-                broker.release(vec![t.clone()]);
+            if w >= 4 {
+                node.unsubscribe(w, [t.clone()]);
             }
         }));
     }
@@ -101,7 +107,12 @@ async fn racing_subscribes_and_releases_settle_on_the_hub() {
     }
     // Workers 0..4 stay on race0..race3: Redis must hold exactly those, and keep them.
     let mut check = conn(port).unwrap();
-    let mut want: Vec<String> = hub.topics().iter().map(|t| format!("wsgate:{t}")).collect();
+    let mut want: Vec<String> = node
+        .hub()
+        .topics()
+        .iter()
+        .map(|t| format!("wsgate:{t}"))
+        .collect();
     want.sort();
     assert_eq!(want.len(), 4);
     tokio::time::sleep(Duration::from_millis(300)).await;
@@ -116,9 +127,7 @@ async fn racing_subscribes_and_releases_settle_on_the_hub() {
     // Everyone leaves: Redis ends with nothing.
     for w in 0..4u64 {
         let t = &topics[w as usize];
-        if hub.unsubscribe(t, w) {
-            broker.release(vec![t.clone()]);
-        }
+        node.unsubscribe(w, [t.clone()]);
     }
     let end = Instant::now() + Duration::from_secs(5);
     loop {

@@ -12,11 +12,10 @@ mod drain_cmd;
 mod telemetry;
 
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use clap::Parser;
 use tracing::{error, info, warn};
-use wsgate_fanout::Hub;
+use wsgate_fanout::Node;
 use wsgate_gateway::config::RedisMode;
 use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
@@ -81,16 +80,16 @@ fn redis_options(cfg: &Config) -> Result<Option<RedisOptions>, String> {
     Ok(Some(options))
 }
 
-async fn run(cfg: Config, redis: Option<RedisOptions>) -> anyhow::Result<()> {
+async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
-    let gw: Arc<Gateway> = match redis {
-        None => Gateway::in_memory(cfg, metrics),
+    let max_publication = cfg.max_publication_size();
+    let node = match redis {
+        None => Node::in_memory(metrics, max_publication),
         Some(redis) if cfg.redis_mode == RedisMode::Cluster => {
             // The cluster need not be up yet either: the broker keeps asking the
             // seeds for the slot map; `/readyz` is 503 until every shard is
             // connected (docs/redis.md).
-            let hub = Arc::new(Hub::default());
             let options = ClusterOptions {
                 seeds: redis.url.split(',').map(|s| s.trim().to_string()).collect(),
                 password: redis.password.clone(),
@@ -99,25 +98,29 @@ async fn run(cfg: Config, redis: Option<RedisOptions>) -> anyhow::Result<()> {
                 hash_tag_separator: cfg.redis_hash_tag_separator.map(|c| c as u8),
                 metrics: Some(metrics.clone()),
             };
-            let broker = ClusterBroker::start(options, hub.clone())
-                .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+            let node = Node::new(metrics, max_publication, |events| {
+                ClusterBroker::start(options, events)
+            })
+            .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
             info!(prefix = %cfg.redis_prefix, "redis cluster (sharded pub/sub) fan-out enabled");
-            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+            node
         }
         Some(mut options) => {
             // Redis need not be up yet: the broker connects in the background and
             // `/readyz` says 503 until it has (docs/redis.md).
-            let hub = Arc::new(Hub::default());
             options.metrics = Some(metrics.clone());
             if options.url.ends_with("#insecure") {
                 warn!("redis TLS certificates are not verified (#insecure): for tests only");
             }
-            let broker = RedisBroker::start(options, hub.clone())
-                .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
+            let node = Node::new(metrics, max_publication, |events| {
+                RedisBroker::start(options, events)
+            })
+            .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
             info!(prefix = %cfg.redis_prefix, "redis fan-out enabled");
-            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+            node
         }
     };
+    let gw = Gateway::new(cfg, node, security);
     gw.security.log_posture(&gw.config);
     if gw.config.demo {
         info!("demo mode: page at / and a ticker on demo.ticker");
@@ -172,11 +175,14 @@ fn main() -> ExitCode {
         eprintln!("wsgate: invalid configuration: {msg}");
         return ExitCode::from(2);
     }
-    // Keys and certificates are read here too, so a bad one is a clear exit 2.
-    if let Err(e) = Security::from_config(&cfg) {
-        eprintln!("wsgate: invalid configuration: {e}");
-        return ExitCode::from(2);
-    }
+    // Keys and certificates are read once, here, so a bad one is a clear exit 2.
+    let security = match Security::from_config(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsgate: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let redis = match redis_options(&cfg) {
         Ok(r) => r,
         Err(e) => {
@@ -205,7 +211,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match runtime.block_on(run(cfg, redis)) {
+    let code = match runtime.block_on(run(cfg, security, redis)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");

@@ -50,7 +50,7 @@ pub async fn start(args: &[&str]) -> TestServer {
 }
 
 pub async fn start_with(cfg: Config) -> TestServer {
-    let gw = Gateway::in_memory(cfg, Metrics::default());
+    let gw = Gateway::in_memory(cfg, Metrics::default()).expect("valid security settings");
     start_gateway(gw).await
 }
 

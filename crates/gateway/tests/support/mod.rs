@@ -49,7 +49,7 @@ pub async fn start(args: &[&str]) -> Node {
     all.extend_from_slice(args);
     let cfg = Config::parse_from(all);
     cfg.validate().expect("valid test config");
-    let gw = Gateway::in_memory(cfg, Metrics::default());
+    let gw = Gateway::in_memory(cfg, Metrics::default()).expect("valid security settings");
     let server = Server::bind(gw.clone()).await.expect("bind");
     let addr = server.local_addr();
     let admin = server.admin_addr();

@@ -35,7 +35,7 @@ use std::time::Duration;
 use redis::IntoConnectionInfo;
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use wsgate_fanout::{Broker, BrokerFuture, Hub};
+use wsgate_fanout::{Broker, BrokerEvents, BrokerFuture};
 use wsgate_metrics::Metrics;
 
 use crate::envelope;
@@ -178,7 +178,7 @@ impl ClusterBroker {
     ///
     /// # Errors
     /// When there is no seed or a seed is not a valid `redis://host:port` URL.
-    pub fn start(options: ClusterOptions, hub: Arc<Hub>) -> Result<Self, String> {
+    pub fn start(options: ClusterOptions, node: Arc<dyn BrokerEvents>) -> Result<Self, String> {
         if options.seeds.is_empty() {
             return Err("Redis Cluster mode needs at least one seed address".into());
         }
@@ -224,7 +224,7 @@ impl ClusterBroker {
         });
         shared.refresh_up_metric();
         let (commands, rx) = mpsc::unbounded_channel();
-        let manager = Manager::new(shared.clone(), hub, options.unsubscribe_delay);
+        let manager = Manager::new(shared.clone(), node, options.unsubscribe_delay);
         tokio::spawn(manager.run(rx, events_rx));
         Ok(ClusterBroker { shared, commands })
     }

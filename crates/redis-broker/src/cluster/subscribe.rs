@@ -30,7 +30,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
-use wsgate_fanout::{unix_nanos, Hub, Publication};
+use wsgate_fanout::BrokerEvents;
 
 use crate::backoff::Backoff;
 use crate::cluster::resp::{self, Reader, Value, Writer};
@@ -105,7 +105,7 @@ struct Placement {
 
 pub(crate) struct Manager {
     shared: Arc<Shared>,
-    hub: Arc<Hub>,
+    events: Arc<dyn BrokerEvents>,
     unsubscribe_delay: Duration,
     epoch: Instant,
     conns: HashMap<Addr, Conn>,
@@ -124,10 +124,14 @@ pub(crate) struct Manager {
 }
 
 impl Manager {
-    pub(crate) fn new(shared: Arc<Shared>, hub: Arc<Hub>, unsubscribe_delay: Duration) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        events: Arc<dyn BrokerEvents>,
+        unsubscribe_delay: Duration,
+    ) -> Self {
         Manager {
             shared,
-            hub,
+            events,
             unsubscribe_delay,
             epoch: Instant::now(),
             conns: HashMap::new(),
@@ -342,7 +346,7 @@ impl Manager {
         while self.due.front().is_some_and(|(at, _)| *at <= now) {
             let (_, t) = self.due.pop_front().expect("checked");
             // The hub is the truth: a subscriber that came back keeps it.
-            if self.hub.has_subscribers(&t) {
+            if self.events.has_subscribers(&t) {
                 continue;
             }
             if let Some(p) = self.placed.remove(&t) {
@@ -631,7 +635,7 @@ impl Manager {
         let mut moved_from: HashMap<Addr, Vec<Arc<str>>> = HashMap::new();
         let mut want: HashMap<Addr, BTreeMap<u16, Vec<Arc<str>>>> = HashMap::new();
         let mut unplaced = false;
-        for t in self.hub.topics() {
+        for t in self.events.topics() {
             let slot = key_slot(&self.shared.channel(&t));
             let Some((_, owner)) = map.owner(slot) else {
                 unplaced = true;
@@ -701,7 +705,7 @@ impl Manager {
                     addr.clone(),
                     id,
                     self.shared.clone(),
-                    self.hub.clone(),
+                    self.events.clone(),
                     token.clone(),
                     last_seen.clone(),
                     self.epoch,
@@ -819,7 +823,7 @@ async fn read(
     addr: Addr,
     conn: u64,
     shared: Arc<Shared>,
-    hub: Arc<Hub>,
+    events: Arc<dyn BrokerEvents>,
     token: CancellationToken,
     last_seen: Arc<AtomicU64>,
     epoch: Instant,
@@ -837,7 +841,7 @@ async fn read(
         if let Value::Array(items) = &value {
             if items.len() == 3 && items[0].bytes() == Some(b"smessage") {
                 if let (Some(channel), Some(payload)) = (items[1].bytes(), items[2].bytes()) {
-                    deliver(&shared, &hub, channel, payload);
+                    deliver(&shared, &*events, channel, payload);
                 }
                 continue;
             }
@@ -851,20 +855,9 @@ async fn read(
     let _ = shared.events.send(Event::Lost { addr, conn, why });
 }
 
-fn deliver(shared: &Shared, hub: &Hub, channel: &[u8], payload: &[u8]) {
+fn deliver(shared: &Shared, events: &dyn BrokerEvents, channel: &[u8], payload: &[u8]) {
     let Some(topic) = shared.topic_of(channel) else {
         return;
     };
-    let (data, at) = envelope::decode(payload);
-    let at = match at {
-        Some(at) => at,
-        None => {
-            if let Some(m) = &shared.metrics {
-                m.received.redis.inc();
-            }
-            unix_nanos()
-        }
-    };
-    let publication = Publication::encode(&topic, &data, at);
-    hub.deliver(&topic, &publication);
+    envelope::report(events, &topic, payload);
 }
