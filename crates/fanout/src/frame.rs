@@ -1,4 +1,8 @@
-//! Server → client WebSocket frames (RFC 6455 §5.2).
+//! WebSocket opcodes, and server → client frames (RFC 6455 §5.2).
+//!
+//! The opcodes are defined here, once, for both directions (the gateway's frame
+//! reader uses them too): this is the lowest crate that encodes frames, because the
+//! node encodes each publication into its frame once.
 //!
 //! Server frames are never masked, so a frame's bytes do not depend on the
 //! connection: that is what lets a publication be encoded once and shared by every
@@ -6,14 +10,29 @@
 
 use bytes::{BufMut, Bytes, BytesMut};
 
-/// Opcode of a text frame.
-pub const OP_TEXT: u8 = 0x1;
-/// Opcode of a close frame.
-pub const OP_CLOSE: u8 = 0x8;
-/// Opcode of a ping frame.
-pub const OP_PING: u8 = 0x9;
-/// Opcode of a pong frame.
-pub const OP_PONG: u8 = 0xA;
+/// WebSocket opcodes (RFC 6455 §5.2).
+pub mod op {
+    /// A continuation of a fragmented message.
+    pub const CONTINUATION: u8 = 0x0;
+    /// A text frame (UTF-8).
+    pub const TEXT: u8 = 0x1;
+    /// A binary frame.
+    pub const BINARY: u8 = 0x2;
+    /// A close frame.
+    pub const CLOSE: u8 = 0x8;
+    /// A ping frame.
+    pub const PING: u8 = 0x9;
+    /// A pong frame.
+    pub const PONG: u8 = 0xA;
+}
+
+/// The first header byte of a final frame with `opcode`.
+const fn fin(opcode: u8) -> u8 {
+    0x80 | opcode
+}
+
+/// A complete ping frame without payload: what the heartbeat sends, shared, static.
+pub static EMPTY_PING: [u8; 2] = [fin(op::PING), 0];
 
 /// Length of the header of an unmasked frame carrying `payload_len` bytes.
 pub fn header_len(payload_len: usize) -> usize {
@@ -26,7 +45,7 @@ pub fn header_len(payload_len: usize) -> usize {
 
 /// Writes the header of a final, unmasked frame.
 pub fn put_header(buf: &mut BytesMut, opcode: u8, payload_len: usize) {
-    buf.put_u8(0x80 | opcode);
+    buf.put_u8(fin(opcode));
     match payload_len {
         0..=125 => buf.put_u8(payload_len as u8),
         126..=65535 => {
@@ -50,7 +69,7 @@ pub fn encode(opcode: u8, payload: &[u8]) -> Bytes {
 
 /// A complete text frame.
 pub fn text(payload: &[u8]) -> Bytes {
-    encode(OP_TEXT, payload)
+    encode(op::TEXT, payload)
 }
 
 /// A close frame with a status code and a (truncated to fit) UTF-8 reason.
@@ -63,7 +82,7 @@ pub fn close(code: u16, reason: &str) -> Bytes {
     let mut payload = Vec::with_capacity(2 + end);
     payload.extend_from_slice(&code.to_be_bytes());
     payload.extend_from_slice(&reason.as_bytes()[..end]);
-    encode(OP_CLOSE, &payload)
+    encode(op::CLOSE, &payload)
 }
 
 #[cfg(test)]
@@ -80,6 +99,12 @@ mod tests {
         assert_eq!(&f[..2], &[0x81, 127]);
         assert_eq!(u64::from_be_bytes(f[2..10].try_into().unwrap()), 70_000);
         assert_eq!(f.len(), 10 + 70_000);
+    }
+
+    #[test]
+    fn the_static_ping_is_an_empty_ping() {
+        assert_eq!(&EMPTY_PING[..], &encode(op::PING, b"")[..]);
+        assert_eq!(EMPTY_PING, [0x89, 0x00]);
     }
 
     #[test]

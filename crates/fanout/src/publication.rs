@@ -33,7 +33,7 @@ impl Publication {
     pub fn encode(topic: &str, data: &[u8], accepted_at: u64) -> Self {
         let payload_len = PREFIX.len() + topic.len() + MIDDLE.len() + data.len() + SUFFIX.len();
         let mut buf = BytesMut::with_capacity(frame::header_len(payload_len) + payload_len);
-        frame::put_header(&mut buf, frame::OP_TEXT, payload_len);
+        frame::put_header(&mut buf, frame::op::TEXT, payload_len);
         buf.put_slice(PREFIX);
         buf.put_slice(topic.as_bytes());
         buf.put_slice(MIDDLE);

@@ -9,7 +9,7 @@ use std::sync::Arc;
 
 use criterion::{criterion_group, criterion_main, BenchmarkId, Criterion, Throughput};
 use wsgate_fanout::{Hub, Publication, Subscriber};
-use wsgate_gateway::outbox::{Batch, Outbox};
+use wsgate_gateway::session::outbox::{Batch, Outbox};
 
 fn encode(c: &mut Criterion) {
     let data = format!(

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use wsgate_fanout::{unix_nanos, Node, Source, Subscriber};
-use wsgate_gateway::outbox::{Batch, Outbox};
+use wsgate_gateway::session::outbox::{Batch, Outbox};
 use wsgate_metrics::{latency_buckets, queue_buckets, Metrics};
 
 const SUBSCRIBERS: usize = 1000;
@@ -85,7 +85,7 @@ fn write_all(tx: &mut UnixStream, bufs: &mut VecDeque<Bytes>) {
         let slices: Vec<IoSlice<'_>> = bufs.iter().map(|b| IoSlice::new(b)).collect();
         let n = tx.write_vectored(&slices).expect("socket buffer has room");
         drop(slices);
-        wsgate_gateway::io::consume(bufs, n);
+        wsgate_gateway::ws::io::consume(bufs, n);
     }
 }
 

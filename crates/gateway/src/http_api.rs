@@ -12,8 +12,8 @@ use serde_json::value::RawValue;
 use subtle::ConstantTimeEq;
 use wsgate_fanout::{validate_topic, PublishError, Source};
 
+use crate::gateway::Gateway;
 use crate::protocol::json_string;
-use crate::state::Gateway;
 
 /// The response body type of every endpoint.
 pub type Body = Full<Bytes>;

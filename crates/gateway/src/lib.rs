@@ -1,51 +1,43 @@
-//! wsgate's connection layer: a hyper 1 server whose `/ws` upgrades with
-//! fastwebsockets into pub/sub sessions.
+//! wsgate's connection layer: a hyper 1 server whose `/ws` upgrades into pub/sub
+//! sessions on the fan-out [`wsgate_fanout::Node`].
 //!
 //! # Layout
 //! - [`config`]: every setting, its `WSGATE_*` variable and default.
+//! - [`gateway`]: [`Gateway`], the node's shared state (configuration, the fan-out
+//!   node, metrics, security, live sessions) and its shutdown tree.
 //! - [`server`]: listeners, routing, the accept loop (survives EMFILE), the upgrade,
 //!   and the end of the drain.
-//! - [`frames`]: client WebSocket frames, read without a buffer held while idle.
-//! - [`heartbeat`]: the live sessions, pinged (or closed 4000) by one shared
-//!   ticker instead of a timer per connection; the drain walks the same table.
-//! - [`session`]: one connection's reader loop and its commands (subscribe,
-//!   unsubscribe, publish, ping), message reassembly and limits.
-//! - [`writer`]: the task that alone writes to a socket: batches, one flush per batch,
-//!   close frames.
-//! - [`outbox`]: the byte-bounded, non-blocking outbound queue between them (and the
-//!   hub's [`wsgate_fanout::Subscriber`]).
+//! - [`session`]: one connection from upgrade to close: lifecycle, the client state and
+//!   its commands (one file per command family), the ordered replies queue, token
+//!   expiry, the outbound queue and the writer, the registry of live sessions and their
+//!   heartbeats.
+//! - [`ws`]: WebSocket framing below the protocol: frame reading, message reassembly,
+//!   close-code rules.
 //! - [`protocol`]: the JSON command codec and replies (docs/protocol.md).
 //! - [`close`]: every way a session ends: close code, reason, metric label.
-//! - [`ratelimit`]: per-connection token buckets.
-//! - [`demo`]: the browser client at `/wsgate.js`, and with `--demo` a demo page at
-//!   `/` fed by an in-process ticker.
-//! - [`http_api`]: `POST /api/publish`, `/healthz`, `/readyz`, `/metrics`, `/drain`.
 //! - [`security`]: the checks before an upgrade (origin 403, token 401, per-IP 429),
-//!   built from [`auth`] (JWT verification), [`acl`] (topic patterns), [`origin`],
-//!   [`iplimit`] and [`tls`] (rustls, reloaded on SIGHUP or file change).
-//! - [`state`]: the node's shared state and shutdown tree ([`Gateway`]).
+//!   auth (JWT), ACLs, TLS, and the posture log.
+//! - [`http_api`]: `POST /api/publish`, `/healthz`, `/readyz`, `/metrics`, `/drain`.
+//! - [`assets`]: the browser client at `/wsgate.js`, and with `--demo` the demo page.
+//!
+//! One publication from a client, top to bottom: [`session`]'s client reads a frame
+//! ([`ws`]), decodes a `publish` ([`protocol`]), checks its permissions and calls
+//! [`wsgate_fanout::Node::publish`]; the broker reports it back on every node, where
+//! the node encodes it once and hands it to each subscriber's outbox
+//! ([`session::outbox`]); each session's writer takes its outbox's batch and writes
+//! it with one flush.
 
-pub mod acl;
-pub mod auth;
+pub mod assets;
 pub mod close;
 pub mod config;
-pub mod demo;
-mod frames;
-mod heartbeat;
+pub mod gateway;
 pub mod http_api;
-pub mod io;
-pub mod iplimit;
-pub mod origin;
-pub mod outbox;
 pub mod protocol;
-pub mod ratelimit;
 pub mod security;
 pub mod server;
-mod session;
-pub mod state;
-pub mod tls;
-mod writer;
+pub mod session;
+pub mod ws;
 
 pub use config::{Config, LogFormat};
+pub use gateway::Gateway;
 pub use server::Server;
-pub use state::Gateway;

@@ -23,10 +23,10 @@ use tokio::net::{TcpListener, TcpSocket, TcpStream};
 use tokio_rustls::server::TlsStream;
 use tracing::{debug, info, warn, Instrument};
 
+use crate::gateway::Gateway;
 use crate::http_api::{self, Body};
-use crate::io::Prefixed;
 use crate::session::{self, Mode, Start};
-use crate::state::Gateway;
+use crate::ws::io::Prefixed;
 
 /// `EMFILE` and `ENFILE`: out of file descriptors (per process, system-wide).
 const OUT_OF_FDS: [i32; 2] = [24, 23];
@@ -115,7 +115,7 @@ impl Server {
         };
         let mut loops = vec![
             tokio::spawn(accept_loop(gw.clone(), self.public, role)),
-            tokio::spawn(crate::heartbeat::run(gw.clone())),
+            tokio::spawn(crate::session::registry::run(gw.clone())),
         ];
         if let Some(admin) = self.admin {
             info!(listen = %admin.local_addr().expect("bound"), "admin endpoints serving");
@@ -306,8 +306,8 @@ async fn route_inner(
         (_, "/ws") if public => upgrade(gw, req, peer, Mode::PubSub),
         (_, "/echo") if public && gw.config.echo => upgrade(gw, req, peer, Mode::Echo),
         (_, "/api/publish") if public => http_api::publish(gw, req).await,
-        (&Method::GET, "/wsgate.js") if public => crate::demo::client_js(),
-        (&Method::GET, "/") if public && gw.config.demo => crate::demo::page(),
+        (&Method::GET, "/wsgate.js") if public => crate::assets::client_js(),
+        (&Method::GET, "/") if public && gw.config.demo => crate::assets::page(),
         (&Method::GET, "/healthz") if admin => http_api::healthz(),
         (&Method::GET, "/readyz") if admin => http_api::readyz(&gw),
         (&Method::GET, "/metrics") if admin => http_api::metrics(&gw),

@@ -5,8 +5,8 @@
 
 use proptest::prelude::*;
 use serde_json::Value;
-use wsgate_gateway::acl::Acl;
 use wsgate_gateway::protocol::{self, decode, Command, CommandError, ErrorCode, MAX_ID};
+use wsgate_gateway::security::acl::Acl;
 
 fn json_leaf() -> impl Strategy<Value = Value> {
     prop_oneof![

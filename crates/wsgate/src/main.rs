@@ -4,10 +4,12 @@
 //! - `main`: config → logging/tracing → file-descriptor limit → broker (in-memory, or
 //!   Redis with `--redis-url` / `--redis-sentinel`) → server → signals. Composition happens here and
 //!   nowhere else; the crates hold the behaviour.
+//! - [`demo`]: the `--demo` ticker.
 //! - [`drain_cmd`]: `wsgate drain`, which asks a running node to drain (preStop hook).
 //! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
 //!   `OTEL_*` variables ask for it, OTLP trace export.
 
+mod demo;
 mod drain_cmd;
 mod telemetry;
 
@@ -124,7 +126,7 @@ async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> an
     gw.security.log_posture(&gw.config);
     if gw.config.demo {
         info!("demo mode: page at / and a ticker on demo.ticker");
-        tokio::spawn(wsgate_gateway::demo::run_ticker(gw.clone()));
+        tokio::spawn(demo::run_ticker(gw.clone()));
     }
     if let Some(tls) = &gw.security.tls {
         // Certificate rotation without restart: SIGHUP or a change of the files.

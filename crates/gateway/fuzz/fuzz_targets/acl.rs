@@ -3,7 +3,7 @@
 #![no_main]
 
 use libfuzzer_sys::fuzz_target;
-use wsgate_gateway::acl::Acl;
+use wsgate_gateway::security::acl::Acl;
 
 fuzz_target!(|data: &[u8]| {
     let text = String::from_utf8_lossy(data);

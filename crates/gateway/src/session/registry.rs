@@ -18,17 +18,16 @@ use bytes::Bytes;
 use parking_lot::Mutex;
 use tokio::time::{Instant, MissedTickBehavior};
 
+use wsgate_fanout::frame::EMPTY_PING;
+
+use super::outbox::Outbox;
 use crate::close::Disconnect;
-use crate::outbox::Outbox;
-use crate::state::Gateway;
+use crate::gateway::Gateway;
 
 /// About how often the ticker runs: each slot is this much of the interval.
 const TICK: Duration = Duration::from_secs(1);
 /// At most this many slots (very long intervals get longer ticks).
 const MAX_SLOTS: u32 = 120;
-
-/// An empty ping frame (FIN, opcode 9, no payload).
-static PING: [u8; 2] = [0x89, 0x00];
 
 /// Where a session sits in the table.
 #[derive(Debug, Clone, Copy)]
@@ -44,8 +43,8 @@ struct Slot {
     free: Vec<u32>,
 }
 
-/// Live sessions, in heartbeat slots.
-pub(crate) struct Sessions {
+/// The registry of live sessions, in heartbeat slots.
+pub(crate) struct Registry {
     slots: Box<[Mutex<Slot>]>,
     tick: Duration,
     interval: Duration,
@@ -55,10 +54,10 @@ pub(crate) struct Sessions {
     len: AtomicUsize,
 }
 
-impl Sessions {
+impl Registry {
     pub(crate) fn new(interval: Duration, timeout: Duration) -> Self {
         let n = (interval.as_millis() / TICK.as_millis()).clamp(1, u128::from(MAX_SLOTS)) as u32;
-        Sessions {
+        Registry {
             slots: (0..n).map(|_| Mutex::new(Slot::default())).collect(),
             tick: interval / n,
             interval,
@@ -127,7 +126,7 @@ impl Sessions {
                 outbox.close(Disconnect::HeartbeatTimeout);
             } else {
                 outbox.trim();
-                outbox.push_control(Bytes::from_static(&PING));
+                outbox.push_control(Bytes::from_static(&EMPTY_PING));
             }
         }
     }
@@ -150,9 +149,9 @@ pub(crate) async fn run(gw: Arc<Gateway>) {
     }
 }
 
-impl std::fmt::Debug for Sessions {
+impl std::fmt::Debug for Registry {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Sessions")
+        f.debug_struct("Registry")
             .field("slots", &self.slots.len())
             .field("interval", &self.interval)
             .field("len", &self.len())
@@ -163,7 +162,7 @@ impl std::fmt::Debug for Sessions {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Batch;
+    use crate::session::outbox::Batch;
 
     fn taken(ob: &Outbox) -> (usize, Option<Disconnect>) {
         let mut b = Batch::default();
@@ -173,7 +172,7 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn each_session_is_pinged_once_per_interval_and_closed_when_silent() {
-        let s = Sessions::new(Duration::from_secs(10), Duration::from_secs(25));
+        let s = Registry::new(Duration::from_secs(10), Duration::from_secs(25));
         assert_eq!(s.slots.len(), 10);
         let obs: Vec<Arc<Outbox>> = (0..50).map(|_| Arc::new(Outbox::new(1000))).collect();
         let keys: Vec<Key> = obs.iter().map(|o| s.insert(o.clone())).collect();
@@ -208,7 +207,7 @@ mod tests {
 
     #[test]
     fn slots_are_reused_and_short_intervals_get_one_slot() {
-        let s = Sessions::new(Duration::from_millis(100), Duration::from_millis(300));
+        let s = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
         assert_eq!((s.slots.len(), s.tick), (1, Duration::from_millis(100)));
         let a = s.insert(Arc::new(Outbox::new(10)));
         s.remove(a);

@@ -12,8 +12,8 @@ use wsgate_metrics::Metrics;
 
 use crate::close::Disconnect;
 use crate::config::Config;
-use crate::heartbeat::Sessions;
 use crate::security::{Security, SecurityError};
+use crate::session::registry::Registry;
 
 /// Shared state of one gateway node.
 pub struct Gateway {
@@ -27,7 +27,7 @@ pub struct Gateway {
     /// Auth, origin policy, per-IP limits, TLS.
     pub security: Security,
     /// Live sessions: the drain closes them, the heartbeat ticker pings them.
-    pub(crate) sessions: Sessions,
+    pub(crate) sessions: Registry,
     /// Cancelled when the drain starts (SIGTERM, SIGINT or `POST /drain`).
     pub drain_started: CancellationToken,
     /// Cancelled when the node must stop serving (end of the drain).
@@ -44,7 +44,7 @@ impl Gateway {
     /// reported) by the caller, once: [`Security::from_config`].
     pub fn new(config: Config, node: Node, security: Security) -> Arc<Self> {
         let node_id = config.resolved_node_id();
-        let sessions = Sessions::new(config.heartbeat_interval, config.heartbeat_timeout);
+        let sessions = Registry::new(config.heartbeat_interval, config.heartbeat_timeout);
         let metrics = node.metrics().clone();
         metrics.ready.set(1);
         Arc::new(Gateway {

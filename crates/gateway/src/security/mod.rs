@@ -1,6 +1,22 @@
 //! The node's security settings, and the checks every upgrade passes before it is
 //! accepted: origin (403), token (401), per-IP limit (429) — in that order, so a
 //! cross-site page learns nothing about tokens, and a refused client holds no slot.
+//!
+//! # Layout
+//! - this file: [`Security`], built once from the configuration at start
+//!   ([`Security::from_config`]), the upgrade checks ([`Security::admit`]) and the
+//!   posture log ([`Security::log_posture`]: what is left open, said once at start).
+//! - [`auth`]: JWT verification (HMAC, RSA/EC public keys, JWKS), identities.
+//! - [`acl`]: topic permission patterns (`*`, `{sub}`).
+//! - [`origin`]: the `Origin` allow-list.
+//! - [`iplimit`]: connections per client IP.
+//! - [`tls`]: the public listener's rustls config, reloaded on SIGHUP or file change.
+
+pub mod acl;
+pub mod auth;
+pub mod iplimit;
+pub mod origin;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -8,19 +24,19 @@ use std::sync::Arc;
 use http::{header, Request, StatusCode};
 use tracing::warn;
 
-use crate::auth::{self, AuthError, Authenticator, Identity};
+use self::auth::{AuthError, Authenticator, Identity};
+use self::iplimit::{IpSlot, PerIpLimit};
+use self::origin::OriginPolicy;
+use self::tls::Tls;
 use crate::config::Config;
-use crate::iplimit::{IpSlot, PerIpLimit};
-use crate::origin::OriginPolicy;
-use crate::tls::Tls;
 
 /// A security setting that cannot be used (reported at start).
 #[derive(Debug, thiserror::Error)]
 pub enum SecurityError {
     #[error("auth: {0}")]
-    Auth(#[from] auth::AuthConfigError),
+    Auth(#[from] self::auth::AuthConfigError),
     #[error("tls: {0}")]
-    Tls(#[from] crate::tls::TlsError),
+    Tls(#[from] self::tls::TlsError),
 }
 
 /// Authentication, origin policy, per-IP limits and TLS of one node.

@@ -11,7 +11,7 @@
 //!
 //! This module does the framing only: reserved bits, opcodes, control-frame rules,
 //! the size limit. What a frame means (pongs owed, close codes, UTF-8 of text) is
-//! the session's business.
+//! for [`super::message`], [`super::close`] and the session.
 
 use std::cell::RefCell;
 use std::future::poll_fn;
@@ -20,6 +20,7 @@ use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 
 use tokio::io::{AsyncRead, ReadBuf};
+use wsgate_fanout::frame::op;
 
 use crate::close::Disconnect;
 
@@ -28,16 +29,6 @@ const SCRATCH: usize = 16 * 1024;
 
 thread_local! {
     static SCRATCH_BUF: RefCell<Box<[u8]>> = RefCell::new(vec![0u8; SCRATCH].into_boxed_slice());
-}
-
-/// WebSocket opcodes (RFC 6455 §5.2).
-pub(crate) mod op {
-    pub const CONTINUATION: u8 = 0x0;
-    pub const TEXT: u8 = 0x1;
-    pub const BINARY: u8 = 0x2;
-    pub const CLOSE: u8 = 0x8;
-    pub const PING: u8 = 0x9;
-    pub const PONG: u8 = 0xA;
 }
 
 /// One frame from the client, unmasked.

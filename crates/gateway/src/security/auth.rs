@@ -15,8 +15,8 @@ use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
-use crate::acl::Acl;
 use crate::config::Config;
+use crate::security::acl::Acl;
 
 /// The latest expiry honoured: the end of year 9999 (later `exp` values are clamped).
 pub const MAX_EXP: u64 = 253_402_300_799;

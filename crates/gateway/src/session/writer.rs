@@ -19,7 +19,7 @@ use wsgate_fanout::{frame, unix_nanos};
 use wsgate_metrics::DeliveryStats;
 
 use crate::close::Disconnect;
-use crate::outbox::{Batch, Outbox};
+use crate::session::outbox::{Batch, Outbox};
 
 /// Slices handed to one `writev(2)` call at most (below Linux's IOV_MAX of 1024).
 const MAX_IOV: usize = 512;
@@ -258,7 +258,7 @@ fn advance(batch: &Batch, cursor: &mut Cursor, mut n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::outbox::Item;
+    use crate::session::outbox::Item;
     use tokio::io::AsyncReadExt;
 
     #[tokio::test]
