@@ -14,10 +14,10 @@ use crate::http_api::Body;
 use crate::protocol::json_string;
 use crate::state::Gateway;
 
-/// The dependency-free ES module client (crates/gateway/web/wsgate.js).
-const CLIENT_JS: &str = include_str!("../web/wsgate.js");
-/// The demo page (crates/gateway/web/demo/index.html).
-const DEMO_HTML: &str = include_str!("../web/demo/index.html");
+/// The dependency-free ES module client (clients/js/wsgate.js).
+const CLIENT_JS: &str = include_str!("../../../clients/js/wsgate.js");
+/// The demo page (clients/js/demo/index.html).
+const DEMO_HTML: &str = include_str!("../../../clients/js/demo/index.html");
 
 fn static_file(content_type: &'static str, body: &'static str) -> Response<Body> {
     Response::builder()
