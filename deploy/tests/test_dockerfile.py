@@ -107,6 +107,8 @@ def test_dockerignore_keeps_what_the_build_needs():
     needed = ["Cargo.toml", "Cargo.lock", "deploy/docker/make-rootfs.sh"]
     needed += [f"{m}/Cargo.toml" for m in members] + [f"{m}/src/main.rs" for m in members if (REPO / m / "src/main.rs").exists()]
     needed += [f"{m}/src/lib.rs" for m in members if (REPO / m / "src/lib.rs").exists()]
+    # The gateway embeds the browser client and the demo page (include_str!).
+    needed += ["clients/js/wsgate.js", "clients/js/demo/index.html"]
     for path in needed:
         assert (REPO / path).exists(), path
         assert not ignored(path), f"{path} is excluded from the build context"

@@ -7,10 +7,10 @@ use http_body_util::Full;
 
 use crate::http_api::Body;
 
-/// The dependency-free ES module client (crates/gateway/web/wsgate.js).
-const CLIENT_JS: &str = include_str!("../web/wsgate.js");
-/// The demo page (crates/gateway/web/demo/index.html).
-const DEMO_HTML: &str = include_str!("../web/demo/index.html");
+/// The dependency-free ES module client (clients/js/wsgate.js).
+const CLIENT_JS: &str = include_str!("../../../clients/js/wsgate.js");
+/// The demo page (clients/js/demo/index.html).
+const DEMO_HTML: &str = include_str!("../../../clients/js/demo/index.html");
 
 fn static_file(content_type: &'static str, body: &'static str) -> Response<Body> {
     Response::builder()

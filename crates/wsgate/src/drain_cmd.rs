@@ -79,6 +79,11 @@ fn post_drain(url: &str) -> Result<u16, String> {
         .ok_or_else(|| "not an HTTP answer".to_string())
 }
 
+/// `drain` as a subcommand of `wsgate`, so that `wsgate --help` lists it.
+pub fn command() -> clap::Command {
+    <DrainArgs as clap::CommandFactory>::command().name("drain")
+}
+
 /// Runs `wsgate drain …` (`args` without the leading `drain`).
 pub fn run(args: impl Iterator<Item = String>) -> ExitCode {
     let args = DrainArgs::parse_from(std::iter::once("wsgate drain".to_string()).chain(args));

@@ -15,7 +15,7 @@ mod telemetry;
 
 use std::process::ExitCode;
 
-use clap::Parser;
+use clap::{CommandFactory, FromArgMatches};
 use tracing::{error, info, warn};
 use wsgate_fanout::Node;
 use wsgate_gateway::config::RedisMode;
@@ -165,12 +165,24 @@ async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> an
     Ok(())
 }
 
+/// The node's configuration from its flags and environment. `drain` is declared as a
+/// subcommand only for `--help`: `main` runs it before this, so the node's settings are
+/// never parsed for it, and after a flag it is refused (not ignored).
+fn parse_config() -> Config {
+    let mut cmd = Config::command()
+        .subcommand(drain_cmd::command())
+        .args_conflicts_with_subcommands(true)
+        .disable_help_subcommand(true);
+    let mut matches = cmd.get_matches_mut();
+    Config::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+}
+
 fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
     if argv.next().as_deref() == Some("drain") {
         return drain_cmd::run(argv);
     }
-    let mut cfg = Config::parse();
+    let mut cfg = parse_config();
     // Resolved once, so logs, traces and `welcome` agree even on a random id.
     cfg.node_id = Some(cfg.resolved_node_id());
     if let Err(msg) = cfg.validate() {

@@ -206,6 +206,29 @@ fn help_documents_every_setting_with_its_env_var() {
 }
 
 #[test]
+fn help_lists_the_drain_subcommand() {
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .arg("--help")
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let help = String::from_utf8_lossy(&out.stdout);
+    let drain = help
+        .lines()
+        .find(|l| l.trim_start().starts_with("drain "))
+        .unwrap_or_else(|| panic!("--help does not list `drain`:\n{help}"));
+    assert!(drain.contains("graceful drain"), "{drain}");
+    assert!(help.contains("wsgate <COMMAND>"), "{help}");
+    // Its own help is still `wsgate drain --help`.
+    let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
+        .args(["drain", "--help"])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stdout).contains("--admin-url"));
+}
+
+#[test]
 fn a_flood_to_a_client_that_stopped_reading_keeps_memory_bounded() {
     let gw = Gateway::start(&["--outbound-queue-bytes", "256KiB"]);
     // A client that subscribes, then never reads again.

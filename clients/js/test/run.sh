@@ -6,11 +6,11 @@
 # redis-server when missing, and the gateway binary (cargo build -p wsgate) unless
 # WSGATE_BIN points at one. Exits non-zero when any test fails.
 #
-# Usage: crates/gateway/web/test/run.sh [test files...]   (default: every *.test.js)
+# Usage: clients/js/test/run.sh [test files...]   (default: every *.test.js)
 set -euo pipefail
 
 here="$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)"
-root="$(cd "$here/../../../.." && pwd)"
+root="$(cd "$here/../../.." && pwd)"
 cd "$here"
 
 need_apt=()

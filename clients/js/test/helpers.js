@@ -11,8 +11,8 @@ import { fileURLToPath } from "node:url";
 import WebSocket from "ws";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
-/** The repository root (this file is crates/gateway/web/test/helpers.js). */
-export const repoRoot = path.resolve(here, "../../../..");
+/** The repository root (this file is clients/js/test/helpers.js). */
+export const repoRoot = path.resolve(here, "../../..");
 /** Where tests leave screenshots and logs (gitignored). */
 export const artifactsDir = path.join(repoRoot, "test-artifacts");
 
