@@ -29,7 +29,7 @@ use crate::topic::{validate_topic, TopicError};
 pub enum Source {
     /// A WebSocket client's `publish` command.
     Client,
-    /// `POST /api/publish`.
+    /// Server side: `POST /api/publish`, or a program embedding the node.
     Http,
     /// The demo ticker (`--demo`): not counted as received traffic.
     Demo,
