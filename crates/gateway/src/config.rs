@@ -268,6 +268,12 @@ pub struct Config {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,wsgate_gateway=debug`).
     #[arg(long, env = "WSGATE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// CA certificate(s) (PEM) that sign the OTLP collector's certificate, for an
+    /// `https://` `OTEL_EXPORTER_OTLP_ENDPOINT` (replaces the system roots; the standard
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE` is read when this is unset). docs/metrics.md.
+    #[arg(long, env = "WSGATE_OTLP_CA_FILE")]
+    pub otlp_ca_file: Option<PathBuf>,
 }
 
 impl Config {

@@ -188,6 +188,7 @@ fn main() -> ExitCode {
         cfg.log_format,
         &cfg.log_level,
         cfg.node_id.as_deref().unwrap_or(""),
+        cfg.otlp_ca_file.as_deref(),
     ) {
         Ok(t) => t,
         Err(e) => {
