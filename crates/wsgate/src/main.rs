@@ -16,7 +16,7 @@ use std::sync::Arc;
 
 use clap::Parser;
 use tracing::{error, info, warn};
-use wsgate_fanout::Hub;
+use wsgate_fanout::{Hub, MemoryBroker};
 use wsgate_gateway::config::RedisMode;
 use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
@@ -81,11 +81,15 @@ fn redis_options(cfg: &Config) -> Result<Option<RedisOptions>, String> {
     Ok(Some(options))
 }
 
-async fn run(cfg: Config, redis: Option<RedisOptions>) -> anyhow::Result<()> {
+async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
     let gw: Arc<Gateway> = match redis {
-        None => Gateway::in_memory(cfg, metrics),
+        None => {
+            let hub = Arc::new(Hub::default());
+            let broker = Arc::new(MemoryBroker::new(hub.clone()));
+            Gateway::with_security(cfg, hub, broker, metrics, security)
+        }
         Some(redis) if cfg.redis_mode == RedisMode::Cluster => {
             // The cluster need not be up yet either: the broker keeps asking the
             // seeds for the slot map; `/readyz` is 503 until every shard is
@@ -102,7 +106,7 @@ async fn run(cfg: Config, redis: Option<RedisOptions>) -> anyhow::Result<()> {
             let broker = ClusterBroker::start(options, hub.clone())
                 .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
             info!(prefix = %cfg.redis_prefix, "redis cluster (sharded pub/sub) fan-out enabled");
-            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+            Gateway::with_security(cfg, hub, Arc::new(broker), metrics, security)
         }
         Some(mut options) => {
             // Redis need not be up yet: the broker connects in the background and
@@ -115,7 +119,7 @@ async fn run(cfg: Config, redis: Option<RedisOptions>) -> anyhow::Result<()> {
             let broker = RedisBroker::start(options, hub.clone())
                 .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
             info!(prefix = %cfg.redis_prefix, "redis fan-out enabled");
-            Gateway::new(cfg, hub, Arc::new(broker), metrics)
+            Gateway::with_security(cfg, hub, Arc::new(broker), metrics, security)
         }
     };
     gw.security.log_posture(&gw.config);
@@ -172,11 +176,6 @@ fn main() -> ExitCode {
         eprintln!("wsgate: invalid configuration: {msg}");
         return ExitCode::from(2);
     }
-    // Keys and certificates are read here too, so a bad one is a clear exit 2.
-    if let Err(e) = Security::from_config(&cfg) {
-        eprintln!("wsgate: invalid configuration: {e}");
-        return ExitCode::from(2);
-    }
     let redis = match redis_options(&cfg) {
         Ok(r) => r,
         Err(e) => {
@@ -196,6 +195,15 @@ fn main() -> ExitCode {
             return ExitCode::from(2);
         }
     };
+    // Keys and certificates are read here, once, so a bad one is a clear exit 2 (and a
+    // JWKS URL is fetched with logging already on).
+    let security = match Security::from_config(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsgate: invalid configuration: {e}");
+            return ExitCode::from(2);
+        }
+    };
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -206,7 +214,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match runtime.block_on(run(cfg, redis)) {
+    let code = match runtime.block_on(run(cfg, security, redis)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");
