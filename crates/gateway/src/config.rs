@@ -219,8 +219,8 @@ pub struct Config {
     #[arg(long, env = "WSGATE_TLS_KEY", requires = "tls_cert")]
     pub tls_key: Option<PathBuf>,
 
-    /// Shared secret for HS256 JWTs. With this or `--jwt-public-key`, every client
-    /// needs a valid token (docs/auth.md); with neither, clients are anonymous.
+    /// Shared secret for HS256 JWTs. With this, `--jwt-public-key` or `--jwt-jwks-url`,
+    /// every client needs a valid token (docs/auth.md); with none, clients are anonymous.
     #[arg(long, env = "WSGATE_JWT_SECRET", hide_env_values = true)]
     pub jwt_secret: Option<String>,
 
@@ -228,6 +228,22 @@ pub struct Config {
     /// for verifying JWTs.
     #[arg(long, env = "WSGATE_JWT_PUBLIC_KEY")]
     pub jwt_public_key: Option<PathBuf>,
+
+    /// URL of a JWKS (`http://` or `https://`, e.g. an identity provider's
+    /// `…/.well-known/jwks.json`): fetched at start (a failure exits 2), refreshed every
+    /// `--jwt-jwks-refresh` and early when a token names an unknown `kid`.
+    #[arg(long, env = "WSGATE_JWT_JWKS_URL")]
+    pub jwt_jwks_url: Option<String>,
+
+    /// How often the `--jwt-jwks-url` key set is fetched again. A failed fetch keeps the
+    /// last good key set (and is retried after at most 30 s).
+    #[arg(long, env = "WSGATE_JWT_JWKS_REFRESH", default_value = "5m", value_parser = parse_duration)]
+    pub jwt_jwks_refresh: Duration,
+
+    /// CA certificate(s) (PEM) that sign the `--jwt-jwks-url` server's certificate
+    /// (replaces the system roots).
+    #[arg(long, env = "WSGATE_JWT_JWKS_CA_FILE")]
+    pub jwt_jwks_ca_file: Option<PathBuf>,
 
     /// Required `aud` claim of client tokens (unset: `aud` is not checked).
     #[arg(long, env = "WSGATE_JWT_AUDIENCE")]
@@ -268,6 +284,12 @@ pub struct Config {
     /// Log filter (tracing `EnvFilter` syntax, e.g. `info,wsgate_gateway=debug`).
     #[arg(long, env = "WSGATE_LOG_LEVEL", default_value = "info")]
     pub log_level: String,
+
+    /// CA certificate(s) (PEM) that sign the OTLP collector's certificate, for an
+    /// `https://` `OTEL_EXPORTER_OTLP_ENDPOINT` (replaces the system roots; the standard
+    /// `OTEL_EXPORTER_OTLP_CERTIFICATE` is read when this is unset). docs/metrics.md.
+    #[arg(long, env = "WSGATE_OTLP_CA_FILE")]
+    pub otlp_ca_file: Option<PathBuf>,
 }
 
 impl Config {
@@ -401,7 +423,7 @@ impl Config {
 
     /// Whether clients must present a JWT.
     pub fn auth_enabled(&self) -> bool {
-        self.jwt_secret.is_some() || self.jwt_public_key.is_some()
+        self.jwt_secret.is_some() || self.jwt_public_key.is_some() || self.jwt_jwks_url.is_some()
     }
 
     /// Defaults, as if started with no flags and no environment (for tests).

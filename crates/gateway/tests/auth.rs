@@ -405,3 +405,357 @@ async fn refresh_to_a_shorter_token_moves_expiry_earlier() {
         _ => panic!("expected a close"),
     }
 }
+
+// ---- JWKS from a URL (`--jwt-jwks-url`) ----
+
+mod jwks_url {
+    use std::convert::Infallible;
+    use std::future::Future;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::{Duration, Instant};
+
+    use bytes::Bytes;
+    use clap::Parser;
+    use http_body_util::Full;
+    use hyper::body::Incoming;
+    use hyper::{Request, Response};
+    use hyper_util::rt::TokioIo;
+    use jsonwebtoken::jwk::{Jwk, JwkSet};
+    use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
+    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
+    use tokio::net::TcpListener;
+    use tokio_rustls::TlsAcceptor;
+    use wsgate_gateway::security::Security;
+    use wsgate_gateway::Config;
+
+    use super::{good_claims, refused_with, start, status, Node};
+
+    /// An ES256 signing key and its public JWK under `kid`.
+    struct SigningKey {
+        enc: EncodingKey,
+        jwk: Jwk,
+    }
+
+    impl SigningKey {
+        fn new(kid: &str) -> Self {
+            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let enc = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
+            let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
+            jwk.common.key_id = Some(kid.into());
+            SigningKey { enc, jwk }
+        }
+
+        /// A valid token signed with this key, its header naming `kid` (or none).
+        fn token(&self, kid: Option<&str>) -> String {
+            let mut h = Header::new(Algorithm::ES256);
+            h.kid = kid.map(str::to_owned);
+            encode(&h, &good_claims(), &self.enc).unwrap()
+        }
+    }
+
+    fn jwks(keys: &[&SigningKey]) -> String {
+        let set = JwkSet {
+            keys: keys.iter().map(|k| k.jwk.clone()).collect(),
+        };
+        serde_json::to_string(&set).unwrap()
+    }
+
+    /// What the JWKS server answers.
+    #[derive(Clone)]
+    enum Reply {
+        Jwks(String),
+        Status(u16),
+        Garbage,
+    }
+
+    /// A real HTTP(S) server on 127.0.0.1 serving a JWKS at `/jwks.json`, switchable.
+    struct JwksServer {
+        url: String,
+        reply: Arc<Mutex<Reply>>,
+        requests: Arc<AtomicUsize>,
+        task: tokio::task::JoinHandle<()>,
+    }
+
+    impl JwksServer {
+        async fn start(tls: Option<TlsAcceptor>, first: Reply) -> JwksServer {
+            let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+            let scheme = if tls.is_some() { "https" } else { "http" };
+            let url = format!("{scheme}://{}/jwks.json", listener.local_addr().unwrap());
+            let reply = Arc::new(Mutex::new(first));
+            let requests = Arc::new(AtomicUsize::new(0));
+            let (r, n) = (reply.clone(), requests.clone());
+            let task = tokio::spawn(async move {
+                loop {
+                    let Ok((tcp, _)) = listener.accept().await else {
+                        continue;
+                    };
+                    let (r, n, tls) = (r.clone(), n.clone(), tls.clone());
+                    tokio::spawn(async move {
+                        let service = hyper::service::service_fn(move |req: Request<Incoming>| {
+                            let (r, n) = (r.clone(), n.clone());
+                            async move {
+                                n.fetch_add(1, Ordering::SeqCst);
+                                let (code, body) =
+                                    match (req.uri().path(), r.lock().unwrap().clone()) {
+                                        ("/jwks.json", Reply::Jwks(body)) => (200, body),
+                                        ("/jwks.json", Reply::Status(code)) => {
+                                            (code, String::new())
+                                        }
+                                        ("/jwks.json", Reply::Garbage) => {
+                                            (200, "<html>oops</html>".into())
+                                        }
+                                        _ => (404, String::new()),
+                                    };
+                                Ok::<_, Infallible>(
+                                    Response::builder()
+                                        .status(code)
+                                        .header("content-type", "application/json")
+                                        // Each fetch on a new connection: a stopped
+                                        // server is then really gone.
+                                        .header("connection", "close")
+                                        .body(Full::new(Bytes::from(body)))
+                                        .unwrap(),
+                                )
+                            }
+                        });
+                        let http = hyper::server::conn::http1::Builder::new();
+                        match tls {
+                            None => {
+                                let _ = http.serve_connection(TokioIo::new(tcp), service).await;
+                            }
+                            Some(tls) => {
+                                if let Ok(s) = tls.accept(tcp).await {
+                                    let _ = http.serve_connection(TokioIo::new(s), service).await;
+                                }
+                            }
+                        }
+                    });
+                }
+            });
+            JwksServer {
+                url,
+                reply,
+                requests,
+                task,
+            }
+        }
+
+        fn serve(&self, reply: Reply) {
+            *self.reply.lock().unwrap() = reply;
+        }
+
+        fn requests(&self) -> usize {
+            self.requests.load(Ordering::SeqCst)
+        }
+
+        /// Closes the listening socket: fetches now fail to connect.
+        async fn stop(self) {
+            self.task.abort();
+            let _ = self.task.await;
+        }
+    }
+
+    async fn accepted(node: &Node, token: &str) -> bool {
+        status(&refused_with(node, Some(token)).await) == 101
+    }
+
+    /// Polls `f` every 50 ms until it holds, for at most `limit`.
+    async fn within<F: Future<Output = bool>>(limit: Duration, mut f: impl FnMut() -> F) -> bool {
+        let deadline = Instant::now() + limit;
+        while Instant::now() < deadline {
+            if f().await {
+                return true;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        false
+    }
+
+    /// A CA (PEM) and a TLS acceptor with a certificate it signed for 127.0.0.1.
+    fn tls_pki() -> (String, TlsAcceptor) {
+        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+        let ca_key = KeyPair::generate().unwrap();
+        let ca = params.self_signed(&ca_key).unwrap();
+        let issuer = Issuer::new(params, ca_key);
+        let key = KeyPair::generate().unwrap();
+        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+            .unwrap()
+            .signed_by(&key, &issuer)
+            .unwrap();
+        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+            rustls::crypto::ring::default_provider(),
+        ))
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_no_client_auth()
+        .with_single_cert(
+            vec![CertificateDer::from(leaf.der().to_vec())],
+            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+        )
+        .unwrap();
+        (ca.pem(), TlsAcceptor::from(Arc::new(config)))
+    }
+
+    /// The start-up error of a gateway with these flags (`None`: it would start).
+    fn start_error(args: &[&str]) -> Option<String> {
+        let mut argv = vec!["wsgate"];
+        argv.extend_from_slice(args);
+        Security::from_config(&Config::parse_from(argv))
+            .err()
+            .map(|e| e.to_string())
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn periodic_refresh_rotates_keys_and_keeps_them_through_failures() {
+        let (a, b) = (SigningKey::new("a"), SigningKey::new("b"));
+        let server = JwksServer::start(None, Reply::Jwks(jwks(&[&a]))).await;
+        let node = start(&["--jwt-jwks-url", &server.url, "--jwt-jwks-refresh", "1s"]).await;
+        assert_eq!(server.requests(), 1, "fetched once at start");
+        assert!(accepted(&node, &a.token(Some("a"))).await);
+        // Tokens without `kid` ask for no early fetch: only the periodic one can bring B.
+        assert!(
+            !accepted(&node, &b.token(None)).await,
+            "B is not published yet"
+        );
+
+        server.serve(Reply::Jwks(jwks(&[&b])));
+        let b_no_kid = b.token(None);
+        assert!(
+            within(Duration::from_secs(10), || accepted(&node, &b_no_kid)).await,
+            "B accepted after a refresh"
+        );
+        assert!(accepted(&node, &b.token(Some("b"))).await);
+        assert!(
+            !accepted(&node, &a.token(Some("a"))).await,
+            "A was withdrawn"
+        );
+
+        // Failed refreshes keep the last good set.
+        for bad in [Reply::Status(500), Reply::Garbage] {
+            server.serve(bad);
+            let before = server.requests();
+            assert!(
+                within(Duration::from_secs(10), || async {
+                    server.requests() >= before + 2
+                })
+                .await,
+                "refreshes go on"
+            );
+            assert!(accepted(&node, &b.token(Some("b"))).await);
+        }
+        // The server goes away altogether.
+        server.stop().await;
+        tokio::time::sleep(Duration::from_millis(2500)).await;
+        assert!(accepted(&node, &b.token(Some("b"))).await);
+        assert!(accepted(&node, &b_no_kid).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn an_unknown_kid_fetches_early_at_most_once_per_window() {
+        let (a, b) = (SigningKey::new("a"), SigningKey::new("b"));
+        let server = JwksServer::start(None, Reply::Jwks(jwks(&[&a]))).await;
+        // No periodic refresh within the test.
+        let node = start(&["--jwt-jwks-url", &server.url, "--jwt-jwks-refresh", "1h"]).await;
+        assert!(accepted(&node, &a.token(Some("a"))).await);
+        assert_eq!(server.requests(), 1);
+
+        // The provider publishes B and starts signing with it.
+        server.serve(Reply::Jwks(jwks(&[&a, &b])));
+        let token_b = b.token(Some("b"));
+        assert!(
+            !accepted(&node, &token_b).await,
+            "the token that reveals the new kid is refused: the fetch is in the background"
+        );
+        assert!(
+            within(Duration::from_secs(5), || accepted(&node, &token_b)).await,
+            "B accepted after the early fetch"
+        );
+        assert_eq!(server.requests(), 2, "one early fetch");
+        assert!(accepted(&node, &a.token(Some("a"))).await);
+
+        // Unknown kids inside the window fetch nothing more.
+        for i in 0..10 {
+            let kid = format!("unknown-{i}");
+            assert!(!accepted(&node, &b.token(Some(&kid))).await);
+        }
+        tokio::time::sleep(Duration::from_secs(1)).await;
+        assert_eq!(server.requests(), 2, "rate limited");
+        assert!(accepted(&node, &token_b).await);
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn https_with_a_private_ca() {
+        let a = SigningKey::new("a");
+        let (ca_pem, acceptor) = tls_pki();
+        let dir = tempfile::tempdir().unwrap();
+        let ca = dir.path().join("ca.pem");
+        std::fs::write(&ca, ca_pem).unwrap();
+        let ca = ca.to_str().unwrap();
+        let server = JwksServer::start(Some(acceptor), Reply::Jwks(jwks(&[&a]))).await;
+        assert!(server.url.starts_with("https://127.0.0.1:"));
+        let node = start(&["--jwt-jwks-url", &server.url, "--jwt-jwks-ca-file", ca]).await;
+        assert!(accepted(&node, &a.token(Some("a"))).await);
+        assert!(!accepted(&node, &SigningKey::new("a").token(Some("a"))).await);
+
+        // The system roots do not know the test CA.
+        let url = server.url.clone();
+        let e = tokio::task::spawn_blocking(move || start_error(&["--jwt-jwks-url", &url]))
+            .await
+            .unwrap()
+            .expect("an untrusted certificate fails the start");
+        assert!(
+            e.contains("--jwt-jwks-url") && e.contains("UnknownIssuer"),
+            "{e}"
+        );
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_first_fetch_that_fails_is_a_start_up_error() {
+        let server = JwksServer::start(None, Reply::Status(404)).await;
+        let url = server.url.clone();
+        let down = format!("http://127.0.0.1:{}/jwks.json", wsgate_testkit::free_port());
+        let errors = tokio::task::spawn_blocking(move || {
+            let e = |args: &[&str]| start_error(args).expect("refused");
+            vec![
+                (e(&["--jwt-jwks-url", &url]), "HTTP 404"),
+                (e(&["--jwt-jwks-url", &down]), "onnect"),
+                (
+                    e(&["--jwt-jwks-url", "ftp://127.0.0.1/jwks.json"]),
+                    "http://",
+                ),
+                (
+                    e(&["--jwt-jwks-url", &url, "--jwt-jwks-ca-file", "ca.pem"]),
+                    "needs an https://",
+                ),
+                (
+                    e(&["--jwt-jwks-url", &url, "--jwt-jwks-refresh", "0s"]),
+                    "at least 1s",
+                ),
+            ]
+        })
+        .await
+        .unwrap();
+        for (e, expect) in errors {
+            assert!(e.contains("--jwt-jwks"), "{e}");
+            assert!(e.contains(expect), "{expect}: {e}");
+        }
+        // A document that is not a JWKS, or has no usable key.
+        server.serve(Reply::Garbage);
+        let url = server.url.clone();
+        let e = tokio::task::spawn_blocking(move || start_error(&["--jwt-jwks-url", &url]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(e.contains("not a JWKS"), "{e}");
+        server.serve(Reply::Jwks(r#"{"keys":[]}"#.into()));
+        let url = server.url.clone();
+        let e = tokio::task::spawn_blocking(move || start_error(&["--jwt-jwks-url", &url]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert!(e.contains("no RS256, ES256 or HS256"), "{e}");
+    }
+}

@@ -11,6 +11,10 @@
 //!
 //! Nothing here ever formats a password: [`Connector::target`] and
 //! [`explain`] are what goes into logs.
+//!
+//! `rediss://…#insecure` (TLS without certificate verification) works only when built
+//! with the `insecure-tls` feature, which only the tests enable ([`INSECURE_TLS`]);
+//! otherwise [`Connector::new`] refuses such a URL.
 
 use std::fmt;
 use std::sync::Arc;
@@ -21,6 +25,9 @@ use redis::{
     AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo, ErrorKind,
     IntoConnectionInfo, RedisError, RedisResult, TlsCertificates, TlsMode,
 };
+
+/// Whether `#insecure` Redis URLs are built in (the `insecure-tls` feature, tests only).
+pub const INSECURE_TLS: bool = cfg!(feature = "insecure-tls");
 
 /// Time allowed to open one connection (TCP, TLS handshake, `AUTH`, `SELECT`).
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
@@ -92,7 +99,8 @@ impl fmt::Debug for SentinelOptions {
 #[derive(Clone, Default)]
 pub struct ConnectOptions {
     /// `redis://[user[:password]@]host:port[/db]`, or `rediss://…` for TLS (append
-    /// `#insecure` to skip certificate verification: for tests only). With Sentinel, the
+    /// `#insecure` to skip certificate verification: only with the `insecure-tls`
+    /// feature, for tests). With Sentinel, the
     /// host and port are not used: the sentinels name the master; the scheme, user,
     /// password and database still apply to it.
     pub url: String,
@@ -162,6 +170,20 @@ fn is_tls(addr: &ConnectionAddr) -> Option<bool> {
     }
 }
 
+/// Refuses `#insecure` unless it is built in: without the feature the redis crate would
+/// fail every connect attempt, a retry loop instead of a clear error at start.
+fn check_insecure(tls: Option<bool>, built_in: bool) -> Result<(), ConnectError> {
+    if tls == Some(true) && !built_in {
+        return Err(ConnectError(
+            "`#insecure` (TLS without certificate verification) is not built into this \
+             binary: it exists for tests only (the `insecure-tls` feature). Drop it from \
+             the URL and let the certificate be verified: --redis-ca-file for a private CA"
+                .into(),
+        ));
+    }
+    Ok(())
+}
+
 impl Connector {
     /// Checks the options and prepares clients (nothing is connected yet).
     ///
@@ -181,6 +203,7 @@ impl Connector {
                 .set_redis_settings(info.redis_settings().clone().set_password(p));
         }
         let tls = is_tls(info.addr());
+        check_insecure(tls, INSECURE_TLS)?;
         if tls.is_none() && !options.tls.is_empty() {
             return Err(ConnectError(
                 "a CA file or client certificate needs a rediss:// URL".into(),
@@ -480,6 +503,22 @@ mod tests {
         });
         let e = Connector::new(&o).unwrap_err();
         assert!(e.0.contains("host:port"), "{e}");
+    }
+
+    #[test]
+    fn insecure_is_refused_unless_built_in() {
+        let e = check_insecure(Some(true), false).unwrap_err();
+        assert!(
+            e.0.contains("#insecure") && e.0.contains("--redis-ca-file"),
+            "{e}"
+        );
+        assert!(check_insecure(Some(true), true).is_ok());
+        assert!(check_insecure(Some(false), false).is_ok());
+        assert!(check_insecure(None, false).is_ok());
+        // This build: refused or accepted as the feature says.
+        let r = Connector::new(&opts("rediss://127.0.0.1:7000/#insecure"));
+        assert_eq!(r.is_ok(), INSECURE_TLS, "{:?}", r.err());
+        Connector::new(&opts("rediss://127.0.0.1:7000/")).unwrap();
     }
 
     #[test]

@@ -189,14 +189,6 @@ fn main() -> ExitCode {
         eprintln!("wsgate: invalid configuration: {msg}");
         return ExitCode::from(2);
     }
-    // Keys and certificates are read once, here, so a bad one is a clear exit 2.
-    let security = match Security::from_config(&cfg) {
-        Ok(s) => s,
-        Err(e) => {
-            eprintln!("wsgate: invalid configuration: {e}");
-            return ExitCode::from(2);
-        }
-    };
     let redis = match redis_options(&cfg) {
         Ok(r) => r,
         Err(e) => {
@@ -208,10 +200,20 @@ fn main() -> ExitCode {
         cfg.log_format,
         &cfg.log_level,
         cfg.node_id.as_deref().unwrap_or(""),
+        cfg.otlp_ca_file.as_deref(),
     ) {
         Ok(t) => t,
         Err(e) => {
             eprintln!("wsgate: {e}");
+            return ExitCode::from(2);
+        }
+    };
+    // Keys and certificates are read here, once, so a bad one is a clear exit 2 (and a
+    // JWKS URL is fetched with logging already on).
+    let security = match Security::from_config(&cfg) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("wsgate: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };

@@ -7,15 +7,21 @@
 //!   `OTEL_EXPORTER_OTLP_HEADERS`, `OTEL_EXPORTER_OTLP_TIMEOUT`, `OTEL_TRACES_SAMPLER`,
 //!   `OTEL_BSP_*`…) are read by the OpenTelemetry SDK itself. Unset, there is no
 //!   exporter and no layer: nothing is recorded beyond what the logs need.
+//! - `https://` endpoints: rustls with the ring provider (no OpenSSL), verifying the
+//!   collector against the system roots, or only against `--otlp-ca-file` (else the
+//!   standard `OTEL_EXPORTER_OTLP_[TRACES_]CERTIFICATE`) for a private CA.
 //!
 //! Spans are per connection (`session`) and per HTTP request (`http.request`), never
 //! per delivered message. The batch exporter runs on its own thread with a blocking
 //! HTTP client, so the export never runs on (or blocks) the async workers.
 
 use std::env;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
 use opentelemetry::KeyValue;
+use opentelemetry_otlp::WithHttpConfig;
 use opentelemetry_sdk::trace::SdkTracerProvider;
 use opentelemetry_sdk::Resource;
 use tracing_subscriber::filter::EnvFilter;
@@ -75,11 +81,64 @@ fn check_protocol() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn provider(node_id: &str) -> anyhow::Result<SdkTracerProvider> {
+/// The CA file that verifies the collector, and the setting it came from (for errors):
+/// the flag, else the standard variables, the traces one first.
+fn ca_file(flag: Option<&Path>) -> Option<(&'static str, PathBuf)> {
+    if let Some(p) = flag {
+        return Some(("--otlp-ca-file", p.to_path_buf()));
+    }
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE",
+        "OTEL_EXPORTER_OTLP_CERTIFICATE",
+    ]
+    .into_iter()
+    .find_map(|var| {
+        let v = env::var(var).ok()?;
+        let v = v.trim();
+        (!v.is_empty()).then(|| (var, PathBuf::from(v)))
+    })
+}
+
+/// The export timeout, as the SDK reads it (milliseconds; default 10 s): the client we
+/// hand the exporter must not cut requests the exporter itself would still wait for.
+fn export_timeout() -> Duration {
+    [
+        "OTEL_EXPORTER_OTLP_TRACES_TIMEOUT",
+        "OTEL_EXPORTER_OTLP_TIMEOUT",
+    ]
+    .into_iter()
+    .find_map(|var| env::var(var).ok()?.trim().parse::<u64>().ok())
+    .map_or(Duration::from_secs(10), Duration::from_millis)
+}
+
+/// The exporter's HTTP client: blocking (it runs on the exporter's own thread), TLS by
+/// rustls with ring, trusting the system roots or only the CA file.
+fn http_client(ca_flag: Option<&Path>) -> anyhow::Result<reqwest::blocking::Client> {
+    // reqwest is built without a crypto provider of its own: it takes the process
+    // default, which is this workspace's ring (a no-op when one is installed).
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let mut builder = reqwest::blocking::Client::builder().timeout(export_timeout());
+    if let Some((setting, path)) = ca_file(ca_flag) {
+        let pem = std::fs::read(&path)
+            .map_err(|e| anyhow::anyhow!("cannot read {setting} {}: {e}", path.display()))?;
+        let certs = reqwest::Certificate::from_pem_bundle(&pem)
+            .map_err(|e| anyhow::anyhow!("{setting} {}: {e}", path.display()))?;
+        if certs.is_empty() {
+            anyhow::bail!("{setting} {} holds no PEM certificate", path.display());
+        }
+        builder = builder.tls_certs_only(certs);
+    }
+    builder
+        .build()
+        .map_err(|e| anyhow::anyhow!("OTLP HTTP client: {e}"))
+}
+
+fn provider(node_id: &str, ca_file: Option<&Path>) -> anyhow::Result<SdkTracerProvider> {
     check_protocol()?;
     // Protocol, endpoint, headers and timeout come from the OTEL_* variables.
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_http()
+        .with_http_client(http_client(ca_file)?)
         .build()
         .map_err(|e| anyhow::anyhow!("OTLP trace exporter: {e}"))?;
     Ok(SdkTracerProvider::builder()
@@ -91,9 +150,17 @@ fn provider(node_id: &str) -> anyhow::Result<SdkTracerProvider> {
 /// Installs the global subscriber. Call before the async runtime starts (the OTLP
 /// HTTP client is a blocking one and must not be built on a runtime thread).
 ///
+/// `otlp_ca_file` is `--otlp-ca-file`.
+///
 /// # Errors
-/// An invalid `level` filter, or an OTLP configuration the exporter refuses.
-pub fn init(format: LogFormat, level: &str, node_id: &str) -> anyhow::Result<Telemetry> {
+/// An invalid `level` filter, an unreadable CA file, or an OTLP configuration the
+/// exporter refuses.
+pub fn init(
+    format: LogFormat,
+    level: &str,
+    node_id: &str,
+    otlp_ca_file: Option<&Path>,
+) -> anyhow::Result<Telemetry> {
     let filter = EnvFilter::try_new(level)
         .map_err(|e| anyhow::anyhow!("invalid --log-level `{level}`: {e}"))?;
     let logs = match format {
@@ -109,7 +176,7 @@ pub fn init(format: LogFormat, level: &str, node_id: &str) -> anyhow::Result<Tel
     .with_filter(filter);
 
     let provider = if otlp_requested() {
-        Some(provider(node_id)?)
+        Some(provider(node_id, otlp_ca_file)?)
     } else {
         None
     };

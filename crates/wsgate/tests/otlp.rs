@@ -1,11 +1,14 @@
 //! A running gateway exports real spans over OTLP/HTTP (protobuf) to a receiver in
-//! this test when `OTEL_EXPORTER_OTLP_ENDPOINT` is set — and exports nothing, with no
-//! exporter at all, when it is not.
+//! this test when `OTEL_EXPORTER_OTLP_ENDPOINT` is set — over `http://`, and over
+//! `https://` to a receiver whose certificate a CA made here signs — and exports
+//! nothing, with no exporter at all, when it is not.
 
 #[path = "obs_common/mod.rs"]
 mod common;
 
 use std::convert::Infallible;
+use std::path::Path;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
@@ -18,8 +21,11 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use prost::Message;
+use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
+use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
+use tokio_rustls::TlsAcceptor;
 
 /// One received span: its name, attributes, and its resource's attributes.
 #[derive(Debug)]
@@ -46,13 +52,30 @@ fn flat(kvs: &[KeyValue]) -> Vec<(String, String)> {
 
 /// A minimal OTLP/HTTP receiver: `POST /v1/traces` with a protobuf body.
 async fn receiver() -> (String, mpsc::UnboundedReceiver<(String, Span)>) {
+    let (url, spans, _) = receiver_on(None).await;
+    (url, spans)
+}
+
+/// The receiver, over TLS when given an acceptor (`https://` URL). The third channel
+/// gets every failed TLS handshake's error.
+async fn receiver_on(
+    tls: Option<TlsAcceptor>,
+) -> (
+    String,
+    mpsc::UnboundedReceiver<(String, Span)>,
+    mpsc::UnboundedReceiver<String>,
+) {
     let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let url = format!("http://{}", listener.local_addr().unwrap());
+    let scheme = if tls.is_some() { "https" } else { "http" };
+    let url = format!("{scheme}://{}", listener.local_addr().unwrap());
     let (tx, rx) = mpsc::unbounded_channel();
+    let (failed_tx, failed) = mpsc::unbounded_channel();
     tokio::spawn(async move {
         loop {
             let (stream, _) = listener.accept().await.unwrap();
             let tx = tx.clone();
+            let tls = tls.clone();
+            let failed = failed_tx.clone();
             tokio::spawn(async move {
                 let service = hyper::service::service_fn(move |req: Request<Incoming>| {
                     let tx = tx.clone();
@@ -82,13 +105,62 @@ async fn receiver() -> (String, mpsc::UnboundedReceiver<(String, Span)>) {
                         )
                     }
                 });
-                let _ = hyper::server::conn::http1::Builder::new()
-                    .serve_connection(TokioIo::new(stream), service)
-                    .await;
+                let http = hyper::server::conn::http1::Builder::new();
+                match tls {
+                    None => {
+                        let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                    }
+                    Some(tls) => match tls.accept(stream).await {
+                        Ok(stream) => {
+                            let _ = http.serve_connection(TokioIo::new(stream), service).await;
+                        }
+                        Err(e) => {
+                            let _ = failed.send(e.to_string());
+                        }
+                    },
+                }
             });
         }
     });
-    (url, rx)
+    (url, rx, failed)
+}
+
+/// A CA (its PEM written to `dir/ca.pem`) and a TLS acceptor with a certificate it
+/// signed for 127.0.0.1.
+fn tls_receiver_pki(dir: &Path) -> TlsAcceptor {
+    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
+    params
+        .distinguished_name
+        .push(rcgen::DnType::CommonName, "wsgate test collector CA");
+    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    let ca_key = KeyPair::generate().unwrap();
+    let ca = params.self_signed(&ca_key).unwrap();
+    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
+    let issuer = Issuer::new(params, ca_key);
+    let key = KeyPair::generate().unwrap();
+    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
+        .unwrap()
+        .signed_by(&key, &issuer)
+        .unwrap();
+    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
+        rustls::crypto::ring::default_provider(),
+    ))
+    .with_safe_default_protocol_versions()
+    .unwrap()
+    .with_no_client_auth()
+    .with_single_cert(
+        vec![CertificateDer::from(leaf.der().to_vec())],
+        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
+    )
+    .unwrap();
+    TlsAcceptor::from(Arc::new(config))
+}
+
+/// Some traffic on `gw`, so it has a `session` span to export.
+async fn one_session(gw: &Gateway) {
+    let mut ws = connect(gw).await;
+    subscribe(&mut ws, "news").await;
+    ws.close(None).await.unwrap();
 }
 
 fn attr<'a>(kvs: &'a [(String, String)], key: &str) -> Option<&'a str> {
@@ -178,4 +250,123 @@ fn a_grpc_protocol_is_refused_clearly() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("http/protobuf"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn spans_reach_an_https_receiver_signed_by_a_private_ca() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, mut spans, mut failed) = receiver_on(Some(tls_receiver_pki(dir.path()))).await;
+    assert!(url.starts_with("https://"), "{url}");
+    let ca = dir.path().join("ca.pem");
+    let ca = ca.to_str().unwrap();
+    // The CA by the flag, and by the standard OpenTelemetry variable.
+    let by_flag = start(
+        &["--otlp-ca-file", ca],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=flag"),
+        ],
+    );
+    let by_env = start(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
+            ("OTEL_EXPORTER_OTLP_CERTIFICATE", ca),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+            ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=env"),
+        ],
+    );
+    one_session(&by_flag).await;
+    one_session(&by_env).await;
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !(seen.contains(&"flag".to_string()) && seen.contains(&"env".to_string())) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let (path, span) = tokio::time::timeout(left, spans.recv())
+            .await
+            .unwrap_or_else(|_| panic!("session spans over https within 20 s, got {seen:?}"))
+            .expect("receiver running");
+        assert_eq!(path, "/v1/traces");
+        if span.name == "session" {
+            assert_eq!(attr(&span.resource, "service.name"), Some("wsgate"));
+            seen.extend(attr(&span.resource, "deployment.environment").map(str::to_owned));
+        }
+    }
+    assert!(failed.try_recv().is_err(), "no failed handshake expected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_https_receiver_outside_the_trusted_roots_gets_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let (url, mut spans, mut failed) = receiver_on(Some(tls_receiver_pki(dir.path()))).await;
+    // No CA given: the system roots do not know the test CA, so the exporter must
+    // refuse the receiver's certificate.
+    let gw = start(
+        &[],
+        &[
+            ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
+            ("OTEL_BSP_SCHEDULE_DELAY", "100"),
+        ],
+    );
+    one_session(&gw).await;
+    let e = tokio::time::timeout(Duration::from_secs(20), failed.recv())
+        .await
+        .expect("an export attempt within 20 s")
+        .expect("receiver running");
+    assert!(e.to_ascii_lowercase().contains("alert"), "{e}");
+    assert!(
+        spans.try_recv().is_err(),
+        "no span may pass an unverified TLS"
+    );
+    // And the node's log says why.
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut logs = Vec::new();
+    while !logs.iter().any(|l: &String| l.contains("UnknownIssuer")) {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match gw.logs.recv_timeout(left) {
+            Ok(l) => logs.push(l),
+            Err(_) => panic!("no certificate error in the log: {logs:?}"),
+        }
+    }
+}
+
+#[test]
+fn an_unusable_otlp_ca_file_exits_2() {
+    let dir = tempfile::tempdir().unwrap();
+    let not_pem = dir.path().join("not.pem");
+    std::fs::write(&not_pem, "not a certificate").unwrap();
+    let missing = dir.path().join("missing.pem");
+    for (args, env, expect) in [
+        (
+            vec!["--otlp-ca-file", missing.to_str().unwrap()],
+            None,
+            "--otlp-ca-file",
+        ),
+        (
+            vec!["--otlp-ca-file", not_pem.to_str().unwrap()],
+            None,
+            "no PEM certificate",
+        ),
+        (
+            vec![],
+            Some(missing.to_str().unwrap()),
+            "OTEL_EXPORTER_OTLP_CERTIFICATE",
+        ),
+    ] {
+        let mut cmd = std::process::Command::new(env!("CARGO_BIN_EXE_wsgate"));
+        cmd.args(["--listen", "127.0.0.1:0", "--admin-listen", "127.0.0.1:0"])
+            .args(&args)
+            .env_remove("WSGATE_OTLP_CA_FILE")
+            .env_remove("OTEL_EXPORTER_OTLP_TRACES_CERTIFICATE")
+            .env("OTEL_EXPORTER_OTLP_ENDPOINT", "https://127.0.0.1:1");
+        match env {
+            Some(p) => cmd.env("OTEL_EXPORTER_OTLP_CERTIFICATE", p),
+            None => cmd.env_remove("OTEL_EXPORTER_OTLP_CERTIFICATE"),
+        };
+        let out = cmd.output().unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+        assert!(err.contains(expect), "{args:?}: {err}");
+    }
 }

@@ -265,7 +265,9 @@ async fn rediss_with_ca_and_client_certificate_relays() {
     // By IP address and by name: both are in the server certificate.
     let a = node(&format!("rediss://127.0.0.1:{}/", redis.port), &mtls);
     let b = node(&format!("rediss://localhost:{}/", redis.port), &mtls);
-    // `#insecure` skips verification (tests only) but still presents the certificate.
+    // `#insecure` skips verification but still presents the certificate. Tests only: it
+    // is built in by the `insecure-tls` feature, which this crate's dev-dependency on
+    // wsgate-redis turns on (a release build refuses the URL: deploy/tests).
     let c = node(
         &format!("rediss://127.0.0.1:{}/#insecure", redis.port),
         &mtls[2..],

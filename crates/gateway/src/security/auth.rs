@@ -6,12 +6,17 @@
 //! verified only with a key of its header's algorithm, so `alg: none` and algorithm
 //! confusion (an HS256 token "signed" with the RSA public key) are refused: neither
 //! names a configured (algorithm, key) pair.
+//!
+//! Keys come from `--jwt-secret`, `--jwt-public-key` (a PEM key or a JWKS file, read
+//! once) and `--jwt-jwks-url` (fetched at start and kept fresh by [`jwks`]).
+
+mod jwks;
 
 use std::path::Path;
 use std::sync::{Arc, LazyLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
-use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm};
+use jsonwebtoken::jwk::{AlgorithmParameters, JwkSet, KeyAlgorithm, PublicKeyUse};
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde::Deserialize;
 
@@ -99,7 +104,10 @@ struct Key {
 
 /// Verifies client tokens against the configured keys.
 pub struct Authenticator {
+    /// Keys of the flags and files, fixed.
     keys: Vec<Key>,
+    /// Keys of `--jwt-jwks-url`, refreshed in the background.
+    remote: Option<jwks::RemoteKeys>,
     validation: Validation,
 }
 
@@ -122,6 +130,34 @@ fn jwk_alg(jwk: &jsonwebtoken::jwk::Jwk) -> Option<Algorithm> {
     }
 }
 
+/// The signature keys of a JWKS: those of an accepted algorithm (keys marked for
+/// encryption, `"use":"enc"`, are skipped).
+///
+/// # Errors
+/// A key that does not parse, or no usable key at all.
+fn keys_from_jwks(set: &JwkSet) -> Result<Vec<Key>, String> {
+    let mut keys = Vec::new();
+    for jwk in &set.keys {
+        if matches!(jwk.common.public_key_use, Some(PublicKeyUse::Encryption)) {
+            continue;
+        }
+        let Some(alg) = jwk_alg(jwk) else { continue };
+        let key = DecodingKey::from_jwk(jwk).map_err(|e| {
+            let kid = jwk.common.key_id.as_deref().unwrap_or("(no kid)");
+            format!("bad key {kid}: {e}")
+        })?;
+        keys.push(Key {
+            kid: jwk.common.key_id.clone(),
+            alg,
+            key,
+        });
+    }
+    if keys.is_empty() {
+        return Err("no RS256, ES256 or HS256 signature key".into());
+    }
+    Ok(keys)
+}
+
 fn load_public_key(path: &Path, keys: &mut Vec<Key>) -> Result<(), AuthConfigError> {
     let bytes = std::fs::read(path).map_err(|e| {
         err(format!(
@@ -132,19 +168,7 @@ fn load_public_key(path: &Path, keys: &mut Vec<Key>) -> Result<(), AuthConfigErr
     if bytes.iter().find(|b| !b.is_ascii_whitespace()) == Some(&b'{') {
         let set: JwkSet = serde_json::from_slice(&bytes)
             .map_err(|e| err(format!("{} is not a JWKS: {e}", path.display())))?;
-        for jwk in &set.keys {
-            let Some(alg) = jwk_alg(jwk) else { continue };
-            let key = DecodingKey::from_jwk(jwk)
-                .map_err(|e| err(format!("bad key in {}: {e}", path.display())))?;
-            keys.push(Key {
-                kid: jwk.common.key_id.clone(),
-                alg,
-                key,
-            });
-        }
-        if keys.is_empty() {
-            return Err(err(format!("{} has no RS256/ES256 key", path.display())));
-        }
+        keys.extend(keys_from_jwks(&set).map_err(|e| err(format!("{}: {e}", path.display())))?);
         return Ok(());
     }
     let (alg, key) = if let Ok(k) = DecodingKey::from_rsa_pem(&bytes) {
@@ -165,11 +189,40 @@ fn load_public_key(path: &Path, keys: &mut Vec<Key>) -> Result<(), AuthConfigErr
     Ok(())
 }
 
+/// The `--jwt-jwks-url` key set, fetched once before this returns.
+fn remote_keys(cfg: &Config, url: &str) -> Result<jwks::RemoteKeys, AuthConfigError> {
+    let https = url.starts_with("https://");
+    if !(https || url.starts_with("http://")) {
+        return Err(err("--jwt-jwks-url must start with http:// or https://"));
+    }
+    if cfg.jwt_jwks_refresh < Duration::from_secs(1) {
+        return Err(err("--jwt-jwks-refresh must be at least 1s"));
+    }
+    let ca = match &cfg.jwt_jwks_ca_file {
+        None => None,
+        Some(_) if !https => {
+            return Err(err("--jwt-jwks-ca-file needs an https:// --jwt-jwks-url"));
+        }
+        Some(path) => Some(std::fs::read(path).map_err(|e| {
+            err(format!(
+                "cannot read --jwt-jwks-ca-file {}: {e}",
+                path.display()
+            ))
+        })?),
+    };
+    jwks::RemoteKeys::start(url, ca.as_deref(), cfg.jwt_jwks_refresh)
+        .map_err(|e| err(format!("--jwt-jwks-url {url}: no key set at start: {e}")))
+}
+
 impl Authenticator {
     /// The authenticator the configuration asks for, `None` when auth is off.
     ///
+    /// With `--jwt-jwks-url`, this fetches the key set before it returns (blocking the
+    /// calling thread for up to about 15 s) and starts a thread that refreshes it
+    /// until the authenticator is dropped.
+    ///
     /// # Errors
-    /// When a key file cannot be read or parsed.
+    /// When a key file cannot be read or parsed, or the JWKS URL gave no key set.
     pub fn from_config(cfg: &Config) -> Result<Option<Self>, AuthConfigError> {
         let mut keys = Vec::new();
         if let Some(secret) = &cfg.jwt_secret {
@@ -182,7 +235,11 @@ impl Authenticator {
         if let Some(path) = &cfg.jwt_public_key {
             load_public_key(path, &mut keys)?;
         }
-        if keys.is_empty() {
+        let remote = match &cfg.jwt_jwks_url {
+            Some(url) => Some(remote_keys(cfg, url)?),
+            None => None,
+        };
+        if keys.is_empty() && remote.is_none() {
             return Ok(None);
         }
         let mut validation = Validation::new(Algorithm::HS256);
@@ -198,7 +255,11 @@ impl Authenticator {
         if let Some(iss) = &cfg.jwt_issuer {
             validation.set_issuer(&[iss]);
         }
-        Ok(Some(Authenticator { keys, validation }))
+        Ok(Some(Authenticator {
+            keys,
+            remote,
+            validation,
+        }))
     }
 
     /// Verifies a token and reads its permissions.
@@ -208,12 +269,32 @@ impl Authenticator {
     pub fn verify(&self, token: &str) -> Result<Identity, AuthError> {
         use jsonwebtoken::errors::ErrorKind;
         let header = jsonwebtoken::decode_header(token).map_err(|_| AuthError::Algorithm)?;
-        let key = self
-            .keys
-            .iter()
-            .filter(|k| k.alg == header.alg)
-            .find(|k| k.kid.is_none() || header.kid.is_none() || k.kid == header.kid)
-            .ok_or(AuthError::Algorithm)?;
+        let remote = self.remote.as_ref().map(jwks::RemoteKeys::keys);
+        let candidates = || {
+            self.keys
+                .iter()
+                .chain(remote.iter().flat_map(|r| r.iter()))
+                .filter(|k| k.alg == header.alg)
+        };
+        // The key with the token's `kid`; else one without a `kid` (or, for a token
+        // without one, the first key of its algorithm).
+        let by_kid = header
+            .kid
+            .as_ref()
+            .and_then(|kid| candidates().find(|k| k.kid.as_ref() == Some(kid)));
+        let unknown_kid = header.kid.is_some() && by_kid.is_none();
+        let key = by_kid.or_else(|| match header.kid {
+            Some(_) => candidates().find(|k| k.kid.is_none()),
+            None => candidates().next(),
+        });
+        if unknown_kid || key.is_none() {
+            if let Some(remote) = &self.remote {
+                // Perhaps a key the provider published after our last fetch: fetched
+                // in the background (rate limited), for the client's next attempt.
+                remote.request_refresh();
+            }
+        }
+        let key = key.ok_or(AuthError::Algorithm)?;
         let mut validation = self.validation.clone();
         validation.algorithms = vec![key.alg];
         let data =
@@ -283,6 +364,69 @@ fn percent_decode(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use clap::Parser;
+
+    /// A JWKS of HS256 keys: (kid, base64url secret, use).
+    fn oct_jwks(keys: &[(&str, &str, Option<&str>)]) -> JwkSet {
+        let keys: Vec<serde_json::Value> = keys
+            .iter()
+            .map(|(kid, k, usage)| {
+                let mut v = serde_json::json!({"kty":"oct","alg":"HS256","kid":kid,"k":k});
+                if let Some(u) = usage {
+                    v["use"] = (*u).into();
+                }
+                v
+            })
+            .collect();
+        serde_json::from_value(serde_json::json!({ "keys": keys })).unwrap()
+    }
+
+    #[test]
+    fn jwks_signature_keys_only() {
+        let set = oct_jwks(&[
+            ("enc", "c2VjcmV0LWE", Some("enc")),
+            ("sig", "c2VjcmV0LWI", Some("sig")),
+        ]);
+        let keys = keys_from_jwks(&set).unwrap();
+        assert_eq!(keys.len(), 1);
+        assert_eq!(keys[0].kid.as_deref(), Some("sig"));
+        let only_enc = oct_jwks(&[("enc", "c2VjcmV0LWE", Some("enc"))]);
+        assert!(keys_from_jwks(&only_enc).is_err_and(|e| e.contains("no RS256")));
+    }
+
+    #[test]
+    fn the_tokens_kid_wins_over_a_key_without_kid() {
+        // `--jwt-secret` (no kid) and a JWKS file with an HS256 key "k" of another secret:
+        // a token with kid "k" is verified with the JWKS key, not the first HS256 key.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("jwks.json");
+        // base64url("jwks-secret")
+        let set = oct_jwks(&[("k", "andrcy1zZWNyZXQ", None)]);
+        std::fs::write(&path, serde_json::to_vec(&set).unwrap()).unwrap();
+        let cfg = Config::parse_from([
+            "wsgate",
+            "--jwt-secret",
+            "flag-secret",
+            "--jwt-public-key",
+            path.to_str().unwrap(),
+        ]);
+        let auth = Authenticator::from_config(&cfg).unwrap().unwrap();
+        let claims = serde_json::json!({"sub":"a","exp": MAX_EXP});
+        let token = |kid: Option<&str>, secret: &[u8]| {
+            let mut h = jsonwebtoken::Header::new(Algorithm::HS256);
+            h.kid = kid.map(str::to_owned);
+            jsonwebtoken::encode(&h, &claims, &jsonwebtoken::EncodingKey::from_secret(secret))
+                .unwrap()
+        };
+        assert!(auth.verify(&token(Some("k"), b"jwks-secret")).is_ok());
+        // Without kid, or with an unknown one: the key without kid.
+        assert!(auth.verify(&token(None, b"flag-secret")).is_ok());
+        assert!(auth.verify(&token(Some("other"), b"flag-secret")).is_ok());
+        assert_eq!(
+            auth.verify(&token(Some("k"), b"flag-secret")).unwrap_err(),
+            AuthError::Signature
+        );
+    }
 
     #[test]
     fn token_sources() {

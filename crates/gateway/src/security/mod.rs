@@ -111,7 +111,7 @@ impl Security {
     /// Says loudly, once at start, what is left open.
     pub fn log_posture(&self, cfg: &Config) {
         if self.auth.is_none() {
-            warn!("AUTH IS OFF: any client may connect, subscribe to and publish on any topic (set --jwt-secret or --jwt-public-key)");
+            warn!("AUTH IS OFF: any client may connect, subscribe to and publish on any topic (set --jwt-secret, --jwt-public-key or --jwt-jwks-url)");
         }
         if self.origins.allows_any() {
             warn!("no --allowed-origins: pages from any site may open WebSockets here");
