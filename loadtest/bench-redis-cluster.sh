@@ -7,8 +7,15 @@
 #   cargo build --release -p wsgate -p wsgate-loadtest
 #   loadtest/bench-redis-cluster.sh            # results under $BENCH_OUT (default: a temp dir)
 #
+# Comparing builds of the cluster mode on the same cluster, same run: CLUSTER_BINS lists
+# label=path pairs; each gets its own two gateway nodes, and every round runs each once,
+# the order rotating from round to round:
+#   CLUSTER_BINS="old=/tmp/wsgate-old new=target/release/wsgate" loadtest/bench-redis-cluster.sh
+#
 # Environment: BENCH_OUT, ROUNDS (2), DUR (10s), RATE (publications/s, 20000), TOPICS
-# (300), SUBS (600: 2 per topic, half on each gateway node), PUBS (300: one per topic), PAYLOAD (100).
+# (300), SUBS (600: 2 per topic, half on each gateway node), PUBS (300: one per topic), PAYLOAD (100),
+# WSGATE (the single-mode binary, target/release/wsgate), CLUSTER_BINS ("cluster=$WSGATE"),
+# SINGLE (1: also run single mode; 0: cluster runs only).
 # Everything binds to 127.0.0.1, runs bounded in time and is killed at exit.
 set -euo pipefail
 cd "$(git -C "$(dirname "${BASH_SOURCE[0]}")" rev-parse --show-toplevel)"
@@ -20,6 +27,9 @@ TOPICS=${TOPICS:-300}
 SUBS=${SUBS:-600}
 PUBS=${PUBS:-300}
 PAYLOAD=${PAYLOAD:-100}
+WSGATE=${WSGATE:-target/release/wsgate}
+CLUSTER_BINS=${CLUSTER_BINS:-"cluster=$WSGATE"}
+SINGLE=${SINGLE:-1}
 OUT=${BENCH_OUT:-$(mktemp -d)}
 TMP=$(mktemp -d)
 mkdir -p "$OUT"
@@ -52,10 +62,10 @@ start_redis() { # port [extra args...]
   PIDS+=("$(pid_of_port "$port")")
 }
 
-start_gateway() { # name redis-args...
-  local name=$1; shift
+start_gateway() { # binary name redis-args...
+  local bin=$1 name=$2; shift 2
   local port admin; port=$(free_port); admin=$(free_port)
-  target/release/wsgate --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
+  "$bin" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --node-id "$name" --rate-limit 10000000 --rate-burst 10000000 --log-level warn "$@" \
     >>"$TMP/servers.log" 2>&1 &
   wait_port "$port"; wait_port "$admin"
@@ -68,7 +78,7 @@ start_gateway() { # name redis-args...
 }
 
 # One Redis.
-SINGLE=$(free_port); start_redis "$SINGLE"; SINGLE_PID=${PIDS[-1]}
+SINGLE_PORT=$(free_port); start_redis "$SINGLE_PORT"; SINGLE_PID=${PIDS[-1]}
 # A 3-primary cluster.
 CPORTS=(); CPIDS=()
 for _ in 1 2 3; do
@@ -83,19 +93,31 @@ done
 sleep 1
 SEEDS=$(for p in "${CPORTS[@]}"; do echo -n "redis://127.0.0.1:$p,"; done); SEEDS=${SEEDS%,}
 
-read -r S_A S_A_M S_A_PID < <(start_gateway single-a --redis-url "redis://127.0.0.1:$SINGLE")
-read -r S_B S_B_M S_B_PID < <(start_gateway single-b --redis-url "redis://127.0.0.1:$SINGLE")
-read -r C_A C_A_M C_A_PID < <(start_gateway cluster-a --redis-mode cluster --redis-url "$SEEDS")
-read -r C_B C_B_M C_B_PID < <(start_gateway cluster-b --redis-mode cluster --redis-url "$SEEDS")
+if [[ $SINGLE == 1 ]]; then
+  read -r S_A S_A_M S_A_PID < <(start_gateway "$WSGATE" single-a --redis-url "redis://127.0.0.1:$SINGLE_PORT")
+  read -r S_B S_B_M S_B_PID < <(start_gateway "$WSGATE" single-b --redis-url "redis://127.0.0.1:$SINGLE_PORT")
+fi
+# Per cluster build: label, and its two gateways' ws and metrics URLs.
+declare -A C_A C_B C_A_M C_B_M
+LABELS=()
+for pair in $CLUSTER_BINS; do
+  label=${pair%%=*} bin=${pair#*=}
+  LABELS+=("$label")
+  read -r a am _ < <(start_gateway "$bin" "$label-a" --redis-mode cluster --redis-url "$SEEDS")
+  read -r b bm _ < <(start_gateway "$bin" "$label-b" --redis-mode cluster --redis-url "$SEEDS")
+  C_A[$label]=$a C_A_M[$label]=$am C_B[$label]=$b C_B_M[$label]=$bm
+  echo "$label: $bin ($("$bin" --version 2>/dev/null || echo "?"))" >>"$TMP/bins.txt"
+done
 
 {
   echo "date: $(date -u +%FT%TZ)"; echo "cpus: $(nproc)"; echo "redis: $(redis-server --version | cut -d' ' -f3)"
   echo "workload: $TOPICS topics, $SUBS subscribers (2 nodes), $PUBS publishers (WebSocket, both nodes), $RATE publications/s, $PAYLOAD B, $DUR"
+  cat "$TMP/bins.txt"
 } >"$OUT/env.txt"
 
 LT=target/release/wsgate-loadtest
 # Ports of the Redis processes, by pid (for INFO commandstats).
-declare -A PORT_OF=(["$SINGLE_PID"]=$SINGLE)
+declare -A PORT_OF=(["$SINGLE_PID"]=$SINGLE_PORT)
 for i in 0 1 2; do PORT_OF[${CPIDS[$i]}]=${CPORTS[$i]}; done
 run() { # label url_a url_b metrics_a metrics_b pids...
   local label=$1 a=$2 b=$3 ma=$4 mb=$5; shift 5
@@ -134,8 +156,13 @@ idle single-idle 10 "$SINGLE_PID"
 idle cluster-idle 10 "${CPIDS[@]}"
 
 for r in $(seq "$ROUNDS"); do
-  run "single-$r" "$S_A" "$S_B" "$S_A_M" "$S_B_M" "$SINGLE_PID"
-  run "cluster-$r" "$C_A" "$C_B" "$C_A_M" "$C_B_M" "${CPIDS[@]}"
+  [[ $SINGLE == 1 ]] && run "single-$r" "$S_A" "$S_B" "$S_A_M" "$S_B_M" "$SINGLE_PID"
+  # Rotate the order of the cluster builds from round to round.
+  n=${#LABELS[@]}
+  for k in $(seq 0 $((n - 1))); do
+    l=${LABELS[$(((k + r - 1) % n))]}
+    run "$l-$r" "${C_A[$l]}" "${C_B[$l]}" "${C_A_M[$l]}" "${C_B_M[$l]}" "${CPIDS[@]}"
+  done
 done
 
 # Topics per shard as the cluster sees them (channels held by the gateways).

@@ -369,6 +369,25 @@ def test_redis_cluster_mode_with_seeds(render):
     assert e["WSGATE_REDIS_URL"]["value"] == "redis://app@rc-0.redis:6379,redis://app@rc-1.redis:6379"
 
 
+def test_redis_cluster_mode_with_tls(render):
+    m = render("--set", "redis.url=rediss://rc-0.redis:6380", "--set", "redis.mode=cluster",
+               "--set", "redis.clusterSeeds={rediss://rc-1.redis:6380}",
+               "--set", "redis.tls.secretName=redis-tls", "--set", "redis.tls.caKey=ca.crt",
+               "--set", "redis.tls.clientCertKey=tls.crt", "--set", "redis.tls.clientKeyKey=tls.key")
+    d = gateway(m)
+    c = container(d)
+    e = env(c)
+    assert e["WSGATE_REDIS_MODE"]["value"] == "cluster"
+    assert e["WSGATE_REDIS_URL"]["value"] == "rediss://rc-0.redis:6380,rediss://rc-1.redis:6380"
+    assert e["WSGATE_REDIS_CA_FILE"]["value"] == "/etc/wsgate/redis-tls/ca.crt"
+    assert (e["WSGATE_REDIS_CLIENT_CERT"]["value"], e["WSGATE_REDIS_CLIENT_KEY"]["value"]) == \
+        ("/etc/wsgate/redis-tls/tls.crt", "/etc/wsgate/redis-tls/tls.key")
+    mounts = {v["name"]: v for v in c["volumeMounts"]}
+    assert mounts["redis-tls"]["mountPath"] == "/etc/wsgate/redis-tls"
+    volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["redis-tls"]["secret"]["secretName"] == "redis-tls"
+
+
 def test_jwt_public_key_and_tls_are_mounted_as_files(render):
     m = render(*VALUE_SETS["hard-anti-affinity"])
     d = gateway(m)
@@ -413,7 +432,9 @@ def test_config_values_become_env_vars(render):
     (("--set", "redis.bundled.enabled=true", "--set", "redis.mode=cluster"), "redis.mode=cluster"),
     (("--set", "redis.url=redis://r:6379", "--set", "redis.clusterSeeds={redis://s:1}"), "redis.clusterSeeds"),
     (("--set", "redis.url=redis://r:6379", "--set", "redis.mode=cluster",
-      "--set", "redis.tls.secretName=t"), "not supported in cluster mode"),
+      "--set", "redis.tls.secretName=t"), "rediss://"),
+    (("--set", "redis.url=rediss://r:6379", "--set", "redis.mode=cluster",
+      "--set", "redis.clusterSeeds={redis://s:1}"), "scheme of redis.url"),
     (("--set", "redis.mode=cluster", "--set", "redis.sentinel.addresses={s:1}",
       "--set", "redis.sentinel.masterName=m"), "fails over by itself"),
     (("--set", "redis.url=redis://r:6379", "--set", "redis.mode=cluster",

@@ -365,18 +365,8 @@ impl Config {
         if self.redis_sentinel_master.is_some() && self.redis_sentinel.is_empty() {
             return Err("--redis-sentinel-master needs --redis-sentinel".into());
         }
-        if self.redis_mode == RedisMode::Cluster {
-            if !self.redis_sentinel.is_empty() {
-                return Err("--redis-sentinel and --redis-mode cluster exclude each other (a cluster fails over by itself)".into());
-            }
-            if tls_files
-                || self
-                    .redis_url
-                    .as_deref()
-                    .is_some_and(|u| u.contains("rediss://"))
-            {
-                return Err("TLS to Redis (rediss://, --redis-ca-file, --redis-client-cert) is not supported in --redis-mode cluster yet".into());
-            }
+        if self.redis_mode == RedisMode::Cluster && !self.redis_sentinel.is_empty() {
+            return Err("--redis-sentinel and --redis-mode cluster exclude each other (a cluster fails over by itself)".into());
         }
         if self.jwt_secret.as_deref() == Some("") {
             return Err("--jwt-secret must not be empty".into());
@@ -529,6 +519,25 @@ mod tests {
             .is_ok_and(|_| c.redis_mode == RedisMode::Single));
         let c = Config::parse_from(["wsgate", "--redis-hash-tag-separator", "."]);
         assert!(c.validate().unwrap_err().contains("cluster"));
+        // TLS works in cluster mode as in single mode; Sentinel does not.
+        let c = Config::parse_from([
+            "wsgate",
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            "rediss://10.0.0.1:7000,rediss://10.0.0.2:7000",
+            "--redis-ca-file",
+            "/etc/ca.pem",
+        ]);
+        c.validate().unwrap();
+        let c = Config::parse_from([
+            "wsgate",
+            "--redis-mode",
+            "cluster",
+            "--redis-sentinel",
+            "a:1",
+        ]);
+        assert!(c.validate().unwrap_err().contains("sentinel"));
     }
 
     #[test]

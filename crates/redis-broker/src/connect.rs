@@ -1,5 +1,7 @@
 //! Opening connections to Redis, in one place: the URL, a password given apart from it,
-//! TLS (a private CA, a client certificate for mutual TLS) and Sentinel.
+//! TLS (a private CA, a client certificate for mutual TLS), Sentinel, and the Redis
+//! Cluster client ([`cluster_client`]), which takes the same credentials and TLS
+//! material as single mode.
 //!
 //! The publisher and the subscription manager never build a client themselves: they ask
 //! the [`Connector`] for a connection every time they (re)connect. With Sentinel that
@@ -20,20 +22,20 @@ use std::fmt;
 use std::sync::Arc;
 use std::time::Duration;
 
+use redis::aio::AsyncPushSender;
+use redis::cluster::{ClusterClient, ClusterClientBuilder};
 use redis::sentinel::{SentinelClient, SentinelClientBuilder, SentinelServerType};
 use redis::{
     AsyncConnectionConfig, Client, ClientTlsConfig, ConnectionAddr, ConnectionInfo, ErrorKind,
-    IntoConnectionInfo, RedisError, RedisResult, TlsCertificates, TlsMode,
+    IntoConnectionInfo, ProtocolVersion, RedisError, RedisResult, TlsCertificates, TlsMode,
 };
 
 /// Whether `#insecure` Redis URLs are built in (the `insecure-tls` feature, tests only).
 pub const INSECURE_TLS: bool = cfg!(feature = "insecure-tls");
 
-/// Time allowed to open one connection (TCP, TLS handshake, `AUTH`, `SELECT`).
-pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-/// Time allowed to learn the master from the sentinels (asking them, then checking the
-/// named master with `ROLE`).
-pub const SENTINEL_TIMEOUT: Duration = Duration::from_secs(5);
+use crate::limits::RESPONSE_TIMEOUT;
+
+pub use crate::limits::{CONNECT_TIMEOUT, SENTINEL_TIMEOUT};
 
 /// TLS material, as PEM bytes (read by the caller, so a missing file is a start-up error
 /// and not a retry loop).
@@ -191,31 +193,10 @@ impl Connector {
     /// An invalid URL, TLS files without `rediss://`, PEM that does not parse, an empty
     /// sentinel list.
     pub fn new(options: &ConnectOptions) -> Result<Connector, ConnectError> {
-        // The rustls provider this workspace builds with; a no-op when the process has one.
-        let _ = rustls::crypto::ring::default_provider().install_default();
-        let mut info = options.url.as_str().into_connection_info().map_err(|e| {
-            // The crate's message never echoes the URL, so it is safe to show.
-            ConnectError(format!("invalid Redis URL: {e}"))
-        })?;
-        if let Some(p) = &options.password {
-            info = info
-                .clone()
-                .set_redis_settings(info.redis_settings().clone().set_password(p));
-        }
+        let info = parse_url(&options.url, options.password.as_deref())?;
         let tls = is_tls(info.addr());
         check_insecure(tls, INSECURE_TLS)?;
-        if tls.is_none() && !options.tls.is_empty() {
-            return Err(ConnectError(
-                "a CA file or client certificate needs a rediss:// URL".into(),
-            ));
-        }
-        if let Some(ca) = &options.tls.ca {
-            // An empty trust store would fail every handshake: say so now.
-            if !ca.windows(11).any(|w| w == b"CERTIFICATE") {
-                return Err(ConnectError("the CA file holds no PEM certificate".into()));
-            }
-        }
-        let certificates = options.tls.certificates()?;
+        let certificates = check_tls(tls, &options.tls)?;
         let target = match &options.sentinel {
             None => {
                 let client = match &certificates {
@@ -348,6 +329,116 @@ impl Connector {
             Err(_) => Err(RedisError::from((ErrorKind::Io, "connect timed out"))),
         }
     }
+}
+
+/// The URL parsed, with `password` (when given) replacing its password.
+fn parse_url(url: &str, password: Option<&str>) -> Result<ConnectionInfo, ConnectError> {
+    // The rustls provider this workspace builds with; a no-op when the process has one.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let info = url.into_connection_info().map_err(|e| {
+        // The crate's message never echoes the URL, so it is safe to show.
+        ConnectError(format!("invalid Redis URL: {e}"))
+    })?;
+    Ok(match password {
+        Some(p) => info
+            .clone()
+            .set_redis_settings(info.redis_settings().clone().set_password(p)),
+        None => info,
+    })
+}
+
+/// Checks the TLS material against the URL's scheme (`tls`: `Some(insecure)` for
+/// `rediss://`) and turns it into the crate's form.
+fn check_tls(tls: Option<bool>, files: &TlsFiles) -> Result<Option<TlsCertificates>, ConnectError> {
+    if tls.is_none() && !files.is_empty() {
+        return Err(ConnectError(
+            "a CA file or client certificate needs a rediss:// URL".into(),
+        ));
+    }
+    if let Some(ca) = &files.ca {
+        // An empty trust store would fail every handshake: say so now.
+        if !ca.windows(11).any(|w| w == b"CERTIFICATE") {
+            return Err(ConnectError("the CA file holds no PEM certificate".into()));
+        }
+    }
+    files.certificates()
+}
+
+/// A Redis Cluster client (RESP3, so that shard-channel messages arrive as pushes on
+/// `push`) for the seed URLs, with the same credentials and TLS rules as single mode:
+/// the first seed's user and password (or `password`) apply to every node, and every
+/// seed must use the same scheme. Also returns a description for logs (no
+/// credentials).
+///
+/// # Errors
+/// No seed, an invalid URL, seeds that disagree on scheme or credentials, TLS files
+/// without `rediss://`, PEM that does not parse.
+pub fn cluster_client(
+    seeds: &[String],
+    password: Option<&str>,
+    tls_files: &TlsFiles,
+    push: impl AsyncPushSender,
+) -> Result<(ClusterClient, String), ConnectError> {
+    let Some(first) = seeds.first() else {
+        return Err(ConnectError(
+            "Redis Cluster mode needs at least one seed address".into(),
+        ));
+    };
+    let mut infos = Vec::with_capacity(seeds.len());
+    let mut hosts = Vec::with_capacity(seeds.len());
+    for (i, url) in seeds.iter().enumerate() {
+        let info = parse_url(url, password)
+            .map_err(|e| ConnectError(format!("seed {}: {}", i + 1, e.0)))?;
+        match info.addr() {
+            ConnectionAddr::Tcp(h, p)
+            | ConnectionAddr::TcpTls {
+                host: h, port: p, ..
+            } => hosts.push(format!("{h}:{p}")),
+            _ => {
+                return Err(ConnectError(format!(
+                    "seed {}: only redis://host:port or rediss://host:port in cluster mode",
+                    i + 1
+                )))
+            }
+        }
+        infos.push(info);
+    }
+    let tls = is_tls(parse_url(first, password)?.addr());
+    check_insecure(tls, INSECURE_TLS)?;
+    let certificates = check_tls(tls, tls_files)?;
+    let mut b = ClusterClientBuilder::new(infos)
+        .use_protocol(ProtocolVersion::RESP3)
+        .push_sender(push)
+        .connection_timeout(CONNECT_TIMEOUT)
+        .response_timeout(RESPONSE_TIMEOUT)
+        // A redirect or a refused connection is retried a few times, quickly; the
+        // relay has its own timeouts and probes on top.
+        .retries(3)
+        .min_retry_wait(20)
+        .max_retry_wait(500);
+    if let Some(p) = password {
+        b = b.password(p);
+    }
+    if let Some(insecure) = tls {
+        b = b.tls(if insecure {
+            TlsMode::Insecure
+        } else {
+            TlsMode::Secure
+        });
+    }
+    if let Some(c) = certificates {
+        b = b.certs(c);
+    }
+    let client = b.build().map_err(|e| ConnectError(e.to_string()))?;
+    let security = match tls {
+        None => "",
+        Some(false) => ", tls",
+        Some(true) => ", tls without verification",
+    };
+    Ok((
+        client,
+        format!("cluster seeds {}{security}", hosts.join(",")),
+    ))
 }
 
 fn sentinel_client(

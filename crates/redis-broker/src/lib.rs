@@ -2,32 +2,42 @@
 //! service. Implements [`wsgate_fanout::Broker`].
 //!
 //! # Layout
-//! - [`RedisBroker`] (this file): the broker handle the gateway holds; builds
-//!   channel names (`<prefix><topic>`) and wires the two halves below.
+//! - [`RedisBroker`] (this file): the single-Redis broker handle the gateway holds;
+//!   wires the two halves below.
 //! - [`publisher`]: one connection and one writer task; `PUBLISH`es are queued in
 //!   call order and sent in pipelines, each acknowledged or failed `unavailable`.
 //! - [`subscriber`]: the manager task owning the pub/sub connection's subscription
-//!   state (batched `SUBSCRIBE`, delayed `UNSUBSCRIBE` re-checked against the node's
-//!   interest, resubscribe after reconnect) and the reader task that reports what
-//!   arrives to the node ([`wsgate_fanout::BrokerEvents`]) without ever blocking.
+//!   state (batched `SUBSCRIBE`, delayed `UNSUBSCRIBE` re-checked against the hub,
+//!   resubscribe after reconnect) and the reader task that delivers into the hub
+//!   without ever blocking.
 //! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
 //!   which no backend payload can be mistaken for.
-//! - [`connect`]: opening connections (URL, password, TLS, Sentinel), used by both
-//!   halves: with Sentinel each (re)connect asks who the master is now.
-//! - [`backoff`]: reconnect delays, exponential with jitter.
-//! - `health`: which connections are up, and the `wsgate_redis_*` metrics.
-//! - `reply`: how broker calls get their answers from the relay tasks.
+//! - [`connect`]: opening connections (URL, password, TLS, Sentinel, the cluster
+//!   client), used by both modes: with Sentinel each (re)connect asks who the master
+//!   is now.
 //! - [`cluster`]: Redis Cluster mode, [`ClusterBroker`]: sharded pub/sub
-//!   (`SSUBSCRIBE`/`SPUBLISH`) with one pub/sub connection and one publish pipeline
-//!   per primary, following failovers and slot moves.
+//!   (`SSUBSCRIBE`/`SPUBLISH`) on the redis crate's cluster client, following
+//!   failovers and slot moves.
+//!
+//! Shared by both modes, one module each:
+//! - [`channel`]: topic ↔ channel names (prefix, optional hash tag).
+//! - [`limits`]: timeouts and batch sizes.
+//! - `health`: which connections / shards are up, and the `wsgate_redis_*` metrics.
+//! - `events`: the shared receive path: what arrives is reported to the node
+//!   ([`wsgate_fanout::BrokerEvents`]), which is also the truth for interest.
+//! - [`backoff`]: reconnect delays, exponential with jitter.
+//! - `reply`: how broker calls get their answers from the relay tasks.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
 pub mod backoff;
+pub mod channel;
 pub mod cluster;
 pub mod connect;
 pub mod envelope;
+mod events;
 mod health;
+pub mod limits;
 mod publisher;
 mod reply;
 mod subscriber;
@@ -40,18 +50,15 @@ use tokio_util::sync::CancellationToken;
 use wsgate_fanout::{Broker, BrokerEvents, BrokerFuture};
 use wsgate_metrics::Metrics;
 
+pub use crate::channel::{Channels, DEFAULT_PREFIX};
 pub use crate::cluster::{ClusterBroker, ClusterOptions};
 use crate::health::Health;
+pub use crate::limits::DEFAULT_UNSUBSCRIBE_DELAY;
 
 pub use crate::connect::{ConnectError, ConnectOptions, Connector, SentinelOptions, TlsFiles};
 
 use crate::publisher::Publisher;
 use crate::subscriber::{Command, Manager};
-
-/// Default prefix of Redis channel names.
-pub const DEFAULT_PREFIX: &str = "wsgate:";
-/// Default delay between a topic's last local subscriber leaving and `UNSUBSCRIBE`.
-pub const DEFAULT_UNSUBSCRIBE_DELAY: Duration = Duration::from_secs(1);
 
 /// How to reach Redis and name channels.
 #[derive(Clone)]
@@ -68,8 +75,7 @@ pub struct RedisOptions {
     pub prefix: String,
     /// Grace period before giving a topic up in Redis (see [`subscriber`]).
     pub unsubscribe_delay: Duration,
-    /// The node's metrics, to feed `wsgate_redis_*` and
-    /// `wsgate_messages_received_total{source="redis"}` (backend publications).
+    /// The node's metrics, to feed `wsgate_redis_*`.
     pub metrics: Option<Metrics>,
 }
 
@@ -111,7 +117,7 @@ impl RedisOptions {
 
 /// A [`Broker`] relaying through Redis pub/sub.
 pub struct RedisBroker {
-    prefix: Arc<str>,
+    channels: Channels,
     publisher: Publisher,
     commands: mpsc::UnboundedSender<Command>,
     health: Arc<Health>,
@@ -131,33 +137,26 @@ impl RedisBroker {
     ) -> Result<Self, ConnectError> {
         let connector = Connector::new(&options.connect_options())?;
         let stop = CancellationToken::new();
-        let prefix: Arc<str> = Arc::from(options.prefix.as_str());
+        let channels = Channels::new(&options.prefix, None);
         let health = Arc::new(Health::new(options.metrics));
         let publisher = Publisher::start(connector.clone(), health.clone(), stop.clone());
         let (commands, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             connector,
             events,
-            prefix: prefix.clone(),
+            channels: channels.clone(),
             unsubscribe_delay: options.unsubscribe_delay,
             health: health.clone(),
             stop: stop.clone(),
         };
         tokio::spawn(manager.run(rx));
         Ok(RedisBroker {
-            prefix,
+            channels,
             publisher,
             commands,
             health,
             stop,
         })
-    }
-
-    fn channel(&self, topic: &str) -> Vec<u8> {
-        let mut c = Vec::with_capacity(self.prefix.len() + topic.len());
-        c.extend_from_slice(self.prefix.as_bytes());
-        c.extend_from_slice(topic.as_bytes());
-        c
     }
 }
 
@@ -169,8 +168,10 @@ impl Drop for RedisBroker {
 
 impl Broker for RedisBroker {
     fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture {
-        self.publisher
-            .publish(self.channel(topic), envelope::encode(data, accepted_at))
+        self.publisher.publish(
+            self.channels.channel(topic),
+            envelope::encode(data, accepted_at),
+        )
     }
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {
@@ -185,7 +186,7 @@ impl Broker for RedisBroker {
     }
 
     fn is_ready(&self) -> bool {
-        self.health.publish_up() && self.health.subscribe_up()
+        self.health.is_ready()
     }
 
     fn kind(&self) -> &'static str {

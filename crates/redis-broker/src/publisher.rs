@@ -9,7 +9,6 @@
 //! [`Broker::publish`]: wsgate_fanout::Broker::publish
 
 use std::sync::Arc;
-use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
@@ -19,13 +18,8 @@ use wsgate_fanout::{BrokerError, BrokerFuture};
 use crate::backoff::Backoff;
 use crate::connect::{explain, Connector};
 use crate::health::Health;
+use crate::limits::{MAX_BATCH, RESPONSE_TIMEOUT};
 use crate::reply::{self, unavailable, Reply};
-
-/// Most publications sent in one pipeline: bounds the memory of one batch and the
-/// latency its first publication waits for the last.
-const MAX_BATCH: usize = 1024;
-/// A pipeline that gets no answer within this long counts as a lost connection.
-const RESPONSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 struct Job {
     channel: Vec<u8>,
@@ -101,7 +95,7 @@ async fn writer(
         backoff.reset();
         health.set_publish_up(true);
         if lost_before {
-            health.reconnected();
+            health.reconnected(None);
         }
         info!(redis = connector.target(), "redis publish connection up");
         let mut batch = Vec::new();

@@ -1,5 +1,5 @@
 //! The receiving side: which channels this node holds in Redis, and the reader that
-//! hands what arrives to the node.
+//! hands what arrives to the hub.
 //!
 //! One task, the *manager*, owns the pub/sub connection's subscription state; every
 //! change goes through it, in order, so racing subscribes and releases of one topic
@@ -8,13 +8,13 @@
 //!   each request resolves when Redis has confirmed its topics (at once if they
 //!   already are).
 //! - `Release` schedules an `UNSUBSCRIBE` after [`RedisOptions::unsubscribe_delay`];
-//!   when it is due the hub is asked again and the topic is kept if a subscriber came
+//!   when it is due the node is asked again and the topic is kept if a subscriber came
 //!   back (flapping clients cause no Redis traffic).
 //! - On a lost connection it reconnects with backoff and resubscribes every topic the
-//!   hub has, so local clients never notice more than the gap.
+//!   node has, so local clients never notice more than the gap.
 //!
-//! A second task, the *reader*, only decodes and delivers: [`BrokerEvents::publication`] is a
-//! non-blocking enqueue into each subscriber's byte-bounded outbox, so the reader
+//! A second task, the *reader*, only decodes and delivers: handing a publication to
+//! the node is a non-blocking enqueue into each subscriber's byte-bounded outbox, so the reader
 //! never waits on a slow client, the connection is drained as fast as Redis writes,
 //! and Redis never sees a growing output buffer (`client-output-buffer-limit pubsub`).
 //! One reader per connection delivers in arrival order, so each topic's order holds.
@@ -33,20 +33,12 @@ use tracing::{debug, info, warn};
 use wsgate_fanout::BrokerEvents;
 
 use crate::backoff::Backoff;
+use crate::channel::Channels;
 use crate::connect::{explain, Connector};
-use crate::envelope;
+use crate::events::deliver;
 use crate::health::Health;
+use crate::limits::{CHUNK, CONFIRM_TIMEOUT, KEEPALIVE};
 use crate::reply::{unavailable, Reply};
-
-/// Channels per `SUBSCRIBE`/`UNSUBSCRIBE` command when many change at once (a
-/// resubscribe after reconnect): keeps each command and its reply reasonably small.
-const CHUNK: usize = 2000;
-/// A (un)subscribe that Redis does not confirm within this long counts as a lost
-/// connection.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
-/// How often an idle pub/sub connection is checked with `PING`: a Redis that stopped
-/// answering (frozen, or a half-open TCP connection) sends no error, only silence.
-const KEEPALIVE: Duration = Duration::from_secs(5);
 
 pub(crate) enum Command {
     Subscribe(Vec<Arc<str>>, Reply),
@@ -56,9 +48,8 @@ pub(crate) enum Command {
 /// What the manager needs to know, fixed at start.
 pub(crate) struct Manager {
     pub connector: Connector,
-    /// The node: where messages go, and the truth about which topics it wants.
     pub events: Arc<dyn BrokerEvents>,
-    pub prefix: Arc<str>,
+    pub channels: Channels,
     pub unsubscribe_delay: Duration,
     /// Up while the pub/sub connection is up and resubscribed.
     pub health: Arc<Health>,
@@ -72,8 +63,8 @@ enum Lost {
 }
 
 impl Manager {
-    fn channel(&self, topic: &str) -> String {
-        format!("{}{topic}", self.prefix)
+    fn channel(&self, topic: &str) -> Vec<u8> {
+        self.channels.channel(topic)
     }
 
     /// Runs until `stop`: connect, resubscribe, serve; again after a loss.
@@ -93,8 +84,8 @@ impl Manager {
                     backoff.reset();
                     self.health.set_subscribe_up(true);
                     if lost_before {
-                        self.health.reconnected();
-                        self.health.resubscribed(confirmed.len());
+                        self.health.reconnected(None);
+                        self.health.resubscribed(None, confirmed.len());
                     }
                     info!(
                         topics = confirmed.len(),
@@ -146,14 +137,14 @@ impl Manager {
         tokio::spawn(read(
             stream,
             self.events.clone(),
-            self.prefix.clone(),
+            self.channels.clone(),
             connection.clone(),
             self.stop.clone(),
         ));
         let topics = self.events.topics();
         let mut confirmed = HashSet::with_capacity(topics.len());
         for chunk in topics.chunks(CHUNK) {
-            let channels: Vec<String> = chunk.iter().map(|t| self.channel(t)).collect();
+            let channels: Vec<Vec<u8>> = chunk.iter().map(|t| self.channel(t)).collect();
             confirm(sink.subscribe(&channels)).await?;
             confirmed.extend(chunk.iter().cloned());
         }
@@ -208,7 +199,7 @@ impl Manager {
                         }
                     }
                     if !wanted.is_empty() {
-                        let channels: Vec<String> =
+                        let channels: Vec<Vec<u8>> =
                             wanted.iter().map(|t| self.channel(t)).collect();
                         if let Err(e) = confirm(sink.subscribe(&channels)).await {
                             for w in waiters {
@@ -242,7 +233,7 @@ impl Manager {
                         }
                     }
                     for chunk in gone.chunks(CHUNK) {
-                        let channels: Vec<String> = chunk.iter().map(|t| self.channel(t)).collect();
+                        let channels: Vec<Vec<u8>> = chunk.iter().map(|t| self.channel(t)).collect();
                         if let Err(e) = confirm(sink.unsubscribe(&channels)).await {
                             return Lost::Connection(e);
                         }
@@ -275,12 +266,11 @@ async fn confirm(
     }
 }
 
-/// The reader: decode and report to the node. Never awaits anything but the next
-/// message.
+/// The reader: decode, deliver. Never awaits anything but the next message.
 async fn read(
     mut stream: redis::aio::PubSubStream,
     events: Arc<dyn BrokerEvents>,
-    prefix: Arc<str>,
+    channels: Channels,
     connection: CancellationToken,
     stop: CancellationToken,
 ) {
@@ -291,10 +281,12 @@ async fn read(
             _ = connection.cancelled() => break,
             m = stream.next() => match m { Some(m) => m, None => break },
         };
-        let Some(topic) = msg.get_channel_name().strip_prefix(&*prefix) else {
-            continue;
-        };
-        envelope::report(&*events, topic, msg.get_payload_bytes());
+        deliver(
+            &*events,
+            &channels,
+            msg.get_channel_name().as_bytes(),
+            msg.get_payload_bytes(),
+        );
     }
     connection.cancel();
 }

@@ -75,11 +75,25 @@ fn redis_options(cfg: &Config) -> Result<Option<RedisOptions>, String> {
             password: cfg.redis_sentinel_password.clone(),
         });
     }
-    if cfg.redis_mode != RedisMode::Cluster {
-        // Cluster mode checks its seed list itself (`ClusterBroker::start`).
+    if cfg.redis_mode == RedisMode::Cluster {
+        // The seed list, credentials and TLS files, checked as the broker will use them.
+        let (push, _) = tokio::sync::mpsc::unbounded_channel();
+        wsgate_redis::connect::cluster_client(
+            &cluster_seeds(&options.url),
+            options.password.as_deref(),
+            &options.tls,
+            push,
+        )
+        .map_err(|e| format!("redis: {e}"))?;
+    } else {
         Connector::new(&options.connect_options()).map_err(|e| format!("redis: {e}"))?;
     }
     Ok(Some(options))
+}
+
+/// Cluster mode's `--redis-url`: seed URLs, comma-separated.
+fn cluster_seeds(url: &str) -> Vec<String> {
+    url.split(',').map(|s| s.trim().to_string()).collect()
 }
 
 async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> anyhow::Result<()> {
@@ -92,9 +106,13 @@ async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> an
             // The cluster need not be up yet either: the broker keeps asking the
             // seeds for the slot map; `/readyz` is 503 until every shard is
             // connected (docs/redis.md).
+            if redis.url.contains("#insecure") {
+                warn!("redis TLS certificates are not verified (#insecure): for tests only");
+            }
             let options = ClusterOptions {
-                seeds: redis.url.split(',').map(|s| s.trim().to_string()).collect(),
+                seeds: cluster_seeds(&redis.url),
                 password: redis.password.clone(),
+                tls: redis.tls.clone(),
                 prefix: cfg.redis_prefix.clone(),
                 unsubscribe_delay: cfg.redis_unsubscribe_delay,
                 hash_tag_separator: cfg.redis_hash_tag_separator.map(|c| c as u8),
@@ -103,7 +121,7 @@ async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> an
             let node = Node::new(metrics, max_publication, |events| {
                 ClusterBroker::start(options, events)
             })
-            .map_err(|e| anyhow::anyhow!("invalid --redis-url: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
             info!(prefix = %cfg.redis_prefix, "redis cluster (sharded pub/sub) fan-out enabled");
             node
         }

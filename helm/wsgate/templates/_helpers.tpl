@@ -194,8 +194,16 @@ Refuse configurations that would run but not work.
 {{- if and .Values.redis.bundled.enabled (eq .Values.redis.mode "cluster") }}
 {{- fail "redis.mode=cluster needs a Redis Cluster (redis.url and redis.clusterSeeds); the bundled Redis is a single instance" }}
 {{- end }}
-{{- if and (eq .Values.redis.mode "cluster") (or .Values.redis.sentinel.addresses .Values.redis.tls.secretName) }}
-{{- fail "redis.mode=cluster does not take redis.sentinel (a cluster fails over by itself) or redis.tls (not supported in cluster mode yet)" }}
+{{- if and (eq .Values.redis.mode "cluster") .Values.redis.sentinel.addresses }}
+{{- fail "redis.mode=cluster does not take redis.sentinel (a cluster fails over by itself)" }}
+{{- end }}
+{{- if eq .Values.redis.mode "cluster" }}
+{{- $scheme := ternary "rediss://" "redis://" (hasPrefix "rediss://" (include "wsgate.redisBaseUrl" .)) }}
+{{- range .Values.redis.clusterSeeds }}
+{{- if not (hasPrefix $scheme .) }}
+{{- fail (printf "redis.clusterSeeds entry %q must use the scheme of redis.url (%s): every node of a cluster speaks TLS or none does" . $scheme) }}
+{{- end }}
+{{- end }}
 {{- end }}
 {{- if and .Values.redis.clusterSeeds (ne .Values.redis.mode "cluster") }}
 {{- fail "redis.clusterSeeds is only used with redis.mode=cluster" }}

@@ -1,162 +1,170 @@
-//! The receiving side in cluster mode: the *manager* task owns one pub/sub
-//! connection per primary and decides which topic is `SSUBSCRIBE`d where.
+//! The receiving side in cluster mode.
 //!
-//! - Every topic the hub has is placed on the primary that owns its slot. New topics
-//!   arriving together are grouped per shard and per slot (one `SSUBSCRIBE` may only
-//!   name channels of one slot) and sent as one pipeline per shard; a request
-//!   resolves when every one of its topics is confirmed.
+//! The *manager* task owns the node's shard-channel subscriptions (which topics it
+//! holds, on which primary) and the node's view of the cluster:
+//! - Subscribe requests that arrive together are grouped per slot (one `SSUBSCRIBE`
+//!   may only name channels of one slot) and sent at once; the client routes each to
+//!   the slot's primary, and a request resolves when every one of its topics is
+//!   confirmed (at once for topics already held).
 //! - Releases become `SUNSUBSCRIBE` after the unsubscribe delay, re-checked against
-//!   the hub, as in single mode.
-//! - Topology: the slot map is re-read every [`REFRESH_EVERY`] and at once after a
-//!   `MOVED`/`ASK` (here or in a publish writer), a lost connection, or a
-//!   `sunsubscribe` the server pushes when a slot leaves its node (resharding, a
-//!   demoted primary). *Reconciling* then connects to new primaries, drops
-//!   connections to nodes that are no longer primaries, and moves every topic whose
-//!   owner changed. Clients stay connected throughout; only their topics' messages
-//!   published during the move can be missed (docs/redis.md).
+//!   the node (a subscriber that came back keeps the topic), as in single mode.
+//! - Every [`PROBE_EVERY`] (sooner after a lost connection or a server-pushed
+//!   `sunsubscribe`) it reads the slot map and probes every shard with a `SPUBLISH`
+//!   to a channel of the shard's first slot (no topic can have that name, and only
+//!   the slot's owner accepts it): a shard is up while its primary accepts. Then it
+//!   subscribes again, on the slot's owner, every topic the node has that
+//!   * the server dropped (a `sunsubscribe` nobody asked for: the slot moved),
+//!   * was held on another primary than the one now owning its slot (failover,
+//!     resharding),
+//!   * belongs to a shard that was down and is back (a restart, a long outage).
 //!
-//! Each connection has a *reader* task: `smessage`s go straight into the hub
-//! (non-blocking, as in single mode); every other reply comes to the manager as an
-//! [`Event`], which matches it against the commands it sent on that connection, in
-//! order (`expect`): that is how a `sunsubscribe` confirming our `SUNSUBSCRIBE` is
-//! told from one the server pushed, and which command a `-MOVED` answers.
+//!   The client resubscribes a connection it re-established by itself as well; the
+//!   commands are idempotent, so the two never conflict.
+//!
+//! The *reader* task takes the pushes the client forwards: `smessage`s go straight to
+//! the node ([`deliver`]: non-blocking, so Redis is drained as fast as it writes);
+//! confirmations, `sunsubscribe`s and lost connections go to the manager.
 
 use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
-use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::future::join_all;
+use redis::cluster::ClusterClient;
+use redis::cluster_async::ClusterConnection;
+use redis::cluster_routing::{RoutingInfo, SingleNodeRoutingInfo};
+use redis::{PushInfo, PushKind, Value};
 use tokio::sync::mpsc;
 use tokio::time::Instant;
-use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wsgate_fanout::BrokerEvents;
 
 use crate::backoff::Backoff;
-use crate::cluster::resp::{self, Reader, Value, Writer};
+use crate::cluster::publish::{self, spublish};
 use crate::cluster::slot::key_slot;
-use crate::cluster::topology::{self, Addr};
+use crate::cluster::topology::SlotMap;
 use crate::cluster::Shared;
-use crate::envelope;
+use crate::events::deliver;
+use crate::limits::{CHUNK, CONFIRM_TIMEOUT, PROBE_EVERY, PROBE_MIN_GAP, PROBE_TIMEOUT};
 use crate::reply::{unavailable, Reply};
 
-/// Periodic slot-map refresh (catches shards added without any redirect).
-pub const REFRESH_EVERY: Duration = Duration::from_secs(5);
-/// Soonest refresh after the previous one when something asked for it.
-const REFRESH_MIN_GAP: Duration = Duration::from_millis(250);
-/// How often the manager looks at timers (refresh, keepalive, deadlines).
-const TICK: Duration = Duration::from_millis(100);
-/// Channels per `SSUBSCRIBE` at most (within one slot).
-const CHUNK: usize = 2000;
-/// A subscribe request not confirmed within this long fails `unavailable`.
-const CONFIRM_TIMEOUT: Duration = Duration::from_secs(5);
-/// Idle connections are checked with `PING` this often…
-const KEEPALIVE: Duration = Duration::from_secs(5);
-/// …and dropped when nothing at all arrived for this long.
-const SILENCE: Duration = Duration::from_secs(15);
-/// Writing commands to a connection may take this long.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(2);
+/// How often the manager looks at its timers.
+const TICK: Duration = Duration::from_millis(50);
 
 pub(crate) enum Command {
     Subscribe(Vec<Arc<str>>, Reply),
     Release(Vec<Arc<str>>),
 }
 
-/// What the readers and publish writers tell the manager.
-pub(crate) enum Event {
-    /// A reply that is not a message, from connection `conn` to `addr`.
-    Reply { addr: Addr, conn: u64, value: Value },
-    /// Connection `conn` to `addr` ended.
-    Lost { addr: Addr, conn: u64, why: String },
-    /// Someone saw a redirect: re-read the slot map.
-    Refresh,
+/// What the reader tells the manager.
+enum Signal {
+    /// The server confirmed (`subscribed`) or dropped a shard channel.
+    Channel { subscribed: bool, channel: Vec<u8> },
+    /// A connection to some node was lost.
+    Disconnected,
 }
 
-/// A command sent on a connection, waiting for its replies.
-enum Expect {
-    Subscribe { topics: Vec<Arc<str>>, left: usize },
-    Unsubscribe { topics: Vec<Arc<str>>, left: usize },
-    Ping,
-}
-
-struct Conn {
-    id: u64,
-    writer: Writer,
-    expect: VecDeque<Expect>,
-    /// Ends the reader.
-    token: CancellationToken,
-    /// Milliseconds since `epoch` when the reader last saw any frame.
-    last_seen: Arc<AtomicU64>,
-    last_ping: Instant,
-}
-
-struct Waiter {
-    left: HashSet<Arc<str>>,
-    done: Reply,
-    deadline: Instant,
-}
-
-/// Where a topic is subscribed, and whether the server confirmed it.
-#[derive(Clone, PartialEq, Eq)]
-struct Placement {
-    addr: Addr,
-    confirmed: bool,
+/// A topic the node holds, where it was confirmed.
+struct Held {
+    slot: u16,
+    /// Node id of the primary that owned the slot then.
+    owner: Arc<str>,
 }
 
 pub(crate) struct Manager {
     shared: Arc<Shared>,
     events: Arc<dyn BrokerEvents>,
+    target: String,
     unsubscribe_delay: Duration,
-    epoch: Instant,
-    conns: HashMap<Addr, Conn>,
-    /// Earliest next connection attempt per primary, after a failure.
-    retry: HashMap<Addr, (Instant, Backoff)>,
-    /// Primaries this node had a connection to and lost (reconnects are counted).
-    lost_before: HashSet<Addr>,
-    placed: HashMap<Arc<str>, Placement>,
-    waiters: Vec<Waiter>,
+    held: HashMap<Arc<str>, Held>,
     due: VecDeque<(Instant, Arc<str>)>,
-    /// Some topic is not where the slot map says, or a shard is not connected.
-    dirty: bool,
-    refresh_wanted: bool,
-    last_refresh: Option<Instant>,
-    next_conn: u64,
+    /// Channels this node unsubscribed, until their confirmations are in (so they are
+    /// not taken for server pushes).
+    own_unsubscribes: HashMap<Vec<u8>, Instant>,
+    /// Topics the server dropped: placed again after the next slot map.
+    dropped: HashSet<Arc<str>>,
+    /// Per primary (node id): whether its last probe succeeded.
+    seen: HashMap<Arc<str>, bool>,
+    probe_wanted: bool,
+    last_probe: Option<Instant>,
+    /// Probe channel per slot (`<prefix>{tag}` with the tag hashing to the slot).
+    probe_channels: HashMap<u16, Vec<u8>>,
 }
 
 impl Manager {
     pub(crate) fn new(
         shared: Arc<Shared>,
         events: Arc<dyn BrokerEvents>,
+        target: String,
         unsubscribe_delay: Duration,
     ) -> Self {
         Manager {
             shared,
             events,
+            target,
             unsubscribe_delay,
-            epoch: Instant::now(),
-            conns: HashMap::new(),
-            retry: HashMap::new(),
-            lost_before: HashSet::new(),
-            placed: HashMap::new(),
-            waiters: Vec::new(),
+            held: HashMap::new(),
             due: VecDeque::new(),
-            dirty: true,
-            refresh_wanted: true,
-            last_refresh: None,
-            next_conn: 0,
+            own_unsubscribes: HashMap::new(),
+            dropped: HashSet::new(),
+            seen: HashMap::new(),
+            probe_wanted: true,
+            last_probe: None,
+            probe_channels: HashMap::new(),
         }
     }
 
-    fn shard_label(&self, addr: &Addr) -> Option<String> {
-        self.shared.map().shard_of(addr).map(|i| i.to_string())
+    fn channel(&self, topic: &str) -> Vec<u8> {
+        self.shared.channels.channel(topic)
     }
 
     pub(crate) async fn run(
         mut self,
+        client: ClusterClient,
         mut rx: mpsc::UnboundedReceiver<Command>,
-        mut events: mpsc::UnboundedReceiver<Event>,
+        pushes: mpsc::UnboundedReceiver<PushInfo>,
+        mut probe_rx: mpsc::UnboundedReceiver<()>,
+        jobs: mpsc::UnboundedReceiver<publish::Job>,
     ) {
         let stop = self.shared.stop.clone();
+        let (signals_tx, mut signals) = mpsc::unbounded_channel();
+        tokio::spawn(read(
+            pushes,
+            self.events.clone(),
+            self.shared.clone(),
+            signals_tx,
+        ));
+        // First connection (the client then repairs connections by itself).
+        let mut backoff = Backoff::default();
+        let mut conn = loop {
+            let attempt = tokio::select! {
+                _ = stop.cancelled() => return,
+                r = client.get_async_connection() => r,
+            };
+            match attempt {
+                Ok(c) => break c,
+                Err(e) => {
+                    let delay = backoff.next_delay();
+                    warn!(error = %crate::connect::explain(&e), redis = %self.target, retry_in = ?delay, "redis cluster connection failed");
+                    let until = Instant::now() + delay;
+                    loop {
+                        tokio::select! {
+                            _ = stop.cancelled() => return,
+                            _ = tokio::time::sleep_until(until) => break,
+                            cmd = rx.recv() => match cmd {
+                                None => return,
+                                Some(Command::Subscribe(_, done)) => {
+                                    let _ = done.send(Err(unavailable("the Redis Cluster is not connected")));
+                                }
+                                Some(Command::Release(_)) => {}
+                            },
+                        }
+                    }
+                }
+            }
+        };
+        info!(redis = %self.target, "redis cluster connection up");
+        tokio::spawn(publish::writer(conn.clone(), jobs, self.shared.clone()));
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -164,89 +172,67 @@ impl Manager {
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
-                ev = events.recv() => match ev {
-                    Some(ev) => self.on_event(ev).await,
+                s = signals.recv() => match s {
+                    Some(s) => self.on_signal(s, &mut conn).await,
                     None => break,
                 },
                 cmd = rx.recv() => match cmd {
-                    Some(cmd) => self.on_commands(cmd, &mut rx).await,
+                    Some(cmd) => self.on_commands(cmd, &mut rx, &mut conn).await,
                     None => break,
                 },
-                _ = tick.tick() => self.on_tick().await,
-                _ = sleep_until_opt(next_due), if next_due.is_some() => self.on_due().await,
+                Some(()) = probe_rx.recv() => self.probe_wanted = true,
+                _ = tick.tick() => self.on_tick(&mut conn).await,
+                _ = sleep_until_opt(next_due), if next_due.is_some() => self.on_due(&mut conn).await,
             }
-        }
-        for (_, c) in self.conns.drain() {
-            c.token.cancel();
         }
     }
 
     // ----- requests from the broker -----
 
-    async fn on_commands(&mut self, first: Command, rx: &mut mpsc::UnboundedReceiver<Command>) {
+    async fn on_commands(
+        &mut self,
+        first: Command,
+        rx: &mut mpsc::UnboundedReceiver<Command>,
+        conn: &mut ClusterConnection,
+    ) {
         let map = self.shared.map();
-        // Everything already waiting joins this batch.
-        let mut want: HashMap<Addr, BTreeMap<u16, Vec<Arc<str>>>> = HashMap::new();
-        // Topics still held on a node that no longer owns their slot.
-        let mut stale: HashMap<Addr, Vec<Arc<str>>> = HashMap::new();
+        let mut want: BTreeMap<u16, Vec<Arc<str>>> = BTreeMap::new();
+        let mut wanted: HashSet<Arc<str>> = HashSet::new();
+        let mut waiters: Vec<(Vec<Arc<str>>, Reply)> = Vec::new();
         let mut cmd = Some(first);
-        let mut taken = 0usize;
         let mut yields = 0;
         loop {
             while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
                 match c {
                     Command::Subscribe(topics, done) => {
-                        let mut left = HashSet::new();
                         let mut failed = None;
+                        let mut waiting = Vec::new();
                         for t in topics {
-                            let slot = key_slot(&self.shared.channel(&t));
-                            let Some((_, owner)) = map.owner(slot) else {
+                            let slot = key_slot(&self.channel(&t));
+                            let Some((shard, _)) = map.owner(slot) else {
                                 failed = Some("no Redis Cluster shard owns the topic's slot");
                                 break;
                             };
-                            match self.placed.get(&t) {
-                                Some(p) if p.addr == *owner && p.confirmed => {}
-                                Some(p) if p.addr == *owner => {
-                                    left.insert(t);
-                                }
-                                _ if !self.conns.contains_key(owner) => {
-                                    failed =
-                                        Some("the topic's Redis Cluster shard is not connected");
-                                    break;
-                                }
-                                _ => {
-                                    let old = self.placed.insert(
-                                        t.clone(),
-                                        Placement {
-                                            addr: owner.clone(),
-                                            confirmed: false,
-                                        },
-                                    );
-                                    if let Some(old) = old {
-                                        stale.entry(old.addr).or_default().push(t.clone());
-                                    }
-                                    want.entry(owner.clone())
-                                        .or_default()
-                                        .entry(slot)
-                                        .or_default()
-                                        .push(t.clone());
-                                    taken += 1;
-                                    left.insert(t);
-                                }
+                            if !self.shared.health.shard_up(shard) {
+                                failed = Some("the topic's Redis Cluster shard is not connected");
+                                break;
                             }
+                            if self.held.contains_key(&t) {
+                                continue;
+                            }
+                            if wanted.insert(t.clone()) {
+                                want.entry(slot).or_default().push(t.clone());
+                            }
+                            waiting.push(t);
                         }
                         match failed {
                             Some(why) => {
                                 let _ = done.send(Err(unavailable(why)));
                             }
-                            None if left.is_empty() => {
+                            None if waiting.is_empty() => {
                                 let _ = done.send(Ok(()));
                             }
-                            None => self.waiters.push(Waiter {
-                                left,
-                                done,
-                                deadline: Instant::now() + CONFIRM_TIMEOUT,
-                            }),
+                            None => waiters.push((waiting, done)),
                         }
                     }
                     Command::Release(topics) => {
@@ -254,13 +240,13 @@ impl Manager {
                         self.due.extend(topics.into_iter().map(|t| (at, t)));
                     }
                 }
-                if taken >= CHUNK {
+                if wanted.len() >= CHUNK {
                     break;
                 }
             }
-            // Subscribes of sessions running right now join this batch: one yield lets
+            // Subscribes of sessions running right now join this batch: a yield lets
             // them be queued (no timer, so an idle node adds no latency).
-            if taken >= CHUNK || yields == 2 {
+            if wanted.len() >= CHUNK || yields == 2 {
                 break;
             }
             tokio::task::yield_now().await;
@@ -269,542 +255,319 @@ impl Manager {
                 break;
             }
         }
-        for (addr, topics) in stale {
-            self.send_unsubscribes(&addr, topics).await;
+        if !want.is_empty() {
+            self.subscribe(conn, &map, want).await;
         }
-        for (addr, slots) in want {
-            self.send_subscribes(&addr, slots).await;
-        }
-    }
-
-    /// Pipelines one `SSUBSCRIBE` per slot (and per [`CHUNK`]) on `addr`.
-    async fn send_subscribes(&mut self, addr: &Addr, slots: BTreeMap<u16, Vec<Arc<str>>>) {
-        self.send_per_slot(addr, b"SSUBSCRIBE", slots, |topics, left| {
-            Expect::Subscribe { topics, left }
-        })
-        .await;
-    }
-
-    /// Pipelines one `SUNSUBSCRIBE` per slot on `addr`.
-    async fn send_unsubscribes(&mut self, addr: &Addr, topics: Vec<Arc<str>>) {
-        let mut per_slot: BTreeMap<u16, Vec<Arc<str>>> = BTreeMap::new();
-        for t in topics {
-            per_slot
-                .entry(key_slot(&self.shared.channel(&t)))
-                .or_default()
-                .push(t);
-        }
-        self.send_per_slot(addr, b"SUNSUBSCRIBE", per_slot, |topics, left| {
-            Expect::Unsubscribe { topics, left }
-        })
-        .await;
-    }
-
-    /// Pipelines `command` once per slot (and per [`CHUNK`] of its topics) on `addr`,
-    /// expecting one confirmation per topic (`expect(topics, count)`).
-    async fn send_per_slot(
-        &mut self,
-        addr: &Addr,
-        command: &[u8],
-        slots: BTreeMap<u16, Vec<Arc<str>>>,
-        expect: fn(Vec<Arc<str>>, usize) -> Expect,
-    ) {
-        let Some(conn) = self.conns.get_mut(addr) else {
-            return;
-        };
-        let mut bytes = Vec::new();
-        for topics in slots.into_values() {
-            for chunk in topics.chunks(CHUNK) {
-                let mut args: Vec<Vec<u8>> = vec![command.to_vec()];
-                args.extend(chunk.iter().map(|t| self.shared.channel(t)));
-                resp::encode(&mut bytes, &args);
-                conn.expect.push_back(expect(chunk.to_vec(), chunk.len()));
-            }
-        }
-        self.write(addr, bytes).await;
-    }
-
-    async fn write(&mut self, addr: &Addr, bytes: Vec<u8>) {
-        if bytes.is_empty() {
-            return;
-        }
-        let Some(conn) = self.conns.get_mut(addr) else {
-            return;
-        };
-        let r = tokio::time::timeout(WRITE_TIMEOUT, conn.writer.send(&bytes)).await;
-        let why = match r {
-            Ok(Ok(())) => return,
-            Ok(Err(e)) => e.to_string(),
-            Err(_) => "write timed out".to_string(),
-        };
-        self.lose(addr, &why);
-    }
-
-    async fn on_due(&mut self) {
-        let now = Instant::now();
-        let mut gone: HashMap<Addr, Vec<Arc<str>>> = HashMap::new();
-        while self.due.front().is_some_and(|(at, _)| *at <= now) {
-            let (_, t) = self.due.pop_front().expect("checked");
-            // The hub is the truth: a subscriber that came back keeps it.
-            if self.events.has_subscribers(&t) {
-                continue;
-            }
-            if let Some(p) = self.placed.remove(&t) {
-                gone.entry(p.addr).or_default().push(t);
-            }
-        }
-        for (addr, topics) in gone {
-            debug!(%addr, count = topics.len(), "sunsubscribe");
-            self.send_unsubscribes(&addr, topics).await;
+        for (topics, done) in waiters {
+            let ok = topics.iter().all(|t| self.held.contains_key(t));
+            let _ = done.send(if ok {
+                Ok(())
+            } else {
+                Err(unavailable(
+                    "the Redis Cluster did not confirm the subscription",
+                ))
+            });
         }
         self.update_topic_gauges();
     }
 
-    // ----- replies and losses -----
-
-    async fn on_event(&mut self, ev: Event) {
-        match ev {
-            Event::Refresh => self.refresh_wanted = true,
-            Event::Lost { addr, conn, why } => {
-                if self.conns.get(&addr).is_some_and(|c| c.id == conn) {
-                    self.lose(&addr, &why);
-                }
+    /// `SSUBSCRIBE`s every group (one slot each), all at once; the topics confirmed are
+    /// held. Returns how many were confirmed per shard.
+    async fn subscribe(
+        &mut self,
+        conn: &ClusterConnection,
+        map: &SlotMap,
+        groups: BTreeMap<u16, Vec<Arc<str>>>,
+    ) -> HashMap<usize, usize> {
+        let mut sends = Vec::new();
+        for (slot, topics) in groups {
+            for chunk in topics.chunks(CHUNK) {
+                let channels: Vec<Vec<u8>> = chunk.iter().map(|t| self.channel(t)).collect();
+                let topics = chunk.to_vec();
+                let mut conn = conn.clone();
+                sends.push(async move {
+                    let r = tokio::time::timeout(CONFIRM_TIMEOUT, conn.ssubscribe(channels)).await;
+                    (slot, topics, r)
+                });
             }
-            Event::Reply { addr, conn, value } => {
-                if self.conns.get(&addr).is_some_and(|c| c.id == conn) {
-                    self.on_reply(&addr, value);
+        }
+        let mut per_shard: HashMap<usize, usize> = HashMap::new();
+        for (slot, topics, result) in join_all(sends).await {
+            let why = match result {
+                Ok(Ok(())) => {
+                    let Some((shard, owner)) = map.owner(slot) else {
+                        continue;
+                    };
+                    *per_shard.entry(shard).or_default() += topics.len();
+                    debug!(slot, count = topics.len(), "ssubscribed");
+                    for t in topics {
+                        self.dropped.remove(&t);
+                        self.held.insert(
+                            t,
+                            Held {
+                                slot,
+                                owner: owner.id.clone(),
+                            },
+                        );
+                    }
+                    continue;
                 }
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "not confirmed in time".to_string(),
+            };
+            warn!(slot, error = %why, "SSUBSCRIBE failed");
+            self.shared.health.error();
+            self.probe_wanted = true;
+        }
+        per_shard
+    }
+
+    /// `SUNSUBSCRIBE`s `topics` (no longer held), grouped per slot.
+    async fn unsubscribe(&mut self, conn: &ClusterConnection, topics: Vec<Arc<str>>) {
+        let mut groups: BTreeMap<u16, Vec<Vec<u8>>> = BTreeMap::new();
+        let now = Instant::now();
+        for t in topics {
+            let c = self.channel(&t);
+            self.own_unsubscribes.insert(c.clone(), now);
+            groups.entry(key_slot(&c)).or_default().push(c);
+        }
+        let mut sends = Vec::new();
+        for channels in groups.into_values() {
+            for chunk in channels.chunks(CHUNK) {
+                let mut conn = conn.clone();
+                let chunk = chunk.to_vec();
+                sends.push(async move {
+                    tokio::time::timeout(CONFIRM_TIMEOUT, conn.sunsubscribe(chunk)).await
+                });
+            }
+        }
+        for r in join_all(sends).await {
+            if !matches!(r, Ok(Ok(()))) {
+                // Left subscribed at worst: the messages reach no local subscriber.
+                self.shared.health.error();
             }
         }
     }
 
-    fn on_reply(&mut self, addr: &Addr, value: Value) {
-        let (kind, channel) = match &value {
-            Value::Array(items) => (
-                items.first().and_then(Value::bytes).unwrap_or_default(),
-                items.get(1).and_then(Value::bytes),
-            ),
-            Value::Simple(s) => (s.as_bytes(), None),
-            Value::Error(e) => {
-                self.on_error_reply(addr, e.clone());
-                return;
+    async fn on_due(&mut self, conn: &mut ClusterConnection) {
+        let now = Instant::now();
+        let mut gone = Vec::new();
+        while self.due.front().is_some_and(|(at, _)| *at <= now) {
+            let (_, t) = self.due.pop_front().expect("checked");
+            // The node is the truth: a subscriber that came back keeps it.
+            if self.events.has_subscribers(&t) {
+                continue;
             }
-            _ => (&[][..], None),
-        };
-        let kind = kind.to_ascii_lowercase();
-        let topic: Option<Arc<str>> = channel
-            .and_then(|c| self.shared.topic_of(c))
-            .map(|t| Arc::from(&*t));
-        let conn = self.conns.get_mut(addr).expect("checked by caller");
-        match (kind.as_slice(), topic) {
-            (b"ssubscribe", Some(t)) => {
-                if let Some(Expect::Subscribe { left, .. }) = conn.expect.front_mut() {
-                    *left -= 1;
-                    if *left == 0 {
-                        conn.expect.pop_front();
-                    }
-                }
-                if let Some(p) = self.placed.get_mut(&t) {
-                    if p.addr == *addr {
-                        p.confirmed = true;
-                        self.confirmed(&t);
-                    }
-                }
+            if self.held.remove(&t).is_some() {
+                gone.push(t);
             }
-            (b"sunsubscribe", Some(t)) => {
-                let ours = match conn.expect.front_mut() {
-                    Some(Expect::Unsubscribe { topics, left }) if topics.contains(&t) => {
-                        *left -= 1;
-                        if *left == 0 {
-                            conn.expect.pop_front();
-                        }
-                        true
-                    }
-                    _ => false,
+        }
+        if !gone.is_empty() {
+            debug!(count = gone.len(), "sunsubscribe");
+            self.unsubscribe(conn, gone).await;
+            self.update_topic_gauges();
+        }
+    }
+
+    // ----- what the reader saw -----
+
+    async fn on_signal(&mut self, signal: Signal, conn: &mut ClusterConnection) {
+        match signal {
+            Signal::Disconnected => self.probe_wanted = true,
+            Signal::Channel {
+                subscribed: true,
+                channel,
+            } => {
+                // A confirmation: ours, or the client's own resubscription. One for a
+                // topic nobody here wants any more (a release raced it) is undone.
+                let Some(topic) = self.shared.channels.topic_of(&channel) else {
+                    return;
                 };
-                if !ours {
-                    // Pushed by the server: the slot left this node (resharding, or
-                    // the node stopped being a primary). Find the new owner.
-                    if let Some(m) = &self.shared.metrics {
-                        m.redis_cluster_redirects.inc();
-                    }
-                    info!(%addr, topic = %t, "server dropped a shard channel; re-reading the slot map");
-                    if self.placed.get(&t).is_some_and(|p| p.addr == *addr) {
-                        self.placed.remove(&t);
-                    }
-                    self.dirty = true;
-                    self.refresh_wanted = true;
+                let topic: Arc<str> = Arc::from(&*topic);
+                if !self.held.contains_key(&topic) && !self.events.has_subscribers(&topic) {
+                    debug!(%topic, "undoing a subscription nobody wants");
+                    self.unsubscribe(conn, vec![topic]).await;
                 }
             }
-            (b"pong", _) => {
-                if matches!(conn.expect.front(), Some(Expect::Ping)) {
-                    conn.expect.pop_front();
+            Signal::Channel {
+                subscribed: false,
+                channel,
+            } => {
+                if self.own_unsubscribes.remove(&channel).is_some() {
+                    return;
                 }
-            }
-            _ => debug!(%addr, ?value, "unexpected reply on a pub/sub connection"),
-        }
-    }
-
-    /// An error answers the oldest command on the connection, whole.
-    fn on_error_reply(&mut self, addr: &Addr, error: String) {
-        let conn = self.conns.get_mut(addr).expect("checked by caller");
-        let redirect = ["MOVED", "ASK", "TRYAGAIN", "CLUSTERDOWN"]
-            .iter()
-            .any(|p| error.starts_with(p));
-        if let Some(m) = &self.shared.metrics {
-            if redirect {
-                m.redis_cluster_redirects.inc();
-            } else {
-                m.redis_errors.inc();
-            }
-        }
-        match conn.expect.pop_front() {
-            Some(Expect::Subscribe { topics, .. }) => {
-                debug!(%addr, %error, count = topics.len(), "SSUBSCRIBE refused; will place again");
-                for t in topics {
-                    if self
-                        .placed
-                        .get(&t)
-                        .is_some_and(|p| p.addr == *addr && !p.confirmed)
-                    {
-                        self.placed.remove(&t);
-                    }
+                let Some(topic) = self.shared.channels.topic_of(&channel) else {
+                    return;
+                };
+                // Pushed by the server: the slot left that node (resharding, or the
+                // node stopped being a primary). Place it again where it lives now.
+                let topic: Arc<str> = Arc::from(&*topic);
+                self.shared.health.redirect();
+                info!(%topic, "server dropped a shard channel; placing it again");
+                self.held.remove(&topic);
+                if self.events.has_subscribers(&topic) {
+                    self.dropped.insert(topic);
                 }
-                // Waiters keep waiting: reconciling places the topics on their owner.
-                self.dirty = true;
-                self.refresh_wanted = true;
-            }
-            Some(_) | None => debug!(%addr, %error, "error reply"),
-        }
-    }
-
-    /// `t` is confirmed: resolve the requests that waited only for it.
-    fn confirmed(&mut self, t: &Arc<str>) {
-        let mut i = 0;
-        while i < self.waiters.len() {
-            let w = &mut self.waiters[i];
-            w.left.remove(t);
-            if w.left.is_empty() {
-                let w = self.waiters.swap_remove(i);
-                let _ = w.done.send(Ok(()));
-            } else {
-                i += 1;
+                self.probe_wanted = true;
             }
         }
-    }
-
-    /// Drops the connection to `addr`; its topics are placed again once a primary
-    /// for their slots is reachable.
-    fn lose(&mut self, addr: &Addr, why: &str) {
-        let Some(conn) = self.conns.remove(addr) else {
-            return;
-        };
-        conn.token.cancel();
-        warn!(%addr, error = %why, "cluster pub/sub connection lost");
-        if let Some(m) = &self.shared.metrics {
-            m.redis_errors.inc();
-        }
-        self.placed.retain(|_, p| p.addr != *addr);
-        self.lost_before.insert(addr.clone());
-        let (_, backoff) = self
-            .retry
-            .entry(addr.clone())
-            .or_insert_with(|| (Instant::now(), Backoff::default()));
-        let delay = backoff.next_delay();
-        self.retry.get_mut(addr).expect("inserted").0 = Instant::now() + delay;
-        self.dirty = true;
-        self.refresh_wanted = true;
-        self.update_health();
     }
 
     // ----- timers -----
 
-    async fn on_tick(&mut self) {
+    async fn on_tick(&mut self, conn: &mut ClusterConnection) {
         let now = Instant::now();
-        let since = self.last_refresh.map(|t| now - t);
-        let refresh = match since {
+        let due = match self.last_probe {
             None => true,
-            Some(s) => {
-                s >= REFRESH_EVERY || ((self.refresh_wanted || self.dirty) && s >= REFRESH_MIN_GAP)
+            Some(at) => {
+                let since = now - at;
+                since >= PROBE_EVERY || (self.probe_wanted && since >= PROBE_MIN_GAP)
             }
         };
-        if refresh {
-            self.refresh().await;
+        if due {
+            self.probe(conn).await;
         }
-        if self.dirty {
-            self.reconcile().await;
-        }
-        self.keepalive().await;
-        // Requests whose topics could not be confirmed in time.
-        let mut i = 0;
-        while i < self.waiters.len() {
-            if self.waiters[i].deadline <= now {
-                let w = self.waiters.swap_remove(i);
-                let _ = w.done.send(Err(unavailable(
-                    "the Redis Cluster did not confirm the subscription in time",
-                )));
-            } else {
-                i += 1;
-            }
-        }
+        self.own_unsubscribes
+            .retain(|_, at| now.duration_since(*at) < 2 * CONFIRM_TIMEOUT);
     }
 
-    async fn refresh(&mut self) {
-        self.last_refresh = Some(Instant::now());
-        self.refresh_wanted = false;
+    fn probe_channel(&mut self, slot: u16) -> Vec<u8> {
+        let prefix = self.shared.channels.prefix().to_string();
+        self.probe_channels
+            .entry(slot)
+            .or_insert_with(|| {
+                // `{tag}` hashes only the tag; topics never contain braces, so no topic
+                // has this channel.
+                let tag = (0u32..)
+                    .map(|i| i.to_string())
+                    .find(|t| key_slot(t.as_bytes()) == slot)
+                    .expect("every slot has a decimal tag");
+                format!("{prefix}{{{tag}}}").into_bytes()
+            })
+            .clone()
+    }
+
+    /// Reads the slot map, probes every shard, updates health, and places every topic
+    /// that is not where the map says (see the module docs).
+    async fn probe(&mut self, conn: &mut ClusterConnection) {
+        self.last_probe = Some(Instant::now());
+        self.probe_wanted = false;
         let current = self.shared.map();
-        // Known primaries first (they know the newest map), then the seeds.
-        let mut candidates: Vec<Addr> = current.primaries().to_vec();
-        for s in &self.shared.seeds {
-            if !candidates.contains(s) {
-                candidates.push(s.clone());
-            }
-        }
-        let found = topology::discover(&candidates, &self.shared.auth).await;
-        if let Some(m) = &self.shared.metrics {
-            m.redis_cluster_slot_map_refreshes.inc();
-        }
-        let map = match found {
-            Ok(map) => map,
+        let read = async {
+            conn.route_command(
+                redis::cmd("CLUSTER").arg("SLOTS").clone(),
+                RoutingInfo::SingleNode(SingleNodeRoutingInfo::Random),
+            )
+            .await
+        };
+        let map = match tokio::time::timeout(2 * PROBE_TIMEOUT, read).await {
+            Ok(Ok(v)) => SlotMap::from_cluster_slots(&v),
+            Ok(Err(e)) => Err(crate::connect::explain(&e)),
+            Err(_) => Err("no answer in time".into()),
+        };
+        let map = match map {
+            Ok(m) => m,
             Err(e) => {
-                warn!(error = %e, "could not read the Redis Cluster slot map");
+                warn!(error = %e, redis = %self.target, "could not read the Redis Cluster slot map");
+                self.shared.health.error();
+                for up in self.seen.values_mut() {
+                    *up = false;
+                }
+                let downs = vec![false; current.primaries().len()];
+                self.shared.health.set_shards(&downs, false);
                 return;
             }
         };
-        if map == *current {
-            return;
-        }
-        info!(
-            shards = map.primaries().len(),
-            complete = map.covers_all(),
-            "Redis Cluster slot map changed"
-        );
-        if let Some(m) = &self.shared.metrics {
-            m.redis_cluster_slot_map_changes.inc();
-            m.redis_cluster_shards.set(map.primaries().len() as i64);
-            // Shard numbers that no longer exist leave the per-shard gauges.
-            for i in map.primaries().len()..current.primaries().len() {
-                let _ = m.redis_shard_up.remove_label_values(&[&i.to_string()]);
-                let _ = m.redis_shard_topics.remove_label_values(&[&i.to_string()]);
-            }
+        let changed = map != *current;
+        self.shared.health.slot_map_read(changed);
+        if changed {
+            info!(
+                shards = map.primaries().len(),
+                complete = map.covers_all(),
+                "Redis Cluster slot map changed"
+            );
         }
         let map = Arc::new(map);
         *self.shared.map.write().expect("map lock") = map.clone();
-        {
-            // Writers for nodes that are no longer primaries finish what they hold
-            // (their replies redirect it) and stop.
-            let mut pubs = self.shared.publishers.lock().expect("publishers lock");
-            pubs.retain(|a, _| map.primaries().contains(a));
+        // Every shard: does its first slot's owner accept a SPUBLISH?
+        let mut probes = Vec::new();
+        for i in 0..map.primaries().len() {
+            let slot = map.first_slot(i);
+            let channel = self.probe_channel(slot);
+            let mut conn = conn.clone();
+            probes.push(async move {
+                let (cmd, route) = spublish(slot, &channel, b"");
+                matches!(
+                    tokio::time::timeout(PROBE_TIMEOUT, conn.route_command(cmd, route)).await,
+                    Ok(Ok(Value::Int(_)))
+                )
+            });
         }
-        for a in map.primaries() {
-            self.shared.publisher(a);
+        let ups = join_all(probes).await;
+        let first = self.seen.is_empty();
+        let mut back: HashSet<usize> = HashSet::new();
+        for (i, (primary, up)) in map.primaries().iter().zip(&ups).enumerate() {
+            let was = self.seen.insert(primary.id.clone(), *up);
+            if !*up {
+                if was != Some(false) {
+                    warn!(shard = i, primary = %primary.addr, "Redis Cluster shard down");
+                    self.shared.health.error();
+                }
+            } else if was != Some(true) && !first {
+                info!(shard = i, primary = %primary.addr, "Redis Cluster shard up");
+                self.shared.health.reconnected(Some(i));
+                back.insert(i);
+            }
         }
-        self.dirty = true;
-    }
+        self.seen
+            .retain(|id, _| map.primaries().iter().any(|p| p.id == *id));
+        self.shared.health.set_shards(&ups, map.covers_all());
 
-    /// Brings connections and placements in line with the slot map.
-    async fn reconcile(&mut self) {
-        let map = self.shared.map();
-        // Connections: to every primary, and only to primaries.
-        let stale: Vec<Addr> = self
-            .conns
-            .keys()
-            .filter(|a| !map.primaries().contains(a))
-            .cloned()
-            .collect();
-        for a in stale {
-            if let Some(c) = self.conns.remove(&a) {
-                c.token.cancel();
-            }
-            self.placed.retain(|_, p| p.addr != a);
-        }
-        for a in map.primaries().to_vec() {
-            if self.conns.contains_key(&a) {
-                continue;
-            }
-            if self
-                .retry
-                .get(&a)
-                .is_some_and(|(at, _)| *at > Instant::now())
-            {
-                continue;
-            }
-            self.connect(&a).await;
-        }
-        // Topics: each on its slot's owner.
-        let mut moved_from: HashMap<Addr, Vec<Arc<str>>> = HashMap::new();
-        let mut want: HashMap<Addr, BTreeMap<u16, Vec<Arc<str>>>> = HashMap::new();
-        let mut unplaced = false;
-        for t in self.events.topics() {
-            let slot = key_slot(&self.shared.channel(&t));
-            let Some((_, owner)) = map.owner(slot) else {
-                unplaced = true;
+        // Topics to place: on a shard that came back, held elsewhere than their
+        // slot's owner, or dropped by the server.
+        let mut place: BTreeMap<u16, Vec<Arc<str>>> = BTreeMap::new();
+        let mut placing: HashSet<Arc<str>> = HashSet::new();
+        let topics = if back.is_empty() && self.dropped.is_empty() && !changed {
+            Vec::new()
+        } else {
+            self.events.topics()
+        };
+        for t in topics {
+            let slot = key_slot(&self.channel(&t));
+            let Some((shard, owner)) = map.owner(slot) else {
                 continue;
             };
-            if let Some(p) = self.placed.get(&t) {
-                if p.addr == *owner {
-                    continue;
-                }
-                moved_from
-                    .entry(p.addr.clone())
-                    .or_default()
-                    .push(t.clone());
-                self.placed.remove(&t);
-            }
-            if !self.conns.contains_key(owner) {
-                unplaced = true;
+            if !ups[shard] {
                 continue;
             }
-            self.placed.insert(
-                t.clone(),
-                Placement {
-                    addr: owner.clone(),
-                    confirmed: false,
-                },
-            );
-            want.entry(owner.clone())
-                .or_default()
-                .entry(slot)
-                .or_default()
-                .push(t);
-        }
-        for (addr, topics) in moved_from {
-            // Usually the old owner has already dropped them; this is for a slot
-            // that moved while its channels stayed subscribed there.
-            self.send_unsubscribes(&addr, topics).await;
-        }
-        for (addr, slots) in want {
-            let n: usize = slots.values().map(Vec::len).sum();
-            if self.lost_before.contains(&addr) || n > 0 {
-                if let (Some(m), Some(shard)) = (&self.shared.metrics, self.shard_label(&addr)) {
-                    m.redis_shard_resubscribed_topics
-                        .with_label_values(&[&shard])
-                        .inc_by(n as u64);
-                    m.redis_resubscribed_topics.inc_by(n as u64);
-                }
+            let moved = self.held.get(&t).is_some_and(|h| h.owner != owner.id);
+            let missing = !self.held.contains_key(&t) && self.dropped.contains(&t);
+            if (back.contains(&shard) || moved || missing) && placing.insert(t.clone()) {
+                place.entry(slot).or_default().push(t);
             }
-            info!(%addr, topics = n, "placing topics on their shard");
-            self.send_subscribes(&addr, slots).await;
         }
-        self.dirty = unplaced
-            || !map.covers_all()
-            || map.primaries().iter().any(|a| !self.conns.contains_key(a));
-        self.update_health();
+        if !place.is_empty() {
+            let n: usize = place.values().map(Vec::len).sum();
+            info!(topics = n, "placing topics on their shard");
+            let per_shard = self.subscribe(conn, &map, place).await;
+            for (shard, n) in per_shard {
+                self.shared.health.resubscribed(Some(shard), n);
+            }
+        }
+        // Topics the node holds that no slot owner serves now stay held: they are
+        // placed once their shard is back.
         self.update_topic_gauges();
     }
 
-    async fn connect(&mut self, addr: &Addr) {
-        match resp::open(&addr.host, addr.port, &self.shared.auth).await {
-            Ok((reader, writer)) => {
-                self.next_conn += 1;
-                let id = self.next_conn;
-                let token = self.shared.stop.child_token();
-                let last_seen = Arc::new(AtomicU64::new(self.millis()));
-                tokio::spawn(read(
-                    reader,
-                    addr.clone(),
-                    id,
-                    self.shared.clone(),
-                    self.events.clone(),
-                    token.clone(),
-                    last_seen.clone(),
-                    self.epoch,
-                ));
-                self.conns.insert(
-                    addr.clone(),
-                    Conn {
-                        id,
-                        writer,
-                        expect: VecDeque::new(),
-                        token,
-                        last_seen,
-                        last_ping: Instant::now(),
-                    },
-                );
-                self.retry.remove(addr);
-                if self.lost_before.contains(addr) {
-                    if let Some(m) = &self.shared.metrics {
-                        m.redis_reconnects.inc();
-                        if let Some(shard) = self.shard_label(addr) {
-                            m.redis_shard_reconnects.with_label_values(&[&shard]).inc();
-                        }
-                    }
-                }
-                info!(%addr, "cluster pub/sub connection up");
-            }
-            Err(e) => {
-                let (at, backoff) = self
-                    .retry
-                    .entry(addr.clone())
-                    .or_insert_with(|| (Instant::now(), Backoff::default()));
-                let delay = backoff.next_delay();
-                *at = Instant::now() + delay;
-                debug!(%addr, error = %e, retry_in = ?delay, "cluster pub/sub connect failed");
-            }
-        }
-    }
-
-    fn millis(&self) -> u64 {
-        self.epoch.elapsed().as_millis() as u64
-    }
-
-    async fn keepalive(&mut self) {
-        let now = Instant::now();
-        let now_ms = self.millis();
-        let mut silent = Vec::new();
-        let mut ping = Vec::new();
-        for (a, c) in &self.conns {
-            let quiet = now_ms.saturating_sub(c.last_seen.load(Ordering::Relaxed));
-            if quiet > SILENCE.as_millis() as u64 {
-                silent.push(a.clone());
-            } else if now - c.last_ping >= KEEPALIVE {
-                ping.push(a.clone());
-            }
-        }
-        for a in silent {
-            self.lose(&a, "no reply to keepalive");
-        }
-        let mut cmd = Vec::new();
-        resp::encode(&mut cmd, &["PING"]);
-        for a in ping {
-            if let Some(c) = self.conns.get_mut(&a) {
-                c.last_ping = now;
-                c.expect.push_back(Expect::Ping);
-            }
-            self.write(&a, cmd.clone()).await;
-        }
-    }
-
-    fn update_health(&self) {
-        let map = self.shared.map();
-        let up = map.covers_all() && map.primaries().iter().all(|a| self.conns.contains_key(a));
-        self.shared.subscribe_up.store(up, Ordering::Release);
-        if let Some(m) = &self.shared.metrics {
-            for (i, a) in map.primaries().iter().enumerate() {
-                m.redis_shard_up
-                    .with_label_values(&[&i.to_string()])
-                    .set(i64::from(self.conns.contains_key(a)));
-            }
-        }
-        self.shared.refresh_up_metric();
-    }
-
     fn update_topic_gauges(&self) {
-        let Some(m) = &self.shared.metrics else {
-            return;
-        };
         let map = self.shared.map();
         let mut counts = vec![0i64; map.primaries().len()];
-        for p in self.placed.values() {
-            if let Some(i) = map.shard_of(&p.addr) {
+        for h in self.held.values() {
+            if let Some((i, _)) = map.owner(h.slot) {
                 counts[i] += 1;
             }
         }
-        for (i, n) in counts.into_iter().enumerate() {
-            m.redis_shard_topics
-                .with_label_values(&[&i.to_string()])
-                .set(n);
-        }
+        self.shared.health.shard_topics(&counts);
     }
 }
 
@@ -815,49 +578,50 @@ async fn sleep_until_opt(at: Option<Instant>) {
     }
 }
 
-/// The reader of one pub/sub connection: messages to the hub, everything else to
-/// the manager. Never awaits anything but the next frame.
-#[allow(clippy::too_many_arguments)]
+fn bulk(v: Option<&Value>) -> Option<&[u8]> {
+    match v {
+        Some(Value::BulkString(b)) => Some(b),
+        _ => None,
+    }
+}
+
+/// The reader: shard-channel messages to the node, everything else to the manager.
+/// Never awaits anything but the next push.
 async fn read(
-    mut reader: Reader,
-    addr: Addr,
-    conn: u64,
-    shared: Arc<Shared>,
+    mut pushes: mpsc::UnboundedReceiver<PushInfo>,
     events: Arc<dyn BrokerEvents>,
-    token: CancellationToken,
-    last_seen: Arc<AtomicU64>,
-    epoch: Instant,
+    shared: Arc<Shared>,
+    signals: mpsc::UnboundedSender<Signal>,
 ) {
-    let why = loop {
-        let value = tokio::select! {
+    loop {
+        let push = tokio::select! {
             biased;
-            _ = token.cancelled() => return,
-            v = reader.next() => match v {
-                Ok(v) => v,
-                Err(e) => break e.to_string(),
-            },
+            _ = shared.stop.cancelled() => return,
+            p = pushes.recv() => match p { Some(p) => p, None => return },
         };
-        last_seen.store(epoch.elapsed().as_millis() as u64, Ordering::Relaxed);
-        if let Value::Array(items) = &value {
-            if items.len() == 3 && items[0].bytes() == Some(b"smessage") {
-                if let (Some(channel), Some(payload)) = (items[1].bytes(), items[2].bytes()) {
-                    deliver(&shared, &*events, channel, payload);
+        let signal = match push.kind {
+            PushKind::SMessage => {
+                if let (Some(channel), Some(payload)) =
+                    (bulk(push.data.first()), bulk(push.data.get(1)))
+                {
+                    deliver(&*events, &shared.channels, channel, payload);
                 }
                 continue;
             }
+            PushKind::SSubscribe | PushKind::SUnsubscribe => {
+                let Some(channel) = bulk(push.data.first()) else {
+                    continue;
+                };
+                Signal::Channel {
+                    subscribed: push.kind == PushKind::SSubscribe,
+                    channel: channel.to_vec(),
+                }
+            }
+            PushKind::Disconnection => Signal::Disconnected,
+            _ => continue,
+        };
+        if signals.send(signal).is_err() {
+            return;
         }
-        let _ = shared.events.send(Event::Reply {
-            addr: addr.clone(),
-            conn,
-            value,
-        });
-    };
-    let _ = shared.events.send(Event::Lost { addr, conn, why });
-}
-
-fn deliver(shared: &Shared, events: &dyn BrokerEvents, channel: &[u8], payload: &[u8]) {
-    let Some(topic) = shared.topic_of(channel) else {
-        return;
-    };
-    envelope::report(events, &topic, payload);
+    }
 }

@@ -1,38 +1,27 @@
-//! The slot map: which primary owns each of the 16384 hash slots, read with
-//! `CLUSTER SLOTS` from any node that answers.
+//! The slot map as this node reads it (`CLUSTER SLOTS`, through the cluster client):
+//! which primary owns each of the 16384 hash slots.
 //!
-//! Primaries are numbered by the lowest slot they own (shard 0 owns slot 0). The
-//! number is the `shard` label of the per-shard metrics: bounded by the number of
-//! primaries, and stable across a failover (the promoted replica owns the same slots,
-//! so it gets the same number).
+//! The redis crate keeps its own map for routing; this one is for what the crate does
+//! not expose: readiness (every slot served), the per-shard metrics, and noticing that
+//! a shard's primary changed (failover) or a slot moved, so that the topics concerned
+//! are subscribed again. Primaries are numbered by the lowest slot they own (shard 0
+//! owns slot 0): the `shard` label, bounded by the number of primaries and stable
+//! across a failover (the promoted replica owns the same slots).
 
 use std::sync::Arc;
 
-use crate::cluster::resp::{self, Auth, Value};
+use redis::Value;
+
 use crate::cluster::slot::SLOTS;
 
-/// A node address as the cluster announces it.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct Addr {
-    pub host: Arc<str>,
-    pub port: u16,
-}
-
-impl std::fmt::Display for Addr {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}:{}", self.host, self.port)
-    }
-}
-
-impl Addr {
-    /// Parses `host:port` (as in a `MOVED` reply).
-    pub fn parse(s: &str) -> Option<Addr> {
-        let (host, port) = s.rsplit_once(':')?;
-        Some(Addr {
-            host: Arc::from(host),
-            port: port.parse().ok()?,
-        })
-    }
+/// A primary as `CLUSTER SLOTS` names it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Primary {
+    /// `host:port`, for logs.
+    pub addr: Arc<str>,
+    /// The node id: what identifies a primary across address changes, and tells a
+    /// promoted replica from the primary it replaced.
+    pub id: Arc<str>,
 }
 
 /// Slot → primary.
@@ -41,7 +30,9 @@ pub struct SlotMap {
     /// Index into `primaries` per slot; `u16::MAX` when no node serves the slot.
     owner: Vec<u16>,
     /// Primaries in shard-number order.
-    primaries: Vec<Addr>,
+    primaries: Vec<Primary>,
+    /// The lowest slot of each primary.
+    first_slots: Vec<u16>,
 }
 
 const NONE: u16 = u16::MAX;
@@ -51,20 +42,22 @@ impl Default for SlotMap {
         SlotMap {
             owner: vec![NONE; SLOTS],
             primaries: Vec::new(),
+            first_slots: Vec::new(),
         }
     }
 }
 
 impl SlotMap {
     /// Builds a map from `(first slot, last slot, primary)` ranges.
-    pub fn from_ranges(mut ranges: Vec<(u16, u16, Addr)>) -> SlotMap {
+    pub fn from_ranges(mut ranges: Vec<(u16, u16, Primary)>) -> SlotMap {
         ranges.sort_by_key(|r| r.0);
         let mut map = SlotMap::default();
-        for (first, last, addr) in ranges {
-            let idx = match map.primaries.iter().position(|a| *a == addr) {
+        for (first, last, primary) in ranges {
+            let idx = match map.primaries.iter().position(|p| p.id == primary.id) {
                 Some(i) => i,
                 None => {
-                    map.primaries.push(addr);
+                    map.primaries.push(primary);
+                    map.first_slots.push(first);
                     map.primaries.len() - 1
                 }
             };
@@ -76,19 +69,19 @@ impl SlotMap {
     }
 
     /// The shard number and primary owning `slot`.
-    pub fn owner(&self, slot: u16) -> Option<(usize, &Addr)> {
+    pub fn owner(&self, slot: u16) -> Option<(usize, &Primary)> {
         let i = *self.owner.get(slot as usize)?;
         (i != NONE).then(|| (i as usize, &self.primaries[i as usize]))
     }
 
     /// Primaries in shard-number order.
-    pub fn primaries(&self) -> &[Addr] {
+    pub fn primaries(&self) -> &[Primary] {
         &self.primaries
     }
 
-    /// Shard number of a primary.
-    pub fn shard_of(&self, addr: &Addr) -> Option<usize> {
-        self.primaries.iter().position(|a| a == addr)
+    /// The lowest slot shard `i` owns.
+    pub fn first_slot(&self, i: usize) -> u16 {
+        self.first_slots[i]
     }
 
     /// Whether every slot has an owner (the cluster can serve every channel).
@@ -96,48 +89,45 @@ impl SlotMap {
         !self.primaries.is_empty() && self.owner.iter().all(|&i| i != NONE)
     }
 
-    /// Reads a `CLUSTER SLOTS` reply. A node that announces an empty host (it does
-    /// not know its own address) is reached at `fallback_host`, the host we asked.
-    pub fn from_cluster_slots(reply: &Value, fallback_host: &str) -> Result<SlotMap, String> {
+    /// Reads a `CLUSTER SLOTS` reply.
+    ///
+    /// # Errors
+    /// A reply that is not shaped like one.
+    pub fn from_cluster_slots(reply: &Value) -> Result<SlotMap, String> {
         let Value::Array(entries) = reply else {
             return Err(format!("CLUSTER SLOTS: unexpected reply {reply:?}"));
+        };
+        let int = |v: Option<&Value>| match v {
+            Some(Value::Int(i)) => Some(*i),
+            _ => None,
+        };
+        let text = |v: Option<&Value>| match v {
+            Some(Value::BulkString(b)) => Some(String::from_utf8_lossy(b).into_owned()),
+            Some(Value::SimpleString(s)) => Some(s.clone()),
+            _ => None,
         };
         let mut ranges = Vec::new();
         for e in entries {
             let Value::Array(f) = e else {
                 return Err("CLUSTER SLOTS: entry is not an array".into());
             };
-            let (Some(first), Some(last), Some(Value::Array(node))) = (
-                f.first().and_then(Value::int),
-                f.get(1).and_then(Value::int),
-                f.get(2),
-            ) else {
+            let (Some(first), Some(last), Some(Value::Array(node))) =
+                (int(f.first()), int(f.get(1)), f.get(2))
+            else {
                 return Err("CLUSTER SLOTS: malformed entry".into());
             };
-            let host = node
-                .first()
-                .and_then(Value::bytes)
-                .map(|h| String::from_utf8_lossy(h).into_owned())
-                .unwrap_or_default();
-            let host = if host.is_empty() || host == "?" {
-                fallback_host.to_string()
-            } else {
-                host
-            };
-            let port = node.get(1).and_then(Value::int).unwrap_or(0);
-            let (Ok(first), Ok(last), Ok(port)) = (
-                u16::try_from(first),
-                u16::try_from(last),
-                u16::try_from(port),
-            ) else {
-                return Err("CLUSTER SLOTS: value out of range".into());
+            let host = text(node.first()).unwrap_or_default();
+            let port = int(node.get(1)).unwrap_or(0);
+            let id = text(node.get(2)).unwrap_or_else(|| format!("{host}:{port}"));
+            let (Ok(first), Ok(last)) = (u16::try_from(first), u16::try_from(last)) else {
+                return Err("CLUSTER SLOTS: slot out of range".into());
             };
             ranges.push((
                 first,
                 last,
-                Addr {
-                    host: Arc::from(host),
-                    port,
+                Primary {
+                    addr: Arc::from(format!("{host}:{port}")),
+                    id: Arc::from(id),
                 },
             ));
         }
@@ -145,100 +135,70 @@ impl SlotMap {
     }
 }
 
-/// Asks the nodes in `candidates`, in order, for the slot map; the first complete
-/// answer wins, else the first partial one (a cluster that lost a shard still
-/// serves the others).
-///
-/// # Errors
-/// When no candidate answered.
-pub async fn discover(candidates: &[Addr], auth: &Auth) -> Result<SlotMap, String> {
-    let mut partial: Option<SlotMap> = None;
-    let mut last_error = String::from("no Redis Cluster node to ask");
-    for addr in candidates {
-        match ask(addr, auth).await {
-            Ok(map) if map.covers_all() => return Ok(map),
-            Ok(map) => {
-                if partial.is_none() && !map.primaries().is_empty() {
-                    partial = Some(map);
-                }
-            }
-            Err(e) => last_error = format!("{addr}: {e}"),
-        }
-    }
-    partial.ok_or(last_error)
-}
-
-async fn ask(addr: &Addr, auth: &Auth) -> Result<SlotMap, String> {
-    let once = async {
-        let (mut r, mut w) = resp::open(&addr.host, addr.port, auth)
-            .await
-            .map_err(|e| e.to_string())?;
-        let mut cmd = Vec::new();
-        resp::encode(&mut cmd, &["CLUSTER", "SLOTS"]);
-        w.send(&cmd).await.map_err(|e| e.to_string())?;
-        let reply = r.next().await.map_err(|e| e.to_string())?;
-        if let Value::Error(e) = &reply {
-            return Err(e.clone());
-        }
-        SlotMap::from_cluster_slots(&reply, &addr.host)
-    };
-    tokio::time::timeout(resp::CONNECT_TIMEOUT * 2, once)
-        .await
-        .map_err(|_| "CLUSTER SLOTS timed out".to_string())?
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    fn a(p: u16) -> Addr {
-        Addr {
-            host: Arc::from("127.0.0.1"),
-            port: p,
+    fn p(n: u16) -> Primary {
+        Primary {
+            addr: Arc::from(format!("127.0.0.1:{n}")),
+            id: Arc::from(format!("id{n}")),
         }
     }
 
     #[test]
     fn shards_are_numbered_by_lowest_slot() {
         let m = SlotMap::from_ranges(vec![
-            (10923, 16383, a(3)),
-            (0, 5460, a(1)),
-            (5461, 10922, a(2)),
+            (10923, 16383, p(3)),
+            (0, 5460, p(1)),
+            (5461, 10922, p(2)),
         ]);
         assert!(m.covers_all());
-        assert_eq!(m.primaries(), &[a(1), a(2), a(3)]);
-        assert_eq!(m.owner(0), Some((0, &a(1))));
-        assert_eq!(m.owner(5461), Some((1, &a(2))));
-        assert_eq!(m.owner(16383), Some((2, &a(3))));
+        assert_eq!(m.primaries(), &[p(1), p(2), p(3)]);
+        assert_eq!(m.owner(0), Some((0, &p(1))));
+        assert_eq!(m.owner(5461), Some((1, &p(2))));
+        assert_eq!(m.owner(16383), Some((2, &p(3))));
         assert_eq!(m.owner(16384), None);
-        let partial = SlotMap::from_ranges(vec![(0, 100, a(1))]);
+        assert_eq!(m.first_slot(1), 5461);
+        let partial = SlotMap::from_ranges(vec![(0, 100, p(1))]);
         assert!(!partial.covers_all());
         assert_eq!(partial.owner(101), None);
     }
 
     #[test]
     fn reads_cluster_slots_replies() {
-        let node = |h: &str, p: i64| {
+        let node = |h: &str, port: i64, id: &str| {
             Value::Array(vec![
-                Value::Bulk(h.as_bytes().to_vec()),
-                Value::Int(p),
-                Value::Bulk(b"id".to_vec()),
+                Value::BulkString(h.as_bytes().to_vec()),
+                Value::Int(port),
+                Value::BulkString(id.as_bytes().to_vec()),
             ])
         };
         let reply = Value::Array(vec![
             Value::Array(vec![
                 Value::Int(0),
                 Value::Int(8191),
-                node("10.0.0.1", 7000),
-                node("10.0.0.9", 7009),
+                node("10.0.0.1", 7000, "a"),
+                node("10.0.0.9", 7009, "replica"),
             ]),
-            Value::Array(vec![Value::Int(8192), Value::Int(16383), node("", 7001)]),
+            // One primary with two ranges is one shard.
+            Value::Array(vec![
+                Value::Int(8192),
+                Value::Int(9000),
+                node("10.0.0.2", 7001, "b"),
+            ]),
+            Value::Array(vec![
+                Value::Int(9001),
+                Value::Int(16383),
+                node("10.0.0.1", 7000, "a"),
+            ]),
         ]);
-        let m = SlotMap::from_cluster_slots(&reply, "seed").unwrap();
+        let m = SlotMap::from_cluster_slots(&reply).unwrap();
         assert!(m.covers_all());
-        assert_eq!(m.owner(1).unwrap().1.to_string(), "10.0.0.1:7000");
-        assert_eq!(m.owner(9000).unwrap().1.to_string(), "seed:7001");
-        assert!(SlotMap::from_cluster_slots(&Value::Int(1), "x").is_err());
-        assert_eq!(Addr::parse("127.0.0.1:7002"), Some(a(7002)));
+        assert_eq!(m.primaries().len(), 2);
+        assert_eq!(&*m.owner(1).unwrap().1.addr, "10.0.0.1:7000");
+        assert_eq!(m.owner(9000).unwrap().0, 1);
+        assert_eq!(m.owner(16000).unwrap().0, 0);
+        assert!(SlotMap::from_cluster_slots(&Value::Int(1)).is_err());
     }
 }

@@ -38,29 +38,56 @@ pub struct ClusterNode {
 
 pub struct RedisCluster {
     pub nodes: Vec<ClusterNode>,
+    access: Access,
     _dir: tempfile::TempDir,
 }
 
-fn cli(port: u16, args: &[&str]) -> String {
-    let out = Command::new("redis-cli")
-        .args(["-h", "127.0.0.1", "-p", &port.to_string()])
-        .args(args)
-        .output()
-        .expect("redis-cli is installed");
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// How the cluster is reached: plain and open by default, or TLS and a password.
+#[derive(Clone, Default)]
+pub struct Access {
+    /// Extra `redis-server` arguments (TLS files, `requirepass`, ACL users). With
+    /// `tls`, the node's port is its TLS port and the plain port is off.
+    pub server_args: Vec<String>,
+    /// Extra `redis-cli` arguments (`--tls --cacert …`, `-a …`).
+    pub cli_args: Vec<String>,
+    pub tls: bool,
+    /// The default user's password, if any (for the test's own connections).
+    pub password: Option<String>,
+}
+
+impl RedisCluster {
+    fn cli(&self, port: u16, args: &[&str]) -> String {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
+            .args(&self.access.cli_args)
+            .args(["--no-auth-warning"])
+            .args(args)
+            .output()
+            .expect("redis-cli is installed");
+        String::from_utf8_lossy(&out.stdout).into_owned()
+    }
 }
 
 impl RedisCluster {
     /// `primaries` primaries with `replicas` replicas each; returns once every node
     /// reports `cluster_state:ok` and knows every other node.
     pub fn start(primaries: usize, replicas: usize) -> RedisCluster {
-        let cluster = Self::spawn(primaries * (1 + replicas));
+        Self::start_with(primaries, replicas, Access::default())
+    }
+
+    /// As [`Self::start`], reached as `access` says (TLS, passwords).
+    pub fn start_with(primaries: usize, replicas: usize, access: Access) -> RedisCluster {
+        let cluster = Self::spawn_with(primaries * (1 + replicas), access);
         cluster.create(replicas);
         cluster
     }
 
     /// `n` cluster-enabled servers that do not form a cluster yet.
     pub fn spawn(n: usize) -> RedisCluster {
+        Self::spawn_with(n, Access::default())
+    }
+
+    fn spawn_with(n: usize, access: Access) -> RedisCluster {
         let dir = tempfile::tempdir().unwrap();
         let mut ports = Vec::new();
         let mut nodes = Vec::new();
@@ -70,8 +97,20 @@ impl RedisCluster {
             ports.push(port + 10000);
             let d = dir.path().join(port.to_string());
             std::fs::create_dir_all(&d).unwrap();
+            let ports: Vec<String> = if access.tls {
+                vec![
+                    "--port".into(),
+                    "0".into(),
+                    "--tls-port".into(),
+                    port.to_string(),
+                ]
+            } else {
+                vec!["--port".into(), port.to_string()]
+            };
             let child = Command::new("redis-server")
-                .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
+                .args(["--bind", "127.0.0.1"])
+                .args(&ports)
+                .args(&access.server_args)
                 .args(["--cluster-enabled", "yes"])
                 .args(["--cluster-config-file", "nodes.conf"])
                 .args(["--cluster-node-timeout", NODE_TIMEOUT_MS])
@@ -92,10 +131,15 @@ impl RedisCluster {
                 child: Some(child),
             });
         }
-        let cluster = RedisCluster { nodes, _dir: dir };
+        let cluster = RedisCluster {
+            nodes,
+            access,
+            _dir: dir,
+        };
         for node in &cluster.nodes {
             assert!(
-                wait_until(Duration::from_secs(10), || cli(node.port, &["PING"])
+                wait_until(Duration::from_secs(10), || cluster
+                    .cli(node.port, &["PING"])
                     .contains("PONG")),
                 "redis-server {} did not start",
                 node.port
@@ -113,6 +157,8 @@ impl RedisCluster {
             .map(|n| format!("127.0.0.1:{}", n.port))
             .collect();
         let out = Command::new("redis-cli")
+            .args(&self.access.cli_args)
+            .args(["--no-auth-warning"])
             .arg("--cluster")
             .arg("create")
             .args(&addrs)
@@ -128,8 +174,8 @@ impl RedisCluster {
         let n = self.nodes.len();
         let ok = wait_until(Duration::from_secs(30), || {
             self.live().all(|node| {
-                let info = cli(node.port, &["CLUSTER", "INFO"]);
-                let repl = cli(node.port, &["INFO", "replication"]);
+                let info = self.cli(node.port, &["CLUSTER", "INFO"]);
+                let repl = self.cli(node.port, &["INFO", "replication"]);
                 info.contains("cluster_state:ok")
                     && info.contains(&format!("cluster_known_nodes:{n}"))
                     && info.contains("cluster_slots_ok:16384")
@@ -148,9 +194,17 @@ impl RedisCluster {
         self.nodes
             .iter()
             .take(2)
-            .map(|n| format!("redis://127.0.0.1:{}", n.port))
+            .map(|n| format!("{}://127.0.0.1:{}", self.scheme(), n.port))
             .collect::<Vec<_>>()
             .join(",")
+    }
+
+    fn scheme(&self) -> &'static str {
+        if self.access.tls {
+            "rediss"
+        } else {
+            "redis"
+        }
     }
 
     /// A port of a live node, to ask things.
@@ -160,7 +214,7 @@ impl RedisCluster {
 
     /// The slot of a key, from the cluster itself (`CLUSTER KEYSLOT`).
     pub fn keyslot(&self, key: &str) -> u16 {
-        cli(self.any_port(), &["CLUSTER", "KEYSLOT", key])
+        self.cli(self.any_port(), &["CLUSTER", "KEYSLOT", key])
             .trim()
             .parse()
             .unwrap()
@@ -168,10 +222,18 @@ impl RedisCluster {
 
     /// `(first slot, last slot, primary port)` ranges from `CLUSTER SLOTS`.
     pub fn slot_ranges(&self) -> Vec<(u16, u16, u16)> {
-        let mut conn = redis::Client::open(format!("redis://127.0.0.1:{}/", self.any_port()))
-            .unwrap()
-            .get_connection()
-            .unwrap();
+        let auth = match &self.access.password {
+            Some(p) => format!(":{p}@"),
+            None => String::new(),
+        };
+        // The test's own look at the cluster: TLS without verification is fine here.
+        let insecure = if self.access.tls { "#insecure" } else { "" };
+        let url = format!(
+            "{}://{auth}127.0.0.1:{}/{insecure}",
+            self.scheme(),
+            self.any_port()
+        );
+        let mut conn = redis::Client::open(url).unwrap().get_connection().unwrap();
         let v: Vec<redis::Value> = redis::cmd("CLUSTER").arg("SLOTS").query(&mut conn).unwrap();
         let mut out = Vec::new();
         for e in v {
@@ -213,7 +275,8 @@ impl RedisCluster {
 
     /// Sorted `PUBSUB SHARDCHANNELS` of one node.
     pub fn shardchannels(&self, port: u16) -> Vec<String> {
-        let mut v: Vec<String> = cli(port, &["PUBSUB", "SHARDCHANNELS"])
+        let mut v: Vec<String> = self
+            .cli(port, &["PUBSUB", "SHARDCHANNELS"])
             .lines()
             .map(str::to_string)
             .filter(|l| !l.is_empty())
@@ -224,7 +287,7 @@ impl RedisCluster {
 
     /// Subscribers of a shard channel on one node (`PUBSUB SHARDNUMSUB`).
     pub fn shardnumsub(&self, port: u16, channel: &str) -> u64 {
-        cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
+        self.cli(port, &["PUBSUB", "SHARDNUMSUB", channel])
             .lines()
             .nth(1)
             .and_then(|n| n.trim().parse().ok())
@@ -234,11 +297,11 @@ impl RedisCluster {
     /// `redis-cli -c SPUBLISH channel payload`: a backend using the stock client,
     /// which follows `MOVED` to the owner.
     pub fn cli_spublish(&self, channel: &str, payload: &str) -> String {
-        cli(self.any_port(), &["-c", "SPUBLISH", channel, payload])
+        self.cli(self.any_port(), &["-c", "SPUBLISH", channel, payload])
     }
 
     pub fn node_id(&self, port: u16) -> String {
-        cli(port, &["CLUSTER", "MYID"]).trim().to_string()
+        self.cli(port, &["CLUSTER", "MYID"]).trim().to_string()
     }
 
     /// Kills the node on `port` (SIGKILL).
@@ -253,6 +316,8 @@ impl RedisCluster {
     /// `redis-cli --cluster reshard`: moves `slots` slots from `from` to `to`.
     pub fn reshard(&self, from: u16, to: u16, slots: u16) {
         let out = Command::new("redis-cli")
+            .args(&self.access.cli_args)
+            .args(["--no-auth-warning"])
             .args([
                 "--cluster",
                 "reshard",
@@ -264,6 +329,11 @@ impl RedisCluster {
             .output()
             .unwrap();
         assert!(out.status.success(), "reshard: {out:?}");
+    }
+
+    /// `redis-cli` on a node with the cluster's access arguments.
+    pub fn cli_on(&self, port: u16, args: &[&str]) -> String {
+        self.cli(port, args)
     }
 
     /// The pids of the live nodes, by port (for CPU accounting).
