@@ -94,8 +94,11 @@ sleep 1
 SEEDS=$(for p in "${CPORTS[@]}"; do echo -n "redis://127.0.0.1:$p,"; done); SEEDS=${SEEDS%,}
 
 if [[ $SINGLE == 1 ]]; then
+  # start_gateway runs in a subshell: its pid is added to PIDS here, for cleanup.
   read -r S_A S_A_M S_A_PID < <(start_gateway "$WSGATE" single-a --redis-url "redis://127.0.0.1:$SINGLE_PORT")
+  PIDS+=("$S_A_PID")
   read -r S_B S_B_M S_B_PID < <(start_gateway "$WSGATE" single-b --redis-url "redis://127.0.0.1:$SINGLE_PORT")
+  PIDS+=("$S_B_PID")
 fi
 # Per cluster build: label, and its two gateways' ws and metrics URLs.
 declare -A C_A C_B C_A_M C_B_M
@@ -103,8 +106,9 @@ LABELS=()
 for pair in $CLUSTER_BINS; do
   label=${pair%%=*} bin=${pair#*=}
   LABELS+=("$label")
-  read -r a am _ < <(start_gateway "$bin" "$label-a" --redis-mode cluster --redis-url "$SEEDS")
-  read -r b bm _ < <(start_gateway "$bin" "$label-b" --redis-mode cluster --redis-url "$SEEDS")
+  read -r a am apid < <(start_gateway "$bin" "$label-a" --redis-mode cluster --redis-url "$SEEDS")
+  read -r b bm bpid < <(start_gateway "$bin" "$label-b" --redis-mode cluster --redis-url "$SEEDS")
+  PIDS+=("$apid" "$bpid")
   C_A[$label]=$a C_A_M[$label]=$am C_B[$label]=$b C_B_M[$label]=$bm
   echo "$label: $bin ($("$bin" --version 2>/dev/null || echo "?"))" >>"$TMP/bins.txt"
 done
