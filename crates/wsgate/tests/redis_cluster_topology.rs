@@ -131,17 +131,27 @@ async fn primary_killed_replica_promoted_clients_stay_connected() {
         assert!(got.contains(&(t.clone(), json!("failover"))), "{got:?}");
         assert!(got.contains(&(t.clone(), json!("cli"))), "{got:?}");
     }
-    let (_, metrics) = b.get("/metrics");
-    let changes: u64 = metrics
-        .lines()
-        .find_map(|l| l.strip_prefix("wsgate_redis_cluster_slot_map_changes_total "))
-        .and_then(|v| v.parse().ok())
-        .unwrap();
-    assert!(changes >= 2, "initial map and the failover: {changes}");
-    assert!(
-        metrics.contains("wsgate_redis_shard_resubscribed_topics_total{shard=\"1\"} 1"),
-        "{metrics}"
-    );
+    // Node b learns of the failover on its own next slot-map read (once a second):
+    // bounded wait, not a race with a's deliveries.
+    let end = std::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (_, metrics) = b.get("/metrics");
+        let changes: u64 = metrics
+            .lines()
+            .find_map(|l| l.strip_prefix("wsgate_redis_cluster_slot_map_changes_total "))
+            .and_then(|v| v.parse().ok())
+            .unwrap();
+        let resubscribed =
+            metrics.contains("wsgate_redis_shard_resubscribed_topics_total{shard=\"1\"} 1");
+        if changes >= 2 && resubscribed {
+            break;
+        }
+        assert!(
+            std::time::Instant::now() < end,
+            "initial map and the failover ({changes} changes), one topic resubscribed on shard 1: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
