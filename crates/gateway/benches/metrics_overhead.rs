@@ -14,7 +14,7 @@
 //!   atomics and float histograms updated on every batch.
 //!
 //! (The design in between, per-connection accumulators folded every 250 ms, is
-//! gone from the code; its numbers are in docs/benchmarks.md.)
+//! gone from the code; its numbers are in docs/bench/history.md.)
 //!
 //! The machine this runs on is shared, so the variants are interleaved: every round
 //! runs each variant for a few iterations, in rotating order, and the report gives
