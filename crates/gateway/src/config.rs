@@ -536,6 +536,8 @@ mod tests {
             "cluster",
             "--redis-sentinel",
             "a:1",
+            "--redis-sentinel-master",
+            "m",
         ]);
         assert!(c.validate().unwrap_err().contains("sentinel"));
     }
