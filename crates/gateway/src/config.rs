@@ -16,16 +16,6 @@ pub enum LogFormat {
     Json,
 }
 
-/// How `--redis-url` is used.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
-pub enum RedisMode {
-    /// One Redis (classic `PUBLISH`/`SUBSCRIBE`).
-    Single,
-    /// A Redis Cluster (7+): sharded pub/sub, `SPUBLISH`/`SSUBSCRIBE` on the shard
-    /// owning each topic's slot. `--redis-url` lists seed nodes, comma-separated.
-    Cluster,
-}
-
 fn parse_duration(s: &str) -> Result<Duration, String> {
     humantime::parse_duration(s).map_err(|e| format!("{e} (examples: 500ms, 25s, 1m)"))
 }
@@ -147,68 +137,6 @@ pub struct Config {
     /// Time a client has to send its HTTP request headers (slowloris guard).
     #[arg(long, env = "WSGATE_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = parse_duration)]
     pub handshake_timeout: Duration,
-
-    /// Redis URL: `redis://[[user]:password@]host:port[/db]`, `rediss://…` for TLS. With
-    /// it (or `--redis-sentinel`), every node sharing this Redis acts as one service;
-    /// without it the in-memory broker is used. See docs/redis.md.
-    #[arg(long, env = "WSGATE_REDIS_URL", hide_env_values = true)]
-    pub redis_url: Option<String>,
-
-    /// Redis password; overrides the one in `--redis-url` (no URL-encoding needed).
-    #[arg(long, env = "WSGATE_REDIS_PASSWORD", hide_env_values = true)]
-    pub redis_password: Option<String>,
-
-    /// CA certificate(s) (PEM) that sign the Redis server certificate, for `rediss://`
-    /// (replaces the system roots).
-    #[arg(long, env = "WSGATE_REDIS_CA_FILE")]
-    pub redis_ca_file: Option<PathBuf>,
-
-    /// Client certificate (PEM) for Redis servers that require mutual TLS.
-    #[arg(long, env = "WSGATE_REDIS_CLIENT_CERT", requires = "redis_client_key")]
-    pub redis_client_cert: Option<PathBuf>,
-
-    /// Private key (PEM) of `--redis-client-cert`.
-    #[arg(long, env = "WSGATE_REDIS_CLIENT_KEY", requires = "redis_client_cert")]
-    pub redis_client_key: Option<PathBuf>,
-
-    /// Comma-separated Redis Sentinel addresses (`host:port`). The master named by
-    /// `--redis-sentinel-master` is asked for on every (re)connect; `--redis-url` then
-    /// only gives the scheme, user, password and database (its host is not used).
-    #[arg(
-        long,
-        env = "WSGATE_REDIS_SENTINEL",
-        value_delimiter = ',',
-        requires = "redis_sentinel_master"
-    )]
-    pub redis_sentinel: Vec<String>,
-
-    /// The master's name in the sentinels' configuration.
-    #[arg(long, env = "WSGATE_REDIS_SENTINEL_MASTER")]
-    pub redis_sentinel_master: Option<String>,
-
-    /// Password of the sentinels themselves (`requirepass` in sentinel.conf), if set.
-    #[arg(long, env = "WSGATE_REDIS_SENTINEL_PASSWORD", hide_env_values = true)]
-    pub redis_sentinel_password: Option<String>,
-
-    /// Prefix of the Redis channel of each topic (`PUBLISH <prefix><topic> <payload>`).
-    #[arg(long, env = "WSGATE_REDIS_PREFIX", default_value = "wsgate:")]
-    pub redis_prefix: String,
-
-    /// How long a topic stays subscribed in Redis after its last local subscriber
-    /// left (so flapping clients do not churn Redis).
-    #[arg(long, env = "WSGATE_REDIS_UNSUBSCRIBE_DELAY", default_value = "1s", value_parser = parse_duration)]
-    pub redis_unsubscribe_delay: Duration,
-
-    /// `single` Redis, or a Redis `cluster` (sharded pub/sub; `--redis-url` is then a
-    /// comma-separated list of seed nodes, any one of which is enough). docs/redis.md.
-    #[arg(long, env = "WSGATE_REDIS_MODE", value_enum, default_value = "single")]
-    pub redis_mode: RedisMode,
-
-    /// Cluster mode: co-locate related topics. With `.`, topic `room42.chat` uses the
-    /// channel `<prefix>{room42}.chat`, so every `room42.*` topic is on one shard.
-    /// Unset: channels are `<prefix><topic>` as in single mode.
-    #[arg(long, env = "WSGATE_REDIS_HASH_TAG_SEPARATOR")]
-    pub redis_hash_tag_separator: Option<char>,
 
     /// TLS certificate chain (PEM) for the public listener (`wss://` and HTTPS for the
     /// publish API). Reloaded on SIGHUP and when the file changes. Needs `--tls-key`.
@@ -332,42 +260,6 @@ impl Config {
         if self.api_key.as_deref() == Some("") {
             return Err("--api-key must not be empty (omit it to leave the API open)".into());
         }
-        if let Some(url) = &self.redis_url {
-            let urls: Vec<&str> = match self.redis_mode {
-                RedisMode::Single => vec![url.as_str()],
-                RedisMode::Cluster => url.split(',').map(str::trim).collect(),
-            };
-            for url in urls {
-                if !(url.starts_with("redis://") || url.starts_with("rediss://")) {
-                    return Err("--redis-url must start with redis:// or rediss://".into());
-                }
-            }
-        }
-        if let Some(sep) = self.redis_hash_tag_separator {
-            if self.redis_mode != RedisMode::Cluster {
-                return Err("--redis-hash-tag-separator needs --redis-mode cluster".into());
-            }
-            if !matches!(sep, '.' | ':' | '/' | '-' | '_') {
-                return Err("--redis-hash-tag-separator must be one of . : / - _".into());
-            }
-        }
-        let tls_files = self.redis_ca_file.is_some() || self.redis_client_cert.is_some();
-        if tls_files
-            && !self
-                .redis_url
-                .as_deref()
-                .is_some_and(|u| u.starts_with("rediss://"))
-        {
-            return Err(
-                "--redis-ca-file and --redis-client-cert need a rediss:// --redis-url".into(),
-            );
-        }
-        if self.redis_sentinel_master.is_some() && self.redis_sentinel.is_empty() {
-            return Err("--redis-sentinel-master needs --redis-sentinel".into());
-        }
-        if self.redis_mode == RedisMode::Cluster && !self.redis_sentinel.is_empty() {
-            return Err("--redis-sentinel and --redis-mode cluster exclude each other (a cluster fails over by itself)".into());
-        }
         if self.jwt_secret.as_deref() == Some("") {
             return Err("--jwt-secret must not be empty".into());
         }
@@ -404,11 +296,6 @@ impl Config {
         let mut argv = vec!["wsgate"];
         argv.extend_from_slice(args);
         Config::try_parse_from(argv).expect("valid arguments")
-    }
-
-    /// Whether a Redis relay is configured (`--redis-url` or `--redis-sentinel`).
-    pub fn redis_enabled(&self) -> bool {
-        self.redis_url.is_some() || !self.redis_sentinel.is_empty()
     }
 
     /// Whether clients must present a JWT.
@@ -464,82 +351,6 @@ mod tests {
                 .validate()
                 .unwrap();
         }
-    }
-
-    #[test]
-    fn redis_tls_and_sentinel_settings() {
-        let c = Config::parse_from([
-            "wsgate",
-            "--redis-url",
-            "redis://h:1/",
-            "--redis-ca-file",
-            "ca.pem",
-        ]);
-        assert!(c.validate().unwrap_err().contains("rediss://"));
-        let c = Config::try_parse_from(["wsgate", "--redis-sentinel", "a:1,b:2"]);
-        assert!(c.is_err(), "the master name is required");
-        let c = Config::parse_from([
-            "wsgate",
-            "--redis-sentinel",
-            "a:1,b:2",
-            "--redis-sentinel-master",
-            "m",
-        ]);
-        c.validate().unwrap();
-        assert!(c.redis_enabled());
-        assert_eq!(c.redis_sentinel, ["a:1", "b:2"]);
-        assert!(!Config::for_tests().redis_enabled());
-    }
-
-    #[test]
-    fn redis_cluster_mode_takes_seed_lists() {
-        let c = Config::parse_from([
-            "wsgate",
-            "--redis-mode",
-            "cluster",
-            "--redis-url",
-            "redis://10.0.0.1:7000, redis://10.0.0.2:7000",
-            "--redis-hash-tag-separator",
-            ".",
-        ]);
-        c.validate().unwrap();
-        assert_eq!(c.redis_mode, RedisMode::Cluster);
-        let c = Config::parse_from([
-            "wsgate",
-            "--redis-mode",
-            "cluster",
-            "--redis-url",
-            "redis://a:1,http://b:2",
-        ]);
-        assert!(c.validate().unwrap_err().contains("redis://"));
-        // A list is not a single URL, and the tag rule is cluster-only.
-        let c = Config::parse_from(["wsgate", "--redis-url", "redis://a:1,redis://b:2"]);
-        assert!(c
-            .validate()
-            .is_ok_and(|_| c.redis_mode == RedisMode::Single));
-        let c = Config::parse_from(["wsgate", "--redis-hash-tag-separator", "."]);
-        assert!(c.validate().unwrap_err().contains("cluster"));
-        // TLS works in cluster mode as in single mode; Sentinel does not.
-        let c = Config::parse_from([
-            "wsgate",
-            "--redis-mode",
-            "cluster",
-            "--redis-url",
-            "rediss://10.0.0.1:7000,rediss://10.0.0.2:7000",
-            "--redis-ca-file",
-            "/etc/ca.pem",
-        ]);
-        c.validate().unwrap();
-        let c = Config::parse_from([
-            "wsgate",
-            "--redis-mode",
-            "cluster",
-            "--redis-sentinel",
-            "a:1",
-            "--redis-sentinel-master",
-            "m",
-        ]);
-        assert!(c.validate().unwrap_err().contains("sentinel"));
     }
 
     #[test]

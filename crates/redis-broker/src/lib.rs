@@ -15,6 +15,8 @@
 //! - [`connect`]: opening connections (URL, password, TLS, Sentinel, the cluster
 //!   client), used by both modes: with Sentinel each (re)connect asks who the master
 //!   is now.
+//! - [`config`]: the `--redis-*` settings ([`RedisArgs`], a clap section the binary
+//!   flattens), their checks, and the broker they start ([`BrokerSetup`]).
 //! - [`cluster`]: Redis Cluster mode, [`ClusterBroker`]: sharded pub/sub
 //!   (`SSUBSCRIBE`/`SPUBLISH`) on the redis crate's cluster client, following
 //!   failovers and slot moves.
@@ -33,6 +35,7 @@
 pub mod backoff;
 pub mod channel;
 pub mod cluster;
+pub mod config;
 pub mod connect;
 pub mod envelope;
 mod events;
@@ -52,6 +55,7 @@ use wsgate_metrics::Metrics;
 
 pub use crate::channel::{Channels, DEFAULT_PREFIX};
 pub use crate::cluster::{ClusterBroker, ClusterOptions};
+pub use crate::config::{BrokerSetup, RedisArgs, RedisMode};
 use crate::health::Health;
 pub use crate::limits::DEFAULT_UNSUBSCRIBE_DELAY;
 

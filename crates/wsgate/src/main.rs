@@ -15,16 +15,29 @@ mod telemetry;
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches};
+use clap::{CommandFactory, FromArgMatches, Parser};
 use tracing::{error, info, warn};
 use wsgate_fanout::Node;
-use wsgate_gateway::config::RedisMode;
 use wsgate_gateway::security::Security;
 use wsgate_gateway::{Config, Gateway, Server};
 use wsgate_metrics::Metrics;
-use wsgate_redis::{
-    ClusterBroker, ClusterOptions, Connector, RedisBroker, RedisOptions, SentinelOptions, TlsFiles,
-};
+use wsgate_redis::{BrokerSetup, RedisArgs};
+
+/// The command line: each crate's settings, flattened (`wsgate --help` lists them all).
+#[derive(Debug, Parser)]
+#[command(
+    name = "wsgate",
+    version,
+    about = "wsgate: a horizontally scalable WebSocket pub/sub gateway",
+    long_about = None,
+    max_term_width = 100
+)]
+struct Cli {
+    #[command(flatten)]
+    gateway: Config,
+    #[command(flatten)]
+    redis: RedisArgs,
+}
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -44,101 +57,15 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
     })
 }
 
-/// The Redis relay's options from the configuration, with the TLS files read and the
-/// whole checked (so a bad file or URL is a clear exit 2, not a retry loop).
-fn redis_options(cfg: &Config) -> Result<Option<RedisOptions>, String> {
-    if !cfg.redis_enabled() {
-        return Ok(None);
-    }
-    let read = |flag: &str, p: &Option<std::path::PathBuf>| -> Result<Option<Vec<u8>>, String> {
-        p.as_ref()
-            .map(|p| std::fs::read(p).map_err(|e| format!("{flag} {}: {e}", p.display())))
-            .transpose()
-    };
-    let mut options = RedisOptions::new(
-        cfg.redis_url
-            .clone()
-            .unwrap_or_else(|| "redis://localhost/".into()),
-    );
-    options.prefix = cfg.redis_prefix.clone();
-    options.unsubscribe_delay = cfg.redis_unsubscribe_delay;
-    options.password = cfg.redis_password.clone();
-    options.tls = TlsFiles {
-        ca: read("--redis-ca-file", &cfg.redis_ca_file)?,
-        client_cert: read("--redis-client-cert", &cfg.redis_client_cert)?,
-        client_key: read("--redis-client-key", &cfg.redis_client_key)?,
-    };
-    if !cfg.redis_sentinel.is_empty() {
-        options.sentinel = Some(SentinelOptions {
-            nodes: cfg.redis_sentinel.clone(),
-            master: cfg.redis_sentinel_master.clone().unwrap_or_default(),
-            password: cfg.redis_sentinel_password.clone(),
-        });
-    }
-    if cfg.redis_mode == RedisMode::Cluster {
-        // The seed list, credentials and TLS files, checked as the broker will use them.
-        let (push, _) = tokio::sync::mpsc::unbounded_channel();
-        wsgate_redis::connect::cluster_client(
-            &cluster_seeds(&options.url),
-            options.password.as_deref(),
-            &options.tls,
-            push,
-        )
-        .map_err(|e| format!("redis: {e}"))?;
-    } else {
-        Connector::new(&options.connect_options()).map_err(|e| format!("redis: {e}"))?;
-    }
-    Ok(Some(options))
-}
-
-/// Cluster mode's `--redis-url`: seed URLs, comma-separated.
-fn cluster_seeds(url: &str) -> Vec<String> {
-    url.split(',').map(|s| s.trim().to_string()).collect()
-}
-
-async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> anyhow::Result<()> {
+async fn run(cfg: Config, security: Security, redis: Option<BrokerSetup>) -> anyhow::Result<()> {
     raise_nofile();
     let metrics = Metrics::default();
     let max_publication = cfg.max_publication_size();
     let node = match redis {
         None => Node::in_memory(metrics, max_publication),
-        Some(redis) if cfg.redis_mode == RedisMode::Cluster => {
-            // The cluster need not be up yet either: the broker keeps asking the
-            // seeds for the slot map; `/readyz` is 503 until every shard is
-            // connected (docs/redis.md).
-            if redis.url.contains("#insecure") {
-                warn!("redis TLS certificates are not verified (#insecure): for tests only");
-            }
-            let options = ClusterOptions {
-                seeds: cluster_seeds(&redis.url),
-                password: redis.password.clone(),
-                tls: redis.tls.clone(),
-                prefix: cfg.redis_prefix.clone(),
-                unsubscribe_delay: cfg.redis_unsubscribe_delay,
-                hash_tag_separator: cfg.redis_hash_tag_separator.map(|c| c as u8),
-                metrics: Some(metrics.clone()),
-            };
-            let node = Node::new(metrics, max_publication, |events| {
-                ClusterBroker::start(options, events)
-            })
-            .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
-            info!(prefix = %cfg.redis_prefix, "redis cluster (sharded pub/sub) fan-out enabled");
-            node
-        }
-        Some(mut options) => {
-            // Redis need not be up yet: the broker connects in the background and
-            // `/readyz` says 503 until it has (docs/redis.md).
-            options.metrics = Some(metrics.clone());
-            if options.url.ends_with("#insecure") {
-                warn!("redis TLS certificates are not verified (#insecure): for tests only");
-            }
-            let node = Node::new(metrics, max_publication, |events| {
-                RedisBroker::start(options, events)
-            })
-            .map_err(|e| anyhow::anyhow!("redis: {e}"))?;
-            info!(prefix = %cfg.redis_prefix, "redis fan-out enabled");
-            node
-        }
+        Some(redis) => redis
+            .node(metrics, max_publication)
+            .map_err(|e| anyhow::anyhow!("redis: {e}"))?,
     };
     let gw = Gateway::new(cfg, node, security);
     gw.security.log_posture(&gw.config);
@@ -186,13 +113,13 @@ async fn run(cfg: Config, security: Security, redis: Option<RedisOptions>) -> an
 /// The node's configuration from its flags and environment. `drain` is declared as a
 /// subcommand only for `--help`: `main` runs it before this, so the node's settings are
 /// never parsed for it, and after a flag it is refused (not ignored).
-fn parse_config() -> Config {
-    let mut cmd = Config::command()
+fn parse_config() -> Cli {
+    let mut cmd = Cli::command()
         .subcommand(drain_cmd::command())
         .args_conflicts_with_subcommands(true)
         .disable_help_subcommand(true);
     let mut matches = cmd.get_matches_mut();
-    Config::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
+    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
 }
 
 fn main() -> ExitCode {
@@ -200,14 +127,17 @@ fn main() -> ExitCode {
     if argv.next().as_deref() == Some("drain") {
         return drain_cmd::run(argv);
     }
-    let mut cfg = parse_config();
+    let Cli {
+        gateway: mut cfg,
+        redis,
+    } = parse_config();
     // Resolved once, so logs, traces and `welcome` agree even on a random id.
     cfg.node_id = Some(cfg.resolved_node_id());
     if let Err(msg) = cfg.validate() {
         eprintln!("wsgate: invalid configuration: {msg}");
         return ExitCode::from(2);
     }
-    let redis = match redis_options(&cfg) {
+    let redis = match redis.broker() {
         Ok(r) => r,
         Err(e) => {
             eprintln!("wsgate: invalid configuration: {e}");
