@@ -28,6 +28,8 @@
 //! - `events`: the shared receive path: what arrives is reported to the node
 //!   ([`wsgate_fanout::BrokerEvents`]), which is also the truth for interest.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
+//! - `interest`: which topics are held and when a released one is given up, as pure
+//!   state (unit-tested step by step).
 //! - `reply`: how broker calls get their answers from the relay tasks.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
@@ -40,6 +42,7 @@ pub mod connect;
 pub mod envelope;
 mod events;
 mod health;
+mod interest;
 pub mod limits;
 mod publisher;
 mod reply;

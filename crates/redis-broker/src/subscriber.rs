@@ -10,6 +10,8 @@
 //! - `Release` schedules an `UNSUBSCRIBE` after [`RedisOptions::unsubscribe_delay`];
 //!   when it is due the node is asked again and the topic is kept if a subscriber came
 //!   back (flapping clients cause no Redis traffic).
+//!
+//! Those rules are pure state, in [`crate::interest`]; this module does the I/O.
 //! - On a lost connection it reconnects with backoff and resubscribes every topic the
 //!   node has, so local clients never notice more than the gap.
 //!
@@ -21,7 +23,7 @@
 //!
 //! [`RedisOptions::unsubscribe_delay`]: crate::RedisOptions::unsubscribe_delay
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -37,6 +39,7 @@ use crate::channel::Channels;
 use crate::connect::{explain, Connector};
 use crate::events::deliver;
 use crate::health::Health;
+use crate::interest::{Batch, Interest};
 use crate::limits::{CHUNK, CONFIRM_TIMEOUT, KEEPALIVE};
 use crate::reply::{unavailable, Reply};
 
@@ -71,6 +74,7 @@ impl Manager {
     pub(crate) async fn run(self, mut rx: mpsc::UnboundedReceiver<Command>) {
         let mut backoff = Backoff::default();
         let mut lost_before = false;
+        let mut interest = Interest::new(self.unsubscribe_delay);
         loop {
             // Ends this connection's reader, whichever side notices the loss first:
             // an old reader must never deliver next to a new one.
@@ -92,7 +96,8 @@ impl Manager {
                         redis = self.connector.target(),
                         "redis subscriptions up"
                     );
-                    let lost = self.serve(&mut rx, sink, confirmed, &connection).await;
+                    interest.reconnected(confirmed);
+                    let lost = self.serve(&mut rx, sink, &mut interest, &connection).await;
                     self.health.set_subscribe_up(false);
                     lost
                 }
@@ -156,16 +161,14 @@ impl Manager {
         &self,
         rx: &mut mpsc::UnboundedReceiver<Command>,
         mut sink: redis::aio::PubSubSink,
-        mut confirmed: HashSet<Arc<str>>,
+        interest: &mut Interest,
         connection: &CancellationToken,
     ) -> Lost {
-        // Releases in deadline order (the delay is constant, so arrival order is it).
-        let mut due: VecDeque<(Instant, Arc<str>)> = VecDeque::new();
         let mut keepalive = tokio::time::interval(KEEPALIVE);
         keepalive.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         keepalive.reset();
         loop {
-            let next = due.front().map(|(at, _)| *at);
+            let next = interest.releases.next_at();
             tokio::select! {
                 biased;
                 _ = self.stop.cancelled() => return Lost::Stop,
@@ -175,40 +178,34 @@ impl Manager {
                 cmd = rx.recv() => {
                     let Some(first) = cmd else { return Lost::Stop };
                     // Everything already waiting joins this batch: one SUBSCRIBE.
-                    let mut wanted: Vec<Arc<str>> = Vec::new();
-                    let mut seen: HashSet<Arc<str>> = HashSet::new();
+                    let mut batch = Batch::default();
                     let mut waiters = Vec::new();
                     let mut cmd = Some(first);
                     while let Some(c) = cmd.take().or_else(|| rx.try_recv().ok()) {
                         match c {
                             Command::Subscribe(topics, done) => {
-                                for t in topics {
-                                    if !confirmed.contains(&t) && seen.insert(t.clone()) {
-                                        wanted.push(t);
-                                    }
-                                }
+                                interest.want(topics, &mut batch);
                                 waiters.push(done);
                             }
                             Command::Release(topics) => {
-                                let at = Instant::now() + self.unsubscribe_delay;
-                                due.extend(topics.into_iter().map(|t| (at, t)));
+                                interest.releases.schedule(topics, Instant::now());
                             }
                         }
-                        if wanted.len() >= CHUNK {
+                        if batch.topics.len() >= CHUNK {
                             break;
                         }
                     }
-                    if !wanted.is_empty() {
+                    if !batch.topics.is_empty() {
                         let channels: Vec<Vec<u8>> =
-                            wanted.iter().map(|t| self.channel(t)).collect();
+                            batch.topics.iter().map(|t| self.channel(t)).collect();
                         if let Err(e) = confirm(sink.subscribe(&channels)).await {
                             for w in waiters {
                                 let _ = w.send(Err(unavailable(format!("redis: {e}"))));
                             }
                             return Lost::Connection(e);
                         }
-                        debug!(count = wanted.len(), "subscribed");
-                        confirmed.extend(wanted);
+                        debug!(count = batch.topics.len(), "subscribed");
+                        interest.confirmed(batch.topics);
                     }
                     for w in waiters {
                         let _ = w.send(Ok(()));
@@ -222,24 +219,14 @@ impl Manager {
                     }
                 }
                 _ = sleep_until_opt(next), if next.is_some() => {
-                    let now = Instant::now();
-                    let mut gone: Vec<Arc<str>> = Vec::new();
-                    let mut seen: HashSet<Arc<str>> = HashSet::new();
-                    while due.front().is_some_and(|(at, _)| *at <= now) {
-                        let (_, t) = due.pop_front().expect("checked");
-                        // The hub is the truth: a subscriber that came back keeps it.
-                        if confirmed.contains(&t) && !self.events.has_subscribers(&t) && seen.insert(t.clone()) {
-                            gone.push(t);
-                        }
-                    }
+                    // The node is the truth: a subscriber that came back keeps it.
+                    let gone = interest.due(Instant::now(), |t| self.events.has_subscribers(t));
                     for chunk in gone.chunks(CHUNK) {
                         let channels: Vec<Vec<u8>> = chunk.iter().map(|t| self.channel(t)).collect();
                         if let Err(e) = confirm(sink.unsubscribe(&channels)).await {
                             return Lost::Connection(e);
                         }
-                        for t in chunk {
-                            confirmed.remove(t);
-                        }
+                        interest.unsubscribed(chunk);
                         debug!(count = chunk.len(), "unsubscribed");
                     }
                 }

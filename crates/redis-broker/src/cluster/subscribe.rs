@@ -25,7 +25,7 @@
 //! the node ([`deliver`]: non-blocking, so Redis is drained as fast as it writes);
 //! confirmations, `sunsubscribe`s and lost connections go to the manager.
 
-use std::collections::{BTreeMap, HashMap, HashSet, VecDeque};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -45,6 +45,7 @@ use crate::cluster::slot::key_slot;
 use crate::cluster::topology::SlotMap;
 use crate::cluster::Shared;
 use crate::events::deliver;
+use crate::interest::Releases;
 use crate::limits::{CHUNK, CONFIRM_TIMEOUT, PROBE_EVERY, PROBE_MIN_GAP, PROBE_TIMEOUT};
 use crate::reply::{unavailable, Reply};
 
@@ -75,9 +76,8 @@ pub(crate) struct Manager {
     shared: Arc<Shared>,
     events: Arc<dyn BrokerEvents>,
     target: String,
-    unsubscribe_delay: Duration,
     held: HashMap<Arc<str>, Held>,
-    due: VecDeque<(Instant, Arc<str>)>,
+    releases: Releases,
     /// Channels this node unsubscribed, until their confirmations are in (so they are
     /// not taken for server pushes).
     own_unsubscribes: HashMap<Vec<u8>, Instant>,
@@ -102,9 +102,8 @@ impl Manager {
             shared,
             events,
             target,
-            unsubscribe_delay,
             held: HashMap::new(),
-            due: VecDeque::new(),
+            releases: Releases::new(unsubscribe_delay),
             own_unsubscribes: HashMap::new(),
             dropped: HashSet::new(),
             seen: HashMap::new(),
@@ -168,7 +167,7 @@ impl Manager {
         let mut tick = tokio::time::interval(TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
-            let next_due = self.due.front().map(|(at, _)| *at);
+            let next_due = self.releases.next_at();
             tokio::select! {
                 biased;
                 _ = stop.cancelled() => break,
@@ -236,8 +235,7 @@ impl Manager {
                         }
                     }
                     Command::Release(topics) => {
-                        let at = Instant::now() + self.unsubscribe_delay;
-                        self.due.extend(topics.into_iter().map(|t| (at, t)));
+                        self.releases.schedule(topics, Instant::now());
                     }
                 }
                 if wanted.len() >= CHUNK {
@@ -350,18 +348,11 @@ impl Manager {
     }
 
     async fn on_due(&mut self, conn: &mut ClusterConnection) {
-        let now = Instant::now();
-        let mut gone = Vec::new();
-        while self.due.front().is_some_and(|(at, _)| *at <= now) {
-            let (_, t) = self.due.pop_front().expect("checked");
-            // The node is the truth: a subscriber that came back keeps it.
-            if self.events.has_subscribers(&t) {
-                continue;
-            }
-            if self.held.remove(&t).is_some() {
-                gone.push(t);
-            }
-        }
+        // The node is the truth: a subscriber that came back keeps it.
+        let (held, events) = (&mut self.held, &self.events);
+        let gone = self.releases.take_due(Instant::now(), |t| {
+            !events.has_subscribers(t) && held.remove(t).is_some()
+        });
         if !gone.is_empty() {
             debug!(count = gone.len(), "sunsubscribe");
             self.unsubscribe(conn, gone).await;
