@@ -22,6 +22,9 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use crate::history::{MemoryHistory, DEFAULT_HISTORY_MEMORY};
+use crate::stream::{History, HistoryEntry, HistoryQuery, Position, StreamOptions};
+
 /// Why a broker could not do what was asked. Client-visible as `unavailable`.
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum BrokerError {
@@ -52,6 +55,16 @@ pub trait BrokerEvents: Send + Sync + 'static {
     /// must not block (it only enqueues).
     fn publication(&self, topic: &str, data: &[u8], accepted_at: u64, origin: Origin);
 
+    /// A publication of a stream arrived, at `seq` of `epoch`. Called in seq order
+    /// as far as the broker knows; the node repairs what is missing. Must not block.
+    fn stream_publication(
+        &self,
+        topic: &str,
+        epoch: &Arc<str>,
+        entry: HistoryEntry,
+        origin: Origin,
+    );
+
     /// Whether the node has a local subscriber of `topic` now: the truth a broker
     /// re-checks before it gives a topic up.
     fn has_subscribers(&self, topic: &str) -> bool;
@@ -64,26 +77,26 @@ pub trait BrokerEvents: Send + Sync + 'static {
 /// The outcome of a broker operation: ready at once (the in-memory broker) or later
 /// (a relay). Ready outcomes need no allocation.
 #[must_use = "a broker future does nothing useful unless awaited"]
-pub struct BrokerFuture(Inner);
+pub struct BrokerFuture<T = ()>(Inner<T>);
 
-enum Inner {
-    Ready(Option<Result<(), BrokerError>>),
-    Pending(Pin<Box<dyn Future<Output = Result<(), BrokerError>> + Send + 'static>>),
+enum Inner<T> {
+    Ready(Option<Result<T, BrokerError>>),
+    Pending(Pin<Box<dyn Future<Output = Result<T, BrokerError>> + Send + 'static>>),
 }
 
-impl BrokerFuture {
+impl<T> BrokerFuture<T> {
     /// An outcome known now.
-    pub fn ready(result: Result<(), BrokerError>) -> Self {
+    pub fn ready(result: Result<T, BrokerError>) -> Self {
         BrokerFuture(Inner::Ready(Some(result)))
     }
 
     /// An outcome that a future will tell.
-    pub fn pending(fut: impl Future<Output = Result<(), BrokerError>> + Send + 'static) -> Self {
+    pub fn pending(fut: impl Future<Output = Result<T, BrokerError>> + Send + 'static) -> Self {
         BrokerFuture(Inner::Pending(Box::pin(fut)))
     }
 
     /// The outcome, if it is already known (lets callers skip a task spawn).
-    pub fn now(&mut self) -> Option<Result<(), BrokerError>> {
+    pub fn now(&mut self) -> Option<Result<T, BrokerError>> {
         match &mut self.0 {
             Inner::Ready(r) => r.take(),
             Inner::Pending(_) => None,
@@ -91,8 +104,10 @@ impl BrokerFuture {
     }
 }
 
-impl Future for BrokerFuture {
-    type Output = Result<(), BrokerError>;
+impl<T> Unpin for BrokerFuture<T> {}
+
+impl<T> Future for BrokerFuture<T> {
+    type Output = Result<T, BrokerError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         match &mut self.0 {
@@ -113,6 +128,37 @@ pub trait Broker: Send + Sync + 'static {
     /// means it was not accepted (never a false success).
     fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture;
 
+    /// Publishes `data` to the stream `topic`: numbers it, keeps it in the stream's
+    /// history (bounded by `opts`) and relays it, as one step; resolves with its
+    /// position. Ordering as for [`Broker::publish`].
+    fn publish_stream(
+        &self,
+        topic: &str,
+        data: &[u8],
+        accepted_at: u64,
+        opts: &StreamOptions,
+    ) -> BrokerFuture<Position> {
+        let _ = (topic, data, accepted_at, opts);
+        BrokerFuture::ready(Err(BrokerError::Unavailable(format!(
+            "the {} broker keeps no stream history",
+            self.kind()
+        ))))
+    }
+
+    /// Reads the history of the stream `topic`.
+    fn history(
+        &self,
+        topic: &str,
+        opts: &StreamOptions,
+        query: HistoryQuery,
+    ) -> BrokerFuture<History> {
+        let _ = (topic, opts, query);
+        BrokerFuture::ready(Err(BrokerError::Unavailable(format!(
+            "the {} broker keeps no stream history",
+            self.kind()
+        ))))
+    }
+
     /// Ensures this node receives `topics`, which the node has already added to its
     /// hub. Resolves once messages published from now on will be reported through
     /// [`BrokerEvents::publication`]. Topics that were already live resolve at once,
@@ -129,17 +175,38 @@ pub trait Broker: Send + Sync + 'static {
 
     /// A short name for logs and metrics: `memory`, `redis`, …
     fn kind(&self) -> &'static str;
+
+    /// Bytes of stream history this broker keeps in this process, if it keeps any.
+    fn history_bytes(&self) -> Option<usize> {
+        None
+    }
 }
 
-/// The embedded single-node broker: a publication is reported back at once.
+/// The embedded single-node broker: a publication is reported back at once; stream
+/// history is kept in memory ([`MemoryHistory`]).
 pub struct MemoryBroker {
     events: Arc<dyn BrokerEvents>,
+    history: MemoryHistory,
 }
 
 impl MemoryBroker {
-    /// A broker reporting to `events` (the node).
+    /// A broker reporting to `events` (the node), keeping at most
+    /// [`DEFAULT_HISTORY_MEMORY`] bytes of stream history.
     pub fn new(events: Arc<dyn BrokerEvents>) -> Self {
-        MemoryBroker { events }
+        Self::with_history_memory(events, DEFAULT_HISTORY_MEMORY)
+    }
+
+    /// A broker keeping at most `cap` bytes of stream history in total.
+    pub fn with_history_memory(events: Arc<dyn BrokerEvents>, cap: usize) -> Self {
+        MemoryBroker {
+            events,
+            history: MemoryHistory::new(cap),
+        }
+    }
+
+    /// The stream history (for metrics and tests).
+    pub fn history_store(&self) -> &MemoryHistory {
+        &self.history
     }
 }
 
@@ -149,6 +216,36 @@ impl Broker for MemoryBroker {
         self.events
             .publication(topic, data, accepted_at, Origin::Gateway);
         BrokerFuture::ready(Ok(()))
+    }
+
+    fn publish_stream(
+        &self,
+        topic: &str,
+        data: &[u8],
+        accepted_at: u64,
+        opts: &StreamOptions,
+    ) -> BrokerFuture<Position> {
+        // Reported while the stream is locked: the node sees its seqs in order.
+        let (position, ()) = self
+            .history
+            .append(topic, data, accepted_at, opts, |pos, entry| {
+                self.events
+                    .stream_publication(topic, &pos.epoch, entry.clone(), Origin::Gateway);
+            });
+        BrokerFuture::ready(Ok(position))
+    }
+
+    fn history(
+        &self,
+        topic: &str,
+        opts: &StreamOptions,
+        query: HistoryQuery,
+    ) -> BrokerFuture<History> {
+        BrokerFuture::ready(Ok(self.history.read(topic, opts, query)))
+    }
+
+    fn history_bytes(&self) -> Option<usize> {
+        Some(self.history.bytes())
     }
 
     fn subscribe(&self, _topics: Vec<Arc<str>>) -> BrokerFuture {
@@ -180,6 +277,11 @@ mod tests {
     impl BrokerEvents for Recorder {
         fn publication(&self, topic: &str, data: &[u8], at: u64, origin: Origin) {
             self.0.lock().push((topic.into(), data.into(), at, origin));
+        }
+        fn stream_publication(&self, topic: &str, _: &Arc<str>, e: HistoryEntry, o: Origin) {
+            self.0
+                .lock()
+                .push((topic.into(), e.data.to_vec(), e.seq, o));
         }
         fn has_subscribers(&self, _topic: &str) -> bool {
             true

@@ -15,6 +15,11 @@
 //! - [`publication`]: a publication encoded **once** into its complete WebSocket frame;
 //!   every local subscriber shares those bytes.
 //! - [`frame`]: server-side WebSocket frame encoding (unmasked, so it can be built once).
+//! - [`stream`]: which topics are streams ([`Namespaces`]), positions and history,
+//!   and [`stream::StreamState`], a node's pure view of one stream (in order,
+//!   duplicates dropped, gaps repaired or reset).
+//! - [`history`]: the embedded broker's in-memory stream history (bounded per stream
+//!   by count and age, in total by bytes).
 //! - [`topic`]: topic name validation (the contract's `invalid_topic` rule).
 //!
 //! Relays (e.g. Redis, in `wsgate-redis`) implement [`Broker`] and report what they
@@ -27,13 +32,19 @@
 
 pub mod broker;
 pub mod frame;
+pub mod history;
 pub mod hub;
 pub mod node;
 pub mod publication;
+pub mod stream;
 pub mod topic;
 
 pub use broker::{Broker, BrokerError, BrokerEvents, BrokerFuture, MemoryBroker, Origin};
+pub use history::{MemoryHistory, DEFAULT_HISTORY_MEMORY};
 pub use hub::{Hub, Subscriber, SubscriberId};
-pub use node::{Node, PublishAck, PublishError, Source};
+pub use node::{HistoryError, Node, PublishAck, PublishError, Source, StreamStart};
 pub use publication::{unix_nanos, Publication};
+pub use stream::{
+    History, HistoryEntry, HistoryQuery, Namespace, Namespaces, Pattern, Position, StreamOptions,
+};
 pub use topic::{validate_topic, TopicError};

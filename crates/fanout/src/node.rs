@@ -5,23 +5,37 @@
 //! - [`Node::subscribe`]: hub add → broker subscribe → undo on failure.
 //! - [`Node::unsubscribe`]: hub remove → broker release of the topics now empty.
 //! - [`Node::publish`]: validation, then the broker; the returned [`PublishAck`]
-//!   counts the outcome when it is known.
+//!   counts the outcome when it is known (and carries a stream publication's
+//!   position).
+//! - [`Node::subscribe_streams`]: the same for streams, with where each starts and
+//!   the replay a `since` asks for; [`Node::history`] reads a stream's history.
 //!
 //! And everything a broker reports comes back through the node's
 //! [`BrokerEvents`] handler, which encodes each publication **once** and hands the
 //! shared frame to every local subscriber. One place encodes, one place counts.
+//! Stream publications pass through the stream's [`StreamState`] first, which drops
+//! duplicates and repairs gaps from history (or says `reset`), so local subscribers
+//! see every seq once, in order.
 
+use std::collections::HashMap;
 use std::future::Future;
+use std::hash::{BuildHasher, RandomState};
 use std::pin::Pin;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, Weak};
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use parking_lot::Mutex;
 
 use wsgate_metrics::Metrics;
 
 use crate::broker::{Broker, BrokerError, BrokerEvents, BrokerFuture, MemoryBroker, Origin};
+use crate::history::DEFAULT_HISTORY_MEMORY;
 use crate::hub::{Hub, Subscriber, SubscriberId};
 use crate::publication::{unix_nanos, Publication};
+use crate::stream::{
+    Action, History, HistoryEntry, HistoryQuery, Namespaces, Phase, Position, StreamState,
+};
 use crate::topic::{validate_topic, TopicError};
 
 /// Who published, for the `wsgate_messages_received_total{source}` count.
@@ -46,14 +60,125 @@ pub enum PublishError {
     TooLarge { size: usize, max: usize },
 }
 
-/// What the node's broker handler needs: the hub it delivers into and the counters.
-/// Shared with the broker (as its [`BrokerEvents`]) and with pending acks.
+/// Why [`Node::history`] has no answer.
+#[derive(Debug, Clone, thiserror::Error)]
+pub enum HistoryError {
+    /// The topic is not configured as a stream.
+    #[error("{0} is not a stream")]
+    NotAStream(String),
+    /// The topic breaks the contract's naming rule.
+    #[error(transparent)]
+    InvalidTopic(#[from] TopicError),
+    /// The broker could not read the history.
+    #[error(transparent)]
+    Broker(#[from] BrokerError),
+}
+
+/// Where a session's live delivery of one stream starts, as its `subscribed` reply
+/// reports it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StreamStart {
+    pub topic: Arc<str>,
+    /// Every publication after this is delivered to the session, in seq order.
+    pub position: Position,
+    /// For a subscribe with a `since` entry: whether what followed it was replayed.
+    pub recovered: Option<bool>,
+}
+
+/// Shards of the node's stream states (one lock per shard, taken in index order).
+const STREAM_SHARDS: usize = 64;
+
+type StreamShard = Mutex<HashMap<Arc<str>, StreamState>>;
+
+/// What the node's broker handler needs: the hub it delivers into, the counters, the
+/// stream states. Shared with the broker (as its [`BrokerEvents`]) and with pending
+/// acks.
 struct Core {
     hub: Hub,
     metrics: Metrics,
+    namespaces: Namespaces,
+    streams: Box<[StreamShard]>,
+    hasher: RandomState,
+    /// The broker, for repairs (set once it is built; weak: the broker holds us).
+    broker: OnceLock<Weak<dyn Broker>>,
 }
 
-impl BrokerEvents for Core {
+impl Core {
+    fn shard_of(&self, topic: &str) -> usize {
+        self.hasher.hash_one(topic) as usize % self.streams.len()
+    }
+
+    /// Runs a stream state's actions, the shard lock held: delivery order is the
+    /// order the state decided. Returns the repairs to start once the lock is
+    /// released ([`Core::repair`]).
+    fn run(&self, topic: &Arc<str>, actions: Vec<Action>) -> Vec<(u64, u64)> {
+        let mut repairs = Vec::new();
+        for action in actions {
+            match action {
+                Action::Deliver(e) => {
+                    let p = Publication::encode_seq(topic, &e.data, e.accepted_at, e.seq);
+                    self.hub.deliver(topic, &p);
+                }
+                Action::Reset { seq, epoch } => {
+                    self.metrics.stream_resets.inc();
+                    self.hub
+                        .deliver(topic, &Publication::reset(topic, seq, &epoch));
+                }
+                Action::Repair { after, upto } => {
+                    self.metrics.stream_gaps.inc();
+                    repairs.push((after, upto));
+                }
+            }
+        }
+        repairs
+    }
+
+    /// Reads the missing part of a stream and hands it to its state.
+    ///
+    /// Always on a task of its own, history read included: this runs inside the
+    /// broker's report, which may hold the broker's own locks (the in-memory
+    /// history does), so even asking the broker here could deadlock.
+    fn repair(self: &Arc<Self>, topic: Arc<str>, after: u64, upto: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return self.repaired(topic, None);
+        };
+        let core = self.clone();
+        rt.spawn(async move {
+            let fetch = core
+                .broker
+                .get()
+                .and_then(Weak::upgrade)
+                .zip(core.namespaces.stream(&topic).copied())
+                .map(|(broker, opts)| {
+                    let limit = usize::try_from(upto - after).unwrap_or(usize::MAX);
+                    broker.history(&topic, &opts, HistoryQuery::After { seq: after, limit })
+                });
+            let history = match fetch {
+                Some(fetch) => fetch.await.ok(),
+                None => None,
+            };
+            core.repaired(topic, history);
+        });
+    }
+
+    fn repaired(self: &Arc<Self>, topic: Arc<str>, history: Option<History>) {
+        let repairs = {
+            let mut shard = self.streams[self.shard_of(&topic)].lock();
+            match shard.get_mut(&topic) {
+                Some(state) => {
+                    let actions = state.on_repair(history.as_ref());
+                    self.run(&topic, actions)
+                }
+                None => Vec::new(),
+            }
+        };
+        for (after, upto) in repairs {
+            self.repair(topic.clone(), after, upto);
+        }
+    }
+}
+
+impl BrokerEvents for Arc<Core> {
     fn publication(&self, topic: &str, data: &[u8], accepted_at: u64, origin: Origin) {
         if origin == Origin::Backend {
             // Gateway publications were counted where they were accepted.
@@ -64,12 +189,53 @@ impl BrokerEvents for Core {
         self.hub.deliver(topic, &publication);
     }
 
+    fn stream_publication(
+        &self,
+        topic: &str,
+        epoch: &Arc<str>,
+        entry: HistoryEntry,
+        origin: Origin,
+    ) {
+        if origin == Origin::Backend {
+            self.metrics.received.redis.inc();
+        }
+        let mut shard = self.streams[self.shard_of(topic)].lock();
+        let Some((topic, _)) = shard.get_key_value(topic) else {
+            return; // nobody here follows this stream
+        };
+        let topic = topic.clone();
+        let state = shard.get_mut(&topic).expect("just found");
+        let seq = entry.seq;
+        let before = state.position();
+        let actions = state.on_publication(epoch, entry);
+        if actions.is_empty() && state.phase() == Phase::Live && before.seq >= seq {
+            self.metrics.stream_duplicates.inc();
+        }
+        let repairs = self.run(&topic, actions);
+        drop(shard);
+        for (after, upto) in repairs {
+            self.repair(topic.clone(), after, upto);
+        }
+    }
+
     fn has_subscribers(&self, topic: &str) -> bool {
         self.hub.has_subscribers(topic)
+            || self.streams[self.shard_of(topic)]
+                .lock()
+                .get(topic)
+                .is_some_and(|s| s.joining > 0)
     }
 
     fn topics(&self) -> Vec<Arc<str>> {
-        self.hub.topics()
+        let mut topics = self.hub.topics();
+        for shard in self.streams.iter() {
+            for (t, s) in shard.lock().iter() {
+                if s.joining > 0 && !self.hub.has_subscribers(t) {
+                    topics.push(t.clone());
+                }
+            }
+        }
+        topics
     }
 }
 
@@ -81,9 +247,13 @@ pub struct Node {
     max_publication_size: usize,
 }
 
+/// How many times a resume reads the history again when the stream moved on while
+/// it read (then it answers `recovered:false`).
+const RESUME_TRIES: usize = 4;
+
 impl Node {
     /// A node whose broker is built by `broker` from the node's event handler (the
-    /// broker reports what arrives there).
+    /// broker reports what arrives there). No topic is a stream.
     ///
     /// # Errors
     /// Whatever `broker` fails with.
@@ -95,11 +265,33 @@ impl Node {
     where
         B: Broker,
     {
+        Self::with_namespaces(metrics, max_publication_size, Namespaces::default(), broker)
+    }
+
+    /// A node whose topics are streams as `namespaces` say.
+    ///
+    /// # Errors
+    /// Whatever `broker` fails with.
+    pub fn with_namespaces<B, E>(
+        metrics: Metrics,
+        max_publication_size: usize,
+        namespaces: Namespaces,
+        broker: impl FnOnce(Arc<dyn BrokerEvents>) -> Result<B, E>,
+    ) -> Result<Self, E>
+    where
+        B: Broker,
+    {
         let core = Arc::new(Core {
             hub: Hub::default(),
             metrics,
+            namespaces,
+            streams: (0..STREAM_SHARDS).map(|_| Mutex::default()).collect(),
+            hasher: RandomState::new(),
+            broker: OnceLock::new(),
         });
-        let broker: Arc<dyn Broker> = Arc::new(broker(core.clone())?);
+        let events: Arc<dyn BrokerEvents> = Arc::new(core.clone());
+        let broker: Arc<dyn Broker> = Arc::new(broker(events)?);
+        let _ = core.broker.set(Arc::downgrade(&broker));
         core.metrics.set_broker_kind(broker.kind());
         core.metrics.broker_up.set(i64::from(broker.is_ready()));
         Ok(Node {
@@ -111,9 +303,25 @@ impl Node {
 
     /// A node with the in-memory broker (the embedded single-node default).
     pub fn in_memory(metrics: Metrics, max_publication_size: usize) -> Self {
+        Self::in_memory_with(
+            metrics,
+            max_publication_size,
+            Namespaces::default(),
+            DEFAULT_HISTORY_MEMORY,
+        )
+    }
+
+    /// A node with the in-memory broker, streams as `namespaces` say, keeping at most
+    /// `history_memory` bytes of stream history in total.
+    pub fn in_memory_with(
+        metrics: Metrics,
+        max_publication_size: usize,
+        namespaces: Namespaces,
+        history_memory: usize,
+    ) -> Self {
         let built: Result<_, std::convert::Infallible> =
-            Self::new(metrics, max_publication_size, |events| {
-                Ok(MemoryBroker::new(events))
+            Self::with_namespaces(metrics, max_publication_size, namespaces, |events| {
+                Ok(MemoryBroker::with_history_memory(events, history_memory))
             });
         match built {
             Ok(node) => node,
@@ -131,6 +339,11 @@ impl Node {
         &self.core.metrics
     }
 
+    /// Which topics are streams.
+    pub fn namespaces(&self) -> &Namespaces {
+        &self.core.namespaces
+    }
+
     /// Whether the broker can fan out right now.
     pub fn broker_ready(&self) -> bool {
         self.broker.is_ready()
@@ -143,45 +356,280 @@ impl Node {
 
     /// Adds subscriber `id` to `topics` (valid, and new for this subscriber), then
     /// waits until the broker delivers them to this node. On failure every topic is
-    /// taken out again, so the subscriber is left as it was.
-    ///
-    /// Every topic goes to the broker, not only those this node had no subscriber of:
-    /// a topic whose first subscriber's broker subscription is still in flight is
-    /// not ready yet, and the broker knows which.
+    /// taken out again, so the subscriber is left as it was. Stream topics start at
+    /// their current position (see [`Node::subscribe_streams`]).
     ///
     /// # Errors
     /// The broker could not make the topics live (`unavailable` to the client).
-    ///
-    /// # Cancel safety
-    /// Not cancel safe: dropped before it resolves, the topics stay in the hub; the
-    /// caller then owns them as subscribed (a session's `leave_all` removes them).
     pub async fn subscribe(
         &self,
         id: SubscriberId,
         subscriber: &Arc<dyn Subscriber>,
         topics: &[Arc<str>],
     ) -> Result<(), BrokerError> {
-        if topics.is_empty() {
-            return Ok(());
+        self.subscribe_streams(id, subscriber, topics, &[], &HashMap::new(), |_| {})
+            .await
+    }
+
+    /// Subscribes `id` to `fresh` topics (valid, new for this subscriber) and reports
+    /// where its delivery of each stream among them — and of each stream among `held`,
+    /// topics it already has — starts.
+    ///
+    /// Plain topics go into the hub at once, before the broker subscribe (as in
+    /// v1). A fresh stream joins the hub only after the broker confirmed it and the
+    /// stream's position is known; then, with the stream's lock held, `ready` runs
+    /// with every stream's start (the caller queues its reply there), then what `since`
+    /// asked to replay is handed to the subscriber, and only then can a later
+    /// publication reach it. So the subscriber sees: the reply, the replay, live —
+    /// every seq once, in order.
+    ///
+    /// For a fresh stream with a `since` entry: recovered when the epoch matches, the
+    /// seq is not beyond the stream, and the history still has everything after it.
+    ///
+    /// # Errors
+    /// The broker could not make the topics live, or read a stream's position.
+    ///
+    /// # Cancel safety
+    /// Not cancel safe: dropped before it resolves, plain topics stay in the hub (the
+    /// caller owns them as subscribed; a session's `leave_all` removes them), and a
+    /// stream's join count stays up until the node forgets the stream.
+    pub async fn subscribe_streams(
+        &self,
+        id: SubscriberId,
+        subscriber: &Arc<dyn Subscriber>,
+        fresh: &[Arc<str>],
+        held: &[Arc<str>],
+        since: &HashMap<Arc<str>, Position>,
+        ready: impl FnOnce(&[StreamStart]),
+    ) -> Result<(), BrokerError> {
+        let core = &self.core;
+        let (streams, plain): (Vec<Arc<str>>, Vec<Arc<str>>) = fresh
+            .iter()
+            .cloned()
+            .partition(|t| core.namespaces.stream(t).is_some());
+        let held: Vec<Arc<str>> = held
+            .iter()
+            .filter(|t| core.namespaces.stream(t).is_some())
+            .cloned()
+            .collect();
+        // Plain topics into the hub first, so nothing published once the broker
+        // confirms can miss this subscriber.
+        for t in &plain {
+            core.hub.subscribe(t, id, subscriber.clone());
         }
-        // Into the hub first, so nothing published once the broker confirms can miss
-        // this subscriber.
+        for t in &streams {
+            core.streams[core.shard_of(t)]
+                .lock()
+                .entry(t.clone())
+                .or_default()
+                .joining += 1;
+        }
+        if !fresh.is_empty() {
+            if let Err(e) = self.broker.subscribe(fresh.to_vec()).await {
+                self.undo_join(id, &plain, &streams);
+                return Err(e);
+            }
+        }
+        if let Err(e) = self.initialize(&streams).await {
+            self.undo_join(id, &plain, &streams);
+            return Err(e);
+        }
+        // The replays: read outside the locks, checked (and read again if the stream
+        // moved on meanwhile) under them.
+        let mut fetched: HashMap<Arc<str>, History> = HashMap::new();
+        for attempt in 0..RESUME_TRIES {
+            let wanted = self.resume_reads(&streams, since, &fetched);
+            if !wanted.is_empty() && attempt + 1 < RESUME_TRIES {
+                for (t, after, limit) in wanted {
+                    let opts = *core.namespaces.stream(&t).expect("a stream");
+                    match self
+                        .broker
+                        .history(&t, &opts, HistoryQuery::After { seq: after, limit })
+                        .await
+                    {
+                        Ok(h) => {
+                            fetched.insert(t, h);
+                        }
+                        Err(_) => {
+                            // Unreadable: answered as not recovered.
+                            fetched.remove(&t);
+                        }
+                    }
+                }
+                continue;
+            }
+            break;
+        }
+        let mut shards: Vec<usize> = streams
+            .iter()
+            .chain(&held)
+            .map(|t| core.shard_of(t))
+            .collect();
+        shards.sort_unstable();
+        shards.dedup();
+        let mut guards: Vec<_> = shards.iter().map(|&i| core.streams[i].lock()).collect();
+        let guard_of = |t: &str| {
+            shards
+                .binary_search(&core.shard_of(t))
+                .expect("locked above")
+        };
+        let mut starts = Vec::with_capacity(streams.len() + held.len());
+        let mut replays: Vec<(Arc<str>, Vec<HistoryEntry>)> = Vec::new();
+        for t in &streams {
+            let state = guards[guard_of(t)]
+                .get_mut(t)
+                .expect("joining keeps the state");
+            state.joining -= 1;
+            let position = state.position();
+            let recovered =
+                since
+                    .get(t)
+                    .map(|from| match replay_of(from, &position, fetched.get(t)) {
+                        Some(entries) => {
+                            if !entries.is_empty() {
+                                replays.push((t.clone(), entries));
+                            }
+                            core.metrics
+                                .stream_resumes
+                                .with_label_values(&["recovered"])
+                                .inc();
+                            true
+                        }
+                        None => {
+                            core.metrics
+                                .stream_resumes
+                                .with_label_values(&["not_recovered"])
+                                .inc();
+                            false
+                        }
+                    });
+            core.hub.subscribe(t, id, subscriber.clone());
+            starts.push(StreamStart {
+                topic: t.clone(),
+                position,
+                recovered,
+            });
+        }
+        for t in &held {
+            if let Some(state) = guards[guard_of(t)].get(t) {
+                starts.push(StreamStart {
+                    topic: t.clone(),
+                    position: state.position(),
+                    recovered: None,
+                });
+            }
+        }
+        ready(&starts);
+        for (t, entries) in replays {
+            for e in entries {
+                subscriber.deliver(&Publication::encode_seq(&t, &e.data, e.accepted_at, e.seq));
+            }
+        }
+        drop(guards);
+        Ok(())
+    }
+
+    /// Reads the position of every stream in `topics` that this node has just started
+    /// to follow.
+    async fn initialize(&self, topics: &[Arc<str>]) -> Result<(), BrokerError> {
+        let core = &self.core;
         for t in topics {
-            self.core.hub.subscribe(t, id, subscriber.clone());
+            let phase = core.streams[core.shard_of(t)]
+                .lock()
+                .get(t)
+                .map(|s| s.phase());
+            if phase != Some(Phase::Init) {
+                continue;
+            }
+            let opts = *core.namespaces.stream(t).expect("a stream");
+            let history = self
+                .broker
+                .history(t, &opts, HistoryQuery::Latest(0))
+                .await?;
+            if let Some(s) = core.streams[core.shard_of(t)].lock().get_mut(t) {
+                s.on_initialized(&history.position);
+            }
         }
-        let result = self.broker.subscribe(topics.to_vec()).await;
-        if result.is_err() {
-            self.unsubscribe(id, topics.iter().cloned());
+        Ok(())
+    }
+
+    /// The history reads a resume still needs: (topic, after, limit) for each fresh
+    /// stream whose `since` could be recovered and whose fetched history does not
+    /// reach the stream's current position.
+    fn resume_reads(
+        &self,
+        streams: &[Arc<str>],
+        since: &HashMap<Arc<str>, Position>,
+        fetched: &HashMap<Arc<str>, History>,
+    ) -> Vec<(Arc<str>, u64, usize)> {
+        let core = &self.core;
+        let mut out = Vec::new();
+        for t in streams {
+            let Some(from) = since.get(t) else { continue };
+            let Some(position) = core.streams[core.shard_of(t)]
+                .lock()
+                .get(t)
+                .map(StreamState::position)
+            else {
+                continue;
+            };
+            if from.epoch != position.epoch || from.seq >= position.seq {
+                continue; // nothing to read: equal, beyond, or another epoch
+            }
+            if let Some(h) = fetched.get(t) {
+                if h.position.seq >= position.seq || !h.covers(from.seq, &from.epoch) {
+                    continue; // reaches far enough, or can never recover
+                }
+            }
+            let limit = usize::try_from(position.seq - from.seq).unwrap_or(usize::MAX);
+            out.push((t.clone(), from.seq, limit));
         }
-        result
+        out
+    }
+
+    fn undo_join(&self, id: SubscriberId, plain: &[Arc<str>], streams: &[Arc<str>]) {
+        let core = &self.core;
+        for t in streams {
+            let mut shard = core.streams[core.shard_of(t)].lock();
+            if let Some(s) = shard.get_mut(t) {
+                s.joining -= 1;
+                if s.joining == 0 && !core.hub.has_subscribers(t) {
+                    shard.remove(t);
+                }
+            }
+        }
+        self.unsubscribe(id, plain.iter().cloned());
+        let unused: Vec<Arc<str>> = streams
+            .iter()
+            .filter(|t| !core.has_subscribers(t))
+            .cloned()
+            .collect();
+        if !unused.is_empty() {
+            self.broker.release(unused);
+        }
     }
 
     /// Removes subscriber `id` from `topics` (those it has); the broker releases
     /// every topic that no local subscriber is left on.
     pub fn unsubscribe(&self, id: SubscriberId, topics: impl IntoIterator<Item = Arc<str>>) {
+        let core = &self.core;
         let emptied: Vec<Arc<str>> = topics
             .into_iter()
-            .filter(|t| self.core.hub.unsubscribe(t, id))
+            .filter(|t| {
+                if core.namespaces.stream(t).is_none() {
+                    return core.hub.unsubscribe(t, id);
+                }
+                // Under the stream's lock, so a join in progress keeps its state.
+                let mut shard = core.streams[core.shard_of(t)].lock();
+                if !core.hub.unsubscribe(t, id) {
+                    return false;
+                }
+                if shard.get(&**t).is_some_and(|s| s.joining > 0) {
+                    return false;
+                }
+                shard.remove(&**t);
+                true
+            })
             .collect();
         if !emptied.is_empty() {
             self.broker.release(emptied);
@@ -205,6 +653,7 @@ impl Node {
     }
 
     /// Publishes `data` (valid JSON text) to `topic`, stamped with the current time.
+    /// On a stream the ack carries the publication's position.
     ///
     /// The publication's place in its topic's order is fixed when this returns, so
     /// publications made one after another are delivered in that order even when
@@ -219,29 +668,93 @@ impl Node {
         data: &[u8],
     ) -> Result<PublishAck, PublishError> {
         self.check(topic, data)?;
+        let at = unix_nanos();
+        let ack = match self.core.namespaces.stream(topic) {
+            Some(opts) => Ack::Stream(self.broker.publish_stream(topic, data, at, opts)),
+            None => Ack::Plain(self.broker.publish(topic, data, at)),
+        };
         Ok(PublishAck {
-            ack: self.broker.publish(topic, data, unix_nanos()),
+            ack,
             started: Instant::now(),
             source,
             core: self.core.clone(),
         })
     }
 
+    /// Reads a stream's history (`POST /api/history`).
+    ///
+    /// # Errors
+    /// The topic is invalid or not a stream, or the broker cannot read it.
+    pub async fn history(&self, topic: &str, query: HistoryQuery) -> Result<History, HistoryError> {
+        validate_topic(topic)?;
+        let opts = *self
+            .core
+            .namespaces
+            .stream(topic)
+            .ok_or_else(|| HistoryError::NotAStream(topic.to_owned()))?;
+        Ok(self.broker.history(topic, &opts, query).await?)
+    }
+
     /// Refreshes the gauges that are cheaper to read than to maintain (at scrape
-    /// time): subscriptions, topics, broker up.
+    /// time): subscriptions, topics, broker up, history bytes.
     pub fn refresh_gauges(&self) {
         let m = &self.core.metrics;
         m.subscriptions.set(self.core.hub.subscription_count());
         m.topics.set(self.core.hub.topic_count());
         m.broker_up.set(i64::from(self.broker.is_ready()));
+        if let Some(b) = self.broker.history_bytes() {
+            m.history_bytes.set(i64::try_from(b).unwrap_or(i64::MAX));
+        }
     }
 }
 
-/// The broker's answer to one publication; counts it once the answer is known:
-/// accepted → `received{source}`, refused → `dropped{reason="broker_unavailable"}`.
+/// What `since` recovers of a stream now at `now`, given the history read for it:
+/// the publications after `from` up to `now` (empty when it is at `now`), or `None`
+/// when they cannot all be replayed.
+fn replay_of(from: &Position, now: &Position, read: Option<&History>) -> Option<Vec<HistoryEntry>> {
+    if from.epoch != now.epoch || from.seq > now.seq {
+        return None;
+    }
+    if from.seq == now.seq {
+        return Some(Vec::new());
+    }
+    let h = read?;
+    if !h.covers(from.seq, &from.epoch) {
+        return None;
+    }
+    let entries: Vec<HistoryEntry> = h
+        .entries
+        .iter()
+        .filter(|e| e.seq > from.seq && e.seq <= now.seq)
+        .cloned()
+        .collect();
+    let contiguous = entries
+        .iter()
+        .enumerate()
+        .all(|(i, e)| e.seq == from.seq + 1 + i as u64);
+    (contiguous && entries.len() as u64 == now.seq - from.seq).then_some(entries)
+}
+
+enum Ack {
+    Plain(BrokerFuture),
+    Stream(BrokerFuture<Position>),
+}
+
+impl Ack {
+    fn now(&mut self) -> Option<Result<Option<Position>, BrokerError>> {
+        match self {
+            Ack::Plain(f) => f.now().map(|r| r.map(|()| None)),
+            Ack::Stream(f) => f.now().map(|r| r.map(Some)),
+        }
+    }
+}
+
+/// The broker's answer to one publication (with its position on a stream); counts
+/// it once the answer is known: accepted → `received{source}`, refused →
+/// `dropped{reason="broker_unavailable"}`.
 #[must_use = "a publication is counted when its ack resolves"]
 pub struct PublishAck {
-    ack: BrokerFuture,
+    ack: Ack,
     started: Instant,
     source: Source,
     core: Arc<Core>,
@@ -249,33 +762,36 @@ pub struct PublishAck {
 
 impl PublishAck {
     /// The outcome, if the broker knew it at once (the in-memory broker), counted.
-    pub fn now(&mut self) -> Option<Result<(), BrokerError>> {
+    pub fn now(&mut self) -> Option<Result<Option<Position>, BrokerError>> {
         let result = self.ack.now()?;
-        self.count(&result);
+        self.count(result.is_ok());
         Some(result)
     }
 
-    fn count(&self, result: &Result<(), BrokerError>) {
+    fn count(&self, ok: bool) {
         let m = &self.core.metrics;
         if self.source == Source::Demo {
             return;
         }
         m.broker_publish_duration
             .observe(self.started.elapsed().as_secs_f64());
-        match (result, self.source) {
-            (Ok(()), Source::Client) => m.received.client.inc(),
-            (Ok(()), _) => m.received.http.inc(),
-            (Err(_), _) => m.dropped("broker_unavailable", 1),
+        match (ok, self.source) {
+            (true, Source::Client) => m.received.client.inc(),
+            (true, _) => m.received.http.inc(),
+            (false, _) => m.dropped("broker_unavailable", 1),
         }
     }
 }
 
 impl Future for PublishAck {
-    type Output = Result<(), BrokerError>;
+    type Output = Result<Option<Position>, BrokerError>;
 
     fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
-        let result = std::task::ready!(Pin::new(&mut self.ack).poll(cx));
-        self.count(&result);
+        let result = match &mut self.ack {
+            Ack::Plain(f) => std::task::ready!(Pin::new(f).poll(cx)).map(|()| None),
+            Ack::Stream(f) => std::task::ready!(Pin::new(f).poll(cx)).map(Some),
+        };
+        self.count(result.is_ok());
         Poll::Ready(result)
     }
 }
@@ -436,9 +952,281 @@ mod tests {
         let node = Node::in_memory(Metrics::default(), 1024);
         let rec = Arc::new(Recorder::default());
         node.hub().subscribe(&t("x"), 1, rec.clone());
-        node.core.publication("x", b"{}", 5, Origin::Backend);
-        node.core.publication("x", b"{}", 5, Origin::Gateway);
+        BrokerEvents::publication(&node.core, "x", b"{}", 5, Origin::Backend);
+        BrokerEvents::publication(&node.core, "x", b"{}", 5, Origin::Gateway);
         assert_eq!(rec.0.lock().len(), 2);
         assert_eq!(node.metrics().received.redis.get(), 1);
+    }
+
+    fn chat_streams(size: usize) -> Namespaces {
+        Namespaces::new(vec![crate::stream::Namespace {
+            name: "chat".into(),
+            topics: vec![crate::stream::Pattern::parse("chat:*").unwrap()],
+            stream: Some(crate::stream::StreamOptions {
+                history_size: size,
+                history_ttl: std::time::Duration::from_secs(600),
+            }),
+        }])
+        .unwrap()
+    }
+
+    fn texts(r: &Recorder) -> Vec<String> {
+        r.0.lock()
+            .iter()
+            .map(|f| String::from_utf8(f[2..].to_vec()).unwrap())
+            .collect()
+    }
+
+    fn publish_now(node: &Node, topic: &str, data: &str) -> Option<Position> {
+        node.publish(Source::Http, topic, data.as_bytes())
+            .unwrap()
+            .now()
+            .unwrap()
+            .unwrap()
+    }
+
+    async fn join(
+        node: &Node,
+        id: u64,
+        sub: &Arc<dyn Subscriber>,
+        topics: &[Arc<str>],
+        since: &[(&str, u64, &str)],
+    ) -> Vec<StreamStart> {
+        let since: HashMap<Arc<str>, Position> = since
+            .iter()
+            .map(|(t, seq, ep)| {
+                (
+                    t_(t),
+                    Position {
+                        seq: *seq,
+                        epoch: Arc::from(*ep),
+                    },
+                )
+            })
+            .collect();
+        let mut out = Vec::new();
+        node.subscribe_streams(id, sub, topics, &[], &since, |s| out = s.to_vec())
+            .await
+            .unwrap();
+        out
+    }
+
+    fn t_(s: &str) -> Arc<str> {
+        Arc::from(s)
+    }
+
+    #[tokio::test]
+    async fn streams_are_numbered_and_plain_topics_are_not() {
+        let node = Node::in_memory_with(Metrics::default(), 1024, chat_streams(100), 1 << 20);
+        let rec = Arc::new(Recorder::default());
+        let sub: Arc<dyn Subscriber> = rec.clone();
+        let starts = join(&node, 1, &sub, &[t("chat:1"), t("news")], &[]).await;
+        assert_eq!(starts.len(), 1, "only the stream has a start");
+        assert_eq!(starts[0].position.seq, 0);
+        assert_eq!(starts[0].recovered, None);
+        let p1 = publish_now(&node, "chat:1", "\"a\"").unwrap();
+        let p2 = publish_now(&node, "chat:1", "\"b\"").unwrap();
+        assert_eq!((p1.seq, p2.seq), (1, 2));
+        assert_eq!(p1.epoch, starts[0].position.epoch);
+        assert_eq!(publish_now(&node, "news", "1"), None);
+        assert_eq!(
+            texts(&rec),
+            vec![
+                r#"{"op":"message","topic":"chat:1","data":"a","seq":1}"#,
+                r#"{"op":"message","topic":"chat:1","data":"b","seq":2}"#,
+                r#"{"op":"message","topic":"news","data":1}"#,
+            ]
+        );
+        let err = node.history("news", HistoryQuery::Latest(1)).await;
+        assert!(matches!(err, Err(HistoryError::NotAStream(_))));
+        let h = node
+            .history("chat:1", HistoryQuery::Latest(10))
+            .await
+            .unwrap();
+        assert_eq!(h.entries.len(), 2);
+    }
+
+    #[tokio::test]
+    async fn resume_replays_exactly_what_was_missed_after_the_reply() {
+        let node = Node::in_memory_with(Metrics::default(), 1024, chat_streams(5), 1 << 20);
+        let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
+        let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;
+        let epoch = start[0].position.epoch.to_string();
+        for i in 1..=8 {
+            publish_now(&node, "chat:1", &i.to_string());
+        }
+        // Recovered: 5..8 follow the reply (history keeps 4..8).
+        let rec = Arc::new(Recorder::default());
+        let sub: Arc<dyn Subscriber> = rec.clone();
+        let mut order = Vec::new();
+        let since: HashMap<Arc<str>, Position> = [(
+            t("chat:1"),
+            Position {
+                seq: 4,
+                epoch: Arc::from(epoch.as_str()),
+            },
+        )]
+        .into();
+        node.subscribe_streams(2, &sub, &[t("chat:1")], &[], &since, |s| {
+            order.push(format!("reply at {}", s[0].position.seq));
+            assert_eq!(rec.0.lock().len(), 0, "the reply comes before the replay");
+            assert_eq!(s[0].recovered, Some(true));
+        })
+        .await
+        .unwrap();
+        assert_eq!(order, vec!["reply at 8"]);
+        publish_now(&node, "chat:1", "9");
+        let seqs: Vec<String> = texts(&rec)
+            .iter()
+            .map(|t| {
+                t.rsplit(':')
+                    .next()
+                    .unwrap()
+                    .trim_end_matches('}')
+                    .to_owned()
+            })
+            .collect();
+        assert_eq!(seqs, vec!["5", "6", "7", "8", "9"]);
+        // Trimmed (3 is gone), another epoch, beyond the stream: not recovered.
+        for (i, since) in [(3u64, epoch.as_str()), (4, "other"), (99, epoch.as_str())]
+            .into_iter()
+            .enumerate()
+        {
+            let rec = Arc::new(Recorder::default());
+            let sub: Arc<dyn Subscriber> = rec.clone();
+            let s = join(
+                &node,
+                10 + i as u64,
+                &sub,
+                &[t("chat:1")],
+                &[("chat:1", since.0, since.1)],
+            )
+            .await;
+            assert_eq!(s[0].recovered, Some(false), "{since:?}");
+            assert_eq!(s[0].position.seq, 9);
+            assert!(rec.0.lock().is_empty(), "nothing replayed");
+        }
+        // At the current position: recovered, nothing to replay.
+        let rec = Arc::new(Recorder::default());
+        let sub: Arc<dyn Subscriber> = rec.clone();
+        let s = join(&node, 20, &sub, &[t("chat:1")], &[("chat:1", 9, &epoch)]).await;
+        assert_eq!(s[0].recovered, Some(true));
+        assert!(rec.0.lock().is_empty());
+        let m = node.metrics();
+        assert_eq!(m.stream_resumes.with_label_values(&["recovered"]).get(), 2);
+        assert_eq!(
+            m.stream_resumes.with_label_values(&["not_recovered"]).get(),
+            3
+        );
+        // A held topic reports where it is, replays nothing.
+        let mut held = Vec::new();
+        node.subscribe_streams(20, &sub, &[], &[t("chat:1")], &HashMap::new(), |s| {
+            held = s.to_vec()
+        })
+        .await
+        .unwrap();
+        assert_eq!(held[0].position.seq, 9);
+        assert!(rec.0.lock().is_empty());
+    }
+
+    /// A broker over the in-memory history that loses the relay of chosen seqs.
+    struct Lossy {
+        history: crate::history::MemoryHistory,
+        events: Arc<dyn BrokerEvents>,
+        lose: Mutex<Vec<u64>>,
+    }
+    impl Broker for Lossy {
+        fn publish(&self, _: &str, _: &[u8], _: u64) -> BrokerFuture {
+            BrokerFuture::ready(Ok(()))
+        }
+        fn publish_stream(
+            &self,
+            topic: &str,
+            data: &[u8],
+            at: u64,
+            opts: &crate::stream::StreamOptions,
+        ) -> BrokerFuture<Position> {
+            let (p, ()) = self.history.append(topic, data, at, opts, |p, e| {
+                if !self.lose.lock().contains(&e.seq) {
+                    self.events
+                        .stream_publication(topic, &p.epoch, e.clone(), Origin::Gateway);
+                }
+            });
+            BrokerFuture::ready(Ok(p))
+        }
+        fn history(
+            &self,
+            topic: &str,
+            opts: &crate::stream::StreamOptions,
+            q: HistoryQuery,
+        ) -> BrokerFuture<History> {
+            BrokerFuture::ready(Ok(self.history.read(topic, opts, q)))
+        }
+        fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
+            BrokerFuture::ready(Ok(()))
+        }
+        fn release(&self, _: Vec<Arc<str>>) {}
+        fn is_ready(&self) -> bool {
+            true
+        }
+        fn kind(&self) -> &'static str {
+            "lossy"
+        }
+    }
+
+    #[tokio::test]
+    async fn lost_relays_are_repaired_from_history_or_reset() {
+        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(3), |events| {
+            Ok::<_, ()>(Lossy {
+                history: crate::history::MemoryHistory::new(1 << 20),
+                events,
+                lose: Mutex::new(vec![2, 3, 6, 7, 8, 9]),
+            })
+        })
+        .unwrap();
+        let rec = Arc::new(Recorder::default());
+        let sub: Arc<dyn Subscriber> = rec.clone();
+        join(&node, 1, &sub, &[t("chat:1")], &[]).await;
+        for i in 1..=10 {
+            publish_now(&node, "chat:1", &i.to_string());
+            // Each repair runs on a task of its own: let it finish.
+            for _ in 0..10 {
+                tokio::task::yield_now().await;
+            }
+        }
+        let got = texts(&rec);
+        // 2, 3 repaired before 4; 6..9: history keeps only 8..10 when 10 arrives,
+        // so 6, 7 are reset, 8, 9 repaired.
+        let want: Vec<String> = [1, 2, 3, 4, 5]
+            .iter()
+            .map(|i| format!(r#"{{"op":"message","topic":"chat:1","data":{i},"seq":{i}}}"#))
+            .collect();
+        assert_eq!(got[..5], want[..]);
+        assert!(
+            got[5].starts_with(r#"{"op":"reset","topic":"chat:1","seq":7,"#),
+            "{}",
+            got[5]
+        );
+        assert!(got[6].ends_with(r#""seq":8}"#), "{}", got[6]);
+        assert!(got[7].ends_with(r#""seq":9}"#));
+        assert!(got[8].ends_with(r#""seq":10}"#));
+        assert_eq!(got.len(), 9);
+        let m = node.metrics();
+        assert_eq!(m.stream_gaps.get(), 2);
+        assert_eq!(m.stream_resets.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn the_last_subscriber_leaving_forgets_the_stream() {
+        let node = Node::in_memory_with(Metrics::default(), 1024, chat_streams(10), 1 << 20);
+        let sub: Arc<dyn Subscriber> = Arc::new(Recorder::default());
+        join(&node, 1, &sub, &[t("chat:1")], &[]).await;
+        publish_now(&node, "chat:1", "1");
+        node.unsubscribe(1, [t("chat:1")]);
+        assert!(!node.core.has_subscribers("chat:1"));
+        assert!(node.core.streams.iter().all(|s| s.lock().is_empty()));
+        // Rejoining starts from the broker's position again.
+        let s = join(&node, 2, &sub, &[t("chat:1")], &[]).await;
+        assert_eq!(s[0].position.seq, 1);
     }
 }

@@ -15,6 +15,7 @@ use crate::frame;
 
 const PREFIX: &[u8] = b"{\"op\":\"message\",\"topic\":\"";
 const MIDDLE: &[u8] = b"\",\"data\":";
+const SEQ: &[u8] = b",\"seq\":";
 const SUFFIX: &[u8] = b"}";
 
 /// A message on its way to local subscribers: the complete frame, shared.
@@ -42,6 +43,51 @@ impl Publication {
         Publication {
             frame: buf.freeze(),
             accepted_at,
+        }
+    }
+
+    /// Encodes a stream publication: the same envelope with its position,
+    /// `{"op":"message","topic":…,"data":…,"seq":42}`.
+    pub fn encode_seq(topic: &str, data: &[u8], accepted_at: u64, seq: u64) -> Self {
+        let digits = seq.to_string();
+        let seq = digits.as_bytes();
+        let payload_len = PREFIX.len()
+            + topic.len()
+            + MIDDLE.len()
+            + data.len()
+            + SEQ.len()
+            + seq.len()
+            + SUFFIX.len();
+        let mut buf = BytesMut::with_capacity(frame::header_len(payload_len) + payload_len);
+        frame::put_header(&mut buf, frame::op::TEXT, payload_len);
+        buf.put_slice(PREFIX);
+        buf.put_slice(topic.as_bytes());
+        buf.put_slice(MIDDLE);
+        buf.put_slice(data);
+        buf.put_slice(SEQ);
+        buf.put_slice(seq);
+        buf.put_slice(SUFFIX);
+        Publication {
+            frame: buf.freeze(),
+            accepted_at,
+        }
+    }
+
+    /// A stream's `reset`: what followed the last delivered message, up to `seq` of
+    /// `epoch` (letters and digits), is lost,
+    /// `{"op":"reset","topic":…,"seq":N,"epoch":"…"}`.
+    pub fn reset(topic: &str, seq: u64, epoch: &str) -> Self {
+        let mut text = String::with_capacity(48 + topic.len() + epoch.len());
+        text.push_str("{\"op\":\"reset\",\"topic\":\"");
+        text.push_str(topic);
+        text.push_str("\",\"seq\":");
+        text.push_str(&seq.to_string());
+        text.push_str(",\"epoch\":");
+        text.push_str(&serde_json::to_string(epoch).expect("a string serializes"));
+        text.push('}');
+        Publication {
+            frame: frame::text(text.as_bytes()),
+            accepted_at: 0,
         }
     }
 
@@ -102,6 +148,20 @@ mod tests {
         let v: serde_json::Value = serde_json::from_str(payload(&p)).unwrap();
         assert_eq!(v["data"]["a"][1], 2);
         assert_eq!(p.accepted_at, 7);
+    }
+
+    #[test]
+    fn stream_messages_and_resets() {
+        let p = Publication::encode_seq("news", br#"{"a":1}"#, 7, 42);
+        assert_eq!(
+            payload(&p),
+            r#"{"op":"message","topic":"news","data":{"a":1},"seq":42}"#
+        );
+        let r = Publication::reset("news", 9, "x7f");
+        assert_eq!(
+            payload(&r),
+            r#"{"op":"reset","topic":"news","seq":9,"epoch":"x7f"}"#
+        );
     }
 
     #[test]

@@ -13,7 +13,7 @@ use subtle::ConstantTimeEq;
 use wsgate_fanout::{validate_topic, PublishError, Source};
 
 use crate::gateway::Gateway;
-use crate::protocol::json_string;
+use crate::protocol::{json_string, push_position};
 
 /// The response body type of every endpoint.
 pub type Body = Full<Bytes>;
@@ -163,8 +163,9 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
             )
         }
     };
-    let items: Vec<Item<'_>> = match text.trim_start().as_bytes().first() {
-        Some(b'[') => match serde_json::from_str(text) {
+    let batch = text.trim_start().starts_with('[');
+    let items: Vec<Item<'_>> = match batch {
+        true => match serde_json::from_str(text) {
             Ok(items) => items,
             Err(e) => {
                 return error(
@@ -174,7 +175,7 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
                 )
             }
         },
-        _ => match serde_json::from_str(text) {
+        false => match serde_json::from_str(text) {
             Ok(item) => vec![item],
             Err(e) => {
                 return error(
@@ -241,20 +242,42 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
         .collect();
     let mut published = 0usize;
     let mut failure = None;
-    for ack in acks {
-        match ack {
-            Ok(ack) => match ack.await {
-                Ok(()) => published += 1,
-                Err(e) => failure = Some(e.to_string()),
-            },
+    // Each item's answer: its position on a stream, nothing on a plain topic.
+    let mut results = String::from(",\"results\":[");
+    let mut single = String::new();
+    for (i, ack) in acks.into_iter().enumerate() {
+        let outcome = match ack {
+            Ok(ack) => ack.await.map_err(|e| e.to_string()),
             // Checked above; kept as a failure rather than a panic.
-            Err(e) => failure = Some(e.to_string()),
+            Err(e) => Err(e.to_string()),
+        };
+        match outcome {
+            Ok(position) => {
+                published += 1;
+                if i > 0 {
+                    results.push(',');
+                }
+                results.push('{');
+                if let Some(p) = &position {
+                    let mut fields = String::new();
+                    push_position(&mut fields, p);
+                    // The fields open with a comma: none is needed inside `{…}`.
+                    results.push_str(&fields[1..]);
+                    single = fields;
+                }
+                results.push('}');
+            }
+            Err(e) => failure = Some(e),
         }
     }
+    results.push(']');
     match failure {
         None => json(
             StatusCode::OK,
-            format!(r#"{{"ok":true,"published":{published}}}"#),
+            format!(
+                r#"{{"ok":true,"published":{published}{}}}"#,
+                if batch { &results } else { &single }
+            ),
         ),
         Some(e) => json(
             StatusCode::SERVICE_UNAVAILABLE,

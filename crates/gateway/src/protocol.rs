@@ -10,7 +10,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use wsgate_fanout::validate_topic;
+use wsgate_fanout::{validate_topic, Position};
 
 /// Largest integer a client id may be (2^53 − 1, exact in every JSON implementation).
 pub const MAX_ID: u64 = (1 << 53) - 1;
@@ -266,11 +266,19 @@ pub fn topics_reply(op: &str, id: Option<u64>, topics: &[Arc<str>]) -> String {
     s
 }
 
-/// `{"op":"published","id":…}`.
-pub fn published_reply(id: Option<u64>) -> String {
+/// `{"op":"published","id":…}`, with `"seq":…,"epoch":…` for a stream publication.
+pub fn published_reply(id: Option<u64>, position: Option<&Position>) -> String {
     let mut s = open("published", id);
+    if let Some(p) = position {
+        push_position(&mut s, p);
+    }
     s.push('}');
     s
+}
+
+/// `,"seq":N,"epoch":"…"`: a stream position as fields of an object being written.
+pub fn push_position(s: &mut String, p: &Position) {
+    let _ = write!(s, ",\"seq\":{},\"epoch\":{}", p.seq, json_string(&p.epoch));
 }
 
 /// `{"op":"pong","id":…}`.

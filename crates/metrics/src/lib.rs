@@ -138,6 +138,24 @@ pub struct Metrics {
     pub redis_cluster_shards: IntGauge,
     /// `wsgate_build_info{version}`: constant 1.
     pub build_info: IntGaugeVec,
+    /// `wsgate_stream_resumes_total{result}`: `subscribe` with `since`, by outcome
+    /// (`recovered`, `not_recovered`).
+    pub stream_resumes: IntCounterVec,
+    /// `wsgate_stream_gaps_total`: stream publications that arrived with earlier seqs
+    /// missing (each starts a repair from history).
+    pub stream_gaps: IntCounter,
+    /// `wsgate_stream_resets_total`: `reset`s sent to the local subscribers of a
+    /// stream (what history no longer had, or a new epoch).
+    pub stream_resets: IntCounter,
+    /// `wsgate_stream_duplicates_total`: stream publications dropped because their
+    /// seq was already delivered.
+    pub stream_duplicates: IntCounter,
+    /// `wsgate_stream_plain_publishes_total`: plain pub/sub messages on a stream's
+    /// channel (not publications of the stream: not delivered).
+    pub stream_plain_publishes: IntCounter,
+    /// `wsgate_history_bytes`: bytes of stream history kept in this process
+    /// (embedded mode).
+    pub history_bytes: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
@@ -365,6 +383,38 @@ impl Metrics {
                 "wsgate_build_info",
                 "Build information; constant 1.",
                 "version",
+            ),
+            stream_resumes: counter_vec(
+                r,
+                "wsgate_stream_resumes_total",
+                "Stream subscribes with `since`, by outcome.",
+                "result",
+                &["recovered", "not_recovered"],
+            ),
+            stream_gaps: counter(
+                r,
+                "wsgate_stream_gaps_total",
+                "Stream publications that arrived with earlier seqs missing (repaired from history).",
+            ),
+            stream_resets: counter(
+                r,
+                "wsgate_stream_resets_total",
+                "Stream resets sent to local subscribers (history lost, or a new epoch).",
+            ),
+            stream_duplicates: counter(
+                r,
+                "wsgate_stream_duplicates_total",
+                "Stream publications dropped because their seq was already delivered.",
+            ),
+            stream_plain_publishes: counter(
+                r,
+                "wsgate_stream_plain_publishes_total",
+                "Plain pub/sub messages on a stream's channel: not a publication of the stream, not delivered.",
+            ),
+            history_bytes: gauge(
+                r,
+                "wsgate_history_bytes",
+                "Bytes of stream history kept in this process (embedded mode).",
             ),
             registry,
         };

@@ -57,7 +57,7 @@ impl Client {
                 // The in-memory broker: answered (and counted) at once, nothing is
                 // queued.
                 return match result {
-                    Ok(()) => Ok(Some(protocol::published_reply(id))),
+                    Ok(pos) => Ok(Some(protocol::published_reply(id, pos.as_ref()))),
                     Err(e) => Err(CommandError::new(id, ErrorCode::Unavailable, e.to_string())),
                 };
             }

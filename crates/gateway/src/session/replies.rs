@@ -35,7 +35,7 @@ impl Replies {
                 Pending::Publish { id, ack } => {
                     // The ack counts the publication as it resolves.
                     let reply = match ack.await {
-                        Ok(()) => protocol::published_reply(id),
+                        Ok(pos) => protocol::published_reply(id, pos.as_ref()),
                         Err(e) => protocol::error_reply(&CommandError::new(
                             id,
                             ErrorCode::Unavailable,
