@@ -72,6 +72,13 @@ pub trait BrokerEvents: Send + Sync + 'static {
     /// Every topic with local subscribers (what to subscribe again after a broker
     /// reconnect). A snapshot: it may be stale by the time it is used.
     fn topics(&self) -> Vec<Arc<str>>;
+
+    /// The broker subscribed `topics` again after its connection was lost and is
+    /// confirmed: anything published meanwhile may have been missed. The node
+    /// catches its streams up from history (or says `reset`). Must not block.
+    fn resubscribed(&self, topics: &[Arc<str>]) {
+        let _ = topics;
+    }
 }
 
 /// The outcome of a broker operation: ready at once (the in-memory broker) or later

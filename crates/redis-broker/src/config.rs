@@ -8,7 +8,7 @@ use std::time::Duration;
 
 use clap::{Args, ValueEnum};
 use tracing::{info, warn};
-use wsgate_fanout::Node;
+use wsgate_fanout::{Namespaces, Node};
 use wsgate_metrics::Metrics;
 
 use crate::cluster::{ClusterBroker, ClusterOptions};
@@ -234,6 +234,19 @@ impl BrokerSetup {
     /// When the connection options cannot work (already checked by
     /// [`RedisArgs::broker`], so in practice never).
     pub fn node(self, metrics: Metrics, max_publication: usize) -> Result<Node, ConnectError> {
+        self.node_with(metrics, max_publication, Namespaces::default())
+    }
+
+    /// The node, with its topics made streams as `namespaces` say.
+    ///
+    /// # Errors
+    /// As [`BrokerSetup::node`].
+    pub fn node_with(
+        self,
+        metrics: Metrics,
+        max_publication: usize,
+        namespaces: Namespaces,
+    ) -> Result<Node, ConnectError> {
         match self {
             BrokerSetup::Cluster(mut options) => {
                 if options.seeds.iter().any(|s| s.contains("#insecure")) {
@@ -241,7 +254,7 @@ impl BrokerSetup {
                 }
                 options.metrics = Some(metrics.clone());
                 let prefix = options.prefix.clone();
-                let node = Node::new(metrics, max_publication, |events| {
+                let node = Node::with_namespaces(metrics, max_publication, namespaces, |events| {
                     ClusterBroker::start(options, events)
                 })?;
                 info!(%prefix, "redis cluster (sharded pub/sub) fan-out enabled");
@@ -253,7 +266,7 @@ impl BrokerSetup {
                 }
                 options.metrics = Some(metrics.clone());
                 let prefix = options.prefix.clone();
-                let node = Node::new(metrics, max_publication, |events| {
+                let node = Node::with_namespaces(metrics, max_publication, namespaces, |events| {
                     crate::RedisBroker::start(options, events)
                 })?;
                 info!(%prefix, "redis fan-out enabled");
