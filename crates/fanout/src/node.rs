@@ -101,6 +101,33 @@ struct Core {
     hasher: RandomState,
     /// The broker, for repairs (set once it is built; weak: the broker holds us).
     broker: OnceLock<Weak<dyn Broker>>,
+    /// Warns, at most every few seconds, of plain PUBLISHes to a stream's channel.
+    plain_on_stream: RateLimitedWarning,
+}
+
+/// A warning logged at most once per [`RateLimitedWarning::EVERY`]; the rest are only
+/// counted (in a metric, by the caller).
+struct RateLimitedWarning {
+    last: Mutex<Option<Instant>>,
+}
+
+impl RateLimitedWarning {
+    const EVERY: std::time::Duration = std::time::Duration::from_secs(10);
+
+    fn warn(&self, topic: &str) {
+        let now = Instant::now();
+        let mut last = self.last.lock();
+        if last.is_some_and(|t| now.duration_since(t) < Self::EVERY) {
+            return;
+        }
+        *last = Some(now);
+        tracing::warn!(
+            topic,
+            "a plain PUBLISH to a stream's channel is not delivered (it has no position): \
+             publish to streams with `FCALL wsgate_publish 1 <channel> <payload>` \
+             (see docs/publishing.md); counted in wsgate_stream_plain_publishes_total"
+        );
+    }
 }
 
 impl Core {
@@ -161,6 +188,39 @@ impl Core {
         });
     }
 
+    /// Reads where a stream is and repairs what this node missed up to there (after
+    /// its broker subscription came back from an outage).
+    async fn catch_up(self: &Arc<Self>, topic: Arc<str>) {
+        let Some(opts) = self.namespaces.stream(&topic).copied() else {
+            return;
+        };
+        let Some(broker) = self.broker.get().and_then(Weak::upgrade) else {
+            return;
+        };
+        let read = broker.history(&topic, &opts, HistoryQuery::Latest(0)).await;
+        let position = match read {
+            Ok(h) => h.position,
+            Err(e) => {
+                // The next publication shows the gap, and repairs it then.
+                tracing::debug!(%topic, error = %e, "stream position unreadable after a resubscribe");
+                return;
+            }
+        };
+        let repairs = {
+            let mut shard = self.streams[self.shard_of(&topic)].lock();
+            match shard.get_mut(&topic) {
+                Some(state) => {
+                    let actions = state.on_position(&position);
+                    self.run(&topic, actions)
+                }
+                None => Vec::new(),
+            }
+        };
+        for (after, upto) in repairs {
+            self.repair(topic.clone(), after, upto);
+        }
+    }
+
     fn repaired(self: &Arc<Self>, topic: Arc<str>, history: Option<History>) {
         let repairs = {
             let mut shard = self.streams[self.shard_of(&topic)].lock();
@@ -180,6 +240,13 @@ impl Core {
 
 impl BrokerEvents for Arc<Core> {
     fn publication(&self, topic: &str, data: &[u8], accepted_at: u64, origin: Origin) {
+        if self.namespaces.stream(topic).is_some() {
+            // A plain PUBLISH to a stream's channel: not a publication of the
+            // stream (it has no seq), so not delivered.
+            self.metrics.stream_plain_publishes.inc();
+            self.plain_on_stream.warn(topic);
+            return;
+        }
         if origin == Origin::Backend {
             // Gateway publications were counted where they were accepted.
             self.metrics.received.redis.inc();
@@ -199,6 +266,12 @@ impl BrokerEvents for Arc<Core> {
         if origin == Origin::Backend {
             self.metrics.received.redis.inc();
         }
+        if self.namespaces.stream(topic).is_none() {
+            // Numbered by a node configured otherwise: delivered, position and all.
+            let p = Publication::encode_seq(topic, &entry.data, entry.accepted_at, entry.seq);
+            self.hub.deliver(topic, &p);
+            return;
+        }
         let mut shard = self.streams[self.shard_of(topic)].lock();
         let Some((topic, _)) = shard.get_key_value(topic) else {
             return; // nobody here follows this stream
@@ -216,6 +289,27 @@ impl BrokerEvents for Arc<Core> {
         for (after, upto) in repairs {
             self.repair(topic.clone(), after, upto);
         }
+    }
+
+    fn resubscribed(&self, topics: &[Arc<str>]) {
+        let streams: Vec<Arc<str>> = topics
+            .iter()
+            .filter(|t| self.namespaces.stream(t).is_some())
+            .cloned()
+            .collect();
+        if streams.is_empty() {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        // On a task: the broker's report must not wait on reads of its own.
+        let core = self.clone();
+        rt.spawn(async move {
+            for topic in streams {
+                core.catch_up(topic).await;
+            }
+        });
     }
 
     fn has_subscribers(&self, topic: &str) -> bool {
@@ -288,6 +382,9 @@ impl Node {
             streams: (0..STREAM_SHARDS).map(|_| Mutex::default()).collect(),
             hasher: RandomState::new(),
             broker: OnceLock::new(),
+            plain_on_stream: RateLimitedWarning {
+                last: Mutex::new(None),
+            },
         });
         let events: Arc<dyn BrokerEvents> = Arc::new(core.clone());
         let broker: Arc<dyn Broker> = Arc::new(broker(events)?);
@@ -1214,6 +1311,49 @@ mod tests {
         let m = node.metrics();
         assert_eq!(m.stream_gaps.get(), 2);
         assert_eq!(m.stream_resets.get(), 1);
+    }
+
+    #[tokio::test]
+    async fn a_resubscribe_catches_streams_up_and_plain_publishes_on_streams_are_refused() {
+        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(100), |events| {
+            Ok::<_, ()>(Lossy {
+                history: crate::history::MemoryHistory::new(1 << 20),
+                events,
+                lose: Mutex::new(vec![3, 4]),
+            })
+        })
+        .unwrap();
+        let rec = Arc::new(Recorder::default());
+        let sub: Arc<dyn Subscriber> = rec.clone();
+        join(&node, 1, &sub, &[t("chat:1"), t("news")], &[]).await;
+        for i in 1..=4 {
+            publish_now(&node, "chat:1", &i.to_string());
+        }
+        assert_eq!(texts(&rec).len(), 2, "3 and 4 were lost in the relay");
+        node.core.resubscribed(&[t("chat:1"), t("news")]);
+        for _ in 0..20 {
+            tokio::task::yield_now().await;
+        }
+        let got = texts(&rec);
+        assert_eq!(got.len(), 4, "{got:?}");
+        assert!(got[2].ends_with(r#""data":3,"seq":3}"#), "{}", got[2]);
+        assert!(got[3].ends_with(r#""data":4,"seq":4}"#), "{}", got[3]);
+        // A plain relay message on a stream topic: counted, not delivered.
+        BrokerEvents::publication(&node.core, "chat:1", b"5", 1, Origin::Backend);
+        assert_eq!(texts(&rec).len(), 4);
+        assert_eq!(node.metrics().stream_plain_publishes.get(), 1);
+        // A numbered one on a plain topic (a node configured otherwise): delivered.
+        let entry = HistoryEntry {
+            seq: 7,
+            data: bytes::Bytes::from_static(b"1"),
+            accepted_at: 1,
+        };
+        node.core
+            .stream_publication("news", &Arc::from("e"), entry, Origin::Gateway);
+        assert_eq!(
+            texts(&rec)[4],
+            r#"{"op":"message","topic":"news","data":1,"seq":7}"#
+        );
     }
 
     #[tokio::test]

@@ -250,6 +250,9 @@ pub struct StreamState {
     epoch: Arc<str>,
     last: u64,
     held: BTreeMap<u64, Held>,
+    /// While repairing: the seq the stream was known to have reached (at least) when
+    /// the repair started; everything up to it must be delivered or reset.
+    target: u64,
     /// Sessions between their broker subscribe and their entry in the hub.
     pub joining: usize,
 }
@@ -261,6 +264,7 @@ impl Default for StreamState {
             epoch: Arc::from(""),
             last: 0,
             held: BTreeMap::new(),
+            target: 0,
             joining: 0,
         }
     }
@@ -315,6 +319,35 @@ impl StreamState {
         self.phase = Phase::Live;
     }
 
+    /// The stream was read at `at` (after the node's broker subscription came back
+    /// from an outage): publications up to it may have been missed, and are repaired
+    /// like a gap. A new epoch is announced.
+    pub fn on_position(&mut self, at: &Position) -> Vec<Action> {
+        if self.phase != Phase::Live {
+            // Starting (it reads the position anyway) or repairing (the repair
+            // delivers up to what it holds; later publications show any further gap).
+            return Vec::new();
+        }
+        let mut out = Vec::new();
+        if at.epoch != self.epoch {
+            self.epoch = at.epoch.clone();
+            self.last = 0;
+            out.push(Action::Reset {
+                seq: 0,
+                epoch: at.epoch.clone(),
+            });
+        }
+        if at.seq > self.last {
+            self.phase = Phase::Repairing;
+            self.target = at.seq;
+            out.push(Action::Repair {
+                after: self.last,
+                upto: at.seq,
+            });
+        }
+        out
+    }
+
     /// A publication arrived from the broker.
     pub fn on_publication(&mut self, epoch: &Arc<str>, entry: HistoryEntry) -> Vec<Action> {
         match self.phase {
@@ -345,6 +378,7 @@ impl StreamState {
             let upto = entry.seq - 1;
             self.hold(epoch, entry);
             self.phase = Phase::Repairing;
+            self.target = upto;
             return vec![
                 Action::Reset {
                     seq: 0,
@@ -363,6 +397,7 @@ impl StreamState {
         let (after, upto) = (self.last, entry.seq - 1);
         self.hold(epoch, entry);
         self.phase = Phase::Repairing;
+        self.target = upto;
         vec![Action::Repair { after, upto }]
     }
 
@@ -372,44 +407,49 @@ impl StreamState {
         if self.phase != Phase::Repairing {
             return Vec::new();
         }
-        let mut out = Vec::new();
-        let upto = self.held.first_key_value().map(|(s, _)| s - 1);
-        if let (Some(h), Some(upto)) = (history, upto) {
-            if h.position.epoch == self.epoch {
-                for e in &h.entries {
-                    if e.seq <= self.last || e.seq > upto {
-                        continue;
-                    }
-                    if e.seq > self.last + 1 {
-                        // Trimmed from the history before it could be read: say so.
-                        out.push(Action::Reset {
-                            seq: e.seq - 1,
-                            epoch: self.epoch.clone(),
-                        });
-                    }
-                    self.last = e.seq;
-                    out.push(Action::Deliver(e.clone()));
-                }
+        self.phase = Phase::Live;
+        // What the history has of this epoch and what was held meanwhile, in seq
+        // order; publications of another epoch (held after a restart) come last.
+        let mut run: BTreeMap<u64, HistoryEntry> = BTreeMap::new();
+        let mut other_epochs = Vec::new();
+        if let Some(h) = history.filter(|h| h.position.epoch == self.epoch) {
+            for e in &h.entries {
+                run.insert(e.seq, e.clone());
             }
         }
-        self.phase = Phase::Live;
         for h in std::mem::take(&mut self.held).into_values() {
-            if h.epoch != self.epoch {
-                out.extend(self.live(&h.epoch, h.entry));
+            if h.epoch == self.epoch {
+                run.insert(h.entry.seq, h.entry);
+            } else {
+                other_epochs.push(h);
+            }
+        }
+        let mut out = Vec::new();
+        for (seq, entry) in run {
+            if seq <= self.last {
                 continue;
             }
-            if h.entry.seq <= self.last {
-                continue;
-            }
-            if h.entry.seq > self.last + 1 {
-                // Still missing: gone from the history (or it could not be read).
+            if seq > self.last + 1 {
+                // Gone from the history (trimmed, or it could not be read): say so.
                 out.push(Action::Reset {
-                    seq: h.entry.seq - 1,
+                    seq: seq - 1,
                     epoch: self.epoch.clone(),
                 });
             }
-            self.last = h.entry.seq;
-            out.push(Action::Deliver(h.entry));
+            self.last = seq;
+            out.push(Action::Deliver(entry));
+        }
+        if self.last < self.target {
+            // The stream was known to be further on than anything found.
+            out.push(Action::Reset {
+                seq: self.target,
+                epoch: self.epoch.clone(),
+            });
+            self.last = self.target;
+        }
+        for h in other_epochs {
+            // Held again if a new epoch's start must be repaired first.
+            out.extend(self.on_publication(&h.epoch, h.entry));
         }
         out
     }
@@ -568,6 +608,66 @@ mod tests {
         let actions = s.on_publication(&new, e(1));
         assert_eq!(delivered(&actions), vec![1]);
         assert!(matches!(actions[0], Action::Reset { seq: 0, .. }));
+    }
+
+    #[test]
+    fn a_position_read_after_an_outage_repairs_what_was_missed() {
+        let ep: Arc<str> = Arc::from("e");
+        let mut s = live_at(5, "e");
+        assert!(s.on_position(&pos(5, "e")).is_empty(), "nothing missed");
+        assert_eq!(
+            s.on_position(&pos(9, "e")),
+            vec![Action::Repair { after: 5, upto: 9 }]
+        );
+        // A publication in flight is held; the history has 6..9 (and 10).
+        assert!(s.on_publication(&ep, e(10)).is_empty());
+        let h = History {
+            position: pos(10, "e"),
+            first: 1,
+            entries: vec![e(6), e(7), e(8), e(9), e(10)],
+        };
+        assert_eq!(delivered(&s.on_repair(Some(&h))), vec![6, 7, 8, 9, 10]);
+        assert_eq!(s.position(), pos(10, "e"));
+        // Unreadable history: everything up to the known position is reset, once.
+        s.on_position(&pos(14, "e"));
+        assert!(s.on_publication(&ep, e(12)).is_empty());
+        let actions = s.on_repair(None);
+        assert_eq!(
+            actions,
+            vec![
+                Action::Reset {
+                    seq: 11,
+                    epoch: ep.clone()
+                },
+                Action::Deliver(e(12)),
+                Action::Reset {
+                    seq: 14,
+                    epoch: ep.clone()
+                },
+            ]
+        );
+        assert_eq!(delivered(&s.on_publication(&ep, e(15))), vec![15]);
+        // A new epoch (Redis lost its data): announced, its start repaired.
+        let actions = s.on_position(&pos(2, "f"));
+        assert_eq!(
+            actions,
+            vec![
+                Action::Reset {
+                    seq: 0,
+                    epoch: Arc::from("f")
+                },
+                Action::Repair { after: 0, upto: 2 }
+            ]
+        );
+        let h = History {
+            position: pos(2, "f"),
+            first: 1,
+            entries: vec![e(1), e(2)],
+        };
+        assert_eq!(delivered(&s.on_repair(Some(&h))), vec![1, 2]);
+        // A fresh epoch with nothing in it: only the reset.
+        assert_eq!(s.on_position(&pos(0, "g")).len(), 1);
+        assert_eq!(s.position(), pos(0, "g"));
     }
 
     #[test]
