@@ -9,8 +9,10 @@ use http_body_util::{BodyExt, Full, Limited};
 use hyper::body::Incoming;
 use serde::Deserialize;
 use serde_json::value::RawValue;
+use std::fmt::Write as _;
 use subtle::ConstantTimeEq;
-use wsgate_fanout::{validate_topic, PublishError, Source};
+
+use wsgate_fanout::{validate_topic, HistoryError, HistoryQuery, PublishError, Source};
 
 use crate::gateway::Gateway;
 use crate::protocol::{json_string, push_position};
@@ -111,8 +113,9 @@ fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
     given.ct_eq(key.as_bytes()).into()
 }
 
-/// `POST /api/publish` with `{"topic":…,"data":…}` or an array of them.
-pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+/// What every `POST /api/*` endpoint checks first: the method, the API key, the body
+/// size; answers the body, or the refusal to send.
+async fn api_body(gw: &Gateway, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     if req.method() != Method::POST {
         let mut r = error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -121,9 +124,9 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
         );
         r.headers_mut()
             .insert(header::ALLOW, "POST".parse().expect("valid header"));
-        return r;
+        return Err(r);
     }
-    if !authorized(&gw, &req) {
+    if !authorized(gw, &req) {
         let mut r = error(
             StatusCode::UNAUTHORIZED,
             "unauthorized",
@@ -133,25 +136,29 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
             header::WWW_AUTHENTICATE,
             "Bearer".parse().expect("valid header"),
         );
-        return r;
+        return Err(r);
     }
     let max_body = gw.config.http_max_body;
-    let body = match Limited::new(req.into_body(), max_body).collect().await {
-        Ok(b) => b.to_bytes(),
-        Err(e) if e.is::<http_body_util::LengthLimitError>() => {
-            return error(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "payload_too_large",
-                &format!("the body is over {max_body} bytes"),
-            )
-        }
-        Err(_) => {
-            return error(
-                StatusCode::BAD_REQUEST,
-                "bad_request",
-                "could not read the body",
-            )
-        }
+    match Limited::new(req.into_body(), max_body).collect().await {
+        Ok(b) => Ok(b.to_bytes()),
+        Err(e) if e.is::<http_body_util::LengthLimitError>() => Err(error(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "payload_too_large",
+            &format!("the body is over {max_body} bytes"),
+        )),
+        Err(_) => Err(error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            "could not read the body",
+        )),
+    }
+}
+
+/// `POST /api/publish` with `{"topic":…,"data":…}` or an array of them.
+pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+    let body = match api_body(&gw, req).await {
+        Ok(b) => b,
+        Err(refusal) => return refusal,
     };
     let text = match std::str::from_utf8(&body) {
         Ok(t) => t,
@@ -245,6 +252,7 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
     // Each item's answer: its position on a stream, nothing on a plain topic.
     let mut results = String::from(",\"results\":[");
     let mut single = String::new();
+    let mut any_stream = false;
     for (i, ack) in acks.into_iter().enumerate() {
         let outcome = match ack {
             Ok(ack) => ack.await.map_err(|e| e.to_string()),
@@ -259,6 +267,7 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
                 }
                 results.push('{');
                 if let Some(p) = &position {
+                    any_stream = true;
                     let mut fields = String::new();
                     push_position(&mut fields, p);
                     // The fields open with a comma: none is needed inside `{…}`.
@@ -276,7 +285,14 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
             StatusCode::OK,
             format!(
                 r#"{{"ok":true,"published":{published}{}}}"#,
-                if batch { &results } else { &single }
+                // A batch of plain topics is answered exactly as in v1.
+                if !batch {
+                    &single
+                } else if any_stream {
+                    &results
+                } else {
+                    ""
+                }
             ),
         ),
         Some(e) => json(
@@ -287,4 +303,110 @@ pub async fn publish(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body>
             ),
         ),
     }
+}
+
+/// Default and largest `limit` of `POST /api/history` (docs/protocol.md).
+pub const HISTORY_LIMIT_DEFAULT: usize = 100;
+/// Largest `limit` of `POST /api/history`; a larger one is capped (a client pages on
+/// with `since`).
+pub const HISTORY_LIMIT_MAX: usize = 1000;
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistoryRequest {
+    topic: String,
+    #[serde(default)]
+    since: Option<HistorySince>,
+    #[serde(default)]
+    limit: Option<u64>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HistorySince {
+    seq: u64,
+    epoch: String,
+}
+
+/// `POST /api/history` with `{"topic":…}`, optionally `since` and `limit`: a stream's
+/// newest publications, or those after a position (docs/protocol.md, "Streams").
+pub async fn history(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+    let body = match api_body(&gw, req).await {
+        Ok(b) => b,
+        Err(refusal) => return refusal,
+    };
+    let request: HistoryRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "bad_request",
+                &format!(
+                    "expected {{\"topic\": string, \"since\"?: {{\"seq\": integer >= 0, \"epoch\": string}}, \"limit\"?: integer >= 0}}: {e}"
+                ),
+            )
+        }
+    };
+    let limit = request
+        .limit
+        .map_or(HISTORY_LIMIT_DEFAULT, |l| {
+            usize::try_from(l).unwrap_or(usize::MAX)
+        })
+        .min(HISTORY_LIMIT_MAX);
+    let query = match &request.since {
+        None => HistoryQuery::Latest(limit),
+        Some(s) => HistoryQuery::After { seq: s.seq, limit },
+    };
+    let read = match gw.node.history(&request.topic, query).await {
+        Ok(h) => h,
+        Err(HistoryError::InvalidTopic(e)) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                "invalid_topic",
+                &format!("invalid topic: {e}"),
+            )
+        }
+        Err(e @ HistoryError::NotAStream(_)) => {
+            return error(StatusCode::BAD_REQUEST, "not_a_stream", &e.to_string())
+        }
+        Err(HistoryError::Broker(e)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            )
+        }
+    };
+    let recovered = request.since.as_ref().map(|s| read.covers(s.seq, &s.epoch));
+    let mut out = String::with_capacity(
+        96 + read
+            .entries
+            .iter()
+            .map(|e| e.data.len() + 24)
+            .sum::<usize>(),
+    );
+    let _ = write!(
+        out,
+        r#"{{"topic":{},"epoch":{},"seq":{}"#,
+        json_string(&request.topic),
+        json_string(&read.position.epoch),
+        read.position.seq
+    );
+    if let Some(r) = recovered {
+        let _ = write!(out, r#","recovered":{r}"#);
+    }
+    out.push_str(r#","messages":["#);
+    if recovered != Some(false) {
+        for (i, e) in read.entries.iter().enumerate() {
+            if i > 0 {
+                out.push(',');
+            }
+            let _ = write!(out, r#"{{"seq":{},"data":"#, e.seq);
+            // Kept as valid JSON: spliced, not re-serialized.
+            out.push_str(&String::from_utf8_lossy(&e.data));
+            out.push('}');
+        }
+    }
+    out.push_str("]}");
+    json(StatusCode::OK, out)
 }

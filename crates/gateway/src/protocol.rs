@@ -5,12 +5,13 @@
 //! re-serialized. Replies are small and formatted by hand.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::fmt::Write as _;
 use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use wsgate_fanout::{validate_topic, Position};
+use wsgate_fanout::{validate_topic, Position, StreamStart};
 
 /// Largest integer a client id may be (2^53 − 1, exact in every JSON implementation).
 pub const MAX_ID: u64 = (1 << 53) - 1;
@@ -70,6 +71,8 @@ pub enum Command<'a> {
     Subscribe {
         id: Option<u64>,
         topics: Vec<Arc<str>>,
+        /// Where the client was in each stream it resumes (`since`).
+        since: Since,
     },
     Unsubscribe {
         id: Option<u64>,
@@ -119,6 +122,68 @@ struct Envelope<'a> {
     data: Option<&'a RawValue>,
     #[serde(borrow, default, deserialize_with = "present")]
     token: Option<&'a RawValue>,
+    #[serde(borrow, default, deserialize_with = "present")]
+    since: Option<&'a RawValue>,
+}
+
+/// A `subscribe`'s `since`: topic → the position the client last saw.
+pub type Since = HashMap<Arc<str>, Position>;
+
+/// Largest seq a client may name: the largest integer every JSON implementation holds
+/// exactly (as for ids).
+pub const MAX_SEQ: u64 = MAX_ID;
+
+/// One `since` entry, exactly `{"seq": integer ≥ 0, "epoch": string}`.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct SinceEntry<'a> {
+    seq: u64,
+    #[serde(borrow)]
+    epoch: Cow<'a, str>,
+}
+
+/// Parses `since` (absent or `null`: empty). Entries for topics the command does not
+/// name are dropped here (the contract ignores them); the node ignores entries for
+/// topics that are not streams.
+fn parse_since(
+    id: Option<u64>,
+    raw: Option<&RawValue>,
+    topics: &[Arc<str>],
+) -> Result<Since, CommandError> {
+    const SHAPE: &str = "`since` must be an object of {\"seq\": integer >= 0, \"epoch\": string}";
+    let Some(raw) = raw.filter(|r| r.get() != "null") else {
+        return Ok(Since::new());
+    };
+    let entries: HashMap<Cow<'_, str>, &RawValue> =
+        serde_json::from_str(raw.get()).map_err(|_| bad(id, SHAPE))?;
+    let mut since = Since::new();
+    for (topic, entry) in entries {
+        let entry: SinceEntry<'_> = serde_json::from_str(entry.get()).map_err(|_| {
+            bad(
+                id,
+                format!("`since` entry for {}: {SHAPE}", json_string(&topic)),
+            )
+        })?;
+        if entry.seq > MAX_SEQ {
+            return Err(bad(
+                id,
+                format!(
+                    "`since` entry for {}: seq must be at most 2^53-1",
+                    json_string(&topic)
+                ),
+            ));
+        }
+        if let Some(t) = topics.iter().find(|t| ***t == *topic) {
+            since.insert(
+                t.clone(),
+                Position {
+                    seq: entry.seq,
+                    epoch: Arc::from(entry.epoch.as_ref()),
+                },
+            );
+        }
+    }
+    Ok(since)
 }
 
 /// `Some` for any present value, `null` included.
@@ -201,10 +266,11 @@ pub fn decode(text: &str) -> Result<Command<'_>, CommandError> {
         None => return Err(bad(id, "`op` is required")),
     };
     match op.as_ref() {
-        "subscribe" => Ok(Command::Subscribe {
-            id,
-            topics: parse_topics(id, env.topics)?,
-        }),
+        "subscribe" => {
+            let topics = parse_topics(id, env.topics)?;
+            let since = parse_since(id, env.since, &topics)?;
+            Ok(Command::Subscribe { id, topics, since })
+        }
         "unsubscribe" => Ok(Command::Unsubscribe {
             id,
             topics: parse_topics(id, env.topics)?,
@@ -263,6 +329,33 @@ pub fn topics_reply(op: &str, id: Option<u64>, topics: &[Arc<str>]) -> String {
         s.push('"');
     }
     s.push_str("]}");
+    s
+}
+
+/// `{"op":"subscribed","id":…,"topics":[…],"streams":{…}}`: where each stream among
+/// the topics starts (`streams` only when there is one).
+pub fn subscribed_reply(id: Option<u64>, topics: &[Arc<str>], starts: &[StreamStart]) -> String {
+    let mut s = topics_reply("subscribed", id, topics);
+    if starts.is_empty() {
+        return s;
+    }
+    s.pop(); // the closing brace
+    s.push_str(",\"streams\":{");
+    for (i, start) in starts.iter().enumerate() {
+        if i > 0 {
+            s.push(',');
+        }
+        // Validated topics need no escaping.
+        let _ = write!(s, "\"{}\":{{", start.topic);
+        let mut fields = String::new();
+        push_position(&mut fields, &start.position);
+        s.push_str(&fields[1..]);
+        if let Some(r) = start.recovered {
+            let _ = write!(s, ",\"recovered\":{r}");
+        }
+        s.push('}');
+    }
+    s.push_str("}}");
     s
 }
 
@@ -335,7 +428,8 @@ mod tests {
     #[test]
     fn decodes_every_op() {
         match decode(r#"{"op":"subscribe","id":1,"topics":["news","prices.AAPL"]}"#).unwrap() {
-            Command::Subscribe { id, topics } => {
+            Command::Subscribe { id, topics, since } => {
+                assert!(since.is_empty());
                 assert_eq!(id, Some(1));
                 assert_eq!(topics, vec![Arc::from("news"), Arc::from("prices.AAPL")]);
             }
@@ -423,6 +517,96 @@ mod tests {
         );
     }
 
+    fn since_of(text: &str) -> Since {
+        match decode(text).unwrap() {
+            Command::Subscribe { since, .. } => since,
+            c => panic!("{c:?}"),
+        }
+    }
+
+    #[test]
+    fn since_positions_and_their_refusals() {
+        let since = since_of(
+            r#"{"op":"subscribe","topics":["news","chat"],"since":{"news":{"seq":37,"epoch":"x7f"},"other":{"seq":1,"epoch":"e"}}}"#,
+        );
+        assert_eq!(
+            since.len(),
+            1,
+            "an entry for a topic not subscribed is ignored"
+        );
+        assert_eq!(since[&Arc::from("news")].seq, 37);
+        assert_eq!(&*since[&Arc::from("news")].epoch, "x7f");
+        assert!(since_of(r#"{"op":"subscribe","topics":["a"],"since":null}"#).is_empty());
+        assert!(since_of(r#"{"op":"subscribe","topics":["a"],"since":{}}"#).is_empty());
+        let max = format!(
+            r#"{{"op":"subscribe","topics":["a"],"since":{{"a":{{"seq":{MAX_SEQ},"epoch":""}}}}}}"#
+        );
+        assert_eq!(since_of(&max)[&Arc::from("a")].seq, MAX_SEQ);
+        for bad_since in [
+            r#"[]"#,
+            r#""a""#,
+            r#"{"a":1}"#,
+            r#"{"a":{"seq":-1,"epoch":"e"}}"#,
+            r#"{"a":{"seq":1.5,"epoch":"e"}}"#,
+            r#"{"a":{"seq":"1","epoch":"e"}}"#,
+            r#"{"a":{"seq":9007199254740992,"epoch":"e"}}"#,
+            r#"{"a":{"seq":99999999999999999999999,"epoch":"e"}}"#,
+            r#"{"a":{"seq":1,"epoch":5}}"#,
+            r#"{"a":{"seq":1}}"#,
+            r#"{"a":{"epoch":"e"}}"#,
+            r#"{"a":{"seq":1,"epoch":"e","x":1}}"#,
+            r#"{"zzz":{"seq":1}}"#,
+        ] {
+            let e = err(&format!(
+                r#"{{"op":"subscribe","id":9,"topics":["a"],"since":{bad_since}}}"#
+            ));
+            assert_eq!(
+                (e.code, e.id),
+                (ErrorCode::BadRequest, Some(9)),
+                "{bad_since}"
+            );
+        }
+    }
+
+    #[test]
+    fn subscribed_replies_report_stream_positions() {
+        let topics = [Arc::from("news"), Arc::from("chat")];
+        assert_eq!(
+            subscribed_reply(Some(1), &topics, &[]),
+            r#"{"op":"subscribed","id":1,"topics":["news","chat"]}"#
+        );
+        let start = |seq, recovered| StreamStart {
+            topic: Arc::from("news"),
+            position: Position {
+                seq,
+                epoch: Arc::from("x7f"),
+            },
+            recovered,
+        };
+        let reply = subscribed_reply(None, &topics, &[start(41, Some(true))]);
+        assert_eq!(
+            reply,
+            r#"{"op":"subscribed","topics":["news","chat"],"streams":{"news":{"seq":41,"epoch":"x7f","recovered":true}}}"#
+        );
+        let v: Value = serde_json::from_str(&subscribed_reply(
+            Some(2),
+            &topics,
+            &[start(0, None), start(3, Some(false))],
+        ))
+        .unwrap();
+        assert_eq!(v["streams"]["news"]["recovered"], json!(false));
+        assert_eq!(
+            published_reply(
+                Some(3),
+                Some(&Position {
+                    seq: 42,
+                    epoch: Arc::from("x7f")
+                })
+            ),
+            r#"{"op":"published","id":3,"seq":42,"epoch":"x7f"}"#
+        );
+    }
+
     #[test]
     fn refresh() {
         match decode(r#"{"op":"refresh","id":9,"token":"a.b.c"}"#).unwrap() {
@@ -444,7 +628,7 @@ mod tests {
         let topics = [Arc::from("a"), Arc::from("b.c")];
         let v: Value = serde_json::from_str(&topics_reply("subscribed", Some(1), &topics)).unwrap();
         assert_eq!(v, json!({"op":"subscribed","id":1,"topics":["a","b.c"]}));
-        let v: Value = serde_json::from_str(&published_reply(None)).unwrap();
+        let v: Value = serde_json::from_str(&published_reply(None, None)).unwrap();
         assert_eq!(v, json!({"op":"published"}));
         let v: Value = serde_json::from_str(&pong_reply(Some(4))).unwrap();
         assert_eq!(v, json!({"op":"pong","id":4}));

@@ -245,6 +245,7 @@ fn route_name(path: &str) -> &'static str {
     match path {
         "/ws" => "/ws",
         "/api/publish" => "/api/publish",
+        "/api/history" => "/api/history",
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
@@ -306,6 +307,7 @@ async fn route_inner(
         (_, "/ws") if public => upgrade(gw, req, peer, Mode::PubSub),
         (_, "/echo") if public && gw.config.echo => upgrade(gw, req, peer, Mode::Echo),
         (_, "/api/publish") if public => http_api::publish(gw, req).await,
+        (_, "/api/history") if public => http_api::history(gw, req).await,
         (&Method::GET, "/wsgate.js") if public => crate::assets::client_js(),
         (&Method::GET, "/") if public && gw.config.demo => crate::assets::page(),
         (&Method::GET, "/healthz") if admin => http_api::healthz(),

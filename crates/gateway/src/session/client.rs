@@ -150,7 +150,13 @@ impl Client {
             return true;
         }
         let reply = match command {
-            Command::Subscribe { id, topics } => self.subscribe(id, topics).await,
+            Command::Subscribe { id, topics, since } => {
+                match self.subscribe(id, topics, since).await {
+                    Ok(Some(reply)) => Ok(reply),
+                    Ok(None) => return true,
+                    Err(e) => Err(e),
+                }
+            }
             Command::Unsubscribe { id, topics } => Ok(self.unsubscribe(id, topics)),
             Command::Publish { id, topic, data } => {
                 match self.publish(id, &topic, data.get().as_bytes()).await {

@@ -16,6 +16,9 @@ pub(super) enum Pending {
     Publish { id: Option<u64>, ack: PublishAck },
     /// Any other reply, made after such a publication.
     Ready(Bytes),
+    /// Answered once everything before it has been queued to the client (a reply
+    /// that must be queued at an exact point, before a stream's replay, waits for it).
+    Barrier(tokio::sync::oneshot::Sender<()>),
 }
 
 /// A session's publication replies, in command order: one task per connection that
@@ -32,6 +35,10 @@ impl Replies {
         while let Some(p) = self.rx.recv().await {
             let frame = match p {
                 Pending::Ready(frame) => frame,
+                Pending::Barrier(done) => {
+                    let _ = done.send(());
+                    continue;
+                }
                 Pending::Publish { id, ack } => {
                     // The ack counts the publication as it resolves.
                     let reply = match ack.await {
@@ -123,7 +130,7 @@ mod tests {
         task.await.unwrap();
         let got = texts(&outbox);
         assert_eq!(got.len(), 3, "{got:?}");
-        assert_eq!(got[0], protocol::published_reply(Some(1)));
+        assert_eq!(got[0], protocol::published_reply(Some(1), None));
         assert_eq!(got[1], "{\"op\":\"pong\",\"id\":2}");
         assert!(
             got[2].contains("\"id\":3") && got[2].contains("unavailable"),
