@@ -149,6 +149,26 @@ pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
     })
 }
 
+/// One line per namespace, for `wsgate check-config` and the start log:
+/// `chat: chat:*, dm:* → stream (history 1000 messages, 10m)`.
+pub fn describe(namespaces: &Namespaces) -> Vec<String> {
+    namespaces
+        .iter()
+        .map(|ns| {
+            let topics: Vec<String> = ns.topics.iter().map(Pattern::as_string).collect();
+            let what = match &ns.stream {
+                Some(s) => format!(
+                    "stream (history {} messages, {})",
+                    s.history_size,
+                    humantime::format_duration(s.history_ttl)
+                ),
+                None => "plain".to_string(),
+            };
+            format!("{}: {} → {what}", ns.name, topics.join(", "))
+        })
+        .collect()
+}
+
 fn history_size(size: &Spanned<i64>) -> Result<usize, String> {
     let n = *size.get_ref();
     match u64::try_from(n) {
@@ -220,6 +240,14 @@ mod tests {
             Duration::from_secs(1)
         );
         assert!(ns.stream("news").is_none(), "no namespace: plain");
+        assert_eq!(
+            describe(&ns),
+            [
+                "chat: chat:*, dm:* → stream (history 1000 messages, 10m)",
+                "lobby: chat:lobby → plain",
+                "feed: feed → stream (history 1 messages, 1s)",
+            ]
+        );
     }
 
     #[test]
