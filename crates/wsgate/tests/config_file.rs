@@ -261,3 +261,23 @@ async fn namespaces_in_the_file_make_their_topics_streams() {
         .await;
     assert!(r.get("seq").is_none(), "{r}");
 }
+
+#[test]
+fn the_readme_table_lists_every_flag_of_help() {
+    let out = run(&["--help"], &[]);
+    let help = String::from_utf8_lossy(&out.stdout);
+    let readme =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../README.md")).unwrap();
+    let flags: Vec<&str> = help
+        .lines()
+        .filter_map(|l| l.trim_start().strip_prefix("--"))
+        .filter_map(|l| l.split([' ', '<']).next())
+        .filter(|f| !matches!(*f, "help" | "version"))
+        .collect();
+    assert!(flags.len() > 40, "{flags:?}");
+    let missing: Vec<_> = flags
+        .iter()
+        .filter(|f| !readme.contains(&format!("`--{f}`")))
+        .collect();
+    assert!(missing.is_empty(), "README.md lacks {missing:?}");
+}
