@@ -157,7 +157,7 @@ fn rand_byte() -> u8 {
 }
 
 /// What the check of one client's events found.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Verdict {
     /// Where the client ended.
     end: Option<(u64, String)>,
@@ -171,6 +171,24 @@ struct Verdict {
     recovered: u64,
     reconnects: u64,
     close_codes: Vec<Option<u16>>,
+    /// What each announced loss was announced after.
+    notes: Vec<String>,
+}
+
+impl std::fmt::Debug for Verdict {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Verdict")
+            .field("end", &self.end)
+            .field("delivered", &self.delivered)
+            .field("announced_lost", &self.announced_lost)
+            .field("resets", &self.resets)
+            .field("not_recovered", &self.not_recovered)
+            .field("recovered", &self.recovered)
+            .field("reconnects", &self.reconnects)
+            .field("close_codes", &self.close_codes)
+            .field("notes", &self.notes)
+            .finish()
+    }
 }
 
 /// Walks a client's events: every message must be the next seq of the epoch it is in;
@@ -195,6 +213,7 @@ fn check(events: &[Event]) -> Result<Verdict, String> {
                 (recovered, _) => {
                     if *recovered == Some(false) {
                         v.not_recovered += 1;
+                        v.notes.push(format!("not recovered from {at:?}: {e:?}"));
                         if let Some((last, ep)) = &at {
                             if ep == epoch {
                                 v.announced_lost += seq.saturating_sub(*last);
@@ -231,6 +250,7 @@ fn check(events: &[Event]) -> Result<Verdict, String> {
             }
             Event::Reset { seq, epoch } => {
                 v.resets += 1;
+                v.notes.push(format!("reset after {at:?}: {e:?}"));
                 if let Some((last, ep)) = &at {
                     if ep == epoch {
                         if seq < last {
@@ -301,7 +321,10 @@ struct Run {
     urls: Urls,
     /// Main listeners, one per node slot, for the publisher.
     addrs: Arc<Mutex<Vec<SocketAddr>>>,
+    /// Ends the clients' loops.
     stop: Arc<AtomicBool>,
+    /// Ends the publisher's loop.
+    stop_publishing: Arc<AtomicBool>,
     until: Instant,
     clients: Vec<(Events, tokio::task::JoinHandle<()>)>,
     publisher: Option<tokio::task::JoinHandle<()>>,
@@ -329,6 +352,7 @@ impl Run {
             urls,
             addrs,
             stop: Arc::new(AtomicBool::new(false)),
+            stop_publishing: Arc::new(AtomicBool::new(false)),
             until: Instant::now() + limit,
             clients: Vec::new(),
             publisher: None,
@@ -347,7 +371,7 @@ impl Run {
         }
         let (addrs, stop, until, published) = (
             run.addrs.clone(),
-            run.stop.clone(),
+            run.stop_publishing.clone(),
             run.until,
             run.published.clone(),
         );
@@ -446,6 +470,16 @@ impl Run {
             }
         };
         self.stop.store(true, Ordering::Relaxed);
+        if !settled {
+            for (i, n) in self.nodes.iter().enumerate() {
+                let logs = n.logs();
+                if let Ok(dir) = std::env::var("WSGATE_TEST_LOG_DIR") {
+                    let _ = std::fs::write(format!("{dir}/node-{i}.log"), &logs);
+                }
+                let tail: Vec<&str> = logs.lines().rev().take(40).collect();
+                eprintln!("node {i} log (newest first):\n{}", tail.join("\n"));
+            }
+        }
         let history = self.history(&end);
         let mut verdicts = Vec::new();
         for (i, (events, task)) in self.clients.drain(..).enumerate() {
@@ -473,14 +507,13 @@ impl Run {
     }
 
     async fn stop_publisher(&mut self) {
-        self.stop.store(true, Ordering::Relaxed);
+        self.stop_publishing.store(true, Ordering::Relaxed);
         if let Some(p) = self.publisher.take() {
             tokio::time::timeout(WAIT, p)
                 .await
                 .expect("the publisher stops")
                 .unwrap();
         }
-        self.stop.store(false, Ordering::Relaxed);
     }
 
     /// The stream's position, asked of a ready node.
