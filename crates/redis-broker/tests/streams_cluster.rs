@@ -29,6 +29,7 @@ fn options(cluster: &RedisCluster) -> ClusterOptions {
         unsubscribe_delay: Duration::ZERO,
         hash_tag_separator: Some(b'.'),
         metrics: None,
+        install_functions: true,
     }
 }
 
@@ -197,6 +198,7 @@ async fn streams_across_three_shards() {
         killed
     };
     assert_ne!(killed.trim(), "0", "killed something");
+
     assert!(
         eventually(WAIT, || ea
             .resubscribed()
