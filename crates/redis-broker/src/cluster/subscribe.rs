@@ -16,10 +16,13 @@
 //!   * the server dropped (a `sunsubscribe` nobody asked for: the slot moved),
 //!   * was held on another primary than the one now owning its slot (failover,
 //!     resharding),
-//!   * belongs to a shard that was down and is back (a restart, a long outage).
+//!   * belongs to a shard that was down and is back (a restart, a long outage),
+//!   * or any topic at all after a lost connection, once every shard is up: the client
+//!     re-establishes a connection by itself but does not subscribe its shard
+//!     channels again (seen with `CLIENT KILL`).
 //!
-//!   The client resubscribes a connection it re-established by itself as well; the
-//!   commands are idempotent, so the two never conflict.
+//!   The commands are idempotent. Topics subscribed again are reported to the node
+//!   ([`BrokerEvents::resubscribed`]), which catches their streams up from history.
 //!
 //! The *reader* task takes the pushes the client forwards: `smessage`s go straight to
 //! the node ([`deliver`]: non-blocking, so Redis is drained as fast as it writes);
