@@ -691,3 +691,36 @@ async fn redis_restarted_without_persistence_is_announced_never_silent() {
         );
     }
 }
+
+/// What an asynchronous-replication failover does to a stream: the new master lacks
+/// the last acknowledged publications, so the stream's seq is behind what nodes
+/// delivered. Simulated on one Redis by moving the seq back, then cutting the nodes'
+/// pub/sub connections (as a failover does): the nodes find the stream behind them and
+/// have it restarted in a new epoch, announced — never re-used seqs delivered as
+/// duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_went_back_is_restarted_and_announced() {
+    let run = Run::start(Redis::start(), 3, 9, 100, Duration::from_secs(60));
+    run.wait_published(150).await;
+    let before = run.position();
+    let mut conn = run.redis.conn();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{{wsgate:{TOPIC}}}:stream"))
+        .arg("seq")
+        .arg(before.0.saturating_sub(100))
+        .query(&mut conn)
+        .unwrap();
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .unwrap();
+    run.wait_published(100).await;
+    let verdicts = run.finish().await;
+    let end = verdicts[0].end.clone().unwrap();
+    assert_ne!(end.1, before.1, "the numbering restarted in a new epoch");
+    for (i, v) in verdicts.iter().enumerate() {
+        assert!(v.resets >= 1, "client {i} was told: {v:?}");
+    }
+}
