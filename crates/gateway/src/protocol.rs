@@ -444,7 +444,7 @@ mod tests {
         let topics = [Arc::from("a"), Arc::from("b.c")];
         let v: Value = serde_json::from_str(&topics_reply("subscribed", Some(1), &topics)).unwrap();
         assert_eq!(v, json!({"op":"subscribed","id":1,"topics":["a","b.c"]}));
-        let v: Value = serde_json::from_str(&published_reply(None)).unwrap();
+        let v: Value = serde_json::from_str(&published_reply(None, None)).unwrap();
         assert_eq!(v, json!({"op":"published"}));
         let v: Value = serde_json::from_str(&pong_reply(Some(4))).unwrap();
         assert_eq!(v, json!({"op":"pong","id":4}));

@@ -123,7 +123,7 @@ mod tests {
         task.await.unwrap();
         let got = texts(&outbox);
         assert_eq!(got.len(), 3, "{got:?}");
-        assert_eq!(got[0], protocol::published_reply(Some(1)));
+        assert_eq!(got[0], protocol::published_reply(Some(1), None));
         assert_eq!(got[1], "{\"op\":\"pong\",\"id\":2}");
         assert!(
             got[2].contains("\"id\":3") && got[2].contains("unavailable"),
