@@ -1,0 +1,308 @@
+//! The `wsgate` binary as a process: started on free ports, ready once `/healthz`
+//! answers (within [`START_WITHIN`]), its log kept for the test, killed when its
+//! handle drops, so a failing test leaves nothing behind.
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use serde_json::{json, Value};
+
+use crate::http::{blocking, http_json, parse_metrics};
+use crate::port::free_port;
+use crate::wait::wait_until;
+use crate::ws::Client;
+
+/// How long a node may take to answer `/healthz`.
+pub const START_WITHIN: Duration = Duration::from_secs(30);
+
+/// The `wsgate` binary cargo built for the running test (cargo builds it for the
+/// integration tests of the `wsgate` crate): in the directory above the `deps`
+/// directory the test binary runs from.
+pub fn wsgate_bin() -> PathBuf {
+    let exe = std::env::current_exe().expect("the test binary's path");
+    let dir = exe
+        .parent()
+        .and_then(|deps| deps.parent())
+        .expect("target/<profile>/deps");
+    let bin = dir.join(format!("wsgate{}", std::env::consts::EXE_SUFFIX));
+    assert!(
+        bin.exists(),
+        "{} not built: run the tests of the `wsgate` crate",
+        bin.display()
+    );
+    bin
+}
+
+/// Where a node's log goes.
+enum Log {
+    /// The test's own stderr.
+    Inherit,
+    /// A file, read by [`Node::logs`].
+    File(tempfile::NamedTempFile),
+    /// Line by line to [`Node::lines`].
+    Lines(mpsc::Receiver<String>),
+}
+
+/// A `wsgate` process.
+pub struct Node {
+    /// `/ws` and the publish API.
+    pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, `/drain`.
+    pub admin: SocketAddr,
+    child: Child,
+    log: Log,
+}
+
+impl Drop for Node {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Node {
+    /// Starts a node with `args` (and `--redis-url`, if given), logging at `error`
+    /// (or `$WSGATE_TEST_LOG`) to the test's stderr.
+    pub fn start(redis_url: Option<&str>, args: &[&str]) -> Node {
+        let level = std::env::var("WSGATE_TEST_LOG").unwrap_or("error".into());
+        Self::launch(&with_redis(redis_url, args), &level, &[], Log::Inherit)
+    }
+
+    /// Like [`Node::start`], logging at `warn` into a file read by [`Node::logs`].
+    pub fn start_logged(redis_url: Option<&str>, args: &[&str]) -> Node {
+        let level = std::env::var("WSGATE_TEST_LOG").unwrap_or("warn".into());
+        let file = tempfile::NamedTempFile::new().unwrap();
+        Self::launch(&with_redis(redis_url, args), &level, &[], Log::File(file))
+    }
+
+    /// Starts a node logging JSON lines at `info` (node id `test-node`) to
+    /// [`Node::lines`], with `env` added to its environment.
+    pub fn start_json(args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut all = vec!["--log-format", "json", "--node-id", "test-node"];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(String::from).collect();
+        let (tx, rx) = mpsc::channel();
+        let mut node = Self::launch_with(&all, "info", env, Log::Lines(rx), Some(tx));
+        node.wait_ready();
+        node
+    }
+
+    fn launch(args: &[String], level: &str, env: &[(&str, &str)], log: Log) -> Node {
+        let mut node = Self::launch_with(args, level, env, log, None);
+        node.wait_ready();
+        node
+    }
+
+    fn launch_with(
+        args: &[String],
+        level: &str,
+        env: &[(&str, &str)],
+        log: Log,
+        lines: Option<mpsc::Sender<String>>,
+    ) -> Node {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let mut cmd = Command::new(wsgate_bin());
+        cmd.args(["--listen", &addr.to_string()])
+            .args(["--admin-listen", &admin.to_string()])
+            .args(["--log-level", level])
+            .args(args)
+            .stdout(Stdio::null())
+            .stderr(match &log {
+                Log::Inherit => Stdio::inherit(),
+                Log::File(f) => Stdio::from(f.reopen().unwrap()),
+                Log::Lines(_) => Stdio::piped(),
+            });
+        // Nothing from the developer's shell: no exporter, no Redis, no settings.
+        for (k, _) in std::env::vars() {
+            if k.starts_with("OTEL_") || k.starts_with("WSGATE_") {
+                cmd.env_remove(k);
+            }
+        }
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let mut child = cmd.spawn().expect("the wsgate binary starts");
+        if let Some(tx) = lines {
+            let stderr = child.stderr.take().expect("piped");
+            std::thread::spawn(move || {
+                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                    if tx.send(line).is_err() {
+                        break;
+                    }
+                }
+            });
+        }
+        Node {
+            addr,
+            admin,
+            child,
+            log,
+        }
+    }
+
+    /// Waits until `/healthz` answers, or panics (with the log) when the process
+    /// exited or [`START_WITHIN`] passed.
+    fn wait_ready(&mut self) {
+        let mut exited = None;
+        let up = wait_until(START_WITHIN, || {
+            exited = self.child.try_wait().ok().flatten();
+            exited.is_some() || self.get("/healthz").0 == 200
+        });
+        assert!(
+            up && exited.is_none(),
+            "wsgate did not start on {} (admin {}): {}\n{}",
+            self.addr,
+            self.admin,
+            exited.map_or(format!("no answer in {START_WITHIN:?}"), |s| format!(
+                "it exited, {s}"
+            )),
+            self.logs()
+        );
+    }
+
+    /// Everything the node logged so far, when started with [`Node::start_logged`]
+    /// (empty otherwise).
+    pub fn logs(&self) -> String {
+        match &self.log {
+            Log::File(f) => std::fs::read_to_string(f.path()).unwrap_or_default(),
+            _ => String::new(),
+        }
+    }
+
+    /// The log lines, as they arrive, of a node started with [`Node::start_json`].
+    pub fn lines(&self) -> &mpsc::Receiver<String> {
+        match &self.log {
+            Log::Lines(rx) => rx,
+            _ => panic!("started without Node::start_json: no log lines"),
+        }
+    }
+
+    /// The process id.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// `GET path` on the admin listener → `(status, body)`; `(0, "")` when it does
+    /// not answer.
+    pub fn get(&self, path: &str) -> (u16, String) {
+        blocking(self.admin, "GET", path, "")
+    }
+
+    /// `POST /api/publish` → `(status, body)`, without a runtime.
+    pub fn http_publish(&self, topic: &str, data: Value) -> (u16, String) {
+        let body = json!({"topic": topic, "data": data}).to_string();
+        blocking(self.addr, "POST", "/api/publish", &body)
+    }
+
+    /// `POST /api/publish` of one message whose data is the JSON text `data`;
+    /// asserts it is accepted.
+    pub async fn publish(&self, topic: &str, data: &str) {
+        let (status, body) = http_json(
+            self.addr,
+            "POST",
+            "/api/publish",
+            &format!(r#"{{"topic":"{topic}","data":{data}}}"#),
+        )
+        .await;
+        assert_eq!(status, 200, "{body}");
+    }
+
+    pub fn is_ready(&self) -> bool {
+        self.get("/readyz").0 == 200
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// A client on `/ws`, past the welcome.
+    pub async fn connect(&self) -> Client {
+        Client::connect(self.addr).await
+    }
+
+    /// The `/metrics` text (asserting a 200).
+    pub async fn scrape(&self) -> String {
+        let (status, body) = http_json(self.admin, "GET", "/metrics", "").await;
+        assert_eq!(status, 200);
+        body
+    }
+
+    /// Scrapes until `check` passes on the parsed values (the writers fold their
+    /// counts in a few times a second), or panics with the last scrape after 10 s.
+    pub async fn eventually(&self, what: &str, check: impl Fn(&HashMap<String, f64>) -> bool) {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        loop {
+            let text = self.scrape().await;
+            if check(&parse_metrics(&text)) {
+                return;
+            }
+            if Instant::now() > deadline {
+                panic!("metrics never showed {what}:\n{text}");
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+}
+
+fn with_redis(redis_url: Option<&str>, args: &[&str]) -> Vec<String> {
+    let mut all: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    if let Some(url) = redis_url {
+        all.extend(["--redis-url".to_string(), url.to_string()]);
+    }
+    all
+}
+
+/// Every client asks at once to subscribe to its own topic, `topic(i)`; then each
+/// confirmation is awaited.
+pub async fn subscribe_each_at_once(clients: &mut [Client], topic: impl Fn(usize) -> String) {
+    let mut ids = Vec::new();
+    for (i, c) in clients.iter_mut().enumerate() {
+        ids.push(
+            c.command(json!({"op":"subscribe","topics":[topic(i)]}))
+                .await,
+        );
+    }
+    for (c, id) in clients.iter_mut().zip(ids) {
+        assert_eq!(c.reply(id).await["op"], "subscribed");
+    }
+}
+
+/// Publishes `n` numbered messages on topic `seq` from a client of `from` (sent
+/// without waiting for replies, which the gateway pipelines to Redis; the replies
+/// are collected at the end) and checks that a subscriber on `to` receives every
+/// one, in order, each within `wait`.
+pub async fn ordered_stream_crosses_nodes(from: &Node, to: &Node, n: u64, wait: Duration) {
+    let mut sub = to.connect().await;
+    sub.subscribe(&["seq"]).await;
+    let mut publisher = from.connect().await;
+    let reader = tokio::spawn(async move {
+        let mut expect = 0u64;
+        while expect < n {
+            let m = sub
+                .next_message(wait)
+                .await
+                .unwrap_or_else(|| panic!("stream stopped after {expect} messages"));
+            assert_eq!(m["data"]["n"], json!(expect), "out of order or lost");
+            expect += 1;
+        }
+        expect
+    });
+    for i in 0..n {
+        publisher
+            .command(json!({"op":"publish","topic":"seq","data":{"n":i}}))
+            .await;
+    }
+    let mut published = 0;
+    while published < n {
+        let f = publisher.next_json(wait).await.expect("publish replies");
+        assert_eq!(f["op"], "published", "{f}");
+        published += 1;
+    }
+    assert_eq!(reader.await.unwrap(), n);
+}
