@@ -9,57 +9,21 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls_pki_types::{CertificateDer, ServerName};
-
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
 use wsgate_testkit::free_port;
-
-struct Ca {
-    der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn ca() -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        der: cert.der().clone(),
-        issuer: Issuer::new(params, key),
-    }
-}
+use wsgate_testkit::tls::Ca;
 
 fn write_server_cert(ca: &Ca, dir: &Path) {
-    let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    let leaf = ca.leaf(&["localhost"]);
     // Write then rename, as a rotation tool would: no half-written file is seen.
-    std::fs::write(dir.join("cert.tmp"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.tmp"), key.serialize_pem()).unwrap();
+    leaf.write(&dir.join("cert.tmp"), &dir.join("key.tmp"));
     std::fs::rename(dir.join("key.tmp"), dir.join("key.pem")).unwrap();
     std::fs::rename(dir.join("cert.tmp"), dir.join("cert.pem")).unwrap();
 }
 
 async fn handshake(ca: &Ca, addr: SocketAddr) -> bool {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
-    };
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .is_ok()
+    ca.connect(addr, "localhost").await.is_ok()
 }
 
 /// A running binary whose stderr lines are collected; killed on drop.
@@ -129,7 +93,7 @@ fn unusable_key_files_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warns_when_open_and_reloads_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
-    let old = ca();
+    let old = Ca::new("old CA");
     write_server_cert(&old, dir.path());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
@@ -158,7 +122,7 @@ async fn warns_when_open_and_reloads_on_sighup() {
         running.log.lock().unwrap()
     );
 
-    let new = ca();
+    let new = Ca::new("new CA");
     write_server_cert(&new, dir.path());
     let status = Command::new("kill")
         .args(["-HUP", &running.child.id().to_string()])
