@@ -6,7 +6,7 @@ use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::{Child, Command, ExitStatus, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -186,6 +186,28 @@ impl Node {
     /// The process id.
     pub fn pid(&self) -> u32 {
         self.child.id()
+    }
+
+    /// Sends a signal (`TERM`, `HUP`, `STOP`…) to the process.
+    pub fn signal(&self, sig: &str) {
+        let pid = self.child.id();
+        let ok = Command::new("kill")
+            .args([&format!("-{sig}"), &pid.to_string()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill -{sig} {pid}");
+    }
+
+    /// Waits for the process to exit on its own, for at most `within`; its status.
+    pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
+        let mut status = None;
+        let exited = wait_until(within, || {
+            status = self.child.try_wait().unwrap();
+            status.is_some()
+        });
+        assert!(exited, "wsgate still running after {within:?}");
+        status.unwrap()
     }
 
     /// `GET path` on the admin listener → `(status, body)`; `(0, "")` when it does
