@@ -18,13 +18,13 @@ async fn welcome_carries_session_node_and_heartbeat() {
         "20s",
     ])
     .await;
-    let _ws = s.connect().await;
-    let w = _ws.welcome.clone();
+    let ws = s.connect().await;
+    let w = ws.welcome.clone();
     assert_eq!(w["node"], "node-a");
     assert_eq!(w["heartbeat_ms"], 7000);
     assert!(w["session"].as_str().is_some_and(|s| !s.is_empty()));
-    let _ws2 = s.connect().await;
-    let w2 = _ws2.welcome.clone();
+    let ws2 = s.connect().await;
+    let w2 = ws2.welcome.clone();
     assert_ne!(w["session"], w2["session"], "sessions are unique");
 }
 
