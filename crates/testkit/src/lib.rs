@@ -9,13 +9,13 @@
 //! - [`ws`]: the WebSocket test client ([`ws::Client`], tungstenite underneath, over
 //!   TCP or TLS) and, for tests that must misbehave, raw sockets and the client frame
 //!   builder ([`ws::client_frame`]: masked frames of any length, any flags).
-//! - [`gateway`] (feature `gateway`): a real gateway in this process, on port 0;
-//!   JWT helpers ([`gateway::jwt`]).
+//! - `gateway` (feature `gateway`): a real gateway in this process, on port 0;
+//!   JWT helpers (`gateway::jwt`).
 //! - [`process`]: the `wsgate` binary as a process on free ports: its log, waiting
 //!   until it answers (bounded), killed on drop; scenarios across nodes.
-//! - [`redis`] (feature `redis`): private `redis-server` processes and Redis
+//! - `redis` (feature `redis`): private `redis-server` processes and Redis
 //!   Clusters on free ports, killed on drop.
-//! - [`tls`] (feature `tls`): a test CA, certificates it signs, rustls clients that
+//! - `tls` (feature `tls`): a test CA, certificates it signs, rustls clients that
 //!   trust it.
 //!
 //! Every wait is bounded: a test that hangs fails with what it was waiting for.

@@ -190,13 +190,7 @@ impl Node {
 
     /// Sends a signal (`TERM`, `HUP`, `STOP`…) to the process.
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.id();
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} {pid}");
+        signal(self.child.id(), sig);
     }
 
     /// Waits for the process to exit on its own, for at most `within`; its status.
@@ -270,6 +264,16 @@ impl Node {
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
+}
+
+/// `kill -<sig> <pid>`, asserting it was delivered.
+pub fn signal(pid: u32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([&format!("-{sig}"), &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill -{sig} {pid}");
 }
 
 fn with_redis(redis_url: Option<&str>, args: &[&str]) -> Vec<String> {

@@ -111,13 +111,7 @@ impl Redis {
 
     /// Sends a signal (e.g. `STOP`, `CONT`) to the server process.
     pub fn signal(&self, sig: &str) {
-        let pid = self.child.as_ref().expect("running").id();
-        let ok = Command::new("kill")
-            .args([&format!("-{sig}"), &pid.to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok, "kill -{sig} {pid}");
+        crate::process::signal(self.child.as_ref().expect("running").id(), sig);
     }
 
     /// Starts it again on the same port.

@@ -105,8 +105,9 @@ impl Client {
             );
         }
         let stream: Box<dyn Io> = Box::new(stream);
-        let (ws, _) = tokio_tungstenite::client_async(req, stream)
+        let (ws, _) = tokio::time::timeout(WITHIN, tokio_tungstenite::client_async(req, stream))
             .await
+            .map_err(|_| format!("no handshake response in {WITHIN:?}"))?
             .map_err(|e| e.to_string())?;
         Ok(Client {
             ws,
@@ -310,6 +311,12 @@ impl Client {
 /// A WebSocket handshake on a plain TCP stream, then nothing: the stream is left
 /// right after the `101` response head, for tests that write frames by hand.
 pub async fn raw_connect(addr: SocketAddr) -> TcpStream {
+    tokio::time::timeout(WITHIN, raw_handshake(addr))
+        .await
+        .expect("a handshake response in time")
+}
+
+async fn raw_handshake(addr: SocketAddr) -> TcpStream {
     let mut s = TcpStream::connect(addr).await.unwrap();
     let req = format!(
         "GET /ws HTTP/1.1\r\nHost: {addr}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n"
@@ -351,8 +358,15 @@ pub fn client_frame(fin: bool, opcode: u8, payload: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Reads one server frame (unmasked, as servers send): `(opcode, payload)`.
+/// Reads one server frame (unmasked, as servers send) within [`WITHIN`]:
+/// `(opcode, payload)`.
 pub async fn read_frame(s: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
+    tokio::time::timeout(WITHIN, read_frame_now(s))
+        .await
+        .expect("a frame in time")
+}
+
+async fn read_frame_now(s: &mut (impl AsyncRead + Unpin)) -> (u8, Vec<u8>) {
     let mut h = [0u8; 2];
     s.read_exact(&mut h).await.unwrap();
     let len = match h[1] & 0x7f {

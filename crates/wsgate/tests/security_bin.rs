@@ -124,11 +124,7 @@ async fn warns_when_open_and_reloads_on_sighup() {
 
     let new = Ca::new("new CA");
     write_server_cert(&new, dir.path());
-    let status = Command::new("kill")
-        .args(["-HUP", &running.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    wsgate_testkit::process::signal(running.child.id(), "HUP");
     assert!(until(Duration::from_secs(3), async || handshake(&new, addr).await).await);
     assert!(!handshake(&old, addr).await);
     assert!(
