@@ -1,13 +1,15 @@
-//! The `wsgate` binary as a process: started on free ports, ready once `/healthz`
-//! answers (within [`START_WITHIN`]), its log kept for the test, killed when its
-//! handle drops, so a failing test leaves nothing behind.
+//! The `wsgate` binary as a process ([`Process`]): its environment cleaned, its log
+//! kept for the test, killed when its handle drops, so a failing test leaves nothing
+//! behind. A [`Node`] is one started on free ports and ready once `/healthz` answers
+//! (within [`START_WITHIN`]).
 
 use std::collections::HashMap;
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
+use std::ops::{Deref, DerefMut};
 use std::path::PathBuf;
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::mpsc;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde_json::{json, Value};
@@ -38,87 +40,27 @@ pub fn wsgate_bin() -> PathBuf {
     bin
 }
 
-/// Where a node's log goes.
-enum Log {
-    /// The test's own stderr.
-    Inherit,
-    /// A file, read by [`Node::logs`].
-    File(tempfile::NamedTempFile),
-    /// Line by line to [`Node::lines`].
-    Lines(mpsc::Receiver<String>),
-}
-
-/// A `wsgate` process.
-pub struct Node {
-    /// `/ws` and the publish API.
-    pub addr: SocketAddr,
-    /// `/metrics`, `/healthz`, `/readyz`, `/drain`.
-    pub admin: SocketAddr,
+/// A `wsgate` process started with exactly the arguments given, nothing from the
+/// developer's shell in its environment (no `WSGATE_*`, no `OTEL_*`), its stderr
+/// collected line by line; killed when its handle drops. It is not waited for: a
+/// [`Node`] is one that answers.
+pub struct Process {
     child: Child,
-    log: Log,
+    log: Arc<Mutex<Vec<String>>>,
 }
 
-impl Drop for Node {
+impl Drop for Process {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
 }
 
-impl Node {
-    /// Starts a node with `args` (and `--redis-url`, if given), logging at `error`
-    /// (or `$WSGATE_TEST_LOG`) to the test's stderr.
-    pub fn start(redis_url: Option<&str>, args: &[&str]) -> Node {
-        let level = std::env::var("WSGATE_TEST_LOG").unwrap_or("error".into());
-        Self::launch(&with_redis(redis_url, args), &level, &[], Log::Inherit)
-    }
-
-    /// Like [`Node::start`], logging at `warn` into a file read by [`Node::logs`].
-    pub fn start_logged(redis_url: Option<&str>, args: &[&str]) -> Node {
-        let level = std::env::var("WSGATE_TEST_LOG").unwrap_or("warn".into());
-        let file = tempfile::NamedTempFile::new().unwrap();
-        Self::launch(&with_redis(redis_url, args), &level, &[], Log::File(file))
-    }
-
-    /// Starts a node logging JSON lines at `info` (node id `test-node`) to
-    /// [`Node::lines`], with `env` added to its environment.
-    pub fn start_json(args: &[&str], env: &[(&str, &str)]) -> Node {
-        let mut all = vec!["--log-format", "json", "--node-id", "test-node"];
-        all.extend_from_slice(args);
-        let all: Vec<String> = all.into_iter().map(String::from).collect();
-        let (tx, rx) = mpsc::channel();
-        let mut node = Self::launch_with(&all, "info", env, Log::Lines(rx), Some(tx));
-        node.wait_ready();
-        node
-    }
-
-    fn launch(args: &[String], level: &str, env: &[(&str, &str)], log: Log) -> Node {
-        let mut node = Self::launch_with(args, level, env, log, None);
-        node.wait_ready();
-        node
-    }
-
-    fn launch_with(
-        args: &[String],
-        level: &str,
-        env: &[(&str, &str)],
-        log: Log,
-        lines: Option<mpsc::Sender<String>>,
-    ) -> Node {
-        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
-        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+impl Process {
+    /// Starts the binary with `args`, and `env` added to its environment.
+    pub fn spawn(args: &[&str], env: &[(&str, &str)]) -> Process {
         let mut cmd = Command::new(wsgate_bin());
-        cmd.args(["--listen", &addr.to_string()])
-            .args(["--admin-listen", &admin.to_string()])
-            .args(["--log-level", level])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(match &log {
-                Log::Inherit => Stdio::inherit(),
-                Log::File(f) => Stdio::from(f.reopen().unwrap()),
-                Log::Lines(_) => Stdio::piped(),
-            });
-        // Nothing from the developer's shell: no exporter, no Redis, no settings.
+        cmd.args(args).stdout(Stdio::null()).stderr(Stdio::piped());
         for (k, _) in std::env::vars() {
             if k.starts_with("OTEL_") || k.starts_with("WSGATE_") {
                 cmd.env_remove(k);
@@ -128,59 +70,15 @@ impl Node {
             cmd.env(k, v);
         }
         let mut child = cmd.spawn().expect("the wsgate binary starts");
-        if let Some(tx) = lines {
-            let stderr = child.stderr.take().expect("piped");
-            std::thread::spawn(move || {
-                for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-                    if tx.send(line).is_err() {
-                        break;
-                    }
-                }
-            });
-        }
-        Node {
-            addr,
-            admin,
-            child,
-            log,
-        }
-    }
-
-    /// Waits until `/healthz` answers, or panics (with the log) when the process
-    /// exited or [`START_WITHIN`] passed.
-    fn wait_ready(&mut self) {
-        let mut exited = None;
-        let up = wait_until(START_WITHIN, || {
-            exited = self.child.try_wait().ok().flatten();
-            exited.is_some() || self.get("/healthz").0 == 200
+        let log = Arc::new(Mutex::new(Vec::new()));
+        let stderr = child.stderr.take().expect("piped");
+        let sink = log.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+                sink.lock().unwrap().push(line);
+            }
         });
-        assert!(
-            up && exited.is_none(),
-            "wsgate did not start on {} (admin {}): {}\n{}",
-            self.addr,
-            self.admin,
-            exited.map_or(format!("no answer in {START_WITHIN:?}"), |s| format!(
-                "it exited, {s}"
-            )),
-            self.logs()
-        );
-    }
-
-    /// Everything the node logged so far, when started with [`Node::start_logged`]
-    /// (empty otherwise).
-    pub fn logs(&self) -> String {
-        match &self.log {
-            Log::File(f) => std::fs::read_to_string(f.path()).unwrap_or_default(),
-            _ => String::new(),
-        }
-    }
-
-    /// The log lines, as they arrive, of a node started with [`Node::start_json`].
-    pub fn lines(&self) -> &mpsc::Receiver<String> {
-        match &self.log {
-            Log::Lines(rx) => rx,
-            _ => panic!("started without Node::start_json: no log lines"),
-        }
+        Process { child, log }
     }
 
     /// The process id.
@@ -193,15 +91,124 @@ impl Node {
         signal(self.child.id(), sig);
     }
 
+    /// Its exit status, if it has exited.
+    pub fn exited(&mut self) -> Option<ExitStatus> {
+        self.child.try_wait().unwrap()
+    }
+
     /// Waits for the process to exit on its own, for at most `within`; its status.
     pub fn wait_exit(&mut self, within: Duration) -> ExitStatus {
         let mut status = None;
         let exited = wait_until(within, || {
-            status = self.child.try_wait().unwrap();
+            status = self.exited();
             status.is_some()
         });
         assert!(exited, "wsgate still running after {within:?}");
         status.unwrap()
+    }
+
+    /// The lines logged so far.
+    pub fn log_lines(&self) -> Vec<String> {
+        self.log.lock().unwrap().clone()
+    }
+
+    /// Everything logged so far, one line after the other.
+    pub fn logs(&self) -> String {
+        self.log.lock().unwrap().join("\n")
+    }
+
+    /// Whether a line logged so far contains `needle`.
+    pub fn logged(&self, needle: &str) -> bool {
+        self.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    }
+}
+
+/// A `wsgate` node: a [`Process`] on two free ports that answered `/healthz`.
+/// Dereferences to its [`Process`] (log, signals, exit).
+pub struct Node {
+    /// `/ws` and the publish API.
+    pub addr: SocketAddr,
+    /// `/metrics`, `/healthz`, `/readyz`, `/drain`.
+    pub admin: SocketAddr,
+    process: Process,
+}
+
+impl Deref for Node {
+    type Target = Process;
+    fn deref(&self) -> &Process {
+        &self.process
+    }
+}
+
+impl DerefMut for Node {
+    fn deref_mut(&mut self) -> &mut Process {
+        &mut self.process
+    }
+}
+
+impl Node {
+    /// Starts a node with `args` (and `--redis-url`, if given), logging at `error`
+    /// (or `$WSGATE_TEST_LOG`).
+    pub fn start(redis_url: Option<&str>, args: &[&str]) -> Node {
+        let level = std::env::var("WSGATE_TEST_LOG").unwrap_or("error".into());
+        Self::launch(&with_redis(redis_url, args), &level, &[])
+    }
+
+    /// Like [`Node::start`], logging at `warn` (for tests that read the log).
+    pub fn start_logged(redis_url: Option<&str>, args: &[&str]) -> Node {
+        let level = std::env::var("WSGATE_TEST_LOG").unwrap_or("warn".into());
+        Self::launch(&with_redis(redis_url, args), &level, &[])
+    }
+
+    /// Starts a node logging JSON lines at `info` (node id `test-node`), with `env`
+    /// added to its environment.
+    pub fn start_json(args: &[&str], env: &[(&str, &str)]) -> Node {
+        let mut all = vec!["--log-format", "json", "--node-id", "test-node"];
+        all.extend_from_slice(args);
+        let all: Vec<String> = all.into_iter().map(String::from).collect();
+        Self::launch(&all, "info", env)
+    }
+
+    fn launch(args: &[String], level: &str, env: &[(&str, &str)]) -> Node {
+        let addr: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let admin: SocketAddr = format!("127.0.0.1:{}", free_port()).parse().unwrap();
+        let (addr_arg, admin_arg) = (addr.to_string(), admin.to_string());
+        let mut all = vec![
+            "--listen",
+            &addr_arg,
+            "--admin-listen",
+            &admin_arg,
+            "--log-level",
+            level,
+        ];
+        all.extend(args.iter().map(String::as_str));
+        let mut node = Node {
+            addr,
+            admin,
+            process: Process::spawn(&all, env),
+        };
+        node.wait_ready();
+        node
+    }
+
+    /// Waits until `/healthz` answers, or panics (with the log) when the process
+    /// exited or [`START_WITHIN`] passed.
+    fn wait_ready(&mut self) {
+        let mut exited = None;
+        let up = wait_until(START_WITHIN, || {
+            exited = self.process.exited();
+            exited.is_some() || self.get("/healthz").0 == 200
+        });
+        assert!(
+            up && exited.is_none(),
+            "wsgate did not start on {} (admin {}): {}\n{}",
+            self.addr,
+            self.admin,
+            exited.map_or(format!("no answer in {START_WITHIN:?}"), |s| format!(
+                "it exited, {s}"
+            )),
+            self.logs()
+        );
     }
 
     /// `GET path` on the admin listener → `(status, body)`; `(0, "")` when it does

@@ -22,6 +22,7 @@ use tokio_rustls::TlsAcceptor;
 use wsgate_testkit::http::*;
 use wsgate_testkit::process::*;
 use wsgate_testkit::tls::Ca;
+use wsgate_testkit::wait_until;
 
 /// One received span: its name, attributes, and its resource's attributes.
 #[derive(Debug)]
@@ -205,7 +206,7 @@ async fn no_endpoint_means_no_export() {
     drop(ws);
     let (status, _) = http_json(gw.admin, "GET", "/healthz", "").await;
     assert_eq!(status, 200);
-    let logs: Vec<String> = gw.lines().try_iter().collect();
+    let logs = gw.log_lines();
     assert!(
         !logs.iter().any(|l| l.contains("OTLP")),
         "no exporter expected: {logs:?}"
@@ -293,15 +294,11 @@ async fn an_https_receiver_outside_the_trusted_roots_gets_nothing() {
         "no span may pass an unverified TLS"
     );
     // And the node's log says why.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut logs = Vec::new();
-    while !logs.iter().any(|l: &String| l.contains("UnknownIssuer")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match gw.lines().recv_timeout(left) {
-            Ok(l) => logs.push(l),
-            Err(_) => panic!("no certificate error in the log: {logs:?}"),
-        }
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || gw.logged("UnknownIssuer")),
+        "no certificate error in the log: {:?}",
+        gw.log_lines()
+    );
 }
 
 #[test]
