@@ -3,14 +3,15 @@
 //! nodes find the new master by asking the sentinels again, clients stay connected and
 //! delivery resumes.
 
-mod common;
-
 use std::collections::HashMap;
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_until, Client, Node, Redis};
 use serde_json::json;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::Redis;
+use wsgate_testkit::ws::Client;
+use wsgate_testkit::{free_port, wait_until};
 
 const MASTER: &str = "wsgate-master";
 const WAIT: Duration = Duration::from_secs(15);
@@ -210,9 +211,9 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
         b,
         _dirs,
     } = setup();
-    let mut sub = Client::connect(&b).await;
+    let mut sub = Client::connect(b.addr).await;
     sub.subscribe(&["failover"]).await;
-    let mut publisher = Client::connect(&a).await;
+    let mut publisher = Client::connect(a.addr).await;
     for n in 0..20 {
         let r = publisher
             .call(json!({"op":"publish","topic":"failover","data":n}))
@@ -287,9 +288,9 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_failover_moves_the_nodes_to_the_new_master() {
     let s = setup();
-    let mut sub = Client::connect(&s.b).await;
+    let mut sub = Client::connect(s.b.addr).await;
     sub.subscribe(&["manual"]).await;
-    let mut publisher = Client::connect(&s.a).await;
+    let mut publisher = Client::connect(s.a.addr).await;
     assert_eq!(s.master.channels("wsgate:*"), ["wsgate:manual"]);
     // The old master stays up and becomes a replica: Redis itself would keep the nodes'
     // connections; the sentinels close them when they reconfigure it.

@@ -4,19 +4,20 @@
 //! checked seq by seq: every seq exactly once, in order, or an explicit `reset` /
 //! `recovered:false` — never a silent gap.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Node, Redis};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use wsgate_testkit::http::blocking;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::Redis;
+use wsgate_testkit::wait_until;
 
 const TOPIC: &str = "chat:faults";
 const WAIT: Duration = Duration::from_secs(15);
@@ -388,7 +389,7 @@ impl Run {
                 k += 1;
                 let body = format!(r#"{{"topic":"{TOPIC}","data":{{"k":{k}}}}}"#);
                 let (status, _) = tokio::task::spawn_blocking(move || {
-                    common::http(addr, "POST", "/api/publish", &body)
+                    blocking(addr, "POST", "/api/publish", &body)
                 })
                 .await
                 .unwrap();
@@ -425,9 +426,7 @@ impl Run {
     /// puts a new node in its slot.
     async fn drain_and_replace(&mut self, i: usize) {
         self.nodes[i].signal("TERM");
-        let status = self.nodes[i]
-            .wait_exit(WAIT)
-            .expect("the drained node exits");
+        let status = self.nodes[i].wait_exit(WAIT);
         assert!(status.success(), "a drain exits 0: {status}");
         self.replace(i);
     }
@@ -435,7 +434,7 @@ impl Run {
     /// Kills node `i` (SIGKILL) and puts a new node in its slot.
     async fn kill_and_replace(&mut self, i: usize) {
         self.nodes[i].signal("KILL");
-        self.nodes[i].wait_exit(WAIT).expect("killed");
+        self.nodes[i].wait_exit(WAIT);
         tokio::time::sleep(Duration::from_millis(500)).await;
         self.replace(i);
     }
@@ -522,7 +521,7 @@ impl Run {
         assert!(
             wait_until(WAIT, || {
                 found = self.nodes.iter().find_map(|n| {
-                    let (status, body) = common::http(
+                    let (status, body) = blocking(
                         n.addr,
                         "POST",
                         "/api/history",
@@ -548,7 +547,7 @@ impl Run {
         while after < end.0 {
             let body =
                 json!({"topic": TOPIC, "since": {"seq": after, "epoch": end.1}, "limit": 1000});
-            let (status, text) = common::http(
+            let (status, text) = blocking(
                 self.nodes[0].addr,
                 "POST",
                 "/api/history",

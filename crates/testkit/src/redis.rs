@@ -1,23 +1,161 @@
-//! A real Redis Cluster on loopback for the cluster-mode tests: N `redis-server`
-//! processes with `--cluster-enabled yes`, each with its own directory in a temp
-//! dir, joined with `redis-cli --cluster create`. Every process is killed on drop.
-
-#![allow(dead_code)] // each test file uses a different subset
+//! Private Redis servers for the tests: a `redis-server` on a free port ([`Redis`]),
+//! and a real Redis Cluster ([`RedisCluster`]): N `redis-server` processes with
+//! `--cluster-enabled yes`, each with its own directory in a temp dir, joined with
+//! `redis-cli --cluster create`. Every process is killed when its handle drops.
 
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::wait_until;
+use crate::port::{ephemeral_range, free_port};
+use crate::wait::wait_until;
+
+/// How many times Redis ran `command`, from the text of `INFO commandstats` (`None`
+/// if it never did).
+pub fn command_calls(info: &str, command: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A private redis-server, bound to 127.0.0.1, no persistence.
+pub struct Redis {
+    pub port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    /// Starts on a given port.
+    pub fn start_on(port: u16) -> Redis {
+        let mut r = Redis {
+            port,
+            extra: Vec::new(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts with extra `--name value` arguments.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let url = match self.extra.iter().position(|a| a == "--requirepass") {
+            Some(i) => format!("redis://:{}@127.0.0.1:{}/", self.extra[i + 1], self.port),
+            None => self.url(),
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                redis::Client::open(url.as_str())
+                    .and_then(|c| c.get_connection())
+                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                    .is_ok()
+            }),
+            "redis-server did not start on {}",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A fresh synchronous connection, for inspecting Redis from the test.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (e.g. `STOP`, `CONT`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        crate::process::signal(self.child.as_ref().expect("running").id(), sig);
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Sorted channel names matching `pattern` (`PUBSUB CHANNELS`).
+    pub fn channels(&self, pattern: &str) -> Vec<String> {
+        let mut v: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(pattern)
+            .query(&mut self.conn())
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    /// `redis-cli PUBLISH channel payload`: a backend using the stock client.
+    pub fn cli_publish(&self, channel: &str, payload: &str) {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["PUBLISH", channel, payload])
+            .output()
+            .expect("redis-cli is installed");
+        assert!(out.status.success(), "redis-cli failed: {out:?}");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
 
 /// Cluster bus timeout: short, so a killed primary's replica takes over in ~2 s.
 pub const NODE_TIMEOUT_MS: &str = "1000";
 
 /// A port `p` free for a cluster node: `p` and its bus port `p + 10000`.
 fn free_cluster_port(taken: &[u16]) -> u16 {
-    let ephemeral = wsgate_testkit::ephemeral_range();
+    let ephemeral = ephemeral_range();
     loop {
-        let p = wsgate_testkit::free_port();
+        let p = free_port();
         // The bus port must be outside the ephemeral range too.
         let Some(bus) = p.checked_add(10000).filter(|b| !ephemeral.contains(b)) else {
             continue;
