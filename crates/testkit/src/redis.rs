@@ -1,8 +1,10 @@
 //! Private Redis servers for the tests: a `redis-server` on a free port ([`Redis`]),
 //! and a real Redis Cluster ([`RedisCluster`]): N `redis-server` processes with
 //! `--cluster-enabled yes`, each with its own directory in a temp dir, joined with
-//! `redis-cli --cluster create`. Every process is killed when its handle drops.
+//! `redis-cli --cluster create`; and a master with a replica watched by three
+//! sentinels ([`SentinelGroup`]). Every process is killed when its handle drops.
 
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
@@ -490,5 +492,162 @@ impl Drop for RedisCluster {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// The master name the sentinels of a [`SentinelGroup`] monitor.
+pub const SENTINEL_MASTER: &str = "wsgate-master";
+
+/// A `redis-server --sentinel` with its own writable config file (sentinels rewrite it).
+pub struct Sentinel {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    /// A sentinel monitoring [`SENTINEL_MASTER`] at `master_port` (quorum 2, down after
+    /// 1 s, failover timeout 3 s).
+    pub fn start(master_port: u16) -> Sentinel {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 3000\n\
+                 sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                dir = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .args(["--sentinel", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let s = Sentinel {
+            port,
+            child,
+            _dir: dir,
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || s.master_port().is_some()),
+            "sentinel did not start on {port}"
+        );
+        s
+    }
+
+    /// A connection to the sentinel, if it answers within a second.
+    pub fn conn(&self) -> Option<redis::Connection> {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .ok()?
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()
+    }
+
+    /// The master's port as this sentinel sees it now.
+    pub fn master_port(&self) -> Option<u16> {
+        let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(SENTINEL_MASTER)
+            .query(&mut self.conn()?)
+            .ok()?;
+        addr?.1.parse().ok()
+    }
+
+    /// `SENTINEL MASTER <name>` as a map.
+    pub fn master_info(&self) -> HashMap<String, String> {
+        self.conn()
+            .and_then(|mut c| {
+                redis::cmd("SENTINEL")
+                    .arg("MASTER")
+                    .arg(SENTINEL_MASTER)
+                    .query(&mut c)
+                    .ok()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `master` has a replica in sync.
+pub fn replication_online(master: &Redis) -> bool {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut master.conn())
+        .unwrap_or_default();
+    info.contains("state=online")
+}
+
+/// A master, its replica (in sync), and three sentinels that know both and each
+/// other.
+pub struct SentinelGroup {
+    pub master: Redis,
+    pub replica: Redis,
+    pub sentinels: Vec<Sentinel>,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl SentinelGroup {
+    pub fn start() -> SentinelGroup {
+        let master_dir = tempfile::tempdir().unwrap();
+        let replica_dir = tempfile::tempdir().unwrap();
+        let master = Redis::start_with(&["--dir", master_dir.path().to_str().unwrap()]);
+        let master_port = master.port.to_string();
+        let replica = Redis::start_with(&[
+            "--dir",
+            replica_dir.path().to_str().unwrap(),
+            "--replicaof",
+            "127.0.0.1",
+            &master_port,
+        ]);
+        assert!(
+            wait_until(Duration::from_secs(15), || replication_online(&master)),
+            "replica in sync"
+        );
+        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+        // Before any failure: every sentinel knows the replica and the other sentinels.
+        assert!(
+            wait_until(Duration::from_secs(20), || sentinels.iter().all(|s| {
+                let m = s.master_info();
+                m.get("num-slaves").map(String::as_str) == Some("1")
+                    && m.get("num-other-sentinels").map(String::as_str) == Some("2")
+            })),
+            "sentinels discovered each other and the replica"
+        );
+        SentinelGroup {
+            master,
+            replica,
+            sentinels,
+            _dirs: [master_dir, replica_dir],
+        }
+    }
+
+    /// `--redis-sentinel host:port,… --redis-sentinel-master <name>` for a node.
+    pub fn node_args(&self) -> Vec<String> {
+        let list = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        vec![
+            "--redis-sentinel".into(),
+            list,
+            "--redis-sentinel-master".into(),
+            SENTINEL_MASTER.into(),
+        ]
     }
 }
