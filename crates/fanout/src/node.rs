@@ -1338,13 +1338,32 @@ mod tests {
         assert!(rec.0.lock().is_empty());
     }
 
-    /// A broker over the in-memory history that loses the relay of chosen seqs.
-    struct Lossy {
+    /// A broker over the in-memory history that loses the relay of chosen seqs
+    /// (`lose`), and, when `busy`, has one more publication made before each `After`
+    /// read (as on a busy stream, racing the reader).
+    struct TestBroker {
         history: crate::history::MemoryHistory,
         events: Arc<dyn BrokerEvents>,
         lose: Mutex<Vec<u64>>,
+        busy: bool,
     }
-    impl Broker for Lossy {
+    impl TestBroker {
+        fn with(
+            lose: &[u64],
+            busy: bool,
+        ) -> impl FnOnce(Arc<dyn BrokerEvents>) -> Result<Self, ()> {
+            let lose = lose.to_vec();
+            move |events| {
+                Ok(TestBroker {
+                    history: crate::history::MemoryHistory::new(1 << 20),
+                    events,
+                    lose: Mutex::new(lose),
+                    busy,
+                })
+            }
+        }
+    }
+    impl Broker for TestBroker {
         fn publish(&self, _: &str, _: &[u8], _: u64) -> BrokerFuture {
             BrokerFuture::ready(Ok(()))
         }
@@ -1369,6 +1388,10 @@ mod tests {
             opts: &crate::stream::StreamOptions,
             q: HistoryQuery,
         ) -> BrokerFuture<History> {
+            if self.busy && matches!(q, HistoryQuery::After { .. }) {
+                // Appended (and relayed) at once: the future only carries the answer.
+                drop(self.publish_stream(topic, b"0", 0, opts));
+            }
             BrokerFuture::ready(Ok(self.history.read(topic, opts, q)))
         }
         fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
@@ -1379,19 +1402,18 @@ mod tests {
             true
         }
         fn kind(&self) -> &'static str {
-            "lossy"
+            "test"
         }
     }
 
     #[tokio::test]
     async fn lost_relays_are_repaired_from_history_or_reset() {
-        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(3), |events| {
-            Ok::<_, ()>(Lossy {
-                history: crate::history::MemoryHistory::new(1 << 20),
-                events,
-                lose: Mutex::new(vec![2, 3, 6, 7, 8, 9]),
-            })
-        })
+        let node = Node::with_namespaces(
+            Metrics::default(),
+            1024,
+            chat_streams(3),
+            TestBroker::with(&[2, 3, 6, 7, 8, 9], false),
+        )
         .unwrap();
         let rec = Arc::new(Recorder::default());
         let sub: Arc<dyn Subscriber> = rec.clone();
@@ -1427,13 +1449,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_resubscribe_catches_streams_up_and_plain_publishes_on_streams_are_refused() {
-        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(100), |events| {
-            Ok::<_, ()>(Lossy {
-                history: crate::history::MemoryHistory::new(1 << 20),
-                events,
-                lose: Mutex::new(vec![3, 4]),
-            })
-        })
+        let node = Node::with_namespaces(
+            Metrics::default(),
+            1024,
+            chat_streams(100),
+            TestBroker::with(&[3, 4], false),
+        )
         .unwrap();
         let rec = Arc::new(Recorder::default());
         let sub: Arc<dyn Subscriber> = rec.clone();
@@ -1468,60 +1489,14 @@ mod tests {
         );
     }
 
-    /// A broker whose history reads race a publication: each `After` read is
-    /// preceded by one more publication, as on a busy stream.
-    struct Busy {
-        history: crate::history::MemoryHistory,
-        events: Arc<dyn BrokerEvents>,
-    }
-    impl Broker for Busy {
-        fn publish(&self, _: &str, _: &[u8], _: u64) -> BrokerFuture {
-            BrokerFuture::ready(Ok(()))
-        }
-        fn publish_stream(
-            &self,
-            topic: &str,
-            data: &[u8],
-            at: u64,
-            opts: &crate::stream::StreamOptions,
-        ) -> BrokerFuture<Position> {
-            let (p, ()) = self.history.append(topic, data, at, opts, |p, e| {
-                self.events
-                    .stream_publication(topic, &p.epoch, e.clone(), Origin::Gateway);
-            });
-            BrokerFuture::ready(Ok(p))
-        }
-        fn history(
-            &self,
-            topic: &str,
-            opts: &crate::stream::StreamOptions,
-            q: HistoryQuery,
-        ) -> BrokerFuture<History> {
-            if matches!(q, HistoryQuery::After { .. }) {
-                let _ = self.publish_stream(topic, b"0", 0, opts);
-            }
-            BrokerFuture::ready(Ok(self.history.read(topic, opts, q)))
-        }
-        fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
-            BrokerFuture::ready(Ok(()))
-        }
-        fn release(&self, _: Vec<Arc<str>>) {}
-        fn is_ready(&self) -> bool {
-            true
-        }
-        fn kind(&self) -> &'static str {
-            "busy"
-        }
-    }
-
     #[tokio::test]
     async fn a_resume_racing_publications_still_recovers_every_one() {
-        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(1000), |events| {
-            Ok::<_, ()>(Busy {
-                history: crate::history::MemoryHistory::new(1 << 20),
-                events,
-            })
-        })
+        let node = Node::with_namespaces(
+            Metrics::default(),
+            1024,
+            chat_streams(1000),
+            TestBroker::with(&[], true),
+        )
         .unwrap();
         let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
         let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;
