@@ -34,4 +34,4 @@ pub mod redis;
 pub mod tls;
 
 pub use port::{ephemeral_range, free_port, quiet_range};
-pub use wait::wait_until;
+pub use wait::{eventually, wait_until};
