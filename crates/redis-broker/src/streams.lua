@@ -17,6 +17,9 @@ local DEFAULT_TTL_MS = __DEFAULT_TTL_MS__
 -- finds them.
 local OPTIONS_TTL_MS = 86400000
 local MAGIC = '\255WSS1'
+-- The publishing path writes the options and trims by age only every so often.
+local OPTIONS_EVERY = 256
+local AGE_TRIM_EVERY = 16
 
 local function keys_of(channel)
   local base = '{' .. channel .. '}'
@@ -53,13 +56,13 @@ end
 local function position(k, sec, usec, ttl_ms)
   local cur = redis.call('HMGET', k.stream, 'epoch', 'seq')
   if cur[1] then
-    return cur[1], tonumber(cur[2]) or 0
+    return cur[1], tonumber(cur[2]) or 0, false
   end
   local epoch = string.format('%x%05x', sec, usec)
   redis.call('DEL', k.history)
   redis.call('HSET', k.stream, 'epoch', epoch, 'seq', 0)
   redis.call('PEXPIRE', k.stream, ttl_ms)
-  return epoch, 0
+  return epoch, 0, true
 end
 
 local function seq_of(id)
@@ -68,7 +71,9 @@ end
 
 -- Keeps at most `size` entries, none written before `cutoff` (ms).
 local function trim(k, size, cutoff)
-  redis.call('XTRIM', k.history, 'MAXLEN', size)
+  if size then
+    redis.call('XTRIM', k.history, 'MAXLEN', size)
+  end
   -- Usually the oldest entry is young enough: one look.
   local head = redis.call('XRANGE', k.history, '-', '+', 'COUNT', 1)
   if #head == 0 or tonumber(head[1][2][2]) >= cutoff then
@@ -97,16 +102,24 @@ end
 
 -- Numbers, keeps and relays one publication. `at`: accepted_at (ns, as text) or nil
 -- (a backend's: Redis's time). Returns { seq, epoch }.
-local function append(channel, k, payload, at, origin, size, ttl_ms)
+local function append(channel, k, payload, at, origin, size, ttl_ms, options)
   local sec, usec, now_ms = now()
-  local epoch = position(k, sec, usec, ttl_ms)
+  local epoch, _, created = position(k, sec, usec, ttl_ms)
   local seq = redis.call('HINCRBY', k.stream, 'seq', 1)
+  if options and (created or seq % OPTIONS_EVERY == 0) then
+    -- Often enough for backends to find them, not on every publication.
+    store_options(k, size, ttl_ms)
+  end
   if at == nil then
     at = string.format('%d%06d000', sec, usec)
   end
+  -- XADD's MAXLEN keeps the count; the age is trimmed every AGE_TRIM_EVERY
+  -- publications (and on every read, which is all that returns entries).
   redis.call('XADD', k.history, 'MAXLEN', size, string.format('%d-0', seq),
     't', string.format('%d', now_ms), 'a', at, 'd', payload)
-  trim(k, size, now_ms - ttl_ms)
+  if seq % AGE_TRIM_EVERY == 0 then
+    trim(k, nil, now_ms - ttl_ms)
+  end
   redis.call('PEXPIRE', k.stream, ttl_ms)
   redis.call('PEXPIRE', k.history, ttl_ms)
   local relay = MAGIC .. origin .. epoch .. ' ' .. string.format('%d', seq) .. ' ' .. at .. '\n' .. payload
@@ -136,7 +149,7 @@ local function wsgate_publish(keys, args)
   if stored[1] then
     redis.call('PEXPIRE', k.options, math.max(OPTIONS_TTL_MS, 2 * ttl_ms))
   end
-  return append(channel, k, payload, nil, 'b', size, ttl_ms)
+  return append(channel, k, payload, nil, 'b', size, ttl_ms, false)
 end
 
 -- FCALL wsgate_gateway_publish 1 <channel> <json> <accepted_at_ns> <history_size> <history_ttl_ms>
@@ -145,8 +158,7 @@ local function wsgate_gateway_publish(keys, args)
   local k = keys_of(channel)
   local size, ttl_ms = int(args[3], 'history_size'), int(args[4], 'history_ttl_ms')
   int(args[2], 'accepted_at')
-  store_options(k, size, ttl_ms)
-  return append(channel, k, args[1], args[2], 'g', size, ttl_ms)
+  return append(channel, k, args[1], args[2], 'g', size, ttl_ms, true)
 end
 
 -- FCALL wsgate_history 1 <channel> <history_size> <history_ttl_ms> latest <limit>
