@@ -398,7 +398,14 @@ pub struct Node {
     broker: Arc<dyn Broker>,
     /// Largest `data` accepted by [`Node::publish`], in bytes.
     max_publication_size: usize,
+    /// Resume reads in flight, by stream and position, shared by every resume that
+    /// wants that range: a node's worth of clients reconnecting to one stream at once
+    /// reads its history once, not once each.
+    reads: Mutex<HashMap<(Arc<str>, u64), SharedRead>>,
 }
+
+/// A history read shared by the resumes waiting on it, with the `limit` it asked for.
+type SharedRead = (usize, futures_util::future::Shared<BrokerFuture<History>>);
 
 /// How many times a repair reads the history before it gives the gap up as lost
 /// (`reset`), and the first pause between tries (doubled each time: 0.1 … 1.6 s).
@@ -467,6 +474,7 @@ impl Node {
             core,
             broker,
             max_publication_size,
+            reads: Mutex::new(HashMap::new()),
         })
     }
 
@@ -615,12 +623,7 @@ impl Node {
             let wanted = self.resume_reads(&streams, since, &fetched);
             if !wanted.is_empty() && attempt + 1 < RESUME_TRIES {
                 for (t, after, limit) in wanted {
-                    let opts = *core.namespaces.stream(&t).expect("a stream");
-                    match self
-                        .broker
-                        .history(&t, &opts, HistoryQuery::After { seq: after, limit })
-                        .await
-                    {
+                    match self.read_after(&t, after, limit).await {
                         Ok(h) => {
                             fetched.insert(t, h);
                         }
@@ -701,6 +704,42 @@ impl Node {
         }
         drop(guards);
         Ok(())
+    }
+
+    /// Reads `limit` publications of stream `t` after `after` for a resume, sharing a
+    /// read already in flight for the same range (if it asked for at least as many).
+    /// A shared answer may be a little older than a fresh one would be: the resume's
+    /// checks read again when it does not reach far enough.
+    async fn read_after(
+        &self,
+        t: &Arc<str>,
+        after: u64,
+        limit: usize,
+    ) -> Result<History, BrokerError> {
+        use futures_util::FutureExt as _;
+        let key = (t.clone(), after);
+        let read = {
+            let mut reads = self.reads.lock();
+            match reads.get(&key) {
+                Some((asked, read)) if *asked >= limit => read.clone(),
+                _ => {
+                    let opts = *self.core.namespaces.stream(t).expect("a stream");
+                    let read = self
+                        .broker
+                        .history(t, &opts, HistoryQuery::After { seq: after, limit })
+                        .shared();
+                    reads.insert(key.clone(), (limit, read.clone()));
+                    read
+                }
+            }
+        };
+        let answer = read.clone().await;
+        // Done: the next resume of this range reads afresh.
+        let mut reads = self.reads.lock();
+        if reads.get(&key).is_some_and(|(_, r)| r.ptr_eq(&read)) {
+            reads.remove(&key);
+        }
+        answer
     }
 
     /// Reads the position of every stream in `topics` that this node has just started
@@ -1346,6 +1385,8 @@ mod tests {
         events: Arc<dyn BrokerEvents>,
         lose: Mutex<Vec<u64>>,
         busy: bool,
+        /// `After` reads answered, each after a few milliseconds (so reads overlap).
+        slow_reads: Option<Arc<std::sync::atomic::AtomicUsize>>,
     }
     impl TestBroker {
         fn with(
@@ -1359,6 +1400,7 @@ mod tests {
                     events,
                     lose: Mutex::new(lose),
                     busy,
+                    slow_reads: None,
                 })
             }
         }
@@ -1388,11 +1430,22 @@ mod tests {
             opts: &crate::stream::StreamOptions,
             q: HistoryQuery,
         ) -> BrokerFuture<History> {
-            if self.busy && matches!(q, HistoryQuery::After { .. }) {
+            let after = matches!(q, HistoryQuery::After { .. });
+            if self.busy && after {
                 // Appended (and relayed) at once: the future only carries the answer.
                 drop(self.publish_stream(topic, b"0", 0, opts));
             }
-            BrokerFuture::ready(Ok(self.history.read(topic, opts, q)))
+            let h = self.history.read(topic, opts, q);
+            match &self.slow_reads {
+                Some(count) if after => {
+                    count.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                    BrokerFuture::pending(async move {
+                        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                        Ok(h)
+                    })
+                }
+                _ => BrokerFuture::ready(Ok(h)),
+            }
         }
         fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
             BrokerFuture::ready(Ok(()))
@@ -1515,6 +1568,54 @@ mod tests {
         for (i, text) in got.iter().enumerate() {
             assert!(text.ends_with(&format!(r#""seq":{}}}"#, 4 + i)), "{text}");
         }
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_resumes_reads_the_history_once() {
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = reads.clone();
+        let node = Node::with_namespaces(
+            Metrics::default(),
+            1024,
+            chat_streams(1000),
+            move |events| {
+                TestBroker::with(&[], false)(events).map(|mut b| {
+                    b.slow_reads = Some(counted);
+                    b
+                })
+            },
+        )
+        .unwrap();
+        let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
+        let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;
+        let epoch = start[0].position.epoch.to_string();
+        for i in 1..=100 {
+            publish_now(&node, "chat:1", &i.to_string());
+        }
+        let recorders: Vec<Arc<Recorder>> =
+            (0..50).map(|_| Arc::new(Recorder::default())).collect();
+        let resumes = recorders.iter().enumerate().map(|(i, r)| {
+            let sub: Arc<dyn Subscriber> = r.clone();
+            let node = &node;
+            let epoch = epoch.clone();
+            async move {
+                join(
+                    node,
+                    10 + i as u64,
+                    &sub,
+                    &[t("chat:1")],
+                    &[("chat:1", 40, &epoch)],
+                )
+                .await
+            }
+        });
+        let starts = futures_util::future::join_all(resumes).await;
+        assert!(starts.iter().all(|s| s[0].recovered == Some(true)));
+        for r in &recorders {
+            assert_eq!(texts(r).len(), 60, "41..100 replayed to each");
+        }
+        let n = reads.load(std::sync::atomic::Ordering::Relaxed);
+        assert!(n <= 2, "50 resumes of one range read the history {n} times");
     }
 
     #[tokio::test]
