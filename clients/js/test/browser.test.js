@@ -94,8 +94,8 @@ test(
       await waitNode(bob, "node-2", "bob");
 
       // The pages subscribe on load; the chat subscription is confirmed before sending.
-      await alice.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
-      await bob.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
+      await alice.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
+      await bob.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
       await say(alice, "hello from alice");
       await sees(bob, "hello from alice", "bob sees alice's message");
       await sees(alice, "hello from alice", "alice sees her own message");
@@ -124,7 +124,7 @@ test(
         assert.equal(await text(alice, "#reconnects"), "1");
 
         // Still receiving on the new node: chat both ways, and the ticker.
-        await alice.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
+        await alice.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
         await say(bob, "still there?");
         await sees(alice, "still there?", "alice receives after moving to node 2");
         await say(alice, "yes, via node-2 now");
