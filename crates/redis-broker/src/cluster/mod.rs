@@ -38,14 +38,18 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use wsgate_fanout::{Broker, BrokerEvents, BrokerFuture};
+use wsgate_fanout::{
+    Broker, BrokerError, BrokerEvents, BrokerFuture, History, HistoryQuery, Position, StreamOptions,
+};
 use wsgate_metrics::Metrics;
 
 use crate::channel::Channels;
 use crate::connect::{cluster_client, ConnectError, TlsFiles};
 use crate::envelope;
 use crate::health::Health;
+use crate::job;
 use crate::reply::{self, unavailable};
+use crate::streams;
 use subscribe::{Command, Manager};
 use topology::SlotMap;
 
@@ -146,6 +150,23 @@ impl ClusterBroker {
     }
 }
 
+impl ClusterBroker {
+    /// Queues `job` for the primary of `topic`'s slot. Queued before returning: the
+    /// call order is the order on the shard.
+    fn queue(&self, topic: &str, job: job::Job) -> Result<(), BrokerError> {
+        let slot = slot::key_slot(&self.shared.channels.channel(topic));
+        let Some((shard, _)) = self.shared.map().owner(slot) else {
+            return Err(unavailable("no Redis Cluster shard owns the slot"));
+        };
+        if !self.shared.health.shard_up(shard) {
+            return Err(unavailable("the Redis Cluster shard is not connected"));
+        }
+        self.jobs
+            .send(publish::Job { slot, job })
+            .map_err(|_| BrokerError::Closed)
+    }
+}
+
 impl Drop for ClusterBroker {
     fn drop(&mut self) {
         self.shared.stop.cancel();
@@ -155,35 +176,45 @@ impl Drop for ClusterBroker {
 impl Broker for ClusterBroker {
     fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture {
         let channel = self.shared.channels.channel(topic);
-        let slot = slot::key_slot(&channel);
-        let Some((shard, _)) = self
-            .shared
-            .map()
-            .owner(slot)
-            .map(|(i, p)| (i, p.id.clone()))
-        else {
-            return BrokerFuture::ready(Err(unavailable("no Redis Cluster shard owns the slot")));
-        };
-        if !self.shared.health.shard_up(shard) {
-            return BrokerFuture::ready(Err(unavailable(
-                "the Redis Cluster shard is not connected",
-            )));
-        }
-        // Queued before returning: the call order is the order on the shard.
+        let payload = envelope::encode(data, accepted_at);
         let (ack, done) = oneshot::channel();
-        if self
-            .jobs
-            .send(publish::Job {
-                slot,
-                channel,
-                payload: envelope::encode(data, accepted_at),
-                ack,
-            })
-            .is_err()
-        {
-            return BrokerFuture::ready(Err(wsgate_fanout::BrokerError::Closed));
+        let job = job::Job {
+            op: job::Op::Publish { channel, payload },
+            ack: job::Ack::Done(ack),
+        };
+        match self.queue(topic, job) {
+            Ok(()) => reply::answer(done),
+            Err(e) => BrokerFuture::ready(Err(e)),
         }
-        reply::answer(done)
+    }
+
+    fn publish_stream(
+        &self,
+        topic: &str,
+        data: &[u8],
+        accepted_at: u64,
+        opts: &StreamOptions,
+    ) -> BrokerFuture<Position> {
+        let channel = self.shared.channels.channel(topic);
+        let (job, rx) = job::Job::call(streams::publish_cmd(&channel, data, accepted_at, opts));
+        match self.queue(topic, job) {
+            Ok(()) => job::answer_with(rx, streams::parse_position),
+            Err(e) => BrokerFuture::ready(Err(e)),
+        }
+    }
+
+    fn history(
+        &self,
+        topic: &str,
+        opts: &StreamOptions,
+        query: HistoryQuery,
+    ) -> BrokerFuture<History> {
+        let channel = self.shared.channels.channel(topic);
+        let (job, rx) = job::Job::call(streams::history_cmd(&channel, opts, query));
+        match self.queue(topic, job) {
+            Ok(()) => job::answer_with(rx, streams::parse_history),
+            Err(e) => BrokerFuture::ready(Err(e)),
+        }
     }
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {

@@ -40,7 +40,7 @@ use tracing::{debug, info, warn};
 use wsgate_fanout::BrokerEvents;
 
 use crate::backoff::Backoff;
-use crate::cluster::publish::{self, spublish};
+use crate::cluster::publish::{self, install_on, spublish};
 use crate::cluster::slot::key_slot;
 use crate::cluster::topology::SlotMap;
 use crate::cluster::Shared;
@@ -89,6 +89,8 @@ pub(crate) struct Manager {
     last_probe: Option<Instant>,
     /// Probe channel per slot (`<prefix>{tag}` with the tag hashing to the slot).
     probe_channels: HashMap<u16, Vec<u8>>,
+    /// A connection was lost: every held topic is subscribed again at the next probe.
+    resync: bool,
 }
 
 impl Manager {
@@ -110,6 +112,7 @@ impl Manager {
             probe_wanted: true,
             last_probe: None,
             probe_channels: HashMap::new(),
+            resync: false,
         }
     }
 
@@ -270,13 +273,13 @@ impl Manager {
     }
 
     /// `SSUBSCRIBE`s every group (one slot each), all at once; the topics confirmed are
-    /// held. Returns how many were confirmed per shard.
+    /// held. Returns how many were confirmed per shard, and which.
     async fn subscribe(
         &mut self,
         conn: &ClusterConnection,
         map: &SlotMap,
         groups: BTreeMap<u16, Vec<Arc<str>>>,
-    ) -> HashMap<usize, usize> {
+    ) -> (HashMap<usize, usize>, Vec<Arc<str>>) {
         let mut sends = Vec::new();
         for (slot, topics) in groups {
             for chunk in topics.chunks(CHUNK) {
@@ -290,6 +293,7 @@ impl Manager {
             }
         }
         let mut per_shard: HashMap<usize, usize> = HashMap::new();
+        let mut confirmed = Vec::new();
         for (slot, topics, result) in join_all(sends).await {
             let why = match result {
                 Ok(Ok(())) => {
@@ -300,6 +304,7 @@ impl Manager {
                     debug!(slot, count = topics.len(), "ssubscribed");
                     for t in topics {
                         self.dropped.remove(&t);
+                        confirmed.push(t.clone());
                         self.held.insert(
                             t,
                             Held {
@@ -317,7 +322,7 @@ impl Manager {
             self.shared.health.error();
             self.probe_wanted = true;
         }
-        per_shard
+        (per_shard, confirmed)
     }
 
     /// `SUNSUBSCRIBE`s `topics` (no longer held), grouped per slot.
@@ -364,7 +369,13 @@ impl Manager {
 
     async fn on_signal(&mut self, signal: Signal, conn: &mut ClusterConnection) {
         match signal {
-            Signal::Disconnected => self.probe_wanted = true,
+            Signal::Disconnected => {
+                // The client reconnects and resubscribes by itself, but what was
+                // published meanwhile is lost: subscribe everything again at the next
+                // probe and tell the node, which catches its streams up.
+                self.probe_wanted = true;
+                self.resync = true;
+            }
             Signal::Channel {
                 subscribed: true,
                 channel,
@@ -497,8 +508,12 @@ impl Manager {
         let ups = join_all(probes).await;
         let first = self.seen.is_empty();
         let mut back: HashSet<usize> = HashSet::new();
+        let mut install = Vec::new();
         for (i, (primary, up)) in map.primaries().iter().zip(&ups).enumerate() {
             let was = self.seen.insert(primary.id.clone(), *up);
+            if *up && was != Some(true) {
+                install.push(map.first_slot(i));
+            }
             if !*up {
                 if was != Some(false) {
                     warn!(shard = i, primary = %primary.addr, "Redis Cluster shard down");
@@ -512,13 +527,32 @@ impl Manager {
         }
         self.seen
             .retain(|id, _| map.primaries().iter().any(|p| p.id == *id));
+        // A primary seen up for the first time, or again, may have lost its functions
+        // (a restart without persistence, a new node): install them.
+        let installs = install.into_iter().map(|slot| {
+            let mut conn = conn.clone();
+            async move {
+                let r = tokio::time::timeout(CONFIRM_TIMEOUT, install_on(&mut conn, slot)).await;
+                (slot, r)
+            }
+        });
+        for (slot, r) in join_all(installs).await {
+            let why = match r {
+                Ok(Ok(())) => continue,
+                Ok(Err(e)) => e.to_string(),
+                Err(_) => "no answer in time".to_string(),
+            };
+            warn!(slot, error = %why, "could not install the stream functions (FUNCTION LOAD); streams will not work there");
+        }
         self.shared.health.set_shards(&ups, map.covers_all());
 
         // Topics to place: on a shard that came back, held elsewhere than their
-        // slot's owner, or dropped by the server.
+        // slot's owner, dropped by the server, or all held ones after a lost
+        // connection.
+        let resync = std::mem::take(&mut self.resync);
         let mut place: BTreeMap<u16, Vec<Arc<str>>> = BTreeMap::new();
         let mut placing: HashSet<Arc<str>> = HashSet::new();
-        let topics = if back.is_empty() && self.dropped.is_empty() && !changed {
+        let topics = if back.is_empty() && self.dropped.is_empty() && !changed && !resync {
             Vec::new()
         } else {
             self.events.topics()
@@ -533,16 +567,20 @@ impl Manager {
             }
             let moved = self.held.get(&t).is_some_and(|h| h.owner != owner.id);
             let missing = !self.held.contains_key(&t) && self.dropped.contains(&t);
-            if (back.contains(&shard) || moved || missing) && placing.insert(t.clone()) {
+            let lost = resync && self.held.contains_key(&t);
+            if (back.contains(&shard) || moved || missing || lost) && placing.insert(t.clone()) {
                 place.entry(slot).or_default().push(t);
             }
         }
         if !place.is_empty() {
             let n: usize = place.values().map(Vec::len).sum();
             info!(topics = n, "placing topics on their shard");
-            let per_shard = self.subscribe(conn, &map, place).await;
+            let (per_shard, confirmed) = self.subscribe(conn, &map, place).await;
             for (shard, n) in per_shard {
                 self.shared.health.resubscribed(Some(shard), n);
+            }
+            if !confirmed.is_empty() {
+                self.events.resubscribed(&confirmed);
             }
         }
         // Topics the node holds that no slot owner serves now stay held: they are
