@@ -90,9 +90,15 @@ test("page subscribed to a stream, its node drained and killed: no message lost 
     await waitFor(async () => (await seen()) >= earlier.length + 25, { what: "25 live messages on node-1" });
     await page.screenshot({ path: path.join(artifacts(), "streams-before-drain.png") });
 
+    // The page's jitter after a 1001 is random in 0..1 s; pinned near 1 s (the client's
+    // jitter source) so that the backend surely publishes while the page is away.
+    await demo(page, () => {
+      window.wsgateDemo.client._random = () => 0.99;
+    });
     // Drain node 1 (the page gets 1001 and leaves), then kill it for good.
     n1.kill("SIGTERM");
     await waitFor(() => demo(page, () => window.wsgateDemo.client.welcome?.node !== "node-1"), { timeoutMs: 10000, what: "page left node-1" });
+    const left = published.length;
     n1.kill("SIGKILL");
     await n1.exited;
     await waitFor(async () => (await demo(page, () => document.body.dataset.state)) === "open" && (await page.locator("#node").textContent()) === "node-2", {
@@ -100,6 +106,7 @@ test("page subscribed to a stream, its node drained and killed: no message lost 
       what: "page open on node-2",
     });
     const moved = published.length;
+    assert.ok(moved - left >= 10, `published while the page was away: ${moved - left}`);
     await waitFor(() => published.length >= moved + 25, { what: "25 more publications after the move" });
     stop = true;
     await backend;

@@ -204,8 +204,10 @@ describe("two nodes on one Redis, chat:* a stream", { skip }, () => {
       const disconnected = nextEvent(c, "disconnect");
       n1.kill("SIGTERM");
       assert.equal((await disconnected).code, 1001);
+      const left = published.length;
       await waitFor(() => c.state === "open" && c.welcome?.node === "redis-2", { timeoutMs: 15000, what: "moved to node 2" });
       const mark = published.length;
+      assert.ok(mark - left >= 5, `published while the client was away: ${mark - left}`);
       await waitFor(() => published.length >= mark + 20, { what: "20 more publications" });
     } finally {
       stop = true;
