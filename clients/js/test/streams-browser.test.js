@@ -57,6 +57,7 @@ test("page subscribed to a stream, its node drained and killed: no message lost 
   page.on("pageerror", (e) => consoleLines.push(`pageerror: ${e.message}`));
   let stop = false;
   let backend = Promise.resolve();
+  const published = []; // seqs answered by the gateway, in order
   try {
     // Some history first: the page shows it, then subscribes from right after it.
     const earlier = [];
@@ -75,7 +76,7 @@ test("page subscribed to a stream, its node drained and killed: no message lost 
     assert.deepEqual(await demo(page, () => window.wsgateDemo.chat.seqs), earlier, "the history is on the page");
 
     // The backend: one publication every 20 ms through node 2, numbered.
-    const published = [...earlier];
+    published.push(...earlier);
     let n = earlier.length;
     backend = (async () => {
       while (!stop) {
@@ -132,6 +133,16 @@ test("page subscribed to a stream, its node drained and killed: no message lost 
     const errors = consoleLines.filter((l) => /pageerror|error:/.test(l) && !/WebSocket connection to .* failed/.test(l));
     assert.deepEqual(errors, [], "no page errors");
   } catch (err) {
+    const state = await page
+      .evaluate(() => ({
+        seqs: window.wsgateDemo.chat.seqs.join(","),
+        resyncs: window.wsgateDemo.chat.resyncs,
+        position: window.wsgateDemo.client.position(window.wsgateDemo.chatTopic),
+        duplicates: window.wsgateDemo.client.duplicates,
+        events: document.getElementById("event-log").textContent,
+      }))
+      .catch((e) => `(page state unavailable: ${e.message})`);
+    err.message += `\n--- page ---\n${JSON.stringify(state, null, 1)}\n--- published ---\n${published.join(",")}`;
     err.message += `\n--- browser console ---\n${consoleLines.join("\n")}\n--- node-2 log (tail) ---\n${n2.log.slice(-3000)}`;
     throw err;
   } finally {
