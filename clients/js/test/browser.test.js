@@ -96,6 +96,11 @@ test(
       // The pages subscribe on load; the chat subscription is confirmed before sending.
       await alice.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
       await bob.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
+      if (hasDemo) {
+        // `--demo` alone makes the chat room a stream: numbered, resumed after reconnects.
+        await waitFor(() => alice.evaluate(() => window.wsgateDemo.chat.joined), { what: "alice joined the chat" });
+        assert.equal(await alice.evaluate(() => window.wsgateDemo.chat.stream), true, "the demo chat is a stream");
+      }
       await say(alice, "hello from alice");
       await sees(bob, "hello from alice", "bob sees alice's message");
       await sees(alice, "hello from alice", "alice sees her own message");
