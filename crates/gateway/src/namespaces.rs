@@ -59,12 +59,19 @@ fn err(span: Range<usize>, message: String) -> SettingError {
 /// 1..=[`MAX_HISTORY_SIZE`], `history_ttl` not a positive duration up to
 /// [`MAX_HISTORY_TTL`], or only one of the two.
 pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
-    let section: Section = toml::from_str(text).map_err(|e| SettingError {
-        span: e.span(),
-        message: match e.message() {
-            m if m.contains("field") => format!("namespaces: {m}"),
-            m => m.to_string(),
-        },
+    let section: Section = toml::from_str(text).map_err(|e| {
+        let m = e.message();
+        let message = match e.span().and_then(|s| key_at(text, s.start)) {
+            Some(k) if k != "namespaces" => format!("namespaces: `{k}`: {m}"),
+            _ if m.contains("expected a sequence") => {
+                format!("namespaces: {m} (write one [[namespaces]] table per namespace)")
+            }
+            _ => format!("namespaces: {m}"),
+        };
+        SettingError {
+            span: e.span(),
+            message,
+        }
     })?;
     let mut names: HashMap<String, usize> = HashMap::new();
     let mut patterns: HashMap<String, String> = HashMap::new();
@@ -167,6 +174,19 @@ pub fn describe(namespaces: &Namespaces) -> Vec<String> {
             format!("{}: {} → {what}", ns.name, topics.join(", "))
         })
         .collect()
+}
+
+/// The key of the `key = value` line holding `offset`, if it is one.
+fn key_at(text: &str, offset: usize) -> Option<&str> {
+    let offset = offset.min(text.len());
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let end = text
+        .get(offset..)?
+        .find('\n')
+        .map_or(text.len(), |i| offset + i);
+    let (key, _) = text.get(start..end)?.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[')).then_some(key)
 }
 
 fn history_size(size: &Spanned<i64>) -> Result<usize, String> {
@@ -272,7 +292,9 @@ mod tests {
         let e = parse_err(&ns("10", "\"soon\""));
         assert!(e.contains("history_ttl") && e.contains("examples"), "{e}");
         let e = parse_err(&ns("10", "600"));
-        assert!(e.contains("history_ttl") || e.contains("string"), "{e}");
+        assert!(e.contains("`history_ttl`") && e.contains("string"), "{e}");
+        let e = parse_err(&ns("\"many\"", "\"10m\""));
+        assert!(e.contains("`history_size`"), "{e}");
         let e = parse_err("[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\nhistory_size = 5\n");
         assert!(e.contains("history_ttl: needed"), "{e}");
         let e = parse_err("[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\nhistory_ttl = \"5s\"\n");
@@ -309,6 +331,10 @@ mod tests {
         let e = parse_err("[[namespaces]]\ntopics = [\"x\"]\n");
         assert!(e.contains("name"), "{e}");
         let e = parse_err("namespaces = 3\n");
-        assert!(!e.is_empty());
+        assert!(e.contains("[[namespaces]]"), "{e}");
+        let e = parse_err("[namespaces]\nname = \"x\"\n");
+        assert!(e.contains("[[namespaces]]"), "{e}");
+        let e = parse_err("[[namespaces]]\nname = \"a\"\ntopics = \"x\"\n");
+        assert!(e.contains("`topics`"), "{e}");
     }
 }

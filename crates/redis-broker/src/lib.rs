@@ -93,6 +93,10 @@ pub struct RedisOptions {
     pub unsubscribe_delay: Duration,
     /// The node's metrics, to feed `wsgate_redis_*`.
     pub metrics: Option<Metrics>,
+    /// Install the stream function library on every (re)connect (the node has
+    /// streams). Without it the library is installed when a stream call finds it
+    /// missing, and a node without streams never loads it.
+    pub install_functions: bool,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -117,6 +121,7 @@ impl RedisOptions {
             prefix: DEFAULT_PREFIX.into(),
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
             metrics: None,
+            install_functions: false,
         }
     }
 
@@ -155,7 +160,12 @@ impl RedisBroker {
         let stop = CancellationToken::new();
         let channels = Channels::new(&options.prefix, None);
         let health = Arc::new(Health::new(options.metrics));
-        let publisher = Publisher::start(connector.clone(), health.clone(), stop.clone());
+        let publisher = Publisher::start(
+            connector.clone(),
+            health.clone(),
+            options.install_functions,
+            stop.clone(),
+        );
         let (commands, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             connector,

@@ -38,10 +38,11 @@ impl Publisher {
     pub(crate) fn start(
         connector: Connector,
         health: Arc<Health>,
+        install: bool,
         stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(connector, rx, health.clone(), stop));
+        tokio::spawn(writer(connector, rx, health.clone(), install, stop));
         Publisher { tx, health }
     }
 
@@ -100,6 +101,7 @@ async fn writer(
     connector: Connector,
     mut rx: mpsc::UnboundedReceiver<Job>,
     health: Arc<Health>,
+    install: bool,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
@@ -124,8 +126,10 @@ async fn writer(
         backoff.reset();
         // A Redis restarted without persistence, or flushed, has lost its functions:
         // (re)install them on every connect. Plain pub/sub works without them.
-        if let Err(e) = Single(&mut conn).install().await {
-            warn!(error = %e, "could not install the stream functions (FUNCTION LOAD); streams will not work");
+        if install {
+            if let Err(e) = Single(&mut conn).install().await {
+                warn!(error = %e, "could not install the stream functions (FUNCTION LOAD); streams will not work");
+            }
         }
         health.set_publish_up(true);
         if lost_before {

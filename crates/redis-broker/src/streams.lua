@@ -69,6 +69,11 @@ end
 -- Keeps at most `size` entries, none written before `cutoff` (ms).
 local function trim(k, size, cutoff)
   redis.call('XTRIM', k.history, 'MAXLEN', size)
+  -- Usually the oldest entry is young enough: one look.
+  local head = redis.call('XRANGE', k.history, '-', '+', 'COUNT', 1)
+  if #head == 0 or tonumber(head[1][2][2]) >= cutoff then
+    return
+  end
   while true do
     local batch = redis.call('XRANGE', k.history, '-', '+', 'COUNT', 64)
     if #batch == 0 then

@@ -24,6 +24,7 @@ fn opts(size: usize, ttl: Duration) -> StreamOptions {
 async fn broker(redis: &RedisProc, events: &Arc<Recorder>) -> RedisBroker {
     let mut options = RedisOptions::new(redis.url());
     options.unsubscribe_delay = Duration::ZERO;
+    options.install_functions = true;
     let b = RedisBroker::start(options, events.clone()).unwrap();
     assert!(eventually(WAIT, || b.is_ready()).await, "broker ready");
     b
@@ -394,4 +395,123 @@ async fn a_killed_subscription_is_reported_once_resubscribed() {
     let o = opts(10, Duration::from_secs(60));
     publish(&x, "a", "{}", &o).await;
     assert!(eventually(WAIT, || events.stream("a").len() == 1).await);
+}
+
+/// A local subscriber keeping the text of every frame it gets (small frames only).
+#[derive(Default)]
+struct Frames(parking_lot::Mutex<Vec<String>>);
+
+impl wsgate_fanout::Subscriber for Frames {
+    fn deliver(&self, p: &wsgate_fanout::Publication) {
+        assert!(p.frame.len() < 127, "small frames: a 2-byte header");
+        let text = String::from_utf8(p.frame[2..].to_vec()).unwrap();
+        self.0.lock().push(text);
+    }
+}
+
+fn redis_node(redis: &RedisProc) -> wsgate_fanout::Node {
+    use wsgate_fanout::{Namespace, Namespaces, Node, Pattern};
+    let namespaces = Namespaces::new(vec![Namespace {
+        name: "chat".into(),
+        topics: vec![Pattern::parse("chat:*").unwrap()],
+        stream: Some(opts(3, Duration::from_secs(60))),
+    }])
+    .unwrap();
+    let mut options = RedisOptions::new(redis.url());
+    options.install_functions = true;
+    Node::with_namespaces(
+        wsgate_metrics::Metrics::default(),
+        1 << 16,
+        namespaces,
+        |events| RedisBroker::start(options, events),
+    )
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_deliver_and_resume_a_stream_through_redis() {
+    use std::collections::HashMap;
+    use wsgate_fanout::{Source, Subscriber};
+
+    let redis = RedisProc::start();
+    let (a, b) = (redis_node(&redis), redis_node(&redis));
+    assert!(eventually(WAIT, || a.broker_ready() && b.broker_ready()).await);
+    let frames = Arc::new(Frames::default());
+    let sub: Arc<dyn Subscriber> = frames.clone();
+    let topics = [Arc::from("chat:1"), Arc::from("news")];
+    let mut starts = Vec::new();
+    b.subscribe_streams(1, &sub, &topics, &[], &HashMap::new(), |s| {
+        starts = s.to_vec()
+    })
+    .await
+    .unwrap();
+    assert_eq!(starts.len(), 1);
+    assert_eq!(starts[0].position.seq, 0);
+    let epoch = starts[0].position.epoch.clone();
+
+    // Node a publishes; node b's subscriber gets every publication with its seq.
+    for i in 1..=3 {
+        let p = a
+            .publish(Source::Http, "chat:1", format!("{i}").as_bytes())
+            .unwrap()
+            .await
+            .unwrap()
+            .expect("a stream has positions");
+        assert_eq!((p.seq, &p.epoch), (i, &epoch));
+    }
+    a.publish(Source::Http, "news", b"{}")
+        .unwrap()
+        .await
+        .unwrap();
+    // A backend's publication takes the next seq.
+    cli(
+        redis.port,
+        &[
+            "FCALL",
+            "wsgate_publish",
+            "1",
+            "wsgate:chat:1",
+            "from a backend",
+        ],
+    );
+    let want = [
+        r#"{"op":"message","topic":"chat:1","data":1,"seq":1}"#,
+        r#"{"op":"message","topic":"chat:1","data":2,"seq":2}"#,
+        r#"{"op":"message","topic":"chat:1","data":3,"seq":3}"#,
+        r#"{"op":"message","topic":"news","data":{}}"#,
+        r#"{"op":"message","topic":"chat:1","data":"from a backend","seq":4}"#,
+    ];
+    assert!(
+        eventually(WAIT, || frames.0.lock().len() == want.len()).await,
+        "{:?}",
+        frames.0.lock()
+    );
+    assert_eq!(*frames.0.lock(), want);
+
+    // A client resuming after seq 2 on node a gets 3 and 4 from the Redis history.
+    let late = Arc::new(Frames::default());
+    let late_sub: Arc<dyn Subscriber> = late.clone();
+    let since = HashMap::from([(
+        Arc::from("chat:1"),
+        Position {
+            seq: 2,
+            epoch: epoch.clone(),
+        },
+    )]);
+    let mut starts = Vec::new();
+    a.subscribe_streams(2, &late_sub, &topics[..1], &[], &since, |s| {
+        starts = s.to_vec()
+    })
+    .await
+    .unwrap();
+    assert_eq!(starts[0].recovered, Some(true));
+    assert!(eventually(WAIT, || late.0.lock().len() == 2).await);
+    assert_eq!(
+        *late.0.lock(),
+        want[2..5]
+            .iter()
+            .filter(|w| w.contains("chat:1"))
+            .copied()
+            .collect::<Vec<_>>()
+    );
 }

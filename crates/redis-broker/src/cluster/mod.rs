@@ -73,6 +73,9 @@ pub struct ClusterOptions {
     pub hash_tag_separator: Option<u8>,
     /// The node's metrics.
     pub metrics: Option<Metrics>,
+    /// Install the stream function library on every primary whenever one is seen up
+    /// (the node has streams); else only when a stream call finds it missing.
+    pub install_functions: bool,
 }
 
 impl std::fmt::Debug for ClusterOptions {
@@ -140,7 +143,8 @@ impl ClusterBroker {
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
-        let manager = Manager::new(shared.clone(), events, target, options.unsubscribe_delay);
+        let mut manager = Manager::new(shared.clone(), events, target, options.unsubscribe_delay);
+        manager.install_functions = options.install_functions;
         tokio::spawn(manager.run(client, rx, push_rx, probe_rx, jobs_rx));
         Ok(ClusterBroker {
             shared,

@@ -26,7 +26,9 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use tokio::sync::mpsc;
 use tracing::debug;
 
@@ -61,6 +63,17 @@ impl Target for Slot {
     fn install(&mut self) -> impl std::future::Future<Output = redis::RedisResult<()>> + Send + '_ {
         install_on(&mut self.conn, self.slot)
     }
+}
+
+/// `FUNCTION LOAD REPLACE` of the stream library on every primary.
+pub(crate) async fn install_all(conn: &mut ClusterConnection) -> redis::RedisResult<()> {
+    let all = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::AllSucceeded),
+    ));
+    conn.route_command(streams::load_cmd(true), all)
+        .await
+        .map(|_| ())
 }
 
 /// `FUNCTION LOAD REPLACE` of the stream library on the primary of `slot`.
