@@ -14,7 +14,7 @@ import { existsSync } from "node:fs";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import { chromium } from "playwright-core";
-import { artifacts, gatewayHelp, sleep, startGateway, startRedis, stopAll, streamConfig, waitFor } from "./helpers.js";
+import { artifacts, gatewayHelp, sleep, startGateway, startRedis, stopAll, streamConfig, waitFor, within } from "./helpers.js";
 
 const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
 const help = gatewayHelp();
@@ -101,7 +101,7 @@ test("page subscribed to a stream, its node drained and killed: no message lost 
     await waitFor(() => demo(page, () => window.wsgateDemo.client.welcome?.node !== "node-1"), { timeoutMs: 10000, what: "page left node-1" });
     const left = published.length;
     n1.kill("SIGKILL");
-    await n1.exited;
+    await within(n1.exited, 10000, "node-1 killed");
     await waitFor(async () => (await demo(page, () => document.body.dataset.state)) === "open" && (await page.locator("#node").textContent()) === "node-2", {
       timeoutMs: 20000,
       what: "page open on node-2",

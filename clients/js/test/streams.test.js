@@ -157,7 +157,7 @@ describe("one embedded node, chat:* a stream", { skip }, () => {
     const disconnected = nextEvent(c, "disconnect");
     g1.kill("SIGTERM");
     assert.equal((await disconnected).code, 1001, "drain: going away");
-    assert.equal(await g1.exited, 0);
+    assert.equal(await within(g1.exited, 15000, "epoch-1 exit"), 0);
     const g2 = await startGateway({ name: "epoch-2", port, args: ["--node-id", "epoch-2", "--config", config] });
     const resync = await nextEvent(c, "resync", 15000);
     assert.equal(resync.reason, "not_recovered");
@@ -225,6 +225,6 @@ describe("two nodes on one Redis, chat:* a stream", { skip }, () => {
     );
     assert.ok(subscribes(c)[1]?.since?.["chat:nodes"], "resumed with since");
     assert.deepEqual(c.resyncs, []);
-    assert.equal(await n1.exited, 0);
+    assert.equal(await within(n1.exited, 15000, "redis-1 exit"), 0);
   });
 });
