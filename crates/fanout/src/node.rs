@@ -138,11 +138,11 @@ impl Core {
     /// Runs a stream state's actions, the shard lock held: delivery order is the
     /// order the state decided. Returns the repairs to start once the lock is
     /// released ([`Core::repair`]).
-    fn run(&self, topic: &Arc<str>, actions: Vec<Action>) -> Vec<(u64, u64)> {
+    fn run(&self, topic: &Arc<str>, actions: Vec<Action>) -> Vec<Action> {
         let mut repairs = Vec::new();
         for action in actions {
             match action {
-                Action::Deliver(e) => {
+                Action::Deliver(ref e) => {
                     let p = Publication::encode_seq(topic, &e.data, e.accepted_at, e.seq);
                     self.hub.deliver(topic, &p);
                 }
@@ -151,13 +151,72 @@ impl Core {
                     self.hub
                         .deliver(topic, &Publication::reset(topic, seq, &epoch));
                 }
-                Action::Repair { after, upto } => {
+                Action::Repair { .. } => {
                     self.metrics.stream_gaps.inc();
-                    repairs.push((after, upto));
+                    repairs.push(action);
                 }
+                Action::Restart { .. } => repairs.push(action),
             }
         }
         repairs
+    }
+
+    /// Starts what a stream's state asked for once the locks are released: repairs,
+    /// and restarts of a stream that went back.
+    fn follow(self: &Arc<Self>, topic: &Arc<str>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Repair { after, upto } => self.repair(topic.clone(), after, upto),
+                Action::Restart { epoch, seq } => self.restart(topic.clone(), epoch, seq),
+                Action::Deliver(_) | Action::Reset { .. } => {}
+            }
+        }
+    }
+
+    /// Has the broker restart a stream that went back behind what this node delivered
+    /// (a failover lost acknowledged publications), then announces the new epoch.
+    fn restart(self: &Arc<Self>, topic: Arc<str>, epoch: Arc<str>, seq: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        tracing::warn!(
+            %topic,
+            seq,
+            "stream went back behind what was delivered (a Redis failover lost \
+             acknowledged publications): restarting its numbering in a new epoch"
+        );
+        let core = self.clone();
+        rt.spawn(async move {
+            let Some(opts) = core.namespaces.stream(&topic).copied() else {
+                return;
+            };
+            let Some(broker) = core.broker.get().and_then(Weak::upgrade) else {
+                return;
+            };
+            let read = broker
+                .history(&topic, &opts, HistoryQuery::Restart { epoch, seq })
+                .await;
+            match read {
+                Ok(h) => core.at_position(&topic, &h.position),
+                // The next resubscribe or publication looks again.
+                Err(e) => tracing::warn!(%topic, error = %e, "stream restart failed"),
+            }
+        });
+    }
+
+    /// Hands a stream's position, as read from the broker, to its state.
+    fn at_position(self: &Arc<Self>, topic: &Arc<str>, position: &Position) {
+        let repairs = {
+            let mut shard = self.streams[self.shard_of(topic)].lock();
+            match shard.get_mut(topic) {
+                Some(state) => {
+                    let actions = state.on_position(position);
+                    self.run(topic, actions)
+                }
+                None => Vec::new(),
+            }
+        };
+        self.follow(topic, repairs);
     }
 
     /// Reads the missing part of a stream and hands it to its state.
@@ -220,19 +279,7 @@ impl Core {
                 return;
             }
         };
-        let repairs = {
-            let mut shard = self.streams[self.shard_of(&topic)].lock();
-            match shard.get_mut(&topic) {
-                Some(state) => {
-                    let actions = state.on_position(&position);
-                    self.run(&topic, actions)
-                }
-                None => Vec::new(),
-            }
-        };
-        for (after, upto) in repairs {
-            self.repair(topic.clone(), after, upto);
-        }
+        self.at_position(&topic, &position);
     }
 
     fn repaired(self: &Arc<Self>, topic: Arc<str>, history: Option<History>) {
@@ -247,9 +294,7 @@ impl Core {
                 None => Vec::new(),
             }
         };
-        for (after, upto) in repairs {
-            self.repair(topic.clone(), after, upto);
-        }
+        self.follow(&topic, repairs);
     }
 }
 
@@ -302,9 +347,7 @@ impl BrokerEvents for Arc<Core> {
         }
         let repairs = self.run(&topic, actions);
         drop(shard);
-        for (after, upto) in repairs {
-            self.repair(topic.clone(), after, upto);
-        }
+        self.follow(&topic, repairs);
     }
 
     fn resubscribed(&self, topics: &[Arc<str>]) {
@@ -709,19 +752,7 @@ impl Node {
         if read.position.epoch != target.epoch || read.position.seq < target.seq {
             return; // beyond the stream: never recovered
         }
-        let repairs = {
-            let mut shard = core.streams[core.shard_of(t)].lock();
-            match shard.get_mut(t) {
-                Some(state) => {
-                    let actions = state.on_position(&read.position);
-                    core.run(t, actions)
-                }
-                None => Vec::new(),
-            }
-        };
-        for (after, upto) in repairs {
-            core.repair(t.clone(), after, upto);
-        }
+        core.at_position(t, &read.position);
         let deadline = Instant::now() + REACH_WAIT;
         while behind() && Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
