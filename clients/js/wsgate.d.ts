@@ -3,7 +3,7 @@
 /** Any value that survives JSON.stringify / JSON.parse. */
 export type Json = null | boolean | number | string | Json[] | { [key: string]: Json };
 
-/** Protocol version this client speaks. */
+/** Protocol version this client speaks (with the v1.1 stream fields). */
 export declare const PROTOCOL_VERSION: 1;
 
 /** The connection state. `closed` is final (close(), or a 1008 without a new token). */
@@ -19,12 +19,50 @@ export interface Welcome {
   heartbeat_ms: number;
 }
 
-/** A publication as received. Later protocol versions may add fields (e.g. `seq`). */
+/** A publication as received. Later protocol versions may add fields. */
 export interface Message<T = Json> {
   op: "message";
   topic: string;
   data: T;
+  /** On a stream topic: the publication's number in its stream (one more than the previous). */
+  seq?: number;
   [extra: string]: unknown;
+}
+
+/** A place in a stream: publications after `seq` in `epoch` come next. */
+export interface Position {
+  seq: number;
+  epoch: string;
+}
+
+/**
+ * A stream topic lost publications the client cannot get back: the application resyncs
+ * it by other means (its backend, or `POST /api/history`).
+ * - `not_recovered`: a resume (`since`, after a reconnect or given to subscribe())
+ *   failed: the gateway's history no longer has what followed `previous`, or the epoch
+ *   changed. `seq`/`epoch` are where delivery continues (both null when the topic is no
+ *   longer a stream on that gateway).
+ * - `reset`: the gateway lost publications while subscribed: those after `previous` up
+ *   to `seq` of `epoch` are gone.
+ * - `gap`: a `seq` jumped without a `reset` (a gateway breaking its contract).
+ */
+export interface Resync {
+  topic: string;
+  reason: "not_recovered" | "reset" | "gap";
+  /** Delivery continues after this seq (null only for a topic that is no longer a stream). */
+  seq: number | null;
+  epoch: string | null;
+  /** The position before: the last publication delivered (or resumed from). */
+  previous: Position | null;
+}
+
+export interface SubscribeOptions {
+  /**
+   * Resume from this position (e.g. saved from `position()` before a page reload): the
+   * publications after it are delivered first. Used only when the topic is not yet
+   * subscribed.
+   */
+  since?: Position | null;
 }
 
 export type MessageHandler<T = Json> = (data: T, message: Message<T>) => void;
@@ -160,8 +198,10 @@ export interface Events {
   disconnect: (info: DisconnectInfo) => void;
   /** The idle probe went unanswered: the link is dead. */
   dead: (info: { url: string | null; idleMs: number }) => void;
-  /** Every publication received, after the topic handlers. */
+  /** Every publication received, after the topic handlers (stream duplicates dropped). */
   message: (message: Message) => void;
+  /** A stream topic lost publications (failed resume, `reset`, or a seq gap): resync it. */
+  resync: (info: Resync) => void;
   /** Errors not tied to a call (an `error` frame with id null, a handler that threw, ...). */
   error: (error: WsgateError | Error) => void;
 }
@@ -176,6 +216,8 @@ export declare class WsgateClient {
   readonly url: string | null;
   /** Connections opened after the first one. */
   readonly reconnects: number;
+  /** Stream messages dropped because they had already been delivered. */
+  readonly duplicates: number;
   /** Why the client closed for good, once `state` is `closed`. */
   readonly closeInfo: { code: number; reason: string; byClient?: boolean; policy?: boolean } | null;
 
@@ -184,16 +226,24 @@ export declare class WsgateClient {
   once<E extends keyof Events>(event: E, fn: Events[E]): () => void;
 
   /**
-   * Subscribes (kept across reconnects). Resolves once the server confirmed it; rejects
-   * with the server's code (the handler is then dropped) or `closed`.
+   * Subscribes (kept across reconnects; a stream topic resumes from its position).
+   * Resolves once the server confirmed it; rejects with the server's code (the handler
+   * is then dropped), `bad_request` (a malformed `since`) or `closed`.
    */
-  subscribe<T = Json>(topic: string, handler?: MessageHandler<T>): Promise<void>;
+  subscribe<T = Json>(topic: string, handler?: MessageHandler<T> | null, options?: SubscribeOptions): Promise<void>;
   /** Removes one handler, or all; unsubscribes from the server when none is left. */
   unsubscribe(topic: string, handler?: MessageHandler<any>): Promise<void>;
   /** Topics currently wanted. */
   topics(): string[];
-  /** Resolves on `published`; rejects with a WsgateError (see ErrorCode). */
-  publish(topic: string, data: Json): Promise<void>;
+  /** Last delivered position of a stream topic; null if not subscribed, not a stream, or not known yet. */
+  position(topic: string): Position | null;
+  /** Every known stream position, by topic (to save for a resume after a page reload). */
+  positions(): Record<string, Position>;
+  /**
+   * Resolves on `published`: with the publication's position on a stream topic, else
+   * `undefined`. Rejects with a WsgateError (see ErrorCode).
+   */
+  publish(topic: string, data: Json): Promise<Position | undefined>;
   /** Round-trip time of a `ping` op, in ms. */
   ping(): Promise<number>;
   /** Supplies a new token (refresh op if open; restarts after a 1008 stop). */
@@ -232,5 +282,7 @@ export declare function tokenExpiresAt(token: string): number | null;
 export declare function refreshDelay(expiresAt: number, now: number, marginMs?: number, minMs?: number): number | null;
 /** Absolute ws(s) URL (http(s) mapped, relative resolved against base). */
 export declare function resolveUrl(url: string, base?: string): string;
+/** `{seq, epoch}` copied from a value, or null when it is not a valid position. */
+export declare function toPosition(value: unknown): Position | null;
 /** URL with the `token` query parameter set. */
 export declare function withToken(url: string, token: string | null | undefined): string;

@@ -1,4 +1,4 @@
-// wsgate.js: client for the wsgate WebSocket pub/sub gateway (wire protocol v1).
+// wsgate.js: client for the wsgate WebSocket pub/sub gateway (wire protocol v1.1).
 //
 // Dependency-free ES module for browsers and Node. Uses the global `WebSocket` when there
 // is one, or the constructor passed as the `WebSocket` option (e.g. the `ws` package on
@@ -13,10 +13,11 @@
 //   the client-side ones `disconnected`, `offline`, `timeout`, `closed`).
 // - WsgateClient: the connection state machine. One live socket at a time; every
 //   callback checks that its socket is still the current one, so late events from an
-//   abandoned socket are ignored.
+//   abandoned socket are ignored. For stream topics it keeps the last delivered
+//   position ({seq, epoch}) and resumes from it (`since`) on every resubscribe.
 // - connect(): the public entry point.
 
-/** Protocol version this client speaks. */
+/** Protocol version this client speaks (with the v1.1 stream fields: seq, since, reset). */
 export const PROTOCOL_VERSION = 1;
 
 /** Default options; every one can be overridden in `connect(url, options)`. */
@@ -205,6 +206,22 @@ const PER_TOPIC_CODES = new Set(["invalid_topic", "forbidden", "too_many_topics"
 /** Server codes for which a subscribe is retried later instead of given up. */
 const TRANSIENT_CODES = new Set(["unavailable", "rate_limited", "internal"]);
 
+/** Largest seq the server accepts in `since` (2^53 - 1). */
+const MAX_SEQ = Number.MAX_SAFE_INTEGER;
+
+/**
+ * A stream position `{seq, epoch}` copied from `p`, or null when `p` is not one
+ * (`seq` an integer in 0..2^53-1, `epoch` a string).
+ * @param {any} p
+ * @returns {{seq: number, epoch: string} | null}
+ */
+export function toPosition(p) {
+  if (p === null || typeof p !== "object") return null;
+  const { seq, epoch } = p;
+  if (!Number.isInteger(seq) || seq < 0 || seq > MAX_SEQ || typeof epoch !== "string") return null;
+  return { seq, epoch };
+}
+
 // ---------------------------------------------------------------------------------------
 // Client
 
@@ -252,7 +269,11 @@ export class WsgateClient {
 
     /** @type {Map<string, Set<Function>>} */
     this._listeners = new Map();
-    /** topic -> { handlers: Set, status: "pending"|"sent"|"active", waiters: [], solo } */
+    /**
+     * topic -> { handlers: Set, status: "pending"|"sent"|"active", waiters: [], solo,
+     *   position: {seq, epoch} | null (last delivered, stream topics only),
+     *   sinceSent: the position sent as `since` with the subscribe in flight, or null }
+     */
     this._topics = new Map();
     /** topic -> resolvers of unsubscribe() calls not yet sent. */
     this._unsubs = new Map();
@@ -268,6 +289,8 @@ export class WsgateClient {
     this.welcome = null;
     /** Number of connections opened after the first one. */
     this.reconnects = 0;
+    /** Stream messages dropped because they were already delivered (seq not past the position). */
+    this.duplicates = 0;
     /** Why the client closed for good, once state is "closed". */
     this.closeInfo = null;
 
@@ -289,7 +312,8 @@ export class WsgateClient {
 
   /**
    * Listens to an event: `state`, `connecting`, `open`, `reconnecting`, `closed`,
-   * `disconnect`, `message`, `error`. Returns a function that removes the listener.
+   * `disconnect`, `message`, `resync`, `dead`, `error`. Returns a function that removes
+   * the listener.
    */
   on(event, fn) {
     let set = this._listeners.get(event);
@@ -319,16 +343,29 @@ export class WsgateClient {
    * or if unsubscribe() removes the topic first. Rejects with the server's error
    * (`invalid_topic`, `forbidden`, `too_many_topics`), the handler being dropped, or
    * with `closed` if the client closes for good first.
+   *
+   * On a stream topic, `message.seq` numbers the publications; the client resumes from
+   * the last one delivered after every reconnect. `options.since` (`{seq, epoch}`, e.g.
+   * saved from `position(topic)` before a page reload) resumes from there on the first
+   * subscribe too; it is used only when the topic is not subscribed yet.
    * @param {string} topic
-   * @param {(data: any, message: object) => void} [handler]
+   * @param {((data: any, message: object) => void) | null} [handler]
+   * @param {{since?: {seq: number, epoch: string} | null}} [options]
    * @returns {Promise<void>}
    */
-  subscribe(topic, handler) {
+  subscribe(topic, handler, options = {}) {
     if (typeof topic !== "string") return Promise.reject(new TypeError("wsgate: topic must be a string"));
     if (this.state === "closed") return Promise.reject(this._closedError());
+    let since = null;
+    if (options?.since !== undefined && options.since !== null) {
+      since = toPosition(options.since);
+      if (!since) {
+        return Promise.reject(new WsgateError("bad_request", "since must be {seq: integer >= 0, epoch: string}"));
+      }
+    }
     let t = this._topics.get(topic);
     if (!t) {
-      t = { handlers: new Set(), status: "pending", waiters: [], solo: false };
+      t = { handlers: new Set(), status: "pending", waiters: [], solo: false, position: since, sinceSent: null };
       this._topics.set(topic, t);
       // Unsubscribed and subscribed again before the unsubscribe was sent: cancel it.
       const unsubWaiters = this._unsubs.get(topic);
@@ -378,8 +415,32 @@ export class WsgateClient {
   }
 
   /**
+   * The position of a stream topic: `{seq, epoch}` of the last publication delivered
+   * (or where the subscription started, or the last `reset`). Null for a topic that is
+   * not subscribed, not a stream, or not confirmed yet without a `since`.
+   * @param {string} topic
+   * @returns {{seq: number, epoch: string} | null}
+   */
+  position(topic) {
+    const p = this._topics.get(topic)?.position;
+    return p ? { seq: p.seq, epoch: p.epoch } : null;
+  }
+
+  /**
+   * Every known stream position, `{topic: {seq, epoch}}`: what to save to resume after
+   * a page reload (pass each back with `subscribe(topic, handler, {since})`).
+   * @returns {Record<string, {seq: number, epoch: string}>}
+   */
+  positions() {
+    const out = {};
+    for (const [topic, t] of this._topics) if (t.position) out[topic] = { seq: t.position.seq, epoch: t.position.epoch };
+    return out;
+  }
+
+  /**
    * Publishes `data` (any JSON value) to `topic`. Resolves when the server answered
-   * `published`; rejects with a WsgateError whose `code` is the server's (`invalid_topic`,
+   * `published`: with the publication's `{seq, epoch}` on a stream topic, with
+   * `undefined` on a plain one. Rejects with a WsgateError whose `code` is the server's (`invalid_topic`,
    * `forbidden`, `rate_limited`, `unavailable`, ...) or: `disconnected` (the connection
    * dropped after sending: the outcome is unknown), `offline` (no connection within
    * `offlineTimeoutMs`), `timeout` (no reply within `requestTimeoutMs`), `closed`,
@@ -388,12 +449,12 @@ export class WsgateClient {
    * `offlineTimeoutMs`, it is never sent twice.
    * @param {string} topic
    * @param {any} data
-   * @returns {Promise<void>}
+   * @returns {Promise<{seq: number, epoch: string} | undefined>}
    */
   publish(topic, data) {
     if (data === undefined) return Promise.reject(new WsgateError("bad_request", "publish needs data (use null for none)"));
     if (this.state === "closed") return Promise.reject(this._closedError());
-    return this._command({ op: "publish", topic, data }, true).then(() => undefined);
+    return this._command({ op: "publish", topic, data }, true).then((reply) => toPosition(reply) ?? undefined);
   }
 
   /**
@@ -651,6 +712,9 @@ export class WsgateClient {
       case "message":
         this._deliver(msg);
         return;
+      case "reset":
+        this._onReset(msg);
+        return;
       case "welcome":
         this._onWelcome(msg);
         return;
@@ -665,7 +729,18 @@ export class WsgateClient {
         // subscribed, unsubscribed, published, pong, refreshed, and future replies.
         if (msg.id === undefined || msg.id === null) return;
         const req = this._takeRequest(msg.id);
-        if (req) req.resolve(msg);
+        if (!req) return;
+        // Work that must happen before the next frame (a `subscribed` sets the stream
+        // positions the replay that follows it is checked against): a promise callback
+        // could run after frames that arrived in the same chunk.
+        if (req.onReply) {
+          try {
+            req.onReply(msg);
+          } catch (err) {
+            this._emitError(err);
+          }
+        }
+        req.resolve(msg);
       }
     }
   }
@@ -696,6 +771,21 @@ export class WsgateClient {
 
   _deliver(msg) {
     const t = this._topics.get(msg.topic);
+    if (t && t.position && Number.isInteger(msg.seq)) {
+      // A stream publication: exactly once, in order, from the position on.
+      const p = t.position;
+      if (msg.seq <= p.seq) {
+        this.duplicates++;
+        return;
+      }
+      if (msg.seq > p.seq + 1) {
+        // The gateway announces every loss with `reset`; a jump without one is lost
+        // publications all the same.
+        this._resync(msg.topic, "gap", { seq: msg.seq - 1, epoch: p.epoch }, p);
+        if (this._topics.get(msg.topic) !== t) return;
+      }
+      t.position = { seq: msg.seq, epoch: p.epoch };
+    }
     if (t) {
       for (const h of [...t.handlers]) {
         try {
@@ -706,6 +796,29 @@ export class WsgateClient {
       }
     }
     this._emit("message", msg);
+  }
+
+  /** `reset`: publications after the position up to `seq` of `epoch` are lost. */
+  _onReset(msg) {
+    const t = this._topics.get(msg.topic);
+    const to = toPosition(msg);
+    if (!t || !to) return;
+    const prev = t.position;
+    // Nothing lost that was not already delivered: no news for the application.
+    if (prev && prev.epoch === to.epoch && to.seq <= prev.seq) return;
+    t.position = to;
+    this._resync(msg.topic, "reset", to, prev);
+  }
+
+  /** Tells the application that a stream topic lost publications (one event for all causes). */
+  _resync(topic, reason, to, previous) {
+    this._emit("resync", {
+      topic,
+      reason,
+      seq: to ? to.seq : null,
+      epoch: to ? to.epoch : null,
+      previous: previous ? { seq: previous.seq, epoch: previous.epoch } : null,
+    });
   }
 
   _takeRequest(id) {
@@ -739,8 +852,11 @@ export class WsgateClient {
     });
   }
 
-  /** Sends a command with a fresh id on the open socket; resolves with the reply. */
-  _send(frame, timeoutMs = this._opts.requestTimeoutMs) {
+  /**
+   * Sends a command with a fresh id on the open socket; resolves with the reply.
+   * `onReply(reply)`, if given, runs synchronously when the reply frame is handled.
+   */
+  _send(frame, timeoutMs = this._opts.requestTimeoutMs, onReply = null) {
     const ws = this._ws;
     if (!ws || this.state !== "open") return Promise.reject(new WsgateError("offline", "not connected"));
     const id = this._nextId++;
@@ -758,7 +874,7 @@ export class WsgateClient {
       const timer = setTimeout(() => {
         if (this._requests.delete(id)) reject(new WsgateError("timeout", `no reply to ${frame.op} within ${timeoutMs} ms`));
       }, timeoutMs);
-      this._requests.set(id, { resolve, reject, timer });
+      this._requests.set(id, { resolve, reject, timer, onReply });
       try {
         ws.send(text);
       } catch (err) {
@@ -803,18 +919,23 @@ export class WsgateClient {
       if (t.status !== "pending") continue;
       (t.solo ? solo : batched).push(topic);
     }
-    for (const batch of this._batches(batched)) this._subscribeBatch(batch);
+    // A topic with a `since` entry takes about twice the room (its name again, seq, epoch).
+    const size = (topic) => {
+      const p = this._topics.get(topic)?.position;
+      return topic.length * 3 + 3 + (p ? topic.length * 3 + p.epoch.length * 6 + 40 : 0);
+    };
+    for (const batch of this._batches(batched, size)) this._subscribeBatch(batch);
     for (const topic of solo) this._subscribeBatch([topic]);
   }
 
   /** Splits topics into lists whose subscribe frame stays well under the frame limit. */
-  _batches(topics) {
+  _batches(topics, sizeOf = (topic) => topic.length * 3 + 3) {
     const budget = Math.max(256, this._opts.maxMessageBytes - 1024);
     const out = [];
     let cur = [];
     let size = 0;
     for (const topic of topics) {
-      const len = topic.length * 3 + 3;
+      const len = sizeOf(topic);
       if (cur.length > 0 && size + len > budget) {
         out.push(cur);
         cur = [];
@@ -829,10 +950,21 @@ export class WsgateClient {
 
   _subscribeBatch(batch) {
     const entries = batch.map((topic) => [topic, this._topics.get(topic)]);
-    for (const [, t] of entries) t.status = "sent";
+    // Resume every stream topic from its position (after a reconnect, or a `since`
+    // given to subscribe()).
+    let since = null;
+    for (const [topic, t] of entries) {
+      t.status = "sent";
+      t.sinceSent = t.position ? { seq: t.position.seq, epoch: t.position.epoch } : null;
+      if (t.sinceSent) (since ??= {})[topic] = t.sinceSent;
+    }
     // Only topics still wanted, by the same entry, are affected by the reply.
     const live = () => entries.filter(([topic, t]) => this._topics.get(topic) === t && t.status === "sent");
-    this._send({ op: "subscribe", topics: batch }).then(
+    const frame = since ? { op: "subscribe", topics: batch, since } : { op: "subscribe", topics: batch };
+    const onReply = (reply) => {
+      for (const [topic, t] of entries) if (this._topics.get(topic) === t && t.status === "sent") this._streamStart(topic, t, reply);
+    };
+    this._send(frame, this._opts.requestTimeoutMs, onReply).then(
       () => {
         for (const [topic, t] of entries) {
           if (this._topics.get(topic) !== t) continue;
@@ -876,6 +1008,32 @@ export class WsgateClient {
         if (!told) this._emitError(err);
       },
     );
+  }
+
+  /**
+   * Where a stream topic starts on this connection, from the `subscribed` reply (run
+   * before any later frame is handled).
+   */
+  _streamStart(topic, t, reply) {
+    const sent = t.sinceSent;
+    t.sinceSent = null;
+    const start = toPosition(reply.streams?.[topic]);
+    if (!sent) {
+      // First subscribe: delivery starts after the current position (null: not a stream).
+      t.position = start;
+      return;
+    }
+    if (start && reply.streams[topic].recovered === true) {
+      // Recovered: the missed publications follow the reply; keep the position they
+      // continue from.
+      t.position = sent;
+      return;
+    }
+    t.position = start;
+    if (start && start.epoch === sent.epoch && start.seq === sent.seq) return; // nothing missed
+    // Not recovered (history too short, another epoch, or the topic is no longer a
+    // stream there): what was published meanwhile is not coming.
+    this._resync(topic, "not_recovered", start, sent);
   }
 
   // -- liveness -------------------------------------------------------------------------

@@ -94,8 +94,13 @@ test(
       await waitNode(bob, "node-2", "bob");
 
       // The pages subscribe on load; the chat subscription is confirmed before sending.
-      await alice.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
-      await bob.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
+      await alice.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
+      await bob.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
+      if (hasDemo) {
+        // `--demo` alone makes the chat room a stream: numbered, resumed after reconnects.
+        await waitFor(() => alice.evaluate(() => window.wsgateDemo.chat.joined), { what: "alice joined the chat" });
+        assert.equal(await alice.evaluate(() => window.wsgateDemo.chat.stream), true, "the demo chat is a stream");
+      }
       await say(alice, "hello from alice");
       await sees(bob, "hello from alice", "bob sees alice's message");
       await sees(alice, "hello from alice", "alice sees her own message");
@@ -124,7 +129,7 @@ test(
         assert.equal(await text(alice, "#reconnects"), "1");
 
         // Still receiving on the new node: chat both ways, and the ticker.
-        await alice.evaluate(() => window.wsgateDemo.client.subscribe("demo.chat"));
+        await alice.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
         await say(bob, "still there?");
         await sees(alice, "still there?", "alice receives after moving to node 2");
         await say(alice, "yes, via node-2 now");

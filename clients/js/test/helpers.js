@@ -4,8 +4,9 @@
 // Nothing here imitates the gateway: every integration test talks to the `wsgate` binary.
 
 import { spawn, spawnSync } from "node:child_process";
-import { existsSync, mkdirSync } from "node:fs";
+import { existsSync, mkdirSync, mkdtempSync, rmSync, writeFileSync } from "node:fs";
 import net from "node:net";
+import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import WebSocket from "ws";
@@ -60,6 +61,15 @@ export async function waitFor(fn, { timeoutMs = 10000, intervalMs = 20, what = "
     if (Date.now() > deadline) throw new Error(`timed out after ${timeoutMs} ms waiting for ${what}`);
     await sleep(intervalMs);
   }
+}
+
+/** Resolves or rejects like `promise`, or rejects after `timeoutMs`. */
+export function within(promise, timeoutMs, what = "operation") {
+  let timer;
+  const timeout = new Promise((_, reject) => {
+    timer = setTimeout(() => reject(new Error(`${what}: not done within ${timeoutMs} ms`)), timeoutMs);
+  });
+  return Promise.race([promise, timeout]).finally(() => clearTimeout(timer));
 }
 
 /** Resolves with the arguments of the next `event` emitted by a wsgate client. */
@@ -157,12 +167,13 @@ export class Gateway {
     return code;
   }
 
-  /** POST /api/publish; returns { status, body }. */
-  async publish(topic, data, { headers = {} } = {}) {
+  /** POST /api/publish; returns { status, body }. Rejects after `timeoutMs`. */
+  async publish(topic, data, { headers = {}, timeoutMs = 10000 } = {}) {
     const res = await fetch(`${this.httpUrl}/api/publish`, {
       method: "POST",
       headers: { "content-type": "application/json", ...headers },
       body: JSON.stringify({ topic, data }),
+      signal: AbortSignal.timeout(timeoutMs),
     });
     return { status: res.status, body: await res.text() };
   }
@@ -281,4 +292,22 @@ export async function startRedis() {
 export function artifacts() {
   mkdirSync(artifactsDir, { recursive: true });
   return artifactsDir;
+}
+
+let configDir = null;
+let configs = 0;
+/**
+ * Writes a gateway configuration file (for `--config`) making `chat:*` a stream that
+ * keeps `historySize` publications for 10 minutes; returns its path. The files live in a
+ * temporary directory removed when the process exits.
+ */
+export function streamConfig(historySize = 1000) {
+  if (!configDir) {
+    configDir = mkdtempSync(path.join(os.tmpdir(), "wsgate-js-test-"));
+    const dir = configDir;
+    process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
+  }
+  const file = path.join(configDir, `wsgate-${++configs}.toml`);
+  writeFileSync(file, ["[[namespaces]]", 'name = "chat"', 'topics = ["chat:*"]', `history_size = ${historySize}`, 'history_ttl = "10m"', ""].join("\n"));
+  return file;
 }

@@ -333,3 +333,246 @@ describe("liveness and tokens", () => {
     assert.equal(c.closeInfo.reason, "token expired");
   });
 });
+
+describe("streams and resume", () => {
+  /** Opens a client subscribed to `topics` on socket `i`; the reply gives `streams`. */
+  async function subscribed(c, sockets, i, streams) {
+    await socketCount(sockets, i + 1);
+    sockets[i].welcome();
+    const f = await waitFor(() => sockets[i].lastSent("subscribe"), { what: "subscribe" });
+    sockets[i].reply(f, streams ? { streams } : {});
+    return f;
+  }
+  const msg = (topic, seq, data = { n: seq }) => ({ op: "message", topic, data, seq });
+
+  test("no since on the first subscribe; positions from `subscribed` then each seq; since on reconnect", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const got = [];
+    const resyncs = [];
+    c.on("resync", (r) => resyncs.push(r));
+    const ready = Promise.all([c.subscribe("chat:1", (d, m) => got.push([d.n, m.seq])), c.subscribe("chat:2", () => {}), c.subscribe("plain", () => {})]);
+    const first = await subscribed(c, sockets, 0, { "chat:1": { seq: 41, epoch: "x7f" }, "chat:2": { seq: 0, epoch: "e2" } });
+    await ready;
+    assert.equal(first.since, undefined, "nothing to resume on the first subscribe");
+    assert.deepEqual(first.topics, ["chat:1", "chat:2", "plain"]);
+    assert.deepEqual(c.position("chat:1"), { seq: 41, epoch: "x7f" });
+    assert.deepEqual(c.position("chat:2"), { seq: 0, epoch: "e2" });
+    assert.equal(c.position("plain"), null, "not a stream");
+    assert.equal(c.position("unknown"), null);
+
+    sockets[0].serverSend(msg("chat:1", 42));
+    sockets[0].serverSend(msg("chat:1", 43));
+    sockets[0].serverSend({ op: "message", topic: "plain", data: 1 });
+    assert.deepEqual(got, [
+      [42, 42],
+      [43, 43],
+    ]);
+    assert.deepEqual(c.positions(), { "chat:1": { seq: 43, epoch: "x7f" }, "chat:2": { seq: 0, epoch: "e2" } });
+
+    // The link drops: one subscribe restores every topic, each stream from its position.
+    sockets[0].serverClose(1006);
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    const subs = sockets[1].sent.filter((f) => f.op === "subscribe");
+    assert.equal(subs.length, 1, "one subscribe command");
+    assert.deepEqual(subs[0].topics, ["chat:1", "chat:2", "plain"]);
+    assert.deepEqual(subs[0].since, { "chat:1": { seq: 43, epoch: "x7f" }, "chat:2": { seq: 0, epoch: "e2" } });
+    // Recovered: the reply carries the head, the missed run follows it, then live.
+    sockets[1].reply(subs[0], { streams: { "chat:1": { seq: 45, epoch: "x7f", recovered: true }, "chat:2": { seq: 0, epoch: "e2", recovered: true } } });
+    for (const seq of [44, 45, 46]) sockets[1].serverSend(msg("chat:1", seq));
+    assert.deepEqual(
+      got.map(([n]) => n),
+      [42, 43, 44, 45, 46],
+    );
+    assert.deepEqual(c.position("chat:1"), { seq: 46, epoch: "x7f" });
+    assert.deepEqual(resyncs, [], "nothing lost, no resync");
+
+    // And again from the new position.
+    sockets[1].serverClose(1001);
+    await socketCount(sockets, 3);
+    sockets[2].welcome();
+    assert.deepEqual(sockets[2].lastSent("subscribe").since["chat:1"], { seq: 46, epoch: "x7f" });
+  });
+
+  test("the replay right behind `subscribed` in the same task is checked against the resumed position", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const got = [];
+    c.subscribe("chat:1", (d, m) => got.push(m.seq));
+    await subscribed(c, sockets, 0, { "chat:1": { seq: 5, epoch: "e" } });
+    sockets[0].serverClose(1006);
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    const f = sockets[1].lastSent("subscribe");
+    // Like the `ws` package emitting several frames of one TCP chunk synchronously.
+    sockets[1].reply(f, { streams: { "chat:1": { seq: 8, epoch: "e", recovered: true } } });
+    sockets[1].serverSend(msg("chat:1", 6));
+    sockets[1].serverSend(msg("chat:1", 7));
+    sockets[1].serverSend(msg("chat:1", 8));
+    assert.deepEqual(got, [6, 7, 8]);
+  });
+
+  test("duplicates (seq not past the position) are dropped before the handlers and the message event", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const got = [];
+    const events = [];
+    c.on("message", (m) => events.push(m.seq));
+    c.subscribe("chat:1", (d, m) => got.push(m.seq));
+    await subscribed(c, sockets, 0, { "chat:1": { seq: 10, epoch: "e" } });
+    for (const seq of [9, 10, 11, 11, 12, 10, 13]) sockets[0].serverSend(msg("chat:1", seq));
+    assert.deepEqual(got, [11, 12, 13]);
+    assert.deepEqual(events, [11, 12, 13]);
+    assert.equal(c.duplicates, 4);
+    assert.deepEqual(c.position("chat:1"), { seq: 13, epoch: "e" });
+  });
+
+  test("recovered:false after a since: one resync event (not_recovered), position moved to the server's", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const resyncs = [];
+    c.on("resync", (r) => resyncs.push(r));
+    const got = [];
+    c.subscribe("chat:1", (d, m) => got.push(m.seq));
+    await subscribed(c, sockets, 0, { "chat:1": { seq: 3, epoch: "e1" } });
+    sockets[0].serverSend(msg("chat:1", 4));
+    sockets[0].serverClose(1006);
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    const f = sockets[1].lastSent("subscribe");
+    assert.deepEqual(f.since, { "chat:1": { seq: 4, epoch: "e1" } });
+    sockets[1].reply(f, { streams: { "chat:1": { seq: 900, epoch: "e2", recovered: false } } });
+    assert.deepEqual(resyncs, [{ topic: "chat:1", reason: "not_recovered", seq: 900, epoch: "e2", previous: { seq: 4, epoch: "e1" } }]);
+    assert.deepEqual(c.position("chat:1"), { seq: 900, epoch: "e2" });
+    sockets[1].serverSend(msg("chat:1", 901));
+    assert.deepEqual(got, [4, 901], "live continues after the new position");
+  });
+
+  test("no resync on a first subscribe, even when the server says where the stream is", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    let resyncs = 0;
+    c.on("resync", () => resyncs++);
+    c.subscribe("chat:1", () => {});
+    const f = await subscribed(c, sockets, 0, { "chat:1": { seq: 77, epoch: "e" } });
+    assert.equal(f.since, undefined);
+    assert.equal(resyncs, 0);
+  });
+
+  test("reset: one resync event, the position moves to the reset's seq/epoch, delivery continues after it", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const resyncs = [];
+    c.on("resync", (r) => resyncs.push(r));
+    const got = [];
+    c.subscribe("chat:1", (d, m) => got.push(m.seq));
+    await subscribed(c, sockets, 0, { "chat:1": { seq: 0, epoch: "e" } });
+    sockets[0].serverSend(msg("chat:1", 1));
+    sockets[0].serverSend({ op: "reset", topic: "chat:1", seq: 7, epoch: "e" });
+    assert.deepEqual(resyncs, [{ topic: "chat:1", reason: "reset", seq: 7, epoch: "e", previous: { seq: 1, epoch: "e" } }]);
+    assert.deepEqual(c.position("chat:1"), { seq: 7, epoch: "e" });
+    sockets[0].serverSend(msg("chat:1", 5)); // inside the lost range: already accounted for
+    sockets[0].serverSend(msg("chat:1", 8));
+    assert.deepEqual(got, [1, 8]);
+    // A reset that loses nothing already delivered is no news.
+    sockets[0].serverSend({ op: "reset", topic: "chat:1", seq: 8, epoch: "e" });
+    assert.equal(resyncs.length, 1);
+    // A new epoch: the position follows it, and the next resume uses it.
+    sockets[0].serverSend({ op: "reset", topic: "chat:1", seq: 2, epoch: "e9" });
+    assert.equal(resyncs.length, 2);
+    assert.deepEqual(c.position("chat:1"), { seq: 2, epoch: "e9" });
+    sockets[0].serverSend(msg("chat:1", 3));
+    assert.deepEqual(got, [1, 8, 3]);
+    sockets[0].serverClose(1006);
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    assert.deepEqual(sockets[1].lastSent("subscribe").since, { "chat:1": { seq: 3, epoch: "e9" } });
+    // A reset for a topic not subscribed is ignored.
+    sockets[1].serverSend({ op: "reset", topic: "other", seq: 1, epoch: "e" });
+    assert.equal(resyncs.length, 2);
+  });
+
+  test("a seq jump without reset is reported as a gap; a resumed topic that is no longer a stream too", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const resyncs = [];
+    c.on("resync", (r) => resyncs.push(r));
+    const got = [];
+    c.subscribe("chat:1", (d, m) => got.push(m.seq ?? d));
+    await subscribed(c, sockets, 0, { "chat:1": { seq: 0, epoch: "e" } });
+    sockets[0].serverSend(msg("chat:1", 1));
+    sockets[0].serverSend(msg("chat:1", 4));
+    assert.deepEqual(resyncs, [{ topic: "chat:1", reason: "gap", seq: 3, epoch: "e", previous: { seq: 1, epoch: "e" } }]);
+    assert.deepEqual(got, [1, 4]);
+    // Reconnected to a node where the topic is not a stream: the resume failed.
+    sockets[0].serverClose(1006);
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    sockets[1].reply(sockets[1].lastSent("subscribe"));
+    assert.deepEqual(resyncs[1], { topic: "chat:1", reason: "not_recovered", seq: null, epoch: null, previous: { seq: 4, epoch: "e" } });
+    assert.equal(c.position("chat:1"), null);
+    sockets[1].serverSend({ op: "message", topic: "chat:1", data: "plain" });
+    assert.deepEqual(got, [1, 4, "plain"]);
+  });
+
+  test("subscribe({since}) resumes on the first subscribe; a failed resume there is a resync too", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const resyncs = [];
+    c.on("resync", (r) => resyncs.push(r));
+    await assert.rejects(c.subscribe("chat:1", () => {}, { since: { seq: -1, epoch: "e" } }), { code: "bad_request" });
+    await assert.rejects(c.subscribe("chat:1", () => {}, { since: { seq: 1 } }), { code: "bad_request" });
+    const got = [];
+    const a = c.subscribe("chat:a", (d, m) => got.push(m.seq), { since: { seq: 37, epoch: "x7f" } });
+    const b = c.subscribe("chat:b", () => {}, { since: { seq: 5, epoch: "old" } });
+    assert.deepEqual(c.position("chat:a"), { seq: 37, epoch: "x7f" }, "known before the server confirms");
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const f = sockets[0].lastSent("subscribe");
+    assert.deepEqual(f.since, { "chat:a": { seq: 37, epoch: "x7f" }, "chat:b": { seq: 5, epoch: "old" } });
+    sockets[0].reply(f, { streams: { "chat:a": { seq: 41, epoch: "x7f", recovered: true }, "chat:b": { seq: 12, epoch: "new", recovered: false } } });
+    for (const seq of [38, 39, 40, 41]) sockets[0].serverSend(msg("chat:a", seq));
+    await Promise.all([a, b]);
+    assert.deepEqual(got, [38, 39, 40, 41]);
+    assert.deepEqual(resyncs, [{ topic: "chat:b", reason: "not_recovered", seq: 12, epoch: "new", previous: { seq: 5, epoch: "old" } }]);
+    // Unsubscribing forgets the position.
+    const unsub = c.unsubscribe("chat:b");
+    assert.equal(c.position("chat:b"), null);
+    sockets[0].reply(await waitFor(() => sockets[0].lastSent("unsubscribe"), { what: "unsubscribe" }));
+    await unsub;
+  });
+
+  test("publish resolves with {seq, epoch} on a stream, undefined on a plain topic", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const onStream = c.publish("chat:1", { text: "hi" });
+    const onPlain = c.publish("news", 1);
+    const [f1, f2] = sockets[0].sent.filter((f) => f.op === "publish");
+    sockets[0].reply(f1, { seq: 42, epoch: "x7f" });
+    sockets[0].reply(f2);
+    assert.deepEqual(await onStream, { seq: 42, epoch: "x7f" });
+    assert.equal(await onPlain, undefined);
+  });
+
+  test("a big resubscribe with since entries is split so that every frame fits", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, maxMessageBytes: 2048 });
+    const topics = Array.from({ length: 60 }, (_, i) => `chat:${"x".repeat(20)}${i}`);
+    for (const t of topics) c.subscribe(t, () => {}, { since: { seq: 1000000 + topics.indexOf(t), epoch: "0123456789abcdef" } }).catch(() => {});
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const subs = sockets[0].sent.filter((f) => f.op === "subscribe");
+    assert.ok(subs.length > 1, "split");
+    for (const f of subs) {
+      assert.ok(JSON.stringify(f).length < 2048, "fits");
+      assert.deepEqual(Object.keys(f.since), f.topics, "each frame carries the since of its own topics");
+    }
+    assert.deepEqual(
+      subs.flatMap((f) => f.topics),
+      topics,
+    );
+  });
+});

@@ -1,16 +1,41 @@
 //! `--demo`: a ticker that publishes a random walk of four prices to `demo.ticker`
 //! every 500 ms through the node — the same path as the HTTP API, so with Redis every
-//! node's demo page sees every node's ticker. The page itself is served by the
+//! node's demo page sees every node's ticker — and the chat room's `chat:*` topics made
+//! a stream unless the configuration says otherwise. The page itself is served by the
 //! gateway (`/`, with `--demo`).
 
 use std::sync::Arc;
 use std::time::Duration;
 
-use wsgate_fanout::{unix_nanos, Source};
+use wsgate_fanout::{unix_nanos, Namespace, Namespaces, Pattern, Source, StreamOptions};
 use wsgate_gateway::protocol::json_string;
 use wsgate_gateway::Gateway;
 
 const SYMBOLS: [&str; 4] = ["ACME", "GLOBX", "INITECH", "UMBRELLA"];
+
+/// The demo page's chat room (clients/js/demo/index.html).
+const CHAT_TOPIC: &str = "chat:demo";
+
+/// The namespaces with the demo chat's `chat:*` made a stream (the last 1000 messages,
+/// 10 minutes), so that a page resumes across node drains with nothing lost. A
+/// configuration that already covers `chat:demo` (a stream or not) is left as it is;
+/// a more specific configured pattern (`chat:room-*`) still decides for its topics.
+/// Nodes sharing a Redis must agree on streams: all started with `--demo`, they do.
+pub(crate) fn with_chat_stream(namespaces: Namespaces) -> Namespaces {
+    if namespaces.namespace(CHAT_TOPIC).is_some() {
+        return namespaces;
+    }
+    let mut list: Vec<Namespace> = namespaces.iter().cloned().collect();
+    list.push(Namespace {
+        name: "demo-chat".into(),
+        topics: vec![Pattern::parse("chat:*").expect("a valid pattern")],
+        stream: Some(StreamOptions {
+            history_size: 1000,
+            history_ttl: Duration::from_secs(600),
+        }),
+    });
+    Namespaces::new(list).unwrap_or(namespaces)
+}
 
 /// Publishes a random-walk ticker to `demo.ticker` every 500 ms until the node stops
 /// or starts draining.
@@ -70,6 +95,53 @@ mod tests {
             let text = String::from_utf8_lossy(&p.frame[start..]).into();
             self.0.lock().push(text);
         }
+    }
+
+    #[test]
+    fn the_demo_chat_is_a_stream_unless_configured() {
+        let plain = with_chat_stream(Namespaces::default());
+        let opts = plain.stream(CHAT_TOPIC).expect("chat:demo is a stream");
+        assert_eq!(opts.history_size, 1000);
+        assert!(plain.stream("chat:other").is_some());
+        assert!(
+            plain.stream("demo.ticker").is_none(),
+            "the ticker stays plain"
+        );
+
+        let configured = Namespaces::new(vec![
+            Namespace {
+                name: "chat".into(),
+                topics: vec![Pattern::parse("chat:*").unwrap()],
+                stream: None,
+            },
+            Namespace {
+                name: "news".into(),
+                topics: vec![Pattern::parse("news:*").unwrap()],
+                stream: Some(StreamOptions {
+                    history_size: 5,
+                    history_ttl: Duration::from_secs(60),
+                }),
+            },
+        ])
+        .unwrap();
+        assert_eq!(
+            with_chat_stream(configured.clone()),
+            configured,
+            "the configuration decides"
+        );
+
+        let rooms = Namespaces::new(vec![Namespace {
+            name: "rooms".into(),
+            topics: vec![Pattern::parse("chat:room-*").unwrap()],
+            stream: None,
+        }])
+        .unwrap();
+        let both = with_chat_stream(rooms);
+        assert!(both.stream(CHAT_TOPIC).is_some());
+        assert!(
+            both.stream("chat:room-1").is_none(),
+            "the more specific pattern"
+        );
     }
 
     #[tokio::test(start_paused = true)]

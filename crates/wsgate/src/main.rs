@@ -8,7 +8,7 @@
 //! - [`settings`]: the command line (each crate's clap section), the `--config` file
 //!   under it, and their checks.
 //! - [`check_config`]: `wsgate check-config`, which checks the settings and exits.
-//! - [`demo`]: the `--demo` ticker.
+//! - [`demo`]: the `--demo` ticker, and its chat room's `chat:*` stream.
 //! - [`drain_cmd`]: `wsgate drain`, which asks a running node to drain (preStop hook).
 //! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
 //!   `OTEL_*` variables ask for it, OTLP trace export.
@@ -55,6 +55,11 @@ async fn run(settings: Settings, security: Security) -> anyhow::Result<()> {
         redis,
         namespaces,
     } = settings;
+    let namespaces = if cfg.demo {
+        demo::with_chat_stream(namespaces)
+    } else {
+        namespaces
+    };
     for ns in describe(&namespaces) {
         info!("namespace {ns}");
     }

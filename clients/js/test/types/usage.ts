@@ -1,5 +1,5 @@
 // Compile-only check of wsgate.d.ts (run by types.test.js with tsc --noEmit --strict).
-import connect, { WsgateClient, WsgateError, backoffDelay, closePolicy, type Json, type Welcome } from "../../wsgate.js";
+import connect, { WsgateClient, WsgateError, backoffDelay, closePolicy, type Json, type Position, type Resync, type Welcome } from "../../wsgate.js";
 import WebSocket from "ws";
 
 interface Tick {
@@ -32,6 +32,29 @@ const data: Json = { a: [1, "b", null, { c: true }] };
 client.publish("chat.1", data).catch((e: unknown) => {
   if (e instanceof WsgateError && e.code === "invalid_topic") console.log(e.message);
 });
+// Streams: positions, resume from a saved one, resync events, publish positions.
+void client.subscribe<{ text: string }>(
+  "chat:room",
+  (d, msg) => {
+    const seq: number | undefined = msg.seq;
+    void d.text;
+    void seq;
+  },
+  { since: { seq: 41, epoch: "x7f" } },
+);
+void client.subscribe("chat:other", null, { since: null });
+const pos: Position | null = client.position("chat:room");
+const all: Record<string, Position> = client.positions();
+void pos;
+void all;
+client.on("resync", (r: Resync) => {
+  if (r.reason === "reset" && r.seq !== null) console.log(r.topic, r.seq, r.epoch, r.previous?.seq);
+});
+void client.publish("chat:room", { text: "hi" }).then((p) => p?.seq);
+const dups: number = client.duplicates;
+void dups;
+// @ts-expect-error a position needs an epoch
+void client.subscribe("chat:x", null, { since: { seq: 1 } });
 const policy: "jitter" | "new-token" | "backoff" = closePolicy(1001);
 const delay: number = backoffDelay(3, { backoffInitialMs: 100 }, Math.random);
 void policy;
