@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::seq::SeqCounts;
 use crate::stats::{new_hist, SecondAcc};
+use crate::stream::StreamCounts;
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -144,6 +145,10 @@ pub struct Fanout {
     pub max_publish_lag_ms: f64,
     /// Subscribers that stopped reading (scenario `slow`).
     pub slow: Option<SlowGroup>,
+    /// Stream topics: seq contiguity over the (reading) subscribers: `gaps`
+    /// (stream_gaps), `dups` (stream_dups), `resets`. All zero on plain topics.
+    #[serde(default)]
+    pub streams: StreamCounts,
 }
 
 /// The subscribers that stopped reading, in scenario `slow`.
@@ -518,6 +523,7 @@ fn merge_fanout(o: &mut Fanout, f: &Fanout) {
     o.publish_errors += f.publish_errors;
     o.unacked += f.unacked;
     o.max_publish_lag_ms = o.max_publish_lag_ms.max(f.max_publish_lag_ms);
+    o.streams.add(&f.streams);
     if let (Some(os), Some(fs)) = (o.slow.as_mut(), f.slow.as_ref()) {
         os.subscribers += fs.subscribers;
         os.disconnected += fs.disconnected;

@@ -51,6 +51,14 @@ pub fn render(r: &Report) -> String {
             "deliveries: expected {} delivered {} unique {} lost {} duplicated {} reordered {} extra {}",
             f.expected, f.delivered, f.unique, f.lost, f.duplicated, f.reordered, f.extra
         );
+        if f.streams.messages > 0 || f.streams.resets > 0 {
+            let st = &f.streams;
+            let _ = writeln!(
+                s,
+                "streams: {} messages with seq; stream_gaps {} ({} seqs missing) stream_dups {} resets {}",
+                st.messages, st.gaps, st.missing, st.dups, st.resets
+            );
+        }
         let _ = writeln!(
             s,
             "throughput: {:.0} deliveries/s (steady window)",
