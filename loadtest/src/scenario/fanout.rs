@@ -160,6 +160,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
             payload: a.payload,
             batch: batch.max(1),
             max_inflight: a.max_inflight.max(1),
+            stop: None,
         };
         let p = Publisher::connect(&ctx, plan, &endpoints, k)
             .await

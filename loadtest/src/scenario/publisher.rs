@@ -48,6 +48,8 @@ pub struct Plan {
     pub payload: usize,
     pub batch: usize,
     pub max_inflight: usize,
+    /// Stops publishing before `end` when cancelled (a phase of unknown length).
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// What one publisher did.
@@ -171,7 +173,7 @@ impl Publisher {
         let mut buf = Vec::with_capacity((plan.payload + 128) * plan.batch);
         loop {
             let now = Instant::now();
-            if now >= end {
+            if now >= end || plan.stop.as_ref().is_some_and(|s| s.is_cancelled()) {
                 break;
             }
             let n = if plan.rate > 0.0 {
