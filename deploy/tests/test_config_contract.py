@@ -19,7 +19,7 @@ import yaml
 from conftest import DOCKERFILE, PRODUCTION_VALUES, REPO
 from helpers import free_port, http_status, wait_until
 from test_compose import GATEWAYS, compose
-from test_helm import VALUE_SETS, container, env, gateway
+from test_helm import VALUE_SETS, config_file, container, env, gateway
 
 # Flags announced for later issues, which deployment files may already set for users who
 # ask for them. Each one is reported; drop it from here once `wsgate --help` lists it.
@@ -108,3 +108,15 @@ def test_binary_starts_with_the_rendered_environment(render, wsgate_binary, tmp_
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+def test_helm_config_file_passes_check_config(render, wsgate_binary, tmp_path):
+    """The wsgate.toml the chart renders from `namespaces` is one the binary accepts."""
+    path = tmp_path / "wsgate.toml"
+    path.write_text(config_file(render(*VALUE_SETS["namespaces"])))
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("WSGATE_")}
+    res = subprocess.run([str(wsgate_binary), "check-config", str(path)], env=clean,
+                         capture_output=True, text=True, timeout=30)
+    assert res.returncode == 0, res.stderr
+    assert "chat: chat:*, dm:* → stream (history 1000000 messages, 10m)" in res.stdout, res.stdout
+    assert "lobby: chat:lobby → plain" in res.stdout, res.stdout

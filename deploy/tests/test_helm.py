@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import re
+import tomllib
 import shutil
 import subprocess
 from pathlib import Path
@@ -31,7 +32,12 @@ VALUE_SETS = {
         "--set", "tls.enabled=true", "--set", "tls.secretName=wsgate-tls",
         "--set", "ingress.enabled=true",
     ),
+    "namespaces": (
+        "--set-json", 'namespaces=[{"name": "chat", "topics": ["chat:*", "dm:*"], '
+        '"historySize": 1000000, "historyTtl": "10m"}, {"name": "lobby", "topics": ["chat:lobby"]}]',
+    ),
 }
+CONFIG_PATH = "/etc/wsgate/config/wsgate.toml"
 # The oldest Kubernetes the chart supports (Chart.yaml kubeVersion) and the newest the
 # offline schemas know.
 KUBE_VERSIONS = ("1.25.0", kubernetes_validate.latest_version() + ".0")
@@ -414,6 +420,43 @@ def test_config_values_become_env_vars(render):
     assert "WSGATE_RATE_LIMIT" not in e
 
 
+def config_file(m) -> str:
+    return m.one("ConfigMap", "-config")["data"]["wsgate.toml"]
+
+
+def test_namespaces_render_a_config_file_read_with_config(render):
+    m = render(*VALUE_SETS["namespaces"])
+    toml = tomllib.loads(config_file(m))
+    assert toml == {"namespaces": [
+        {"name": "chat", "topics": ["chat:*", "dm:*"], "history_size": 1000000, "history_ttl": "10m"},
+        {"name": "lobby", "topics": ["chat:lobby"]},
+    ]}
+    d = gateway(m)
+    c = container(d)
+    assert c["args"][:2] == ["--config", CONFIG_PATH]
+    mounts = {v["name"]: v for v in c["volumeMounts"]}
+    assert mounts["config"] == {"name": "config", "mountPath": "/etc/wsgate/config", "readOnly": True}
+    volumes = {v["name"]: v for v in d["spec"]["template"]["spec"]["volumes"]}
+    assert volumes["config"]["configMap"]["name"] == m.one("ConfigMap", "-config")["metadata"]["name"]
+    # A change of the file rolls the pods (the file is read at start).
+    other = render("--set-json", 'namespaces=[{"name": "chat", "topics": ["chat:*"]}]')
+    checksum = lambda r: gateway(r)["spec"]["template"]["metadata"]["annotations"]["checksum/config"]
+    assert checksum(m) != checksum(other)
+
+
+def test_config_file_keeps_extra_args(render):
+    m = render(*VALUE_SETS["namespaces"], "--set", "extraArgs={--log-level,debug}")
+    assert container(gateway(m))["args"] == ["--config", CONFIG_PATH, "--log-level", "debug"]
+
+
+def test_no_namespaces_no_config_file(render):
+    m = render()
+    assert not [c for c in m.of_kind("ConfigMap") if c["metadata"]["name"].endswith("-config")]
+    c = container(gateway(m))
+    assert "--config" not in c.get("args", [])
+    assert "config" not in {v["name"] for v in c.get("volumeMounts", [])}
+
+
 # --- refusals ------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("args, message", [
@@ -444,6 +487,11 @@ def test_config_values_become_env_vars(render):
     (("--set", "redis.url=redis://r:6379", "--set", "redis.tls.secretName=x"), "rediss://"),
     (("--set", "redis.sentinel.addresses={nocolon}", "--set", "redis.sentinel.masterName=m"), "addresses"),
     (("--set", "secrets.jwtPublicKeyFile=key.txt"), "jwtPublicKeyFile"),
+    (("--set-json", 'namespaces=[{"name": "c", "topics": ["c:*"], "historySize": 0, "historyTtl": "1m"}]'),
+     "historySize"),
+    (("--set-json", 'namespaces=[{"name": "c", "topics": ["c:*"], "historySize": 5}]'), "historyTtl"),
+    (("--set-json", 'namespaces=[{"name": "c", "topics": ["c:*"], "histSize": 5}]'), "histSize"),
+    (("--set-json", 'namespaces=[{"name": "c", "topics": []}]'), "topics"),
 ])
 def test_refused(helm, args, message):
     res = helm_template(helm, *args)

@@ -51,6 +51,12 @@ fn parse_bytes(s: &str) -> Result<usize, String> {
     max_term_width = 100
 )]
 pub struct Config {
+    /// TOML configuration file: any of these settings, keyed by the flag's name
+    /// (`max_message_size = "64KiB"`), and the `[[namespaces]]` that make topics streams.
+    /// Flags and WSGATE_* variables override it. docs/configuration.md.
+    #[arg(long, env = "WSGATE_CONFIG")]
+    pub config: Option<PathBuf>,
+
     /// Address for WebSocket clients (`/ws`) and the HTTP publish API.
     #[arg(long, env = "WSGATE_LISTEN", default_value = "127.0.0.1:8080")]
     pub listen: SocketAddr,
@@ -205,6 +211,12 @@ pub struct Config {
     #[arg(long, env = "WSGATE_DEMO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
     pub demo: bool,
 
+    /// Total memory for the stream history the in-memory broker keeps (streams are set
+    /// per namespace in the --config file); over it, the least recently published
+    /// streams lose their history first. Unused with Redis.
+    #[arg(long, env = "WSGATE_HISTORY_MEMORY", default_value = "256MiB", value_parser = parse_bytes)]
+    pub history_memory: usize,
+
     /// Log format.
     #[arg(long, env = "WSGATE_LOG_FORMAT", value_enum, default_value = "human")]
     pub log_format: LogFormat,
@@ -245,6 +257,9 @@ impl Config {
         }
         if self.outbound_queue_bytes < 1024 {
             return Err("--outbound-queue-bytes must be at least 1KiB".into());
+        }
+        if self.history_memory < 64 * 1024 {
+            return Err("--history-memory must be at least 64KiB".into());
         }
         if self.max_connections == 0 {
             return Err("--max-connections must be at least 1".into());
@@ -328,6 +343,8 @@ mod tests {
         assert_eq!(c.socket_send_buffer, 256 * 1024);
         assert_eq!(c.max_message_size, 64 * 1024);
         assert_eq!(c.max_publication_size(), 64 * 1024);
+        assert_eq!(c.history_memory, wsgate_fanout::DEFAULT_HISTORY_MEMORY);
+        assert!(c.config.is_none());
     }
 
     #[test]
@@ -344,6 +361,8 @@ mod tests {
             "10s",
         ]);
         assert!(c.validate().unwrap_err().contains("heartbeat-timeout"));
+        let c = Config::parse_from(["wsgate", "--history-memory", "1KiB"]);
+        assert!(c.validate().unwrap_err().contains("--history-memory"));
         let c = Config::parse_from(["wsgate", "--socket-send-buffer", "1000"]);
         assert!(c.validate().unwrap_err().contains("socket-send-buffer"));
         for ok in ["0", "4KiB", "1MiB"] {

@@ -3,6 +3,8 @@
 //!
 //! # Layout
 //! - [`config`]: every setting, its `WSGATE_*` variable and default.
+//! - [`config_file`]: the `--config` TOML file, layered under flags and variables;
+//!   [`namespaces`]: its `[[namespaces]]` section (which topics are streams).
 //! - [`gateway`]: [`Gateway`], the node's shared state (configuration, the fan-out
 //!   node, metrics, security, live sessions) and its shutdown tree.
 //! - [`server`]: listeners, routing, the accept loop (survives EMFILE), the upgrade,
@@ -30,8 +32,10 @@
 pub mod assets;
 pub mod close;
 pub mod config;
+pub mod config_file;
 pub mod gateway;
 pub mod http_api;
+pub mod namespaces;
 pub mod protocol;
 pub mod security;
 pub mod server;

@@ -1,43 +1,34 @@
 //! `wsgate`: parses the configuration, sets up logging and wires the node together.
 //!
 //! # Layout
-//! - `main`: config → logging/tracing → file-descriptor limit → broker (in-memory, or
-//!   Redis with `--redis-url` / `--redis-sentinel`) → server → signals. Composition happens here and
+//! - `main`: settings → logging/tracing → file-descriptor limit → broker (in-memory, or
+//!   Redis with `--redis-url` / `--redis-sentinel`), its topics made streams as the
+//!   configured namespaces say → server → signals. Composition happens here and
 //!   nowhere else; the crates hold the behaviour.
+//! - [`settings`]: the command line (each crate's clap section), the `--config` file
+//!   under it, and their checks.
+//! - [`check_config`]: `wsgate check-config`, which checks the settings and exits.
 //! - [`demo`]: the `--demo` ticker.
 //! - [`drain_cmd`]: `wsgate drain`, which asks a running node to drain (preStop hook).
 //! - [`telemetry`]: the `tracing` subscriber: logs (human/JSON) and, when the
 //!   `OTEL_*` variables ask for it, OTLP trace export.
 
+mod check_config;
 mod demo;
 mod drain_cmd;
+mod settings;
 mod telemetry;
 
 use std::process::ExitCode;
 
-use clap::{CommandFactory, FromArgMatches, Parser};
 use tracing::{error, info, warn};
 use wsgate_fanout::Node;
+use wsgate_gateway::namespaces::describe;
 use wsgate_gateway::security::Security;
-use wsgate_gateway::{Config, Gateway, Server};
+use wsgate_gateway::{Gateway, Server};
 use wsgate_metrics::Metrics;
-use wsgate_redis::{BrokerSetup, RedisArgs};
 
-/// The command line: each crate's settings, flattened (`wsgate --help` lists them all).
-#[derive(Debug, Parser)]
-#[command(
-    name = "wsgate",
-    version,
-    about = "wsgate: a horizontally scalable WebSocket pub/sub gateway",
-    long_about = None,
-    max_term_width = 100
-)]
-struct Cli {
-    #[command(flatten)]
-    gateway: Config,
-    #[command(flatten)]
-    redis: RedisArgs,
-}
+use settings::Settings;
 
 /// Raises the soft open-files limit to the hard limit: every connection is a file.
 fn raise_nofile() {
@@ -57,14 +48,22 @@ async fn wait_for_signal() -> std::io::Result<&'static str> {
     })
 }
 
-async fn run(cfg: Config, security: Security, redis: Option<BrokerSetup>) -> anyhow::Result<()> {
+async fn run(settings: Settings, security: Security) -> anyhow::Result<()> {
     raise_nofile();
+    let Settings {
+        gateway: cfg,
+        redis,
+        namespaces,
+    } = settings;
+    for ns in describe(&namespaces) {
+        info!("namespace {ns}");
+    }
     let metrics = Metrics::default();
     let max_publication = cfg.max_publication_size();
     let node = match redis {
-        None => Node::in_memory(metrics, max_publication),
+        None => Node::in_memory_with(metrics, max_publication, namespaces, cfg.history_memory),
         Some(redis) => redis
-            .node(metrics, max_publication)
+            .node_with(metrics, max_publication, namespaces)
             .map_err(|e| anyhow::anyhow!("redis: {e}"))?,
     };
     let gw = Gateway::new(cfg, node, security);
@@ -110,40 +109,21 @@ async fn run(cfg: Config, security: Security, redis: Option<BrokerSetup>) -> any
     Ok(())
 }
 
-/// The node's configuration from its flags and environment. `drain` is declared as a
-/// subcommand only for `--help`: `main` runs it before this, so the node's settings are
-/// never parsed for it, and after a flag it is refused (not ignored).
-fn parse_config() -> Cli {
-    let mut cmd = Cli::command()
-        .subcommand(drain_cmd::command())
-        .args_conflicts_with_subcommands(true)
-        .disable_help_subcommand(true);
-    let mut matches = cmd.get_matches_mut();
-    Cli::from_arg_matches_mut(&mut matches).unwrap_or_else(|e| e.format(&mut cmd).exit())
-}
-
 fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
-    if argv.next().as_deref() == Some("drain") {
-        return drain_cmd::run(argv);
+    match argv.next().as_deref() {
+        Some("drain") => return drain_cmd::run(argv),
+        Some("check-config") => return check_config::run(argv),
+        _ => {}
     }
-    let Cli {
-        gateway: mut cfg,
-        redis,
-    } = parse_config();
-    // Resolved once, so logs, traces and `welcome` agree even on a random id.
-    cfg.node_id = Some(cfg.resolved_node_id());
-    if let Err(msg) = cfg.validate() {
-        eprintln!("wsgate: invalid configuration: {msg}");
-        return ExitCode::from(2);
-    }
-    let redis = match redis.broker() {
-        Ok(r) => r,
+    let settings = match settings::load(std::env::args_os().collect()) {
+        Ok(s) => s,
         Err(e) => {
             eprintln!("wsgate: invalid configuration: {e}");
             return ExitCode::from(2);
         }
     };
+    let cfg = &settings.gateway;
     let telemetry = match telemetry::init(
         cfg.log_format,
         &cfg.log_level,
@@ -158,7 +138,7 @@ fn main() -> ExitCode {
     };
     // Keys and certificates are read here, once, so a bad one is a clear exit 2 (and a
     // JWKS URL is fetched with logging already on).
-    let security = match Security::from_config(&cfg) {
+    let security = match Security::from_config(cfg) {
         Ok(s) => s,
         Err(e) => {
             eprintln!("wsgate: invalid configuration: {e}");
@@ -175,7 +155,7 @@ fn main() -> ExitCode {
             return ExitCode::FAILURE;
         }
     };
-    let code = match runtime.block_on(run(cfg, security, redis)) {
+    let code = match runtime.block_on(run(settings, security)) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             error!("{e:#}");

@@ -246,3 +246,35 @@ print as 1.048576e+06.
 {{- toString . }}
 {{- end }}
 {{- end }}
+
+{{/*
+A value in TOML: whole numbers without a fraction or exponent (Helm reads YAML numbers
+as floats), anything else as JSON, which is valid TOML for strings, booleans and lists
+of them.
+*/}}
+{{- define "wsgate.tomlValue" -}}
+{{- if and (kindIs "float64" .) (eq . (float64 (int64 .))) }}
+{{- . | int64 | toString }}
+{{- else }}
+{{- toJson . }}
+{{- end }}
+{{- end }}
+
+{{/*
+wsgate.toml (docs/configuration.md) from .Values.namespaces: one [[namespaces]] table
+each, its keys in snake_case (historySize -> history_size). Empty without namespaces.
+*/}}
+{{- define "wsgate.configToml" -}}
+{{- with .Values.namespaces -}}
+# Rendered by the wsgate Helm chart from .Values.namespaces (docs/configuration.md).
+{{- range . }}
+
+[[namespaces]]
+name = {{ toJson .name }}
+topics = {{ toJson .topics }}
+{{- range $key, $value := omit . "name" "topics" }}
+{{ $key | snakecase }} = {{ include "wsgate.tomlValue" $value }}
+{{- end }}
+{{- end }}
+{{- end }}
+{{- end }}

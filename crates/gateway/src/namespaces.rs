@@ -1,0 +1,340 @@
+//! The `[[namespaces]]` section of the configuration file (docs/configuration.md):
+//! which topics belong to which namespace, and what the namespace's topics are. Today
+//! a namespace says whether its topics are streams (`history_size` + `history_ttl`);
+//! later options are more optional fields of [`Entry`], each off by default.
+//!
+//! No namespace, or a namespace without stream options, means plain (v1) topics.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::Duration;
+
+use serde::Deserialize;
+use toml::Spanned;
+use wsgate_fanout::{Namespace, Namespaces, Pattern, StreamOptions};
+
+use crate::config_file::SettingError;
+
+/// The largest `history_size`: kept publications per stream.
+pub const MAX_HISTORY_SIZE: u64 = 1_000_000;
+
+/// The longest `history_ttl`: 30 days.
+pub const MAX_HISTORY_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The longest namespace name.
+pub const MAX_NAME_LEN: usize = 64;
+
+/// The file's namespaces; its other keys are flags, read elsewhere.
+#[derive(Debug, Deserialize)]
+struct Section {
+    #[serde(default)]
+    namespaces: Vec<Entry>,
+}
+
+/// One `[[namespaces]]` table, as written.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Entry {
+    name: Spanned<String>,
+    topics: Spanned<Vec<Spanned<String>>>,
+    #[serde(default, alias = "history-size")]
+    history_size: Option<Spanned<i64>>,
+    #[serde(default, alias = "history-ttl")]
+    history_ttl: Option<Spanned<String>>,
+}
+
+fn err(span: Range<usize>, message: String) -> SettingError {
+    SettingError {
+        span: Some(span),
+        message,
+    }
+}
+
+/// The namespaces of a configuration file's text (none when it has no
+/// `[[namespaces]]`), checked.
+///
+/// # Errors
+/// The first problem, naming the namespace and its setting: an unknown key, a wrong
+/// type, a bad or duplicate pattern, a duplicate name, `history_size` outside
+/// 1..=[`MAX_HISTORY_SIZE`], `history_ttl` not a positive duration up to
+/// [`MAX_HISTORY_TTL`], or only one of the two.
+pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
+    let section: Section = toml::from_str(text).map_err(|e| {
+        let m = e.message();
+        let message = match e.span().and_then(|s| key_at(text, s.start)) {
+            Some(k) if k != "namespaces" => format!("namespaces: `{k}`: {m}"),
+            _ if m.contains("expected a sequence") => {
+                format!("namespaces: {m} (write one [[namespaces]] table per namespace)")
+            }
+            _ => format!("namespaces: {m}"),
+        };
+        SettingError {
+            span: e.span(),
+            message,
+        }
+    })?;
+    let mut names: HashMap<String, usize> = HashMap::new();
+    let mut patterns: HashMap<String, String> = HashMap::new();
+    let mut list = Vec::new();
+    for (i, entry) in section.namespaces.into_iter().enumerate() {
+        let name = entry.name.get_ref().clone();
+        let at = |key: &str| format!("namespaces[{i}] ({name:?}).{key}");
+        let name_ok = !name.is_empty()
+            && name.len() <= MAX_NAME_LEN
+            && name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.'));
+        if !name_ok {
+            return Err(err(
+                entry.name.span(),
+                format!(
+                    "namespaces[{i}].name {name:?}: 1 to {MAX_NAME_LEN} letters, digits, `_`, `-` or `.`"
+                ),
+            ));
+        }
+        if let Some(first) = names.insert(name.clone(), i) {
+            return Err(err(
+                entry.name.span(),
+                format!(
+                    "namespaces[{i}].name: {name:?} is already the name of namespaces[{first}]"
+                ),
+            ));
+        }
+        if entry.topics.get_ref().is_empty() {
+            return Err(err(
+                entry.topics.span(),
+                format!(
+                    "{}: at least one topic pattern (`chat:*`, `news`, `*`)",
+                    at("topics")
+                ),
+            ));
+        }
+        let mut topics = Vec::new();
+        for t in entry.topics.into_inner() {
+            let pattern = Pattern::parse(t.get_ref())
+                .map_err(|e| err(t.span(), format!("{}: {e}", at("topics"))))?;
+            if let Some(other) = patterns.insert(pattern.as_string(), name.clone()) {
+                return Err(err(
+                    t.span(),
+                    format!(
+                        "{}: {:?} is already claimed by namespace {other:?} (each pattern belongs to one namespace)",
+                        at("topics"),
+                        pattern.as_string()
+                    ),
+                ));
+            }
+            topics.push(pattern);
+        }
+        let stream = match (entry.history_size, entry.history_ttl) {
+            (None, None) => None,
+            (Some(size), None) => {
+                return Err(err(
+                    size.span(),
+                    format!("{}: needed with history_size (how long a stream keeps a message, e.g. \"10m\")", at("history_ttl")),
+                ))
+            }
+            (None, Some(ttl)) => {
+                return Err(err(
+                    ttl.span(),
+                    format!("{}: needed with history_ttl (how many messages a stream keeps, e.g. 1000)", at("history_size")),
+                ))
+            }
+            (Some(size), Some(ttl)) => Some(StreamOptions {
+                history_size: history_size(&size).map_err(|m| err(size.span(), format!("{}: {m}", at("history_size"))))?,
+                history_ttl: history_ttl(&ttl).map_err(|m| err(ttl.span(), format!("{}: {m}", at("history_ttl"))))?,
+            }),
+        };
+        list.push(Namespace {
+            name,
+            topics,
+            stream,
+        });
+    }
+    Namespaces::new(list).map_err(|message| SettingError {
+        span: None,
+        message,
+    })
+}
+
+/// One line per namespace, for `wsgate check-config` and the start log:
+/// `chat: chat:*, dm:* → stream (history 1000 messages, 10m)`.
+pub fn describe(namespaces: &Namespaces) -> Vec<String> {
+    namespaces
+        .iter()
+        .map(|ns| {
+            let topics: Vec<String> = ns.topics.iter().map(Pattern::as_string).collect();
+            let what = match &ns.stream {
+                Some(s) => format!(
+                    "stream (history {} messages, {})",
+                    s.history_size,
+                    humantime::format_duration(s.history_ttl)
+                ),
+                None => "plain".to_string(),
+            };
+            format!("{}: {} → {what}", ns.name, topics.join(", "))
+        })
+        .collect()
+}
+
+/// The key of the `key = value` line holding `offset`, if it is one.
+fn key_at(text: &str, offset: usize) -> Option<&str> {
+    let offset = offset.min(text.len());
+    let start = text.get(..offset)?.rfind('\n').map_or(0, |i| i + 1);
+    let end = text
+        .get(offset..)?
+        .find('\n')
+        .map_or(text.len(), |i| offset + i);
+    let (key, _) = text.get(start..end)?.split_once('=')?;
+    let key = key.trim().trim_matches('"');
+    (!key.is_empty() && !key.starts_with('[')).then_some(key)
+}
+
+fn history_size(size: &Spanned<i64>) -> Result<usize, String> {
+    let n = *size.get_ref();
+    match u64::try_from(n) {
+        Ok(n @ 1..=MAX_HISTORY_SIZE) => Ok(n as usize),
+        _ => Err(format!(
+            "must be between 1 and {MAX_HISTORY_SIZE} (got {n})"
+        )),
+    }
+}
+
+fn history_ttl(ttl: &Spanned<String>) -> Result<Duration, String> {
+    let text = ttl.get_ref();
+    let d = humantime::parse_duration(text)
+        .map_err(|e| format!("{text:?}: {e} (examples: 30s, 10m, 24h)"))?;
+    if d.is_zero() || d > MAX_HISTORY_TTL {
+        return Err(format!(
+            "{text:?}: must be greater than 0 and at most 30 days"
+        ));
+    }
+    Ok(d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse_err(text: &str) -> String {
+        parse(text).unwrap_err().message
+    }
+
+    #[test]
+    fn no_section_means_no_streams() {
+        let ns = parse("listen = \"127.0.0.1:1\"\n").unwrap();
+        assert_eq!(ns, Namespaces::default());
+        assert!(!ns.has_streams());
+        assert!(!parse("").unwrap().has_streams());
+    }
+
+    #[test]
+    fn streams_and_plain_namespaces() {
+        let ns = parse(
+            r#"
+            [[namespaces]]
+            name = "chat"
+            topics = ["chat:*", "dm:*"]
+            history_size = 1000
+            history_ttl = "10m"
+
+            [[namespaces]]
+            name = "lobby"
+            topics = ["chat:lobby"]
+
+            [[namespaces]]
+            name = "feed"
+            topics = ["feed"]
+            history-size = 1
+            history-ttl = "1s"
+            "#,
+        )
+        .unwrap();
+        let chat = ns.stream("chat:42").unwrap();
+        assert_eq!(chat.history_size, 1000);
+        assert_eq!(chat.history_ttl, Duration::from_secs(600));
+        assert_eq!(ns.stream("dm:a").unwrap().history_size, 1000);
+        assert!(ns.stream("chat:lobby").is_none(), "exact pattern, plain");
+        assert_eq!(ns.namespace("chat:lobby").unwrap().name, "lobby");
+        assert_eq!(
+            ns.stream("feed").unwrap().history_ttl,
+            Duration::from_secs(1)
+        );
+        assert!(ns.stream("news").is_none(), "no namespace: plain");
+        assert_eq!(
+            describe(&ns),
+            [
+                "chat: chat:*, dm:* → stream (history 1000 messages, 10m)",
+                "lobby: chat:lobby → plain",
+                "feed: feed → stream (history 1 messages, 1s)",
+            ]
+        );
+    }
+
+    #[test]
+    fn bounds_of_the_stream_options() {
+        let ns = |size: &str, ttl: &str| {
+            format!("[[namespaces]]\nname = \"n\"\ntopics = [\"t:*\"]\nhistory_size = {size}\nhistory_ttl = {ttl}\n")
+        };
+        parse(&ns("1000000", "\"30days\"")).unwrap();
+        let e = parse_err(&ns("0", "\"10m\""));
+        assert!(
+            e.contains("namespaces[0] (\"n\").history_size") && e.contains("between 1 and 1000000"),
+            "{e}"
+        );
+        assert!(parse_err(&ns("1000001", "\"10m\"")).contains("history_size"));
+        assert!(parse_err(&ns("-5", "\"10m\"")).contains("got -5"));
+        let e = parse_err(&ns("10", "\"0s\""));
+        assert!(
+            e.contains("history_ttl") && e.contains("greater than 0"),
+            "{e}"
+        );
+        assert!(parse_err(&ns("10", "\"31days\"")).contains("history_ttl"));
+        let e = parse_err(&ns("10", "\"soon\""));
+        assert!(e.contains("history_ttl") && e.contains("examples"), "{e}");
+        let e = parse_err(&ns("10", "600"));
+        assert!(e.contains("`history_ttl`") && e.contains("string"), "{e}");
+        let e = parse_err(&ns("\"many\"", "\"10m\""));
+        assert!(e.contains("`history_size`"), "{e}");
+        let e = parse_err("[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\nhistory_size = 5\n");
+        assert!(e.contains("history_ttl: needed"), "{e}");
+        let e = parse_err("[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\nhistory_ttl = \"5s\"\n");
+        assert!(e.contains("history_size: needed"), "{e}");
+    }
+
+    #[test]
+    fn names_patterns_and_keys_are_checked() {
+        let e = parse_err("[[namespaces]]\nname = \"a\"\ntopics = [\"a*b\"]\n");
+        assert!(e.contains("topics") && e.contains("a*b"), "{e}");
+        let e = parse_err("[[namespaces]]\nname = \"a\"\ntopics = []\n");
+        assert!(e.contains("namespaces[0] (\"a\").topics"), "{e}");
+        let e = parse_err("[[namespaces]]\nname = \"\"\ntopics = [\"x\"]\n");
+        assert!(e.contains("namespaces[0].name"), "{e}");
+        let two = |a: &str, b: &str, pa: &str, pb: &str| {
+            format!("[[namespaces]]\nname = \"{a}\"\ntopics = [\"{pa}\"]\n[[namespaces]]\nname = \"{b}\"\ntopics = [\"{pb}\"]\n")
+        };
+        let e = parse_err(&two("a", "a", "x", "y"));
+        assert!(
+            e.contains("namespaces[1].name") && e.contains("namespaces[0]"),
+            "{e}"
+        );
+        let e = parse_err(&two("a", "b", "x:*", "x:*"));
+        assert!(
+            e.contains("namespaces[1] (\"b\").topics") && e.contains("\"a\""),
+            "{e}"
+        );
+        parse(&two("a", "b", "x:*", "x:y:*")).unwrap();
+        let e = parse_err("[[namespaces]]\nname = \"a\"\ntopics = [\"x\"]\nhistory_sise = 3\n");
+        assert!(e.contains("unknown field `history_sise`"), "{e}");
+        let e = parse("[[namespaces]]\nname = \"a\"\n\ntopics = [\"x\"]\nbogus = 1\n").unwrap_err();
+        assert!(e.message.contains("bogus"), "{}", e.message);
+        assert!(e.span.is_some(), "unknown keys are located");
+        let e = parse_err("[[namespaces]]\ntopics = [\"x\"]\n");
+        assert!(e.contains("name"), "{e}");
+        let e = parse_err("namespaces = 3\n");
+        assert!(e.contains("[[namespaces]]"), "{e}");
+        let e = parse_err("[namespaces]\nname = \"x\"\n");
+        assert!(e.contains("[[namespaces]]"), "{e}");
+        let e = parse_err("[[namespaces]]\nname = \"a\"\ntopics = \"x\"\n");
+        assert!(e.contains("`topics`"), "{e}");
+    }
+}
