@@ -171,19 +171,33 @@ impl Core {
         };
         let core = self.clone();
         rt.spawn(async move {
-            let fetch = core
-                .broker
-                .get()
-                .and_then(Weak::upgrade)
-                .zip(core.namespaces.stream(&topic).copied())
-                .map(|(broker, opts)| {
-                    let limit = usize::try_from(upto - after).unwrap_or(usize::MAX);
-                    broker.history(&topic, &opts, HistoryQuery::After { seq: after, limit })
-                });
-            let history = match fetch {
-                Some(fetch) => fetch.await.ok(),
-                None => None,
-            };
+            let mut history = None;
+            // A read may fail while the broker reconnects (the gap often comes from
+            // that very outage): try again a few times before resetting the gap.
+            for attempt in 0..REPAIR_TRIES {
+                if attempt > 0 {
+                    tokio::time::sleep(REPAIR_BACKOFF * (1 << (attempt - 1))).await;
+                }
+                let fetch = core
+                    .broker
+                    .get()
+                    .and_then(Weak::upgrade)
+                    .zip(core.namespaces.stream(&topic).copied())
+                    .map(|(broker, opts)| {
+                        let limit = usize::try_from(upto - after).unwrap_or(usize::MAX);
+                        broker.history(&topic, &opts, HistoryQuery::After { seq: after, limit })
+                    });
+                let Some(fetch) = fetch else { break };
+                match fetch.await {
+                    Ok(h) => {
+                        history = Some(h);
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::debug!(%topic, error = %e, attempt, "stream repair read failed");
+                    }
+                }
+            }
             core.repaired(topic, history);
         });
     }
@@ -227,6 +241,7 @@ impl Core {
             match shard.get_mut(&topic) {
                 Some(state) => {
                     let actions = state.on_repair(history.as_ref());
+                    tracing::debug!(%topic, read = history.as_ref().map(|h| h.entries.len()), ?actions, "stream repaired");
                     self.run(&topic, actions)
                 }
                 None => Vec::new(),
@@ -281,6 +296,7 @@ impl BrokerEvents for Arc<Core> {
         let seq = entry.seq;
         let before = state.position();
         let actions = state.on_publication(epoch, entry);
+        tracing::trace!(%topic, seq, phase = ?state.phase(), last = before.seq, ?actions, "stream publication");
         if actions.is_empty() && state.phase() == Phase::Live && before.seq >= seq {
             self.metrics.stream_duplicates.inc();
         }
@@ -340,6 +356,19 @@ pub struct Node {
     /// Largest `data` accepted by [`Node::publish`], in bytes.
     max_publication_size: usize,
 }
+
+/// How many times a repair reads the history before it gives the gap up as lost
+/// (`reset`), and the first pause between tries (doubled each time: 0.1 … 1.6 s).
+const REPAIR_TRIES: u32 = 5;
+const REPAIR_BACKOFF: std::time::Duration = std::time::Duration::from_millis(100);
+
+/// How long a resume waits for this node to deliver up to the position the session
+/// already has (see [`Node::reach`]).
+const REACH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// How many publications past the node's position a resume reads, so that
+/// publications arriving during the read need no second one.
+const RESUME_SLACK: u64 = 256;
 
 /// How many times a resume reads the history again when the stream moved on while
 /// it read (then it answers `recovered:false`).
@@ -531,6 +560,11 @@ impl Node {
             self.undo_join(id, &plain, &streams);
             return Err(e);
         }
+        for t in &streams {
+            if let Some(from) = since.get(t) {
+                self.reach(t, from).await;
+            }
+        }
         // The replays: read outside the locks, checked (and read again if the stream
         // moved on meanwhile) under them.
         let mut fetched: HashMap<Arc<str>, History> = HashMap::new();
@@ -650,6 +684,50 @@ impl Node {
         Ok(())
     }
 
+    /// Lets this node's delivery of stream `t` reach `target`, a position a resuming
+    /// session saw — maybe on another node, which got the relay earlier than this one
+    /// (or this one missed it). Waits, bounded by [`REACH_WAIT`], catching up from the
+    /// broker if no later publication arrives. A target beyond the stream itself, or
+    /// not reached in time, is left to the resume check (`recovered:false`).
+    async fn reach(&self, t: &Arc<str>, target: &Position) {
+        let core = &self.core;
+        let behind = || {
+            core.streams[core.shard_of(t)]
+                .lock()
+                .get(t)
+                .is_some_and(|s| {
+                    s.position().epoch == target.epoch && s.position().seq < target.seq
+                })
+        };
+        if !behind() {
+            return;
+        }
+        let opts = *core.namespaces.stream(t).expect("a stream");
+        let Ok(read) = self.broker.history(t, &opts, HistoryQuery::Latest(0)).await else {
+            return;
+        };
+        if read.position.epoch != target.epoch || read.position.seq < target.seq {
+            return; // beyond the stream: never recovered
+        }
+        let repairs = {
+            let mut shard = core.streams[core.shard_of(t)].lock();
+            match shard.get_mut(t) {
+                Some(state) => {
+                    let actions = state.on_position(&read.position);
+                    core.run(t, actions)
+                }
+                None => Vec::new(),
+            }
+        };
+        for (after, upto) in repairs {
+            core.repair(t.clone(), after, upto);
+        }
+        let deadline = Instant::now() + REACH_WAIT;
+        while behind() && Instant::now() < deadline {
+            tokio::time::sleep(std::time::Duration::from_millis(2)).await;
+        }
+    }
+
     /// The history reads a resume still needs: (topic, after, limit) for each fresh
     /// stream whose `since` could be recovered and whose fetched history does not
     /// reach the stream's current position.
@@ -674,11 +752,14 @@ impl Node {
                 continue; // nothing to read: equal, beyond, or another epoch
             }
             if let Some(h) = fetched.get(t) {
-                if h.position.seq >= position.seq || !h.covers(from.seq, &from.epoch) {
+                let reached = h.entries.last().map_or(from.seq, |e| e.seq);
+                if reached >= position.seq || !h.covers(from.seq, &from.epoch) {
                     continue; // reaches far enough, or can never recover
                 }
             }
-            let limit = usize::try_from(position.seq - from.seq).unwrap_or(usize::MAX);
+            // A little beyond where the node is now: it moves on while we read.
+            let limit =
+                usize::try_from(position.seq - from.seq + RESUME_SLACK).unwrap_or(usize::MAX);
             out.push((t.clone(), from.seq, limit));
         }
         out
@@ -1354,6 +1435,80 @@ mod tests {
             texts(&rec)[4],
             r#"{"op":"message","topic":"news","data":1,"seq":7}"#
         );
+    }
+
+    /// A broker whose history reads race a publication: each `After` read is
+    /// preceded by one more publication, as on a busy stream.
+    struct Busy {
+        history: crate::history::MemoryHistory,
+        events: Arc<dyn BrokerEvents>,
+    }
+    impl Broker for Busy {
+        fn publish(&self, _: &str, _: &[u8], _: u64) -> BrokerFuture {
+            BrokerFuture::ready(Ok(()))
+        }
+        fn publish_stream(
+            &self,
+            topic: &str,
+            data: &[u8],
+            at: u64,
+            opts: &crate::stream::StreamOptions,
+        ) -> BrokerFuture<Position> {
+            let (p, ()) = self.history.append(topic, data, at, opts, |p, e| {
+                self.events
+                    .stream_publication(topic, &p.epoch, e.clone(), Origin::Gateway);
+            });
+            BrokerFuture::ready(Ok(p))
+        }
+        fn history(
+            &self,
+            topic: &str,
+            opts: &crate::stream::StreamOptions,
+            q: HistoryQuery,
+        ) -> BrokerFuture<History> {
+            if matches!(q, HistoryQuery::After { .. }) {
+                let _ = self.publish_stream(topic, b"0", 0, opts);
+            }
+            BrokerFuture::ready(Ok(self.history.read(topic, opts, q)))
+        }
+        fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
+            BrokerFuture::ready(Ok(()))
+        }
+        fn release(&self, _: Vec<Arc<str>>) {}
+        fn is_ready(&self) -> bool {
+            true
+        }
+        fn kind(&self) -> &'static str {
+            "busy"
+        }
+    }
+
+    #[tokio::test]
+    async fn a_resume_racing_publications_still_recovers_every_one() {
+        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(1000), |events| {
+            Ok::<_, ()>(Busy {
+                history: crate::history::MemoryHistory::new(1 << 20),
+                events,
+            })
+        })
+        .unwrap();
+        let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
+        let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;
+        let epoch = start[0].position.epoch.to_string();
+        for i in 1..=10 {
+            publish_now(&node, "chat:1", &i.to_string());
+        }
+        let rec = Arc::new(Recorder::default());
+        let sub: Arc<dyn Subscriber> = rec.clone();
+        let s = join(&node, 2, &sub, &[t("chat:1")], &[("chat:1", 3, &epoch)]).await;
+        assert_eq!(s[0].recovered, Some(true), "{s:?}");
+        let end = s[0].position.seq;
+        assert!(end > 10, "the stream moved on during the resume: {end}");
+        let got = texts(&rec);
+        assert_eq!(got.len() as u64, end - 3, "{got:?}");
+        for (i, text) in got.iter().enumerate() {
+            assert!(text.ends_with(&format!(r#""seq":{}}}"#, 4 + i)), "{text}");
+        }
     }
 
     #[tokio::test]

@@ -193,6 +193,7 @@ impl RedisArgs {
                 unsubscribe_delay: self.redis_unsubscribe_delay,
                 hash_tag_separator: self.redis_hash_tag_separator.map(|c| c as u8),
                 metrics: None,
+                install_functions: false,
             };
             let (push, _) = tokio::sync::mpsc::unbounded_channel();
             cluster_client(
@@ -253,6 +254,7 @@ impl BrokerSetup {
                     warn!("redis TLS certificates are not verified (#insecure): for tests only");
                 }
                 options.metrics = Some(metrics.clone());
+                options.install_functions = namespaces.has_streams();
                 let prefix = options.prefix.clone();
                 let node = Node::with_namespaces(metrics, max_publication, namespaces, |events| {
                     ClusterBroker::start(options, events)
@@ -265,6 +267,7 @@ impl BrokerSetup {
                     warn!("redis TLS certificates are not verified (#insecure): for tests only");
                 }
                 options.metrics = Some(metrics.clone());
+                options.install_functions = namespaces.has_streams();
                 let prefix = options.prefix.clone();
                 let node = Node::with_namespaces(metrics, max_publication, namespaces, |events| {
                     crate::RedisBroker::start(options, events)

@@ -2,20 +2,32 @@
 //! reported to the node ([`BrokerEvents`]) without ever blocking. The node's
 //! `has_subscribers` / `topics` are the truth for interest in both modes.
 
+use std::sync::Arc;
+
 use wsgate_fanout::BrokerEvents;
 
 use crate::channel::Channels;
 use crate::envelope;
+use crate::streams::Relay;
 
-/// A message on `channel` arrived from Redis: decode it (envelope or backend payload)
-/// and report it. Channels that are not ours are ignored.
+/// A message on `channel` arrived from Redis: decode it (a stream's relay message, a
+/// gateway's envelope or a backend's payload) and report it. Channels that are not
+/// ours are ignored. A plain message on a stream's channel is reported as plain: the
+/// node decides what it means.
 pub(crate) fn deliver(
     events: &dyn BrokerEvents,
     channels: &Channels,
     channel: &[u8],
     payload: &[u8],
 ) {
-    if let Some(topic) = channels.topic_of(channel) {
-        envelope::report(events, &topic, payload);
+    let Some(topic) = channels.topic_of(channel) else {
+        return;
+    };
+    match Relay::decode(payload) {
+        Some(r) => {
+            let epoch: Arc<str> = Arc::from(r.epoch);
+            events.stream_publication(&topic, &epoch, r.entry(), r.origin);
+        }
+        None => envelope::report(events, &topic, payload),
     }
 }

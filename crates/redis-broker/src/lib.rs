@@ -12,6 +12,9 @@
 //!   without ever blocking.
 //! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
 //!   which no backend payload can be mistaken for.
+//! - [`streams`]: streams (numbered, kept publications) in Redis, for both modes: the
+//!   Redis Function library that numbers, keeps and relays in one step, the stream's
+//!   keys, the relay message, the calls and their replies.
 //! - [`connect`]: opening connections (URL, password, TLS, Sentinel, the cluster
 //!   client), used by both modes: with Sentinel each (re)connect asks who the master
 //!   is now.
@@ -31,6 +34,8 @@
 //! - `interest`: which topics are held and when a released one is given up, as pure
 //!   state (unit-tested step by step).
 //! - `reply`: how broker calls get their answers from the relay tasks.
+//! - `job`: what the writers of both modes pipeline (publishes and function calls),
+//!   with the reinstall-and-retry of a missing function library.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
@@ -43,9 +48,11 @@ pub mod envelope;
 mod events;
 mod health;
 mod interest;
+mod job;
 pub mod limits;
 mod publisher;
 mod reply;
+pub mod streams;
 mod subscriber;
 
 use std::sync::Arc;
@@ -53,7 +60,9 @@ use std::time::Duration;
 
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
-use wsgate_fanout::{Broker, BrokerEvents, BrokerFuture};
+use wsgate_fanout::{
+    Broker, BrokerEvents, BrokerFuture, History, HistoryQuery, Position, StreamOptions,
+};
 use wsgate_metrics::Metrics;
 
 pub use crate::channel::{Channels, DEFAULT_PREFIX};
@@ -84,6 +93,10 @@ pub struct RedisOptions {
     pub unsubscribe_delay: Duration,
     /// The node's metrics, to feed `wsgate_redis_*`.
     pub metrics: Option<Metrics>,
+    /// Install the stream function library on every (re)connect (the node has
+    /// streams). Without it the library is installed when a stream call finds it
+    /// missing, and a node without streams never loads it.
+    pub install_functions: bool,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -108,6 +121,7 @@ impl RedisOptions {
             prefix: DEFAULT_PREFIX.into(),
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
             metrics: None,
+            install_functions: false,
         }
     }
 
@@ -146,7 +160,12 @@ impl RedisBroker {
         let stop = CancellationToken::new();
         let channels = Channels::new(&options.prefix, None);
         let health = Arc::new(Health::new(options.metrics));
-        let publisher = Publisher::start(connector.clone(), health.clone(), stop.clone());
+        let publisher = Publisher::start(
+            connector.clone(),
+            health.clone(),
+            options.install_functions,
+            stop.clone(),
+        );
         let (commands, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             connector,
@@ -179,6 +198,33 @@ impl Broker for RedisBroker {
             self.channels.channel(topic),
             envelope::encode(data, accepted_at),
         )
+    }
+
+    fn publish_stream(
+        &self,
+        topic: &str,
+        data: &[u8],
+        accepted_at: u64,
+        opts: &StreamOptions,
+    ) -> BrokerFuture<Position> {
+        let cmd = streams::publish_cmd(&self.channels.channel(topic), data, accepted_at, opts);
+        match self.publisher.call(cmd) {
+            Ok(rx) => job::answer_with(rx, streams::parse_position),
+            Err(e) => BrokerFuture::ready(Err(e)),
+        }
+    }
+
+    fn history(
+        &self,
+        topic: &str,
+        opts: &StreamOptions,
+        query: HistoryQuery,
+    ) -> BrokerFuture<History> {
+        let cmd = streams::history_cmd(&self.channels.channel(topic), opts, query);
+        match self.publisher.call(cmd) {
+            Ok(rx) => job::answer_with(rx, streams::parse_history),
+            Err(e) => BrokerFuture::ready(Err(e)),
+        }
     }
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {

@@ -1,6 +1,8 @@
-//! The publishing side: one connection, one writer task, pipelined `PUBLISH`es.
+//! The publishing side: one connection, one writer task, pipelined `PUBLISH`es and
+//! stream function calls.
 //!
-//! [`Publisher::publish`] puts the command on an ordered channel *before returning*,
+//! [`Publisher::publish`] (and [`Publisher::call`]) puts the command on an ordered
+//! channel *before returning*,
 //! which fixes the publication's place in the stream (the [`Broker::publish`]
 //! contract); the writer task takes everything queued, sends it as one pipeline (one
 //! round trip for the whole batch) and acknowledges each publication. While Redis is
@@ -10,7 +12,7 @@
 
 use std::sync::Arc;
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wsgate_fanout::{BrokerError, BrokerFuture};
@@ -18,14 +20,10 @@ use wsgate_fanout::{BrokerError, BrokerFuture};
 use crate::backoff::Backoff;
 use crate::connect::{explain, Connector};
 use crate::health::Health;
+use crate::job::{self, Job, Op, Target};
 use crate::limits::{MAX_BATCH, RESPONSE_TIMEOUT};
-use crate::reply::{self, unavailable, Reply};
-
-struct Job {
-    channel: Vec<u8>,
-    payload: Vec<u8>,
-    ack: Reply,
-}
+use crate::reply::{self, unavailable};
+use crate::streams;
 
 /// Handle used by the broker; the writer task owns the connection.
 pub(crate) struct Publisher {
@@ -40,10 +38,11 @@ impl Publisher {
     pub(crate) fn start(
         connector: Connector,
         health: Arc<Health>,
+        install: bool,
         stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(connector, rx, health.clone(), stop));
+        tokio::spawn(writer(connector, rx, health.clone(), install, stop));
         Publisher { tx, health }
     }
 
@@ -53,17 +52,48 @@ impl Publisher {
             return BrokerFuture::ready(Err(unavailable("redis is not connected")));
         }
         reply::ask(&self.tx, |ack| Job {
-            channel,
-            payload,
-            ack,
+            op: Op::Publish { channel, payload },
+            ack: job::Ack::Done(ack),
         })
+    }
+
+    /// Queues a stream function call (in order with the publishes); its reply.
+    pub(crate) fn call(
+        &self,
+        cmd: redis::Cmd,
+    ) -> Result<oneshot::Receiver<Result<redis::Value, BrokerError>>, BrokerError> {
+        if !self.health.publish_up() {
+            return Err(unavailable("redis is not connected"));
+        }
+        let (job, rx) = Job::call(cmd);
+        self.tx.send(job).map_err(|_| BrokerError::Closed)?;
+        Ok(rx)
+    }
+}
+
+/// The publish connection, as a [`Target`] of pipelines.
+struct Single<'a>(&'a mut redis::aio::MultiplexedConnection);
+
+impl Target for Single<'_> {
+    fn send(
+        &mut self,
+        pipe: redis::Pipeline,
+        n: usize,
+    ) -> impl std::future::Future<Output = redis::RedisResult<Vec<redis::Value>>> + Send + '_ {
+        use redis::aio::ConnectionLike;
+        async move { self.0.req_packed_commands(&pipe, 0, n).await }
+    }
+
+    #[allow(clippy::manual_async_fn)] // the trait names the future's bounds
+    fn install(&mut self) -> impl std::future::Future<Output = redis::RedisResult<()>> + Send + '_ {
+        async move { streams::load_cmd(false).exec_async(self.0).await }
     }
 }
 
 /// Answers every queued job with `err` (the connection they were waiting for is gone).
 fn fail_queued(rx: &mut mpsc::UnboundedReceiver<Job>, err: &BrokerError) {
     while let Ok(job) = rx.try_recv() {
-        let _ = job.ack.send(Err(err.clone()));
+        job.fail(err.clone());
     }
 }
 
@@ -71,6 +101,7 @@ async fn writer(
     connector: Connector,
     mut rx: mpsc::UnboundedReceiver<Job>,
     health: Arc<Health>,
+    install: bool,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
@@ -93,6 +124,13 @@ async fn writer(
             },
         };
         backoff.reset();
+        // A Redis restarted without persistence, or flushed, has lost its functions:
+        // (re)install them on every connect. Plain pub/sub works without them.
+        if install {
+            if let Err(e) = Single(&mut conn).install().await {
+                warn!(error = %e, "could not install the stream functions (FUNCTION LOAD); streams will not work");
+            }
+        }
         health.set_publish_up(true);
         if lost_before {
             health.reconnected(None);
@@ -108,34 +146,22 @@ async fn writer(
             if received == 0 {
                 return; // every sender is gone
             }
-            let mut pipe = redis::pipe();
-            for job in &batch {
-                pipe.cmd("PUBLISH")
-                    .arg(&job.channel)
-                    .arg(&job.payload)
-                    .ignore();
+            let outcome = job::run(
+                &mut Single(&mut conn),
+                std::mem::take(&mut batch),
+                "PUBLISH",
+            )
+            .await;
+            if outcome.refused > 0 {
+                health.error();
             }
-            let result = pipe.exec_async(&mut conn).await;
-            match result {
-                Ok(()) => {
-                    for job in batch.drain(..) {
-                        let _ = job.ack.send(Ok(()));
-                    }
-                }
-                Err(e) => {
-                    // Some of the batch may have reached Redis; answering all of it
-                    // `unavailable` can only be a false failure, never a false success.
-                    health.set_publish_up(false);
-                    health.error();
-                    lost_before = true;
-                    warn!(error = %e, "redis publish failed; reconnecting");
-                    let err = unavailable(format!("redis: {e}"));
-                    for job in batch.drain(..) {
-                        let _ = job.ack.send(Err(err.clone()));
-                    }
-                    fail_queued(&mut rx, &err);
-                    break;
-                }
+            if let Some(e) = outcome.failed {
+                health.set_publish_up(false);
+                health.error();
+                lost_before = true;
+                warn!(error = %e, "redis publish failed; reconnecting");
+                fail_queued(&mut rx, &unavailable(format!("redis: {e}")));
+                break;
             }
         }
         debug!("redis publish connection lost");

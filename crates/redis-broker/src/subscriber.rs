@@ -13,7 +13,9 @@
 //!
 //! Those rules are pure state, in [`crate::interest`]; this module does the I/O.
 //! - On a lost connection it reconnects with backoff and resubscribes every topic the
-//!   node has, so local clients never notice more than the gap.
+//!   node has, so local clients never notice more than the gap; once confirmed it tells
+//!   the node ([`BrokerEvents::resubscribed`]), which repairs its streams' gap from
+//!   history.
 //!
 //! A second task, the *reader*, only decodes and delivers: handing a publication to
 //! the node is a non-blocking enqueue into each subscriber's byte-bounded outbox, so the reader
@@ -96,7 +98,17 @@ impl Manager {
                         redis = self.connector.target(),
                         "redis subscriptions up"
                     );
+                    // Confirmed again after a loss: what was published meanwhile was
+                    // missed, and the node catches its streams up from history.
+                    let again: Vec<Arc<str>> = if lost_before {
+                        confirmed.iter().cloned().collect()
+                    } else {
+                        Vec::new()
+                    };
                     interest.reconnected(confirmed);
+                    if !again.is_empty() {
+                        self.events.resubscribed(&again);
+                    }
                     let lost = self.serve(&mut rx, sink, &mut interest, &connection).await;
                     self.health.set_subscribe_up(false);
                     lost

@@ -38,14 +38,18 @@ use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
 use tokio_util::sync::CancellationToken;
-use wsgate_fanout::{Broker, BrokerEvents, BrokerFuture};
+use wsgate_fanout::{
+    Broker, BrokerError, BrokerEvents, BrokerFuture, History, HistoryQuery, Position, StreamOptions,
+};
 use wsgate_metrics::Metrics;
 
 use crate::channel::Channels;
 use crate::connect::{cluster_client, ConnectError, TlsFiles};
 use crate::envelope;
 use crate::health::Health;
+use crate::job;
 use crate::reply::{self, unavailable};
+use crate::streams;
 use subscribe::{Command, Manager};
 use topology::SlotMap;
 
@@ -69,6 +73,9 @@ pub struct ClusterOptions {
     pub hash_tag_separator: Option<u8>,
     /// The node's metrics.
     pub metrics: Option<Metrics>,
+    /// Install the stream function library on every primary whenever one is seen up
+    /// (the node has streams); else only when a stream call finds it missing.
+    pub install_functions: bool,
 }
 
 impl std::fmt::Debug for ClusterOptions {
@@ -136,13 +143,31 @@ impl ClusterBroker {
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
-        let manager = Manager::new(shared.clone(), events, target, options.unsubscribe_delay);
+        let mut manager = Manager::new(shared.clone(), events, target, options.unsubscribe_delay);
+        manager.install_functions = options.install_functions;
         tokio::spawn(manager.run(client, rx, push_rx, probe_rx, jobs_rx));
         Ok(ClusterBroker {
             shared,
             commands,
             jobs,
         })
+    }
+}
+
+impl ClusterBroker {
+    /// Queues `job` for the primary of `topic`'s slot. Queued before returning: the
+    /// call order is the order on the shard.
+    fn queue(&self, topic: &str, job: job::Job) -> Result<(), BrokerError> {
+        let slot = slot::key_slot(&self.shared.channels.channel(topic));
+        let Some((shard, _)) = self.shared.map().owner(slot) else {
+            return Err(unavailable("no Redis Cluster shard owns the slot"));
+        };
+        if !self.shared.health.shard_up(shard) {
+            return Err(unavailable("the Redis Cluster shard is not connected"));
+        }
+        self.jobs
+            .send(publish::Job { slot, job })
+            .map_err(|_| BrokerError::Closed)
     }
 }
 
@@ -155,35 +180,45 @@ impl Drop for ClusterBroker {
 impl Broker for ClusterBroker {
     fn publish(&self, topic: &str, data: &[u8], accepted_at: u64) -> BrokerFuture {
         let channel = self.shared.channels.channel(topic);
-        let slot = slot::key_slot(&channel);
-        let Some((shard, _)) = self
-            .shared
-            .map()
-            .owner(slot)
-            .map(|(i, p)| (i, p.id.clone()))
-        else {
-            return BrokerFuture::ready(Err(unavailable("no Redis Cluster shard owns the slot")));
-        };
-        if !self.shared.health.shard_up(shard) {
-            return BrokerFuture::ready(Err(unavailable(
-                "the Redis Cluster shard is not connected",
-            )));
-        }
-        // Queued before returning: the call order is the order on the shard.
+        let payload = envelope::encode(data, accepted_at);
         let (ack, done) = oneshot::channel();
-        if self
-            .jobs
-            .send(publish::Job {
-                slot,
-                channel,
-                payload: envelope::encode(data, accepted_at),
-                ack,
-            })
-            .is_err()
-        {
-            return BrokerFuture::ready(Err(wsgate_fanout::BrokerError::Closed));
+        let job = job::Job {
+            op: job::Op::Publish { channel, payload },
+            ack: job::Ack::Done(ack),
+        };
+        match self.queue(topic, job) {
+            Ok(()) => reply::answer(done),
+            Err(e) => BrokerFuture::ready(Err(e)),
         }
-        reply::answer(done)
+    }
+
+    fn publish_stream(
+        &self,
+        topic: &str,
+        data: &[u8],
+        accepted_at: u64,
+        opts: &StreamOptions,
+    ) -> BrokerFuture<Position> {
+        let channel = self.shared.channels.channel(topic);
+        let (job, rx) = job::Job::call(streams::publish_cmd(&channel, data, accepted_at, opts));
+        match self.queue(topic, job) {
+            Ok(()) => job::answer_with(rx, streams::parse_position),
+            Err(e) => BrokerFuture::ready(Err(e)),
+        }
+    }
+
+    fn history(
+        &self,
+        topic: &str,
+        opts: &StreamOptions,
+        query: HistoryQuery,
+    ) -> BrokerFuture<History> {
+        let channel = self.shared.channels.channel(topic);
+        let (job, rx) = job::Job::call(streams::history_cmd(&channel, opts, query));
+        match self.queue(topic, job) {
+            Ok(()) => job::answer_with(rx, streams::parse_history),
+            Err(e) => BrokerFuture::ready(Err(e)),
+        }
     }
 
     fn subscribe(&self, topics: Vec<Arc<str>>) -> BrokerFuture {

@@ -1,5 +1,5 @@
-//! Publishing to a cluster: one writer task, `SPUBLISH` pipelines through the cluster
-//! client, one in flight per slot.
+//! Publishing to a cluster: one writer task, `SPUBLISH` (and stream function call)
+//! pipelines through the cluster client, one in flight per slot.
 //!
 //! [`Broker::publish`] puts the publication on an ordered channel before returning.
 //! The writer sorts what is queued by slot and sends each slot's publications as one
@@ -26,20 +26,64 @@ use std::sync::Arc;
 
 use futures_util::stream::{FuturesUnordered, StreamExt};
 use redis::cluster_async::ClusterConnection;
-use redis::cluster_routing::{Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr};
+use redis::cluster_routing::{
+    MultipleNodeRoutingInfo, ResponsePolicy, Route, RoutingInfo, SingleNodeRoutingInfo, SlotAddr,
+};
 use tokio::sync::mpsc;
 use tracing::debug;
 
-use crate::cluster::Shared;
-use crate::limits::MAX_BATCH;
-use crate::reply::{unavailable, Reply};
+use redis::Value;
 
-/// One publication on its way.
+use crate::cluster::Shared;
+use crate::job::{self, Target};
+use crate::limits::MAX_BATCH;
+use crate::streams;
+
+/// One publication (or stream function call) on its way to its slot.
 pub(crate) struct Job {
     pub slot: u16,
-    pub channel: Vec<u8>,
-    pub payload: Vec<u8>,
-    pub ack: Reply,
+    pub job: job::Job,
+}
+
+/// One slot's primary, as a [`Target`] of pipelines.
+struct Slot {
+    conn: ClusterConnection,
+    slot: u16,
+}
+
+impl Target for Slot {
+    fn send(
+        &mut self,
+        pipe: redis::Pipeline,
+        n: usize,
+    ) -> impl std::future::Future<Output = redis::RedisResult<Vec<Value>>> + Send + '_ {
+        self.conn.route_pipeline(pipe, 0, n, route(self.slot))
+    }
+
+    fn install(&mut self) -> impl std::future::Future<Output = redis::RedisResult<()>> + Send + '_ {
+        install_on(&mut self.conn, self.slot)
+    }
+}
+
+/// `FUNCTION LOAD REPLACE` of the stream library on every primary.
+pub(crate) async fn install_all(conn: &mut ClusterConnection) -> redis::RedisResult<()> {
+    let all = RoutingInfo::MultiNode((
+        MultipleNodeRoutingInfo::AllMasters,
+        Some(ResponsePolicy::AllSucceeded),
+    ));
+    conn.route_command(streams::load_cmd(true), all)
+        .await
+        .map(|_| ())
+}
+
+/// `FUNCTION LOAD REPLACE` of the stream library on the primary of `slot`.
+pub(crate) async fn install_on(conn: &mut ClusterConnection, slot: u16) -> redis::RedisResult<()> {
+    conn.route_command(
+        streams::load_cmd(true),
+        RoutingInfo::SingleNode(route(slot)),
+    )
+    .await
+    .map(|_| ())
 }
 
 fn route(slot: u16) -> SingleNodeRoutingInfo {
@@ -83,26 +127,25 @@ pub(crate) async fn writer(
                 continue;
             }
             busy.insert(slot);
-            let mut pipe = redis::pipe();
-            for j in &jobs {
-                pipe.cmd("SPUBLISH").arg(&j.channel).arg(&j.payload);
-            }
-            let n = jobs.len();
-            let mut conn = conn.clone();
+            let mut target = Slot {
+                conn: conn.clone(),
+                slot,
+            };
             in_flight.push(async move {
-                let r = conn.route_pipeline(pipe, 0, n, route(slot)).await;
-                (slot, jobs, r)
+                let jobs: Vec<job::Job> = jobs.into_iter().map(|j| j.job).collect();
+                let outcome = job::run(&mut target, jobs, "SPUBLISH").await;
+                (slot, outcome)
             });
         }
         tokio::select! {
             biased;
             _ = stop.cancelled() => return,
-            Some((slot, jobs, result)) = in_flight.next(), if !in_flight.is_empty() => {
+            Some((slot, outcome)) = in_flight.next(), if !in_flight.is_empty() => {
                 busy.remove(&slot);
                 if queued.contains_key(&slot) {
                     ready.push(slot);
                 }
-                answer(&shared, slot, jobs, result);
+                count(&shared, slot, &outcome);
             }
             n = rx.recv_many(&mut batch, MAX_BATCH) => {
                 if n == 0 {
@@ -120,49 +163,19 @@ pub(crate) async fn writer(
     }
 }
 
-/// Acknowledges one pipeline's publications.
-fn answer(
-    shared: &Shared,
-    slot: u16,
-    jobs: Vec<Job>,
-    result: redis::RedisResult<Vec<redis::Value>>,
-) {
-    match result {
-        Ok(values) => {
-            let mut accepted = 0u64;
-            let mut values = values.into_iter();
-            for job in jobs {
-                match values.next() {
-                    Some(redis::Value::Int(_)) => {
-                        accepted += 1;
-                        let _ = job.ack.send(Ok(()));
-                    }
-                    other => {
-                        shared.health.error();
-                        let why = match other {
-                            Some(redis::Value::ServerError(e)) => format!("redis: {e}"),
-                            _ => "redis: unexpected reply to SPUBLISH".to_string(),
-                        };
-                        let _ = job.ack.send(Err(unavailable(why)));
-                    }
-                }
-            }
-            if accepted > 0 {
-                if let Some((i, _)) = shared.map().owner(slot) {
-                    shared.health.shard_published(i, accepted);
-                }
-            }
-        }
-        Err(e) => {
-            // Some of it may have reached Redis: failing all of it can only be a false
-            // failure, never a false success.
-            debug!(slot, error = %e, "SPUBLISH pipeline failed");
-            shared.health.error();
-            let _ = shared.probe.send(());
-            let err = unavailable(format!("redis: {e}"));
-            for job in jobs {
-                let _ = job.ack.send(Err(err.clone()));
-            }
+/// Counts what one pipeline did (every command was answered by [`job::run`]).
+fn count(shared: &Shared, slot: u16, outcome: &job::Outcome) {
+    if outcome.refused > 0 {
+        shared.health.error();
+    }
+    if let Some(e) = &outcome.failed {
+        debug!(slot, error = %e, "SPUBLISH pipeline failed");
+        shared.health.error();
+        let _ = shared.probe.send(());
+    }
+    if outcome.accepted > 0 {
+        if let Some((i, _)) = shared.map().owner(slot) {
+            shared.health.shard_published(i, outcome.accepted);
         }
     }
 }

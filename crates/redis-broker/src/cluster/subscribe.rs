@@ -16,10 +16,13 @@
 //!   * the server dropped (a `sunsubscribe` nobody asked for: the slot moved),
 //!   * was held on another primary than the one now owning its slot (failover,
 //!     resharding),
-//!   * belongs to a shard that was down and is back (a restart, a long outage).
+//!   * belongs to a shard that was down and is back (a restart, a long outage),
+//!   * or any topic at all after a lost connection, once every shard is up: the client
+//!     re-establishes a connection by itself but does not subscribe its shard
+//!     channels again (seen with `CLIENT KILL`).
 //!
-//!   The client resubscribes a connection it re-established by itself as well; the
-//!   commands are idempotent, so the two never conflict.
+//!   The commands are idempotent. Topics subscribed again are reported to the node
+//!   ([`BrokerEvents::resubscribed`]), which catches their streams up from history.
 //!
 //! The *reader* task takes the pushes the client forwards: `smessage`s go straight to
 //! the node ([`deliver`]: non-blocking, so Redis is drained as fast as it writes);
@@ -40,7 +43,7 @@ use tracing::{debug, info, warn};
 use wsgate_fanout::BrokerEvents;
 
 use crate::backoff::Backoff;
-use crate::cluster::publish::{self, spublish};
+use crate::cluster::publish::{self, install_all, spublish};
 use crate::cluster::slot::key_slot;
 use crate::cluster::topology::SlotMap;
 use crate::cluster::Shared;
@@ -89,6 +92,11 @@ pub(crate) struct Manager {
     last_probe: Option<Instant>,
     /// Probe channel per slot (`<prefix>{tag}` with the tag hashing to the slot).
     probe_channels: HashMap<u16, Vec<u8>>,
+    /// Install the function library on primaries seen up (the node has streams).
+    pub(crate) install_functions: bool,
+    /// A connection was lost: every held topic is subscribed again at the next probe
+    /// that finds every shard up.
+    resync: bool,
 }
 
 impl Manager {
@@ -110,6 +118,8 @@ impl Manager {
             probe_wanted: true,
             last_probe: None,
             probe_channels: HashMap::new(),
+            install_functions: false,
+            resync: false,
         }
     }
 
@@ -270,13 +280,13 @@ impl Manager {
     }
 
     /// `SSUBSCRIBE`s every group (one slot each), all at once; the topics confirmed are
-    /// held. Returns how many were confirmed per shard.
+    /// held. Returns the topics confirmed.
     async fn subscribe(
         &mut self,
         conn: &ClusterConnection,
         map: &SlotMap,
         groups: BTreeMap<u16, Vec<Arc<str>>>,
-    ) -> HashMap<usize, usize> {
+    ) -> Vec<Arc<str>> {
         let mut sends = Vec::new();
         for (slot, topics) in groups {
             for chunk in topics.chunks(CHUNK) {
@@ -289,17 +299,17 @@ impl Manager {
                 });
             }
         }
-        let mut per_shard: HashMap<usize, usize> = HashMap::new();
+        let mut confirmed = Vec::new();
         for (slot, topics, result) in join_all(sends).await {
             let why = match result {
                 Ok(Ok(())) => {
-                    let Some((shard, owner)) = map.owner(slot) else {
+                    let Some((_, owner)) = map.owner(slot) else {
                         continue;
                     };
-                    *per_shard.entry(shard).or_default() += topics.len();
                     debug!(slot, count = topics.len(), "ssubscribed");
                     for t in topics {
                         self.dropped.remove(&t);
+                        confirmed.push(t.clone());
                         self.held.insert(
                             t,
                             Held {
@@ -317,7 +327,7 @@ impl Manager {
             self.shared.health.error();
             self.probe_wanted = true;
         }
-        per_shard
+        confirmed
     }
 
     /// `SUNSUBSCRIBE`s `topics` (no longer held), grouped per slot.
@@ -364,7 +374,14 @@ impl Manager {
 
     async fn on_signal(&mut self, signal: Signal, conn: &mut ClusterConnection) {
         match signal {
-            Signal::Disconnected => self.probe_wanted = true,
+            Signal::Disconnected => {
+                // The client reconnects by itself but does not subscribe that
+                // connection's shard channels again, and what was published meanwhile
+                // is lost: subscribe everything again once every shard answers, and
+                // tell the node, which catches its streams up.
+                self.probe_wanted = true;
+                self.resync = true;
+            }
             Signal::Channel {
                 subscribed: true,
                 channel,
@@ -497,8 +514,12 @@ impl Manager {
         let ups = join_all(probes).await;
         let first = self.seen.is_empty();
         let mut back: HashSet<usize> = HashSet::new();
+        let mut install = Vec::new();
         for (i, (primary, up)) in map.primaries().iter().zip(&ups).enumerate() {
             let was = self.seen.insert(primary.id.clone(), *up);
+            if *up && was != Some(true) {
+                install.push(map.first_slot(i));
+            }
             if !*up {
                 if was != Some(false) {
                     warn!(shard = i, primary = %primary.addr, "Redis Cluster shard down");
@@ -513,12 +534,37 @@ impl Manager {
         self.seen
             .retain(|id, _| map.primaries().iter().any(|p| p.id == *id));
         self.shared.health.set_shards(&ups, map.covers_all());
+        // A primary seen up for the first time, or again, may have lost its functions
+        // (a restart without persistence, a new node): install them on every primary,
+        // on a task of its own (the probes go on; a call that comes first and finds no
+        // function installs them itself).
+        if self.install_functions && !install.is_empty() {
+            let mut conn = conn.clone();
+            tokio::spawn(async move {
+                let why = match tokio::time::timeout(CONFIRM_TIMEOUT, install_all(&mut conn)).await
+                {
+                    Ok(Ok(())) => return,
+                    Ok(Err(e)) => e.to_string(),
+                    Err(_) => "no answer in time".to_string(),
+                };
+                warn!(error = %why, "could not install the stream functions (FUNCTION LOAD); streams will not work");
+            });
+        }
 
         // Topics to place: on a shard that came back, held elsewhere than their
-        // slot's owner, or dropped by the server.
+        // slot's owner, dropped by the server, or all held ones after a lost
+        // connection (once the whole cluster answers: not while a primary is gone).
+        let whole = map.covers_all() && ups.iter().all(|u| *u);
+        let resync = self.resync && whole;
+        if resync {
+            self.resync = false;
+        }
         let mut place: BTreeMap<u16, Vec<Arc<str>>> = BTreeMap::new();
         let mut placing: HashSet<Arc<str>> = HashSet::new();
-        let topics = if back.is_empty() && self.dropped.is_empty() && !changed {
+        // Placed because they were not (or no longer) where the map says: counted in
+        // the resubscribe metrics. A resync alone is not.
+        let mut counted: HashSet<Arc<str>> = HashSet::new();
+        let topics = if back.is_empty() && self.dropped.is_empty() && !changed && !resync {
             Vec::new()
         } else {
             self.events.topics()
@@ -533,16 +579,31 @@ impl Manager {
             }
             let moved = self.held.get(&t).is_some_and(|h| h.owner != owner.id);
             let missing = !self.held.contains_key(&t) && self.dropped.contains(&t);
-            if (back.contains(&shard) || moved || missing) && placing.insert(t.clone()) {
+            let lost = resync && self.held.contains_key(&t);
+            if back.contains(&shard) || moved || missing {
+                counted.insert(t.clone());
+            }
+            if (back.contains(&shard) || moved || missing || lost) && placing.insert(t.clone()) {
                 place.entry(slot).or_default().push(t);
             }
         }
         if !place.is_empty() {
             let n: usize = place.values().map(Vec::len).sum();
             info!(topics = n, "placing topics on their shard");
-            let per_shard = self.subscribe(conn, &map, place).await;
+            let confirmed = self.subscribe(conn, &map, place).await;
+            let mut per_shard: BTreeMap<usize, usize> = BTreeMap::new();
+            for t in confirmed.iter().filter(|t| counted.contains(*t)) {
+                if let Some((shard, _)) = map.owner(key_slot(&self.channel(t))) {
+                    *per_shard.entry(shard).or_default() += 1;
+                }
+            }
             for (shard, n) in per_shard {
                 self.shared.health.resubscribed(Some(shard), n);
+            }
+            // What was published while they were not held is lost: the node catches
+            // its streams up.
+            if !confirmed.is_empty() {
+                self.events.resubscribed(&confirmed);
             }
         }
         // Topics the node holds that no slot owner serves now stay held: they are
