@@ -209,6 +209,11 @@ pub struct FanoutArgs {
     /// Channel prefix the servers subscribe with.
     #[arg(long, default_value = "wsgate:")]
     pub redis_prefix: String,
+    /// With --publish-via redis: publish as a backend publishes into a stream,
+    /// `FCALL wsgate_publish 1 <prefix><topic> <payload>`, instead of `PUBLISH`
+    /// (which a gateway does not deliver on a stream topic).
+    #[arg(long)]
+    pub redis_fcall: bool,
     /// Unacknowledged publications allowed per publisher.
     #[arg(long, default_value_t = 1024)]
     pub max_inflight: usize,

@@ -343,6 +343,7 @@ fn endpoints(ctx: &Ctx, a: &FanoutArgs) -> Result<Endpoints> {
         api_key: a.api_key.clone(),
         redis,
         redis_prefix: a.redis_prefix.clone(),
+        redis_fcall: a.redis_fcall,
     })
 }
 

@@ -89,6 +89,8 @@ enum Conn {
     Redis {
         conn: redis::aio::MultiplexedConnection,
         channel: String,
+        /// `FCALL wsgate_publish` (stream topics) instead of `PUBLISH`.
+        fcall: bool,
     },
 }
 
@@ -107,6 +109,7 @@ pub struct Endpoints {
     pub api_key: Option<String>,
     pub redis: Option<redis::Client>,
     pub redis_prefix: String,
+    pub redis_fcall: bool,
 }
 
 impl Publisher {
@@ -152,6 +155,7 @@ impl Publisher {
                 Conn::Redis {
                     conn: client.get_multiplexed_async_connection().await?,
                     channel: format!("{}{}", ep.redis_prefix, plan.topic),
+                    fcall: ep.redis_fcall,
                 }
             }
         };
@@ -263,13 +267,27 @@ impl Publisher {
                         Err(_) => false,
                     }
                 }
-                Conn::Redis { conn, channel } => {
+                Conn::Redis {
+                    conn,
+                    channel,
+                    fcall,
+                } => {
                     let mut pipe = redis::pipe();
                     for i in 0..n {
                         stamp(&mut data, &plan, seq + i, sent_ns);
-                        pipe.cmd("PUBLISH").arg(&*channel).arg(&data[..]);
+                        if *fcall {
+                            pipe.cmd("FCALL")
+                                .arg("wsgate_publish")
+                                .arg(1)
+                                .arg(&*channel)
+                                .arg(&data[..]);
+                        } else {
+                            pipe.cmd("PUBLISH").arg(&*channel).arg(&data[..]);
+                        }
                     }
-                    match pipe.query_async::<Vec<i64>>(conn).await {
+                    // PUBLISH answers a count, FCALL wsgate_publish [seq, epoch]; an
+                    // error reply fails the whole pipeline.
+                    match pipe.query_async::<Vec<redis::Value>>(conn).await {
                         Ok(_) => {
                             out.acked += n;
                             true

@@ -158,6 +158,7 @@ pub async fn run(ctx: Arc<Ctx>, a: ResumeStormArgs) -> Result<Report> {
             api_key: a.api_key.clone(),
             redis: None,
             redis_prefix: String::new(),
+            redis_fcall: false,
         };
         let plan = Plan {
             index: 0,
