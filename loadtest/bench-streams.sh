@@ -12,7 +12,9 @@
 #   - 1x2000: 1 topic x $SUBS subscribers, 2 publishers at $RATE_1 publications/s;
 #   - 1x2000cap: the same at $RATE_1CAP/s (6M deliveries/s offered): the capacity;
 #   - 300x2: $TOPICS_N topics x 2 subscribers, one publisher per topic, $RATE_N/s;
-#   - 300x2-open: the same open loop (publications/s accepted at saturation).
+#   - 300x2open: the same open loop (publications/s accepted at saturation);
+#   - 300x2backend (redis mode): the same published straight into Redis as a backend
+#     does, FCALL wsgate_publish for streams, PUBLISH for plain topics.
 # Redis mode reads the redis-server's CPU (/proc/<pid>/stat) before and after each run
 # and divides by the publications acknowledged: Redis CPU per publication. Then the
 # resume storm: $STORM_CLIENTS clients on $STORM_TOPICS stream topic(s) leave, miss
@@ -127,7 +129,8 @@ has_streams() {
 # fanout label kind(st|pl) args...: one fan-out run; Redis CPU around it in redis mode.
 fanout() {
   local label=$1 kind=$2; shift 2
-  local before="" after=""
+  local before="" after="" t0
+  t0=$(date +%s.%N)
   [[ -n $REDIS_PID && $MODE == redis ]] && before=$(cpu_s "$REDIS_PID")
   local cmd=("$LT" fanout --url "$URL" --server-pid "$GW_PID" --metrics-url "$METRICS"
     --topic-prefix "$kind:$label-" --duration "$DUR" --payload 100 "$@"
@@ -136,12 +139,15 @@ fanout() {
   timeout 300 "${cmd[@]}" >"$OUT/$label.txt" || echo "$label: generator exit $?" >>"$OUT/errors.txt"
   if [[ -n $before ]]; then
     after=$(cpu_s "$REDIS_PID")
-    echo "$label $(awk -v a="$before" -v b="$after" 'BEGIN{printf "%.3f", b - a}')" >>"$OUT/redis_cpu.txt"
+    echo "$label $(awk -v a="$before" -v b="$after" -v t0="$t0" -v t1="$(date +%s.%N)" \
+      'BEGIN{printf "%.3f %.3f", b - a, t1 - t0}')" >>"$OUT/redis_cpu.txt"
   fi
 }
 
 storm() {
-  local label=$1
+  local label=$1 before="" t0
+  t0=$(date +%s.%N)
+  [[ -n $REDIS_PID && $MODE == redis ]] && before=$(cpu_s "$REDIS_PID")
   local cmd=("$LT" resume-storm --url "$URL" --server-pid "$GW_PID" --metrics-url "$METRICS"
     --topic-prefix "st:$label-" --clients "$STORM_CLIENTS" --topics "$STORM_TOPICS" --missed "$MISSED"
     --publish-via http --http-batch 100 --live-subscribers "$LIVE_SUBS" --live-rate "$LIVE_RATE"
@@ -149,6 +155,10 @@ storm() {
     --source-addrs "$SRC" --no-progress --label "$label" --out "$OUT/$label.json" --chart "$OUT/$label.png")
   echo "${cmd[*]}" >>"$OUT/commands.txt"
   timeout 300 "${cmd[@]}" >"$OUT/$label.txt" || echo "$label: generator exit $?" >>"$OUT/errors.txt"
+  if [[ -n $before ]]; then
+    awk -v a="$before" -v b="$(cpu_s "$REDIS_PID")" -v t0="$t0" -v t1="$(date +%s.%N)" \
+      'BEGIN{printf "%.3f CPU s over %.1f s\n", b - a, t1 - t0}' >"$OUT/$label.redis_cpu.txt"
+  fi
 }
 
 {
@@ -173,6 +183,12 @@ for MODE in $MODES; do
     log "$MODE: publishing to a stream topic returned no seq: this build has no streams in $MODE mode; skipped"
     echo "$MODE: no streams in this mode" >>"$OUT/errors.txt"; stop_gateway; continue
   fi
+  if [[ $MODE == redis ]]; then
+    # Redis's own CPU with the gateway connected and no traffic (cron, pings): taken
+    # off each run's CPU, pro rata of its wall time, in the "net" column.
+    c0=$(cpu_s "$REDIS_PID"); sleep 10; c1=$(cpu_s "$REDIS_PID")
+    awk -v a="$c0" -v b="$c1" 'BEGIN{printf "%.4f\n", (b - a) / 10}' >"$OUT/redis_idle_cpu.txt"
+  fi
   for r in $(seq "$ROUNDS"); do
     kinds="st pl"; ((r % 2 == 0)) && kinds="pl st"
     for k in $kinds; do
@@ -195,6 +211,16 @@ for MODE in $MODES; do
           --publishers "$TOPICS_N" --rate 0 --max-inflight 16 --batch 16
       done
     fi
+    if [[ $MODE == redis ]]; then
+      # As a backend publishes: FCALL wsgate_publish into a stream, PUBLISH otherwise.
+      for k in $kinds; do
+        extra=(); [[ $k == st ]] && extra=(--redis-fcall)
+        log "$MODE round $r: $k ${TOPICS_N}x2 published by a backend through Redis"
+        fanout "$MODE-${TOPICS_N}x2backend-$k-r$r" "$k" --subscribers $((TOPICS_N * 2)) --topics "$TOPICS_N" \
+          --publishers "$TOPICS_N" --rate "$RATE_N" --publish-via redis \
+          --redis-url "redis://127.0.0.1:$REDIS_PORT" "${extra[@]}"
+      done
+    fi
     log "$MODE round $r: resume storm"
     storm "$MODE-storm-r$r"
   done
@@ -205,11 +231,17 @@ echo "load average after: $(cut -d' ' -f1-3 /proc/loadavg)" >>"$OUT/env.txt"
 python3 - "$OUT" >"$OUT/summary.md" <<'EOF'
 import json, sys, pathlib, re, statistics
 out = pathlib.Path(sys.argv[1])
-cpu = {}
+cpu, idle = {}, 0.0
+if (out / "redis_idle_cpu.txt").exists():
+    idle = float((out / "redis_idle_cpu.txt").read_text())
 if (out / "redis_cpu.txt").exists():
-    cpu = {l.split()[0]: float(l.split()[1]) for l in (out / "redis_cpu.txt").read_text().splitlines()}
+    for l in (out / "redis_cpu.txt").read_text().splitlines():
+        k, c, wall = l.split()
+        cpu[k] = (float(c), max(float(c) - idle * float(wall), 0.0))
 rows, pairs = [], {}
-print("| run | publications/s accepted | deliveries/s | p50 ms | p99 ms | lost | stream gaps / dups / resets | gateway CPU s per M deliveries | Redis CPU s | Redis CPU µs per publication |")
+print(f"Redis idle CPU: {idle * 100:.2f}% of a core (subtracted pro rata in the net columns)")
+print()
+print("| run | publications/s accepted | deliveries/s | p50 ms | p99 ms | lost | stream gaps / dups / resets | gateway CPU s per M deliveries | Redis CPU s (net of idle) | Redis CPU µs per publication (net) |")
 print("|---|---|---|---|---|---|---|---|---|---|")
 for p in sorted(out.glob("*.json")):
     r = json.loads(p.read_text())
@@ -219,19 +251,21 @@ for p in sorted(out.glob("*.json")):
     label = r["label"]
     acc = f["published"] / max(r["duration_s"], 1)
     st = f.get("streams", {})
-    red = cpu.get(label)
+    red, net = cpu.get(label, (None, None))
     per_pub = red / f["published"] * 1e6 if red is not None and f["published"] else None
+    net_pub = net / f["published"] * 1e6 if net is not None and f["published"] else None
     srv = r["servers"][0]["cpu_s_per_million_events"] if r.get("servers") else None
     print(f"| {label} | {acc:.0f} | {f['deliveries_per_s_steady']:.0f} | {f['latency']['p50_ms']:.2f} | "
           f"{f['latency']['p99_ms']:.2f} | {f['lost']} | {st.get('gaps', 0)} / {st.get('dups', 0)} / {st.get('resets', 0)} | "
-          f"{'–' if srv is None else f'{srv:.2f}'} | {'–' if red is None else f'{red:.2f}'} | {'–' if per_pub is None else f'{per_pub:.1f}'} |")
+          f"{'–' if srv is None else f'{srv:.2f}'} | {'–' if red is None else f'{red:.2f} ({net:.2f})'} | "
+          f"{'–' if per_pub is None else f'{per_pub:.1f} ({net_pub:.1f})'} |")
     m = re.match(r"(.+)-(st|pl)-r(\d+)$", label)
     if m:
-        pairs.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (acc, f["deliveries_per_s_steady"], f["latency"]["p99_ms"], per_pub)
+        pairs.setdefault((m.group(1), m.group(3)), {})[m.group(2)] = (acc, f["deliveries_per_s_steady"], f["latency"]["p99_ms"], net_pub)
 print()
 print("Stream / plain, per round (same gateway, back to back):")
 print()
-print("| workload | round | publications/s | deliveries/s | p99 | Redis CPU per publication |")
+print("| workload | round | publications/s | deliveries/s | p99 | Redis CPU per publication (net) |")
 print("|---|---|---|---|---|---|")
 ratios = {}
 for (w, rnd), v in sorted(pairs.items()):
@@ -252,8 +286,8 @@ for w, rs in ratios.items():
         return f"{statistics.mean(xs):.2f}×" if xs else "–"
     print(f"| {w} | {mean(0)} | {mean(1)} | {mean(2)} | {mean(3)} |")
 print()
-print("| storm | clients | missed | recovered | completed | all complete within | per client p50 / p99 | gaps / dups / resets | live p50 / p99 before | live p50 / p99 during | live lost |")
-print("|---|---|---|---|---|---|---|---|---|---|---|")
+print("| storm | clients | missed | recovered | completed | all complete within | per client p50 / p99 | gaps / dups / resets | live p50 / p99 before | live p50 / p99 during | live lost | Redis CPU |")
+print("|---|---|---|---|---|---|---|---|---|---|---|---|")
 for p in sorted(out.glob("*.json")):
     r = json.loads(p.read_text())
     s = r.get("resume")
@@ -263,10 +297,12 @@ for p in sorted(out.glob("*.json")):
     lb, ld = l.get("before", {}), l.get("during", {})
     st = s["streams"]
     c = s["completion_s"]
+    rcf = out / f"{r['label']}.redis_cpu.txt"
+    rc = rcf.read_text().strip() if rcf.exists() else "–"
     print(f"| {r['label']} | {s['clients']} | {s['missed_per_topic']} | {s['recovered']} | {s['completed']} | "
           f"{'NOT ALL' if c is None else f'{c:.2f} s'} | {s['completion']['p50_ms']:.0f} / {s['completion']['p99_ms']:.0f} ms | "
           f"{st['gaps']} / {st['dups']} / {st['resets']} | {lb.get('p50_ms', 0):.2f} / {lb.get('p99_ms', 0):.2f} | "
-          f"{ld.get('p50_ms', 0):.2f} / {ld.get('p99_ms', 0):.2f} | {l.get('lost', '–')} |")
+          f"{ld.get('p50_ms', 0):.2f} / {ld.get('p99_ms', 0):.2f} | {l.get('lost', '–')} | {rc} |")
 EOF
 cat "$OUT/summary.md"
 [[ -f $OUT/errors.txt ]] && { echo; echo "errors:"; cat "$OUT/errors.txt"; }
