@@ -125,8 +125,12 @@ pub fn render(r: &Report) -> String {
 fn resume(s: &mut String, rs: &crate::report::ResumeStorm) {
     let _ = writeln!(
         s,
-        "resume storm: {} clients over {} topics missed {} publications each (made in {:.2} s, {:.0}/s)",
-        rs.clients, rs.topics, rs.missed_per_topic, rs.publish_s, rs.publications_per_s
+        "resume storm: {} clients over {} topics missed {} publications each (made in {:.0} ms, {:.0}/s)",
+        rs.clients,
+        rs.topics,
+        rs.missed_per_topic,
+        rs.publish_s * 1000.0,
+        rs.publications_per_s
     );
     let _ = writeln!(
         s,
