@@ -192,6 +192,8 @@ impl MemoryHistory {
         let freed = l.trim(Instant::now());
         self.bytes.fetch_sub(freed, Ordering::Relaxed);
         let entries: Vec<HistoryEntry> = match query {
+            // No failover here: a stream never goes back; only its position is read.
+            HistoryQuery::Restart { .. } => Vec::new(),
             HistoryQuery::Latest(limit) => {
                 let skip = l.kept.len().saturating_sub(limit);
                 l.kept.iter().skip(skip).map(|k| k.entry.clone()).collect()

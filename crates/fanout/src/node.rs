@@ -138,11 +138,11 @@ impl Core {
     /// Runs a stream state's actions, the shard lock held: delivery order is the
     /// order the state decided. Returns the repairs to start once the lock is
     /// released ([`Core::repair`]).
-    fn run(&self, topic: &Arc<str>, actions: Vec<Action>) -> Vec<(u64, u64)> {
+    fn run(&self, topic: &Arc<str>, actions: Vec<Action>) -> Vec<Action> {
         let mut repairs = Vec::new();
         for action in actions {
             match action {
-                Action::Deliver(e) => {
+                Action::Deliver(ref e) => {
                     let p = Publication::encode_seq(topic, &e.data, e.accepted_at, e.seq);
                     self.hub.deliver(topic, &p);
                 }
@@ -151,13 +151,72 @@ impl Core {
                     self.hub
                         .deliver(topic, &Publication::reset(topic, seq, &epoch));
                 }
-                Action::Repair { after, upto } => {
+                Action::Repair { .. } => {
                     self.metrics.stream_gaps.inc();
-                    repairs.push((after, upto));
+                    repairs.push(action);
                 }
+                Action::Restart { .. } => repairs.push(action),
             }
         }
         repairs
+    }
+
+    /// Starts what a stream's state asked for once the locks are released: repairs,
+    /// and restarts of a stream that went back.
+    fn follow(self: &Arc<Self>, topic: &Arc<str>, actions: Vec<Action>) {
+        for action in actions {
+            match action {
+                Action::Repair { after, upto } => self.repair(topic.clone(), after, upto),
+                Action::Restart { epoch, seq } => self.restart(topic.clone(), epoch, seq),
+                Action::Deliver(_) | Action::Reset { .. } => {}
+            }
+        }
+    }
+
+    /// Has the broker restart a stream that went back behind what this node delivered
+    /// (a failover lost acknowledged publications), then announces the new epoch.
+    fn restart(self: &Arc<Self>, topic: Arc<str>, epoch: Arc<str>, seq: u64) {
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
+        tracing::warn!(
+            %topic,
+            seq,
+            "stream went back behind what was delivered (a Redis failover lost \
+             acknowledged publications): restarting its numbering in a new epoch"
+        );
+        let core = self.clone();
+        rt.spawn(async move {
+            let Some(opts) = core.namespaces.stream(&topic).copied() else {
+                return;
+            };
+            let Some(broker) = core.broker.get().and_then(Weak::upgrade) else {
+                return;
+            };
+            let read = broker
+                .history(&topic, &opts, HistoryQuery::Restart { epoch, seq })
+                .await;
+            match read {
+                Ok(h) => core.at_position(&topic, &h.position),
+                // The next resubscribe or publication looks again.
+                Err(e) => tracing::warn!(%topic, error = %e, "stream restart failed"),
+            }
+        });
+    }
+
+    /// Hands a stream's position, as read from the broker, to its state.
+    fn at_position(self: &Arc<Self>, topic: &Arc<str>, position: &Position) {
+        let repairs = {
+            let mut shard = self.streams[self.shard_of(topic)].lock();
+            match shard.get_mut(topic) {
+                Some(state) => {
+                    let actions = state.on_position(position);
+                    self.run(topic, actions)
+                }
+                None => Vec::new(),
+            }
+        };
+        self.follow(topic, repairs);
     }
 
     /// Reads the missing part of a stream and hands it to its state.
@@ -220,19 +279,7 @@ impl Core {
                 return;
             }
         };
-        let repairs = {
-            let mut shard = self.streams[self.shard_of(&topic)].lock();
-            match shard.get_mut(&topic) {
-                Some(state) => {
-                    let actions = state.on_position(&position);
-                    self.run(&topic, actions)
-                }
-                None => Vec::new(),
-            }
-        };
-        for (after, upto) in repairs {
-            self.repair(topic.clone(), after, upto);
-        }
+        self.at_position(&topic, &position);
     }
 
     fn repaired(self: &Arc<Self>, topic: Arc<str>, history: Option<History>) {
@@ -247,9 +294,7 @@ impl Core {
                 None => Vec::new(),
             }
         };
-        for (after, upto) in repairs {
-            self.repair(topic.clone(), after, upto);
-        }
+        self.follow(&topic, repairs);
     }
 }
 
@@ -302,9 +347,7 @@ impl BrokerEvents for Arc<Core> {
         }
         let repairs = self.run(&topic, actions);
         drop(shard);
-        for (after, upto) in repairs {
-            self.repair(topic.clone(), after, upto);
-        }
+        self.follow(&topic, repairs);
     }
 
     fn resubscribed(&self, topics: &[Arc<str>]) {
@@ -709,19 +752,7 @@ impl Node {
         if read.position.epoch != target.epoch || read.position.seq < target.seq {
             return; // beyond the stream: never recovered
         }
-        let repairs = {
-            let mut shard = core.streams[core.shard_of(t)].lock();
-            match shard.get_mut(t) {
-                Some(state) => {
-                    let actions = state.on_position(&read.position);
-                    core.run(t, actions)
-                }
-                None => Vec::new(),
-            }
-        };
-        for (after, upto) in repairs {
-            core.repair(t.clone(), after, upto);
-        }
+        core.at_position(t, &read.position);
         let deadline = Instant::now() + REACH_WAIT;
         while behind() && Instant::now() < deadline {
             tokio::time::sleep(std::time::Duration::from_millis(2)).await;
@@ -1307,13 +1338,32 @@ mod tests {
         assert!(rec.0.lock().is_empty());
     }
 
-    /// A broker over the in-memory history that loses the relay of chosen seqs.
-    struct Lossy {
+    /// A broker over the in-memory history that loses the relay of chosen seqs
+    /// (`lose`), and, when `busy`, has one more publication made before each `After`
+    /// read (as on a busy stream, racing the reader).
+    struct TestBroker {
         history: crate::history::MemoryHistory,
         events: Arc<dyn BrokerEvents>,
         lose: Mutex<Vec<u64>>,
+        busy: bool,
     }
-    impl Broker for Lossy {
+    impl TestBroker {
+        fn with(
+            lose: &[u64],
+            busy: bool,
+        ) -> impl FnOnce(Arc<dyn BrokerEvents>) -> Result<Self, ()> {
+            let lose = lose.to_vec();
+            move |events| {
+                Ok(TestBroker {
+                    history: crate::history::MemoryHistory::new(1 << 20),
+                    events,
+                    lose: Mutex::new(lose),
+                    busy,
+                })
+            }
+        }
+    }
+    impl Broker for TestBroker {
         fn publish(&self, _: &str, _: &[u8], _: u64) -> BrokerFuture {
             BrokerFuture::ready(Ok(()))
         }
@@ -1338,6 +1388,10 @@ mod tests {
             opts: &crate::stream::StreamOptions,
             q: HistoryQuery,
         ) -> BrokerFuture<History> {
+            if self.busy && matches!(q, HistoryQuery::After { .. }) {
+                // Appended (and relayed) at once: the future only carries the answer.
+                drop(self.publish_stream(topic, b"0", 0, opts));
+            }
             BrokerFuture::ready(Ok(self.history.read(topic, opts, q)))
         }
         fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
@@ -1348,19 +1402,18 @@ mod tests {
             true
         }
         fn kind(&self) -> &'static str {
-            "lossy"
+            "test"
         }
     }
 
     #[tokio::test]
     async fn lost_relays_are_repaired_from_history_or_reset() {
-        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(3), |events| {
-            Ok::<_, ()>(Lossy {
-                history: crate::history::MemoryHistory::new(1 << 20),
-                events,
-                lose: Mutex::new(vec![2, 3, 6, 7, 8, 9]),
-            })
-        })
+        let node = Node::with_namespaces(
+            Metrics::default(),
+            1024,
+            chat_streams(3),
+            TestBroker::with(&[2, 3, 6, 7, 8, 9], false),
+        )
         .unwrap();
         let rec = Arc::new(Recorder::default());
         let sub: Arc<dyn Subscriber> = rec.clone();
@@ -1396,13 +1449,12 @@ mod tests {
 
     #[tokio::test]
     async fn a_resubscribe_catches_streams_up_and_plain_publishes_on_streams_are_refused() {
-        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(100), |events| {
-            Ok::<_, ()>(Lossy {
-                history: crate::history::MemoryHistory::new(1 << 20),
-                events,
-                lose: Mutex::new(vec![3, 4]),
-            })
-        })
+        let node = Node::with_namespaces(
+            Metrics::default(),
+            1024,
+            chat_streams(100),
+            TestBroker::with(&[3, 4], false),
+        )
         .unwrap();
         let rec = Arc::new(Recorder::default());
         let sub: Arc<dyn Subscriber> = rec.clone();
@@ -1437,60 +1489,14 @@ mod tests {
         );
     }
 
-    /// A broker whose history reads race a publication: each `After` read is
-    /// preceded by one more publication, as on a busy stream.
-    struct Busy {
-        history: crate::history::MemoryHistory,
-        events: Arc<dyn BrokerEvents>,
-    }
-    impl Broker for Busy {
-        fn publish(&self, _: &str, _: &[u8], _: u64) -> BrokerFuture {
-            BrokerFuture::ready(Ok(()))
-        }
-        fn publish_stream(
-            &self,
-            topic: &str,
-            data: &[u8],
-            at: u64,
-            opts: &crate::stream::StreamOptions,
-        ) -> BrokerFuture<Position> {
-            let (p, ()) = self.history.append(topic, data, at, opts, |p, e| {
-                self.events
-                    .stream_publication(topic, &p.epoch, e.clone(), Origin::Gateway);
-            });
-            BrokerFuture::ready(Ok(p))
-        }
-        fn history(
-            &self,
-            topic: &str,
-            opts: &crate::stream::StreamOptions,
-            q: HistoryQuery,
-        ) -> BrokerFuture<History> {
-            if matches!(q, HistoryQuery::After { .. }) {
-                let _ = self.publish_stream(topic, b"0", 0, opts);
-            }
-            BrokerFuture::ready(Ok(self.history.read(topic, opts, q)))
-        }
-        fn subscribe(&self, _: Vec<Arc<str>>) -> BrokerFuture {
-            BrokerFuture::ready(Ok(()))
-        }
-        fn release(&self, _: Vec<Arc<str>>) {}
-        fn is_ready(&self) -> bool {
-            true
-        }
-        fn kind(&self) -> &'static str {
-            "busy"
-        }
-    }
-
     #[tokio::test]
     async fn a_resume_racing_publications_still_recovers_every_one() {
-        let node = Node::with_namespaces(Metrics::default(), 1024, chat_streams(1000), |events| {
-            Ok::<_, ()>(Busy {
-                history: crate::history::MemoryHistory::new(1 << 20),
-                events,
-            })
-        })
+        let node = Node::with_namespaces(
+            Metrics::default(),
+            1024,
+            chat_streams(1000),
+            TestBroker::with(&[], true),
+        )
         .unwrap();
         let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
         let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;

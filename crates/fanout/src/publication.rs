@@ -32,31 +32,23 @@ pub struct Publication {
 impl Publication {
     /// Encodes a publication of `data` (must be valid JSON text) to a validated topic.
     pub fn encode(topic: &str, data: &[u8], accepted_at: u64) -> Self {
-        let payload_len = PREFIX.len() + topic.len() + MIDDLE.len() + data.len() + SUFFIX.len();
-        let mut buf = BytesMut::with_capacity(frame::header_len(payload_len) + payload_len);
-        frame::put_header(&mut buf, frame::op::TEXT, payload_len);
-        buf.put_slice(PREFIX);
-        buf.put_slice(topic.as_bytes());
-        buf.put_slice(MIDDLE);
-        buf.put_slice(data);
-        buf.put_slice(SUFFIX);
-        Publication {
-            frame: buf.freeze(),
-            accepted_at,
-        }
+        Self::envelope(topic, data, accepted_at, None)
     }
 
     /// Encodes a stream publication: the same envelope with its position,
     /// `{"op":"message","topic":…,"data":…,"seq":42}`.
     pub fn encode_seq(topic: &str, data: &[u8], accepted_at: u64, seq: u64) -> Self {
-        let digits = seq.to_string();
-        let seq = digits.as_bytes();
+        Self::envelope(topic, data, accepted_at, Some(seq))
+    }
+
+    fn envelope(topic: &str, data: &[u8], accepted_at: u64, seq: Option<u64>) -> Self {
+        let digits = seq.map(|s| s.to_string());
+        let seq = digits.as_deref().map(str::as_bytes);
         let payload_len = PREFIX.len()
             + topic.len()
             + MIDDLE.len()
             + data.len()
-            + SEQ.len()
-            + seq.len()
+            + seq.map_or(0, |s| SEQ.len() + s.len())
             + SUFFIX.len();
         let mut buf = BytesMut::with_capacity(frame::header_len(payload_len) + payload_len);
         frame::put_header(&mut buf, frame::op::TEXT, payload_len);
@@ -64,8 +56,10 @@ impl Publication {
         buf.put_slice(topic.as_bytes());
         buf.put_slice(MIDDLE);
         buf.put_slice(data);
-        buf.put_slice(SEQ);
-        buf.put_slice(seq);
+        if let Some(seq) = seq {
+            buf.put_slice(SEQ);
+            buf.put_slice(seq);
+        }
         buf.put_slice(SUFFIX);
         Publication {
             frame: buf.freeze(),

@@ -180,12 +180,17 @@ pub struct HistoryEntry {
 }
 
 /// Which part of a stream's history to read.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub enum HistoryQuery {
     /// The newest `limit` publications (0: only the position).
     Latest(usize),
     /// The first `limit` publications after `seq`.
     After { seq: u64, limit: usize },
+    /// Only the position, after restarting the numbering in a new epoch if the stream
+    /// is still in `epoch` but behind `seq`: a node delivered publications the stream
+    /// no longer has (a Redis failover lost them), and the numbering would hand their
+    /// seqs out again. Idempotent: a stream already restarted is only read.
+    Restart { epoch: Arc<str>, seq: u64 },
 }
 
 /// A broker's answer about a stream's history.
@@ -217,6 +222,10 @@ pub enum Action {
     /// Read the history after `after` (up to `upto`) and hand it to
     /// [`StreamState::on_repair`]; publications arriving meanwhile are held.
     Repair { after: u64, upto: u64 },
+    /// The stream went back behind what was delivered (`seq` of `epoch`): have the
+    /// broker restart its numbering ([`HistoryQuery::Restart`]) and hand the new
+    /// position to [`StreamState::on_position`].
+    Restart { epoch: Arc<str>, seq: u64 },
 }
 
 /// A publication held while the state is not live.
@@ -329,6 +338,14 @@ impl StreamState {
             return Vec::new();
         }
         let mut out = Vec::new();
+        if at.epoch == self.epoch && at.seq < self.last {
+            // Publications delivered here are gone from the stream, and their seqs
+            // would be handed out again: never deliver those as duplicates.
+            return vec![Action::Restart {
+                epoch: self.epoch.clone(),
+                seq: self.last,
+            }];
+        }
         if at.epoch != self.epoch {
             self.epoch = at.epoch.clone();
             self.last = 0;
@@ -668,6 +685,29 @@ mod tests {
         // A fresh epoch with nothing in it: only the reset.
         assert_eq!(s.on_position(&pos(0, "g")).len(), 1);
         assert_eq!(s.position(), pos(0, "g"));
+    }
+
+    #[test]
+    fn a_stream_gone_back_is_restarted_never_trusted() {
+        let mut s = live_at(10, "e");
+        assert_eq!(
+            s.on_position(&pos(7, "e")),
+            vec![Action::Restart {
+                epoch: Arc::from("e"),
+                seq: 10
+            }]
+        );
+        assert_eq!(s.position(), pos(10, "e"), "nothing moves until restarted");
+        // The broker restarted it: a new epoch, announced.
+        let actions = s.on_position(&pos(0, "f"));
+        assert_eq!(
+            actions,
+            vec![Action::Reset {
+                seq: 0,
+                epoch: Arc::from("f")
+            }]
+        );
+        assert_eq!(delivered(&s.on_publication(&Arc::from("f"), e(1))), vec![1]);
     }
 
     #[test]

@@ -123,4 +123,80 @@ mod tests {
             );
         }
     }
+
+    const ALL: [Disconnect; 11] = [
+        Disconnect::ClientClose,
+        Disconnect::ClientGone,
+        Disconnect::HeartbeatTimeout,
+        Disconnect::SlowConsumer,
+        Disconnect::RateLimit,
+        Disconnect::TooBig,
+        Disconnect::Drain,
+        Disconnect::ProtocolError,
+        Disconnect::InvalidUtf8,
+        Disconnect::TokenExpired,
+        Disconnect::Error,
+    ];
+
+    #[test]
+    fn every_code_sent_is_in_the_protocol_documents_table() {
+        let doc = include_str!("../../../docs/protocol.md");
+        let table = doc
+            .split("## Close codes")
+            .nth(1)
+            .expect("a close codes section");
+        let documented: Vec<u16> = table
+            .lines()
+            .skip_while(|l| !l.starts_with("| code"))
+            .skip(2)
+            .take_while(|l| l.starts_with('|'))
+            .map(|l| l[1..].split('|').next().unwrap().trim().parse().unwrap())
+            .collect();
+        assert!(documented.len() >= 10, "{documented:?}");
+        for d in ALL {
+            assert!(
+                documented.contains(&d.code()),
+                "{d:?} closes with {}",
+                d.code()
+            );
+        }
+    }
+
+    #[test]
+    fn close_frames_we_send_are_valid_on_the_wire() {
+        for d in ALL.into_iter().filter(|d| d.sends_close()) {
+            // Codes a peer may send (RFC 6455 §7.4): 1005, 1006 and 1015 are never
+            // put in a frame; 1004 is reserved.
+            assert!(
+                matches!(d.code(), 1000..=1003 | 1007..=1011 | 4000..=4999),
+                "{d:?}: {}",
+                d.code()
+            );
+            // The whole reason fits in a control frame beside the code.
+            assert!(!d.reason().is_empty() && d.reason().len() <= 123, "{d:?}");
+            assert_ne!(d.code(), 1000, "{d:?} is not a normal closure");
+        }
+    }
+
+    #[test]
+    fn a_client_that_left_gets_no_close_and_loses_its_queue() {
+        assert!(!Disconnect::ClientClose.sends_close());
+        assert!(!Disconnect::ClientGone.sends_close());
+        // A client that closed still gets what was queued before its close;
+        // one that vanished cannot.
+        assert!(!Disconnect::ClientClose.discards_queue());
+        assert!(Disconnect::ClientGone.discards_queue());
+        // A draining node and a rejected message flush the queue first.
+        for d in [Disconnect::Drain, Disconnect::TooBig, Disconnect::RateLimit] {
+            assert!(d.sends_close() && !d.discards_queue(), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn labels_are_distinct() {
+        let mut labels: Vec<&str> = ALL.iter().map(|d| d.label()).collect();
+        labels.sort_unstable();
+        labels.dedup();
+        assert_eq!(labels.len(), ALL.len());
+    }
 }

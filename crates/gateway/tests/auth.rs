@@ -1,12 +1,13 @@
 //! JWT on connect, topic permissions, refresh and expiry, against a real gateway.
 
-mod support;
-
 use std::time::Duration;
 
 use jsonwebtoken::Algorithm;
 use serde_json::json;
-use support::*;
+use wsgate_testkit::gateway::jwt::*;
+use wsgate_testkit::gateway::*;
+use wsgate_testkit::http::*;
+use wsgate_testkit::ws::*;
 
 fn auth_args() -> Vec<&'static str> {
     vec!["--jwt-secret", SECRET, "--jwt-leeway", "0s"]
@@ -16,7 +17,7 @@ fn good_claims() -> serde_json::Value {
     json!({"sub":"alice","exp":now() + 600,"subscribe":["chat.*","user.{sub}.*"],"publish":["chat.*"]})
 }
 
-async fn refused_with(node: &Node, token: Option<&str>) -> String {
+async fn refused_with(node: &TestServer, token: Option<&str>) -> String {
     let path = match token {
         Some(t) => format!("/ws?token={t}"),
         None => "/ws".to_string(),
@@ -33,7 +34,7 @@ async fn no_token_is_401_before_upgrade() {
         r.to_ascii_lowercase().contains("www-authenticate: bearer"),
         "{r}"
     );
-    assert_eq!(refused(&node, "auth_missing").await, 1);
+    assert_eq!(node.refused("auth_missing").await, 1);
     // An empty bearer header is as good as none.
     let r = raw(
         node.addr,
@@ -47,11 +48,11 @@ async fn no_token_is_401_before_upgrade() {
 async fn valid_token_by_query_or_header() {
     let node = start(&auth_args()).await;
     let token = hs256(&good_claims());
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":1}"#).await["op"], "pong");
     let bearer = format!("Bearer {token}");
-    let mut ws = session(node.addr, "/ws", &[("Authorization", &bearer)]).await;
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    let mut ws = Client::session(node.addr, "/ws", &[("Authorization", &bearer)]).await;
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":1}"#).await["op"], "pong");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -111,10 +112,10 @@ async fn bad_tokens_are_401() {
         ("unconfigured alg", other_alg, "auth_invalid"),
         ("garbage", garbage, "auth_invalid"),
     ] {
-        let before = refused(&node, reason).await;
+        let before = node.refused(reason).await;
         let r = refused_with(&node, Some(&token)).await;
         assert_eq!(status(&r), 401, "{name}: {r}");
-        assert_eq!(refused(&node, reason).await, before + 1, "{name}");
+        assert_eq!(node.refused(reason).await, before + 1, "{name}");
     }
 }
 
@@ -147,7 +148,7 @@ async fn es256_public_key_and_algorithm_confusion() {
     let node = start(&["--jwt-public-key", public.to_str().unwrap()]).await;
     let claims = good_claims();
     let token = sign(Algorithm::ES256, key.serialize_pem().as_bytes(), &claims);
-    session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
     // An HS256 token whose "secret" is the public key must not pass.
     let confused = sign(Algorithm::HS256, key.public_key_pem().as_bytes(), &claims);
     assert_eq!(status(&refused_with(&node, Some(&confused)).await), 401);
@@ -161,66 +162,56 @@ async fn es256_public_key_and_algorithm_confusion() {
 async fn forbidden_subscribe_and_publish_keep_the_connection() {
     let node = start(&auth_args()).await;
     let token = hs256(&good_claims());
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
-    let r = call(
-        &mut ws,
-        r#"{"op":"subscribe","id":1,"topics":["chat.1","admin.x"]}"#,
-    )
-    .await;
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let r = ws
+        .call_text(r#"{"op":"subscribe","id":1,"topics":["chat.1","admin.x"]}"#)
+        .await;
     assert_eq!(
         (r["op"].as_str(), r["code"].as_str(), r["id"].as_i64()),
         (Some("error"), Some("forbidden"), Some(1)),
         "{r}"
     );
-    let r = call(
-        &mut ws,
-        r#"{"op":"subscribe","id":2,"topics":["user.bob.inbox"]}"#,
-    )
-    .await;
+    let r = ws
+        .call_text(r#"{"op":"subscribe","id":2,"topics":["user.bob.inbox"]}"#)
+        .await;
     assert_eq!(r["code"], "forbidden", "{r}");
-    let r = call(
-        &mut ws,
-        r#"{"op":"subscribe","id":3,"topics":["chat.1","user.alice.inbox"]}"#,
-    )
-    .await;
+    let r = ws
+        .call_text(r#"{"op":"subscribe","id":3,"topics":["chat.1","user.alice.inbox"]}"#)
+        .await;
     assert_eq!(r["op"], "subscribed", "{r}");
-    let r = call(
-        &mut ws,
-        r#"{"op":"publish","id":4,"topic":"user.alice.inbox","data":1}"#,
-    )
-    .await;
+    let r = ws
+        .call_text(r#"{"op":"publish","id":4,"topic":"user.alice.inbox","data":1}"#)
+        .await;
     assert_eq!(
         (r["code"].as_str(), r["id"].as_i64()),
         (Some("forbidden"), Some(4)),
         "{r}"
     );
-    let r = call(
-        &mut ws,
-        r#"{"op":"publish","id":5,"topic":"chat.1","data":{"m":"hi"}}"#,
-    )
-    .await;
+    let r = ws
+        .call_text(r#"{"op":"publish","id":5,"topic":"chat.1","data":{"m":"hi"}}"#)
+        .await;
     // Our own message and the reply, in either order.
-    let r2 = json(&mut ws).await;
+    let r2 = ws.recv().await;
     let ops = [r["op"].as_str().unwrap(), r2["op"].as_str().unwrap()];
     assert!(
         ops.contains(&"published") && ops.contains(&"message"),
         "{r} {r2}"
     );
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":6}"#).await["op"], "pong");
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":6}"#).await["op"], "pong");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn token_without_permissions_may_do_nothing() {
     let node = start(&auth_args()).await;
     let token = hs256(&json!({"sub":"x","exp":now() + 600}));
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
-    let r = call(&mut ws, r#"{"op":"subscribe","id":1,"topics":["news"]}"#).await;
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let r = ws
+        .call_text(r#"{"op":"subscribe","id":1,"topics":["news"]}"#)
+        .await;
     assert_eq!(r["code"], "forbidden");
-    let r = call(
-        &mut ws,
-        r#"{"op":"publish","id":2,"topic":"news","data":1}"#,
-    )
-    .await;
+    let r = ws
+        .call_text(r#"{"op":"publish","id":2,"topic":"news","data":1}"#)
+        .await;
     assert_eq!(r["code"], "forbidden");
 }
 
@@ -230,9 +221,9 @@ async fn expiry_closes_with_1008() {
     let mut c = good_claims();
     c["exp"] = json!(now() + 2);
     let token = hs256(&c);
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
-    match next(&mut ws, Duration::from_secs(6)).await {
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    match ws.frame(Duration::from_secs(6)).await {
         Received::Close(code) => assert_eq!(code, 1008),
         _ => panic!("expected a close"),
     }
@@ -244,14 +235,12 @@ async fn refresh_extends_the_session() {
     let mut c = good_claims();
     c["exp"] = json!(now() + 2);
     let token = hs256(&c);
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
     // Refused refreshes: bad signature, another subject, no token.
     let bad = sign(Algorithm::HS256, b"nope", &good_claims());
-    let r = call(
-        &mut ws,
-        &format!(r#"{{"op":"refresh","id":1,"token":"{bad}"}}"#),
-    )
-    .await;
+    let r = ws
+        .call_text(&format!(r#"{{"op":"refresh","id":1,"token":"{bad}"}}"#))
+        .await;
     assert_eq!(
         (r["code"].as_str(), r["id"].as_i64()),
         (Some("forbidden"), Some(1)),
@@ -259,39 +248,38 @@ async fn refresh_extends_the_session() {
     );
     let mut bob = good_claims();
     bob["sub"] = json!("bob");
-    let r = call(
-        &mut ws,
-        &format!(r#"{{"op":"refresh","id":2,"token":"{}"}}"#, hs256(&bob)),
-    )
-    .await;
+    let r = ws
+        .call_text(&format!(
+            r#"{{"op":"refresh","id":2,"token":"{}"}}"#,
+            hs256(&bob)
+        ))
+        .await;
     assert_eq!(r["code"], "forbidden", "{r}");
-    let r = call(&mut ws, r#"{"op":"refresh","id":3}"#).await;
+    let r = ws.call_text(r#"{"op":"refresh","id":3}"#).await;
     assert_eq!(r["code"], "bad_request", "{r}");
     // A good one, whose exp is later.
     let fresh = hs256(&good_claims());
-    let r = call(
-        &mut ws,
-        &format!(r#"{{"op":"refresh","id":4,"token":"{fresh}"}}"#),
-    )
-    .await;
+    let r = ws
+        .call_text(&format!(r#"{{"op":"refresh","id":4,"token":"{fresh}"}}"#))
+        .await;
     assert_eq!(r, json!({"op":"refreshed","id":4}));
     tokio::time::sleep(Duration::from_secs(3)).await;
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":5}"#).await["op"], "pong");
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":5}"#).await["op"], "pong");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_with_narrower_token_leaves_revoked_topics() {
     let node = start(&auth_args()).await;
     let token = hs256(&good_claims());
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
-    let r = call(&mut ws, r#"{"op":"subscribe","id":1,"topics":["chat.1"]}"#).await;
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let r = ws
+        .call_text(r#"{"op":"subscribe","id":1,"topics":["chat.1"]}"#)
+        .await;
     assert_eq!(r["op"], "subscribed");
     let narrow = hs256(&json!({"sub":"alice","exp":now() + 600,"subscribe":["user.{sub}.*"]}));
-    let r = call(
-        &mut ws,
-        &format!(r#"{{"op":"refresh","id":2,"token":"{narrow}"}}"#),
-    )
-    .await;
+    let r = ws
+        .call_text(&format!(r#"{{"op":"refresh","id":2,"token":"{narrow}"}}"#))
+        .await;
     assert_eq!(r["op"], "refreshed");
     assert_eq!(node.gw.node.hub().subscription_count(), 0);
 }
@@ -299,29 +287,28 @@ async fn refresh_with_narrower_token_leaves_revoked_topics() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn anonymous_without_auth_and_client_publish_off() {
     let node = start(&["--client-publish=false"]).await;
-    let mut ws = session(node.addr, "/ws", &[]).await;
-    let r = call(
-        &mut ws,
-        r#"{"op":"subscribe","id":1,"topics":["anything.at.all"]}"#,
-    )
-    .await;
+    let mut ws = Client::session(node.addr, "/ws", &[]).await;
+    let r = ws
+        .call_text(r#"{"op":"subscribe","id":1,"topics":["anything.at.all"]}"#)
+        .await;
     assert_eq!(r["op"], "subscribed");
-    let r = call(
-        &mut ws,
-        r#"{"op":"publish","id":2,"topic":"anything.at.all","data":1}"#,
-    )
-    .await;
+    let r = ws
+        .call_text(r#"{"op":"publish","id":2,"topic":"anything.at.all","data":1}"#)
+        .await;
     assert_eq!(
         (r["code"].as_str(), r["id"].as_i64()),
         (Some("forbidden"), Some(2)),
         "{r}"
     );
-    let r = call(&mut ws, r#"{"op":"refresh","id":3,"token":"x"}"#).await;
+    let r = ws.call_text(r#"{"op":"refresh","id":3,"token":"x"}"#).await;
     assert_eq!(r["op"], "refreshed");
     let node = start(&[]).await;
-    let mut ws = session(node.addr, "/ws", &[]).await;
-    call(&mut ws, r#"{"op":"subscribe","id":1,"topics":["t"]}"#).await;
-    let r = call(&mut ws, r#"{"op":"publish","id":2,"topic":"t","data":1}"#).await;
+    let mut ws = Client::session(node.addr, "/ws", &[]).await;
+    ws.call_text(r#"{"op":"subscribe","id":1,"topics":["t"]}"#)
+        .await;
+    let r = ws
+        .call_text(r#"{"op":"publish","id":2,"topic":"t","data":1}"#)
+        .await;
     assert!(r["op"] == "published" || r["op"] == "message", "{r}");
 }
 
@@ -332,7 +319,7 @@ async fn rs256_public_key() {
     let private = std::fs::read(format!("{dir}/tests/fixtures/rsa-test.key.pem")).unwrap();
     let node = start(&["--jwt-public-key", &public]).await;
     let token = sign(Algorithm::RS256, &private, &good_claims());
-    session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
     // The RSA public key used as an HMAC secret: algorithm confusion.
     let pem = std::fs::read(&public).unwrap();
     let confused = sign(Algorithm::HS256, &pem, &good_claims());
@@ -363,7 +350,7 @@ async fn jwks_file_selects_by_kid() {
         h.kid = Some(kid.into());
         encode(&h, &good_claims(), &enc).unwrap()
     };
-    session(node.addr, &format!("/ws?token={}", token_with("k1")), &[]).await;
+    Client::session(node.addr, &format!("/ws?token={}", token_with("k1")), &[]).await;
     assert_eq!(
         status(&refused_with(&node, Some(&token_with("k2"))).await),
         401
@@ -376,31 +363,30 @@ async fn absurd_exp_does_not_crash() {
     let mut c = good_claims();
     c["exp"] = json!(u64::MAX);
     let token = hs256(&c);
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
-    let r = call(
-        &mut ws,
-        &format!(r#"{{"op":"refresh","id":2,"token":"{token}"}}"#),
-    )
-    .await;
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    let r = ws
+        .call_text(&format!(r#"{{"op":"refresh","id":2,"token":"{token}"}}"#))
+        .await;
     assert_eq!(r["op"], "refreshed");
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":3}"#).await["op"], "pong");
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":3}"#).await["op"], "pong");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn refresh_to_a_shorter_token_moves_expiry_earlier() {
     let node = start(&auth_args()).await;
     let token = hs256(&good_claims());
-    let mut ws = session(node.addr, &format!("/ws?token={token}"), &[]).await;
+    let mut ws = Client::session(node.addr, &format!("/ws?token={token}"), &[]).await;
     let mut short = good_claims();
     short["exp"] = json!(now() + 2);
-    let r = call(
-        &mut ws,
-        &format!(r#"{{"op":"refresh","id":1,"token":"{}"}}"#, hs256(&short)),
-    )
-    .await;
+    let r = ws
+        .call_text(&format!(
+            r#"{{"op":"refresh","id":1,"token":"{}"}}"#,
+            hs256(&short)
+        ))
+        .await;
     assert_eq!(r["op"], "refreshed");
-    match next(&mut ws, Duration::from_secs(6)).await {
+    match ws.frame(Duration::from_secs(6)).await {
         Received::Close(code) => assert_eq!(code, 1008),
         _ => panic!("expected a close"),
     }
@@ -423,14 +409,13 @@ mod jwks_url {
     use hyper_util::rt::TokioIo;
     use jsonwebtoken::jwk::{Jwk, JwkSet};
     use jsonwebtoken::{encode, Algorithm, EncodingKey, Header};
-    use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-    use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
     use tokio::net::TcpListener;
     use tokio_rustls::TlsAcceptor;
     use wsgate_gateway::security::Security;
     use wsgate_gateway::Config;
+    use wsgate_testkit::tls::Ca;
 
-    use super::{good_claims, refused_with, start, status, Node};
+    use super::{good_claims, refused_with, start, status, TestServer};
 
     /// An ES256 signing key and its public JWK under `kid`.
     struct SigningKey {
@@ -440,7 +425,7 @@ mod jwks_url {
 
     impl SigningKey {
         fn new(kid: &str) -> Self {
-            let key = KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
+            let key = rcgen::KeyPair::generate_for(&rcgen::PKCS_ECDSA_P256_SHA256).unwrap();
             let enc = EncodingKey::from_ec_pem(key.serialize_pem().as_bytes()).unwrap();
             let mut jwk = Jwk::from_encoding_key(&enc, Algorithm::ES256).unwrap();
             jwk.common.key_id = Some(kid.into());
@@ -557,7 +542,7 @@ mod jwks_url {
         }
     }
 
-    async fn accepted(node: &Node, token: &str) -> bool {
+    async fn accepted(node: &TestServer, token: &str) -> bool {
         status(&refused_with(node, Some(token)).await) == 101
     }
 
@@ -575,28 +560,9 @@ mod jwks_url {
 
     /// A CA (PEM) and a TLS acceptor with a certificate it signed for 127.0.0.1.
     fn tls_pki() -> (String, TlsAcceptor) {
-        let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-        params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-        let ca_key = KeyPair::generate().unwrap();
-        let ca = params.self_signed(&ca_key).unwrap();
-        let issuer = Issuer::new(params, ca_key);
-        let key = KeyPair::generate().unwrap();
-        let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-            .unwrap()
-            .signed_by(&key, &issuer)
-            .unwrap();
-        let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-            rustls::crypto::ring::default_provider(),
-        ))
-        .with_safe_default_protocol_versions()
-        .unwrap()
-        .with_no_client_auth()
-        .with_single_cert(
-            vec![CertificateDer::from(leaf.der().to_vec())],
-            PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-        )
-        .unwrap();
-        (ca.pem(), TlsAcceptor::from(Arc::new(config)))
+        let ca = Ca::new("wsgate test JWKS CA");
+        let acceptor = ca.leaf(&["127.0.0.1"]).acceptor();
+        (ca.cert_pem, acceptor)
     }
 
     /// The start-up error of a gateway with these flags (`None`: it would start).

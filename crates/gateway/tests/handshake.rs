@@ -1,14 +1,16 @@
 //! Handshake hardening against a real gateway: origins, per-IP limit, slowloris,
 //! header size, paths, the publish API key, and the `--echo` endpoint.
 
-mod support;
-
 use std::time::{Duration, Instant};
 
-use fastwebsockets::{Frame, OpCode, Payload};
-use support::*;
+use futures_util::{SinkExt, StreamExt};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::Message;
+use wsgate_testkit::gateway::jwt::*;
+use wsgate_testkit::gateway::*;
+use wsgate_testkit::http::*;
+use wsgate_testkit::ws::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_allow_list() {
@@ -23,7 +25,7 @@ async fn origin_allow_list() {
     )
     .await;
     assert_eq!(status(&r), 403, "{r}");
-    assert_eq!(refused(&node, "origin").await, 1);
+    assert_eq!(node.refused("origin").await, 1);
     let r = raw(
         node.addr,
         &upgrade_request("/ws", "Origin: https://app.example.com.evil.net\r\n"),
@@ -60,11 +62,11 @@ async fn origin_is_checked_before_the_token() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn per_ip_connection_limit() {
     let node = start(&["--max-connections-per-ip", "2"]).await;
-    let a = session(node.addr, "/ws", &[]).await;
-    let _b = session(node.addr, "/ws", &[]).await;
+    let a = Client::session(node.addr, "/ws", &[]).await;
+    let _b = Client::session(node.addr, "/ws", &[]).await;
     let r = raw(node.addr, &upgrade_request("/ws", "")).await;
     assert_eq!(status(&r), 429, "{r}");
-    assert_eq!(refused(&node, "per_ip_limit").await, 1);
+    assert_eq!(node.refused("per_ip_limit").await, 1);
     drop(a);
     // The slot is released when the session ends.
     let deadline = Instant::now() + Duration::from_secs(5);
@@ -175,23 +177,15 @@ async fn publish_api_key() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn echo_endpoint_echoes_text_and_binary() {
     let node = start(&["--echo"]).await;
-    let mut ws = connect(node.addr, "/echo", &[]).await.unwrap();
+    let mut ws = Client::open(node.addr, "/echo", &[]).await.unwrap();
     // No welcome: an echo client gets back exactly what it sent.
-    send(&mut ws, "not even json").await;
-    let f = ws.read_frame().await.unwrap();
-    assert_eq!(
-        (f.opcode, &f.payload[..]),
-        (OpCode::Text, &b"not even json"[..])
-    );
-    ws.write_frame(Frame::binary(Payload::Owned(vec![0, 1, 2, 255])))
-        .await
-        .unwrap();
-    let f = ws.read_frame().await.unwrap();
-    assert_eq!(
-        (f.opcode, &f.payload[..]),
-        (OpCode::Binary, &[0u8, 1, 2, 255][..])
-    );
+    ws.send(Message::text("not even json")).await.unwrap();
+    let f = ws.next().await.unwrap().unwrap();
+    assert_eq!(f, Message::text("not even json"));
+    ws.send(Message::binary(vec![0, 1, 2, 255])).await.unwrap();
+    let f = ws.next().await.unwrap().unwrap();
+    assert_eq!(f, Message::binary(vec![0u8, 1, 2, 255]));
     // /ws still speaks the protocol.
-    let mut ws = session(node.addr, "/ws", &[]).await;
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    let mut ws = Client::session(node.addr, "/ws", &[]).await;
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":1}"#).await["op"], "pong");
 }

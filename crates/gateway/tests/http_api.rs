@@ -1,14 +1,14 @@
 //! The HTTP publish API and the admin endpoints.
-mod common;
 
-use common::*;
 use serde_json::json;
+use wsgate_testkit::gateway::*;
+use wsgate_testkit::http::*;
 
 #[tokio::test]
 async fn publish_single_and_batch() {
     let s = start(&[]).await;
-    let (mut ws, _) = connect(&s).await;
-    subscribe(&mut ws, 1, &["a", "b"]).await;
+    let mut ws = s.connect().await;
+    ws.subscribe_with_id(1, &["a", "b"]).await;
     let (status, body) = http(
         s.addr,
         "POST",
@@ -22,7 +22,7 @@ async fn publish_single_and_batch() {
         (200, r#"{"ok":true,"published":1}"#)
     );
     assert_eq!(
-        recv(&mut ws).await,
+        ws.recv().await,
         json!({"op":"message","topic":"a","data":{"k":1}})
     );
     let (status, body) = http(
@@ -37,14 +37,15 @@ async fn publish_single_and_batch() {
         (status, body.as_str()),
         (200, r#"{"ok":true,"published":3}"#)
     );
-    assert_eq!(recv(&mut ws).await["data"], 1);
-    assert_eq!(recv(&mut ws).await["data"], "two");
+    assert_eq!(ws.recv().await["data"], 1);
+    assert_eq!(ws.recv().await["data"], "two");
     assert_eq!(
-        recv(&mut ws).await,
+        ws.recv().await,
         json!({"op":"message","topic":"a","data":null})
     );
     assert_eq!(
-        metric(&s, "wsgate_messages_received_total{source=\"http\"}").await,
+        s.metric("wsgate_messages_received_total{source=\"http\"}")
+            .await,
         4.0
     );
 }
@@ -52,8 +53,8 @@ async fn publish_single_and_batch() {
 #[tokio::test]
 async fn bad_requests_are_refused_whole() {
     let s = start(&["--http-max-body", "2KiB", "--max-publication-size", "100"]).await;
-    let (mut ws, _) = connect(&s).await;
-    subscribe(&mut ws, 1, &["a"]).await;
+    let mut ws = s.connect().await;
+    ws.subscribe_with_id(1, &["a"]).await;
     let cases: &[(&[u8], u16, &str)] = &[
         (b"not json", 400, "bad_request"),
         (b"[]", 400, "bad_request"),
@@ -74,8 +75,8 @@ async fn bad_requests_are_refused_whole() {
     let (st, _) = http(s.addr, "GET", "/api/publish", &[], b"").await;
     assert_eq!(st, 405);
     // Nothing of the refused batch was delivered.
-    send(&mut ws, json!({"op":"ping","id":2})).await;
-    assert_eq!(recv(&mut ws).await, json!({"op":"pong","id":2}));
+    ws.send_json(&json!({"op":"ping","id":2})).await;
+    assert_eq!(ws.recv().await, json!({"op":"pong","id":2}));
 }
 
 #[tokio::test]
@@ -157,10 +158,10 @@ async fn one_port_for_everything_when_configured() {
 
 #[tokio::test]
 async fn drain_endpoint_closes_clients_1001_and_refuses_new_ones() {
-    let s = start(&["--drain-timeout", "300ms"]).await;
+    let mut s = start(&["--drain-timeout", "300ms"]).await;
     let mut clients = Vec::new();
     for _ in 0..4 {
-        clients.push(connect(&s).await.0);
+        clients.push(s.connect().await);
     }
     let (st, _) = http(s.admin, "POST", "/drain", &[], b"").await;
     assert_eq!(st, 202);
@@ -172,9 +173,9 @@ async fn drain_endpoint_closes_clients_1001_and_refuses_new_ones() {
         Ok(_) => panic!("upgrade accepted while draining"),
     }
     for c in clients.iter_mut() {
-        assert_eq!(expect_close(c).await, Some(1001));
+        assert_eq!(c.expect_close().await, Some(1001));
     }
-    tokio::time::timeout(std::time::Duration::from_secs(10), s.task)
+    tokio::time::timeout(std::time::Duration::from_secs(10), &mut s.task)
         .await
         .expect("server finished")
         .unwrap();

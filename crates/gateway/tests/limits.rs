@@ -1,37 +1,37 @@
 //! Inbound limits, malformed frames, backpressure and heartbeats.
-mod common;
 
 use std::time::Duration;
 
-use common::*;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::json;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
+use wsgate_testkit::gateway::*;
+use wsgate_testkit::http::*;
+use wsgate_testkit::ws::*;
 
 #[tokio::test]
 async fn oversize_message_closes_1009_and_neighbours_are_unaffected() {
     let s = start(&["--max-message-size", "1024"]).await;
-    let (mut victim, _) = connect(&s).await;
-    let (mut neighbour, _) = connect(&s).await;
-    subscribe(&mut neighbour, 1, &["t"]).await;
+    let mut victim = s.connect().await;
+    let mut neighbour = s.connect().await;
+    neighbour.subscribe_with_id(1, &["t"]).await;
     // Exactly the limit is fine (an error reply, since it is not JSON).
     victim.send(Message::text("x".repeat(1024))).await.unwrap();
-    assert_eq!(recv(&mut victim).await["code"], "bad_request");
+    assert_eq!(victim.recv().await["code"], "bad_request");
     victim.send(Message::text("x".repeat(1025))).await.unwrap();
-    assert_eq!(expect_close(&mut victim).await, Some(1009));
-    send(
-        &mut neighbour,
-        json!({"op":"publish","id":2,"topic":"t","data":"still here"}),
-    )
-    .await;
+    assert_eq!(victim.expect_close().await, Some(1009));
+    neighbour
+        .send_json(&json!({"op":"publish","id":2,"topic":"t","data":"still here"}))
+        .await;
     let mut seen = Vec::new();
     for _ in 0..2 {
-        seen.push(recv(&mut neighbour).await);
+        seen.push(neighbour.recv().await);
     }
     assert!(seen.contains(&json!({"op":"message","topic":"t","data":"still here"})));
     assert_eq!(
-        metric(&s, "wsgate_disconnects_total{reason=\"too_big\"}").await,
+        s.metric("wsgate_disconnects_total{reason=\"too_big\"}")
+            .await,
         1.0
     );
 }
@@ -106,15 +106,15 @@ async fn invalid_utf8_and_protocol_errors_close_without_harm() {
     );
 
     // The server is fine.
-    let (mut ws, _) = connect(&s).await;
-    send(&mut ws, json!({"op":"ping","id":1})).await;
-    assert_eq!(recv(&mut ws).await["op"], "pong");
+    let mut ws = s.connect().await;
+    ws.send_json(&json!({"op":"ping","id":1})).await;
+    assert_eq!(ws.recv().await["op"], "pong");
 }
 
 #[tokio::test]
 async fn rate_limit_then_4029_on_sustained_abuse() {
     let s = start(&["--rate-limit", "10", "--rate-burst", "20"]).await;
-    let (mut ws, _) = connect(&s).await;
+    let mut ws = s.connect().await;
     for i in 0..20 {
         ws.feed(Message::text(json!({"op":"ping","id":i}).to_string()))
             .await
@@ -126,9 +126,9 @@ async fn rate_limit_then_4029_on_sustained_abuse() {
         .unwrap();
     ws.flush().await.unwrap();
     for i in 0..20 {
-        assert_eq!(recv(&mut ws).await, json!({"op":"pong","id":i}));
+        assert_eq!(ws.recv().await, json!({"op":"pong","id":i}));
     }
-    let v = recv(&mut ws).await;
+    let v = ws.recv().await;
     assert_eq!(
         (v["code"].as_str(), v["id"].as_u64()),
         (Some("rate_limited"), Some(100)),
@@ -144,9 +144,10 @@ async fn rate_limit_then_4029_on_sustained_abuse() {
             break;
         }
     }
-    assert_eq!(expect_close(&mut ws).await, Some(4029));
+    assert_eq!(ws.expect_close().await, Some(4029));
     assert_eq!(
-        metric(&s, "wsgate_disconnects_total{reason=\"rate_limit\"}").await,
+        s.metric("wsgate_disconnects_total{reason=\"rate_limit\"}")
+            .await,
         1.0
     );
 }
@@ -154,8 +155,8 @@ async fn rate_limit_then_4029_on_sustained_abuse() {
 #[tokio::test]
 async fn max_connections_refuses_before_upgrade() {
     let s = start(&["--max-connections", "2"]).await;
-    let (_a, _) = connect(&s).await;
-    let (b, _) = connect(&s).await;
+    let _a = s.connect().await;
+    let b = s.connect().await;
     let err = tokio_tungstenite::connect_async(s.ws_url())
         .await
         .unwrap_err();
@@ -164,11 +165,8 @@ async fn max_connections_refuses_before_upgrade() {
         e => panic!("expected HTTP 503, got {e}"),
     }
     assert_eq!(
-        metric(
-            &s,
-            "wsgate_connections_refused_total{reason=\"max_connections\"}"
-        )
-        .await,
+        s.metric("wsgate_connections_refused_total{reason=\"max_connections\"}")
+            .await,
         1.0
     );
     // A slot frees when a client leaves.
@@ -199,8 +197,8 @@ async fn slow_consumer_is_dropped_with_4008_and_others_get_everything_in_order()
     .unwrap();
     let (_, reply) = read_frame(&mut slow).await;
     assert!(String::from_utf8_lossy(&reply).contains("subscribed"));
-    let (mut good, _) = connect(&s).await;
-    subscribe(&mut good, 1, &["flood"]).await;
+    let mut good = s.connect().await;
+    good.subscribe_with_id(1, &["flood"]).await;
 
     // 20 MB through the HTTP API, in batches of 20 KB (well within a queue, so a
     // reading client never overflows): far beyond the slow client's socket buffers
@@ -211,7 +209,7 @@ async fn slow_consumer_is_dropped_with_4008_and_others_get_everything_in_order()
     let reader = tokio::spawn(async move {
         let mut next = 0u64;
         while next < (n_batches * per_batch) as u64 {
-            let v = recv(&mut good).await;
+            let v = good.recv().await;
             assert_eq!(v["data"]["seq"], next, "in order, nothing lost");
             next += 1;
         }
@@ -230,15 +228,13 @@ async fn slow_consumer_is_dropped_with_4008_and_others_get_everything_in_order()
         .expect("good subscriber kept up")
         .unwrap();
     assert_eq!(
-        metric(&s, "wsgate_disconnects_total{reason=\"slow_consumer\"}").await,
+        s.metric("wsgate_disconnects_total{reason=\"slow_consumer\"}")
+            .await,
         1.0
     );
     assert!(
-        metric(
-            &s,
-            "wsgate_messages_dropped_total{reason=\"slow_consumer\"}"
-        )
-        .await
+        s.metric("wsgate_messages_dropped_total{reason=\"slow_consumer\"}")
+            .await
             > 0.0
     );
     // The queue was bounded: the largest batch ever taken is under the limit.
@@ -248,7 +244,7 @@ async fn slow_consumer_is_dropped_with_4008_and_others_get_everything_in_order()
         .find(|l| l.starts_with("wsgate_outbound_queue_bytes_bucket{le=\"262144\"}"))
         .and_then(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .unwrap();
-    let count = metric(&s, "wsgate_outbound_queue_bytes_count").await;
+    let count = s.metric("wsgate_outbound_queue_bytes_count").await;
     assert_eq!(
         over, count,
         "no batch above the 128 KiB limit (next bucket: 256 KiB)"
@@ -282,7 +278,7 @@ async fn silent_client_is_dropped_with_4000_and_live_one_is_kept() {
     assert!(pings >= 2, "server pinged before giving up ({pings})");
 
     // Live: tungstenite answers pings with pongs while we read.
-    let (mut live, _) = connect(&s).await;
+    let mut live = s.connect().await;
     let deadline = tokio::time::Instant::now() + Duration::from_millis(1500);
     while tokio::time::Instant::now() < deadline {
         match tokio::time::timeout(Duration::from_millis(200), live.next()).await {
@@ -291,10 +287,11 @@ async fn silent_client_is_dropped_with_4000_and_live_one_is_kept() {
             _ => {}
         }
     }
-    send(&mut live, json!({"op":"ping","id":1})).await;
-    assert_eq!(recv(&mut live).await["op"], "pong");
+    live.send_json(&json!({"op":"ping","id":1})).await;
+    assert_eq!(live.recv().await["op"], "pong");
     assert_eq!(
-        metric(&s, "wsgate_disconnects_total{reason=\"heartbeat_timeout\"}").await,
+        s.metric("wsgate_disconnects_total{reason=\"heartbeat_timeout\"}")
+            .await,
         1.0
     );
 }

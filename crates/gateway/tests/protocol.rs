@@ -1,10 +1,11 @@
 //! Every op and every error code of the contract, against a real server.
-mod common;
 
-use common::*;
 use futures_util::SinkExt;
 use serde_json::json;
 use tokio_tungstenite::tungstenite::Message;
+use wsgate_testkit::gateway::*;
+use wsgate_testkit::http::*;
+use wsgate_testkit::ws::*;
 
 #[tokio::test]
 async fn welcome_carries_session_node_and_heartbeat() {
@@ -17,84 +18,76 @@ async fn welcome_carries_session_node_and_heartbeat() {
         "20s",
     ])
     .await;
-    let (_ws, w) = connect(&s).await;
+    let ws = s.connect().await;
+    let w = ws.welcome.clone();
     assert_eq!(w["node"], "node-a");
     assert_eq!(w["heartbeat_ms"], 7000);
     assert!(w["session"].as_str().is_some_and(|s| !s.is_empty()));
-    let (_ws2, w2) = connect(&s).await;
+    let ws2 = s.connect().await;
+    let w2 = ws2.welcome.clone();
     assert_ne!(w["session"], w2["session"], "sessions are unique");
 }
 
 #[tokio::test]
 async fn subscribe_publish_unsubscribe_ping() {
     let s = start(&[]).await;
-    let (mut a, _) = connect(&s).await;
-    let (mut b, _) = connect(&s).await;
-    subscribe(&mut a, 1, &["news", "prices.AAPL"]).await;
+    let mut a = s.connect().await;
+    let mut b = s.connect().await;
+    a.subscribe_with_id(1, &["news", "prices.AAPL"]).await;
     // Subscribing twice is not an error.
-    subscribe(&mut a, 2, &["news"]).await;
+    a.subscribe_with_id(2, &["news"]).await;
 
-    send(
-        &mut b,
-        json!({"op":"publish","id":3,"topic":"news","data":{"title":"hi","n":[1,2.5,null]}}),
+    b.send_json(
+        &json!({"op":"publish","id":3,"topic":"news","data":{"title":"hi","n":[1,2.5,null]}}),
     )
     .await;
-    assert_eq!(recv(&mut b).await, json!({"op":"published","id":3}));
-    let m = recv(&mut a).await;
+    assert_eq!(b.recv().await, json!({"op":"published","id":3}));
+    let m = a.recv().await;
     assert_eq!(
         m,
         json!({"op":"message","topic":"news","data":{"title":"hi","n":[1,2.5,null]}})
     );
 
     // A publisher subscribed to the topic receives its own message.
-    subscribe(&mut b, 4, &["prices.AAPL"]).await;
-    send(
-        &mut b,
-        json!({"op":"publish","id":5,"topic":"prices.AAPL","data":189.5}),
-    )
-    .await;
+    b.subscribe_with_id(4, &["prices.AAPL"]).await;
+    b.send_json(&json!({"op":"publish","id":5,"topic":"prices.AAPL","data":189.5}))
+        .await;
     let (mut got_reply, mut got_msg) = (false, false);
     for _ in 0..2 {
-        let v = recv(&mut b).await;
+        let v = b.recv().await;
         got_reply |= v == json!({"op":"published","id":5});
         got_msg |= v == json!({"op":"message","topic":"prices.AAPL","data":189.5});
     }
     assert!(got_reply && got_msg);
-    assert_eq!(recv(&mut a).await["data"], 189.5);
+    assert_eq!(a.recv().await["data"], 189.5);
 
-    send(
-        &mut a,
-        json!({"op":"unsubscribe","id":6,"topics":["news","never-subscribed"]}),
-    )
-    .await;
+    a.send_json(&json!({"op":"unsubscribe","id":6,"topics":["news","never-subscribed"]}))
+        .await;
     assert_eq!(
-        recv(&mut a).await,
+        a.recv().await,
         json!({"op":"unsubscribed","id":6,"topics":["news","never-subscribed"]})
     );
-    send(
-        &mut b,
-        json!({"op":"publish","id":7,"topic":"news","data":"gone"}),
-    )
-    .await;
-    assert_eq!(recv(&mut b).await["op"], "published");
-    send(&mut a, json!({"op":"ping","id":8})).await;
+    b.send_json(&json!({"op":"publish","id":7,"topic":"news","data":"gone"}))
+        .await;
+    assert_eq!(b.recv().await["op"], "published");
+    a.send_json(&json!({"op":"ping","id":8})).await;
     // The next frame a sees is the pong: the news message was not delivered.
-    assert_eq!(recv(&mut a).await, json!({"op":"pong","id":8}));
+    assert_eq!(a.recv().await, json!({"op":"pong","id":8}));
     // Without an id, replies carry none.
-    send(&mut a, json!({"op":"ping"})).await;
-    assert_eq!(recv(&mut a).await, json!({"op":"pong"}));
+    a.send_json(&json!({"op":"ping"})).await;
+    assert_eq!(a.recv().await, json!({"op":"pong"}));
 }
 
 #[tokio::test]
 async fn data_is_delivered_byte_for_byte() {
     let s = start(&[]).await;
-    let (mut a, _) = connect(&s).await;
-    subscribe(&mut a, 1, &["t"]).await;
+    let mut a = s.connect().await;
+    a.subscribe_with_id(1, &["t"]).await;
     let raw = r#"{"op":"publish","topic":"t","data":{ "spaced" : [1, 2] ,"u":"\u00e9"}}"#;
     a.send(Message::text(raw)).await.unwrap();
     let mut frames = Vec::new();
     for _ in 0..2 {
-        if let Some(Ok(Message::Text(t))) = futures_util::StreamExt::next(&mut a).await {
+        if let Some(Ok(Message::Text(t))) = futures_util::StreamExt::next(&mut *a).await {
             frames.push(t.to_string());
         }
     }
@@ -110,9 +103,9 @@ async fn data_is_delivered_byte_for_byte() {
 #[tokio::test]
 async fn messages_from_one_publisher_arrive_in_order() {
     let s = start(&["--rate-limit", "100000", "--rate-burst", "100000"]).await;
-    let (mut sub, _) = connect(&s).await;
-    let (mut publ, _) = connect(&s).await;
-    subscribe(&mut sub, 1, &["seq"]).await;
+    let mut sub = s.connect().await;
+    let mut publ = s.connect().await;
+    sub.subscribe_with_id(1, &["seq"]).await;
     for i in 0..2000u64 {
         publ.feed(Message::text(
             json!({"op":"publish","topic":"seq","data":i}).to_string(),
@@ -122,13 +115,13 @@ async fn messages_from_one_publisher_arrive_in_order() {
     }
     publ.flush().await.unwrap();
     for i in 0..2000u64 {
-        assert_eq!(recv(&mut sub).await["data"], i);
+        assert_eq!(sub.recv().await["data"], i);
     }
 }
 
-async fn expect_error(ws: &mut Ws, frame: Message, id: serde_json::Value, code: &str) {
+async fn expect_error(ws: &mut Client, frame: Message, id: serde_json::Value, code: &str) {
     ws.send(frame).await.unwrap();
-    let v = recv(ws).await;
+    let v = ws.recv().await;
     assert_eq!(v["op"], "error", "{v}");
     assert_eq!(v["code"], code, "{v}");
     assert_eq!(v["id"], id, "{v}");
@@ -148,7 +141,7 @@ async fn every_error_code_keeps_the_connection_open() {
         "200",
     ])
     .await;
-    let (mut ws, _) = connect(&s).await;
+    let mut ws = s.connect().await;
     use serde_json::Value::Null;
     expect_error(&mut ws, Message::text("not json"), Null, "bad_request").await;
     expect_error(
@@ -247,15 +240,16 @@ async fn every_error_code_keeps_the_connection_open() {
 
     // A rejected command subscribed nothing: "ok" (from the invalid_topic command)
     // and "a" (from too_many_topics) receive nothing.
-    let (mut p, _) = connect(&s).await;
+    let mut p = s.connect().await;
     for t in ["ok", "a"] {
-        send(&mut p, json!({"op":"publish","topic":t,"data":1})).await;
-        recv(&mut p).await;
+        p.send_json(&json!({"op":"publish","topic":t,"data":1}))
+            .await;
+        p.recv().await;
     }
-    subscribe(&mut ws, 13, &["a", "b", "c"]).await;
-    send(&mut ws, json!({"op":"ping","id":14})).await;
+    ws.subscribe_with_id(13, &["a", "b", "c"]).await;
+    ws.send_json(&json!({"op":"ping","id":14})).await;
     assert_eq!(
-        recv(&mut ws).await,
+        ws.recv().await,
         json!({"op":"pong","id":14}),
         "still open, nothing stray delivered"
     );
@@ -264,7 +258,7 @@ async fn every_error_code_keeps_the_connection_open() {
 #[tokio::test]
 async fn client_publish_can_be_forbidden() {
     let s = start(&["--client-publish", "false"]).await;
-    let (mut ws, _) = connect(&s).await;
+    let mut ws = s.connect().await;
     expect_error(
         &mut ws,
         text(json!({"op":"publish","id":1,"topic":"t","data":1})),
@@ -273,7 +267,7 @@ async fn client_publish_can_be_forbidden() {
     )
     .await;
     // Subscribing still works, and HTTP publishing still reaches the client.
-    subscribe(&mut ws, 2, &["t"]).await;
+    ws.subscribe_with_id(2, &["t"]).await;
     let (status, _) = http(
         s.addr,
         "POST",
@@ -283,7 +277,7 @@ async fn client_publish_can_be_forbidden() {
     )
     .await;
     assert_eq!(status, 200);
-    assert_eq!(recv(&mut ws).await["data"], "from-http");
+    assert_eq!(ws.recv().await["data"], "from-http");
 }
 
 mod unavailable {
@@ -323,7 +317,7 @@ mod unavailable {
         let security = Security::from_config(&cfg).unwrap();
         let gw = Gateway::new(cfg, node, security);
         let s = start_gateway(gw.clone()).await;
-        let (mut ws, _) = connect(&s).await;
+        let mut ws = s.connect().await;
         expect_error(
             &mut ws,
             text(json!({"op":"subscribe","id":1,"topics":["t"]})),

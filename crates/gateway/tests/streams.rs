@@ -1,20 +1,36 @@
 //! Streams in the embedded broker (docs/protocol.md, "Streams"): positions, resume,
 //! history, and what is refused — a real gateway on 127.0.0.1:0, real clients.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{connect, http, recv, send, start_gateway, subscribe, TestServer, Ws};
 use serde_json::{json, Value};
 use wsgate_fanout::{Namespace, Namespaces, Node, Pattern, StreamOptions};
 use wsgate_gateway::security::Security;
 use wsgate_gateway::Gateway;
 use wsgate_metrics::Metrics;
+use wsgate_testkit::gateway::{start_gateway, TestServer};
+use wsgate_testkit::http::http;
+use wsgate_testkit::ws::Client as Ws;
+
+async fn connect(server: &TestServer) -> (Ws, ()) {
+    (server.connect().await, ())
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send_json(&v).await;
+}
+
+async fn recv(ws: &mut Ws) -> Value {
+    ws.recv().await
+}
+
+async fn subscribe(ws: &mut Ws, id: u64, topics: &[&str]) {
+    ws.subscribe_with_id(id, topics).await;
+}
 
 /// A gateway whose `chat:*` topics are streams keeping `size` publications.
 async fn start_streams(size: usize, args: &[&str]) -> TestServer {
-    let cfg = common::config(args);
+    let cfg = wsgate_testkit::gateway::config(args);
     let namespaces = Namespaces::new(vec![Namespace {
         name: "chat".into(),
         topics: vec![Pattern::parse("chat:*").unwrap()],
@@ -258,15 +274,15 @@ async fn a_client_resumes_with_exactly_what_it_missed_then_live() {
         (31..=73).collect::<Vec<_>>()
     );
     assert_eq!(
-        common::metric(&server, "wsgate_stream_resumes_total{result=\"recovered\"}").await,
+        server
+            .metric("wsgate_stream_resumes_total{result=\"recovered\"}")
+            .await,
         2.0
     );
     assert_eq!(
-        common::metric(
-            &server,
-            "wsgate_stream_resumes_total{result=\"not_recovered\"}"
-        )
-        .await,
+        server
+            .metric("wsgate_stream_resumes_total{result=\"not_recovered\"}")
+            .await,
         3.0
     );
 }

@@ -1,46 +1,20 @@
 //! Native TLS: a real TLS client (Python `websockets`) and a rustls client against a
 //! test CA made here; certificate reload without restart.
 
-mod support;
-
 use std::path::Path;
 use std::process::Command;
-use std::sync::Arc;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
-use rustls_pki_types::{CertificateDer, ServerName};
-use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
-use tokio_rustls::TlsConnector;
-
-struct Ca {
-    cert_pem: String,
-    cert_der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn ca(name: &str) -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    params.distinguished_name.push(DnType::CommonName, name);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        cert_pem: cert.pem(),
-        cert_der: cert.der().clone(),
-        issuer: Issuer::new(params, key),
-    }
-}
+use wsgate_testkit::gateway::*;
+use wsgate_testkit::http::*;
+use wsgate_testkit::tls::Ca;
+use wsgate_testkit::ws::*;
 
 /// Writes a server certificate for localhost/127.0.0.1 signed by `ca`.
 fn server_cert(ca: &Ca, dir: &Path) {
-    let params =
-        CertificateParams::new(vec!["localhost".to_string(), "127.0.0.1".to_string()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
-    std::fs::write(dir.join("cert.pem"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.pem"), key.serialize_pem()).unwrap();
+    ca.leaf(&["localhost", "127.0.0.1"])
+        .write(&dir.join("cert.pem"), &dir.join("key.pem"));
 }
 
 fn tls_args(dir: &Path) -> Vec<String> {
@@ -52,33 +26,17 @@ fn tls_args(dir: &Path) -> Vec<String> {
     ]
 }
 
-fn connector(ca: &Ca) -> TlsConnector {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.cert_der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    TlsConnector::from(Arc::new(config))
-}
-
 async fn tls_connect(
     ca: &Ca,
     addr: std::net::SocketAddr,
 ) -> std::io::Result<tokio_rustls::client::TlsStream<TcpStream>> {
-    let tcp = TcpStream::connect(addr).await?;
-    connector(ca)
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
+    ca.connect(addr, "localhost").await
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_websockets_over_wss() {
     let dir = tempfile::tempdir().unwrap();
-    let ca = ca("wsgate test CA");
+    let ca = Ca::new("wsgate test CA");
     server_cert(&ca, dir.path());
     std::fs::write(dir.path().join("ca.pem"), &ca.cert_pem).unwrap();
     let args = tls_args(dir.path());
@@ -132,17 +90,17 @@ print("ok")
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rustls_client_and_reload_without_restart() {
     let dir = tempfile::tempdir().unwrap();
-    let old_ca = ca("old CA");
+    let old_ca = Ca::new("old CA");
     server_cert(&old_ca, dir.path());
     let args = tls_args(dir.path());
     let node = start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
 
     let tls = tls_connect(&old_ca, node.addr).await.unwrap();
-    let mut ws = connect_over(tls, node.addr, "/ws", &[]).await.unwrap();
-    assert_eq!(json(&mut ws).await["op"], "welcome");
+    let mut ws = Client::open_over(tls, node.addr, "/ws", &[]).await.unwrap();
+    assert_eq!(ws.recv().await["op"], "welcome");
 
     // Rotation: a new key and certificate from another CA.
-    let new_ca = ca("new CA");
+    let new_ca = Ca::new("new CA");
     server_cert(&new_ca, dir.path());
     node.gw.security.tls.as_ref().unwrap().reload().unwrap();
     assert!(
@@ -150,10 +108,10 @@ async fn rustls_client_and_reload_without_restart() {
         "old chain still served"
     );
     let tls = tls_connect(&new_ca, node.addr).await.unwrap();
-    let mut ws2 = connect_over(tls, node.addr, "/ws", &[]).await.unwrap();
-    assert_eq!(json(&mut ws2).await["op"], "welcome");
+    let mut ws2 = Client::open_over(tls, node.addr, "/ws", &[]).await.unwrap();
+    assert_eq!(ws2.recv().await["op"], "welcome");
     // The connection made before the reload is unaffected.
-    assert_eq!(call(&mut ws, r#"{"op":"ping","id":1}"#).await["op"], "pong");
+    assert_eq!(ws.call_text(r#"{"op":"ping","id":1}"#).await["op"], "pong");
 
     // A broken file is refused and the current certificate stays.
     std::fs::write(dir.path().join("cert.pem"), "garbage").unwrap();
@@ -165,14 +123,14 @@ async fn rustls_client_and_reload_without_restart() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn file_change_is_picked_up() {
     let dir = tempfile::tempdir().unwrap();
-    let old_ca = ca("old CA");
+    let old_ca = Ca::new("old CA");
     server_cert(&old_ca, dir.path());
     let args = tls_args(dir.path());
     let node = start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;
     let tls = node.gw.security.tls.clone().unwrap();
     // Make sure the modification time moves even on coarse-grained file systems.
     std::thread::sleep(std::time::Duration::from_millis(1100));
-    let new_ca = ca("new CA");
+    let new_ca = Ca::new("new CA");
     server_cert(&new_ca, dir.path());
     tls.reload_if_changed();
     assert!(tls_connect(&new_ca, node.addr).await.is_ok());
@@ -182,7 +140,7 @@ async fn file_change_is_picked_up() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn silent_tls_client_is_cut_at_the_handshake_timeout() {
     let dir = tempfile::tempdir().unwrap();
-    server_cert(&ca("CA"), dir.path());
+    server_cert(&Ca::new("CA"), dir.path());
     let mut args = tls_args(dir.path());
     args.extend(["--handshake-timeout".into(), "1s".into()]);
     let node = start(&args.iter().map(String::as_str).collect::<Vec<_>>()).await;

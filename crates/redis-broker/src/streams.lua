@@ -151,11 +151,21 @@ end
 
 -- FCALL wsgate_history 1 <channel> <history_size> <history_ttl_ms> latest <limit>
 -- FCALL wsgate_history 1 <channel> <history_size> <history_ttl_ms> after <seq> <limit>
+-- FCALL wsgate_history 1 <channel> <history_size> <history_ttl_ms> restart <epoch> <seq>
 -- Returns { epoch, seq, first, seq1, accepted_at1, payload1, seq2, … } oldest first;
 -- `first` is the oldest seq kept (seq + 1 when none is).
 local function wsgate_history(keys, args)
   local k = keys_of(keys[1])
   local size, ttl_ms = int(args[1], 'history_size'), int(args[2], 'history_ttl_ms')
+  if args[3] == 'restart' then
+    -- A node delivered up to seq <args[5]> of epoch <args[4]>, and the stream is behind
+    -- it: a failover lost acknowledged publications, and their seqs would be handed
+    -- out again. Start over in a new epoch (once: a restarted stream is only read).
+    local cur = redis.call('HMGET', k.stream, 'epoch', 'seq')
+    if cur[1] == args[4] and (tonumber(cur[2]) or 0) < int(args[5], 'seq') then
+      redis.call('DEL', k.stream, k.history)
+    end
+  end
   store_options(k, size, ttl_ms)
   local sec, usec, now_ms = now()
   local epoch, seq = position(k, sec, usec, ttl_ms)
@@ -180,8 +190,8 @@ local function wsgate_history(keys, args)
     if limit > 0 then
       entries = redis.call('XRANGE', k.history, string.format('%d-0', after + 1), '+', 'COUNT', limit)
     end
-  else
-    error('wsgate: the query must be latest or after')
+  elseif args[3] ~= 'restart' then
+    error('wsgate: the query must be latest, after or restart')
   end
   for _, e in ipairs(entries) do
     out[#out + 1] = seq_of(e[1])

@@ -127,8 +127,8 @@ pub(crate) fn publish_cmd(
     cmd
 }
 
-/// `FCALL wsgate_history 1 <channel> <size> <ttl_ms> latest <limit>` or
-/// `… after <seq> <limit>`.
+/// `FCALL wsgate_history 1 <channel> <size> <ttl_ms> latest <limit>`,
+/// `… after <seq> <limit>` or `… restart <epoch> <seq>`.
 pub(crate) fn history_cmd(channel: &[u8], opts: &StreamOptions, query: HistoryQuery) -> redis::Cmd {
     let size = opts.history_size.max(1);
     let mut cmd = redis::cmd("FCALL");
@@ -140,6 +140,7 @@ pub(crate) fn history_cmd(channel: &[u8], opts: &StreamOptions, query: HistoryQu
     match query {
         HistoryQuery::Latest(limit) => cmd.arg("latest").arg(limit.min(size)),
         HistoryQuery::After { seq, limit } => cmd.arg("after").arg(seq).arg(limit.min(size)),
+        HistoryQuery::Restart { epoch, seq } => cmd.arg("restart").arg(&*epoch).arg(seq),
     };
     cmd
 }

@@ -7,10 +7,11 @@ mod common;
 use std::sync::Arc;
 use std::time::Duration;
 
-use common::{cli, eventually, Event, Recorder, RedisProc};
+use common::{cli, eventually, Event, Recorder};
 use wsgate_fanout::{Broker, BrokerError, HistoryQuery, Origin, Position, StreamOptions};
 use wsgate_redis::streams::StreamKeys;
 use wsgate_redis::{RedisBroker, RedisOptions};
+use wsgate_testkit::redis::Redis;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -21,7 +22,7 @@ fn opts(size: usize, ttl: Duration) -> StreamOptions {
     }
 }
 
-async fn broker(redis: &RedisProc, events: &Arc<Recorder>) -> RedisBroker {
+async fn broker(redis: &Redis, events: &Arc<Recorder>) -> RedisBroker {
     let mut options = RedisOptions::new(redis.url());
     options.unsubscribe_delay = Duration::ZERO;
     options.install_functions = true;
@@ -47,7 +48,7 @@ fn seqs(h: &wsgate_fanout::History) -> Vec<u64> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_nodes_number_one_stream_and_read_its_history() {
-    let redis = RedisProc::start();
+    let redis = Redis::start();
     let (ea, eb) = (
         Recorder::with_topics(&["chat:1"]),
         Recorder::with_topics(&["chat:1"]),
@@ -164,7 +165,7 @@ async fn two_nodes_number_one_stream_and_read_its_history() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn old_publications_age_out() {
-    let redis = RedisProc::start();
+    let redis = Redis::start();
     let events = Recorder::with_topics(&[]);
     let a = broker(&redis, &events).await;
     let o = opts(100, Duration::from_millis(300));
@@ -186,7 +187,7 @@ async fn old_publications_age_out() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_backend_publishes_with_one_command() {
-    let redis = RedisProc::start();
+    let redis = Redis::start();
     let events = Recorder::with_topics(&["chat:1", "news"]);
     let a = broker(&redis, &events).await;
     subscribe(&a, &["chat:1", "news"]).await;
@@ -322,7 +323,7 @@ async fn a_backend_publishes_with_one_command() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flush_starts_a_new_epoch_and_lost_functions_are_installed_again() {
-    let mut redis = RedisProc::start();
+    let mut redis = Redis::start();
     let events = Recorder::with_topics(&["t"]);
     let a = broker(&redis, &events).await;
     subscribe(&a, &["t"]).await;
@@ -355,7 +356,7 @@ async fn a_flush_starts_a_new_epoch_and_lost_functions_are_installed_again() {
     assert!(matches!(down, Err(BrokerError::Unavailable(_))), "{down:?}");
     let down = a.history("t", &o, HistoryQuery::Latest(1)).await;
     assert!(matches!(down, Err(BrokerError::Unavailable(_))), "{down:?}");
-    let redis = RedisProc::start_on(port);
+    let redis = Redis::start_on(port);
     assert!(eventually(WAIT, || a.is_ready()).await);
     assert!(
         eventually(WAIT, || cli(redis.port, &["FUNCTION", "LIST"])
@@ -377,7 +378,7 @@ async fn a_flush_starts_a_new_epoch_and_lost_functions_are_installed_again() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_killed_subscription_is_reported_once_resubscribed() {
-    let redis = RedisProc::start();
+    let redis = Redis::start();
     let events = Recorder::with_topics(&["a", "b"]);
     let x = broker(&redis, &events).await;
     subscribe(&x, &["a", "b"]).await;
@@ -409,7 +410,7 @@ impl wsgate_fanout::Subscriber for Frames {
     }
 }
 
-fn redis_node(redis: &RedisProc) -> wsgate_fanout::Node {
+fn redis_node(redis: &Redis) -> wsgate_fanout::Node {
     use wsgate_fanout::{Namespace, Namespaces, Node, Pattern};
     let namespaces = Namespaces::new(vec![Namespace {
         name: "chat".into(),
@@ -433,7 +434,7 @@ async fn two_nodes_deliver_and_resume_a_stream_through_redis() {
     use std::collections::HashMap;
     use wsgate_fanout::{Source, Subscriber};
 
-    let redis = RedisProc::start();
+    let redis = Redis::start();
     let (a, b) = (redis_node(&redis), redis_node(&redis));
     assert!(eventually(WAIT, || a.broker_ready() && b.broker_ready()).await);
     let frames = Arc::new(Frames::default());

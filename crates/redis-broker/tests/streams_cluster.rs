@@ -4,19 +4,16 @@
 //! after `FUNCTION FLUSH`), and `resubscribed` after a killed connection.
 
 mod common;
-// The cluster the gateway's own tests use.
-#[path = "../../wsgate/tests/cluster_common/mod.rs"]
-mod cluster_common;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
-use cluster_common::RedisCluster;
 use common::{eventually, Event, Recorder};
 use wsgate_fanout::{Broker, HistoryQuery, Origin, StreamOptions};
 use wsgate_redis::streams::StreamKeys;
 use wsgate_redis::{Channels, ClusterBroker, ClusterOptions};
+use wsgate_testkit::redis::RedisCluster;
 
 const WAIT: Duration = Duration::from_secs(15);
 

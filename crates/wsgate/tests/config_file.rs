@@ -2,8 +2,6 @@
 //! precedence under flags and variables, `wsgate check-config`, and namespaces that
 //! make topics streams.
 
-mod common;
-
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Output, Stdio};
@@ -11,7 +9,9 @@ use std::time::Duration;
 
 use serde_json::json;
 
-use common::{free_port, http, wait_until, Client, Node};
+use wsgate_testkit::http::blocking as http;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::{free_port, wait_until};
 
 fn addr() -> SocketAddr {
     format!("127.0.0.1:{}", free_port()).parse().unwrap()
@@ -241,7 +241,7 @@ async fn namespaces_in_the_file_make_their_topics_streams() {
         "[[namespaces]]\nname = \"chat\"\ntopics = [\"chat:*\"]\nhistory_size = 10\nhistory_ttl = \"1m\"\n",
     );
     let node = Node::start(None, &["--config", path(&cfg)]);
-    let mut c = Client::connect(&node).await;
+    let mut c = node.connect().await;
     let r = c
         .call(json!({"op":"publish","topic":"chat:1","data":"a"}))
         .await;
@@ -255,7 +255,7 @@ async fn namespaces_in_the_file_make_their_topics_streams() {
 
     // Without the file, the same topic is plain (the default: no streams).
     let plain = Node::start(None, &[]);
-    let mut c = Client::connect(&plain).await;
+    let mut c = plain.connect().await;
     let r = c
         .call(json!({"op":"publish","topic":"chat:1","data":"a"}))
         .await;

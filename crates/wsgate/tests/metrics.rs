@@ -2,19 +2,17 @@
 //! subscriptions, publishes from clients and HTTP, deliveries and their latency,
 //! bytes, and every kind of disconnect we can provoke from outside.
 
-#[path = "obs_common/mod.rs"]
-mod common;
-
-use common::*;
 use futures_util::SinkExt;
 use tokio_tungstenite::tungstenite::Message;
+use wsgate_testkit::http::*;
+use wsgate_testkit::process::*;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn counters_follow_real_traffic() {
-    let gw = start(&["--max-message-size", "1KiB"], &[]);
+    let gw = Node::start_json(&["--max-message-size", "1KiB"], &[]);
 
     // Before anything happened every known series exists at zero.
-    let m = parse(&scrape(&gw).await);
+    let m = parse_metrics(&gw.scrape().await);
     assert_eq!(val(&m, "wsgate_connections"), 0.0);
     assert_eq!(
         val(&m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#),
@@ -26,27 +24,27 @@ async fn counters_follow_real_traffic() {
     assert_eq!(val(&m, "wsgate_redis_up"), 0.0);
 
     // A plain GET on /ws is refused.
-    let (status, _) = http(gw.public, "GET", "/ws", "").await;
+    let (status, _) = http_json(gw.addr, "GET", "/ws", "").await;
     assert_eq!(status, 426);
 
-    let mut sub = connect(&gw).await;
-    let mut publisher = connect(&gw).await;
-    subscribe(&mut sub, "news").await;
+    let mut sub = gw.connect().await;
+    let mut publisher = gw.connect().await;
+    sub.subscribe_with_id(1, &["news"]).await;
     for i in 0..5 {
-        send(
-            &mut publisher,
-            &format!(r#"{{"op":"publish","id":{i},"topic":"news","data":{i}}}"#),
-        )
-        .await;
-        assert_eq!(recv_json(&mut publisher).await["op"], "published");
+        publisher
+            .send_text(&format!(
+                r#"{{"op":"publish","id":{i},"topic":"news","data":{i}}}"#
+            ))
+            .await;
+        assert_eq!(publisher.recv().await["op"], "published");
     }
     for i in 0..3 {
-        publish_http(&gw, "news", &format!(r#"{{"n":{i}}}"#)).await;
+        gw.publish("news", &format!(r#"{{"n":{i}}}"#)).await;
     }
     for _ in 0..8 {
-        assert_eq!(recv_json(&mut sub).await["op"], "message");
+        assert_eq!(sub.recv().await["op"], "message");
     }
-    eventually(&gw, "8 deliveries and the publishes", |m| {
+    gw.eventually("8 deliveries and the publishes", |m| {
         val(m, "wsgate_connections") == 2.0
             && val(m, "wsgate_connections_accepted_total") == 2.0
             && val(
@@ -68,12 +66,10 @@ async fn counters_follow_real_traffic() {
 
     // Ending connections: a clean close, and a message over the size limit.
     sub.close(None).await.unwrap();
-    send(
-        &mut publisher,
-        &format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(2000)),
-    )
-    .await;
-    eventually(&gw, "client_close and too_big", |m| {
+    publisher
+        .send_text(&format!(r#"{{"op":"ping","pad":"{}"}}"#, "x".repeat(2000)))
+        .await;
+    gw.eventually("client_close and too_big", |m| {
         val(m, r#"wsgate_disconnects_total{reason="client_close"}"#) == 1.0
             && val(m, r#"wsgate_disconnects_total{reason="too_big"}"#) == 1.0
             && val(m, "wsgate_connections") == 0.0
@@ -84,7 +80,7 @@ async fn counters_follow_real_traffic() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn slow_consumer_rate_limit_and_drain_are_counted() {
-    let gw = start(
+    let gw = Node::start_json(
         &[
             "--outbound-queue-bytes",
             "4KiB",
@@ -98,22 +94,22 @@ async fn slow_consumer_rate_limit_and_drain_are_counted() {
         &[],
     );
     // A subscriber that never reads: the socket buffers fill, then its queue.
-    let mut slow = connect(&gw).await;
-    subscribe(&mut slow, "firehose").await;
+    let mut slow = gw.connect().await;
+    slow.subscribe_with_id(1, &["firehose"]).await;
     let big = format!("\"{}\"", "y".repeat(30_000));
     let batch: Vec<String> = (0..20)
         .map(|_| format!(r#"{{"topic":"firehose","data":{big}}}"#))
         .collect();
     let body = format!("[{}]", batch.join(","));
     for _ in 0..100 {
-        let (status, _) = http(gw.public, "POST", "/api/publish", &body).await;
+        let (status, _) = http_json(gw.addr, "POST", "/api/publish", &body).await;
         assert_eq!(status, 200);
-        let m = parse(&scrape(&gw).await);
+        let m = parse_metrics(&gw.scrape().await);
         if val(&m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#) == 1.0 {
             break;
         }
     }
-    eventually(&gw, "a slow consumer and its dropped messages", |m| {
+    gw.eventually("a slow consumer and its dropped messages", |m| {
         val(m, r#"wsgate_disconnects_total{reason="slow_consumer"}"#) == 1.0
             && val(
                 m,
@@ -124,7 +120,7 @@ async fn slow_consumer_rate_limit_and_drain_are_counted() {
     drop(slow);
 
     // Commands far over the rate limit: rate_limited replies, then 4029.
-    let mut spammer = connect(&gw).await;
+    let mut spammer = gw.connect().await;
     for _ in 0..20 {
         if spammer
             .send(Message::text(r#"{"op":"ping"}"#))
@@ -134,7 +130,7 @@ async fn slow_consumer_rate_limit_and_drain_are_counted() {
             break;
         }
     }
-    eventually(&gw, "a rate-limit disconnect", |m| {
+    gw.eventually("a rate-limit disconnect", |m| {
         val(m, r#"wsgate_disconnects_total{reason="rate_limit"}"#) == 1.0
     })
     .await;
@@ -142,14 +138,14 @@ async fn slow_consumer_rate_limit_and_drain_are_counted() {
     // Drain: not ready, draining, remaining clients closed with the drain reason,
     // spread over the window (the second one 3 s in, so the node is still up to be
     // scraped after the first).
-    let _first = connect(&gw).await;
-    let _second = connect(&gw).await;
-    let (status, _) = http(gw.admin, "POST", "/drain", "").await;
+    let _first = gw.connect().await;
+    let _second = gw.connect().await;
+    let (status, _) = http_json(gw.admin, "POST", "/drain", "").await;
     assert_eq!(status, 202);
-    let m = parse(&scrape(&gw).await);
+    let m = parse_metrics(&gw.scrape().await);
     assert_eq!(val(&m, "wsgate_draining"), 1.0);
     assert_eq!(val(&m, "wsgate_ready"), 0.0);
-    eventually(&gw, "a drain disconnect", |m| {
+    gw.eventually("a drain disconnect", |m| {
         val(m, r#"wsgate_disconnects_total{reason="drain"}"#) == 1.0
     })
     .await;

@@ -3,16 +3,11 @@
 //! `https://` to a receiver whose certificate a CA made here signs — and exports
 //! nothing, with no exporter at all, when it is not.
 
-#[path = "obs_common/mod.rs"]
-mod common;
-
 use std::convert::Infallible;
 use std::path::Path;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use common::*;
 use http_body_util::{BodyExt, Full};
 use hyper::body::Incoming;
 use hyper::{Request, Response};
@@ -21,11 +16,13 @@ use opentelemetry_proto::tonic::collector::trace::v1::ExportTraceServiceRequest;
 use opentelemetry_proto::tonic::common::v1::any_value::Value;
 use opentelemetry_proto::tonic::common::v1::KeyValue;
 use prost::Message;
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls_pki_types::{CertificateDer, PrivateKeyDer, PrivatePkcs8KeyDer};
 use tokio::net::TcpListener;
 use tokio::sync::mpsc;
 use tokio_rustls::TlsAcceptor;
+use wsgate_testkit::http::*;
+use wsgate_testkit::process::*;
+use wsgate_testkit::tls::Ca;
+use wsgate_testkit::wait_until;
 
 /// One received span: its name, attributes, and its resource's attributes.
 #[derive(Debug)]
@@ -128,38 +125,15 @@ async fn receiver_on(
 /// A CA (its PEM written to `dir/ca.pem`) and a TLS acceptor with a certificate it
 /// signed for 127.0.0.1.
 fn tls_receiver_pki(dir: &Path) -> TlsAcceptor {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, "wsgate test collector CA");
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let ca_key = KeyPair::generate().unwrap();
-    let ca = params.self_signed(&ca_key).unwrap();
-    std::fs::write(dir.join("ca.pem"), ca.pem()).unwrap();
-    let issuer = Issuer::new(params, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let leaf = CertificateParams::new(vec!["127.0.0.1".to_string()])
-        .unwrap()
-        .signed_by(&key, &issuer)
-        .unwrap();
-    let config = rustls::ServerConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_no_client_auth()
-    .with_single_cert(
-        vec![CertificateDer::from(leaf.der().to_vec())],
-        PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(key.serialize_der())),
-    )
-    .unwrap();
-    TlsAcceptor::from(Arc::new(config))
+    let ca = Ca::new("wsgate test collector CA");
+    std::fs::write(dir.join("ca.pem"), &ca.cert_pem).unwrap();
+    ca.leaf(&["127.0.0.1"]).acceptor()
 }
 
 /// Some traffic on `gw`, so it has a `session` span to export.
-async fn one_session(gw: &Gateway) {
-    let mut ws = connect(gw).await;
-    subscribe(&mut ws, "news").await;
+async fn one_session(gw: &Node) {
+    let mut ws = gw.connect().await;
+    ws.subscribe_with_id(1, &["news"]).await;
     ws.close(None).await.unwrap();
 }
 
@@ -170,7 +144,7 @@ fn attr<'a>(kvs: &'a [(String, String)], key: &str) -> Option<&'a str> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn spans_reach_an_otlp_receiver() {
     let (url, mut spans) = receiver().await;
-    let gw = start(
+    let gw = Node::start_json(
         &[],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
@@ -178,12 +152,12 @@ async fn spans_reach_an_otlp_receiver() {
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=test"),
         ],
     );
-    let mut ws = connect(&gw).await;
-    subscribe(&mut ws, "news").await;
-    publish_http(&gw, "news", "1").await;
-    assert_eq!(recv_json(&mut ws).await["op"], "message");
+    let mut ws = gw.connect().await;
+    ws.subscribe_with_id(1, &["news"]).await;
+    gw.publish("news", "1").await;
+    assert_eq!(ws.recv().await["op"], "message");
     ws.close(None).await.unwrap();
-    let (status, _) = http(gw.admin, "GET", "/readyz", "").await;
+    let (status, _) = http_json(gw.admin, "GET", "/readyz", "").await;
     assert_eq!(status, 200);
 
     let (mut session, mut publish) = (None, None);
@@ -226,13 +200,13 @@ async fn spans_reach_an_otlp_receiver() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_endpoint_means_no_export() {
-    let gw = start(&[], &[]);
-    let mut ws = connect(&gw).await;
-    subscribe(&mut ws, "news").await;
+    let gw = Node::start_json(&[], &[]);
+    let mut ws = gw.connect().await;
+    ws.subscribe_with_id(1, &["news"]).await;
     drop(ws);
-    let (status, _) = http(gw.admin, "GET", "/healthz", "").await;
+    let (status, _) = http_json(gw.admin, "GET", "/healthz", "").await;
     assert_eq!(status, 200);
-    let logs: Vec<String> = gw.logs.try_iter().collect();
+    let logs = gw.log_lines();
     assert!(
         !logs.iter().any(|l| l.contains("OTLP")),
         "no exporter expected: {logs:?}"
@@ -260,7 +234,7 @@ async fn spans_reach_an_https_receiver_signed_by_a_private_ca() {
     let ca = dir.path().join("ca.pem");
     let ca = ca.to_str().unwrap();
     // The CA by the flag, and by the standard OpenTelemetry variable.
-    let by_flag = start(
+    let by_flag = Node::start_json(
         &["--otlp-ca-file", ca],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
@@ -268,7 +242,7 @@ async fn spans_reach_an_https_receiver_signed_by_a_private_ca() {
             ("OTEL_RESOURCE_ATTRIBUTES", "deployment.environment=flag"),
         ],
     );
-    let by_env = start(
+    let by_env = Node::start_json(
         &[],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
@@ -302,7 +276,7 @@ async fn an_https_receiver_outside_the_trusted_roots_gets_nothing() {
     let (url, mut spans, mut failed) = receiver_on(Some(tls_receiver_pki(dir.path()))).await;
     // No CA given: the system roots do not know the test CA, so the exporter must
     // refuse the receiver's certificate.
-    let gw = start(
+    let gw = Node::start_json(
         &[],
         &[
             ("OTEL_EXPORTER_OTLP_ENDPOINT", url.as_str()),
@@ -320,15 +294,11 @@ async fn an_https_receiver_outside_the_trusted_roots_gets_nothing() {
         "no span may pass an unverified TLS"
     );
     // And the node's log says why.
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut logs = Vec::new();
-    while !logs.iter().any(|l: &String| l.contains("UnknownIssuer")) {
-        let left = deadline.saturating_duration_since(Instant::now());
-        match gw.logs.recv_timeout(left) {
-            Ok(l) => logs.push(l),
-            Err(_) => panic!("no certificate error in the log: {logs:?}"),
-        }
-    }
+    assert!(
+        wait_until(Duration::from_secs(10), || gw.logged("UnknownIssuer")),
+        "no certificate error in the log: {:?}",
+        gw.log_lines()
+    );
 }
 
 #[test]

@@ -1,119 +1,50 @@
 //! The `wsgate` binary as a process: signals, drain, exit codes, memory, and a
 //! WebSocket client nobody here wrote (Python `websockets`).
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
-use std::process::{Child, Command, Stdio};
+use std::io::{BufRead, BufReader, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
 use tokio_tungstenite::tungstenite::Message;
 
 use wsgate_testkit::free_port;
+use wsgate_testkit::http::blocking;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::ws::client_frame;
 
-struct Gateway {
-    child: Child,
-    port: u16,
-    admin: u16,
-}
-
-impl Gateway {
-    fn start(args: &[&str]) -> Gateway {
-        let (port, admin) = (free_port(), free_port());
-        let child = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-            .args([
-                "--listen",
-                &format!("127.0.0.1:{port}"),
-                "--admin-listen",
-                &format!("127.0.0.1:{admin}"),
-            ])
-            .args(["--log-level", "warn"])
-            .args(args)
-            .stdout(Stdio::null())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn wsgate");
-        let gw = Gateway { child, port, admin };
-        let deadline = Instant::now() + Duration::from_secs(10);
-        while http(gw.admin, "GET", "/healthz", b"").map(|r| r.0) != Some(200) {
-            assert!(Instant::now() < deadline, "gateway did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        gw
-    }
-
-    fn url(&self) -> String {
-        format!("ws://127.0.0.1:{}/ws", self.port)
-    }
-
-    fn signal(&self, sig: &str) {
-        let ok = Command::new("kill")
-            .args([sig, &self.child.id().to_string()])
-            .status()
-            .unwrap()
-            .success();
-        assert!(ok);
-    }
-
-    fn rss_kib(&self) -> u64 {
-        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap();
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix("VmRSS:"))
-            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-            .unwrap()
-    }
-}
-
-impl Drop for Gateway {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn http(port: u16, method: &str, path: &str, body: &[u8]) -> Option<(u16, String)> {
-    let mut s = TcpStream::connect(("127.0.0.1", port)).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-    write!(
-        s,
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\nContent-Length: {}\r\n\r\n",
-        body.len()
-    )
-    .ok()?;
-    s.write_all(body).ok()?;
-    let mut out = String::new();
-    s.read_to_string(&mut out).ok()?;
-    let status = out.get(9..12)?.parse().ok()?;
-    Some((
-        status,
-        out.split_once("\r\n\r\n")
-            .map(|x| x.1.to_string())
-            .unwrap_or_default(),
-    ))
+/// Resident memory of a process, in KiB.
+fn rss_kib(pid: u32) -> u64 {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+        .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sigterm_drains_with_1001_spread_over_the_window_then_exits_0() {
-    let mut gw = Gateway::start(&["--drain-timeout", "2s"]);
+    let mut gw = Node::start(None, &["--drain-timeout", "2s"]);
     let mut clients = Vec::new();
     for _ in 0..10 {
-        let (ws, _) = tokio_tungstenite::connect_async(gw.url()).await.unwrap();
+        let (ws, _) = tokio_tungstenite::connect_async(gw.ws_url()).await.unwrap();
         clients.push(ws);
     }
     let started = Instant::now();
-    gw.signal("-TERM");
+    gw.signal("TERM");
     // Readiness flips at once; new upgrades are refused.
     let mut refused = false;
     for _ in 0..50 {
-        if http(gw.admin, "GET", "/readyz", b"").map(|r| r.0) == Some(503) {
+        if blocking(gw.admin, "GET", "/readyz", "").0 == 503 {
             refused = true;
             break;
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
     assert!(refused, "/readyz turns 503 during the drain");
-    match tokio_tungstenite::connect_async(gw.url()).await {
+    match tokio_tungstenite::connect_async(gw.ws_url()).await {
         Err(tokio_tungstenite::tungstenite::Error::Http(r)) => assert_eq!(r.status(), 503),
         other => panic!("expected 503 while draining, got {:?}", other.map(|_| ())),
     }
@@ -149,7 +80,7 @@ async fn sigterm_drains_with_1001_spread_over_the_window_then_exits_0() {
         spread >= Duration::from_millis(900),
         "closes were not spread: {closed_at:?}"
     );
-    let status = tokio::task::spawn_blocking(move || gw.child.wait().unwrap())
+    let status = tokio::task::spawn_blocking(move || gw.wait_exit(Duration::from_secs(30)))
         .await
         .unwrap();
     assert!(status.success(), "exit status {status:?}");
@@ -230,23 +161,21 @@ fn help_lists_the_drain_subcommand() {
 
 #[test]
 fn a_flood_to_a_client_that_stopped_reading_keeps_memory_bounded() {
-    let gw = Gateway::start(&["--outbound-queue-bytes", "256KiB"]);
+    let gw = Node::start(None, &["--outbound-queue-bytes", "256KiB"]);
     // A client that subscribes, then never reads again.
-    let mut slow = upgraded_client(gw.port);
+    let mut slow = upgraded_client(gw.addr.port());
     let cmd = br#"{"op":"subscribe","topics":["flood"]}"#;
-    let mut frame = vec![0x81, 0x80 | cmd.len() as u8, 0, 0, 0, 0];
-    frame.extend_from_slice(cmd);
-    slow.write_all(&frame).unwrap();
+    slow.write_all(&client_frame(true, 0x1, cmd)).unwrap();
     std::thread::sleep(Duration::from_millis(200));
-    let before = gw.rss_kib();
+    let before = rss_kib(gw.pid());
     // 200 MB of publications.
     let item = format!(r#"{{"topic":"flood","data":"{}"}}"#, "x".repeat(10_000));
     let batch = format!("[{}]", vec![item; 50].join(","));
     for _ in 0..400 {
-        let (status, body) = http(gw.port, "POST", "/api/publish", batch.as_bytes()).unwrap();
+        let (status, body) = blocking(gw.addr, "POST", "/api/publish", &batch);
         assert_eq!(status, 200, "{body}");
     }
-    let after = gw.rss_kib();
+    let after = rss_kib(gw.pid());
     // 200 MB went through; the process grew by far less (allocator noise aside).
     assert!(
         after < before + 64 * 1024,
@@ -256,7 +185,7 @@ fn a_flood_to_a_client_that_stopped_reading_keeps_memory_bounded() {
     // for it to be counted (bounded; a node that never cuts the client fails).
     let deadline = std::time::Instant::now() + Duration::from_secs(10);
     loop {
-        let (_, metrics) = http(gw.admin, "GET", "/metrics", b"").unwrap();
+        let (_, metrics) = blocking(gw.admin, "GET", "/metrics", "");
         if metrics.contains("wsgate_disconnects_total{reason=\"slow_consumer\"} 1") {
             break;
         }
@@ -302,17 +231,23 @@ fn client_sockets_get_the_configured_send_buffer() {
         .trim()
         .parse()
         .unwrap();
-    let gw = Gateway::start(&[]);
-    let _c = upgraded_client(gw.port);
-    assert_eq!(server_side_sndbuf(gw.port), 2 * wmem_max.min(256 * 1024));
-    let gw = Gateway::start(&["--socket-send-buffer", "64KiB"]);
-    let _c = upgraded_client(gw.port);
-    assert_eq!(server_side_sndbuf(gw.port), 2 * wmem_max.min(64 * 1024));
+    let gw = Node::start(None, &[]);
+    let _c = upgraded_client(gw.addr.port());
+    assert_eq!(
+        server_side_sndbuf(gw.addr.port()),
+        2 * wmem_max.min(256 * 1024)
+    );
+    let gw = Node::start(None, &["--socket-send-buffer", "64KiB"]);
+    let _c = upgraded_client(gw.addr.port());
+    assert_eq!(
+        server_side_sndbuf(gw.addr.port()),
+        2 * wmem_max.min(64 * 1024)
+    );
     // 0: left to the kernel's autotuning, which sizes it from the initial congestion
     // window and the MSS (on loopback, with its 64 KiB MTU: megabytes at once).
-    let gw = Gateway::start(&["--socket-send-buffer", "0"]);
-    let _c = upgraded_client(gw.port);
-    let auto = server_side_sndbuf(gw.port);
+    let gw = Node::start(None, &["--socket-send-buffer", "0"]);
+    let _c = upgraded_client(gw.addr.port());
+    let auto = server_side_sndbuf(gw.addr.port());
     assert!(
         auto != 2 * wmem_max.min(256 * 1024) && auto != 2 * wmem_max.min(64 * 1024),
         "{auto}"
@@ -323,14 +258,17 @@ fn client_sockets_get_the_configured_send_buffer() {
 /// protocol: see tests/clients/python_client.py.
 #[test]
 fn python_websockets_client_speaks_the_protocol() {
-    let gw = Gateway::start(&["--max-message-size", "4096", "--node-id", "py-node"]);
+    let gw = Node::start(
+        None,
+        &["--max-message-size", "4096", "--node-id", "py-node"],
+    );
     let script = concat!(
         env!("CARGO_MANIFEST_DIR"),
         "/tests/clients/python_client.py"
     );
     let out = Command::new("python3")
         .arg(script)
-        .arg(gw.url())
+        .arg(gw.ws_url())
         .output()
         .expect("python3 runs (the test command installs it)");
     let stdout = String::from_utf8_lossy(&out.stdout);
@@ -348,6 +286,7 @@ fn python_websockets_client_speaks_the_protocol() {
 #[test]
 fn accept_loop_survives_running_out_of_file_descriptors() {
     let (port, admin) = (free_port(), free_port());
+    let at = |p: u16| SocketAddr::from(([127, 0, 0, 1], p));
     let mut child = Command::new("sh")
         .arg("-c")
         .arg(format!(
@@ -359,7 +298,7 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
         .spawn()
         .unwrap();
     let deadline = Instant::now() + Duration::from_secs(10);
-    while http(admin, "GET", "/healthz", b"").map(|r| r.0) != Some(200) {
+    while blocking(at(admin), "GET", "/healthz", "").0 != 200 {
         assert!(Instant::now() < deadline, "gateway did not start");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -373,7 +312,7 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
     // Once descriptors are free again, it serves as before.
     let mut served = false;
     for _ in 0..100 {
-        if let Some((200, body)) = http(admin, "GET", "/metrics", b"") {
+        if let (200, body) = blocking(at(admin), "GET", "/metrics", "") {
             let errors = body
                 .lines()
                 .find_map(|l| l.strip_prefix("wsgate_accept_errors_total "))
@@ -387,21 +326,22 @@ fn accept_loop_survives_running_out_of_file_descriptors() {
     }
     assert!(served, "the gateway serves again after EMFILE");
     // The public listener, where EMFILE hit, accepts again too.
-    let publish = http(port, "POST", "/api/publish", br#"{"topic":"t","data":1}"#);
-    assert_eq!(publish.map(|r| r.0), Some(200), "public accept loop alive");
+    let publish = blocking(
+        at(port),
+        "POST",
+        "/api/publish",
+        r#"{"topic":"t","data":1}"#,
+    );
+    assert_eq!(publish.0, 200, "public accept loop alive");
     let _ = child.kill();
     let _ = child.wait();
 }
 
 #[test]
 fn drain_subcommand_starts_the_drain_of_a_running_node() {
-    let mut gw = Gateway::start(&["--drain-timeout", "200ms"]);
+    let mut gw = Node::start(None, &["--drain-timeout", "200ms"]);
     let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args([
-            "drain",
-            "--admin-url",
-            &format!("http://127.0.0.1:{}", gw.admin),
-        ])
+        .args(["drain", "--admin-url", &format!("http://{}", gw.admin)])
         .output()
         .unwrap();
     assert!(
@@ -409,15 +349,11 @@ fn drain_subcommand_starts_the_drain_of_a_running_node() {
         "{}",
         String::from_utf8_lossy(&out.stderr)
     );
-    let status = gw.child.wait().unwrap();
+    let status = gw.wait_exit(Duration::from_secs(30));
     assert!(status.success(), "the node drained and exited 0");
     // Nothing listens any more: the command fails, with a message.
     let out = Command::new(env!("CARGO_BIN_EXE_wsgate"))
-        .args([
-            "drain",
-            "--admin-url",
-            &format!("http://127.0.0.1:{}", gw.admin),
-        ])
+        .args(["drain", "--admin-url", &format!("http://{}", gw.admin)])
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(1));

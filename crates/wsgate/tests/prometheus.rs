@@ -7,16 +7,15 @@
 //! with apt-get on first use when missing; `.ci/observability-check` does the
 //! same and runs every observability test.
 
-#[path = "obs_common/mod.rs"]
-mod common;
-
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::*;
+use wsgate_testkit::http::*;
+use wsgate_testkit::process::*;
+use wsgate_testkit::ws::*;
 
 fn repo() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
@@ -78,38 +77,35 @@ fn tool(name: &str) -> Command {
 
 /// Some traffic of every kind until `stop`: subscribers that read, WebSocket and
 /// HTTP publishers, connection churn.
-fn load(gw: &Gateway, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+fn load(gw: &Node, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
     let mut tasks = Vec::new();
     for _ in 0..3 {
-        let (stop, addr) = (stop.clone(), gw.public);
+        let (stop, addr) = (stop.clone(), gw.addr);
         tasks.push(tokio::spawn(async move {
-            let gw = GatewayAddr(addr);
-            let mut ws = gw.connect().await;
-            subscribe(&mut ws, "load").await;
+            let mut ws = Client::connect(addr).await;
+            ws.subscribe_with_id(1, &["load"]).await;
             while !stop.load(Ordering::Relaxed) {
-                let _ = tokio::time::timeout(Duration::from_millis(200), recv_json(&mut ws)).await;
+                let _ = tokio::time::timeout(Duration::from_millis(200), ws.recv()).await;
             }
         }));
     }
-    let (stop2, addr) = (stop.clone(), gw.public);
+    let (stop2, addr) = (stop.clone(), gw.addr);
     tasks.push(tokio::spawn(async move {
-        let gw = GatewayAddr(addr);
-        let mut ws = gw.connect().await;
+        let mut ws = Client::connect(addr).await;
         let mut i = 0u64;
         while !stop2.load(Ordering::Relaxed) {
             i += 1;
-            send(
-                &mut ws,
-                &format!(r#"{{"op":"publish","id":{i},"topic":"load","data":{{"i":{i}}}}}"#),
-            )
+            ws.send_text(&format!(
+                r#"{{"op":"publish","id":{i},"topic":"load","data":{{"i":{i}}}}}"#
+            ))
             .await;
-            let _ = recv_json(&mut ws).await;
+            let _ = ws.recv().await;
             if i.is_multiple_of(5) {
                 let body = format!(r#"{{"topic":"load","data":{i}}}"#);
-                let _ = http(addr, "POST", "/api/publish", &body).await;
+                let _ = http_json(addr, "POST", "/api/publish", &body).await;
                 // Churn: a connection that comes and goes.
-                let mut c = gw.connect().await;
-                subscribe(&mut c, "churn").await;
+                let mut c = Client::connect(addr).await;
+                c.subscribe_with_id(1, &["churn"]).await;
             }
             tokio::time::sleep(Duration::from_millis(20)).await;
         }
@@ -117,29 +113,16 @@ fn load(gw: &Gateway, stop: Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>>
     tasks
 }
 
-/// The public address alone, so load tasks need not borrow the process handle.
-struct GatewayAddr(std::net::SocketAddr);
-
-impl GatewayAddr {
-    async fn connect(&self) -> Ws {
-        let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{}/ws", self.0))
-            .await
-            .expect("upgrade");
-        assert_eq!(recv_json(&mut ws).await["op"], "welcome");
-        ws
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn promtool_accepts_a_live_scrape() {
-    let gw = start(&[], &[]);
+    let gw = Node::start_json(&[], &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = load(&gw, stop.clone());
-    eventually(&gw, "deliveries", |m| {
+    gw.eventually("deliveries", |m| {
         val(m, "wsgate_messages_delivered_total") > 10.0
     })
     .await;
-    let text = scrape(&gw).await;
+    let text = gw.scrape().await;
     stop.store(true, Ordering::Relaxed);
     for t in tasks {
         let _ = t.await;
@@ -290,7 +273,7 @@ fn start_prometheus(target: std::net::SocketAddr) -> Prometheus {
 }
 
 async fn query(prom: &Prometheus, q: &str) -> serde_json::Value {
-    let (status, body) = http(
+    let (status, body) = http_json(
         prom.addr,
         "GET",
         &format!("/api/v1/query?query={}", encode(q)),
@@ -311,7 +294,7 @@ fn has_data(v: &serde_json::Value) -> bool {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prometheus_finds_data_for_every_dashboard_and_alert_query() {
-    let gw = start(&[], &[]);
+    let gw = Node::start_json(&[], &[]);
     let stop = Arc::new(AtomicBool::new(false));
     let tasks = load(&gw, stop.clone());
     let prom = start_prometheus(gw.admin);
@@ -320,7 +303,7 @@ async fn prometheus_finds_data_for_every_dashboard_and_alert_query() {
     let ready = "rate(wsgate_messages_delivered_total[30s]) > 0";
     let deadline = Instant::now() + Duration::from_secs(90);
     loop {
-        let up = try_http(prom.addr, "GET", "/-/ready", "").await;
+        let up = try_http_json(prom.addr, "GET", "/-/ready", "").await;
         if matches!(up, Ok((200, _))) && has_data(&query(&prom, ready).await) {
             break;
         }
@@ -355,7 +338,7 @@ async fn prometheus_finds_data_for_every_dashboard_and_alert_query() {
         }
     }
     // The rules loaded and were evaluated without error.
-    let (_, rules) = http(prom.addr, "GET", "/api/v1/rules", "").await;
+    let (_, rules) = http_json(prom.addr, "GET", "/api/v1/rules", "").await;
     let rules: serde_json::Value = serde_json::from_str(&rules).unwrap();
     let group = &rules["data"]["groups"][0];
     assert_eq!(group["rules"].as_array().unwrap().len(), alerts.len());

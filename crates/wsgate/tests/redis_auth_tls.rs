@@ -3,15 +3,15 @@
 //! traffic, `/readyz` says not ready, publishes are `unavailable`, and the log explains
 //! why without ever showing the password.
 
-mod common;
-
-use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use common::{free_port, wait_until, Client, Node, Redis};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::Redis;
+use wsgate_testkit::tls::Pki;
+use wsgate_testkit::ws::Client;
+use wsgate_testkit::{free_port, wait_until};
 
 const WAIT: Duration = Duration::from_secs(15);
 const PASSWORD: &str = "s3cret-Pa55";
@@ -25,11 +25,11 @@ fn node(url: &str, extra: &[&str]) -> Node {
 
 /// A message published on `from` reaches a subscriber on `to` (and the other way round).
 async fn relays(a: &Node, b: &Node, topic: &str) {
-    let mut sub_a = Client::connect(a).await;
+    let mut sub_a = Client::connect(a.addr).await;
     sub_a.subscribe(&[topic]).await;
-    let mut sub_b = Client::connect(b).await;
+    let mut sub_b = Client::connect(b.addr).await;
     sub_b.subscribe(&[topic]).await;
-    let mut pub_a = Client::connect(a).await;
+    let mut pub_a = Client::connect(a.addr).await;
     let r = pub_a
         .call(json!({"op":"publish","topic":topic,"data":"a->b"}))
         .await;
@@ -56,7 +56,7 @@ async fn degraded(n: &Node) {
     let (status, body) = n.get("/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(r#""broker_ready":false"#), "{body}");
-    let mut c = Client::connect(n).await;
+    let mut c = Client::connect(n.addr).await;
     assert!(c.alive().await, "local traffic is served");
     let r = c.call(json!({"op":"publish","topic":"t","data":1})).await;
     assert_eq!(r["code"], "unavailable", "{r}");
@@ -159,50 +159,13 @@ async fn wrong_password_starts_serves_locally_and_explains() {
 
 // ---- TLS ----
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn arg(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    (cert.pem(), Issuer::new(params, key))
-}
-
-fn leaf(dir: &Path, name: &str, sans: &[&str], issuer: &Issuer<'static, KeyPair>) {
-    let params =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-}
-
 /// A CA, a server certificate for 127.0.0.1/localhost, a client certificate, and an
 /// unrelated CA (`other-ca.pem`).
 fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_pem, issuer) = ca("wsgate test CA");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
-    leaf(dir.path(), "server", &["127.0.0.1", "localhost"], &issuer);
-    leaf(dir.path(), "client", &["wsgate-node"], &issuer);
-    let (other, _) = ca("some other CA");
-    std::fs::write(dir.path().join("other-ca.pem"), other).unwrap();
-    Pki { dir }
+    let pki = Pki::new("wsgate test CA");
+    pki.leaf("server", &["127.0.0.1", "localhost"]);
+    pki.leaf("client", &["wsgate-node"]);
+    pki
 }
 
 /// redis-server on a TLS port only, requiring client certificates signed by the CA.

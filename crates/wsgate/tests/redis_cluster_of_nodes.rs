@@ -2,12 +2,13 @@
 //! every publish path reaches every node, payload rules hold, order holds, and each
 //! node holds in Redis exactly the channels its own clients want.
 
-mod common;
-
 use std::time::Duration;
 
-use common::{command_calls, subscribe_each_at_once, wait_until, Client, Node, Redis};
 use serde_json::json;
+use wsgate_testkit::process::{subscribe_each_at_once, Node};
+use wsgate_testkit::redis::{command_calls, Redis};
+use wsgate_testkit::wait_until;
+use wsgate_testkit::ws::Client;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -36,13 +37,13 @@ async fn every_publish_path_reaches_every_node() {
     }
     let mut subs = Vec::new();
     for n in &nodes {
-        let mut c = Client::connect(n).await;
+        let mut c = Client::connect(n.addr).await;
         c.subscribe(&["news"]).await;
         subs.push(c);
     }
 
     // 1. A WebSocket client on node 0.
-    let mut publisher = Client::connect(&nodes[0]).await;
+    let mut publisher = Client::connect(nodes[0].addr).await;
     let r = publisher
         .call(json!({"op":"publish","topic":"news","data":{"from":"ws"}}))
         .await;
@@ -90,7 +91,7 @@ async fn password_in_the_url() {
     let good = format!("redis://:s3cret@127.0.0.1:{}/", redis.port);
     let n = Node::start(Some(&good), &[]);
     assert!(wait_until(WAIT, || n.is_ready()));
-    let mut c = Client::connect(&n).await;
+    let mut c = Client::connect(n.addr).await;
     c.subscribe(&["auth"]).await;
     let r = c
         .call(json!({"op":"publish","topic":"auth","data":"ok"}))
@@ -110,7 +111,7 @@ async fn ten_thousand_messages_cross_nodes_complete_and_in_order() {
     let redis = Redis::start();
     let (a, c) = (node(&redis), node(&redis));
     assert!(wait_until(WAIT, || a.is_ready() && c.is_ready()));
-    common::ordered_stream_crosses_nodes(&a, &c, N, WAIT).await;
+    wsgate_testkit::process::ordered_stream_crosses_nodes(&a, &c, N, WAIT).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -121,9 +122,9 @@ async fn redis_holds_exactly_the_topics_with_local_subscribers() {
     let channels = || redis.channels("wsgate:*");
     assert!(channels().is_empty());
 
-    let mut c1 = Client::connect(&a).await;
-    let mut c2 = Client::connect(&a).await;
-    let mut c3 = Client::connect(&b).await;
+    let mut c1 = Client::connect(a.addr).await;
+    let mut c2 = Client::connect(a.addr).await;
+    let mut c3 = Client::connect(b.addr).await;
     c1.subscribe(&["alpha", "beta"]).await;
     c2.subscribe(&["beta"]).await;
     c3.subscribe(&["gamma"]).await;
@@ -187,7 +188,7 @@ async fn concurrent_subscribes_are_batched_into_few_subscribe_commands() {
     assert!(wait_until(WAIT, || n.is_ready()));
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        clients.push(Client::connect(&n).await);
+        clients.push(Client::connect(n.addr).await);
     }
     redis::cmd("CONFIG")
         .arg("RESETSTAT")

@@ -3,15 +3,15 @@
 //! `SSUBSCRIBE` on the primary owning their slot, exactly while a local client wants
 //! them; order holds across nodes; hash tags co-locate topics.
 
-mod cluster_common;
-mod common;
-
 use std::time::Duration;
 
-use cluster_common::RedisCluster;
-use common::{command_calls, subscribe_each_at_once, wait_until, Client, Node};
 use serde_json::json;
 use wsgate_redis::cluster::slot::key_slot;
+use wsgate_testkit::process::{subscribe_each_at_once, Node};
+use wsgate_testkit::redis::command_calls;
+use wsgate_testkit::redis::RedisCluster;
+use wsgate_testkit::wait_until;
+use wsgate_testkit::ws::Client;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -89,11 +89,11 @@ async fn every_publish_path_reaches_every_node_across_all_shards() {
     let names: Vec<&str> = topics.iter().map(|(t, _)| t.as_str()).collect();
     let mut subs = Vec::new();
     for n in &nodes {
-        let mut c = Client::connect(n).await;
+        let mut c = Client::connect(n.addr).await;
         c.subscribe(&names).await;
         subs.push(c);
     }
-    let mut publisher = Client::connect(&nodes[0]).await;
+    let mut publisher = Client::connect(nodes[0].addr).await;
     for (topic, _) in &topics {
         // 1. WebSocket on node 0, 2. HTTP on node 1, 3. redis-cli -c SPUBLISH.
         let r = publisher
@@ -182,7 +182,7 @@ async fn ten_thousand_messages_cross_nodes_complete_and_in_order() {
     let cluster = RedisCluster::start(3, 0);
     let (a, b) = (node(&cluster, &[]), node(&cluster, &[]));
     assert!(wait_until(WAIT, || a.is_ready() && b.is_ready()));
-    common::ordered_stream_crosses_nodes(&a, &b, N, WAIT).await;
+    wsgate_testkit::process::ordered_stream_crosses_nodes(&a, &b, N, WAIT).await;
     let (_, metrics) = a.get("/metrics");
     let owner = cluster
         .primaries()
@@ -200,7 +200,7 @@ async fn hash_tags_colocate_related_topics() {
     let cluster = RedisCluster::start(3, 0);
     let n = node(&cluster, &["--redis-hash-tag-separator", "."]);
     assert!(wait_until(WAIT, || n.is_ready()));
-    let mut c = Client::connect(&n).await;
+    let mut c = Client::connect(n.addr).await;
     c.subscribe(&["room42.chat", "room42.typing", "news"]).await;
     let chat = "wsgate:{room42}.chat";
     let owner = cluster.owner(chat);
@@ -236,7 +236,7 @@ async fn concurrent_subscribes_are_batched_per_slot() {
     assert!(wait_until(WAIT, || n.is_ready()));
     let mut clients = Vec::new();
     for _ in 0..CLIENTS {
-        clients.push(Client::connect(&n).await);
+        clients.push(Client::connect(n.addr).await);
     }
     // All in one slot (tag `lobby`), so they may share SSUBSCRIBE commands.
     let owner = cluster.owner("wsgate:{lobby}.x");

@@ -5,65 +5,26 @@
 //! between each other on every shard; a wrong CA or a wrong password leaves a node up
 //! but not ready, without the password in its logs.
 
-mod cluster_common;
-mod common;
-
-use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use cluster_common::{Access, RedisCluster};
-use common::{wait_until, Client, Node};
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
 use serde_json::json;
 use wsgate_redis::cluster::slot::key_slot;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::{Access, RedisCluster};
+use wsgate_testkit::tls::Pki;
+use wsgate_testkit::wait_until;
+use wsgate_testkit::ws::Client;
 
 const WAIT: Duration = Duration::from_secs(15);
 const PASSWORD: &str = "cluster-Pa55";
 const ALICE_PASSWORD: &str = "alice-cluster-Pa55";
 
-struct Pki {
-    dir: tempfile::TempDir,
-}
-
-impl Pki {
-    fn path(&self, name: &str) -> PathBuf {
-        self.dir.path().join(name)
-    }
-    fn arg(&self, name: &str) -> String {
-        self.path(name).to_str().unwrap().to_string()
-    }
-}
-
-fn ca(name: &str) -> (String, Issuer<'static, KeyPair>) {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params
-        .distinguished_name
-        .push(rcgen::DnType::CommonName, name);
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    (cert.pem(), Issuer::new(params, key))
-}
-
-fn leaf(dir: &Path, name: &str, sans: &[&str], issuer: &Issuer<'static, KeyPair>) {
-    let params =
-        CertificateParams::new(sans.iter().map(|s| s.to_string()).collect::<Vec<_>>()).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, issuer).unwrap();
-    std::fs::write(dir.join(format!("{name}.pem")), cert.pem()).unwrap();
-    std::fs::write(dir.join(format!("{name}.key")), key.serialize_pem()).unwrap();
-}
-
 /// A CA, a server certificate for IP 127.0.0.1 (what the cluster announces), and an
-/// unrelated CA.
+/// unrelated CA (`other-ca.pem`).
 fn pki() -> Pki {
-    let dir = tempfile::tempdir().unwrap();
-    let (ca_pem, issuer) = ca("wsgate cluster test CA");
-    std::fs::write(dir.path().join("ca.pem"), ca_pem).unwrap();
-    leaf(dir.path(), "server", &["127.0.0.1"], &issuer);
-    let (other, _) = ca("some other CA");
-    std::fs::write(dir.path().join("other-ca.pem"), other).unwrap();
-    Pki { dir }
+    let pki = Pki::new("wsgate cluster test CA");
+    pki.leaf("server", &["127.0.0.1"]);
+    pki
 }
 
 fn tls_cluster(pki: &Pki) -> RedisCluster {
@@ -172,11 +133,11 @@ async fn tls_cluster_with_password_and_acl_user_relays_on_every_shard() {
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
     let mut subs = Vec::new();
     for n in [&a, &b] {
-        let mut c = Client::connect(n).await;
+        let mut c = Client::connect(n.addr).await;
         c.subscribe(&names).await;
         subs.push(c);
     }
-    let mut publisher = Client::connect(&a).await;
+    let mut publisher = Client::connect(a.addr).await;
     for t in &topics {
         let r = publisher
             .call(json!({"op":"publish","topic":t,"data":{"from":"ws"}}))
@@ -241,7 +202,7 @@ async fn tls_cluster_with_wrong_ca_or_password_is_not_ready() {
         let (status, body) = n.get("/readyz");
         assert_eq!(status, 503, "{body}");
         assert!(body.contains(r#""broker_ready":false"#), "{body}");
-        let mut c = Client::connect(n).await;
+        let mut c = Client::connect(n.addr).await;
         assert!(c.alive().await, "local traffic is served");
         let r = c.call(json!({"op":"subscribe","topics":["t"]})).await;
         assert_eq!(r["code"], "unavailable", "{r}");

@@ -2,15 +2,14 @@
 //! promoted, slots moved with `redis-cli --cluster reshard`, a cluster that is not
 //! formed yet. Clients stay connected; delivery resumes on the new owner.
 
-mod cluster_common;
-mod common;
-
 use std::time::Duration;
 
-use cluster_common::RedisCluster;
-use common::{wait_until, Client, Node};
 use serde_json::json;
 use wsgate_redis::cluster::slot::key_slot;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::RedisCluster;
+use wsgate_testkit::wait_until;
+use wsgate_testkit::ws::Client;
 
 const WAIT: Duration = Duration::from_secs(10);
 /// Failure detection (node timeout 1 s) plus a replica election, with room to spare.
@@ -77,7 +76,7 @@ async fn primary_killed_replica_promoted_clients_stay_connected() {
     assert!(wait_until(WAIT, || a.is_ready() && b.is_ready()));
     let topics = one_topic_per_shard(&cluster);
     let names: Vec<&str> = topics.iter().map(String::as_str).collect();
-    let mut sub = Client::connect(&b).await;
+    let mut sub = Client::connect(b.addr).await;
     sub.subscribe(&names).await;
     let victim_topic = &topics[1];
     let victim = cluster.owner(&format!("wsgate:{victim_topic}"));
@@ -177,7 +176,7 @@ async fn resharding_moves_a_subscribed_topic_and_delivery_continues() {
     let staying = topic_in_slot(first + 100);
     let mut subs = Vec::new();
     for n in [&a, &b] {
-        let mut c = Client::connect(n).await;
+        let mut c = Client::connect(n.addr).await;
         c.subscribe(&[moving.as_str(), staying.as_str()]).await;
         subs.push(c);
     }
@@ -253,7 +252,7 @@ async fn not_ready_until_every_slot_is_served() {
     // Servers up, no cluster formed: no slot map, not ready, subscribes refused.
     std::thread::sleep(Duration::from_millis(500));
     assert_eq!(n.get("/readyz").0, 503);
-    let mut c = Client::connect(&n).await;
+    let mut c = Client::connect(n.addr).await;
     let r = c.call(json!({"op":"subscribe","topics":["early"]})).await;
     assert_eq!(r["code"], "unavailable", "{r}");
     let (status, _) = n.http_publish("early", json!(1));

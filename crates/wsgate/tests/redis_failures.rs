@@ -2,12 +2,13 @@
 //! Redis killed and restarted during a stream, and slow clients that must not get
 //! the node dropped by Redis's pub/sub output-buffer limit.
 
-mod common;
-
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_until, Client, Node, Redis};
 use serde_json::json;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::Redis;
+use wsgate_testkit::ws::Client;
+use wsgate_testkit::{free_port, wait_until};
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -28,7 +29,7 @@ async fn redis_down_at_start_then_up() {
     let (status, body) = n.get("/readyz");
     assert_eq!(status, 503, "{body}");
     assert!(body.contains(r#""broker_ready":false"#), "{body}");
-    let mut c = Client::connect(&n).await;
+    let mut c = Client::connect(n.addr).await;
     assert!(c.alive().await);
     let r = c.call(json!({"op":"subscribe","topics":["t"]})).await;
     assert_eq!(r["code"], "unavailable", "{r}");
@@ -49,9 +50,9 @@ async fn redis_restart_during_a_stream() {
     let mut redis = Redis::start();
     let (a, b) = (node(&redis.url()), node(&redis.url()));
     assert!(wait_until(WAIT, || a.is_ready() && b.is_ready()));
-    let mut sub = Client::connect(&b).await;
+    let mut sub = Client::connect(b.addr).await;
     sub.subscribe(&["stream", "other"]).await;
-    let mut publisher = Client::connect(&a).await;
+    let mut publisher = Client::connect(a.addr).await;
 
     // A stream before the outage.
     for n in 0..50 {
@@ -129,9 +130,9 @@ async fn slow_clients_do_not_get_the_node_dropped_by_redis() {
     let n = Node::start(Some(&redis.url()), &[]);
     assert!(wait_until(WAIT, || n.is_ready()));
     // One client that never reads, one that does.
-    let mut stalled = Client::connect(&n).await;
+    let mut stalled = Client::connect(n.addr).await;
     stalled.subscribe(&["flood"]).await;
-    let mut healthy = Client::connect(&n).await;
+    let mut healthy = Client::connect(n.addr).await;
     healthy.subscribe(&["flood"]).await;
 
     // 16 MB through Redis, paced at roughly 10 MB/s (a rate the node sustains with
@@ -212,7 +213,7 @@ async fn a_frozen_redis_is_noticed_and_survived() {
     let redis = Redis::start();
     let n = node(&redis.url());
     assert!(wait_until(WAIT, || n.is_ready()));
-    let mut c = Client::connect(&n).await;
+    let mut c = Client::connect(n.addr).await;
     c.subscribe(&["frozen"]).await;
     // No error, no FIN: only silence. The keepalive PING (every 5 s, 5 s to answer)
     // must notice it.

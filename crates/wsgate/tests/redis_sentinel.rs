@@ -3,160 +3,29 @@
 //! nodes find the new master by asking the sentinels again, clients stay connected and
 //! delivery resumes.
 
-mod common;
-
-use std::collections::HashMap;
-use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::{free_port, wait_until, Client, Node, Redis};
 use serde_json::json;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::{SentinelGroup, SENTINEL_MASTER};
+use wsgate_testkit::wait_until;
+use wsgate_testkit::ws::Client;
 
-const MASTER: &str = "wsgate-master";
 const WAIT: Duration = Duration::from_secs(15);
-
-/// A `redis-server --sentinel` with its own writable config file (sentinels rewrite it).
-struct Sentinel {
-    port: u16,
-    child: Child,
-    _dir: tempfile::TempDir,
-}
-
-impl Sentinel {
-    fn start(master_port: u16) -> Sentinel {
-        let port = free_port();
-        let dir = tempfile::tempdir().unwrap();
-        let conf = dir.path().join("sentinel.conf");
-        std::fs::write(
-            &conf,
-            format!(
-                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
-                 sentinel monitor {MASTER} 127.0.0.1 {master_port} 2\n\
-                 sentinel down-after-milliseconds {MASTER} 1000\n\
-                 sentinel failover-timeout {MASTER} 3000\n\
-                 sentinel parallel-syncs {MASTER} 1\n",
-                dir = dir.path().display()
-            ),
-        )
-        .unwrap();
-        let child = Command::new("redis-server")
-            .arg(&conf)
-            .args(["--sentinel", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let s = Sentinel {
-            port,
-            child,
-            _dir: dir,
-        };
-        assert!(
-            wait_until(Duration::from_secs(10), || s.master_port().is_some()),
-            "sentinel did not start on {port}"
-        );
-        s
-    }
-
-    fn conn(&self) -> Option<redis::Connection> {
-        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
-            .ok()?
-            .get_connection_with_timeout(Duration::from_secs(1))
-            .ok()
-    }
-
-    /// The master's port as this sentinel sees it now.
-    fn master_port(&self) -> Option<u16> {
-        let addr: Option<(String, String)> = redis::cmd("SENTINEL")
-            .arg("get-master-addr-by-name")
-            .arg(MASTER)
-            .query(&mut self.conn()?)
-            .ok()?;
-        addr?.1.parse().ok()
-    }
-
-    /// `SENTINEL MASTER <name>` as a map.
-    fn master_info(&self) -> HashMap<String, String> {
-        self.conn()
-            .and_then(|mut c| {
-                redis::cmd("SENTINEL")
-                    .arg("MASTER")
-                    .arg(MASTER)
-                    .query(&mut c)
-                    .ok()
-            })
-            .unwrap_or_default()
-    }
-}
-
-impl Drop for Sentinel {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn replication_online(master: &Redis) -> bool {
-    let info: String = redis::cmd("INFO")
-        .arg("replication")
-        .query(&mut master.conn())
-        .unwrap_or_default();
-    info.contains("state=online")
-}
 
 /// A master, its replica (in sync), three sentinels that know both and each other, and
 /// two gateway nodes that found the master through the sentinels.
 struct Setup {
-    master: Redis,
-    replica: Redis,
-    sentinels: Vec<Sentinel>,
+    g: SentinelGroup,
     a: Node,
     b: Node,
-    _dirs: [tempfile::TempDir; 2],
 }
 
 fn setup() -> Setup {
-    let master_dir = tempfile::tempdir().unwrap();
-    let replica_dir = tempfile::tempdir().unwrap();
-    let master = Redis::start_with(&["--dir", master_dir.path().to_str().unwrap()]);
-    let master_port = master.port.to_string();
-    let replica = Redis::start_with(&[
-        "--dir",
-        replica_dir.path().to_str().unwrap(),
-        "--replicaof",
-        "127.0.0.1",
-        &master_port,
-    ]);
-    assert!(
-        wait_until(WAIT, || replication_online(&master)),
-        "replica in sync"
-    );
-    let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
-    // Before the failure: every sentinel knows the replica and the other sentinels.
-    assert!(
-        wait_until(Duration::from_secs(20), || sentinels.iter().all(|s| {
-            let m = s.master_info();
-            m.get("num-slaves").map(String::as_str) == Some("1")
-                && m.get("num-other-sentinels").map(String::as_str) == Some("2")
-        })),
-        "sentinels discovered each other and the replica"
-    );
-
-    let list = sentinels
-        .iter()
-        .map(|s| format!("127.0.0.1:{}", s.port))
-        .collect::<Vec<_>>()
-        .join(",");
-    let args = [
-        "--redis-sentinel",
-        list.as_str(),
-        "--redis-sentinel-master",
-        MASTER,
-        "--rate-limit",
-        "1000000",
-        "--rate-burst",
-        "1000000",
-    ];
+    let g = SentinelGroup::start();
+    let mut args: Vec<String> = g.node_args();
+    args.extend(["--rate-limit", "1000000", "--rate-burst", "1000000"].map(String::from));
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
     let a = Node::start_logged(None, &args);
     let b = Node::start_logged(None, &args);
     assert!(
@@ -165,14 +34,7 @@ fn setup() -> Setup {
         a.logs(),
         b.logs()
     );
-    Setup {
-        master,
-        replica,
-        sentinels,
-        a,
-        b,
-        _dirs: [master_dir, replica_dir],
-    }
+    Setup { g, a, b }
 }
 
 /// Publishes probes on `publisher` until one reaches `sub` (at most `within`).
@@ -202,17 +64,10 @@ async fn probe_until_delivered(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
-    let Setup {
-        mut master,
-        replica,
-        sentinels,
-        a,
-        b,
-        _dirs,
-    } = setup();
-    let mut sub = Client::connect(&b).await;
+    let Setup { mut g, a, b } = setup();
+    let mut sub = Client::connect(b.addr).await;
     sub.subscribe(&["failover"]).await;
-    let mut publisher = Client::connect(&a).await;
+    let mut publisher = Client::connect(a.addr).await;
     for n in 0..20 {
         let r = publisher
             .call(json!({"op":"publish","topic":"failover","data":n}))
@@ -223,9 +78,9 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
         assert_eq!(sub.next_message(WAIT).await.expect("before")["data"], n);
     }
     // Both nodes hold their connections on the master, none on the replica.
-    assert_eq!(master.channels("wsgate:*"), ["wsgate:failover"]);
+    assert_eq!(g.master.channels("wsgate:*"), ["wsgate:failover"]);
 
-    master.kill();
+    g.master.kill();
     let killed = Instant::now();
     assert!(wait_until(WAIT, || !a.is_ready()), "the outage is noticed");
     let r = publisher
@@ -254,12 +109,13 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
         killed.elapsed()
     );
     assert_eq!(
-        sentinels[0].master_port(),
-        Some(replica.port),
+        g.sentinels[0].master_port(),
+        Some(g.replica.port),
         "the replica was promoted"
     );
     // The subscription lives on the new master now.
-    assert!(wait_until(WAIT, || replica.channels("wsgate:*") == ["wsgate:failover"]));
+    assert!(wait_until(WAIT, || g.replica.channels("wsgate:*")
+        == ["wsgate:failover"]));
     assert!(
         sub.alive().await && publisher.alive().await,
         "clients stayed"
@@ -287,27 +143,27 @@ async fn sentinel_failover_keeps_clients_and_resumes_delivery() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_manual_failover_moves_the_nodes_to_the_new_master() {
     let s = setup();
-    let mut sub = Client::connect(&s.b).await;
+    let mut sub = Client::connect(s.b.addr).await;
     sub.subscribe(&["manual"]).await;
-    let mut publisher = Client::connect(&s.a).await;
-    assert_eq!(s.master.channels("wsgate:*"), ["wsgate:manual"]);
+    let mut publisher = Client::connect(s.a.addr).await;
+    assert_eq!(s.g.master.channels("wsgate:*"), ["wsgate:manual"]);
     // The old master stays up and becomes a replica: Redis itself would keep the nodes'
     // connections; the sentinels close them when they reconfigure it.
-    let mut sentinel = s.sentinels[0].conn().expect("sentinel");
+    let mut sentinel = s.g.sentinels[0].conn().expect("sentinel");
     let _: redis::Value = redis::cmd("SENTINEL")
         .arg("FAILOVER")
-        .arg(MASTER)
+        .arg(SENTINEL_MASTER)
         .query(&mut sentinel)
         .unwrap();
     assert!(
-        wait_until(WAIT, || s.sentinels[0].master_port()
-            == Some(s.replica.port)),
+        wait_until(WAIT, || s.g.sentinels[0].master_port()
+            == Some(s.g.replica.port)),
         "the sentinels promoted the replica"
     );
     assert!(
         wait_until(Duration::from_secs(30), || {
-            s.replica.channels("wsgate:*") == ["wsgate:manual"]
-                && s.master.channels("wsgate:*").is_empty()
+            s.g.replica.channels("wsgate:*") == ["wsgate:manual"]
+                && s.g.master.channels("wsgate:*").is_empty()
         }),
         "the subscription moved to the new master\n{}\n{}",
         s.a.logs(),

@@ -3,13 +3,15 @@
 //! cannot be recovered says so, and backends publish into a stream with the documented
 //! Redis command from a client nobody here wrote (redis-py).
 
-mod common;
-
 use std::process::Command;
 use std::time::Duration;
 
-use common::{wait_until, Client, Node, Redis};
 use serde_json::{json, Value};
+use wsgate_testkit::http::blocking;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::Redis;
+use wsgate_testkit::wait_until;
+use wsgate_testkit::ws::Client;
 
 const WAIT: Duration = Duration::from_secs(10);
 
@@ -51,14 +53,14 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     let (a, b) = (node(&redis, &cfg), node(&redis, &cfg));
     assert!(wait_until(WAIT, || a.is_ready() && b.is_ready()));
 
-    let mut on_a = Client::connect(&a).await;
+    let mut on_a = a.connect().await;
     let r = on_a
         .call(json!({"op":"subscribe","topics":["chat:x","news"]}))
         .await;
     let start = &r["streams"]["chat:x"];
     assert_eq!(start["seq"], 0, "{r}");
     let epoch = start["epoch"].as_str().unwrap().to_owned();
-    let mut publisher = Client::connect(&b).await;
+    let mut publisher = b.connect().await;
     for n in 1..=5u64 {
         let p = publisher
             .call(json!({"op":"publish","topic":"chat:x","data":{"n":n}}))
@@ -74,7 +76,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     }
     // Both nodes agree on where the stream is.
     for n in [&a, &b] {
-        let (status, body) = common::http(
+        let (status, body) = blocking(
             n.addr,
             "POST",
             "/api/history",
@@ -91,7 +93,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
     for n in 6..=12u64 {
         assert_eq!(b.http_publish("chat:x", json!({ "n": n })).0, 200);
     }
-    let mut on_b = Client::connect(&b).await;
+    let mut on_b = b.connect().await;
     let r = on_b
         .call(json!({"op":"subscribe","topics":["chat:x"],"since":{"chat:x":{"seq":5,"epoch":epoch}}}))
         .await;
@@ -116,7 +118,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
         json!({"seq":5,"epoch":epoch}),
         json!({"seq":40,"epoch":epoch}),
     ] {
-        let mut c = Client::connect(&a).await;
+        let mut c = a.connect().await;
         let r = c
             .call(json!({"op":"subscribe","topics":["chat:x"],"since":{"chat:x":since}}))
             .await;
@@ -126,7 +128,7 @@ async fn a_client_resumes_on_another_node_with_exactly_what_it_missed() {
             "{since}: {r}"
         );
     }
-    let mut c = Client::connect(&a).await;
+    let mut c = a.connect().await;
     let r = c
         .call(json!({"op":"subscribe","topics":["chat:x"],"since":{"chat:x":{"seq":13,"epoch":epoch}}}))
         .await;
@@ -159,7 +161,7 @@ async fn a_backend_publishes_into_a_stream_with_redis_py() {
     let cfg = config(100);
     let (a, b) = (node(&redis, &cfg), node(&redis, &cfg));
     assert!(wait_until(WAIT, || a.is_ready() && b.is_ready()));
-    let mut c = Client::connect(&b).await;
+    let mut c = b.connect().await;
     let r = c.call(json!({"op":"subscribe","topics":["chat:py"]})).await;
     let epoch = r["streams"]["chat:py"]["epoch"]
         .as_str()

@@ -5,96 +5,26 @@
 use std::io::{BufRead, BufReader};
 use std::net::SocketAddr;
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use rcgen::{BasicConstraints, CertificateParams, IsCa, Issuer, KeyPair};
-use rustls_pki_types::{CertificateDer, ServerName};
 
 const BIN: &str = env!("CARGO_BIN_EXE_wsgate");
 
 use wsgate_testkit::free_port;
-
-struct Ca {
-    der: CertificateDer<'static>,
-    issuer: Issuer<'static, KeyPair>,
-}
-
-fn ca() -> Ca {
-    let mut params = CertificateParams::new(Vec::<String>::new()).unwrap();
-    params.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    let key = KeyPair::generate().unwrap();
-    let cert = params.self_signed(&key).unwrap();
-    Ca {
-        der: cert.der().clone(),
-        issuer: Issuer::new(params, key),
-    }
-}
+use wsgate_testkit::process::Process;
+use wsgate_testkit::tls::Ca;
 
 fn write_server_cert(ca: &Ca, dir: &Path) {
-    let params = CertificateParams::new(vec!["localhost".to_string()]).unwrap();
-    let key = KeyPair::generate().unwrap();
-    let cert = params.signed_by(&key, &ca.issuer).unwrap();
+    let leaf = ca.leaf(&["localhost"]);
     // Write then rename, as a rotation tool would: no half-written file is seen.
-    std::fs::write(dir.join("cert.tmp"), cert.pem()).unwrap();
-    std::fs::write(dir.join("key.tmp"), key.serialize_pem()).unwrap();
+    leaf.write(&dir.join("cert.tmp"), &dir.join("key.tmp"));
     std::fs::rename(dir.join("key.tmp"), dir.join("key.pem")).unwrap();
     std::fs::rename(dir.join("cert.tmp"), dir.join("cert.pem")).unwrap();
 }
 
 async fn handshake(ca: &Ca, addr: SocketAddr) -> bool {
-    let mut roots = rustls::RootCertStore::empty();
-    roots.add(ca.der.clone()).unwrap();
-    let config = rustls::ClientConfig::builder_with_provider(Arc::new(
-        rustls::crypto::ring::default_provider(),
-    ))
-    .with_safe_default_protocol_versions()
-    .unwrap()
-    .with_root_certificates(roots)
-    .with_no_client_auth();
-    let Ok(tcp) = tokio::net::TcpStream::connect(addr).await else {
-        return false;
-    };
-    tokio_rustls::TlsConnector::from(Arc::new(config))
-        .connect(ServerName::try_from("localhost").unwrap(), tcp)
-        .await
-        .is_ok()
-}
-
-/// A running binary whose stderr lines are collected; killed on drop.
-struct Running {
-    child: Child,
-    log: Arc<Mutex<Vec<String>>>,
-}
-
-impl Drop for Running {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn spawn(args: &[&str]) -> Running {
-    let mut child = Command::new(BIN)
-        .args(args)
-        .stderr(Stdio::piped())
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    let log = Arc::new(Mutex::new(Vec::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            sink.lock().unwrap().push(line);
-        }
-    });
-    Running { child, log }
-}
-
-fn logged(r: &Running, needle: &str) -> bool {
-    r.log.lock().unwrap().iter().any(|l| l.contains(needle))
+    ca.connect(addr, "localhost").await.is_ok()
 }
 
 async fn until(limit: Duration, mut f: impl AsyncFnMut() -> bool) -> bool {
@@ -129,49 +59,42 @@ fn unusable_key_files_exit_2() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn warns_when_open_and_reloads_on_sighup() {
     let dir = tempfile::tempdir().unwrap();
-    let old = ca();
+    let old = Ca::new("old CA");
     write_server_cert(&old, dir.path());
     let port = free_port();
     let listen = format!("127.0.0.1:{port}");
     let admin = format!("127.0.0.1:{}", free_port());
     let cert = dir.path().join("cert.pem");
     let key = dir.path().join("key.pem");
-    let running = spawn(&[
-        "--listen",
-        &listen,
-        "--admin-listen",
-        &admin,
-        "--tls-cert",
-        cert.to_str().unwrap(),
-        "--tls-key",
-        key.to_str().unwrap(),
-    ]);
+    let running = Process::spawn(
+        &[
+            "--listen",
+            &listen,
+            "--admin-listen",
+            &admin,
+            "--tls-cert",
+            cert.to_str().unwrap(),
+            "--tls-key",
+            key.to_str().unwrap(),
+        ],
+        &[],
+    );
     let addr: SocketAddr = listen.parse().unwrap();
     assert!(
         until(Duration::from_secs(10), async || handshake(&old, addr)
             .await)
         .await
     );
-    assert!(
-        logged(&running, "AUTH IS OFF"),
-        "{:?}",
-        running.log.lock().unwrap()
-    );
+    assert!(running.logged("AUTH IS OFF"), "{:?}", running.log_lines());
 
-    let new = ca();
+    let new = Ca::new("new CA");
     write_server_cert(&new, dir.path());
-    let status = Command::new("kill")
-        .args(["-HUP", &running.child.id().to_string()])
-        .status()
-        .unwrap();
-    assert!(status.success());
+    running.signal("HUP");
     assert!(until(Duration::from_secs(3), async || handshake(&new, addr).await).await);
     assert!(!handshake(&old, addr).await);
     assert!(
-        until(Duration::from_secs(3), async || logged(
-            &running,
-            "certificate reloaded"
-        ))
+        until(Duration::from_secs(3), async || running
+            .logged("certificate reloaded"))
         .await
     );
 }
@@ -226,43 +149,40 @@ async fn a_failing_jwks_refresh_is_logged_and_the_node_keeps_serving() {
     let reply = Arc::new(Mutex::new((200, jwks.to_string())));
     let url = jwks_server(reply.clone());
     let admin = format!("127.0.0.1:{}", free_port());
-    let running = spawn(&[
-        "--listen",
-        &format!("127.0.0.1:{}", free_port()),
-        "--admin-listen",
-        &admin,
-        "--jwt-jwks-url",
-        &url,
-        "--jwt-jwks-refresh",
-        "1s",
-    ]);
-    let log = || running.log.lock().unwrap().join("\n");
+    let running = Process::spawn(
+        &[
+            "--listen",
+            &format!("127.0.0.1:{}", free_port()),
+            "--admin-listen",
+            &admin,
+            "--jwt-jwks-url",
+            &url,
+            "--jwt-jwks-refresh",
+            "1s",
+        ],
+        &[],
+    );
+    let log = || running.logs();
     assert!(
-        until(Duration::from_secs(10), async || logged(
-            &running,
-            "JWKS loaded"
-        ))
+        until(Duration::from_secs(10), async || running
+            .logged("JWKS loaded"))
         .await,
         "{}",
         log()
     );
-    assert!(!logged(&running, "AUTH IS OFF"), "{}", log());
+    assert!(!running.logged("AUTH IS OFF"), "{}", log());
     *reply.lock().unwrap() = (503, String::new());
     assert!(
-        until(Duration::from_secs(10), async || logged(
-            &running,
-            "JWKS refresh failed: keeping the last good key set"
-        ))
+        until(Duration::from_secs(10), async || running
+            .logged("JWKS refresh failed: keeping the last good key set"))
         .await,
         "{}",
         log()
     );
-    assert!(logged(&running, "HTTP 503"), "{}", log());
+    assert!(running.logged("HTTP 503"), "{}", log());
     assert!(
-        until(Duration::from_secs(10), async || logged(
-            &running,
-            "admin endpoints serving"
-        ))
+        until(Duration::from_secs(10), async || running
+            .logged("admin endpoints serving"))
         .await,
         "{}",
         log()

@@ -4,19 +4,20 @@
 //! checked seq by seq: every seq exactly once, in order, or an explicit `reset` /
 //! `recovered:false` — never a silent gap.
 
-mod common;
-
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{wait_until, Node, Redis};
 use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
+use wsgate_testkit::http::blocking;
+use wsgate_testkit::process::Node;
+use wsgate_testkit::redis::{Redis, RedisCluster, SentinelGroup};
+use wsgate_testkit::wait_until;
 
 const TOPIC: &str = "chat:faults";
 const WAIT: Duration = Duration::from_secs(15);
@@ -312,9 +313,32 @@ fn the_checker_refuses_gaps_and_duplicates_and_accepts_announced_loss() {
     );
 }
 
+/// The Redis the nodes share.
+enum Backend {
+    Single(Redis),
+    Sentinel(SentinelGroup),
+    Cluster(RedisCluster),
+}
+
+impl Backend {
+    /// The node flags that reach it.
+    fn node_args(&self) -> Vec<String> {
+        match self {
+            Backend::Single(r) => vec!["--redis-url".into(), r.url()],
+            Backend::Sentinel(g) => g.node_args(),
+            Backend::Cluster(c) => vec![
+                "--redis-mode".into(),
+                "cluster".into(),
+                "--redis-url".into(),
+                c.seeds(),
+            ],
+        }
+    }
+}
+
 /// Nodes on one Redis, clients resuming across them, a steady publisher.
 struct Run {
-    redis: Redis,
+    backend: Backend,
     config: tempfile::NamedTempFile,
     nodes: Vec<Node>,
     /// WebSocket URLs, one per node slot, for the clients.
@@ -332,13 +356,18 @@ struct Run {
 }
 
 impl Run {
-    /// `nodes` nodes on `redis`, `clients` resuming clients spread over them and a
+    /// `nodes` nodes on `backend`, `clients` resuming clients spread over them and a
     /// publisher at `rate`/s; everything stops by itself after `limit`.
-    fn start(redis: Redis, nodes: usize, clients: usize, rate: u32, limit: Duration) -> Run {
+    fn start(
+        backend: impl Into<Backend>,
+        nodes: usize,
+        clients: usize,
+        rate: u32,
+        limit: Duration,
+    ) -> Run {
+        let backend = backend.into();
         let config = config_file();
-        let nodes: Vec<Node> = (0..nodes)
-            .map(|_| start_node(&redis.url(), &config))
-            .collect();
+        let nodes: Vec<Node> = (0..nodes).map(|_| start_node(&backend, &config)).collect();
         assert!(
             wait_until(WAIT, || nodes.iter().all(Node::is_ready)),
             "nodes ready"
@@ -346,7 +375,7 @@ impl Run {
         let urls: Urls = Arc::new(Mutex::new(nodes.iter().map(Node::ws_url).collect()));
         let addrs = Arc::new(Mutex::new(nodes.iter().map(|n| n.addr).collect()));
         let mut run = Run {
-            redis,
+            backend,
             config,
             nodes,
             urls,
@@ -388,7 +417,7 @@ impl Run {
                 k += 1;
                 let body = format!(r#"{{"topic":"{TOPIC}","data":{{"k":{k}}}}}"#);
                 let (status, _) = tokio::task::spawn_blocking(move || {
-                    common::http(addr, "POST", "/api/publish", &body)
+                    blocking(addr, "POST", "/api/publish", &body)
                 })
                 .await
                 .unwrap();
@@ -425,9 +454,7 @@ impl Run {
     /// puts a new node in its slot.
     async fn drain_and_replace(&mut self, i: usize) {
         self.nodes[i].signal("TERM");
-        let status = self.nodes[i]
-            .wait_exit(WAIT)
-            .expect("the drained node exits");
+        let status = self.nodes[i].wait_exit(WAIT);
         assert!(status.success(), "a drain exits 0: {status}");
         self.replace(i);
     }
@@ -435,13 +462,13 @@ impl Run {
     /// Kills node `i` (SIGKILL) and puts a new node in its slot.
     async fn kill_and_replace(&mut self, i: usize) {
         self.nodes[i].signal("KILL");
-        self.nodes[i].wait_exit(WAIT).expect("killed");
+        self.nodes[i].wait_exit(WAIT);
         tokio::time::sleep(Duration::from_millis(500)).await;
         self.replace(i);
     }
 
     fn replace(&mut self, i: usize) {
-        let node = start_node(&self.redis.url(), &self.config);
+        let node = start_node(&self.backend, &self.config);
         assert!(
             wait_until(WAIT, || node.is_ready()),
             "the new node is ready"
@@ -522,7 +549,7 @@ impl Run {
         assert!(
             wait_until(WAIT, || {
                 found = self.nodes.iter().find_map(|n| {
-                    let (status, body) = common::http(
+                    let (status, body) = blocking(
                         n.addr,
                         "POST",
                         "/api/history",
@@ -548,7 +575,7 @@ impl Run {
         while after < end.0 {
             let body =
                 json!({"topic": TOPIC, "since": {"seq": after, "epoch": end.1}, "limit": 1000});
-            let (status, text) = common::http(
+            let (status, text) = blocking(
                 self.nodes[0].addr,
                 "POST",
                 "/api/history",
@@ -569,10 +596,10 @@ impl Run {
     }
 }
 
-fn start_node(redis_url: &str, config: &tempfile::NamedTempFile) -> Node {
-    Node::start_logged(
-        Some(redis_url),
-        &[
+fn start_node(backend: &Backend, config: &tempfile::NamedTempFile) -> Node {
+    let mut args = backend.node_args();
+    args.extend(
+        [
             "--config",
             config.path().to_str().unwrap(),
             "--drain-timeout",
@@ -581,8 +608,27 @@ fn start_node(redis_url: &str, config: &tempfile::NamedTempFile) -> Node {
             "100000",
             "--rate-burst",
             "100000",
-        ],
-    )
+        ]
+        .map(String::from),
+    );
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    Node::start_logged(None, &args)
+}
+
+impl From<Redis> for Backend {
+    fn from(r: Redis) -> Backend {
+        Backend::Single(r)
+    }
+}
+
+impl Run {
+    /// The single Redis (the tests that restart or poke it use one).
+    fn redis(&mut self) -> &mut Redis {
+        match &mut self.backend {
+            Backend::Single(r) => r,
+            _ => panic!("not a single Redis"),
+        }
+    }
 }
 
 fn assert_nothing_lost(verdicts: &[Verdict]) {
@@ -633,14 +679,14 @@ async fn a_node_killed_loses_nothing_for_its_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_pubsub_connections_are_repaired_from_history() {
-    let run = Run::start(Redis::start(), 3, 9, 100, Duration::from_secs(60));
+    let mut run = Run::start(Redis::start(), 3, 9, 100, Duration::from_secs(60));
     run.wait_published(100).await;
     for _ in 0..3 {
         let killed: u64 = redis::cmd("CLIENT")
             .arg("KILL")
             .arg("TYPE")
             .arg("pubsub")
-            .query(&mut run.redis.conn())
+            .query(&mut run.redis().conn())
             .unwrap();
         assert!(killed >= 3, "each node's pub/sub connection: {killed}");
         run.wait_published(60).await;
@@ -667,7 +713,7 @@ async fn redis_restarted_with_persistence_keeps_the_epoch_and_loses_nothing() {
     let mut run = Run::start(redis, 3, 9, 100, Duration::from_secs(60));
     run.wait_published(100).await;
     let before = run.position();
-    run.redis.restart();
+    run.redis().restart();
     run.wait_published(100).await;
     let verdicts = run.finish().await;
     assert_nothing_lost(&verdicts);
@@ -679,7 +725,7 @@ async fn redis_restarted_without_persistence_is_announced_never_silent() {
     let mut run = Run::start(Redis::start(), 3, 9, 100, Duration::from_secs(60));
     run.wait_published(100).await;
     let before = run.position();
-    run.redis.restart();
+    run.redis().restart();
     run.wait_published(100).await;
     let verdicts = run.finish().await;
     let end = verdicts[0].end.clone().unwrap();
@@ -689,5 +735,109 @@ async fn redis_restarted_without_persistence_is_announced_never_silent() {
             v.resets + v.not_recovered >= 1,
             "client {i} was told its stream restarted: {v:?}"
         );
+    }
+}
+
+/// What an asynchronous-replication failover does to a stream: the new master lacks
+/// the last acknowledged publications, so the stream's seq is behind what nodes
+/// delivered. Simulated on one Redis by moving the seq back, then cutting the nodes'
+/// pub/sub connections (as a failover does): the nodes find the stream behind them and
+/// have it restarted in a new epoch, announced — never re-used seqs delivered as
+/// duplicates.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stream_that_went_back_is_restarted_and_announced() {
+    let mut run = Run::start(Redis::start(), 3, 9, 100, Duration::from_secs(60));
+    run.wait_published(150).await;
+    let before = run.position();
+    let mut conn = run.redis().conn();
+    let _: () = redis::cmd("HSET")
+        .arg(format!("{{wsgate:{TOPIC}}}:stream"))
+        .arg("seq")
+        .arg(before.0.saturating_sub(100))
+        .query(&mut conn)
+        .unwrap();
+    let _: u64 = redis::cmd("CLIENT")
+        .arg("KILL")
+        .arg("TYPE")
+        .arg("pubsub")
+        .query(&mut conn)
+        .unwrap();
+    run.wait_published(100).await;
+    let verdicts = run.finish().await;
+    let end = verdicts[0].end.clone().unwrap();
+    assert_ne!(end.1, before.1, "the numbering restarted in a new epoch");
+    for (i, v) in verdicts.iter().enumerate() {
+        assert!(v.resets >= 1, "client {i} was told: {v:?}");
+    }
+}
+
+/// Waits (bounded) until every node answers ready, or panics with their logs.
+fn all_ready(run: &Run, within: Duration, what: &str) {
+    assert!(
+        wait_until(within, || run.nodes.iter().all(Node::is_ready)),
+        "{what}: {}",
+        run.nodes
+            .iter()
+            .map(|n| n.logs())
+            .collect::<Vec<_>>()
+            .join("\n---\n")
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_sentinel_failover_loses_nothing_silently() {
+    let group = SentinelGroup::start();
+    let mut run = Run::start(Backend::Sentinel(group), 3, 9, 100, Duration::from_secs(90));
+    run.wait_published(100).await;
+    let Backend::Sentinel(g) = &mut run.backend else {
+        unreachable!()
+    };
+    let promoted = g.replica.port;
+    g.master.kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || g.sentinels[0].master_port()
+            == Some(promoted)),
+        "the sentinels promoted the replica"
+    );
+    all_ready(&run, Duration::from_secs(30), "nodes follow the new master");
+    run.wait_published(100).await;
+    let verdicts = run.finish().await;
+    // Asynchronous replication may have lost the last publications before the kill:
+    // then the stream restarted in a new epoch, announced. Never a silent gap (the
+    // checker in `finish` walked every client seq by seq).
+    for (i, v) in verdicts.iter().enumerate() {
+        assert!(v.delivered >= 200, "client {i} kept receiving: {v:?}");
+        assert_eq!(v.reconnects, 0, "client {i} was not disconnected: {v:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cluster_primary_killed_loses_nothing_silently() {
+    let cluster = RedisCluster::start(3, 1);
+    let victim = cluster.owner(&format!("wsgate:{TOPIC}"));
+    let mut run = Run::start(
+        Backend::Cluster(cluster),
+        3,
+        9,
+        100,
+        Duration::from_secs(90),
+    );
+    run.wait_published(100).await;
+    let Backend::Cluster(c) = &mut run.backend else {
+        unreachable!()
+    };
+    c.kill(victim);
+    assert!(
+        wait_until(Duration::from_secs(30), || c
+            .owner(&format!("wsgate:{TOPIC}"))
+            != victim),
+        "a replica took the stream's slot over"
+    );
+    all_ready(&run, Duration::from_secs(30), "nodes follow the promotion");
+    run.wait_published(100).await;
+    let verdicts = run.finish().await;
+    for (i, v) in verdicts.iter().enumerate() {
+        assert!(v.delivered >= 200, "client {i} kept receiving: {v:?}");
+        assert_eq!(v.reconnects, 0, "client {i} was not disconnected: {v:?}");
     }
 }

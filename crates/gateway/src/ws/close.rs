@@ -79,4 +79,90 @@ mod tests {
         assert_eq!(reason, Disconnect::InvalidUtf8);
         assert_eq!(code_of(&reply), Some(1007));
     }
+
+    /// The payload of a reply frame (server frames are unmasked, and a close frame's
+    /// payload fits the one-byte length).
+    fn payload_of(reply: &Bytes) -> &[u8] {
+        assert!(reply[1] <= 125, "a control frame carries at most 125 bytes");
+        assert_eq!(reply.len(), 2 + usize::from(reply[1]));
+        &reply[2..]
+    }
+
+    #[test]
+    fn the_edges_of_the_code_ranges() {
+        for (code, valid) in [
+            (1012, true),
+            (1013, true),
+            (1014, false),
+            (1002, true),
+            (1003, true),
+            (2999, false),
+            (3000, true),
+            (4000, true),
+            (4999, true),
+            (5000, false),
+            (u16::MAX, false),
+        ] {
+            let (reason, reply) = close_reply(&payload(code, b""));
+            if valid {
+                assert_eq!(reason, Disconnect::ClientClose, "{code}");
+                assert_eq!(code_of(&reply), Some(code), "{code} echoed");
+            } else {
+                assert_eq!(reason, Disconnect::ProtocolError, "{code}");
+                assert_eq!(code_of(&reply), Some(1002), "{code}");
+            }
+        }
+    }
+
+    #[test]
+    fn a_code_alone_is_echoed_alone() {
+        let (reason, reply) = close_reply(&payload(1001, b""));
+        assert_eq!(reason, Disconnect::ClientClose);
+        assert_eq!(payload_of(&reply), &1001u16.to_be_bytes());
+    }
+
+    #[test]
+    fn the_longest_reason_is_echoed_whole() {
+        // 2 bytes of code and 123 of reason: the most a control frame carries (longer
+        // close frames never get here, the frame reader refuses them).
+        let long = "é".repeat(61) + "!";
+        assert_eq!(long.len(), 123);
+        let p = payload(4321, long.as_bytes());
+        let (reason, reply) = close_reply(&p);
+        assert_eq!(reason, Disconnect::ClientClose);
+        assert_eq!(payload_of(&reply), &p[..]);
+    }
+
+    #[test]
+    fn a_refused_code_keeps_the_clients_reason() {
+        let (reason, reply) = close_reply(&payload(1005, "nope ✓".as_bytes()));
+        assert_eq!(reason, Disconnect::ProtocolError);
+        let mut want = 1002u16.to_be_bytes().to_vec();
+        want.extend_from_slice("nope ✓".as_bytes());
+        assert_eq!(payload_of(&reply), &want[..]);
+    }
+
+    #[test]
+    fn a_bad_reason_wins_over_a_bad_code_and_gets_our_own_reason() {
+        for code in [1000, 1005, 5000] {
+            // A reason cut inside a character is not UTF-8 either.
+            let cut = &"é".as_bytes()[..1];
+            let (reason, reply) = close_reply(&payload(code, cut));
+            assert_eq!(reason, Disconnect::InvalidUtf8, "{code}");
+            let mut want = 1007u16.to_be_bytes().to_vec();
+            want.extend_from_slice(Disconnect::InvalidUtf8.reason().as_bytes());
+            assert_eq!(payload_of(&reply), &want[..], "{code}");
+        }
+    }
+
+    #[test]
+    fn a_one_byte_payload_is_answered_with_our_protocol_error() {
+        for byte in [0u8, 0x03, 0xE8, 0xFF] {
+            let (reason, reply) = close_reply(&[byte]);
+            assert_eq!(reason, Disconnect::ProtocolError);
+            let mut want = 1002u16.to_be_bytes().to_vec();
+            want.extend_from_slice(b"protocol error");
+            assert_eq!(payload_of(&reply), &want[..], "{byte}");
+        }
+    }
 }

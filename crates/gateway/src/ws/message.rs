@@ -186,4 +186,142 @@ mod tests {
             "a sequence cut at the end of the message"
         );
     }
+
+    #[test]
+    fn control_frames_between_fragments_leave_the_message_intact() {
+        let mut a = Assembler::new(100);
+        assert!(a.push(f(false, op::TEXT, b"he")).unwrap().is_none());
+        for control in [op::PING, op::PONG] {
+            assert!(
+                a.push(f(true, control, b"ctl")).unwrap().is_none(),
+                "a control frame is no message"
+            );
+        }
+        assert!(a.push(f(false, op::CONTINUATION, b"ll")).unwrap().is_none());
+        assert!(a.push(f(true, op::PING, b"")).unwrap().is_none());
+        assert_eq!(
+            text(a.push(f(true, op::CONTINUATION, b"o")).unwrap()),
+            "hello",
+            "control payloads are not part of the message"
+        );
+    }
+
+    #[test]
+    fn a_new_data_frame_is_refused_inside_either_kind_of_message() {
+        for (first, second) in [
+            (op::TEXT, op::BINARY),
+            (op::BINARY, op::TEXT),
+            (op::BINARY, op::BINARY),
+        ] {
+            for fin in [false, true] {
+                let mut a = Assembler::new(100);
+                a.push(f(false, first, b"a")).unwrap();
+                assert!(
+                    matches!(a.push(f(fin, second, b"b")), Err(Disconnect::ProtocolError)),
+                    "{second} (fin {fin}) inside {first}"
+                );
+            }
+        }
+        // A continuation after a finished message has nothing to continue.
+        let mut a = Assembler::new(100);
+        a.push(f(false, op::TEXT, b"a")).unwrap();
+        a.push(f(true, op::CONTINUATION, b"b")).unwrap();
+        assert!(matches!(
+            a.push(f(false, op::CONTINUATION, b"c")),
+            Err(Disconnect::ProtocolError)
+        ));
+    }
+
+    #[test]
+    fn empty_fragments_and_empty_messages() {
+        let mut a = Assembler::new(100);
+        assert!(a.push(f(false, op::TEXT, b"")).unwrap().is_none());
+        assert!(a.push(f(false, op::CONTINUATION, b"")).unwrap().is_none());
+        assert_eq!(text(a.push(f(true, op::CONTINUATION, b"")).unwrap()), "");
+        assert!(a.push(f(false, op::BINARY, b"")).unwrap().is_none());
+        match a.push(f(true, op::CONTINUATION, b"")).unwrap() {
+            Some(Message::Binary(b)) => assert!(b.is_empty()),
+            _ => panic!("an empty binary message"),
+        }
+    }
+
+    #[test]
+    fn the_limit_counts_every_fragment_and_starts_over_per_message() {
+        let mut a = Assembler::new(10);
+        for _ in 0..3 {
+            // Ten one-byte fragments reach the limit exactly, every time.
+            a.push(f(false, op::TEXT, b"a")).unwrap();
+            for _ in 0..8 {
+                assert!(a.push(f(false, op::CONTINUATION, b"b")).unwrap().is_none());
+            }
+            assert_eq!(
+                text(a.push(f(true, op::CONTINUATION, b"c")).unwrap()),
+                "abbbbbbbbc"
+            );
+        }
+        // One byte over, in a fragment that is not the last: refused at once.
+        a.push(f(false, op::TEXT, &[b'x'; 10])).unwrap();
+        assert!(matches!(
+            a.push(f(false, op::CONTINUATION, b"y")),
+            Err(Disconnect::TooBig)
+        ));
+        // A single fragment over the limit on its own.
+        let mut a = Assembler::new(10);
+        assert!(matches!(
+            a.push(f(false, op::BINARY, &[0; 11])),
+            Err(Disconnect::TooBig)
+        ));
+    }
+
+    #[test]
+    fn utf8_is_checked_in_every_fragment_not_only_the_last() {
+        // Valid start, then a bad byte in a middle fragment: refused at once.
+        let mut a = Assembler::new(100);
+        a.push(f(false, op::TEXT, b"ab")).unwrap();
+        assert!(matches!(
+            a.push(f(false, op::CONTINUATION, &[0xC3, 0x28])),
+            Err(Disconnect::InvalidUtf8)
+        ));
+        // A sequence started in one fragment and broken in the next.
+        let mut a = Assembler::new(100);
+        a.push(f(false, op::TEXT, &[b'a', 0xE2])).unwrap();
+        assert!(matches!(
+            a.push(f(false, op::CONTINUATION, &[0x82, b'x'])),
+            Err(Disconnect::InvalidUtf8)
+        ));
+        // A UTF-16 surrogate (ED A0 80) is not UTF-8, split or not.
+        let mut a = Assembler::new(100);
+        a.push(f(false, op::TEXT, &[0xED])).unwrap();
+        assert!(matches!(
+            a.push(f(true, op::CONTINUATION, &[0xA0, 0x80])),
+            Err(Disconnect::InvalidUtf8)
+        ));
+    }
+
+    #[test]
+    fn a_four_byte_character_may_be_cut_into_single_bytes() {
+        let crab = "🦀".as_bytes();
+        assert_eq!(crab.len(), 4);
+        let mut a = Assembler::new(100);
+        a.push(f(false, op::TEXT, &[b'<', crab[0]])).unwrap();
+        a.push(f(false, op::CONTINUATION, &crab[1..2])).unwrap();
+        a.push(f(false, op::CONTINUATION, &crab[2..3])).unwrap();
+        a.push(f(false, op::CONTINUATION, &[crab[3], b'>', crab[0]]))
+            .unwrap();
+        assert_eq!(
+            text(a.push(f(true, op::CONTINUATION, &crab[1..])).unwrap()),
+            "<🦀>🦀"
+        );
+    }
+
+    #[test]
+    fn binary_messages_are_not_held_to_utf8() {
+        let mut a = Assembler::new(100);
+        a.push(f(false, op::BINARY, &[0xFF, 0xC3])).unwrap();
+        a.push(f(false, op::CONTINUATION, &[0x28, 0xED])).unwrap();
+        match a.push(f(true, op::CONTINUATION, &[0xA0])).unwrap() {
+            Some(Message::Binary(b)) => assert_eq!(&b[..], &[0xFF, 0xC3, 0x28, 0xED, 0xA0]),
+            _ => panic!("a binary message"),
+        }
+    }
 }

@@ -1,75 +1,14 @@
-//! What the broker tests share: a real `redis-server` on a free port, and a
-//! [`BrokerEvents`] that records what the broker reports.
+//! What the broker tests share beyond the testkit (whose `Redis` they run): a
+//! [`BrokerEvents`] that records what the broker reports, and small helpers.
 
 #![allow(dead_code)] // each test file uses a different subset
 
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use parking_lot::Mutex;
 use wsgate_fanout::{BrokerEvents, HistoryEntry, Origin};
-
-/// A `redis-server` this test started, killed on drop.
-pub struct RedisProc {
-    child: Option<Child>,
-    pub port: u16,
-}
-
-impl RedisProc {
-    /// A new server on a free port (no persistence).
-    pub fn start() -> RedisProc {
-        Self::start_on(wsgate_testkit::free_port())
-    }
-
-    /// A new server on `port` (again: a restart without persistence).
-    pub fn start_on(port: u16) -> RedisProc {
-        let child = Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string()])
-            .args(["--save", "", "--appendonly", "no", "--loglevel", "warning"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("redis-server is installed");
-        let r = RedisProc {
-            child: Some(child),
-            port,
-        };
-        let end = Instant::now() + Duration::from_secs(10);
-        while conn(port).is_err() {
-            assert!(Instant::now() < end, "redis did not start");
-            std::thread::sleep(Duration::from_millis(20));
-        }
-        r
-    }
-
-    pub fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}/", self.port)
-    }
-
-    pub fn conn(&self) -> redis::Connection {
-        conn(self.port).expect("redis is up")
-    }
-
-    /// Kills the server (SIGKILL) and waits for it.
-    pub fn kill(&mut self) {
-        if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
-        }
-    }
-}
-
-impl Drop for RedisProc {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-pub fn conn(port: u16) -> redis::RedisResult<redis::Connection> {
-    let mut c = redis::Client::open(format!("redis://127.0.0.1:{port}/"))?.get_connection()?;
-    redis::cmd("PING").query::<String>(&mut c)?;
-    Ok(c)
-}
 
 /// `redis-cli -p <port> <args>`: what a backend's shell would run.
 pub fn cli(port: u16, args: &[&str]) -> String {
@@ -92,20 +31,6 @@ pub async fn eventually(timeout: Duration, mut f: impl FnMut() -> bool) -> bool 
             return false;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-}
-
-/// Blocking [`eventually`], for helpers that run outside the runtime.
-pub fn wait_until(timeout: Duration, mut f: impl FnMut() -> bool) -> bool {
-    let end = Instant::now() + timeout;
-    loop {
-        if f() {
-            return true;
-        }
-        if Instant::now() > end {
-            return false;
-        }
-        std::thread::sleep(Duration::from_millis(25));
     }
 }
 

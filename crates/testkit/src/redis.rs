@@ -1,23 +1,163 @@
-//! A real Redis Cluster on loopback for the cluster-mode tests: N `redis-server`
-//! processes with `--cluster-enabled yes`, each with its own directory in a temp
-//! dir, joined with `redis-cli --cluster create`. Every process is killed on drop.
+//! Private Redis servers for the tests: a `redis-server` on a free port ([`Redis`]),
+//! and a real Redis Cluster ([`RedisCluster`]): N `redis-server` processes with
+//! `--cluster-enabled yes`, each with its own directory in a temp dir, joined with
+//! `redis-cli --cluster create`; and a master with a replica watched by three
+//! sentinels ([`SentinelGroup`]). Every process is killed when its handle drops.
 
-#![allow(dead_code)] // each test file uses a different subset
-
+use std::collections::HashMap;
 use std::net::TcpListener;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
-use crate::common::wait_until;
+use crate::port::{ephemeral_range, free_port};
+use crate::wait::wait_until;
+
+/// How many times Redis ran `command`, from the text of `INFO commandstats` (`None`
+/// if it never did).
+pub fn command_calls(info: &str, command: &str) -> Option<u64> {
+    info.lines()
+        .find_map(|l| l.strip_prefix(&format!("cmdstat_{command}:calls=")))
+        .and_then(|v| v.split(',').next())
+        .and_then(|v| v.parse().ok())
+}
+
+/// A private redis-server, bound to 127.0.0.1, no persistence.
+pub struct Redis {
+    pub port: u16,
+    extra: Vec<String>,
+    child: Option<Child>,
+}
+
+impl Redis {
+    pub fn start() -> Redis {
+        Self::start_with(&[])
+    }
+
+    /// Starts on a given port.
+    pub fn start_on(port: u16) -> Redis {
+        let mut r = Redis {
+            port,
+            extra: Vec::new(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    /// Starts with extra `--name value` arguments.
+    pub fn start_with(extra: &[&str]) -> Redis {
+        let mut r = Redis {
+            port: free_port(),
+            extra: extra.iter().map(|s| s.to_string()).collect(),
+            child: None,
+        };
+        r.spawn();
+        r
+    }
+
+    fn spawn(&mut self) {
+        let port = self.port.to_string();
+        let child = Command::new("redis-server")
+            .args([
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                &port,
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+            ])
+            .args(["--daemonize", "no", "--loglevel", "warning"])
+            .args(&self.extra)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        self.child = Some(child);
+        let url = match self.extra.iter().position(|a| a == "--requirepass") {
+            Some(i) => format!("redis://:{}@127.0.0.1:{}/", self.extra[i + 1], self.port),
+            None => self.url(),
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || {
+                redis::Client::open(url.as_str())
+                    .and_then(|c| c.get_connection())
+                    .and_then(|mut c| redis::cmd("PING").query::<String>(&mut c))
+                    .is_ok()
+            }),
+            "redis-server did not start on {}",
+            self.port
+        );
+    }
+
+    pub fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}/", self.port)
+    }
+
+    /// A fresh synchronous connection, for inspecting Redis from the test.
+    pub fn conn(&self) -> redis::Connection {
+        redis::Client::open(self.url().as_str())
+            .unwrap()
+            .get_connection()
+            .unwrap()
+    }
+
+    /// Kills the server (SIGKILL: no goodbye to clients) and waits for it to exit.
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// Sends a signal (e.g. `STOP`, `CONT`) to the server process.
+    pub fn signal(&self, sig: &str) {
+        crate::process::signal(self.child.as_ref().expect("running").id(), sig);
+    }
+
+    /// Starts it again on the same port.
+    pub fn restart(&mut self) {
+        self.kill();
+        self.spawn();
+    }
+
+    /// Sorted channel names matching `pattern` (`PUBSUB CHANNELS`).
+    pub fn channels(&self, pattern: &str) -> Vec<String> {
+        let mut v: Vec<String> = redis::cmd("PUBSUB")
+            .arg("CHANNELS")
+            .arg(pattern)
+            .query(&mut self.conn())
+            .unwrap();
+        v.sort();
+        v
+    }
+
+    /// `redis-cli PUBLISH channel payload`: a backend using the stock client.
+    pub fn cli_publish(&self, channel: &str, payload: &str) {
+        let out = Command::new("redis-cli")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string()])
+            .args(["PUBLISH", channel, payload])
+            .output()
+            .expect("redis-cli is installed");
+        assert!(out.status.success(), "redis-cli failed: {out:?}");
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
 
 /// Cluster bus timeout: short, so a killed primary's replica takes over in ~2 s.
 pub const NODE_TIMEOUT_MS: &str = "1000";
 
 /// A port `p` free for a cluster node: `p` and its bus port `p + 10000`.
 fn free_cluster_port(taken: &[u16]) -> u16 {
-    let ephemeral = wsgate_testkit::ephemeral_range();
+    let ephemeral = ephemeral_range();
     loop {
-        let p = wsgate_testkit::free_port();
+        let p = free_port();
         // The bus port must be outside the ephemeral range too.
         let Some(bus) = p.checked_add(10000).filter(|b| !ephemeral.contains(b)) else {
             continue;
@@ -352,5 +492,162 @@ impl Drop for RedisCluster {
                 let _ = c.wait();
             }
         }
+    }
+}
+
+/// The master name the sentinels of a [`SentinelGroup`] monitor.
+pub const SENTINEL_MASTER: &str = "wsgate-master";
+
+/// A `redis-server --sentinel` with its own writable config file (sentinels rewrite it).
+pub struct Sentinel {
+    pub port: u16,
+    child: Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Sentinel {
+    /// A sentinel monitoring [`SENTINEL_MASTER`] at `master_port` (quorum 2, down after
+    /// 1 s, failover timeout 3 s).
+    pub fn start(master_port: u16) -> Sentinel {
+        let port = free_port();
+        let dir = tempfile::tempdir().unwrap();
+        let conf = dir.path().join("sentinel.conf");
+        std::fs::write(
+            &conf,
+            format!(
+                "port {port}\nbind 127.0.0.1\ndir {dir}\n\
+                 sentinel monitor {SENTINEL_MASTER} 127.0.0.1 {master_port} 2\n\
+                 sentinel down-after-milliseconds {SENTINEL_MASTER} 1000\n\
+                 sentinel failover-timeout {SENTINEL_MASTER} 3000\n\
+                 sentinel parallel-syncs {SENTINEL_MASTER} 1\n",
+                dir = dir.path().display()
+            ),
+        )
+        .unwrap();
+        let child = Command::new("redis-server")
+            .arg(&conf)
+            .args(["--sentinel", "--loglevel", "warning"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("redis-server is installed");
+        let s = Sentinel {
+            port,
+            child,
+            _dir: dir,
+        };
+        assert!(
+            wait_until(Duration::from_secs(10), || s.master_port().is_some()),
+            "sentinel did not start on {port}"
+        );
+        s
+    }
+
+    /// A connection to the sentinel, if it answers within a second.
+    pub fn conn(&self) -> Option<redis::Connection> {
+        redis::Client::open(format!("redis://127.0.0.1:{}/", self.port))
+            .ok()?
+            .get_connection_with_timeout(Duration::from_secs(1))
+            .ok()
+    }
+
+    /// The master's port as this sentinel sees it now.
+    pub fn master_port(&self) -> Option<u16> {
+        let addr: Option<(String, String)> = redis::cmd("SENTINEL")
+            .arg("get-master-addr-by-name")
+            .arg(SENTINEL_MASTER)
+            .query(&mut self.conn()?)
+            .ok()?;
+        addr?.1.parse().ok()
+    }
+
+    /// `SENTINEL MASTER <name>` as a map.
+    pub fn master_info(&self) -> HashMap<String, String> {
+        self.conn()
+            .and_then(|mut c| {
+                redis::cmd("SENTINEL")
+                    .arg("MASTER")
+                    .arg(SENTINEL_MASTER)
+                    .query(&mut c)
+                    .ok()
+            })
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for Sentinel {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Whether `master` has a replica in sync.
+pub fn replication_online(master: &Redis) -> bool {
+    let info: String = redis::cmd("INFO")
+        .arg("replication")
+        .query(&mut master.conn())
+        .unwrap_or_default();
+    info.contains("state=online")
+}
+
+/// A master, its replica (in sync), and three sentinels that know both and each
+/// other.
+pub struct SentinelGroup {
+    pub master: Redis,
+    pub replica: Redis,
+    pub sentinels: Vec<Sentinel>,
+    _dirs: [tempfile::TempDir; 2],
+}
+
+impl SentinelGroup {
+    pub fn start() -> SentinelGroup {
+        let master_dir = tempfile::tempdir().unwrap();
+        let replica_dir = tempfile::tempdir().unwrap();
+        let master = Redis::start_with(&["--dir", master_dir.path().to_str().unwrap()]);
+        let master_port = master.port.to_string();
+        let replica = Redis::start_with(&[
+            "--dir",
+            replica_dir.path().to_str().unwrap(),
+            "--replicaof",
+            "127.0.0.1",
+            &master_port,
+        ]);
+        assert!(
+            wait_until(Duration::from_secs(15), || replication_online(&master)),
+            "replica in sync"
+        );
+        let sentinels: Vec<Sentinel> = (0..3).map(|_| Sentinel::start(master.port)).collect();
+        // Before any failure: every sentinel knows the replica and the other sentinels.
+        assert!(
+            wait_until(Duration::from_secs(20), || sentinels.iter().all(|s| {
+                let m = s.master_info();
+                m.get("num-slaves").map(String::as_str) == Some("1")
+                    && m.get("num-other-sentinels").map(String::as_str) == Some("2")
+            })),
+            "sentinels discovered each other and the replica"
+        );
+        SentinelGroup {
+            master,
+            replica,
+            sentinels,
+            _dirs: [master_dir, replica_dir],
+        }
+    }
+
+    /// `--redis-sentinel host:port,… --redis-sentinel-master <name>` for a node.
+    pub fn node_args(&self) -> Vec<String> {
+        let list = self
+            .sentinels
+            .iter()
+            .map(|s| format!("127.0.0.1:{}", s.port))
+            .collect::<Vec<_>>()
+            .join(",");
+        vec![
+            "--redis-sentinel".into(),
+            list,
+            "--redis-sentinel-master".into(),
+            SENTINEL_MASTER.into(),
+        ]
     }
 }
