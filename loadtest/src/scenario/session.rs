@@ -205,9 +205,10 @@ pub async fn receive(
                             _ => false,
                         }
                     };
-                    if message {
-                        if let (Some(at), Some(topic)) = (stream::tail_seq(f), stream::topic_of(f))
-                        {
+                    // Plain topics stop at the tail check; only stream messages look
+                    // for their topic.
+                    if let Some(at) = stream::tail_seq(f).filter(|_| message) {
+                        if let Some(topic) = stream::topic_of(f) {
                             streams.record(topic, at);
                         }
                     }
