@@ -3,8 +3,9 @@
 //! # Layout
 //! - `cli` — command line: one subcommand per scenario, plus `merge`.
 //! - `run` — the run context, the once-a-second monitor, common report parts.
-//! - `scenario/` — `fanout` (also `slow`), `idle`, `churn`; `session` is one client
-//!   connection (connect, subscribe, receive), `publisher` the WS/HTTP/Redis publishers.
+//! - `scenario/` — `fanout` (also `slow`), `idle`, `churn`, `resume` (`resume-storm`);
+//!   `session` is one client connection (connect, subscribe, receive), `publisher` the
+//!   WS/HTTP/Redis publishers.
 //! - `net` — source-address spreading, open-file limit, the client handshake, frames.
 //! - `wsconn` — the client WebSocket reader: one `read` per wake-up, every frame in it
 //!   parsed in place.
