@@ -93,7 +93,7 @@ REDIS_PORT="" REDIS_PID=""
 start_redis() {
   REDIS_PORT=$(free_port)
   redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --dir "$TMP" \
-    --client-output-buffer-limit "pubsub 256mb 64mb 60" --loglevel warning >>"$TMP/servers.log" 2>&1 &
+    --client-output-buffer-limit "pubsub 256mb 64mb 60" --loglevel warning >>"$OUT/servers.log" 2>&1 &
   wait_port "$REDIS_PORT"
   REDIS_PID=$(pid_of_port "$REDIS_PORT"); PIDS+=("$REDIS_PID")
 }
@@ -105,10 +105,10 @@ start_gateway() {
   [[ $mode == redis ]] && extra=(--redis-url "redis://127.0.0.1:$REDIS_PORT")
   "$WSGATE" --config "$TMP/wsgate.toml" --listen "127.0.0.1:$port" --admin-listen "127.0.0.1:$admin" \
     --node-id "bench-$mode" --drain-timeout 1s --rate-limit 10000000 --rate-burst 10000000 \
-    --log-level warn "${extra[@]}" >>"$TMP/servers.log" 2>&1 &
+    --log-level warn "${extra[@]}" >>"$OUT/servers.log" 2>&1 &
   local launched=$!
   PIDS+=("$launched")
-  if ! wait_port "$port"; then tail -5 "$TMP/servers.log" >&2; return 1; fi
+  if ! wait_port "$port"; then tail -5 "$OUT/servers.log" >&2; return 1; fi
   GW_PID=$(pid_of_port "$port")
   [[ $GW_PID == "$launched" ]] || PIDS+=("$GW_PID")
   URL="ws://127.0.0.1:$port/ws"; HTTP="http://127.0.0.1:$port/api/publish"
