@@ -173,6 +173,18 @@ fn title(r: &Report) -> String {
     } else {
         format!("{} — ", r.label)
     };
+    if let Some(rs) = &r.resume {
+        return format!(
+            "{name}{} vs {}: live topic; {}/{} clients resumed {} missed, {}",
+            r.scenario,
+            r.target,
+            rs.completed,
+            rs.clients,
+            rs.missed_per_topic,
+            rs.completion_s
+                .map_or("NOT ALL".to_string(), |c| format!("all within {c:.2} s")),
+        );
+    }
     match &r.fanout {
         Some(f) => format!(
             "{name}{} vs {}: {:.0} deliveries/s steady, p99 {:.2} ms (steady window shaded)",

@@ -25,6 +25,9 @@ pub enum Cmd {
     Idle(IdleArgs),
     /// Connect / subscribe / disconnect storms at a rate.
     Churn(ChurnArgs),
+    /// Clients subscribed to streams all disconnect, miss publications, and come
+    /// back at once with `since`: completion time, exactness, live traffic meanwhile.
+    ResumeStorm(ResumeStormArgs),
     /// Merge the JSON reports of generator processes that split one run.
     Merge(MergeArgs),
     /// Print a Markdown table comparing reports (grouped by --label).
@@ -206,6 +209,11 @@ pub struct FanoutArgs {
     /// Channel prefix the servers subscribe with.
     #[arg(long, default_value = "wsgate:")]
     pub redis_prefix: String,
+    /// With --publish-via redis: publish as a backend publishes into a stream,
+    /// `FCALL wsgate_publish 1 <prefix><topic> <payload>`, instead of `PUBLISH`
+    /// (which a gateway does not deliver on a stream topic).
+    #[arg(long)]
+    pub redis_fcall: bool,
     /// Unacknowledged publications allowed per publisher.
     #[arg(long, default_value_t = 1024)]
     pub max_inflight: usize,
@@ -266,6 +274,62 @@ pub struct ChurnArgs {
     /// Each cycle subscribes to one of this many topics (0: no subscribe).
     #[arg(long, default_value_t = 100)]
     pub topics: usize,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ResumeStormArgs {
+    /// Common options. `--duration` is the time the storm is given to complete
+    /// (from the reconnect start); `--topic-prefix` must name stream topics.
+    #[command(flatten)]
+    pub common: Common,
+    /// Clients that subscribe, leave, and all come back at once.
+    #[arg(long, default_value_t = 1000)]
+    pub clients: usize,
+    /// Stream topics; client i takes topic i mod T (names: prefix + index).
+    #[arg(long, default_value_t = 1)]
+    pub topics: usize,
+    /// Publications made per topic while the clients are away.
+    #[arg(long, default_value_t = 1000)]
+    pub missed: usize,
+    /// Size in bytes of each publication's `data` object.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// How the missed publications are made (http: `--http-batch` per request; ws:
+    /// batches of 64 commands). The live topic is always published over WebSocket.
+    #[arg(long, value_enum, default_value = "http")]
+    pub publish_via: PublishVia,
+    /// Publications per HTTP request.
+    #[arg(long, default_value_t = 100)]
+    pub http_batch: usize,
+    /// WebSocket URL(s) of the publishers (default: --url).
+    #[arg(long, value_delimiter = ',')]
+    pub pub_url: Vec<String>,
+    /// HTTP publish API URL (default: derived from --pub-url, path /api/publish).
+    #[arg(long, value_delimiter = ',')]
+    pub http_url: Vec<String>,
+    /// Bearer key for the HTTP publish API.
+    #[arg(long, env = "WSGATE_API_KEY")]
+    pub api_key: Option<String>,
+    /// Reconnects in flight at once during the storm (0: all the clients).
+    #[arg(long, default_value_t = 0)]
+    pub storm_concurrency: usize,
+    /// Subscribers of a separate live topic (0: no live traffic).
+    #[arg(long, default_value_t = 0)]
+    pub live_subscribers: usize,
+    /// Publications per second on the live topic, over the whole run.
+    #[arg(long, default_value_t = 50.0)]
+    pub live_rate: f64,
+    /// The live topic (default: the topic prefix followed by `live`).
+    #[arg(long)]
+    pub live_topic: Option<String>,
+    /// How long live latency is measured with the clients subscribed, before they
+    /// leave (the baseline).
+    #[arg(long, value_parser = duration, default_value = "3s")]
+    pub before: Duration,
+    /// After the storm: how long clients keep reading (late duplicates count) and
+    /// live latency is measured.
+    #[arg(long, value_parser = duration, default_value = "1s")]
+    pub after: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

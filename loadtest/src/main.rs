@@ -13,7 +13,7 @@ use clap::Parser as _;
 use wsgate_loadtest::cli::{Cli, Cmd, Common};
 use wsgate_loadtest::report::Report;
 use wsgate_loadtest::run::Ctx;
-use wsgate_loadtest::scenario::{churn, fanout, idle};
+use wsgate_loadtest::scenario::{churn, fanout, idle, resume};
 use wsgate_loadtest::{chart, floor, net, summary};
 
 fn main() -> Result<()> {
@@ -46,6 +46,7 @@ fn main() -> Result<()> {
         Cmd::Slow(a) => &a.fanout.common,
         Cmd::Idle(a) => &a.common,
         Cmd::Churn(a) => &a.common,
+        Cmd::ResumeStorm(a) => &a.common,
         Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
     };
     let threads = common.threads.unwrap_or_else(|| {
@@ -73,13 +74,19 @@ fn main() -> Result<()> {
             }
             Cmd::Idle(a) => idle::run(ctx, a).await,
             Cmd::Churn(a) => churn::run(ctx, a).await,
+            Cmd::ResumeStorm(a) => resume::run(ctx, a).await,
             Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
         }
     })?;
     report.notes.push(format!("open-file limit: {nofile}"));
     // Connections still being torn down must not hold the process.
     rt.shutdown_background();
-    output(&report, out.as_deref(), chart_path.as_deref())
+    output(&report, out.as_deref(), chart_path.as_deref())?;
+    if report.resume.as_ref().is_some_and(|r| !r.ok) {
+        // The report is written; the exit status says the resume was not exact.
+        std::process::exit(1);
+    }
+    Ok(())
 }
 
 fn read_report(p: &Path) -> Result<Report> {

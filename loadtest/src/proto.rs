@@ -71,6 +71,23 @@ impl Target {
         }
     }
 
+    /// A JSON subscribe that resumes the streams in `since` (topic, seq, epoch):
+    /// `{"op":"subscribe","id":…,"topics":[…],"since":{"t":{"seq":N,"epoch":"e"}}}`.
+    pub fn subscribe_since(topics: &[String], id: u64, since: &[(String, u64, String)]) -> Vec<u8> {
+        let list = topics
+            .iter()
+            .map(|t| format!("\"{t}\""))
+            .collect::<Vec<_>>()
+            .join(",");
+        let since = since
+            .iter()
+            .map(|(t, seq, epoch)| format!(r#""{t}":{{"seq":{seq},"epoch":"{epoch}"}}"#))
+            .collect::<Vec<_>>()
+            .join(",");
+        format!(r#"{{"op":"subscribe","id":{id},"topics":[{list}],"since":{{{since}}}}}"#)
+            .into_bytes()
+    }
+
     /// Appends one publish command carrying `data` (a JSON object) to `out`.
     pub fn publish(self, out: &mut Vec<u8>, topic: &str, id: u64, data: &[u8]) {
         match self {
@@ -98,6 +115,8 @@ pub enum Op<'a> {
     Published,
     Welcome,
     Pong,
+    /// `reset` (streams: the server announces lost seqs or a new epoch).
+    Reset,
     /// `error`, with its `code`.
     Error(&'a str),
     Other,
@@ -121,6 +140,7 @@ pub fn classify(frame: &[u8]) -> Op<'_> {
         b"published" => Op::Published,
         b"welcome" => Op::Welcome,
         b"pong" => Op::Pong,
+        b"reset" => Op::Reset,
         b"error" => Op::Error(string_field(frame, br#""code":""#).unwrap_or("?")),
         _ => Op::Other,
     }
@@ -212,6 +232,10 @@ mod tests {
             classify(br#"{"op":"error","id":null,"code":"rate_limited","message":"x"}"#),
             Op::Error("rate_limited")
         );
+        assert_eq!(
+            classify(br#"{"op":"reset","topic":"a","seq":5,"epoch":"e"}"#),
+            Op::Reset
+        );
         assert_eq!(classify(b"not json"), Op::Other);
     }
 
@@ -225,6 +249,11 @@ mod tests {
             Target::Nats.subscribe(&topics, 1),
             b"SUB lt.0 1\r\nSUB lt.1 2\r\nPING\r\n"
         );
+        let s = Target::subscribe_since(&topics[..1], 2, &[("lt.0".into(), 37, "k2v9".into())]);
+        let v: serde_json::Value = serde_json::from_slice(&s).unwrap();
+        assert_eq!(v["since"]["lt.0"]["seq"], 37);
+        assert_eq!(v["since"]["lt.0"]["epoch"], "k2v9");
+        assert_eq!(v["topics"][0], "lt.0");
         let mut out = Vec::new();
         Target::Peer.publish(&mut out, "lt.1", 9, br#"{"p":1}"#);
         let v: serde_json::Value = serde_json::from_slice(&out).unwrap();

@@ -17,6 +17,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::seq::SeqCounts;
 use crate::stats::{new_hist, SecondAcc};
+use crate::stream::StreamCounts;
 
 /// Latency percentiles in milliseconds.
 #[derive(Debug, Clone, Default, Serialize, Deserialize, PartialEq)]
@@ -144,6 +145,10 @@ pub struct Fanout {
     pub max_publish_lag_ms: f64,
     /// Subscribers that stopped reading (scenario `slow`).
     pub slow: Option<SlowGroup>,
+    /// Stream topics: seq contiguity over the (reading) subscribers: `gaps`
+    /// (stream_gaps), `dups` (stream_dups), `resets`. All zero on plain topics.
+    #[serde(default)]
+    pub streams: StreamCounts,
 }
 
 /// The subscribers that stopped reading, in scenario `slow`.
@@ -183,6 +188,81 @@ pub struct Idle {
     /// Server CPU in cores while the connections sat idle.
     pub server_cpu_idle_cores: Option<f64>,
     pub generator_rss_per_connection_bytes: Option<f64>,
+}
+
+/// Scenario `resume-storm`: clients that all come back at once and resume their
+/// streams with `since`.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct ResumeStorm {
+    pub clients: u64,
+    pub topics: u64,
+    /// Publications made per topic while the clients were away.
+    pub missed_per_topic: u64,
+    /// Clients whose first subscribe failed (they take no part in the storm).
+    pub failed_first_subscribe: u64,
+    /// Seconds the first subscribe of every client took.
+    pub subscribe_s: f64,
+    /// The missed publications: how many, how long they took, at what rate.
+    pub published: u64,
+    pub publish_s: f64,
+    pub publications_per_s: f64,
+    /// Reconnects whose resubscribe was confirmed / that failed.
+    pub reconnected: u64,
+    pub reconnect_failed: u64,
+    /// `recovered` in the resubscribe's reply: true / false (or missing).
+    pub recovered: u64,
+    pub not_recovered: u64,
+    /// Replies in another epoch than the missed publications'.
+    pub epoch_changed: u64,
+    /// Clients that received every missed seq exactly once, in order.
+    pub completed: u64,
+    /// The others (not recovered, gap, dup, reset, or out of time).
+    pub incomplete: u64,
+    /// Missed messages owed to the reconnected clients, and messages they received.
+    pub expected: u64,
+    pub received: u64,
+    /// Reconnect start → the last client complete (seconds); `None` unless all
+    /// clients completed.
+    pub completion_s: Option<f64>,
+    /// Per client: reconnect start → last missed message received.
+    pub completion: Latency,
+    /// Per client: reconnect start → `subscribed` reply.
+    pub subscribed: Latency,
+    /// How long the storm phase lasted (all complete, or `--duration`).
+    pub storm_s: f64,
+    pub timed_out: bool,
+    /// Seq contiguity over the storm clients.
+    pub streams: StreamCounts,
+    /// Reconnect failures and server closes by kind.
+    pub failures: BTreeMap<String, u64>,
+    /// The live topic, for "without stalling live traffic".
+    pub live: Option<LiveCheck>,
+    /// Every client complete, exactly, in time.
+    pub ok: bool,
+}
+
+/// Live traffic to other clients during a resume storm.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct LiveCheck {
+    pub topic: String,
+    pub subscribers: u64,
+    /// Publications per second offered.
+    pub rate: f64,
+    /// Acknowledged live publications, expected deliveries, unique deliveries, lost.
+    pub published: u64,
+    pub expected: u64,
+    pub delivered: u64,
+    pub lost: u64,
+    /// Latency while the storm clients sat subscribed (`--before`).
+    pub before: Latency,
+    /// While the missed publications were made.
+    pub away: Latency,
+    /// From the reconnect start until every client completed.
+    pub during: Latency,
+    /// The `--after` seconds that followed.
+    pub after: Latency,
+    /// When the live topic is a stream.
+    pub streams: StreamCounts,
 }
 
 /// What the generator itself cost (getrusage of this process).
@@ -250,6 +330,9 @@ pub struct Report {
     pub fanout: Option<Fanout>,
     pub connect: Connect,
     pub idle: Option<Idle>,
+    /// Scenario `resume-storm`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub resume: Option<ResumeStorm>,
     pub generator: Generator,
     pub servers: Vec<Server>,
     /// Selected samples scraped from `/metrics` at the end of the run.
@@ -358,7 +441,7 @@ impl Report {
             f.publishes_per_s_steady = steady_published as f64 / secs;
             f.latency = Latency::from_hist(&steady_hist);
             f.latency_all = Latency::from_hist(&all_hist);
-        } else {
+        } else if self.resume.is_none() {
             self.connect.latency = Latency::from_hist(&all_hist);
         }
 
@@ -518,6 +601,7 @@ fn merge_fanout(o: &mut Fanout, f: &Fanout) {
     o.publish_errors += f.publish_errors;
     o.unacked += f.unacked;
     o.max_publish_lag_ms = o.max_publish_lag_ms.max(f.max_publish_lag_ms);
+    o.streams.add(&f.streams);
     if let (Some(os), Some(fs)) = (o.slow.as_mut(), f.slow.as_ref()) {
         os.subscribers += fs.subscribers;
         os.disconnected += fs.disconnected;

@@ -335,6 +335,13 @@ pub fn finish(ctx: &Ctx, report: &mut Report, scenario: &str) -> Result<()> {
                 f.lost, f.duplicated, f.reordered
             ));
         }
+        let st = &f.streams;
+        if !st.exact() {
+            report.notes.push(format!(
+                "stream delivery was not contiguous: stream_gaps {} ({} seqs missing), stream_dups {}, resets {}",
+                st.gaps, st.missing, st.dups, st.resets
+            ));
+        }
         if f.max_publish_lag_ms > 100.0 {
             report.notes.push(format!(
                 "publishers fell up to {:.0} ms behind their schedule",

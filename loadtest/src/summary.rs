@@ -51,6 +51,14 @@ pub fn render(r: &Report) -> String {
             "deliveries: expected {} delivered {} unique {} lost {} duplicated {} reordered {} extra {}",
             f.expected, f.delivered, f.unique, f.lost, f.duplicated, f.reordered, f.extra
         );
+        if f.streams.messages > 0 || f.streams.resets > 0 {
+            let st = &f.streams;
+            let _ = writeln!(
+                s,
+                "streams: {} messages with seq; stream_gaps {} ({} seqs missing) stream_dups {} resets {}",
+                st.messages, st.gaps, st.missing, st.dups, st.resets
+            );
+        }
         let _ = writeln!(
             s,
             "throughput: {:.0} deliveries/s (steady window)",
@@ -79,6 +87,9 @@ pub fn render(r: &Report) -> String {
             i.server_cpu_idle_cores.map_or("?".into(), |v| format!("{:.2}% of a core", v * 100.0)),
             i.generator_rss_per_connection_bytes.map_or("?".into(), |v| format!("{v:.0}")),
         );
+    }
+    if let Some(rs) = &r.resume {
+        resume(&mut s, rs);
     }
     let g = &r.generator;
     let _ = writeln!(
@@ -109,6 +120,66 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(s, "note: {n}");
     }
     s
+}
+
+fn resume(s: &mut String, rs: &crate::report::ResumeStorm) {
+    let _ = writeln!(
+        s,
+        "resume storm: {} clients over {} topics missed {} publications each (made in {:.0} ms, {:.0}/s)",
+        rs.clients,
+        rs.topics,
+        rs.missed_per_topic,
+        rs.publish_s * 1000.0,
+        rs.publications_per_s
+    );
+    let _ = writeln!(
+        s,
+        "reconnected {} (failed {}), recovered {} / not recovered {}{}; completed {} of {}: {}",
+        rs.reconnected,
+        rs.reconnect_failed,
+        rs.recovered,
+        rs.not_recovered,
+        if rs.epoch_changed > 0 {
+            format!(", epoch changed {}", rs.epoch_changed)
+        } else {
+            String::new()
+        },
+        rs.completed,
+        rs.clients,
+        match rs.completion_s {
+            Some(c) => format!("all within {c:.3} s of the reconnect start"),
+            None if rs.timed_out => format!("NOT ALL, gave up after {:.1} s", rs.storm_s),
+            None => "NOT ALL".into(),
+        }
+    );
+    let _ = writeln!(s, "completion per client:  {}", lat(&rs.completion));
+    let _ = writeln!(s, "subscribed per client:  {}", lat(&rs.subscribed));
+    let st = &rs.streams;
+    let _ = writeln!(
+        s,
+        "replayed: expected {} received {}; stream_gaps {} ({} seqs missing) stream_dups {} resets {} -> {}",
+        rs.expected,
+        rs.received,
+        st.gaps,
+        st.missing,
+        st.dups,
+        st.resets,
+        if rs.ok { "EXACT" } else { "NOT EXACT" }
+    );
+    if !rs.failures.is_empty() {
+        let _ = writeln!(s, "failures: {:?}", rs.failures);
+    }
+    if let Some(l) = &rs.live {
+        let _ = writeln!(
+            s,
+            "live {} ({} subscribers, {}/s): published {} expected {} delivered {} lost {}",
+            l.topic, l.subscribers, l.rate, l.published, l.expected, l.delivered, l.lost
+        );
+        let _ = writeln!(s, "  live before: {}", lat(&l.before));
+        let _ = writeln!(s, "  live away:   {}", lat(&l.away));
+        let _ = writeln!(s, "  live during: {}", lat(&l.during));
+        let _ = writeln!(s, "  live after:  {}", lat(&l.after));
+    }
 }
 
 /// The number each scenario is judged by, and whether higher is better.
@@ -142,6 +213,26 @@ pub fn table(reports: &[Report]) -> String {
             .and_then(|r| key_metric(r));
         for r in group {
             let (result, lat, loss) = match (&r.fanout, &r.idle) {
+                (None, None) if r.resume.is_some() => {
+                    let rs = r.resume.as_ref().expect("checked");
+                    (
+                        format!(
+                            "{}/{} resumed {} missed in {}; live p99 {:.2} ms before, {:.2} during",
+                            rs.completed,
+                            rs.clients,
+                            rs.missed_per_topic,
+                            rs.completion_s
+                                .map_or("NOT ALL".into(), |c| format!("{c:.2} s")),
+                            rs.live.as_ref().map_or(0.0, |l| l.before.p99_ms),
+                            rs.live.as_ref().map_or(0.0, |l| l.during.p99_ms),
+                        ),
+                        &rs.completion,
+                        format!(
+                            "gaps {} / dups {} / resets {}",
+                            rs.streams.gaps, rs.streams.dups, rs.streams.resets
+                        ),
+                    )
+                }
                 (Some(f), _) => {
                     let mut res = format!(
                         "{:.0} deliveries/s (of {:.0} offered)",

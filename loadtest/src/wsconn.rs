@@ -232,6 +232,14 @@ impl WsConn {
         }
     }
 
+    /// Writes bytes that are already frames (e.g. a batch built with `push_frame`).
+    ///
+    /// # Errors
+    /// I/O errors.
+    pub async fn write_all(&mut self, frames: &[u8]) -> io::Result<()> {
+        self.stream.write_all(frames).await
+    }
+
     /// Sends one frame (masked, as a client must).
     ///
     /// # Errors

@@ -160,6 +160,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
             payload: a.payload,
             batch: batch.max(1),
             max_inflight: a.max_inflight.max(1),
+            stop: None,
         };
         let p = Publisher::connect(&ctx, plan, &endpoints, k)
             .await
@@ -246,6 +247,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
     };
     let mut slow_group = slow.map(|_| SlowGroup::default());
     let mut fast = SeqCounts::default();
+    let mut streams = crate::stream::StreamCounts::default();
     for s in &results {
         if let Some(kind) = s.failure {
             connect.failed += 1;
@@ -269,6 +271,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
             _ => {
                 r.raw.subscribers_per_topic[s.topic] += 1;
                 fast.add(&s.received.counts);
+                streams.add(&s.received.streams);
                 f.subscribers += 1;
                 if let Some(code) = &s.received.closed_by_server {
                     *connect
@@ -281,6 +284,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
     }
     r.raw.counts = fast;
     f.slow = slow_group;
+    f.streams = streams;
     connect.rate_per_s = mine.len() as f64 / ramp_s.max(1e-9);
     let hist = connect_hist.lock().expect("hist lock").clone();
     connect.latency = Latency::from_hist(&hist);
@@ -339,6 +343,7 @@ fn endpoints(ctx: &Ctx, a: &FanoutArgs) -> Result<Endpoints> {
         api_key: a.api_key.clone(),
         redis,
         redis_prefix: a.redis_prefix.clone(),
+        redis_fcall: a.redis_fcall,
     })
 }
 

@@ -4,4 +4,5 @@ pub mod churn;
 pub mod fanout;
 pub mod idle;
 pub mod publisher;
+pub mod resume;
 pub mod session;

@@ -48,6 +48,8 @@ pub struct Plan {
     pub payload: usize,
     pub batch: usize,
     pub max_inflight: usize,
+    /// Stops publishing before `end` when cancelled (a phase of unknown length).
+    pub stop: Option<tokio_util::sync::CancellationToken>,
 }
 
 /// What one publisher did.
@@ -87,6 +89,8 @@ enum Conn {
     Redis {
         conn: redis::aio::MultiplexedConnection,
         channel: String,
+        /// `FCALL wsgate_publish` (stream topics) instead of `PUBLISH`.
+        fcall: bool,
     },
 }
 
@@ -105,6 +109,7 @@ pub struct Endpoints {
     pub api_key: Option<String>,
     pub redis: Option<redis::Client>,
     pub redis_prefix: String,
+    pub redis_fcall: bool,
 }
 
 impl Publisher {
@@ -150,6 +155,7 @@ impl Publisher {
                 Conn::Redis {
                     conn: client.get_multiplexed_async_connection().await?,
                     channel: format!("{}{}", ep.redis_prefix, plan.topic),
+                    fcall: ep.redis_fcall,
                 }
             }
         };
@@ -171,7 +177,7 @@ impl Publisher {
         let mut buf = Vec::with_capacity((plan.payload + 128) * plan.batch);
         loop {
             let now = Instant::now();
-            if now >= end {
+            if now >= end || plan.stop.as_ref().is_some_and(|s| s.is_cancelled()) {
                 break;
             }
             let n = if plan.rate > 0.0 {
@@ -261,13 +267,27 @@ impl Publisher {
                         Err(_) => false,
                     }
                 }
-                Conn::Redis { conn, channel } => {
+                Conn::Redis {
+                    conn,
+                    channel,
+                    fcall,
+                } => {
                     let mut pipe = redis::pipe();
                     for i in 0..n {
                         stamp(&mut data, &plan, seq + i, sent_ns);
-                        pipe.cmd("PUBLISH").arg(&*channel).arg(&data[..]);
+                        if *fcall {
+                            pipe.cmd("FCALL")
+                                .arg("wsgate_publish")
+                                .arg(1)
+                                .arg(&*channel)
+                                .arg(&data[..]);
+                        } else {
+                            pipe.cmd("PUBLISH").arg(&*channel).arg(&data[..]);
+                        }
                     }
-                    match pipe.query_async::<Vec<i64>>(conn).await {
+                    // PUBLISH answers a count, FCALL wsgate_publish [seq, epoch]; an
+                    // error reply fails the whole pipeline.
+                    match pipe.query_async::<Vec<redis::Value>>(conn).await {
                         Ok(_) => {
                             out.acked += n;
                             true

@@ -10,6 +10,7 @@ use crate::proto::{classify, NatsEvent, NatsParser, Op, Target};
 use crate::run::Ctx;
 use crate::seq::{SeqCounts, SeqTracker};
 use crate::stats::now_ns;
+use crate::stream::{self, Position, StreamCounts, StreamTracker};
 use crate::wsconn::{WsConn, OP_BINARY, OP_CLOSE, OP_PING, OP_TEXT};
 
 /// An open, ready session.
@@ -17,6 +18,8 @@ pub struct Session {
     pub ws: WsConn,
     /// NATS only: protocol bytes carried over between frames.
     pub nats: NatsParser,
+    /// The stream positions the `subscribed` reply reported (empty for plain topics).
+    pub positions: Vec<(String, Position)>,
 }
 
 /// The opcode of protocol commands for `target` (NATS reads binary frames).
@@ -39,6 +42,22 @@ pub async fn open(
     rcvbuf: Option<u32>,
 ) -> Result<Session, Failure> {
     let target = ctx.common.target;
+    let cmd = (!topics.is_empty()).then(|| target.subscribe(topics, 1));
+    open_with(ctx, url, cmd, rcvbuf).await
+}
+
+/// Connects to `url`; with a subscribe command `cmd`, sends it and waits for the
+/// server's confirmation (keeping the stream positions it reports).
+///
+/// # Errors
+/// As [`open`].
+pub async fn open_with(
+    ctx: &Ctx,
+    url: &Url,
+    cmd: Option<Vec<u8>>,
+    rcvbuf: Option<u32>,
+) -> Result<Session, Failure> {
+    let target = ctx.common.target;
     let attempt = async {
         let stream = ctx
             .dialer
@@ -57,12 +76,13 @@ pub async fn open(
         let mut s = Session {
             ws,
             nats: NatsParser::default(),
+            positions: Vec::new(),
         };
-        if !topics.is_empty() {
-            s.ws.send(command_opcode(target), &target.subscribe(topics, 1))
+        if let Some(cmd) = cmd {
+            s.ws.send(command_opcode(target), &cmd)
                 .await
                 .map_err(|e| ctx.fail(Failure::Subscribe, e))?;
-            wait_ready(&mut s, target)
+            s.positions = wait_ready(&mut s, target)
                 .await
                 .map_err(|e| ctx.fail(Failure::Subscribe, e))?;
         }
@@ -74,7 +94,7 @@ pub async fn open(
     }
 }
 
-async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<()> {
+async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<Vec<(String, Position)>> {
     loop {
         let frame = s.ws.read_frame().await?;
         match frame.opcode {
@@ -84,7 +104,7 @@ async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<()> {
         }
         if target.is_json() {
             match classify(frame.payload) {
-                Op::Subscribed => return Ok(()),
+                Op::Subscribed => return Ok(stream::positions(frame.payload)),
                 Op::Error(code) => anyhow::bail!("subscribe refused: {code}"),
                 _ => {}
             }
@@ -92,7 +112,7 @@ async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<()> {
             let mut outcome = None;
             s.nats
                 .feed(frame.payload, |ev| match ev {
-                    NatsEvent::Pong if outcome.is_none() => outcome = Some(Ok(())),
+                    NatsEvent::Pong if outcome.is_none() => outcome = Some(Ok(Vec::new())),
                     NatsEvent::Err(e) => outcome = Some(Err(anyhow::anyhow!("SUB refused: {e}"))),
                     _ => {}
                 })
@@ -108,6 +128,8 @@ async fn wait_ready(s: &mut Session, target: Target) -> anyhow::Result<()> {
 #[derive(Debug, Default)]
 pub struct Received {
     pub counts: SeqCounts,
+    /// Stream topics: seq contiguity per topic (all zero on plain topics).
+    pub streams: StreamCounts,
     /// Close code sent by the server, `"eof"` for a connection end without one, or
     /// `None` when the generator itself stopped.
     pub closed_by_server: Option<String>,
@@ -134,6 +156,10 @@ pub async fn receive(
     let target = ctx.common.target;
     let mut rec = ctx.timeline.recorder(key);
     let mut seq = SeqTracker::new(publishers);
+    let mut streams = StreamTracker::new();
+    for (topic, p) in &s.positions {
+        streams.start(topic.as_bytes(), p.seq);
+    }
     let mut out = Received::default();
     // One cancellation future for the whole loop: creating one per read would
     // register a waiter each time.
@@ -158,11 +184,32 @@ pub async fn receive(
             };
             match frame.opcode {
                 OP_TEXT | OP_BINARY if target.is_json() => {
-                    if let Some(st) = payload::scan_message(frame.payload) {
+                    let f = frame.payload;
+                    let message = if let Some(st) = payload::scan_message(f) {
                         on_stamp(st, now);
-                    } else if classify(frame.payload) == Op::Message {
-                        if let Some(st) = payload::scan(frame.payload) {
-                            on_stamp(st, now);
+                        true
+                    } else {
+                        match classify(f) {
+                            Op::Message => {
+                                if let Some(st) = payload::scan(f) {
+                                    on_stamp(st, now);
+                                }
+                                true
+                            }
+                            Op::Reset => {
+                                if let Some((topic, at)) = stream::parse_reset(f) {
+                                    streams.reset(topic.as_bytes(), at);
+                                }
+                                false
+                            }
+                            _ => false,
+                        }
+                    };
+                    // Plain topics stop at the tail check; only stream messages look
+                    // for their topic.
+                    if let Some(at) = stream::tail_seq(f).filter(|_| message) {
+                        if let Some(topic) = stream::topic_of(f) {
+                            streams.record(topic, at);
                         }
                     }
                 }
@@ -215,6 +262,7 @@ pub async fn receive(
         now = now_ns();
     }
     out.counts = seq.counts();
+    out.streams = streams.counts();
     out
 }
 
