@@ -6,34 +6,13 @@
 //! - `fanout` on a stream topic: every message carries a seq, contiguous per
 //!   subscriber (no gap, no dup, no reset), and the payload accounting still works.
 //!
-//! The gateway binary is `$WSGATE_BIN`, else `wsgate` next to the generator's binary
-//! (`cargo test --workspace` builds it there). Without one that takes `--config`, the
-//! tests say so on stderr and pass without running.
+//! The gateway is the `wsgate` binary of this build (`cargo test --workspace` builds
+//! it), started through the testkit; without it the tests fail, saying so.
 
-use std::net::TcpStream;
 use std::path::{Path, PathBuf};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::{Command, Stdio};
 
-use wsgate_testkit::free_port;
-
-/// Kills the child when the test ends, however it ends.
-struct Guard(Child);
-
-impl Drop for Guard {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-fn wait_port(port: u16) {
-    let deadline = Instant::now() + Duration::from_secs(15);
-    while TcpStream::connect(("127.0.0.1", port)).is_err() {
-        assert!(Instant::now() < deadline, "nothing listens on {port}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
+use wsgate_testkit::process::Node;
 
 fn tmpdir(name: &str) -> PathBuf {
     let d = std::env::temp_dir().join(format!("wsgate-loadtest-{name}-{}", std::process::id()));
@@ -41,48 +20,16 @@ fn tmpdir(name: &str) -> PathBuf {
     d
 }
 
-/// The gateway binary, if there is one that reads a configuration file.
-fn gateway_bin() -> Option<PathBuf> {
-    let bin = match std::env::var_os("WSGATE_BIN") {
-        Some(b) => PathBuf::from(b),
-        None => Path::new(env!("CARGO_BIN_EXE_wsgate-loadtest")).with_file_name("wsgate"),
-    };
-    let help = Command::new(&bin).arg("--help").output().ok()?;
-    if String::from_utf8_lossy(&help.stdout).contains("--config") {
-        Some(bin)
-    } else {
-        None
-    }
-}
-
-/// Starts the gateway with `chat:*` as streams; its WebSocket port.
-fn gateway(dir: &Path) -> Option<(Guard, u16)> {
-    let Some(bin) = gateway_bin() else {
-        eprintln!(
-            "SKIPPED: no wsgate binary with --config (build it: cargo build -p wsgate, or set WSGATE_BIN)"
-        );
-        return None;
-    };
+/// Starts the gateway (the testkit's launcher: the `wsgate` binary of this build) with
+/// `chat:*` as streams.
+fn gateway(dir: &Path) -> Node {
     let conf = dir.join("wsgate.toml");
     std::fs::write(
         &conf,
         "[[namespaces]]\nname = \"chat\"\ntopics = [\"chat:*\"]\nhistory_size = 1000\nhistory_ttl = \"10m\"\n",
     )
     .unwrap();
-    let (port, admin) = (free_port(), free_port());
-    let g = Guard(
-        Command::new(bin)
-            .arg("--config")
-            .arg(&conf)
-            .args(["--listen", &format!("127.0.0.1:{port}")])
-            .args(["--admin-listen", &format!("127.0.0.1:{admin}")])
-            .args(["--log-level", "warn"])
-            .stdout(Stdio::null())
-            .spawn()
-            .expect("starting wsgate"),
-    );
-    wait_port(port);
-    Some((g, port))
+    Node::start(None, &["--config", conf.to_str().unwrap()])
 }
 
 fn run(args: &[&str], out: &Path) -> (bool, serde_json::Value) {
@@ -100,11 +47,9 @@ fn run(args: &[&str], out: &Path) -> (bool, serde_json::Value) {
 #[test]
 fn resume_storm_gets_every_missed_seq_exactly_once() {
     let dir = tmpdir("storm");
-    let Some((gw, port)) = gateway(&dir) else {
-        return;
-    };
-    let url = format!("ws://127.0.0.1:{port}/ws");
-    let pid = gw.0.id().to_string();
+    let gw = gateway(&dir);
+    let url = format!("ws://{}/ws", gw.addr);
+    let pid = gw.pid().to_string();
     // 24 clients over 2 stream topics miss 150 publications each (HTTP batches of 40),
     // then all come back at once; 4 live subscribers of a plain topic meanwhile.
     let (ok, r) = run(
@@ -166,10 +111,8 @@ fn resume_storm_gets_every_missed_seq_exactly_once() {
 #[test]
 fn resume_storm_fails_loudly_on_plain_topics() {
     let dir = tmpdir("storm-plain");
-    let Some((_gw, port)) = gateway(&dir) else {
-        return;
-    };
-    let url = format!("ws://127.0.0.1:{port}/ws");
+    let gw = gateway(&dir);
+    let url = format!("ws://{}/ws", gw.addr);
     let status = Command::new(env!("CARGO_BIN_EXE_wsgate-loadtest"))
         .args(["resume-storm", "--url", &url, "--topic-prefix", "plain-"])
         .args(["--clients", "2", "--missed", "5", "--no-progress"])
@@ -184,11 +127,9 @@ fn resume_storm_fails_loudly_on_plain_topics() {
 #[test]
 fn fanout_on_a_stream_counts_contiguous_seqs() {
     let dir = tmpdir("stream-fanout");
-    let Some((gw, port)) = gateway(&dir) else {
-        return;
-    };
-    let url = format!("ws://127.0.0.1:{port}/ws");
-    let pid = gw.0.id().to_string();
+    let gw = gateway(&dir);
+    let url = format!("ws://{}/ws", gw.addr);
+    let pid = gw.pid().to_string();
     // 2 s at 50 publications/s over 2 publishers = 100, each to 3 of 6 subscribers.
     let (ok, r) = run(
         &[
