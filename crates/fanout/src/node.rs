@@ -733,12 +733,31 @@ impl Node {
                 }
             }
         };
-        let answer = read.clone().await;
-        // Done: the next resume of this range reads afresh.
-        let mut reads = self.reads.lock();
-        if reads.get(&key).is_some_and(|(_, r)| r.ptr_eq(&read)) {
-            reads.remove(&key);
+        // Done (or given up: a resume whose session went away): the next resume of
+        // this range reads afresh, and no entry outlives its read.
+        struct Forget<'a> {
+            reads: &'a Mutex<HashMap<(Arc<str>, u64), SharedRead>>,
+            key: (Arc<str>, u64),
+            read: futures_util::future::Shared<BrokerFuture<History>>,
         }
+        impl Drop for Forget<'_> {
+            fn drop(&mut self) {
+                let mut reads = self.reads.lock();
+                if reads
+                    .get(&self.key)
+                    .is_some_and(|(_, r)| r.ptr_eq(&self.read))
+                {
+                    reads.remove(&self.key);
+                }
+            }
+        }
+        let forget = Forget {
+            reads: &self.reads,
+            key,
+            read: read.clone(),
+        };
+        let answer = read.await;
+        drop(forget);
         answer
     }
 
@@ -1616,6 +1635,33 @@ mod tests {
         }
         let n = reads.load(std::sync::atomic::Ordering::Relaxed);
         assert!(n <= 2, "50 resumes of one range read the history {n} times");
+    }
+
+    #[tokio::test]
+    async fn a_resume_given_up_leaves_no_shared_read_behind() {
+        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
+        let counted = reads.clone();
+        let node =
+            Node::with_namespaces(Metrics::default(), 1024, chat_streams(100), move |events| {
+                TestBroker::with(&[], false)(events).map(|mut b| {
+                    b.slow_reads = Some(counted);
+                    b
+                })
+            })
+            .unwrap();
+        let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
+        let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;
+        let epoch = start[0].position.epoch.to_string();
+        for i in 1..=5 {
+            publish_now(&node, "chat:1", &i.to_string());
+        }
+        let sub: Arc<dyn Subscriber> = Arc::new(Recorder::default());
+        let (topics, since) = ([t("chat:1")], [("chat:1", 1, epoch.as_str())]);
+        let resume = join(&node, 2, &sub, &topics, &since);
+        let gave_up = tokio::time::timeout(std::time::Duration::from_millis(5), resume).await;
+        assert!(gave_up.is_err(), "the slow read was still going");
+        assert_eq!(reads.load(std::sync::atomic::Ordering::Relaxed), 1);
+        assert!(node.reads.lock().is_empty(), "the shared read went with it");
     }
 
     #[tokio::test]
