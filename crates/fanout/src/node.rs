@@ -1589,8 +1589,9 @@ mod tests {
         }
     }
 
-    #[tokio::test]
-    async fn a_storm_of_resumes_reads_the_history_once() {
+    /// A node whose broker answers `After` reads slowly (counted), with one subscriber
+    /// on stream `chat:1` and `published` publications made: (node, reads, epoch).
+    async fn slow_stream(published: u64) -> (Node, Arc<std::sync::atomic::AtomicUsize>, String) {
         let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
         let counted = reads.clone();
         let node = Node::with_namespaces(
@@ -1607,10 +1608,16 @@ mod tests {
         .unwrap();
         let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
         let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;
-        let epoch = start[0].position.epoch.to_string();
-        for i in 1..=100 {
+        for i in 1..=published {
             publish_now(&node, "chat:1", &i.to_string());
         }
+        let epoch = start[0].position.epoch.to_string();
+        (node, reads, epoch)
+    }
+
+    #[tokio::test]
+    async fn a_storm_of_resumes_reads_the_history_once() {
+        let (node, reads, epoch) = slow_stream(100).await;
         let recorders: Vec<Arc<Recorder>> =
             (0..50).map(|_| Arc::new(Recorder::default())).collect();
         let resumes = recorders.iter().enumerate().map(|(i, r)| {
@@ -1639,22 +1646,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_resume_given_up_leaves_no_shared_read_behind() {
-        let reads = Arc::new(std::sync::atomic::AtomicUsize::new(0));
-        let counted = reads.clone();
-        let node =
-            Node::with_namespaces(Metrics::default(), 1024, chat_streams(100), move |events| {
-                TestBroker::with(&[], false)(events).map(|mut b| {
-                    b.slow_reads = Some(counted);
-                    b
-                })
-            })
-            .unwrap();
-        let first: Arc<dyn Subscriber> = Arc::new(Recorder::default());
-        let start = join(&node, 1, &first, &[t("chat:1")], &[]).await;
-        let epoch = start[0].position.epoch.to_string();
-        for i in 1..=5 {
-            publish_now(&node, "chat:1", &i.to_string());
-        }
+        let (node, reads, epoch) = slow_stream(5).await;
         let sub: Arc<dyn Subscriber> = Arc::new(Recorder::default());
         let (topics, since) = ([t("chat:1")], [("chat:1", 1, epoch.as_str())]);
         let resume = join(&node, 2, &sub, &topics, &since);
