@@ -22,7 +22,13 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::collections::HashMap;
+
+use indexmap::IndexMap;
+use parking_lot::Mutex;
+
 use crate::history::{MemoryHistory, DEFAULT_HISTORY_MEMORY};
+use crate::presence::{NodeInfo, PresenceEntry, PresenceEvent, PresenceKind};
 use crate::stream::{History, HistoryEntry, HistoryQuery, Position, StreamOptions};
 
 /// Why a broker could not do what was asked. Client-visible as `unavailable`.
@@ -78,6 +84,37 @@ pub trait BrokerEvents: Send + Sync + 'static {
     /// catches its streams up from history (or says `reset`). Must not block.
     fn resubscribed(&self, topics: &[Arc<str>]) {
         let _ = topics;
+    }
+
+    /// A join or leave on `topic` arrived (from any node, this one included). Must
+    /// not block.
+    fn presence_event(&self, topic: &str, event: PresenceEvent) {
+        let _ = (topic, event);
+    }
+
+    /// A server command (`POST /api/disconnect`, …) sent to every node through
+    /// [`Broker::control`] arrived. Must not block.
+    fn control(&self, command: &[u8]) {
+        let _ = command;
+    }
+
+    /// Every presence entry of this node's connections, by topic: what a broker
+    /// writes again when its copy was lost (a Redis restart) or may be wrong (a
+    /// failed write).
+    fn presence_snapshot(&self) -> Vec<(Arc<str>, Vec<PresenceEntry>)> {
+        Vec::new()
+    }
+
+    /// Whether `topic`'s subscribers get join/leave events (for a broker announcing
+    /// the leaves of a dead node's connections).
+    fn announces(&self, topic: &str) -> bool {
+        let _ = topic;
+        false
+    }
+
+    /// What this node is now, for the cluster's node list (`GET /api/info`).
+    fn node_info(&self) -> Option<NodeInfo> {
+        None
     }
 }
 
@@ -187,13 +224,62 @@ pub trait Broker: Send + Sync + 'static {
     fn history_bytes(&self) -> Option<usize> {
         None
     }
+
+    /// Lists `entry` in `topic`'s presence and, with `announce`, relays its `join`
+    /// to every node ([`BrokerEvents::presence_event`]). Resolves once every node's
+    /// presence query sees it. Ordering as for [`Broker::publish`]: a later
+    /// [`Broker::presence_remove`] of the same entry is relayed after it.
+    fn presence_add(&self, topic: &str, entry: &PresenceEntry, announce: bool) -> BrokerFuture {
+        let _ = (topic, entry, announce);
+        BrokerFuture::ready(Err(BrokerError::Unavailable(format!(
+            "the {} broker keeps no presence",
+            self.kind()
+        ))))
+    }
+
+    /// Takes `entry` out of `topic`'s presence and, with `announce`, relays its
+    /// `leave`. `last`: no other connection of this node is on the topic. A failure
+    /// is the broker's to put right (from [`BrokerEvents::presence_snapshot`]).
+    fn presence_remove(&self, topic: &str, entry: &PresenceEntry, announce: bool, last: bool) {
+        let _ = (topic, entry, announce, last);
+    }
+
+    /// Every connection in `topic`'s presence, on every live node.
+    fn presence(&self, topic: &str) -> BrokerFuture<Vec<PresenceEntry>> {
+        let _ = topic;
+        BrokerFuture::ready(Err(BrokerError::Unavailable(format!(
+            "the {} broker keeps no presence",
+            self.kind()
+        ))))
+    }
+
+    /// Sends a server command to every node, this one included
+    /// ([`BrokerEvents::control`]); resolves with how many nodes it reached, when
+    /// the broker knows.
+    fn control(&self, command: &[u8]) -> BrokerFuture<Option<usize>> {
+        let _ = command;
+        BrokerFuture::ready(Err(BrokerError::Unavailable(format!(
+            "the {} broker relays no server commands",
+            self.kind()
+        ))))
+    }
+
+    /// Every live node.
+    fn nodes(&self) -> BrokerFuture<Vec<NodeInfo>> {
+        BrokerFuture::ready(Err(BrokerError::Unavailable(format!(
+            "the {} broker keeps no node list",
+            self.kind()
+        ))))
+    }
 }
 
 /// The embedded single-node broker: a publication is reported back at once; stream
-/// history is kept in memory ([`MemoryHistory`]).
+/// history and presence are kept in memory ([`MemoryHistory`]).
 pub struct MemoryBroker {
     events: Arc<dyn BrokerEvents>,
     history: MemoryHistory,
+    /// Presence by topic, then session, in the order connections joined.
+    presence: Mutex<HashMap<Arc<str>, IndexMap<Arc<str>, PresenceEntry>>>,
 }
 
 impl MemoryBroker {
@@ -208,6 +294,7 @@ impl MemoryBroker {
         MemoryBroker {
             events,
             history: MemoryHistory::new(cap),
+            presence: Mutex::default(),
         }
     }
 
@@ -268,6 +355,65 @@ impl Broker for MemoryBroker {
 
     fn kind(&self) -> &'static str {
         "memory"
+    }
+
+    fn presence_add(&self, topic: &str, entry: &PresenceEntry, announce: bool) -> BrokerFuture {
+        let fresh = self
+            .presence
+            .lock()
+            .entry(Arc::from(topic))
+            .or_default()
+            .insert(entry.session.clone(), entry.clone())
+            .is_none();
+        if fresh && announce {
+            self.events.presence_event(topic, event(PresenceKind::Join, entry));
+        }
+        BrokerFuture::ready(Ok(()))
+    }
+
+    fn presence_remove(&self, topic: &str, entry: &PresenceEntry, announce: bool, _last: bool) {
+        let removed = {
+            let mut all = self.presence.lock();
+            let removed = all
+                .get_mut(topic)
+                .and_then(|t| t.shift_remove(&entry.session))
+                .is_some();
+            if all.get(topic).is_some_and(IndexMap::is_empty) {
+                all.remove(topic);
+            }
+            removed
+        };
+        if removed && announce {
+            self.events.presence_event(topic, event(PresenceKind::Leave, entry));
+        }
+    }
+
+    fn presence(&self, topic: &str) -> BrokerFuture<Vec<PresenceEntry>> {
+        let list = self
+            .presence
+            .lock()
+            .get(topic)
+            .map(|t| t.values().cloned().collect())
+            .unwrap_or_default();
+        BrokerFuture::ready(Ok(list))
+    }
+
+    fn control(&self, command: &[u8]) -> BrokerFuture<Option<usize>> {
+        self.events.control(command);
+        BrokerFuture::ready(Ok(Some(1)))
+    }
+
+    fn nodes(&self) -> BrokerFuture<Vec<NodeInfo>> {
+        BrokerFuture::ready(Ok(self.events.node_info().into_iter().collect()))
+    }
+}
+
+/// The event of `entry` joining or leaving.
+pub fn event(kind: PresenceKind, entry: &PresenceEntry) -> PresenceEvent {
+    PresenceEvent {
+        kind,
+        session: entry.session.clone(),
+        user: entry.user.clone(),
     }
 }
 

@@ -133,6 +133,28 @@ impl Hub {
         }
     }
 
+    /// Hands `publication` to every local subscriber of `topic` but `except`;
+    /// returns how many got it.
+    pub fn deliver_except(
+        &self,
+        topic: &str,
+        publication: &Publication,
+        except: Option<SubscriberId>,
+    ) -> usize {
+        let topics = self.shard(topic).topics.read();
+        let Some(subs) = topics.get(topic) else {
+            return 0;
+        };
+        let mut n = 0;
+        for (id, sub) in subs {
+            if Some(*id) != except {
+                sub.deliver(publication);
+                n += 1;
+            }
+        }
+        n
+    }
+
     /// Whether `topic` has at least one local subscriber.
     pub fn has_subscribers(&self, topic: &str) -> bool {
         self.shard(topic).topics.read().contains_key(topic)

@@ -18,6 +18,9 @@
 //! - [`stream`]: which topics are streams ([`Namespaces`]), positions and history,
 //!   and [`stream::StreamState`], a node's pure view of one stream (in order,
 //!   duplicates dropped, gaps repaired or reset).
+//! - [`presence`]: who is on a topic ([`PresenceEntry`]), join/leave events, the
+//!   node list of `GET /api/info` ([`NodeInfo`]), the node's own presence table and
+//!   the per-topic rate rule of join/leave pushes.
 //! - [`history`]: the embedded broker's in-memory stream history (bounded per stream
 //!   by count and age, in total by bytes).
 //! - [`topic`]: topic name validation (the contract's `invalid_topic` rule).
@@ -35,6 +38,7 @@ pub mod frame;
 pub mod history;
 pub mod hub;
 pub mod node;
+pub mod presence;
 pub mod publication;
 pub mod stream;
 pub mod topic;
@@ -43,6 +47,9 @@ pub use broker::{Broker, BrokerError, BrokerEvents, BrokerFuture, MemoryBroker, 
 pub use history::{MemoryHistory, DEFAULT_HISTORY_MEMORY};
 pub use hub::{Hub, Subscriber, SubscriberId};
 pub use node::{HistoryError, Node, PublishAck, PublishError, Source, StreamStart};
+pub use presence::{
+    NodeInfo, PresenceEntry, PresenceEvent, PresenceKind, PresenceOptions, PresenceStats,
+};
 pub use publication::{unix_nanos, Publication};
 pub use stream::{
     History, HistoryEntry, HistoryQuery, Namespace, Namespaces, Pattern, Position, StreamOptions,

@@ -36,7 +36,11 @@ use crate::publication::{unix_nanos, Publication};
 use crate::stream::{
     Action, History, HistoryEntry, HistoryQuery, Namespaces, Phase, Position, StreamState,
 };
+use crate::presence::{NodeInfo, PresenceEntry, PresenceEvent, Table};
 use crate::topic::{validate_topic, TopicError};
+
+mod presence;
+pub use presence::{Hooks, PresenceError};
 
 /// Who published, for the `wsgate_messages_received_total{source}` count.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -103,6 +107,10 @@ struct Core {
     broker: OnceLock<Weak<dyn Broker>>,
     /// Warns, at most every few seconds, of plain PUBLISHes to a stream's channel.
     plain_on_stream: RateLimitedWarning,
+    /// This node's own presence entries, sharded by topic like the streams.
+    presence: Box<[Mutex<Table>]>,
+    /// What the gateway says about itself (set once, at start).
+    hooks: OnceLock<Hooks>,
 }
 
 /// A warning logged at most once per [`RateLimitedWarning::EVERY`]; the rest are only
@@ -371,6 +379,30 @@ impl BrokerEvents for Arc<Core> {
         });
     }
 
+    fn presence_event(&self, topic: &str, event: PresenceEvent) {
+        self.on_presence_event(topic, event);
+    }
+
+    fn control(&self, command: &[u8]) {
+        if let Some(h) = self.hooks.get() {
+            (h.control)(command);
+        }
+    }
+
+    fn presence_snapshot(&self) -> Vec<(Arc<str>, Vec<PresenceEntry>)> {
+        self.snapshot()
+    }
+
+    fn announces(&self, topic: &str) -> bool {
+        self.namespaces
+            .presence(topic)
+            .is_some_and(|p| p.join_leave)
+    }
+
+    fn node_info(&self) -> Option<NodeInfo> {
+        self.hooks.get().map(|h| (h.info)())
+    }
+
     fn has_subscribers(&self, topic: &str) -> bool {
         self.hub.has_subscribers(topic)
             || self.streams[self.shard_of(topic)]
@@ -464,6 +496,8 @@ impl Node {
             plain_on_stream: RateLimitedWarning {
                 last: Mutex::new(None),
             },
+            presence: (0..STREAM_SHARDS).map(|_| Mutex::default()).collect(),
+            hooks: OnceLock::new(),
         });
         let events: Arc<dyn BrokerEvents> = Arc::new(core.clone());
         let broker: Arc<dyn Broker> = Arc::new(broker(events)?);
@@ -1233,6 +1267,7 @@ mod tests {
                 history_size: size,
                 history_ttl: std::time::Duration::from_secs(600),
             }),
+            ..Default::default()
         }])
         .unwrap()
     }

@@ -16,6 +16,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 
+use crate::presence::PresenceOptions;
 use crate::topic::{validate_topic, TopicError};
 
 /// How much history a stream keeps.
@@ -101,6 +102,28 @@ pub struct Namespace {
     pub topics: Vec<Pattern>,
     /// `Some` when its topics are streams.
     pub stream: Option<StreamOptions>,
+    /// `Some` when its topics track presence.
+    pub presence: Option<PresenceOptions>,
+    /// Whether clients may publish to its topics (else only the HTTP API and
+    /// backends can: `forbidden`).
+    pub client_publish: bool,
+    /// Whether clients may subscribe to its topics themselves (else only the server
+    /// can subscribe them: the server API, or the token's `subs` claim).
+    pub client_subscribe: bool,
+}
+
+impl Default for Namespace {
+    /// A namespace of plain topics that clients may publish and subscribe to.
+    fn default() -> Self {
+        Namespace {
+            name: String::new(),
+            topics: Vec::new(),
+            stream: None,
+            presence: None,
+            client_publish: true,
+            client_subscribe: true,
+        }
+    }
 }
 
 /// Which topics are streams: a list of namespaces; the most specific pattern that
@@ -154,6 +177,26 @@ impl Namespaces {
     /// Whether any topic is a stream.
     pub fn has_streams(&self) -> bool {
         self.list.iter().any(|ns| ns.stream.is_some())
+    }
+
+    /// The presence options of `topic`, if it tracks presence.
+    pub fn presence(&self, topic: &str) -> Option<&PresenceOptions> {
+        self.namespace(topic).and_then(|ns| ns.presence.as_ref())
+    }
+
+    /// Whether any topic tracks presence.
+    pub fn has_presence(&self) -> bool {
+        self.list.iter().any(|ns| ns.presence.is_some())
+    }
+
+    /// Whether clients may publish to `topic` themselves.
+    pub fn client_publish(&self, topic: &str) -> bool {
+        self.namespace(topic).is_none_or(|ns| ns.client_publish)
+    }
+
+    /// Whether clients may subscribe to `topic` themselves.
+    pub fn client_subscribe(&self, topic: &str) -> bool {
+        self.namespace(topic).is_none_or(|ns| ns.client_subscribe)
     }
 
     /// Every namespace.
@@ -516,6 +559,7 @@ mod tests {
                 history_size: size,
                 history_ttl: Duration::from_secs(60),
             }),
+            ..Default::default()
         };
         let all = Namespaces::new(vec![
             ns("chat", &["chat:*"], 100),

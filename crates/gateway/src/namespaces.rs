@@ -148,6 +148,7 @@ pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
             name,
             topics,
             stream,
+            ..Default::default()
         });
     }
     Namespaces::new(list).map_err(|message| SettingError {

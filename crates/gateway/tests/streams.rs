@@ -38,6 +38,7 @@ async fn start_streams(size: usize, args: &[&str]) -> TestServer {
             history_size: size,
             history_ttl: Duration::from_secs(600),
         }),
+        ..Default::default()
     }])
     .unwrap();
     let node = Node::in_memory_with(

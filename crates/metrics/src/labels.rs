@@ -14,6 +14,8 @@ pub const DISCONNECT: &[&str] = &[
     "drain",
     "protocol_error",
     "invalid_utf8",
+    "token_expired",
+    "server_disconnect",
     "error",
 ];
 
@@ -34,3 +36,25 @@ pub const DROPPED: &[&str] = &["slow_consumer", "disconnected", "broker_unavaila
 
 /// `wsgate_messages_received_total{source}`.
 pub const SOURCE: &[&str] = &["client", "http", "redis"];
+
+/// `wsgate_join_leave_events_total{event}`.
+pub const JOIN_LEAVE: &[&str] = &["join", "leave"];
+
+/// `wsgate_join_leave_events_total{outcome}`: pushed one by one, or skipped by the
+/// per-topic rate rule (and summarised in one `presence_changed`).
+pub const JOIN_LEAVE_OUTCOME: &[&str] = &["pushed", "skipped"];
+
+/// `wsgate_api_requests_total{endpoint}`.
+pub const API_ENDPOINTS: &[&str] = &[
+    "publish",
+    "history",
+    "presence",
+    "presence_stats",
+    "disconnect",
+    "subscribe",
+    "unsubscribe",
+    "info",
+];
+
+/// `wsgate_server_commands_total{command}`.
+pub const SERVER_COMMANDS: &[&str] = &["disconnect", "subscribe", "unsubscribe"];

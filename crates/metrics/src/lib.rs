@@ -156,6 +156,37 @@ pub struct Metrics {
     /// `wsgate_history_bytes`: bytes of stream history kept in this process
     /// (embedded mode).
     pub history_bytes: IntGauge,
+    /// `wsgate_presence_entries`: this node's connections listed in presence (one
+    /// per connection and presence topic; set at scrape).
+    pub presence_entries: IntGauge,
+    /// `wsgate_presence_errors_total`: presence writes the broker did not take (the
+    /// node puts its entries right at its next heartbeat).
+    pub presence_errors: IntCounter,
+    /// `wsgate_presence_queries_total{source}`: presence and presence_stats queries
+    /// answered by this node (`client`, `http`).
+    pub presence_queries: IntCounterVec,
+    /// `wsgate_join_leave_events_total{event,outcome}`: join/leave events that arrived
+    /// for local subscribers, pushed one by one or skipped by the per-topic rate rule
+    /// (then summarised in a `presence_changed`).
+    pub join_leave_events: IntCounterVec,
+    /// `wsgate_presence_dead_nodes_total`: dead nodes whose presence this node
+    /// cleaned up (their entries removed, `leave` sent for them).
+    pub presence_dead_nodes: IntCounter,
+    /// `wsgate_presence_ghosts_removed_total`: entries of dead nodes removed by this
+    /// node.
+    pub presence_ghosts_removed: IntCounter,
+    /// `wsgate_presence_resyncs_total`: times this node wrote its presence entries
+    /// again (after Redis lost them, or after a failed write).
+    pub presence_resyncs: IntCounter,
+    /// `wsgate_cluster_nodes`: live nodes this node saw at its last heartbeat.
+    pub cluster_nodes: IntGauge,
+    /// `wsgate_api_requests_total{endpoint,status}`: HTTP API calls by endpoint
+    /// (`publish`, `history`, `presence`, `presence_stats`, `disconnect`,
+    /// `subscribe`, `unsubscribe`, `info`) and status code.
+    pub api_requests: IntCounterVec,
+    /// `wsgate_server_commands_total{command}`: server API commands this node carried
+    /// out on its own connections (one per matching connection).
+    pub server_commands: IntCounterVec,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
@@ -415,6 +446,86 @@ impl Metrics {
                 r,
                 "wsgate_history_bytes",
                 "Bytes of stream history kept in this process (embedded mode).",
+            ),
+            presence_entries: gauge(
+                r,
+                "wsgate_presence_entries",
+                "This node's connections listed in presence (connection-topic pairs).",
+            ),
+            presence_errors: counter(
+                r,
+                "wsgate_presence_errors_total",
+                "Presence writes the broker did not take (put right at the next heartbeat).",
+            ),
+            presence_queries: counter_vec(
+                r,
+                "wsgate_presence_queries_total",
+                "Presence queries answered, by source (client, http).",
+                "source",
+                &["client", "http"],
+            ),
+            join_leave_events: {
+                let c = register(
+                    r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "wsgate_join_leave_events_total",
+                            "join/leave events for local subscribers, pushed or skipped by the rate rule.",
+                        ),
+                        &["event", "outcome"],
+                    )
+                    .expect("valid metric"),
+                );
+                for e in labels::JOIN_LEAVE {
+                    for o in labels::JOIN_LEAVE_OUTCOME {
+                        c.with_label_values(&[e, o]);
+                    }
+                }
+                c
+            },
+            presence_dead_nodes: counter(
+                r,
+                "wsgate_presence_dead_nodes_total",
+                "Dead nodes whose presence entries this node removed (leave sent for them).",
+            ),
+            presence_ghosts_removed: counter(
+                r,
+                "wsgate_presence_ghosts_removed_total",
+                "Presence entries of dead nodes removed by this node.",
+            ),
+            presence_resyncs: counter(
+                r,
+                "wsgate_presence_resyncs_total",
+                "Times this node wrote its presence entries again (Redis lost them, or a write failed).",
+            ),
+            cluster_nodes: gauge(
+                r,
+                "wsgate_cluster_nodes",
+                "Live gateway nodes seen at this node's last heartbeat.",
+            ),
+            api_requests: {
+                let c = register(
+                    r,
+                    IntCounterVec::new(
+                        Opts::new(
+                            "wsgate_api_requests_total",
+                            "HTTP API calls, by endpoint and status code.",
+                        ),
+                        &["endpoint", "status"],
+                    )
+                    .expect("valid metric"),
+                );
+                for e in labels::API_ENDPOINTS {
+                    c.with_label_values(&[e, "200"]);
+                }
+                c
+            },
+            server_commands: counter_vec(
+                r,
+                "wsgate_server_commands_total",
+                "Server API commands carried out on this node's connections, by command.",
+                "command",
+                labels::SERVER_COMMANDS,
             ),
             registry,
         };

@@ -416,6 +416,7 @@ fn redis_node(redis: &Redis) -> wsgate_fanout::Node {
         name: "chat".into(),
         topics: vec![Pattern::parse("chat:*").unwrap()],
         stream: Some(opts(3, Duration::from_secs(60))),
+        ..Default::default()
     }])
     .unwrap();
     let mut options = RedisOptions::new(redis.url());

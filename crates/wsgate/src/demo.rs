@@ -33,6 +33,7 @@ pub(crate) fn with_chat_stream(namespaces: Namespaces) -> Namespaces {
             history_size: 1000,
             history_ttl: Duration::from_secs(600),
         }),
+        ..Default::default()
     });
     Namespaces::new(list).unwrap_or(namespaces)
 }
@@ -113,6 +114,7 @@ mod tests {
                 name: "chat".into(),
                 topics: vec![Pattern::parse("chat:*").unwrap()],
                 stream: None,
+                ..Default::default()
             },
             Namespace {
                 name: "news".into(),
@@ -121,6 +123,7 @@ mod tests {
                     history_size: 5,
                     history_ttl: Duration::from_secs(60),
                 }),
+                ..Default::default()
             },
         ])
         .unwrap();
@@ -134,6 +137,7 @@ mod tests {
             name: "rooms".into(),
             topics: vec![Pattern::parse("chat:room-*").unwrap()],
             stream: None,
+            ..Default::default()
         }])
         .unwrap();
         let both = with_chat_stream(rooms);
