@@ -55,6 +55,11 @@ export const DEFAULTS = Object.freeze({
   maxMessageBytes: 65536,
   /** Listen to the browser's `online` and `visibilitychange` events. */
   browserEvents: true,
+  /**
+   * After a close 4010 (disconnected by the server API: the connection was kicked),
+   * reconnect with backoff instead of stopping.
+   */
+  reconnectOnKick: false,
 });
 
 // ---------------------------------------------------------------------------------------
@@ -82,11 +87,13 @@ export function backoffDelay(attempt, opts = {}, random = Math.random) {
  *   clients from stampeding the other nodes at the same millisecond.
  * - `"new-token"`: 1008 policy violation (e.g. the token expired): reconnect only if the
  *   token callback supplies a token different from the one that was refused.
+ * - `"kicked"`: 4010, disconnected by the server API (`POST /api/disconnect`): stop,
+ *   unless the `reconnectOnKick` option says to reconnect (then with backoff).
  * - `"backoff"`: everything else (1006 abnormal, 1009, 4000 heartbeat, 4008 slow
  *   consumer, 4029 rate limit, server-sent 1000, ...): exponential backoff.
  * A close the application asked for (`client.close()`) never reaches this function.
  * @param {number} code WebSocket close code.
- * @returns {"jitter" | "new-token" | "backoff"}
+ * @returns {"jitter" | "new-token" | "kicked" | "backoff"}
  */
 export function closePolicy(code) {
   switch (code) {
@@ -95,14 +102,17 @@ export function closePolicy(code) {
       return "jitter";
     case 1008:
       return "new-token";
+    case 4010:
+      return "kicked";
     default:
       return "backoff";
   }
 }
 
 /**
- * Delay before the next attempt for a given policy.
- * @param {"jitter" | "new-token" | "backoff"} policy from closePolicy().
+ * Delay before the next attempt for a given policy (`kicked`, when reconnecting at all,
+ * backs off like `backoff`).
+ * @param {"jitter" | "new-token" | "kicked" | "backoff"} policy from closePolicy().
  * @param {number} attempt consecutive failed attempts so far (0-based).
  * @param {object} [opts] see DEFAULTS.
  * @param {() => number} [random] returns [0, 1).
@@ -604,6 +614,11 @@ export class WsgateClient {
     if (this.state === "closed") return;
 
     const policy = closePolicy(info.code);
+    if (policy === "kicked" && !this._opts.reconnectOnKick) {
+      // Disconnected by the server API: the application decides whether to come back.
+      this._finish({ ...info, kicked: true });
+      return;
+    }
     if (wasOpen && openFor >= this._opts.stableAfterMs) this._attempt = 0;
     if (policy === "new-token") {
       if (!this._getToken && (this._token === null || this._token === this._connToken)) {

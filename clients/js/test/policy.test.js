@@ -71,6 +71,10 @@ describe("closePolicy (what a close code means for reconnecting)", () => {
     assert.equal(closePolicy(1008), "new-token");
   });
 
+  test("4010 disconnected by the server API: kicked (stops unless reconnectOnKick)", () => {
+    assert.equal(closePolicy(4010), "kicked");
+  });
+
   test("everything else backs off", () => {
     for (const code of [1000, 1002, 1003, 1005, 1006, 1007, 1009, 1011, 1013, 4000, 4008, 4029, 4999]) {
       assert.equal(closePolicy(code), "backoff", `code ${code}`);

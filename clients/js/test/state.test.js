@@ -158,6 +158,68 @@ describe("close codes", () => {
     assert.equal(c.reconnects, 1);
   });
 
+  test("1012 (service restart, rebalance): reconnects within the jitter window, backoff reset", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make(["ws://a/ws", "ws://b/ws"], { WebSocket, goingAwayMaxDelayMs: 100, random: () => 0.5, stableAfterMs: 60000 });
+    // Two failed attempts first: the backoff would have grown.
+    await socketCount(sockets, 1);
+    sockets[0].serverClose(1006);
+    await socketCount(sockets, 2);
+    sockets[1].serverClose(1006);
+    await socketCount(sockets, 3);
+    sockets[2].welcome();
+    c.subscribe("news", () => {});
+    await waitFor(() => sockets[2].lastSent("subscribe"));
+    sockets[2].reply(sockets[2].lastSent("subscribe"));
+    const rec = nextEvent(c, "reconnecting");
+    sockets[2].serverClose(1012, "rebalance");
+    const info = await rec;
+    assert.equal(info.code, 1012);
+    assert.equal(info.delayMs, 50, "the 1001 jitter window, not the backoff");
+    await socketCount(sockets, 4);
+    sockets[3].welcome();
+    assert.deepEqual(sockets[3].lastSent("subscribe").topics, ["news"], "resubscribed");
+  });
+
+  test("4010 (disconnected by the server API): closed for good, no reconnect", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const pending = c.subscribe("news", () => {});
+    await waitFor(() => sockets[0].lastSent("subscribe"));
+    const closed = nextEvent(c, "closed");
+    sockets[0].serverClose(4010, "kicked by an operator");
+    const info = await closed;
+    assert.equal(info.code, 4010);
+    assert.equal(info.reason, "kicked by an operator");
+    assert.equal(info.kicked, true);
+    assert.equal(c.state, "closed");
+    assert.equal(c.closeInfo.kicked, true);
+    await assert.rejects(pending, { code: "closed" });
+    await new Promise((r) => setTimeout(r, 200));
+    assert.equal(sockets.length, 1, "no reconnect after 4010");
+    await assert.rejects(c.ping(), { code: "closed" });
+    c.setToken("another");
+    await new Promise((r) => setTimeout(r, 100));
+    assert.equal(sockets.length, 1, "a new token does not undo a kick");
+  });
+
+  test("4010 with reconnectOnKick: reconnects with backoff", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, reconnectOnKick: true, backoffInitialMs: 40, random: () => 0.5 });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const rec = nextEvent(c, "reconnecting");
+    sockets[0].serverClose(4010, "kicked");
+    const info = await rec;
+    assert.equal(info.code, 4010);
+    assert.equal(info.delayMs, 20, "backoff: random 0.5 of the first 40 ms cap");
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    assert.equal(c.state, "open");
+  });
+
   test("failures back off exponentially (full jitter) and an open connection resets it", async () => {
     const { WebSocket, sockets } = fakeSockets();
     const c = make("ws://a/ws", { WebSocket, backoffInitialMs: 10, backoffMaxMs: 80, random: () => 0.999, stableAfterMs: 0 });
