@@ -287,6 +287,13 @@ export class WsgateClient {
     this._topics = new Map();
     /** topic -> resolvers of unsubscribe() calls not yet sent. */
     this._unsubs = new Map();
+    /**
+     * Topics the server subscribed the current connection to (token claim, server API):
+     * not the client's own, never resubscribed by it; emptied when the connection ends.
+     */
+    this._serverTopics = new Set();
+    /** topic -> handlers registered with listen() (messages without a subscribe). */
+    this._listens = new Map();
     /** id -> { resolve, reject, timer } for commands sent on the current socket. */
     this._requests = new Map();
     /** Publishes waiting for a connection: { frame, resolve, reject, timer }. */
@@ -322,8 +329,8 @@ export class WsgateClient {
 
   /**
    * Listens to an event: `state`, `connecting`, `open`, `reconnecting`, `closed`,
-   * `disconnect`, `message`, `resync`, `dead`, `error`. Returns a function that removes
-   * the listener.
+   * `disconnect`, `message`, `resync`, `join`, `leave`, `presence_changed`, `subscribed`,
+   * `unsubscribed`, `dead`, `error`. Returns a function that removes the listener.
    */
   on(event, fn) {
     let set = this._listeners.get(event);
@@ -445,6 +452,68 @@ export class WsgateClient {
     const out = {};
     for (const [topic, t] of this._topics) if (t.position) out[topic] = { seq: t.position.seq, epoch: t.position.epoch };
     return out;
+  }
+
+  /**
+   * Registers `handler(data, message)` for the messages on `topic` without subscribing:
+   * for topics the server subscribes this connection to (the token's `topics` claim, or
+   * `POST /api/subscribe`), which the client must not subscribe to itself. The handler
+   * stays until the returned function is called (or the client closes for good), across
+   * reconnects and server subscribes/unsubscribes. Handlers given to subscribe() get the
+   * topic's messages too, whoever made the subscription.
+   * @param {string} topic
+   * @param {(data: any, message: object) => void} handler
+   * @returns {() => void} removes the handler.
+   */
+  listen(topic, handler) {
+    if (typeof topic !== "string") throw new TypeError("wsgate: topic must be a string");
+    if (typeof handler !== "function") throw new TypeError("wsgate: listen needs a handler");
+    let set = this._listens.get(topic);
+    if (!set) this._listens.set(topic, (set = new Set()));
+    set.add(handler);
+    return () => {
+      const cur = this._listens.get(topic);
+      if (!cur) return;
+      cur.delete(handler);
+      if (cur.size === 0) this._listens.delete(topic);
+    };
+  }
+
+  /**
+   * Topics the server subscribed the current connection to (`subscribed` frames the
+   * client did not ask for). Empty when not open: the server re-applies the token's
+   * topics on each connection; API-made subscriptions end with the connection.
+   * @returns {string[]}
+   */
+  serverTopics() {
+    return [...this._serverTopics];
+  }
+
+  /**
+   * Who is in a presence topic: `[{session, user, node}]`, every connection subscribed
+   * to it on every node (`user` is null for a connection without a user). Like publish,
+   * waits up to `offlineTimeoutMs` for a connection. Rejects with the server's code:
+   * `not_enabled` (the topic's namespace has no presence), `forbidden`, `invalid_topic`,
+   * `unavailable`, or a client code.
+   * @param {string} topic
+   * @returns {Promise<Array<{session: string, user: string | null, node: string}>>}
+   */
+  presence(topic) {
+    if (typeof topic !== "string") return Promise.reject(new TypeError("wsgate: topic must be a string"));
+    if (this.state === "closed") return Promise.reject(this._closedError());
+    return this._command({ op: "presence", topic }, true).then((reply) => (Array.isArray(reply.clients) ? reply.clients : []));
+  }
+
+  /**
+   * How many are in a presence topic, `{clients, users}` (connections, and distinct
+   * users among them), without the list. Rejects like presence().
+   * @param {string} topic
+   * @returns {Promise<{clients: number, users: number}>}
+   */
+  presenceStats(topic) {
+    if (typeof topic !== "string") return Promise.reject(new TypeError("wsgate: topic must be a string"));
+    if (this.state === "closed") return Promise.reject(this._closedError());
+    return this._command({ op: "presence_stats", topic }, true).then((reply) => ({ clients: reply.clients, users: reply.users }));
   }
 
   /**
@@ -666,6 +735,9 @@ export class WsgateClient {
       t.status = "pending";
       t.solo = false;
     }
+    // The server's own subscriptions end with the connection (it re-applies the token's
+    // topics on the next one, with a new `subscribed` frame).
+    this._serverTopics.clear();
     // The next connection starts with no subscription: nothing left to unsubscribe.
     const unsubs = [...this._unsubs.values()];
     this._unsubs.clear();
@@ -695,7 +767,10 @@ export class WsgateClient {
       for (const w of t.waiters) w.reject(err);
       t.waiters = [];
     }
-    if (!info.policy) this._topics.clear();
+    if (!info.policy) {
+      this._topics.clear();
+      this._listens.clear();
+    }
     this.closeInfo = info;
     this._setState("closed", info);
   }
@@ -733,6 +808,23 @@ export class WsgateClient {
       case "welcome":
         this._onWelcome(msg);
         return;
+      case "join":
+      case "leave":
+      case "presence_changed": {
+        // Presence pushes: someone else joined or left a topic this connection is in, or
+        // the rate rule skipped some (the list is stale: query presence() again).
+        const { op, ...info } = msg;
+        if (typeof info.topic === "string") this._emit(op, info);
+        return;
+      }
+      case "subscribed":
+      case "unsubscribed":
+        if (msg.id === undefined || msg.id === null) {
+          this._onServerSubscription(msg);
+          return;
+        }
+        this._onReply(msg);
+        return;
       case "error": {
         const req = msg.id !== null && msg.id !== undefined ? this._takeRequest(msg.id) : null;
         const err = new WsgateError(msg.code || "internal", msg.message || msg.code);
@@ -740,24 +832,55 @@ export class WsgateClient {
         else this._emitError(err);
         return;
       }
-      default: {
-        // subscribed, unsubscribed, published, pong, refreshed, and future replies.
-        if (msg.id === undefined || msg.id === null) return;
-        const req = this._takeRequest(msg.id);
-        if (!req) return;
-        // Work that must happen before the next frame (a `subscribed` sets the stream
-        // positions the replay that follows it is checked against): a promise callback
-        // could run after frames that arrived in the same chunk.
-        if (req.onReply) {
-          try {
-            req.onReply(msg);
-          } catch (err) {
-            this._emitError(err);
-          }
-        }
-        req.resolve(msg);
+      default:
+        // published, pong, refreshed, presence replies, and future replies.
+        this._onReply(msg);
+    }
+  }
+
+  /** A reply to one of this connection's commands. */
+  _onReply(msg) {
+    if (msg.id === undefined || msg.id === null) return;
+    const req = this._takeRequest(msg.id);
+    if (!req) return;
+    // Work that must happen before the next frame (a `subscribed` sets the stream
+    // positions the replay that follows it is checked against): a promise callback
+    // could run after frames that arrived in the same chunk.
+    if (req.onReply) {
+      try {
+        req.onReply(msg);
+      } catch (err) {
+        this._emitError(err);
       }
     }
+    req.resolve(msg);
+  }
+
+  /**
+   * `subscribed`/`unsubscribed` with id null: the server changed this connection's
+   * subscriptions itself (token claim right after `welcome`, or the server API).
+   */
+  _onServerSubscription(msg) {
+    const topics = Array.isArray(msg.topics) ? msg.topics.filter((t) => typeof t === "string") : [];
+    if (msg.op === "subscribed") {
+      for (const topic of topics) this._serverTopics.add(topic);
+      const info = { topics, server: true };
+      if (msg.streams && typeof msg.streams === "object") info.streams = msg.streams;
+      this._emit("subscribed", info);
+      return;
+    }
+    for (const topic of topics) {
+      this._serverTopics.delete(topic);
+      // The server ended the subscription, even one the client made itself: its word is
+      // final, the topic is not resubscribed (subscribe() again to ask for it).
+      const t = this._topics.get(topic);
+      if (t) {
+        this._topics.delete(topic);
+        for (const w of t.waiters) w.resolve();
+        t.waiters = [];
+      }
+    }
+    this._emit("unsubscribed", { topics, server: true });
   }
 
   _onWelcome(msg) {
@@ -801,13 +924,12 @@ export class WsgateClient {
       }
       t.position = { seq: msg.seq, epoch: p.epoch };
     }
-    if (t) {
-      for (const h of [...t.handlers]) {
-        try {
-          h(msg.data, msg);
-        } catch (err) {
-          this._emitError(err);
-        }
+    const handlers = [...(t ? t.handlers : []), ...(this._listens.get(msg.topic) ?? [])];
+    for (const h of handlers) {
+      try {
+        h(msg.data, msg);
+      } catch (err) {
+        this._emitError(err);
       }
     }
     this._emit("message", msg);

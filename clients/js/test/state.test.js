@@ -199,7 +199,7 @@ describe("close codes", () => {
     await assert.rejects(pending, { code: "closed" });
     await new Promise((r) => setTimeout(r, 200));
     assert.equal(sockets.length, 1, "no reconnect after 4010");
-    await assert.rejects(c.ping(), { code: "closed" });
+    await assert.rejects(c.presence("room.1"), { code: "closed" });
     c.setToken("another");
     await new Promise((r) => setTimeout(r, 100));
     assert.equal(sockets.length, 1, "a new token does not undo a kick");
@@ -636,5 +636,119 @@ describe("streams and resume", () => {
       subs.flatMap((f) => f.topics),
       topics,
     );
+  });
+});
+
+describe("presence and server-side subscriptions", () => {
+  test("presence() and presenceStats() send their ops and resolve with the lists and counts", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const list = c.presence("room.1"); // waits for the connection, like publish
+    const stats = c.presenceStats("room.1");
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    const p = sockets[0].lastSent("presence");
+    const ps = sockets[0].lastSent("presence_stats");
+    assert.equal(p.topic, "room.1");
+    assert.equal(ps.topic, "room.1");
+    const clients = [
+      { session: "s1", user: "alice", node: "n1" },
+      { session: "s2", user: null, node: "n2" },
+    ];
+    sockets[0].serverSend({ op: "presence", id: p.id, topic: "room.1", clients });
+    sockets[0].serverSend({ op: "presence_stats", id: ps.id, topic: "room.1", clients: 2, users: 1 });
+    assert.deepEqual(await list, clients);
+    assert.deepEqual(await stats, { clients: 2, users: 1 });
+
+    const off = c.presence("lobby");
+    await waitFor(() => sockets[0].lastSent("presence").topic === "lobby");
+    sockets[0].error(sockets[0].lastSent("presence"), "not_enabled");
+    await assert.rejects(off, { code: "not_enabled" });
+    await assert.rejects(c.presence(42), TypeError);
+  });
+
+  test("join, leave and presence_changed pushes become events", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const seen = [];
+    for (const ev of ["join", "leave", "presence_changed"]) c.on(ev, (info) => seen.push([ev, info]));
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    sockets[0].serverSend({ op: "join", topic: "room.1", session: "s9", user: "bob" });
+    sockets[0].serverSend({ op: "leave", topic: "room.1", session: "s9", user: "bob" });
+    sockets[0].serverSend({ op: "presence_changed", topic: "room.1", skipped: 12 });
+    assert.deepEqual(seen, [
+      ["join", { topic: "room.1", session: "s9", user: "bob" }],
+      ["leave", { topic: "room.1", session: "s9", user: "bob" }],
+      ["presence_changed", { topic: "room.1", skipped: 12 }],
+    ]);
+  });
+
+  test("server-made subscriptions: event, messages to listen() and subscribe() handlers, not resubscribed", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const events = [];
+    c.on("subscribed", (i) => events.push(["subscribed", i]));
+    c.on("unsubscribed", (i) => events.push(["unsubscribed", i]));
+    const got = [];
+    const stop = c.listen("alerts", (data, msg) => got.push(["listen", msg.topic, data]));
+    c.subscribe("news", (data) => got.push(["news", data]));
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    sockets[0].reply(sockets[0].lastSent("subscribe"));
+    // Right after the welcome (token claim) and later (server API): no id.
+    sockets[0].serverSend({ op: "subscribed", id: null, topics: ["alerts"] });
+    sockets[0].serverSend({ op: "subscribed", id: null, topics: ["feed"], streams: { feed: { seq: 4, epoch: "e" } } });
+    assert.deepEqual(events, [
+      ["subscribed", { topics: ["alerts"], server: true }],
+      ["subscribed", { topics: ["feed"], server: true, streams: { feed: { seq: 4, epoch: "e" } } }],
+    ]);
+    assert.deepEqual(c.serverTopics().sort(), ["alerts", "feed"]);
+    assert.deepEqual(c.topics(), ["news"], "not the client's own subscriptions");
+    const messages = [];
+    c.on("message", (m) => messages.push(m.topic));
+    sockets[0].serverSend({ op: "message", topic: "alerts", data: 1 });
+    sockets[0].serverSend({ op: "message", topic: "feed", data: 2, seq: 5 });
+    assert.deepEqual(got, [["listen", "alerts", 1]]);
+    assert.deepEqual(messages, ["alerts", "feed"], "every message reaches the message event");
+
+    // The server ends one of its subscriptions and one of the client's.
+    sockets[0].serverSend({ op: "unsubscribed", id: null, topics: ["feed", "news"] });
+    assert.deepEqual(events.at(-1), ["unsubscribed", { topics: ["feed", "news"], server: true }]);
+    assert.deepEqual(c.serverTopics(), ["alerts"]);
+    assert.deepEqual(c.topics(), [], "a subscription the server ended is not the client's any more");
+
+    // A reconnect: only the client's own topics are subscribed again (none here); the
+    // server's subscriptions went with the connection.
+    c.subscribe("news2", () => {}).catch(() => {});
+    await waitFor(() => sockets[0].lastSent("subscribe").topics[0] === "news2");
+    sockets[0].serverClose(1006);
+    assert.deepEqual(c.serverTopics(), []);
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    const resubs = sockets[1].sent.filter((f) => f.op === "subscribe");
+    assert.equal(resubs.length, 1);
+    assert.deepEqual(resubs[0].topics, ["news2"], "server-made topics are not resubscribed by the client");
+    // The server re-applies the token's topics; the listen() handler is still there.
+    sockets[1].serverSend({ op: "subscribed", id: null, topics: ["alerts"] });
+    sockets[1].serverSend({ op: "message", topic: "alerts", data: 3 });
+    assert.deepEqual(got.at(-1), ["listen", "alerts", 3]);
+    stop();
+    sockets[1].serverSend({ op: "message", topic: "alerts", data: 4 });
+    assert.deepEqual(got.at(-1), ["listen", "alerts", 3], "removed");
+  });
+
+  test("a reply `subscribed` with an id still answers its command", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket });
+    const events = [];
+    c.on("subscribed", (i) => events.push(i));
+    const done = c.subscribe("a", () => {});
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    sockets[0].reply(sockets[0].lastSent("subscribe"));
+    await done;
+    assert.deepEqual(events, [], "the event is for the server's own subscriptions only");
+    assert.deepEqual(c.serverTopics(), []);
   });
 });
