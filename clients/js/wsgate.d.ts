@@ -67,10 +67,59 @@ export interface SubscribeOptions {
 
 export type MessageHandler<T = Json> = (data: T, message: Message<T>) => void;
 
+/** A connection in a presence topic (from `presence()`). */
+export interface PresenceClient {
+  /** The connection's session id (its `welcome.session`). */
+  session: string;
+  /** The authenticated user (the token's subject); null for an anonymous connection. */
+  user: string | null;
+  /** The gateway node serving it. */
+  node: string;
+  [extra: string]: unknown;
+}
+
+/** Counts of a presence topic (from `presenceStats()`). */
+export interface PresenceStats {
+  /** Connections in the topic. */
+  clients: number;
+  /** Distinct users among them (anonymous connections not counted). */
+  users: number;
+}
+
+/** Someone else joined or left a presence topic this connection is subscribed to. */
+export interface PresenceEvent {
+  topic: string;
+  session: string;
+  user: string | null;
+  [extra: string]: unknown;
+}
+
+/**
+ * The per-topic rate rule skipped `skipped` join/leave events: a list kept from
+ * `presence()` and join/leave is stale; query `presence()` again.
+ */
+export interface PresenceChanged {
+  topic: string;
+  skipped: number;
+  [extra: string]: unknown;
+}
+
+/**
+ * The server subscribed this connection to topics (the token's `topics` claim right after
+ * `welcome`, or `POST /api/subscribe`), or unsubscribed it (`POST /api/unsubscribe`).
+ */
+export interface ServerSubscription {
+  topics: string[];
+  /** Always true: the event is for the server's own changes, not replies to subscribe(). */
+  server: true;
+  /** On `subscribed`, for stream topics: where each starts (`{seq, epoch}`). */
+  streams?: Record<string, Position & { [extra: string]: unknown }>;
+}
+
 /**
  * Error codes: the server's (`bad_request`, `unknown_op`, `invalid_topic`, `forbidden`,
- * `too_many_topics`, `rate_limited`, `payload_too_large`, `unavailable`, `internal`) and the
- * client's own:
+ * `too_many_topics`, `rate_limited`, `payload_too_large`, `unavailable`, `internal`,
+ * `not_enabled`: presence asked of a topic without it) and the client's own:
  * - `disconnected`: the connection dropped after the command was sent; outcome unknown.
  * - `offline`: no connection within `offlineTimeoutMs`; the command was never sent.
  * - `timeout`: no reply within `requestTimeoutMs`.
@@ -88,6 +137,7 @@ export type ErrorCode =
   | "payload_too_large"
   | "unavailable"
   | "internal"
+  | "not_enabled"
   | "disconnected"
   | "offline"
   | "timeout"
@@ -162,6 +212,11 @@ export interface Options {
   maxMessageBytes?: number;
   /** Use the browser's `online`/`visibilitychange` events (default true). */
   browserEvents?: boolean;
+  /**
+   * After a close 4010 (disconnected by the server API), reconnect with backoff instead
+   * of stopping (default false: a kicked client stays `closed`).
+   */
+  reconnectOnKick?: boolean;
 }
 
 export interface StateInfo {
@@ -176,6 +231,20 @@ export interface StateInfo {
   heartbeat_ms?: number;
   byClient?: boolean;
   policy?: boolean;
+  /** Closed for good by a 4010 (disconnected by the server API). */
+  kicked?: boolean;
+}
+
+/** Why the client closed for good. */
+export interface CloseInfo {
+  code: number;
+  reason: string;
+  /** `close()` was called. */
+  byClient?: boolean;
+  /** A 1008 with no new token (setToken() restarts). */
+  policy?: boolean;
+  /** A 4010: disconnected by the server API (no reconnect unless `reconnectOnKick`). */
+  kicked?: boolean;
 }
 
 export interface DisconnectInfo {
@@ -193,7 +262,7 @@ export interface Events {
   connecting: (info: { attempt: number; url: string }) => void;
   open: (info: Welcome & { url: string }) => void;
   reconnecting: (info: { delayMs: number; attempt: number; code: number; reason: string }) => void;
-  closed: (info: { code: number; reason: string; byClient?: boolean; policy?: boolean }) => void;
+  closed: (info: CloseInfo) => void;
   /** A socket ended (or an attempt failed), before the reconnect decision. */
   disconnect: (info: DisconnectInfo) => void;
   /** The idle probe went unanswered: the link is dead. */
@@ -202,6 +271,16 @@ export interface Events {
   message: (message: Message) => void;
   /** A stream topic lost publications (failed resume, `reset`, or a seq gap): resync it. */
   resync: (info: Resync) => void;
+  /** Another connection joined a presence topic this one is subscribed to (never its own). */
+  join: (info: PresenceEvent) => void;
+  /** Another connection left a presence topic this one is subscribed to. */
+  leave: (info: PresenceEvent) => void;
+  /** Join/leave events were skipped by the rate rule: query presence() again. */
+  presence_changed: (info: PresenceChanged) => void;
+  /** The server subscribed this connection to topics (not a reply to subscribe()). */
+  subscribed: (info: ServerSubscription) => void;
+  /** The server unsubscribed this connection from topics. */
+  unsubscribed: (info: ServerSubscription) => void;
   /** Errors not tied to a call (an `error` frame with id null, a handler that threw, ...). */
   error: (error: WsgateError | Error) => void;
 }
@@ -219,7 +298,7 @@ export declare class WsgateClient {
   /** Stream messages dropped because they had already been delivered. */
   readonly duplicates: number;
   /** Why the client closed for good, once `state` is `closed`. */
-  readonly closeInfo: { code: number; reason: string; byClient?: boolean; policy?: boolean } | null;
+  readonly closeInfo: CloseInfo | null;
 
   on<E extends keyof Events>(event: E, fn: Events[E]): () => void;
   off<E extends keyof Events>(event: E, fn: Events[E]): void;
@@ -239,6 +318,21 @@ export declare class WsgateClient {
   position(topic: string): Position | null;
   /** Every known stream position, by topic (to save for a resume after a page reload). */
   positions(): Record<string, Position>;
+  /**
+   * Handler for the messages of a topic the server subscribes this connection to (token
+   * claim, server API), without subscribing; kept across reconnects. Returns its remover.
+   */
+  listen<T = Json>(topic: string, handler: MessageHandler<T>): () => void;
+  /** Topics the server subscribed the current connection to (empty when not open). */
+  serverTopics(): string[];
+  /**
+   * Who is in a presence topic, on every node. Waits for a connection like publish();
+   * rejects with the server's code (`not_enabled`, `forbidden`, `invalid_topic`,
+   * `unavailable`) or a client code.
+   */
+  presence(topic: string): Promise<PresenceClient[]>;
+  /** Connection and user counts of a presence topic; rejects like presence(). */
+  presenceStats(topic: string): Promise<PresenceStats>;
   /**
    * Resolves on `published`: with the publication's position on a stream topic, else
    * `undefined`. Rejects with a WsgateError (see ErrorCode).
@@ -266,10 +360,12 @@ export declare function backoffDelay(
   random?: () => number,
 ): number;
 /** Reconnect policy for a close code. */
-export declare function closePolicy(code: number): "jitter" | "new-token" | "backoff";
-/** Delay before the next attempt for a policy. */
+export type ClosePolicy = "jitter" | "new-token" | "kicked" | "backoff";
+/** Reconnect policy for a close code (`kicked`: 4010, stop unless `reconnectOnKick`). */
+export declare function closePolicy(code: number): ClosePolicy;
+/** Delay before the next attempt for a policy (`kicked` backs off like `backoff`). */
 export declare function reconnectDelay(
-  policy: "jitter" | "new-token" | "backoff",
+  policy: ClosePolicy,
   attempt: number,
   opts?: Options,
   random?: () => number,

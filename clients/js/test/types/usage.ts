@@ -1,5 +1,17 @@
 // Compile-only check of wsgate.d.ts (run by types.test.js with tsc --noEmit --strict).
-import connect, { WsgateClient, WsgateError, backoffDelay, closePolicy, type Json, type Position, type Resync, type Welcome } from "../../wsgate.js";
+import connect, {
+  WsgateClient,
+  WsgateError,
+  backoffDelay,
+  closePolicy,
+  type ClosePolicy,
+  type Json,
+  type Position,
+  type PresenceClient,
+  type PresenceStats,
+  type Resync,
+  type Welcome,
+} from "../../wsgate.js";
 import WebSocket from "ws";
 
 interface Tick {
@@ -55,14 +67,46 @@ const dups: number = client.duplicates;
 void dups;
 // @ts-expect-error a position needs an epoch
 void client.subscribe("chat:x", null, { since: { seq: 1 } });
-const policy: "jitter" | "new-token" | "backoff" = closePolicy(1001);
+const policy: ClosePolicy = closePolicy(4010);
 const delay: number = backoffDelay(3, { backoffInitialMs: 100 }, Math.random);
 void policy;
 void delay;
 void client.ping().then((rtt: number) => rtt);
+// Presence: the list, the counts, join/leave, and a stale list.
+void client.presence("room.1").then((list: PresenceClient[]) => {
+  for (const c of list) {
+    const user: string | null = c.user;
+    console.log(c.session, user, c.node);
+  }
+});
+void client.presenceStats("room.1").then((s: PresenceStats) => s.clients + s.users);
+client.on("join", ({ topic, session, user }) => console.log(topic, session, user ?? "anonymous"));
+client.on("leave", (e) => console.log(e.session));
+client.on("presence_changed", ({ topic, skipped }) => console.log(topic, skipped));
+// Server-made subscriptions (token claim, server API).
+client.on("subscribed", ({ topics, server }) => {
+  const t: string[] = topics;
+  const s: true = server;
+  void t;
+  void s;
+});
+client.on("unsubscribed", (e) => console.log(e.topics.length));
+const stopListening: () => void = client.listen<{ level: string }>("alerts", (d, msg) => console.log(d.level, msg.topic));
+stopListening();
+const serverTopics: string[] = client.serverTopics();
+void serverTopics;
+client.on("closed", (info) => {
+  if (info.kicked) console.log("disconnected by the server API:", info.reason);
+});
+const kickable = connect("ws://127.0.0.1:8080/ws", { WebSocket, reconnectOnKick: true });
+kickable.close();
 client.close();
 
 // @ts-expect-error publish needs data
 void client.publish("t");
 // @ts-expect-error unknown event
 client.on("nope", () => {});
+// @ts-expect-error listen needs a handler
+client.listen("alerts");
+// @ts-expect-error presence needs a topic
+void client.presence();
