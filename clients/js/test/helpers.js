@@ -167,6 +167,28 @@ export class Gateway {
     return code;
   }
 
+  /**
+   * POST (or GET when `body` is undefined) to the HTTP API at `path` (e.g.
+   * `/api/presence`); returns { status, body, json } (json null when not JSON).
+   */
+  async api(path, body, { apiKey, timeoutMs = 10000 } = {}) {
+    const headers = { ...(body === undefined ? {} : { "content-type": "application/json" }), ...(apiKey ? { authorization: `Bearer ${apiKey}` } : {}) };
+    const res = await fetch(`${this.httpUrl}${path}`, {
+      method: body === undefined ? "GET" : "POST",
+      headers,
+      body: body === undefined ? undefined : JSON.stringify(body),
+      signal: AbortSignal.timeout(timeoutMs),
+    });
+    const text = await res.text();
+    let json = null;
+    try {
+      json = JSON.parse(text);
+    } catch {
+      /* not JSON */
+    }
+    return { status: res.status, body: text, json };
+  }
+
   /** POST /api/publish; returns { status, body }. Rejects after `timeoutMs`. */
   async publish(topic, data, { headers = {}, timeoutMs = 10000 } = {}) {
     const res = await fetch(`${this.httpUrl}/api/publish`, {
@@ -297,17 +319,62 @@ export function artifacts() {
 let configDir = null;
 let configs = 0;
 /**
- * Writes a gateway configuration file (for `--config`) making `chat:*` a stream that
- * keeps `historySize` publications for 10 minutes; returns its path. The files live in a
- * temporary directory removed when the process exits.
+ * Writes a gateway configuration file (for `--config`) with `text` in it; returns its
+ * path. The files live in a temporary directory removed when the process exits.
  */
-export function streamConfig(historySize = 1000) {
+export function configFile(text) {
   if (!configDir) {
     configDir = mkdtempSync(path.join(os.tmpdir(), "wsgate-js-test-"));
     const dir = configDir;
     process.on("exit", () => rmSync(dir, { recursive: true, force: true }));
   }
   const file = path.join(configDir, `wsgate-${++configs}.toml`);
-  writeFileSync(file, ["[[namespaces]]", 'name = "chat"', 'topics = ["chat:*"]', `history_size = ${historySize}`, 'history_ttl = "10m"', ""].join("\n"));
+  writeFileSync(file, text);
   return file;
+}
+
+/**
+ * A configuration file making `chat:*` a stream that keeps `historySize` publications
+ * for 10 minutes; returns its path.
+ */
+export function streamConfig(historySize = 1000) {
+  return configFile(["[[namespaces]]", 'name = "chat"', 'topics = ["chat:*"]', `history_size = ${historySize}`, 'history_ttl = "10m"', ""].join("\n"));
+}
+
+/**
+ * A configuration file with presence namespaces (protocol v1.1): `room.*` with presence
+ * and join/leave; `crowd.*` the same with `joinLeaveRate` events per second, so that a
+ * burst of joins is skipped and announced with `presence_changed`; `quiet.*` with
+ * presence but no join/leave; `inbox.*` only subscribable by the server (token claim,
+ * server API). Other topics are plain: no presence.
+ */
+export function presenceConfig({ joinLeaveRate = 1 } = {}) {
+  return configFile(
+    [
+      "[[namespaces]]",
+      'name = "rooms"',
+      'topics = ["room.*"]',
+      "presence = true",
+      "join_leave = true",
+      "",
+      "[[namespaces]]",
+      'name = "crowd"',
+      'topics = ["crowd.*"]',
+      "presence = true",
+      "join_leave = true",
+      `join_leave_rate = ${joinLeaveRate}`,
+      "",
+      "[[namespaces]]",
+      'name = "quiet"',
+      'topics = ["quiet.*"]',
+      "presence = true",
+      "",
+      "[[namespaces]]",
+      'name = "inbox"',
+      'topics = ["inbox.*"]',
+      "client_subscribe = false",
+      "client_publish = false",
+      "",
+    ].join("\n"),
+  );
 }
