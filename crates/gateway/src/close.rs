@@ -24,6 +24,9 @@ pub enum Disconnect {
     InvalidUtf8,
     /// The client's token expired and was not refreshed in time.
     TokenExpired,
+    /// `POST /api/disconnect` (4010 unless the call named another code; its close
+    /// frame carries the call's code and reason).
+    ServerApi,
     /// An I/O error on our side.
     Error,
 }
@@ -41,6 +44,7 @@ impl Disconnect {
             Disconnect::ProtocolError => 1002,
             Disconnect::InvalidUtf8 => 1007,
             Disconnect::TokenExpired => 1008,
+            Disconnect::ServerApi => 4010,
             Disconnect::Error => 1011,
         }
     }
@@ -57,6 +61,7 @@ impl Disconnect {
             Disconnect::ProtocolError => "protocol error",
             Disconnect::InvalidUtf8 => "invalid UTF-8",
             Disconnect::TokenExpired => "token expired",
+            Disconnect::ServerApi => "disconnected by the server",
             Disconnect::Error => "internal error",
         }
     }
@@ -74,6 +79,7 @@ impl Disconnect {
             Disconnect::ProtocolError => "protocol_error",
             Disconnect::InvalidUtf8 => "invalid_utf8",
             Disconnect::TokenExpired => "token_expired",
+            Disconnect::ServerApi => "server_disconnect",
             Disconnect::Error => "error",
         }
     }
@@ -113,6 +119,8 @@ mod tests {
             Disconnect::Drain,
             Disconnect::ProtocolError,
             Disconnect::InvalidUtf8,
+            Disconnect::TokenExpired,
+            Disconnect::ServerApi,
             Disconnect::Error,
         ];
         for d in all {
@@ -124,7 +132,7 @@ mod tests {
         }
     }
 
-    const ALL: [Disconnect; 11] = [
+    const ALL: [Disconnect; 12] = [
         Disconnect::ClientClose,
         Disconnect::ClientGone,
         Disconnect::HeartbeatTimeout,
@@ -135,6 +143,7 @@ mod tests {
         Disconnect::ProtocolError,
         Disconnect::InvalidUtf8,
         Disconnect::TokenExpired,
+        Disconnect::ServerApi,
         Disconnect::Error,
     ];
 

@@ -47,7 +47,7 @@ impl Gateway {
         let sessions = Registry::new(config.heartbeat_interval, config.heartbeat_timeout);
         let metrics = node.metrics().clone();
         metrics.ready.set(1);
-        Arc::new(Gateway {
+        let gw = Arc::new(Gateway {
             config,
             node_id,
             node,
@@ -60,7 +60,9 @@ impl Gateway {
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
-        })
+        });
+        gw.node.set_hooks(crate::server_api::hooks(&gw));
+        gw
     }
 
     /// A gateway with the in-memory broker (the embedded default).

@@ -98,7 +98,7 @@ fn present<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<&'de RawValu
     <&RawValue>::deserialize(d).map(Some)
 }
 
-fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
+pub(crate) fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
     let Some(key) = gw.config.api_key.as_deref() else {
         return true;
     };
@@ -113,9 +113,23 @@ fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
     given.ct_eq(key.as_bytes()).into()
 }
 
+/// The 401 of a call without the API key.
+pub(crate) fn unauthorized() -> Response<Body> {
+    let mut r = error(
+        StatusCode::UNAUTHORIZED,
+        "unauthorized",
+        "missing or wrong API key",
+    );
+    r.headers_mut().insert(
+        header::WWW_AUTHENTICATE,
+        "Bearer".parse().expect("valid header"),
+    );
+    r
+}
+
 /// What every `POST /api/*` endpoint checks first: the method, the API key, the body
 /// size; answers the body, or the refusal to send.
-async fn api_body(gw: &Gateway, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(crate) async fn api_body(gw: &Gateway, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
     if req.method() != Method::POST {
         let mut r = error(
             StatusCode::METHOD_NOT_ALLOWED,
@@ -127,16 +141,7 @@ async fn api_body(gw: &Gateway, req: Request<Incoming>) -> Result<Bytes, Respons
         return Err(r);
     }
     if !authorized(gw, &req) {
-        let mut r = error(
-            StatusCode::UNAUTHORIZED,
-            "unauthorized",
-            "missing or wrong API key",
-        );
-        r.headers_mut().insert(
-            header::WWW_AUTHENTICATE,
-            "Bearer".parse().expect("valid header"),
-        );
-        return Err(r);
+        return Err(unauthorized());
     }
     let max_body = gw.config.http_max_body;
     match Limited::new(req.into_body(), max_body).collect().await {

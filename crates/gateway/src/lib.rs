@@ -19,7 +19,13 @@
 //! - [`close`]: every way a session ends: close code, reason, metric label.
 //! - [`security`]: the checks before an upgrade (origin 403, token 401, per-IP 429),
 //!   auth (JWT), ACLs, TLS, and the posture log.
-//! - [`http_api`]: `POST /api/publish`, `/healthz`, `/readyz`, `/metrics`, `/drain`.
+//! - [`namespaces`] also carries presence (`presence`, `join_leave`) and what clients
+//!   may do themselves (`client_publish`, `client_subscribe`).
+//! - [`http_api`]: `POST /api/publish`, `/api/history`, `/healthz`, `/readyz`,
+//!   `/metrics`, `/drain`.
+//! - [`server_api`]: presence over HTTP, and the server commands that act on
+//!   connections on every node (`/api/disconnect`, `/api/subscribe`,
+//!   `/api/unsubscribe`, `GET /api/info`); the node's side of those commands.
 //! - [`assets`]: the browser client at `/wsgate.js`, and with `--demo` the demo page.
 //!
 //! One publication from a client, top to bottom: [`session`]'s client reads a frame
@@ -39,6 +45,7 @@ pub mod namespaces;
 pub mod protocol;
 pub mod security;
 pub mod server;
+pub mod server_api;
 pub mod session;
 pub mod ws;
 

@@ -1,9 +1,11 @@
 //! The `[[namespaces]]` section of the configuration file (docs/configuration.md):
-//! which topics belong to which namespace, and what the namespace's topics are. Today
-//! a namespace says whether its topics are streams (`history_size` + `history_ttl`);
-//! later options are more optional fields of [`Entry`], each off by default.
+//! which topics belong to which namespace, and what the namespace's topics are:
+//! streams (`history_size` + `history_ttl`), presence (`presence`, `join_leave`,
+//! `join_leave_rate`) and what clients may do themselves (`client_publish`,
+//! `client_subscribe`). Every option is an optional field of [`Entry`], off (or
+//! v1's behaviour) by default.
 //!
-//! No namespace, or a namespace without stream options, means plain (v1) topics.
+//! No namespace, or a namespace without options, means plain (v1) topics.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -11,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-use wsgate_fanout::{Namespace, Namespaces, Pattern, StreamOptions};
+use wsgate_fanout::{Namespace, Namespaces, Pattern, PresenceOptions, StreamOptions};
 
 use crate::config_file::SettingError;
 
@@ -20,6 +22,9 @@ pub const MAX_HISTORY_SIZE: u64 = 1_000_000;
 
 /// The longest `history_ttl`: 30 days.
 pub const MAX_HISTORY_TTL: Duration = Duration::from_secs(30 * 24 * 3600);
+
+/// The largest `join_leave_rate`: events pushed per topic and second on a node.
+pub const MAX_JOIN_LEAVE_RATE: i64 = 10_000;
 
 /// The longest namespace name.
 pub const MAX_NAME_LEN: usize = 64;
@@ -41,6 +46,16 @@ struct Entry {
     history_size: Option<Spanned<i64>>,
     #[serde(default, alias = "history-ttl")]
     history_ttl: Option<Spanned<String>>,
+    #[serde(default)]
+    presence: Option<Spanned<bool>>,
+    #[serde(default, alias = "join-leave")]
+    join_leave: Option<Spanned<bool>>,
+    #[serde(default, alias = "join-leave-rate")]
+    join_leave_rate: Option<Spanned<i64>>,
+    #[serde(default, alias = "client-publish")]
+    client_publish: Option<bool>,
+    #[serde(default, alias = "client-subscribe")]
+    client_subscribe: Option<bool>,
 }
 
 fn err(span: Range<usize>, message: String) -> SettingError {
@@ -144,11 +159,15 @@ pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
                 history_ttl: history_ttl(&ttl).map_err(|m| err(ttl.span(), format!("{}: {m}", at("history_ttl"))))?,
             }),
         };
+        let presence = presence_options(&entry.presence, &entry.join_leave, &entry.join_leave_rate)
+            .map_err(|(span, m)| err(span, format!("{}", at(&m))))?;
         list.push(Namespace {
             name,
             topics,
             stream,
-            ..Default::default()
+            presence,
+            client_publish: entry.client_publish.unwrap_or(true),
+            client_subscribe: entry.client_subscribe.unwrap_or(true),
         });
     }
     Namespaces::new(list).map_err(|message| SettingError {
@@ -164,15 +183,28 @@ pub fn describe(namespaces: &Namespaces) -> Vec<String> {
         .iter()
         .map(|ns| {
             let topics: Vec<String> = ns.topics.iter().map(Pattern::as_string).collect();
-            let what = match &ns.stream {
+            let mut what = vec![match &ns.stream {
                 Some(s) => format!(
                     "stream (history {} messages, {})",
                     s.history_size,
                     humantime::format_duration(s.history_ttl)
                 ),
                 None => "plain".to_string(),
-            };
-            format!("{}: {} → {what}", ns.name, topics.join(", "))
+            }];
+            if let Some(p) = &ns.presence {
+                what.push(if p.join_leave {
+                    format!("presence, join/leave (at most {}/s per topic)", p.join_leave_rate)
+                } else {
+                    "presence".to_string()
+                });
+            }
+            if !ns.client_publish {
+                what.push("no client publish".to_string());
+            }
+            if !ns.client_subscribe {
+                what.push("server-side subscriptions only".to_string());
+            }
+            format!("{}: {} → {}", ns.name, topics.join(", "), what.join(", "))
         })
         .collect()
 }
@@ -188,6 +220,44 @@ fn key_at(text: &str, offset: usize) -> Option<&str> {
     let (key, _) = text.get(start..end)?.split_once('=')?;
     let key = key.trim().trim_matches('"');
     (!key.is_empty() && !key.starts_with('[')).then_some(key)
+}
+
+/// The presence options of a namespace, or the key at fault (with its span) and why.
+fn presence_options(
+    presence: &Option<Spanned<bool>>,
+    join_leave: &Option<Spanned<bool>>,
+    rate: &Option<Spanned<i64>>,
+) -> Result<Option<PresenceOptions>, (Range<usize>, String)> {
+    let on = presence.as_ref().is_some_and(|p| *p.get_ref());
+    if let Some(j) = join_leave.as_ref().filter(|j| *j.get_ref() && !on) {
+        return Err((
+            j.span(),
+            "join_leave: needs presence = true (join/leave events are presence changes)".into(),
+        ));
+    }
+    if let Some(r) = rate {
+        let n = *r.get_ref();
+        if !(1..=MAX_JOIN_LEAVE_RATE).contains(&n) {
+            return Err((
+                r.span(),
+                format!("join_leave_rate: must be between 1 and {MAX_JOIN_LEAVE_RATE} events per second (got {n})"),
+            ));
+        }
+        if !join_leave.as_ref().is_some_and(|j| *j.get_ref()) {
+            return Err((r.span(), "join_leave_rate: needs join_leave = true".into()));
+        }
+    }
+    if !on {
+        return Ok(None);
+    }
+    let mut opts = PresenceOptions {
+        join_leave: join_leave.as_ref().is_some_and(|j| *j.get_ref()),
+        ..PresenceOptions::default()
+    };
+    if let Some(r) = rate {
+        opts.join_leave_rate = *r.get_ref() as u32;
+    }
+    Ok(Some(opts))
 }
 
 fn history_size(size: &Spanned<i64>) -> Result<usize, String> {
@@ -269,6 +339,60 @@ mod tests {
                 "feed: feed → stream (history 1 messages, 1s)",
             ]
         );
+    }
+
+    #[test]
+    fn presence_and_client_rules() {
+        let ns = parse(
+            r#"
+            [[namespaces]]
+            name = "rooms"
+            topics = ["room.*"]
+            presence = true
+            join_leave = true
+            join_leave_rate = 5
+
+            [[namespaces]]
+            name = "who"
+            topics = ["who.*"]
+            presence = true
+
+            [[namespaces]]
+            name = "alerts"
+            topics = ["alerts.*"]
+            client_publish = false
+            client-subscribe = false
+            "#,
+        )
+        .unwrap();
+        let p = ns.presence("room.1").unwrap();
+        assert!(p.join_leave);
+        assert_eq!(p.join_leave_rate, 5);
+        let p = ns.presence("who.1").unwrap();
+        assert!(!p.join_leave);
+        assert_eq!(p.join_leave_rate, wsgate_fanout::presence::DEFAULT_JOIN_LEAVE_RATE);
+        assert!(ns.presence("alerts.x").is_none() && ns.presence("other").is_none());
+        assert!(ns.client_publish("room.1") && ns.client_subscribe("room.1"));
+        assert!(!ns.client_publish("alerts.x") && !ns.client_subscribe("alerts.x"));
+        assert!(ns.client_publish("elsewhere") && ns.client_subscribe("elsewhere"));
+        assert_eq!(
+            describe(&ns),
+            [
+                "rooms: room.* → plain, presence, join/leave (at most 5/s per topic)",
+                "who: who.* → plain, presence",
+                "alerts: alerts.* → plain, no client publish, server-side subscriptions only",
+            ]
+        );
+        let one = |body: &str| format!("[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\n{body}\n");
+        let e = parse_err(&one("join_leave = true"));
+        assert!(e.contains("namespaces[0] (\"n\").join_leave") && e.contains("presence = true"), "{e}");
+        let e = parse_err(&one("presence = true\njoin_leave = true\njoin_leave_rate = 0"));
+        assert!(e.contains("join_leave_rate") && e.contains("between 1 and"), "{e}");
+        let e = parse_err(&one("presence = true\njoin_leave_rate = 3"));
+        assert!(e.contains("needs join_leave"), "{e}");
+        let e = parse_err(&one("presence = \"yes\""));
+        assert!(e.contains("`presence`"), "{e}");
+        parse(&one("presence = false\nclient_publish = true")).unwrap();
     }
 
     #[test]

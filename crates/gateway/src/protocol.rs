@@ -11,7 +11,7 @@ use std::sync::Arc;
 
 use serde::Deserialize;
 use serde_json::value::RawValue;
-use wsgate_fanout::{validate_topic, Position, StreamStart};
+use wsgate_fanout::{validate_topic, Position, PresenceEntry, PresenceStats, StreamStart};
 
 /// Largest integer a client id may be (2^53 − 1, exact in every JSON implementation).
 pub const MAX_ID: u64 = (1 << 53) - 1;
@@ -28,6 +28,8 @@ pub enum ErrorCode {
     PayloadTooLarge,
     Unavailable,
     Internal,
+    /// The topic does not track presence (`presence`, `presence_stats`).
+    NotEnabled,
 }
 
 impl ErrorCode {
@@ -43,6 +45,7 @@ impl ErrorCode {
             ErrorCode::PayloadTooLarge => "payload_too_large",
             ErrorCode::Unavailable => "unavailable",
             ErrorCode::Internal => "internal",
+            ErrorCode::NotEnabled => "not_enabled",
         }
     }
 }
@@ -91,6 +94,16 @@ pub enum Command<'a> {
         id: Option<u64>,
         token: Cow<'a, str>,
     },
+    /// Who is on a presence topic.
+    Presence {
+        id: Option<u64>,
+        topic: Arc<str>,
+    },
+    /// How many are on a presence topic.
+    PresenceStats {
+        id: Option<u64>,
+        topic: Arc<str>,
+    },
 }
 
 impl Command<'_> {
@@ -101,7 +114,9 @@ impl Command<'_> {
             | Command::Unsubscribe { id, .. }
             | Command::Publish { id, .. }
             | Command::Ping { id }
-            | Command::Refresh { id, .. } => *id,
+            | Command::Refresh { id, .. }
+            | Command::Presence { id, .. }
+            | Command::PresenceStats { id, .. } => *id,
         }
     }
 }
@@ -285,6 +300,15 @@ pub fn decode(text: &str) -> Result<Command<'_>, CommandError> {
             })
         }
         "ping" => Ok(Command::Ping { id }),
+        "presence" | "presence_stats" => {
+            let topic = env.topic.ok_or_else(|| bad(id, "`topic` is required"))?;
+            let topic = parse_topic(id, topic)?;
+            Ok(if op == "presence" {
+                Command::Presence { id, topic }
+            } else {
+                Command::PresenceStats { id, topic }
+            })
+        }
         "refresh" => {
             let raw = env.token.ok_or_else(|| bad(id, "`token` is required"))?;
             let token: Cow<'_, str> =
@@ -329,6 +353,41 @@ pub fn topics_reply(op: &str, id: Option<u64>, topics: &[Arc<str>]) -> String {
         s.push('"');
     }
     s.push_str("]}");
+    s
+}
+
+/// A reply the server sends of its own accord (a server-side subscription): the
+/// same frame with `"id":null`.
+pub fn unasked(reply: String) -> String {
+    match reply.find(",\"topics\"") {
+        Some(at) => format!("{},\"id\":null{}", &reply[..at], &reply[at..]),
+        None => reply,
+    }
+}
+
+/// `{"op":"presence","id":…,"topic":"…","clients":[{"session","user","node"}…]}`.
+pub fn presence_reply(id: Option<u64>, topic: &str, clients: &[PresenceEntry]) -> String {
+    let mut s = open("presence", id);
+    // Validated topics need no escaping.
+    let _ = write!(s, ",\"topic\":\"{topic}\",\"clients\":");
+    s.push_str(&presence_clients(clients));
+    s.push('}');
+    s
+}
+
+/// The `clients` list of a presence answer.
+pub fn presence_clients(clients: &[PresenceEntry]) -> String {
+    serde_json::to_string(clients).expect("entries serialize")
+}
+
+/// `{"op":"presence_stats","id":…,"topic":"…","clients":N,"users":M}`.
+pub fn presence_stats_reply(id: Option<u64>, topic: &str, stats: PresenceStats) -> String {
+    let mut s = open("presence_stats", id);
+    let _ = write!(
+        s,
+        ",\"topic\":\"{topic}\",\"clients\":{},\"users\":{}}}",
+        stats.clients, stats.users
+    );
     s
 }
 
@@ -460,6 +519,45 @@ mod tests {
             decode(r#"{"op":"p\u0069ng"}"#).unwrap(),
             Command::Ping { id: None }
         ));
+        match decode(r#"{"op":"presence","id":7,"topic":"room.1"}"#).unwrap() {
+            Command::Presence { id, topic } => assert_eq!((id, &*topic), (Some(7), "room.1")),
+            c => panic!("{c:?}"),
+        }
+        assert!(matches!(
+            decode(r#"{"op":"presence_stats","topic":"room.1"}"#).unwrap(),
+            Command::PresenceStats { id: None, .. }
+        ));
+        assert_eq!(
+            err(r#"{"op":"presence","id":2}"#).code,
+            ErrorCode::BadRequest
+        );
+        assert_eq!(
+            err(r#"{"op":"presence","id":2,"topic":"a b"}"#).code,
+            ErrorCode::InvalidTopic
+        );
+    }
+
+    #[test]
+    fn presence_replies_and_unasked_replies() {
+        let list = [PresenceEntry {
+            session: "s1".into(),
+            user: None,
+            node: "n\"1".into(),
+        }];
+        let v: Value = serde_json::from_str(&presence_reply(Some(7), "room.1", &list)).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"presence","id":7,"topic":"room.1",
+                   "clients":[{"session":"s1","user":null,"node":"n\"1"}]})
+        );
+        let stats = PresenceStats { clients: 3, users: 2 };
+        let v: Value = serde_json::from_str(&presence_stats_reply(None, "r", stats)).unwrap();
+        assert_eq!(v, json!({"op":"presence_stats","topic":"r","clients":3,"users":2}));
+        let t = [Arc::from("a"), Arc::from("b")];
+        assert_eq!(
+            unasked(topics_reply("unsubscribed", None, &t)),
+            r#"{"op":"unsubscribed","id":null,"topics":["a","b"]}"#
+        );
     }
 
     #[test]

@@ -25,6 +25,7 @@ use tracing::{debug, info, warn, Instrument};
 
 use crate::gateway::Gateway;
 use crate::http_api::{self, Body};
+use crate::server_api;
 use crate::session::{self, Mode, Start};
 use crate::ws::io::Prefixed;
 
@@ -246,6 +247,12 @@ fn route_name(path: &str) -> &'static str {
         "/ws" => "/ws",
         "/api/publish" => "/api/publish",
         "/api/history" => "/api/history",
+        "/api/presence" => "/api/presence",
+        "/api/presence_stats" => "/api/presence_stats",
+        "/api/disconnect" => "/api/disconnect",
+        "/api/subscribe" => "/api/subscribe",
+        "/api/unsubscribe" => "/api/unsubscribe",
+        "/api/info" => "/api/info",
         "/healthz" => "/healthz",
         "/readyz" => "/readyz",
         "/metrics" => "/metrics",
@@ -288,10 +295,17 @@ async fn route(
             http.response.status_code = tracing::field::Empty,
         )
     };
+    let metrics = gw.metrics.clone();
     let response = route_inner(gw, req, peer, role)
         .instrument(span.clone())
         .await;
     span.record("http.response.status_code", response.status().as_u16());
+    if let Some(endpoint) = route.strip_prefix("/api/") {
+        metrics
+            .api_requests
+            .with_label_values(&[endpoint, response.status().as_str()])
+            .inc();
+    }
     response
 }
 
@@ -308,6 +322,12 @@ async fn route_inner(
         (_, "/echo") if public && gw.config.echo => upgrade(gw, req, peer, Mode::Echo),
         (_, "/api/publish") if public => http_api::publish(gw, req).await,
         (_, "/api/history") if public => http_api::history(gw, req).await,
+        (_, "/api/presence") if public => server_api::presence(gw, req, false).await,
+        (_, "/api/presence_stats") if public => server_api::presence(gw, req, true).await,
+        (_, "/api/disconnect") if public => server_api::command(gw, req, "disconnect").await,
+        (_, "/api/subscribe") if public => server_api::command(gw, req, "subscribe").await,
+        (_, "/api/unsubscribe") if public => server_api::command(gw, req, "unsubscribe").await,
+        (_, "/api/info") if public => server_api::info(gw, req).await,
         (&Method::GET, "/wsgate.js") if public => crate::assets::client_js(),
         (&Method::GET, "/") if public && gw.config.demo => crate::assets::page(),
         (&Method::GET, "/healthz") if admin => http_api::healthz(),

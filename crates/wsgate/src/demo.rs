@@ -7,7 +7,9 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use wsgate_fanout::{unix_nanos, Namespace, Namespaces, Pattern, Source, StreamOptions};
+use wsgate_fanout::{
+    unix_nanos, Namespace, Namespaces, Pattern, PresenceOptions, Source, StreamOptions,
+};
 use wsgate_gateway::protocol::json_string;
 use wsgate_gateway::Gateway;
 
@@ -17,7 +19,8 @@ const SYMBOLS: [&str; 4] = ["ACME", "GLOBX", "INITECH", "UMBRELLA"];
 const CHAT_TOPIC: &str = "chat:demo";
 
 /// The namespaces with the demo chat's `chat:*` made a stream (the last 1000 messages,
-/// 10 minutes), so that a page resumes across node drains with nothing lost. A
+/// 10 minutes), so that a page resumes across node drains with nothing lost, with
+/// presence and join/leave, so that the page shows who is in the room. A
 /// configuration that already covers `chat:demo` (a stream or not) is left as it is;
 /// a more specific configured pattern (`chat:room-*`) still decides for its topics.
 /// Nodes sharing a Redis must agree on streams: all started with `--demo`, they do.
@@ -32,6 +35,10 @@ pub(crate) fn with_chat_stream(namespaces: Namespaces) -> Namespaces {
         stream: Some(StreamOptions {
             history_size: 1000,
             history_ttl: Duration::from_secs(600),
+        }),
+        presence: Some(PresenceOptions {
+            join_leave: true,
+            ..PresenceOptions::default()
         }),
         ..Default::default()
     });
@@ -142,6 +149,7 @@ mod tests {
         .unwrap();
         let both = with_chat_stream(rooms);
         assert!(both.stream(CHAT_TOPIC).is_some());
+        assert!(both.presence(CHAT_TOPIC).is_some_and(|p| p.join_leave));
         assert!(
             both.stream("chat:room-1").is_none(),
             "the more specific pattern"

@@ -43,6 +43,8 @@ pub enum AuthError {
     Claims,
     #[error("the token is malformed")]
     Malformed,
+    #[error("the token's `topics` claim must be a list of valid topic names")]
+    Topics,
 }
 
 /// A problem in the auth configuration (reported at start).
@@ -62,6 +64,9 @@ struct Claims {
     /// Topic patterns this client may publish to.
     #[serde(default)]
     publish: Vec<String>,
+    /// Topics the server subscribes the connection to at connect.
+    #[serde(default)]
+    topics: Vec<String>,
 }
 
 /// A verified client: who it is, what it may do, until when.
@@ -75,6 +80,9 @@ pub struct Identity {
     pub subscribe: Acl,
     /// Topics it may publish to.
     pub publish: Acl,
+    /// Topics the server subscribes it to right after `welcome` (the `topics`
+    /// claim: server-side subscriptions, whatever the ACLs and namespace rules say).
+    pub topics: Vec<Arc<str>>,
 }
 
 impl Identity {
@@ -90,6 +98,7 @@ impl Identity {
                 expires: SystemTime::UNIX_EPOCH + Duration::from_secs(MAX_EXP),
                 subscribe: Acl::any(),
                 publish: Acl::any(),
+                topics: Vec::new(),
             })
         });
         ANONYMOUS.clone()
@@ -312,7 +321,17 @@ impl Authenticator {
             })?;
         let c = data.claims;
         let subject = c.sub.unwrap_or_default();
+        if c.topics.iter().any(|t| wsgate_fanout::validate_topic(t).is_err()) {
+            return Err(AuthError::Topics);
+        }
+        let mut topics: Vec<Arc<str>> = Vec::with_capacity(c.topics.len());
+        for t in c.topics {
+            if !topics.iter().any(|x| **x == *t) {
+                topics.push(t.into());
+            }
+        }
         Ok(Identity {
+            topics,
             subscribe: Acl::new(&c.subscribe, &subject),
             publish: Acl::new(&c.publish, &subject),
             subject,

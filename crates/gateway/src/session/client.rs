@@ -12,6 +12,7 @@ use wsgate_fanout::frame::{self, op};
 use super::outbox::Outbox;
 use super::ratelimit::{RateLimiter, Verdict};
 use super::replies::Pending;
+use super::subscribe::By;
 use super::topics::TopicSet;
 use super::Mode;
 use crate::close::Disconnect;
@@ -28,6 +29,8 @@ pub(crate) struct Client {
     pub(super) gw: Arc<Gateway>,
     pub(super) outbox: Arc<Outbox>,
     pub(super) id: u64,
+    /// The session id (`welcome`'s `session`, as a number).
+    pub(super) session: u64,
     /// Topics this session is subscribed to.
     pub(super) topics: TopicSet,
     pub(super) limiter: RateLimiter,
@@ -49,7 +52,15 @@ impl Client {
     /// protocol). Dropped mid-way when the writer ends first: the session is over.
     pub(super) async fn run<R: AsyncRead + Unpin>(&mut self, frames: &mut FrameReader<R>) {
         loop {
-            let result = frames.next().await;
+            // Both are cancel safe: whichever loses keeps what it had.
+            let result = tokio::select! {
+                biased;
+                command = self.outbox.next_command() => {
+                    Box::pin(self.on_server_command(command)).await;
+                    continue;
+                }
+                result = frames.next() => result,
+            };
             let frame = match result {
                 Ok(frame) => frame,
                 Err(e) => {
@@ -151,7 +162,7 @@ impl Client {
         }
         let reply = match command {
             Command::Subscribe { id, topics, since } => {
-                match self.subscribe(id, topics, since).await {
+                match self.subscribe(id, topics, since, By::Client).await {
                     Ok(Some(reply)) => Ok(reply),
                     Ok(None) => return true,
                     Err(e) => Err(e),
@@ -166,6 +177,8 @@ impl Client {
                 }
             }
             Command::Ping { id } => Ok(protocol::pong_reply(id)),
+            Command::Presence { id, topic } => self.presence(id, &topic, false).await,
+            Command::PresenceStats { id, topic } => self.presence(id, &topic, true).await,
             Command::Refresh { id, token } => self.refresh(id, &token),
         };
         match reply {

@@ -7,8 +7,9 @@
 //!   topic, counts and logs the end).
 //! - [`client`]: [`Client`], the whole state of one client (identity, topics, limits,
 //!   pending replies), its read loop and the command dispatch.
-//! - one file per command family: [`subscribe`] (`subscribe`, `unsubscribe`),
-//!   [`publish`], [`refresh`] (and the token-expiry task).
+//! - one file per command family: [`subscribe`] (`subscribe`, `unsubscribe`, and
+//!   the server API's subscriptions), [`publish`], [`presence`] (`presence`,
+//!   `presence_stats`), [`refresh`] (and the token-expiry task).
 //! - [`replies`]: the ordered replies queue (a reply never overtakes a publication
 //!   the broker has not answered yet).
 //! - [`topics`]: the set of a client's topics, small for the common one or two.
@@ -29,6 +30,7 @@
 
 mod client;
 pub mod outbox;
+mod presence;
 mod publish;
 pub(crate) mod ratelimit;
 mod refresh;
@@ -56,12 +58,24 @@ use crate::ws::message::Assembler;
 use crate::ws::read::FrameReader;
 
 use self::client::Client;
-use self::outbox::Outbox;
+use self::outbox::{Outbox, ServerCommand};
 use self::ratelimit::RateLimiter;
 use self::refresh::{expiry, set_deadline};
 use self::registry::Key;
 use self::topics::TopicSet;
 use self::writer::Writer;
+
+/// A session id as clients see it (`welcome`'s `session`): 16 hex digits.
+pub(crate) fn session_name(id: u64) -> String {
+    format!("{id:016x}")
+}
+
+/// A session id as clients see it, back to its number; `None` if it cannot be one.
+pub(crate) fn session_number(name: &str) -> Option<u64> {
+    (name.len() == 16)
+        .then(|| u64::from_str_radix(name, 16).ok())
+        .flatten()
+}
 
 /// What a session does with client messages.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -119,7 +133,8 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let id = gw.next_session_id();
-    let session = format!("{:016x}", rand::random::<u64>());
+    let session_id = rand::random::<u64>();
+    let session = session_name(session_id);
     // One span per connection, from upgrade to close (never one per message): it is
     // what OTLP export shows of a connection's life.
     let span = tracing::info_span!(
@@ -151,7 +166,12 @@ where
         );
         outbox.push(frame::text(welcome.as_bytes()), 0);
     }
-    let key = gw.sessions.insert(outbox.clone());
+    let user = (!identity.subject.is_empty()).then(|| Arc::from(identity.subject.as_str()));
+    let key = gw.sessions.insert(outbox.clone(), session_id, user);
+    if mode == Mode::PubSub && !identity.topics.is_empty() {
+        // The token's server-side subscriptions: the reader's first command.
+        outbox.command(ServerCommand::Subscribe(identity.topics.clone()));
+    }
     if gw.is_draining() {
         // Upgraded while the drain began: tell it to go elsewhere at once.
         outbox.close(Disconnect::Drain);
@@ -178,6 +198,7 @@ where
         outbox,
         gw: gw.clone(),
         id,
+        session: session_id,
         topics: TopicSet::default(),
         limiter: RateLimiter::new(cfg.rate_burst, Instant::now()),
         replies: None,

@@ -45,6 +45,20 @@ struct State {
     /// rather than in an atomic of its own: it fits in this struct's padding, and
     /// the outbox of every idle connection is counted in bytes.
     reader_done: bool,
+    /// Server API commands for the session's reader, in arrival order.
+    inbox: Vec<ServerCommand>,
+    /// The reader's waker while it waits for [`Outbox::next_command`].
+    reader_waker: Option<std::task::Waker>,
+}
+
+/// A server API command for one session's reader (the one task that owns the
+/// session's topics carries it out, between the client's own commands).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum ServerCommand {
+    /// Subscribe to these topics (`POST /api/subscribe`, a token's `topics` claim).
+    Subscribe(Vec<std::sync::Arc<str>>),
+    /// Unsubscribe from these topics (`POST /api/unsubscribe`).
+    Unsubscribe(Vec<std::sync::Arc<str>>),
 }
 
 /// What the writer took from the queue.
@@ -174,6 +188,42 @@ impl Outbox {
         }
         drop(st);
         self.wake();
+    }
+
+    /// Hands a server command to the session's reader. `false` if the connection is
+    /// closing (the command would find nothing to act on).
+    pub fn command(&self, command: ServerCommand) -> bool {
+        let mut st = self.state.lock();
+        if st.closing.is_some() || st.reader_done {
+            return false;
+        }
+        st.inbox.push(command);
+        let waker = st.reader_waker.take();
+        drop(st);
+        if let Some(w) = waker {
+            w.wake();
+        }
+        true
+    }
+
+    /// Waits for the next server command. Only the session's reader waits here.
+    ///
+    /// # Cancel safety
+    /// Cancel safe: a command is taken only when this resolves.
+    pub async fn next_command(&self) -> ServerCommand {
+        poll_fn(|cx| {
+            let mut st = self.state.lock();
+            if st.inbox.is_empty() {
+                if st.inbox.capacity() > 0 {
+                    st.inbox = Vec::new();
+                }
+                st.reader_waker = Some(cx.waker().clone());
+                Poll::Pending
+            } else {
+                Poll::Ready(st.inbox.remove(0))
+            }
+        })
+        .await
     }
 
     /// Wakes the writer unless a wake-up is already pending.

@@ -26,6 +26,16 @@ impl Client {
                 "client publishing is disabled on this gateway",
             ));
         }
+        if !self.gw.node.namespaces().client_publish(topic) {
+            return Err(CommandError::new(
+                id,
+                ErrorCode::Forbidden,
+                format!(
+                    "clients may not publish to {} (its namespace has client_publish = false)",
+                    protocol::json_string(topic)
+                ),
+            ));
+        }
         if !self.identity.publish.allows(topic) {
             return Err(CommandError::new(
                 id,

@@ -36,9 +36,18 @@ pub(crate) struct Key {
     index: u32,
 }
 
+/// One live session: its queue, and who it is (for the server API).
+pub(crate) struct Entry {
+    pub outbox: Arc<Outbox>,
+    /// The session id (`welcome`'s `session`, as a number).
+    pub session: u64,
+    /// The token's `sub`, if it had one.
+    pub user: Option<Arc<str>>,
+}
+
 #[derive(Default)]
 struct Slot {
-    entries: Vec<Option<Arc<Outbox>>>,
+    entries: Vec<Option<Entry>>,
     /// Indexes of `None` entries, reused first.
     free: Vec<u32>,
 }
@@ -73,17 +82,22 @@ impl Registry {
     }
 
     /// Adds a session; its first ping comes at a random point of the first interval.
-    pub(crate) fn insert(&self, outbox: Arc<Outbox>) -> Key {
+    pub(crate) fn insert(&self, outbox: Arc<Outbox>, session: u64, user: Option<Arc<str>>) -> Key {
         outbox.heard(self.now_ms());
+        let entry = Entry {
+            outbox,
+            session,
+            user,
+        };
         let slot = rand::random_range(0..self.slots.len() as u32);
         let mut s = self.slots[slot as usize].lock();
         let index = match s.free.pop() {
             Some(i) => {
-                s.entries[i as usize] = Some(outbox);
+                s.entries[i as usize] = Some(entry);
                 i
             }
             None => {
-                s.entries.push(Some(outbox));
+                s.entries.push(Some(entry));
                 (s.entries.len() - 1) as u32
             }
         };
@@ -109,11 +123,24 @@ impl Registry {
     }
 
     pub(crate) fn snapshot(&self) -> Vec<Arc<Outbox>> {
-        let mut all = Vec::with_capacity(self.len());
+        self.find(|_| true)
+    }
+
+    /// The queues of the sessions `matches` picks (a walk of the whole table: for
+    /// the server API's rare commands, so live sessions need no index of their own).
+    pub(crate) fn find(&self, matches: impl Fn(&Entry) -> bool) -> Vec<Arc<Outbox>> {
+        let mut found = Vec::new();
         for slot in self.slots.iter() {
-            all.extend(slot.lock().entries.iter().flatten().cloned());
+            found.extend(
+                slot.lock()
+                    .entries
+                    .iter()
+                    .flatten()
+                    .filter(|e| matches(e))
+                    .map(|e| e.outbox.clone()),
+            );
         }
-        all
+        found
     }
 
     /// Pings every session of slot `i`, or closes it if it has been silent too long.
@@ -121,7 +148,7 @@ impl Registry {
         let now = self.now_ms();
         let timeout = self.timeout.as_millis() as u64;
         let slot = self.slots[i].lock();
-        for outbox in slot.entries.iter().flatten() {
+        for Entry { outbox, .. } in slot.entries.iter().flatten() {
             if now.saturating_sub(outbox.last_heard()) >= timeout {
                 outbox.close(Disconnect::HeartbeatTimeout);
             } else {
@@ -175,7 +202,11 @@ mod tests {
         let s = Registry::new(Duration::from_secs(10), Duration::from_secs(25));
         assert_eq!(s.slots.len(), 10);
         let obs: Vec<Arc<Outbox>> = (0..50).map(|_| Arc::new(Outbox::new(1000))).collect();
-        let keys: Vec<Key> = obs.iter().map(|o| s.insert(o.clone())).collect();
+        let keys: Vec<Key> = obs
+            .iter()
+            .enumerate()
+            .map(|(i, o)| s.insert(o.clone(), i as u64, None))
+            .collect();
         assert_eq!(s.len(), 50);
         // One interval: every slot visited once, every session pinged once.
         for i in 0..10 {
@@ -209,10 +240,12 @@ mod tests {
     fn slots_are_reused_and_short_intervals_get_one_slot() {
         let s = Registry::new(Duration::from_millis(100), Duration::from_millis(300));
         assert_eq!((s.slots.len(), s.tick), (1, Duration::from_millis(100)));
-        let a = s.insert(Arc::new(Outbox::new(10)));
+        let a = s.insert(Arc::new(Outbox::new(10)), 1, None);
         s.remove(a);
-        let b = s.insert(Arc::new(Outbox::new(10)));
+        let b = s.insert(Arc::new(Outbox::new(10)), 2, Some("alice".into()));
         assert_eq!((a.slot, a.index), (b.slot, b.index));
         assert_eq!(s.snapshot().len(), 1);
+        assert_eq!(s.find(|e| e.user.as_deref() == Some("alice")).len(), 1);
+        assert_eq!(s.find(|e| e.session == 1).len(), 0);
     }
 }

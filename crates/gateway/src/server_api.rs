@@ -1,0 +1,406 @@
+//! The server API (docs/protocol.md, "Server API"): presence over HTTP, and commands
+//! that act on connections wherever they are.
+//!
+//! - `POST /api/presence`, `POST /api/presence_stats`: a topic's presence.
+//! - `POST /api/disconnect`, `/api/subscribe`, `/api/unsubscribe`: a [`Control`]
+//!   command, sent to every node through the broker ([`wsgate_fanout::Node::control`]);
+//!   each node carries it out on its own connections ([`on_control`]). A user or
+//!   session no node has is not an error: nothing is done.
+//! - `GET /api/info`: every live node.
+//!
+//! All on the main listener, behind the API key when one is configured.
+
+use std::sync::{Arc, Weak};
+use std::time::Instant;
+
+use bytes::Bytes;
+use http::{header, Method, Request, Response, StatusCode};
+use hyper::body::Incoming;
+use serde::{Deserialize, Serialize};
+use tracing::{debug, info, warn};
+use wsgate_fanout::frame;
+use wsgate_fanout::node::{Hooks, PresenceError};
+use wsgate_fanout::{validate_topic, NodeInfo};
+
+use crate::close::Disconnect;
+use crate::gateway::Gateway;
+use crate::http_api::{api_body, authorized, error, json, Body};
+use crate::protocol::{json_string, presence_clients};
+use crate::session::outbox::ServerCommand;
+use crate::session::session_number;
+
+/// The close code of `POST /api/disconnect` when the call names none.
+pub const DEFAULT_DISCONNECT_CODE: u16 = 4010;
+
+/// The longest close reason: a close frame's payload is at most 125 bytes, two of
+/// which are the code.
+pub const MAX_REASON_LEN: usize = 123;
+
+/// Which connections a command is for: every connection of a user (the token's
+/// `sub`), or one session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Target {
+    User(String),
+    Session(String),
+}
+
+/// A server command as it travels to every node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "lowercase")]
+pub enum Control {
+    Disconnect {
+        target: Target,
+        code: u16,
+        reason: String,
+    },
+    Subscribe {
+        target: Target,
+        topics: Vec<Arc<str>>,
+    },
+    Unsubscribe {
+        target: Target,
+        topics: Vec<Arc<str>>,
+    },
+}
+
+impl Control {
+    fn name(&self) -> &'static str {
+        match self {
+            Control::Disconnect { .. } => "disconnect",
+            Control::Subscribe { .. } => "subscribe",
+            Control::Unsubscribe { .. } => "unsubscribe",
+        }
+    }
+
+    fn target(&self) -> &Target {
+        match self {
+            Control::Disconnect { target, .. }
+            | Control::Subscribe { target, .. }
+            | Control::Unsubscribe { target, .. } => target,
+        }
+    }
+}
+
+/// Tells the node who its gateway is: its id, its numbers, and where server
+/// commands go. Weak: the node is part of the gateway.
+pub(crate) fn hooks(gw: &Arc<Gateway>) -> Hooks {
+    let started = Instant::now();
+    let for_info: Weak<Gateway> = Arc::downgrade(gw);
+    let for_control = for_info.clone();
+    let node_id: Arc<str> = Arc::from(gw.node_id.as_str());
+    let id = node_id.clone();
+    Hooks {
+        node_id,
+        info: Box::new(move || match for_info.upgrade() {
+            Some(gw) => node_info(&gw, started),
+            None => NodeInfo {
+                node: id.to_string(),
+                connections: 0,
+                subscriptions: 0,
+                topics: 0,
+                uptime_s: started.elapsed().as_secs(),
+                version: env!("CARGO_PKG_VERSION").into(),
+                draining: true,
+            },
+        }),
+        control: Box::new(move |bytes| {
+            if let Some(gw) = for_control.upgrade() {
+                on_control(&gw, bytes);
+            }
+        }),
+    }
+}
+
+fn node_info(gw: &Gateway, started: Instant) -> NodeInfo {
+    let hub = gw.node.hub();
+    NodeInfo {
+        node: gw.node_id.clone(),
+        connections: gw.connections() as u64,
+        subscriptions: u64::try_from(hub.subscription_count()).unwrap_or(0),
+        topics: u64::try_from(hub.topic_count()).unwrap_or(0),
+        uptime_s: started.elapsed().as_secs(),
+        version: env!("CARGO_PKG_VERSION").into(),
+        draining: gw.is_draining(),
+    }
+}
+
+/// Carries out a server command on this node's matching connections.
+pub(crate) fn on_control(gw: &Gateway, bytes: &[u8]) {
+    let command: Control = match serde_json::from_slice(bytes) {
+        Ok(c) => c,
+        Err(e) => {
+            // Anyone with access to the broker can write anything there.
+            warn!(error = %e, "ignored a malformed server command");
+            return;
+        }
+    };
+    let found = match command.target() {
+        Target::User(user) => gw
+            .sessions
+            .find(|e| e.user.as_deref() == Some(user.as_str())),
+        Target::Session(name) => match session_number(name) {
+            Some(n) => gw.sessions.find(|e| e.session == n),
+            None => Vec::new(),
+        },
+    };
+    if found.is_empty() {
+        debug!(command = command.name(), "server command: no connection here");
+        return;
+    }
+    gw.metrics
+        .server_commands
+        .with_label_values(&[command.name()])
+        .inc_by(found.len() as u64);
+    info!(
+        command = command.name(),
+        connections = found.len(),
+        "server command"
+    );
+    for outbox in found {
+        match &command {
+            Control::Disconnect { code, reason, .. } => {
+                let close = frame::close(*code, reason);
+                outbox.close_with(Disconnect::ServerApi, Some(close));
+            }
+            Control::Subscribe { topics, .. } => {
+                outbox.command(ServerCommand::Subscribe(topics.clone()));
+            }
+            Control::Unsubscribe { topics, .. } => {
+                outbox.command(ServerCommand::Unsubscribe(topics.clone()));
+            }
+        }
+    }
+}
+
+/// A request body, or the 400 that says what was expected.
+fn body_of<T: for<'de> Deserialize<'de>>(body: &Bytes, expected: &str) -> Result<T, Response<Body>> {
+    serde_json::from_slice(body).map_err(|e| {
+        error(
+            StatusCode::BAD_REQUEST,
+            "bad_request",
+            &format!("expected {expected}: {e}"),
+        )
+    })
+}
+
+fn bad(code: &str, message: &str) -> Response<Body> {
+    error(StatusCode::BAD_REQUEST, code, message)
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct TopicRequest {
+    topic: String,
+}
+
+/// `POST /api/presence` (`stats: false`) and `POST /api/presence_stats`.
+pub async fn presence(gw: Arc<Gateway>, req: Request<Incoming>, stats: bool) -> Response<Body> {
+    let body = match api_body(&gw, req).await {
+        Ok(b) => b,
+        Err(refusal) => return refusal,
+    };
+    let request: TopicRequest = match body_of(&body, "{\"topic\": string}") {
+        Ok(r) => r,
+        Err(refusal) => return refusal,
+    };
+    gw.metrics
+        .presence_queries
+        .with_label_values(&["http"])
+        .inc();
+    let topic = &request.topic;
+    let answer = if stats {
+        gw.node.presence_stats(topic).await.map(|s| {
+            format!(
+                r#"{{"topic":{},"clients":{},"users":{}}}"#,
+                json_string(topic),
+                s.clients,
+                s.users
+            )
+        })
+    } else {
+        gw.node.presence(topic).await.map(|list| {
+            format!(
+                r#"{{"topic":{},"clients":{}}}"#,
+                json_string(topic),
+                presence_clients(&list)
+            )
+        })
+    };
+    match answer {
+        Ok(text) => json(StatusCode::OK, text),
+        Err(PresenceError::InvalidTopic(e)) => bad("invalid_topic", &format!("invalid topic: {e}")),
+        Err(e @ PresenceError::NotEnabled(_)) => bad("not_enabled", &e.to_string()),
+        Err(PresenceError::Broker(e)) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CommandRequest {
+    #[serde(default)]
+    user: Option<String>,
+    #[serde(default)]
+    session: Option<String>,
+    #[serde(default)]
+    code: Option<u16>,
+    #[serde(default)]
+    reason: Option<String>,
+    #[serde(default)]
+    topics: Option<Vec<String>>,
+}
+
+impl CommandRequest {
+    fn target(&mut self) -> Result<Target, Response<Body>> {
+        match (self.user.take(), self.session.take()) {
+            (Some(u), None) if !u.is_empty() => Ok(Target::User(u)),
+            (None, Some(s)) if !s.is_empty() => Ok(Target::Session(s)),
+            _ => Err(bad(
+                "bad_request",
+                "name the connections with exactly one of \"user\" or \"session\" (a non-empty string)",
+            )),
+        }
+    }
+}
+
+/// What each server command's request may hold, for its 400s.
+const DISCONNECT_BODY: &str =
+    "{\"user\"|\"session\": string, \"code\"?: 4000-4999, \"reason\"?: string}";
+const TOPICS_BODY: &str = "{\"user\"|\"session\": string, \"topics\": [string, …]}";
+
+/// `POST /api/disconnect`, `/api/subscribe`, `/api/unsubscribe` (`what`).
+pub async fn command(gw: Arc<Gateway>, req: Request<Incoming>, what: &str) -> Response<Body> {
+    let body = match api_body(&gw, req).await {
+        Ok(b) => b,
+        Err(refusal) => return refusal,
+    };
+    let expected = if what == "disconnect" {
+        DISCONNECT_BODY
+    } else {
+        TOPICS_BODY
+    };
+    let mut request: CommandRequest = match body_of(&body, expected) {
+        Ok(r) => r,
+        Err(refusal) => return refusal,
+    };
+    let target = match request.target() {
+        Ok(t) => t,
+        Err(refusal) => return refusal,
+    };
+    let command = match what {
+        "disconnect" => {
+            if request.topics.is_some() {
+                return bad("bad_request", &format!("expected {DISCONNECT_BODY}: no `topics` here"));
+            }
+            let code = request.code.unwrap_or(DEFAULT_DISCONNECT_CODE);
+            if !(4000..=4999).contains(&code) {
+                return bad(
+                    "bad_request",
+                    &format!("`code` must be between 4000 and 4999 (got {code})"),
+                );
+            }
+            let reason = request.reason.unwrap_or_else(|| Disconnect::ServerApi.reason().into());
+            if reason.len() > MAX_REASON_LEN {
+                return bad(
+                    "bad_request",
+                    &format!("`reason` is at most {MAX_REASON_LEN} bytes (a close frame's limit)"),
+                );
+            }
+            Control::Disconnect {
+                target,
+                code,
+                reason,
+            }
+        }
+        _ => {
+            if request.code.is_some() || request.reason.is_some() {
+                return bad("bad_request", &format!("expected {TOPICS_BODY}"));
+            }
+            let topics = match request.topics {
+                Some(t) if !t.is_empty() => t,
+                _ => return bad("bad_request", "`topics` must be a non-empty list"),
+            };
+            if let Some((t, e)) = topics
+                .iter()
+                .find_map(|t| validate_topic(t).err().map(|e| (t, e)))
+            {
+                return bad(
+                    "invalid_topic",
+                    &format!("invalid topic {}: {e}", json_string(t)),
+                );
+            }
+            let topics: Vec<Arc<str>> = topics.into_iter().map(Arc::from).collect();
+            if what == "subscribe" {
+                Control::Subscribe { target, topics }
+            } else {
+                Control::Unsubscribe { target, topics }
+            }
+        }
+    };
+    let bytes = serde_json::to_vec(&command).expect("commands serialize");
+    match gw.node.control(&bytes).await {
+        Ok(Some(nodes)) => json(StatusCode::OK, format!(r#"{{"ok":true,"nodes":{nodes}}}"#)),
+        Ok(None) => json(StatusCode::OK, r#"{"ok":true}"#),
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+/// `GET /api/info`: every live node, sorted by id.
+pub async fn info(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+    if req.method() != Method::GET {
+        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET");
+        r.headers_mut()
+            .insert(header::ALLOW, "GET".parse().expect("valid header"));
+        return r;
+    }
+    if !authorized(&gw, &req) {
+        return crate::http_api::unauthorized();
+    }
+    match gw.node.nodes().await {
+        Ok(mut nodes) => {
+            nodes.sort_by(|a, b| a.node.cmp(&b.node));
+            let body = serde_json::json!({ "nodes": nodes }).to_string();
+            json(StatusCode::OK, body)
+        }
+        Err(e) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            &e.to_string(),
+        ),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn commands_travel_as_tagged_json() {
+        let c = Control::Disconnect {
+            target: Target::User("alice".into()),
+            code: 4010,
+            reason: "bye".into(),
+        };
+        let text = serde_json::to_string(&c).unwrap();
+        assert_eq!(
+            text,
+            r#"{"cmd":"disconnect","target":{"user":"alice"},"code":4010,"reason":"bye"}"#
+        );
+        assert_eq!(serde_json::from_str::<Control>(&text).unwrap(), c);
+        let s = Control::Subscribe {
+            target: Target::Session("00000000000000ff".into()),
+            topics: vec!["a".into()],
+        };
+        let back: Control = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back, s);
+        assert!(serde_json::from_str::<Control>(r#"{"cmd":"explode"}"#).is_err());
+    }
+}
