@@ -56,6 +56,7 @@ describe("presence against a real gateway", { skip }, () => {
   let room = 0;
   const nextRoom = () => `room.t${++room}`;
   const api = (path, body) => gw.api(path, body, { apiKey: API_KEY });
+  const publish = (topic, data) => gw.publish(topic, data, { headers: { authorization: `Bearer ${API_KEY}` } });
 
   before(async () => {
     gw = await startGateway({
@@ -194,7 +195,7 @@ describe("presence against a real gateway", { skip }, () => {
     assert.deepEqual(a.serverTopics().sort(), ["inbox.dave", "room.news"]);
     assert.deepEqual(a.topics(), [], "not the client's own subscriptions");
 
-    assert.equal((await gw.publish("inbox.dave", { n: 1 })).status, 200);
+    assert.equal((await publish("inbox.dave", { n: 1 })).status, 200);
     await waitFor(() => got.length === 1, { what: "the message on the server-made subscription" });
     assert.deepEqual(got[0], ["inbox.dave", { n: 1 }]);
     // A presence topic subscribed by the server counts the connection in.
@@ -205,7 +206,7 @@ describe("presence against a real gateway", { skip }, () => {
     assert.equal(res2.status, 200, res2.body);
     assert.deepEqual(await unsubscribed, { topics: ["inbox.dave"], server: true });
     assert.deepEqual(a.serverTopics(), ["room.news"]);
-    assert.equal((await gw.publish("inbox.dave", { n: 2 })).status, 200);
+    assert.equal((await publish("inbox.dave", { n: 2 })).status, 200);
     await sleep(300);
     assert.equal(got.length, 1, "nothing after the server unsubscribed");
 
@@ -229,7 +230,7 @@ describe("presence against a real gateway", { skip }, () => {
     await waitFor(() => events.length === 1, { what: "subscribed after welcome" });
     assert.deepEqual(events[0].topics, ["inbox.erin"]);
     assert.equal(events[0].server, true);
-    assert.equal((await gw.publish("inbox.erin", "hello erin")).status, 200);
+    assert.equal((await publish("inbox.erin", "hello erin")).status, 200);
     await waitFor(() => got.includes("hello erin"));
 
     const reopened = nextEvent(c, "open");
@@ -237,7 +238,7 @@ describe("presence against a real gateway", { skip }, () => {
     await reopened;
     await waitFor(() => events.length === 2, { what: "subscribed again on the new connection" });
     assert.deepEqual(c.serverTopics(), ["inbox.erin"]);
-    assert.equal((await gw.publish("inbox.erin", "still here")).status, 200);
+    assert.equal((await publish("inbox.erin", "still here")).status, 200);
     await waitFor(() => got.includes("still here"));
   });
 
