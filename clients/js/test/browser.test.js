@@ -70,6 +70,23 @@ async function sees(page, message, what) {
   await waitFor(async () => (await text(page, "#chat-log")).includes(message), { timeoutMs: 10000, what });
 }
 
+/** The names in a page's member list ("In the room"), sorted. */
+const members = (page) => page.evaluate(() => window.wsgateDemo.members.map((m) => m.name));
+
+/** Waits until the page's member list is exactly `names` (and says how many). */
+async function membersAre(page, names, what) {
+  const want = [...names].sort();
+  try {
+    await waitFor(async () => JSON.stringify(await members(page)) === JSON.stringify(want) && (await text(page, "#member-count")) === String(want.length), {
+      timeoutMs: 15000,
+      what,
+    });
+  } catch (err) {
+    err.message += `; the list shows ${JSON.stringify(await members(page))}`;
+    throw err;
+  }
+}
+
 test(
   "two nodes + Redis: chat crosses nodes; a drained node's page moves to the other node and keeps receiving",
   { timeout: 120000 },
@@ -107,6 +124,15 @@ test(
       assert.match(await text(bob, "#chat-log"), /via node-1/, "published on node 1, received on node 2");
       await say(bob, "hi alice, bob here");
       await sees(alice, "hi alice, bob here", "alice sees bob's reply");
+      if (hasDemo) {
+        // Who is in the room (presence with join/leave, on with --demo): both pages on
+        // both lists, across the two nodes, named after their messages.
+        await membersAre(alice, ["alice (you)", "bob"], "alice's member list shows alice and bob");
+        await membersAre(bob, ["alice", "bob (you)"], "bob's member list shows alice and bob");
+        const sessions = await Promise.all([alice, bob].map((p) => p.evaluate(() => window.wsgateDemo.client.welcome.session)));
+        const listed = await alice.evaluate(() => window.wsgateDemo.members.map((m) => m.session));
+        assert.deepEqual(listed.sort(), sessions.sort(), "the list is the two pages' connections");
+      }
 
       // Ticker: the gateway's demo ticker, or (without --demo) the HTTP API from here.
       const feeder = hasDemo
@@ -134,6 +160,11 @@ test(
         await sees(alice, "still there?", "alice receives after moving to node 2");
         await say(alice, "yes, via node-2 now");
         await sees(bob, "yes, via node-2 now", "bob receives alice's message sent through node 2");
+        if (hasDemo) {
+          // Alice's new connection replaced her old one on both lists.
+          await membersAre(alice, ["alice (you)", "bob"], "alice's member list after her move");
+          await membersAre(bob, ["alice", "bob (you)"], "bob's member list after alice's move");
+        }
         await waitFor(async () => (await alice.evaluate(() => window.wsgateDemo.total)) > before + 3, { what: "ticker keeps flowing on alice" });
         await sleep(2500); // let the rate and sparklines fill in for the picture
         await alice.screenshot({ path: path.join(artifacts(), "demo-alice.png") });
