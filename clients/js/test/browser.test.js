@@ -16,7 +16,7 @@ import { existsSync } from "node:fs";
 import path from "node:path";
 import { after, before, test } from "node:test";
 import { chromium } from "playwright-core";
-import { artifacts, gatewayHelp, sleep, startGateway, startRedis, stopAll, waitFor } from "./helpers.js";
+import { artifacts, gatewayHelp, sleep, startGateway, startRedis, stopAll, waitFor, within } from "./helpers.js";
 import { startStaticServer } from "./static-server.js";
 
 const CHROMIUM = process.env.CHROMIUM_PATH || "/usr/bin/chromium";
@@ -110,9 +110,19 @@ test(
       await waitNode(alice, "node-1", "alice");
       await waitNode(bob, "node-2", "bob");
 
-      // The pages subscribe on load; the chat subscription is confirmed before sending.
-      await alice.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
-      await bob.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic));
+      // The pages subscribe on load; the chat subscription is confirmed before sending
+      // (a subscribe the gateway keeps refusing as `unavailable` is retried forever: say so).
+      const subscribed = async (page, who) => {
+        try {
+          await within(page.evaluate(() => window.wsgateDemo.client.subscribe(window.wsgateDemo.chatTopic)), 15000, `${who} subscribes to the chat`);
+        } catch (err) {
+          const log = await page.locator("#event-log li").allTextContents();
+          err.message += `\n--- ${who}'s event log (tail) ---\n${log.slice(-5).join("\n")}`;
+          throw err;
+        }
+      };
+      await subscribed(alice, "alice");
+      await subscribed(bob, "bob");
       if (hasDemo) {
         // `--demo` alone makes the chat room a stream: numbered, resumed after reconnects.
         await waitFor(() => alice.evaluate(() => window.wsgateDemo.chat.joined), { what: "alice joined the chat" });
