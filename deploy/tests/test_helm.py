@@ -34,7 +34,9 @@ VALUE_SETS = {
     ),
     "namespaces": (
         "--set-json", 'namespaces=[{"name": "chat", "topics": ["chat:*", "dm:*"], '
-        '"historySize": 1000000, "historyTtl": "10m"}, {"name": "lobby", "topics": ["chat:lobby"]}]',
+        '"historySize": 1000000, "historyTtl": "10m"}, {"name": "lobby", "topics": ["chat:lobby"]}, '
+        '{"name": "rooms", "topics": ["room.*"], "presence": true, "joinLeave": true, '
+        '"joinLeaveRate": 5, "clientPublish": false}]',
     ),
 }
 CONFIG_PATH = "/etc/wsgate/config/wsgate.toml"
@@ -430,6 +432,8 @@ def test_namespaces_render_a_config_file_read_with_config(render):
     assert toml == {"namespaces": [
         {"name": "chat", "topics": ["chat:*", "dm:*"], "history_size": 1000000, "history_ttl": "10m"},
         {"name": "lobby", "topics": ["chat:lobby"]},
+        {"name": "rooms", "topics": ["room.*"], "presence": True, "join_leave": True,
+         "join_leave_rate": 5, "client_publish": False},
     ]}
     d = gateway(m)
     c = container(d)

@@ -273,13 +273,16 @@ pub trait Broker: Send + Sync + 'static {
     }
 }
 
+/// One topic's presence in the embedded broker, by session.
+type TopicPresence = IndexMap<Arc<str>, PresenceEntry>;
+
 /// The embedded single-node broker: a publication is reported back at once; stream
 /// history and presence are kept in memory ([`MemoryHistory`]).
 pub struct MemoryBroker {
     events: Arc<dyn BrokerEvents>,
     history: MemoryHistory,
     /// Presence by topic, then session, in the order connections joined.
-    presence: Mutex<HashMap<Arc<str>, IndexMap<Arc<str>, PresenceEntry>>>,
+    presence: Mutex<HashMap<Arc<str>, TopicPresence>>,
 }
 
 impl MemoryBroker {
@@ -366,7 +369,8 @@ impl Broker for MemoryBroker {
             .insert(entry.session.clone(), entry.clone())
             .is_none();
         if fresh && announce {
-            self.events.presence_event(topic, event(PresenceKind::Join, entry));
+            self.events
+                .presence_event(topic, event(PresenceKind::Join, entry));
         }
         BrokerFuture::ready(Ok(()))
     }
@@ -384,7 +388,8 @@ impl Broker for MemoryBroker {
             removed
         };
         if removed && announce {
-            self.events.presence_event(topic, event(PresenceKind::Leave, entry));
+            self.events
+                .presence_event(topic, event(PresenceKind::Leave, entry));
         }
     }
 

@@ -37,6 +37,8 @@ pub struct Gateway {
     draining: AtomicBool,
     connections: AtomicUsize,
     next_session: AtomicU64,
+    /// Makes session numbers ([`Gateway::session_of`]) unique across nodes.
+    session_salt: u64,
 }
 
 impl Gateway {
@@ -60,6 +62,7 @@ impl Gateway {
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),
+            session_salt: rand::random(),
         });
         gw.node.set_hooks(crate::server_api::hooks(&gw));
         gw
@@ -117,6 +120,13 @@ impl Gateway {
         self.next_session.fetch_add(1, Ordering::Relaxed)
     }
 
+    /// The session id clients see (`welcome`'s `session`) of the session numbered
+    /// `id` on this node: a bijection salted per process, so ids are unique across
+    /// nodes (but for a 2⁻⁶⁴ chance) and a session keeps no copy of its own.
+    pub(crate) fn session_of(&self, id: u64) -> u64 {
+        (id ^ self.session_salt).wrapping_mul(SESSION_MIX)
+    }
+
     /// Closes every live session with 1001, spread evenly over the drain window.
     pub(crate) async fn drain_sessions(&self) {
         let sessions = self.sessions.snapshot();
@@ -136,6 +146,9 @@ impl Gateway {
         self.metrics.ready.set(i64::from(self.is_ready()));
     }
 }
+
+/// An odd multiplier (the 64-bit golden ratio): multiplying by it permutes `u64`.
+const SESSION_MIX: u64 = 0x9E37_79B9_7F4A_7C15;
 
 /// A reserved connection slot; released on drop.
 pub(crate) struct ConnectionSlot {

@@ -129,7 +129,10 @@ pub(crate) fn unauthorized() -> Response<Body> {
 
 /// What every `POST /api/*` endpoint checks first: the method, the API key, the body
 /// size; answers the body, or the refusal to send.
-pub(crate) async fn api_body(gw: &Gateway, req: Request<Incoming>) -> Result<Bytes, Response<Body>> {
+pub(crate) async fn api_body(
+    gw: &Gateway,
+    req: Request<Incoming>,
+) -> Result<Bytes, Response<Body>> {
     if req.method() != Method::POST {
         let mut r = error(
             StatusCode::METHOD_NOT_ALLOWED,

@@ -160,7 +160,7 @@ pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
             }),
         };
         let presence = presence_options(&entry.presence, &entry.join_leave, &entry.join_leave_rate)
-            .map_err(|(span, m)| err(span, format!("{}", at(&m))))?;
+            .map_err(|(span, m)| err(span, at(&m)))?;
         list.push(Namespace {
             name,
             topics,
@@ -193,7 +193,10 @@ pub fn describe(namespaces: &Namespaces) -> Vec<String> {
             }];
             if let Some(p) = &ns.presence {
                 what.push(if p.join_leave {
-                    format!("presence, join/leave (at most {}/s per topic)", p.join_leave_rate)
+                    format!(
+                        "presence, join/leave (at most {}/s per topic)",
+                        p.join_leave_rate
+                    )
                 } else {
                     "presence".to_string()
                 });
@@ -370,7 +373,10 @@ mod tests {
         assert_eq!(p.join_leave_rate, 5);
         let p = ns.presence("who.1").unwrap();
         assert!(!p.join_leave);
-        assert_eq!(p.join_leave_rate, wsgate_fanout::presence::DEFAULT_JOIN_LEAVE_RATE);
+        assert_eq!(
+            p.join_leave_rate,
+            wsgate_fanout::presence::DEFAULT_JOIN_LEAVE_RATE
+        );
         assert!(ns.presence("alerts.x").is_none() && ns.presence("other").is_none());
         assert!(ns.client_publish("room.1") && ns.client_subscribe("room.1"));
         assert!(!ns.client_publish("alerts.x") && !ns.client_subscribe("alerts.x"));
@@ -385,9 +391,17 @@ mod tests {
         );
         let one = |body: &str| format!("[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\n{body}\n");
         let e = parse_err(&one("join_leave = true"));
-        assert!(e.contains("namespaces[0] (\"n\").join_leave") && e.contains("presence = true"), "{e}");
-        let e = parse_err(&one("presence = true\njoin_leave = true\njoin_leave_rate = 0"));
-        assert!(e.contains("join_leave_rate") && e.contains("between 1 and"), "{e}");
+        assert!(
+            e.contains("namespaces[0] (\"n\").join_leave") && e.contains("presence = true"),
+            "{e}"
+        );
+        let e = parse_err(&one(
+            "presence = true\njoin_leave = true\njoin_leave_rate = 0",
+        ));
+        assert!(
+            e.contains("join_leave_rate") && e.contains("between 1 and"),
+            "{e}"
+        );
         let e = parse_err(&one("presence = true\njoin_leave_rate = 3"));
         assert!(e.contains("needs join_leave"), "{e}");
         let e = parse_err(&one("presence = \"yes\""));

@@ -550,9 +550,15 @@ mod tests {
             json!({"op":"presence","id":7,"topic":"room.1",
                    "clients":[{"session":"s1","user":null,"node":"n\"1"}]})
         );
-        let stats = PresenceStats { clients: 3, users: 2 };
+        let stats = PresenceStats {
+            clients: 3,
+            users: 2,
+        };
         let v: Value = serde_json::from_str(&presence_stats_reply(None, "r", stats)).unwrap();
-        assert_eq!(v, json!({"op":"presence_stats","topic":"r","clients":3,"users":2}));
+        assert_eq!(
+            v,
+            json!({"op":"presence_stats","topic":"r","clients":3,"users":2})
+        );
         let t = [Arc::from("a"), Arc::from("b")];
         assert_eq!(
             unasked(topics_reply("unsubscribed", None, &t)),

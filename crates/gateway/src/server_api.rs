@@ -145,7 +145,10 @@ pub(crate) fn on_control(gw: &Gateway, bytes: &[u8]) {
         },
     };
     if found.is_empty() {
-        debug!(command = command.name(), "server command: no connection here");
+        debug!(
+            command = command.name(),
+            "server command: no connection here"
+        );
         return;
     }
     gw.metrics
@@ -174,14 +177,8 @@ pub(crate) fn on_control(gw: &Gateway, bytes: &[u8]) {
 }
 
 /// A request body, or the 400 that says what was expected.
-fn body_of<T: for<'de> Deserialize<'de>>(body: &Bytes, expected: &str) -> Result<T, Response<Body>> {
-    serde_json::from_slice(body).map_err(|e| {
-        error(
-            StatusCode::BAD_REQUEST,
-            "bad_request",
-            &format!("expected {expected}: {e}"),
-        )
-    })
+fn body_of<T: for<'de> Deserialize<'de>>(body: &Bytes, expected: &str) -> Result<T, String> {
+    serde_json::from_slice(body).map_err(|e| format!("expected {expected}: {e}"))
 }
 
 fn bad(code: &str, message: &str) -> Response<Body> {
@@ -202,7 +199,7 @@ pub async fn presence(gw: Arc<Gateway>, req: Request<Incoming>, stats: bool) -> 
     };
     let request: TopicRequest = match body_of(&body, "{\"topic\": string}") {
         Ok(r) => r,
-        Err(refusal) => return refusal,
+        Err(why) => return bad("bad_request", &why),
     };
     gw.metrics
         .presence_queries
@@ -255,14 +252,11 @@ struct CommandRequest {
 }
 
 impl CommandRequest {
-    fn target(&mut self) -> Result<Target, Response<Body>> {
+    fn target(&mut self) -> Option<Target> {
         match (self.user.take(), self.session.take()) {
-            (Some(u), None) if !u.is_empty() => Ok(Target::User(u)),
-            (None, Some(s)) if !s.is_empty() => Ok(Target::Session(s)),
-            _ => Err(bad(
-                "bad_request",
-                "name the connections with exactly one of \"user\" or \"session\" (a non-empty string)",
-            )),
+            (Some(u), None) if !u.is_empty() => Some(Target::User(u)),
+            (None, Some(s)) if !s.is_empty() => Some(Target::Session(s)),
+            _ => None,
         }
     }
 }
@@ -285,16 +279,21 @@ pub async fn command(gw: Arc<Gateway>, req: Request<Incoming>, what: &str) -> Re
     };
     let mut request: CommandRequest = match body_of(&body, expected) {
         Ok(r) => r,
-        Err(refusal) => return refusal,
+        Err(why) => return bad("bad_request", &why),
     };
-    let target = match request.target() {
-        Ok(t) => t,
-        Err(refusal) => return refusal,
+    let Some(target) = request.target() else {
+        return bad(
+            "bad_request",
+            "name the connections with exactly one of \"user\" or \"session\" (a non-empty string)",
+        );
     };
     let command = match what {
         "disconnect" => {
             if request.topics.is_some() {
-                return bad("bad_request", &format!("expected {DISCONNECT_BODY}: no `topics` here"));
+                return bad(
+                    "bad_request",
+                    &format!("expected {DISCONNECT_BODY}: no `topics` here"),
+                );
             }
             let code = request.code.unwrap_or(DEFAULT_DISCONNECT_CODE);
             if !(4000..=4999).contains(&code) {
@@ -303,7 +302,9 @@ pub async fn command(gw: Arc<Gateway>, req: Request<Incoming>, what: &str) -> Re
                     &format!("`code` must be between 4000 and 4999 (got {code})"),
                 );
             }
-            let reason = request.reason.unwrap_or_else(|| Disconnect::ServerApi.reason().into());
+            let reason = request
+                .reason
+                .unwrap_or_else(|| Disconnect::ServerApi.reason().into());
             if reason.len() > MAX_REASON_LEN {
                 return bad(
                     "bad_request",
@@ -356,7 +357,11 @@ pub async fn command(gw: Arc<Gateway>, req: Request<Incoming>, what: &str) -> Re
 /// `GET /api/info`: every live node, sorted by id.
 pub async fn info(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
-        let mut r = error(StatusCode::METHOD_NOT_ALLOWED, "method_not_allowed", "use GET");
+        let mut r = error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method_not_allowed",
+            "use GET",
+        );
         r.headers_mut()
             .insert(header::ALLOW, "GET".parse().expect("valid header"));
         return r;

@@ -24,6 +24,8 @@ fn json_leaf() -> impl Strategy<Value = Value> {
             "publish",
             "ping",
             "refresh",
+            "presence",
+            "presence_stats",
             "op",
             "news"
         ]
@@ -68,6 +70,12 @@ fn check(text: &str) {
                 Command::Publish { topic, data, .. } => {
                     wsgate_fanout::validate_topic(&topic).unwrap();
                     let _: Value = serde_json::from_str(data.get()).unwrap();
+                }
+                Command::Presence { topic, .. } | Command::PresenceStats { topic, .. } => {
+                    wsgate_fanout::validate_topic(&topic).unwrap();
+                    let reply: Value =
+                        serde_json::from_str(&protocol::presence_reply(None, &topic, &[])).unwrap();
+                    assert_eq!(reply["topic"].as_str(), Some(&*topic));
                 }
                 Command::Ping { .. } | Command::Refresh { .. } => {}
             }

@@ -17,6 +17,9 @@ use crate::publication::Publication;
 use crate::topic::{validate_topic, TopicError};
 use crate::SubscriberId;
 
+/// Carries out a server command (its JSON) on this node's connections.
+pub type ControlHandler = Box<dyn Fn(&[u8]) + Send + Sync>;
+
 /// What the gateway tells its node about itself, once, at start.
 pub struct Hooks {
     /// The node's id (`welcome`'s `node`), written in its presence entries.
@@ -25,7 +28,7 @@ pub struct Hooks {
     pub info: Box<dyn Fn() -> NodeInfo + Send + Sync>,
     /// Carries out a server command that reached this node (it acts on its own
     /// connections). Must not block.
-    pub control: Box<dyn Fn(&[u8]) + Send + Sync>,
+    pub control: ControlHandler,
 }
 
 /// Why a presence query has no answer.

@@ -321,7 +321,10 @@ impl Authenticator {
             })?;
         let c = data.claims;
         let subject = c.sub.unwrap_or_default();
-        if c.topics.iter().any(|t| wsgate_fanout::validate_topic(t).is_err()) {
+        if c.topics
+            .iter()
+            .any(|t| wsgate_fanout::validate_topic(t).is_err())
+        {
             return Err(AuthError::Topics);
         }
         let mut topics: Vec<Arc<str>> = Vec::with_capacity(c.topics.len());

@@ -1,6 +1,7 @@
 //! A client: its state, its read loop and the command dispatch.
 
 use std::sync::Arc;
+use std::task::Poll;
 
 use bytes::Bytes;
 use tokio::io::AsyncRead;
@@ -29,8 +30,6 @@ pub(crate) struct Client {
     pub(super) gw: Arc<Gateway>,
     pub(super) outbox: Arc<Outbox>,
     pub(super) id: u64,
-    /// The session id (`welcome`'s `session`, as a number).
-    pub(super) session: u64,
     /// Topics this session is subscribed to.
     pub(super) topics: TopicSet,
     pub(super) limiter: RateLimiter,
@@ -52,21 +51,27 @@ impl Client {
     /// protocol). Dropped mid-way when the writer ends first: the session is over.
     pub(super) async fn run<R: AsyncRead + Unpin>(&mut self, frames: &mut FrameReader<R>) {
         loop {
-            // Both are cancel safe: whichever loses keeps what it had.
-            let result = tokio::select! {
-                biased;
-                command = self.outbox.next_command() => {
-                    Box::pin(self.on_server_command(command)).await;
-                    continue;
+            // A server command first, else the next frame. One poll function rather
+            // than a `select!` of two futures: this loop lives as long as the
+            // connection, and an idle session's future is counted in bytes.
+            let (outbox, reader) = (&*self.outbox, &mut *frames);
+            let result = std::future::poll_fn(move |cx| {
+                if outbox.poll_command(cx).is_ready() {
+                    return Poll::Ready(Err(ReadError::Yielded));
                 }
-                result = frames.next() => result,
-            };
+                reader.poll_next(cx)
+            })
+            .await;
             let frame = match result {
                 Ok(frame) => frame,
+                Err(ReadError::Yielded) => {
+                    Box::pin(self.on_server_commands()).await;
+                    continue;
+                }
                 Err(e) => {
                     let reason = match e {
                         ReadError::Protocol(reason) => reason,
-                        ReadError::Gone => Disconnect::ClientGone,
+                        ReadError::Gone | ReadError::Yielded => Disconnect::ClientGone,
                     };
                     debug!(reason = reason.label(), "read ended");
                     self.outbox.close(reason);

@@ -133,7 +133,7 @@ where
     W: AsyncWrite + Unpin + Send + 'static,
 {
     let id = gw.next_session_id();
-    let session_id = rand::random::<u64>();
+    let session_id = gw.session_of(id);
     let session = session_name(session_id);
     // One span per connection, from upgrade to close (never one per message): it is
     // what OTLP export shows of a connection's life.
@@ -198,7 +198,6 @@ where
         outbox,
         gw: gw.clone(),
         id,
-        session: session_id,
         topics: TopicSet::default(),
         limiter: RateLimiter::new(cfg.rate_burst, Instant::now()),
         replies: None,

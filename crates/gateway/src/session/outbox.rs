@@ -206,24 +206,30 @@ impl Outbox {
         true
     }
 
-    /// Waits for the next server command. Only the session's reader waits here.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: a command is taken only when this resolves.
-    pub async fn next_command(&self) -> ServerCommand {
-        poll_fn(|cx| {
-            let mut st = self.state.lock();
-            if st.inbox.is_empty() {
-                if st.inbox.capacity() > 0 {
-                    st.inbox = Vec::new();
-                }
-                st.reader_waker = Some(cx.waker().clone());
-                Poll::Pending
-            } else {
-                Poll::Ready(st.inbox.remove(0))
-            }
-        })
-        .await
+    /// Ready when a server command waits ([`Outbox::take_command`]); else the
+    /// reader is woken when one comes. Only the session's reader polls here.
+    pub fn poll_command(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        let mut st = self.state.lock();
+        if !st.inbox.is_empty() {
+            return Poll::Ready(());
+        }
+        if st.inbox.capacity() > 0 {
+            st.inbox = Vec::new();
+        }
+        if !st
+            .reader_waker
+            .as_ref()
+            .is_some_and(|w| w.will_wake(cx.waker()))
+        {
+            st.reader_waker = Some(cx.waker().clone());
+        }
+        Poll::Pending
+    }
+
+    /// The oldest server command waiting, if any.
+    pub fn take_command(&self) -> Option<ServerCommand> {
+        let mut st = self.state.lock();
+        (!st.inbox.is_empty()).then(|| st.inbox.remove(0))
     }
 
     /// Wakes the writer unless a wake-up is already pending.

@@ -35,7 +35,7 @@ impl By {
 impl Client {
     /// The session id as clients see it.
     pub(super) fn session_name(&self) -> Arc<str> {
-        Arc::from(session_name(self.session))
+        Arc::from(session_name(self.gw.session_of(self.id)))
     }
 
     /// The user presence lists (the token's `sub`), if any.
@@ -76,9 +76,11 @@ impl Client {
             if !fresh.is_empty() {
                 self.join(id, &fresh, &[], &since, |_| {}).await?;
             }
-            return Ok(Some(
-                by.reply(protocol::topics_reply("subscribed", id, &topics)),
-            ));
+            return Ok(Some(by.reply(protocol::topics_reply(
+                "subscribed",
+                id,
+                &topics,
+            ))));
         }
         // Replies still waiting behind a publication leave first: this one is queued
         // directly, at the point the node says.
@@ -191,9 +193,15 @@ impl Client {
         node.presence_leave(&self.session_name(), &all);
     }
 
-    /// Carries out a server API command (between the client's own commands: the
-    /// reader owns the session's topics).
-    pub(super) async fn on_server_command(&mut self, command: ServerCommand) {
+    /// Carries out the server API commands waiting in the outbox (between the
+    /// client's own commands: the reader owns the session's topics).
+    pub(super) async fn on_server_commands(&mut self) {
+        while let Some(command) = self.outbox.take_command() {
+            self.on_server_command(command).await;
+        }
+    }
+
+    async fn on_server_command(&mut self, command: ServerCommand) {
         match command {
             ServerCommand::Subscribe(topics) => {
                 let reply = self
@@ -203,7 +211,7 @@ impl Client {
                     Ok(Some(text)) => self.reply(frame::text(text.as_bytes())).await,
                     Ok(None) => {}
                     Err(e) => warn!(
-                        session = %session_name(self.session),
+                        session = %self.session_name(),
                         code = e.code.as_str(),
                         "server-side subscribe failed: {}",
                         e.message
@@ -213,7 +221,8 @@ impl Client {
             ServerCommand::Unsubscribe(topics) => {
                 let left = self.leave(&topics);
                 if !left.is_empty() {
-                    let text = By::Server.reply(protocol::topics_reply("unsubscribed", None, &left));
+                    let text =
+                        By::Server.reply(protocol::topics_reply("unsubscribed", None, &left));
                     self.reply(frame::text(text.as_bytes())).await;
                 }
             }

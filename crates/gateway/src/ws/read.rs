@@ -14,7 +14,6 @@
 //! for [`super::message`], [`super::close`] and the session.
 
 use std::cell::RefCell;
-use std::future::poll_fn;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
@@ -46,6 +45,9 @@ pub(crate) enum ReadError {
     Protocol(Disconnect),
     /// The connection ended (EOF, also in the middle of a frame, or an I/O error).
     Gone,
+    /// Not an error: the caller stopped waiting for a frame to do something else
+    /// first (a server command). The reader never says it itself.
+    Yielded,
 }
 
 /// The client's side of a connection, read frame by frame.
@@ -161,16 +163,18 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         }
     }
 
-    /// The next frame.
-    ///
-    /// # Cancel safety
-    /// Cancel safe: bytes read are parsed or kept before the future returns, so a
-    /// cancelled call loses nothing and the next call continues where it left off.
+    /// The next frame (the tests' form of [`FrameReader::poll_next`]).
+    #[cfg(test)]
     pub(crate) async fn next(&mut self) -> Result<Frame, ReadError> {
-        poll_fn(|cx| self.poll_next(cx)).await
+        std::future::poll_fn(|cx| self.poll_next(cx)).await
     }
 
-    fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ReadError>> {
+    /// Polls for the next frame.
+    ///
+    /// # Cancel safety
+    /// Bytes read are parsed or kept before `Ready` is returned, so a caller that
+    /// stops polling loses nothing and the next poll continues where it left off.
+    pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ReadError>> {
         loop {
             if !self.partial.is_empty() {
                 match parse(&self.partial, self.max_payload)? {
