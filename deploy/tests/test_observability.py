@@ -70,3 +70,34 @@ def test_every_alert_has_a_runbook_section():
     headings = set(re.findall(r"^#{3,4} `?(\w+)`?\s*$", text, re.M))
     missing = [a for a in alert_names() if a not in headings]
     assert not missing, f"docs/operations.md has no section for: {missing}"
+
+
+METRICS_DOC = REPO / "docs/metrics.md"
+
+
+def test_every_exported_metric_is_documented():
+    doc = METRICS_DOC.read_text()
+    missing = sorted(m for m in exported_metrics() if f"`{m}`" not in doc)
+    assert not missing, f"docs/metrics.md does not document: {missing}"
+
+
+def test_every_exported_metric_has_a_dashboard_panel():
+    missing = sorted(exported_metrics() - used_metrics(DASHBOARD.read_text()))
+    assert not missing, f"no dashboard panel reads: {missing}"
+
+
+def test_dashboard_panels_have_unique_ids_and_do_not_overlap():
+    panels = json.loads(DASHBOARD.read_text())["panels"]
+    ids = [p["id"] for p in panels]
+    assert len(ids) == len(set(ids)), "panel ids are unique"
+    taken: dict[tuple[int, int], str] = {}
+    for p in panels:
+        g = p["gridPos"]
+        assert g["x"] + g["w"] <= 24, f"{p['title']} is wider than the grid"
+        for x in range(g["x"], g["x"] + g["w"]):
+            for y in range(g["y"], g["y"] + g["h"]):
+                assert (x, y) not in taken, f"{p['title']} overlaps {taken[(x, y)]}"
+                taken[(x, y)] = p["title"]
+        for t in p.get("targets", []):
+            assert t["datasource"]["uid"] == "${datasource}", f"{p['title']}: datasource"
+            assert 'instance=~"$instance"' in t["expr"], f"{p['title']}: the Node variable"

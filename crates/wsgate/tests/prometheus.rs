@@ -214,6 +214,17 @@ fn metric_names(expr: &str) -> Vec<String> {
     out
 }
 
+/// The per-shard Redis families (`shard` label): the Redis broker creates their series
+/// for its connections, so a gateway without Redis has none (docs/metrics.md, "Redis").
+const REDIS_SHARD_PREFIX: &str = "wsgate_redis_shard_";
+
+/// A dashboard query that reads only per-shard Redis series: without Redis it must
+/// parse, but it has no data.
+fn needs_redis_shards(expr: &str) -> bool {
+    let names = metric_names(expr);
+    !names.is_empty() && names.iter().all(|n| n.starts_with(REDIS_SHARD_PREFIX))
+}
+
 fn encode(q: &str) -> String {
     q.bytes()
         .map(|b| match b {
@@ -318,7 +329,8 @@ async fn prometheus_finds_data_for_every_dashboard_and_alert_query() {
     assert!(dash.len() >= 20, "the dashboard has its panels");
     for e in &dash {
         let q = grafana_to_promql(e);
-        if !has_data(&query(&prom, &q).await) {
+        // query() asserts that it parses; the per-shard panels need Redis for data.
+        if !has_data(&query(&prom, &q).await) && !needs_redis_shards(&q) {
             missing.push(format!("dashboard: {q}"));
         }
     }
