@@ -180,8 +180,14 @@ async fn presence_and_a_killed_node(redis: &[&str]) {
     }
     joined.sort();
     assert_eq!(joined, ["ben", "cid"]);
-    let r = c[1].call(json!({"op":"presence_stats","topic":"room.1"})).await;
-    assert_eq!((r["clients"].as_u64(), r["users"].as_u64()), (Some(3), Some(3)), "{r}");
+    let r = c[1]
+        .call(json!({"op":"presence_stats","topic":"room.1"}))
+        .await;
+    assert_eq!(
+        (r["clients"].as_u64(), r["users"].as_u64()),
+        (Some(3), Some(3)),
+        "{r}"
+    );
 
     // ben leaves by unsubscribing: ann and cid hear it.
     c[1].unsubscribe(&["room.1"]).await;
@@ -202,15 +208,25 @@ async fn presence_and_a_killed_node(redis: &[&str]) {
         .await
         .expect("cid's leave from a surviving node");
     let heard_after = killed.elapsed();
-    assert_eq!((heard["session"].as_str(), heard["user"].as_str()), (Some(cid.as_str()), Some("cid")));
+    assert_eq!(
+        (heard["session"].as_str(), heard["user"].as_str()),
+        (Some(cid.as_str()), Some("cid"))
+    );
     let gone = within(BOUND + SLACK, || async {
         let n0 = &ns[0];
         listed(n0, "room.1").await.iter().all(|e| e.0 != cid)
     })
     .await;
     assert!(gone.is_some(), "cid is a ghost");
-    let info = within(BOUND + SLACK, || async { live_nodes(&ns[1]).await == ["n0", "n1"] }).await;
-    assert!(info.is_some(), "n2 still in /api/info: {:?}", live_nodes(&ns[1]).await);
+    let info = within(BOUND + SLACK, || async {
+        live_nodes(&ns[1]).await == ["n0", "n1"]
+    })
+    .await;
+    assert!(
+        info.is_some(),
+        "n2 still in /api/info: {:?}",
+        live_nodes(&ns[1]).await
+    );
     println!(
         "SIGKILL → leave delivered after {heard_after:?}, bound {BOUND:?}; n2 out of /api/info"
     );
@@ -265,7 +281,10 @@ async fn a_redis_restart_loses_no_entry_of_a_live_connection() {
         status == 200 && body["clients"].as_array().is_some_and(|c| c.len() == 2)
     })
     .await;
-    assert!(back.is_some(), "presence not rebuilt after the Redis restart");
+    assert!(
+        back.is_some(),
+        "presence not rebuilt after the Redis restart"
+    );
     assert_eq!(listed(&ns[1], "room.r").await, before);
     assert_eq!(live_nodes(&ns[0]).await, ["n0", "n1"]);
     println!("presence rebuilt {back:?} after Redis came back");
@@ -296,18 +315,32 @@ async fn the_server_api_acts_on_every_node() {
     }
 
     // Subscribe ann (on n0 and n2) through n1; a publication through n1 reaches both.
-    let (status, body) = api(&ns[1], "POST", "/api/subscribe", json!({"user":"ann","topics":["news"]})).await;
+    let (status, body) = api(
+        &ns[1],
+        "POST",
+        "/api/subscribe",
+        json!({"user":"ann","topics":["news"]}),
+    )
+    .await;
     assert_eq!((status, &body["ok"]), (200, &json!(true)), "{body}");
     assert_eq!(body["nodes"], 3, "the control channel reached every node");
     for ws in [&mut ann0, &mut ann2] {
-        let s = next_op(ws, "subscribed", Duration::from_secs(5)).await.unwrap();
+        let s = next_op(ws, "subscribed", Duration::from_secs(5))
+            .await
+            .unwrap();
         assert_eq!(s, json!({"op":"subscribed","id":null,"topics":["news"]}));
     }
     ns[1].publish("news", "1").await;
     for ws in [&mut ann0, &mut ann2] {
-        assert_eq!(ws.next_message(Duration::from_secs(5)).await.unwrap()["data"], 1);
+        assert_eq!(
+            ws.next_message(Duration::from_secs(5)).await.unwrap()["data"],
+            1
+        );
     }
-    assert!(ben1.next_message(Duration::from_millis(300)).await.is_none());
+    assert!(ben1
+        .next_message(Duration::from_millis(300))
+        .await
+        .is_none());
 
     // Unsubscribe one session through n0.
     let (status, _) = api(
@@ -318,10 +351,18 @@ async fn the_server_api_acts_on_every_node() {
     )
     .await;
     assert_eq!(status, 200);
-    next_op(&mut ann2, "unsubscribed", Duration::from_secs(5)).await.unwrap();
+    next_op(&mut ann2, "unsubscribed", Duration::from_secs(5))
+        .await
+        .unwrap();
     ns[1].publish("news", "2").await;
-    assert_eq!(ann0.next_message(Duration::from_secs(5)).await.unwrap()["data"], 2);
-    assert!(ann2.next_message(Duration::from_millis(300)).await.is_none());
+    assert_eq!(
+        ann0.next_message(Duration::from_secs(5)).await.unwrap()["data"],
+        2
+    );
+    assert!(ann2
+        .next_message(Duration::from_millis(300))
+        .await
+        .is_none());
 
     // Info lists the three nodes, with their connections.
     let (status, info) = api(&ns[2], "GET", "/api/info", Value::Null).await;
@@ -346,7 +387,10 @@ async fn the_server_api_acts_on_every_node() {
     .await;
     assert_eq!(status, 200);
     assert_eq!(ben1.expect_close().await, Some(4444));
-    println!("three disconnects across nodes closed {:?} after the first call", t.elapsed());
+    println!(
+        "three disconnects across nodes closed {:?} after the first call",
+        t.elapsed()
+    );
     // Unknown: 200, nothing done.
     let (status, body) = api(&ns[2], "POST", "/api/disconnect", json!({"user":"nobody"})).await;
     assert_eq!((status, &body["ok"]), (200, &json!(true)));
