@@ -279,8 +279,11 @@ pub struct MemoryBroker {
     events: Arc<dyn BrokerEvents>,
     history: MemoryHistory,
     /// Presence by topic, then session, in the order connections joined.
-    presence: Mutex<HashMap<Arc<str>, IndexMap<Arc<str>, PresenceEntry>>>,
+    presence: Mutex<HashMap<Arc<str>, Entries>>,
 }
+
+/// A topic's presence entries by session, in the order connections joined.
+type Entries = IndexMap<Arc<str>, PresenceEntry>;
 
 impl MemoryBroker {
     /// A broker reporting to `events` (the node), keeping at most
@@ -366,7 +369,8 @@ impl Broker for MemoryBroker {
             .insert(entry.session.clone(), entry.clone())
             .is_none();
         if fresh && announce {
-            self.events.presence_event(topic, event(PresenceKind::Join, entry));
+            self.events
+                .presence_event(topic, event(PresenceKind::Join, entry));
         }
         BrokerFuture::ready(Ok(()))
     }
@@ -384,7 +388,8 @@ impl Broker for MemoryBroker {
             removed
         };
         if removed && announce {
-            self.events.presence_event(topic, event(PresenceKind::Leave, entry));
+            self.events
+                .presence_event(topic, event(PresenceKind::Leave, entry));
         }
     }
 

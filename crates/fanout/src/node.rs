@@ -32,11 +32,11 @@ use wsgate_metrics::Metrics;
 use crate::broker::{Broker, BrokerError, BrokerEvents, BrokerFuture, MemoryBroker, Origin};
 use crate::history::DEFAULT_HISTORY_MEMORY;
 use crate::hub::{Hub, Subscriber, SubscriberId};
+use crate::presence::{NodeInfo, PresenceEntry, PresenceEvent, Table};
 use crate::publication::{unix_nanos, Publication};
 use crate::stream::{
     Action, History, HistoryEntry, HistoryQuery, Namespaces, Phase, Position, StreamState,
 };
-use crate::presence::{NodeInfo, PresenceEntry, PresenceEvent, Table};
 use crate::topic::{validate_topic, TopicError};
 
 mod presence;

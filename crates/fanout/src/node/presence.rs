@@ -25,8 +25,11 @@ pub struct Hooks {
     pub info: Box<dyn Fn() -> NodeInfo + Send + Sync>,
     /// Carries out a server command that reached this node (it acts on its own
     /// connections). Must not block.
-    pub control: Box<dyn Fn(&[u8]) + Send + Sync>,
+    pub control: ControlHook,
 }
+
+/// Carries out a server command on this node.
+pub type ControlHook = Box<dyn Fn(&[u8]) + Send + Sync>;
 
 /// Why a presence query has no answer.
 #[derive(Debug, Clone, thiserror::Error)]
