@@ -36,6 +36,10 @@
 //! - `reply`: how broker calls get their answers from the relay tasks.
 //! - `job`: what the writers of both modes pipeline (publishes and function calls),
 //!   with the reinstall-and-retry of a missing function library.
+//! - `presence`: presence entries, join/leave, server commands (the control
+//!   channel) and the node list in Redis: the keys, the membership task (heartbeat,
+//!   lease, cleanup of dead nodes, resync) and the broker methods both modes
+//!   delegate to, through the mode's ordered writer.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
@@ -50,6 +54,7 @@ mod health;
 mod interest;
 mod job;
 pub mod limits;
+mod presence;
 mod publisher;
 mod reply;
 pub mod streams;
@@ -70,6 +75,8 @@ pub use crate::cluster::{ClusterBroker, ClusterOptions};
 pub use crate::config::{BrokerSetup, RedisArgs, RedisMode};
 use crate::health::Health;
 pub use crate::limits::DEFAULT_UNSUBSCRIBE_DELAY;
+use crate::presence::Presence;
+pub use crate::presence::DEFAULT_PRESENCE_TIMEOUT;
 
 pub use crate::connect::{ConnectError, ConnectOptions, Connector, SentinelOptions, TlsFiles};
 
@@ -97,6 +104,9 @@ pub struct RedisOptions {
     /// streams). Without it the library is installed when a stream call finds it
     /// missing, and a node without streams never loads it.
     pub install_functions: bool,
+    /// Bound between a node's death and its presence entries leaving every list
+    /// (docs/redis.md): heartbeats every sixth of it, a lease of half of it.
+    pub presence_timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -106,6 +116,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("prefix", &self.prefix)
             .field("unsubscribe_delay", &self.unsubscribe_delay)
             .field("sentinel", &self.sentinel)
+            .field("presence_timeout", &self.presence_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -122,6 +133,7 @@ impl RedisOptions {
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
             metrics: None,
             install_functions: false,
+            presence_timeout: DEFAULT_PRESENCE_TIMEOUT,
         }
     }
 
@@ -139,9 +151,10 @@ impl RedisOptions {
 /// A [`Broker`] relaying through Redis pub/sub.
 pub struct RedisBroker {
     channels: Channels,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     commands: mpsc::UnboundedSender<Command>,
     health: Arc<Health>,
+    presence: Arc<Presence>,
     stop: CancellationToken,
 }
 
@@ -159,13 +172,22 @@ impl RedisBroker {
         let connector = Connector::new(&options.connect_options())?;
         let stop = CancellationToken::new();
         let channels = Channels::new(&options.prefix, None);
-        let health = Arc::new(Health::new(options.metrics));
-        let publisher = Publisher::start(
+        let health = Arc::new(Health::new(options.metrics.clone()));
+        let publisher = Arc::new(Publisher::start(
             connector.clone(),
             health.clone(),
             options.install_functions,
             stop.clone(),
+        ));
+        let presence = Presence::new(
+            publisher.clone(),
+            channels.clone(),
+            events.clone(),
+            health.clone(),
+            options.metrics,
+            options.presence_timeout,
         );
+        tokio::spawn(presence.clone().run(stop.clone()));
         let (commands, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             connector,
@@ -181,6 +203,7 @@ impl RedisBroker {
             publisher,
             commands,
             health,
+            presence,
             stop,
         })
     }
@@ -245,4 +268,6 @@ impl Broker for RedisBroker {
     fn kind(&self) -> &'static str {
         "redis"
     }
+
+    presence::broker_presence_methods!();
 }
