@@ -1,0 +1,316 @@
+//! Presence, join/leave, server commands and the node list against real Redis
+//! servers, in single mode and on a 3-primary Redis Cluster: two brokers ("nodes")
+//! see each other's entries once acknowledged, relay joins and leaves in order and
+//! server commands to both; a node that dies without a word leaves every list within
+//! the presence timeout (its leaves sent by the survivor); a Redis that lost
+//! everything gets the live nodes' entries back without a single new add.
+
+mod common;
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::eventually;
+use parking_lot::Mutex;
+use wsgate_fanout::{
+    Broker, BrokerEvents, HistoryEntry, NodeInfo, Origin, PresenceEntry, PresenceEvent,
+    PresenceKind,
+};
+use wsgate_redis::{ClusterBroker, ClusterOptions, RedisBroker, RedisOptions};
+use wsgate_testkit::redis::{Redis, RedisCluster};
+
+const WAIT: Duration = Duration::from_secs(15);
+/// The presence timeout of these tests: heartbeats every 250 ms, a 750 ms lease.
+const TIMEOUT: Duration = Duration::from_millis(1500);
+const TOPIC: &str = "room.1";
+
+/// A node as its broker sees it: its own entries (the snapshot), what it heard.
+struct Node {
+    id: String,
+    entries: Mutex<HashMap<String, Vec<PresenceEntry>>>,
+    heard: Mutex<Vec<(String, PresenceEvent)>>,
+    commands: Mutex<Vec<Vec<u8>>>,
+}
+
+impl Node {
+    fn new(id: &str) -> Arc<Node> {
+        Arc::new(Node {
+            id: id.into(),
+            entries: Mutex::default(),
+            heard: Mutex::default(),
+            commands: Mutex::default(),
+        })
+    }
+
+    fn entry(&self, session: &str, user: Option<&str>) -> PresenceEntry {
+        PresenceEntry {
+            session: session.into(),
+            user: user.map(Into::into),
+            node: self.id.as_str().into(),
+        }
+    }
+
+    /// Lists `session` as the node does: in its table, then in the broker.
+    async fn join(&self, b: &dyn Broker, session: &str, user: Option<&str>) {
+        let e = self.entry(session, user);
+        self.entries
+            .lock()
+            .entry(TOPIC.into())
+            .or_default()
+            .push(e.clone());
+        b.presence_add(TOPIC, &e, true).await.unwrap();
+    }
+
+    fn leave(&self, b: &dyn Broker, session: &str) {
+        let (e, last) = {
+            let mut all = self.entries.lock();
+            let list = all.get_mut(TOPIC).unwrap();
+            let at = list.iter().position(|e| &*e.session == session).unwrap();
+            let e = list.remove(at);
+            let last = list.is_empty();
+            if last {
+                all.remove(TOPIC);
+            }
+            (e, last)
+        };
+        b.presence_remove(TOPIC, &e, true, last);
+    }
+
+    /// The joins and leaves heard about `session`.
+    fn heard(&self, session: &str) -> Vec<PresenceKind> {
+        self.heard
+            .lock()
+            .iter()
+            .filter(|(t, e)| t == TOPIC && &*e.session == session)
+            .map(|(_, e)| e.kind)
+            .collect()
+    }
+}
+
+impl BrokerEvents for Node {
+    fn publication(&self, _: &str, _: &[u8], _: u64, _: Origin) {}
+
+    fn stream_publication(&self, _: &str, _: &Arc<str>, _: HistoryEntry, _: Origin) {}
+
+    fn has_subscribers(&self, topic: &str) -> bool {
+        topic == TOPIC
+    }
+
+    fn topics(&self) -> Vec<Arc<str>> {
+        vec![Arc::from(TOPIC)]
+    }
+
+    fn presence_event(&self, topic: &str, event: PresenceEvent) {
+        self.heard.lock().push((topic.into(), event));
+    }
+
+    fn control(&self, command: &[u8]) {
+        self.commands.lock().push(command.to_vec());
+    }
+
+    fn presence_snapshot(&self) -> Vec<(Arc<str>, Vec<PresenceEntry>)> {
+        self.entries
+            .lock()
+            .iter()
+            .map(|(t, e)| (Arc::from(t.as_str()), e.clone()))
+            .collect()
+    }
+
+    fn announces(&self, topic: &str) -> bool {
+        topic == TOPIC
+    }
+
+    fn node_info(&self) -> Option<NodeInfo> {
+        Some(NodeInfo {
+            node: self.id.clone(),
+            connections: 1,
+            subscriptions: 2,
+            topics: 1,
+            uptime_s: 3,
+            version: "test".into(),
+            draining: false,
+        })
+    }
+}
+
+/// Polls `check` until it holds or `within` is over; whether it held.
+async fn until<F: Future<Output = bool>>(within: Duration, mut check: impl FnMut() -> F) -> bool {
+    let end = Instant::now() + within;
+    loop {
+        if check().await {
+            return true;
+        }
+        if Instant::now() > end {
+            return false;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+}
+
+async fn sessions(b: &dyn Broker) -> Vec<(String, Option<String>, String)> {
+    match b.presence(TOPIC).await {
+        Ok(list) => list
+            .into_iter()
+            .map(|e| {
+                (
+                    e.session.to_string(),
+                    e.user.map(|u| u.to_string()),
+                    e.node.to_string(),
+                )
+            })
+            .collect(),
+        Err(_) => vec![("<unavailable>".into(), None, String::new())],
+    }
+}
+
+async fn nodes(b: &dyn Broker) -> Vec<String> {
+    match b.nodes().await {
+        Ok(list) => list.into_iter().map(|n| n.node).collect(),
+        Err(_) => vec!["<unavailable>".into()],
+    }
+}
+
+fn s(session: &str, user: Option<&str>, node: &str) -> (String, Option<String>, String) {
+    (session.into(), user.map(Into::into), node.into())
+}
+
+/// The whole story, for either mode: `start` starts a broker for a node, `lose`
+/// makes Redis forget everything.
+async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl FnOnce()) {
+    let (na, nb) = (Node::new("node-a"), Node::new("node-b"));
+    let (a, b) = (start(&na), start(&nb));
+    for x in [&a, &b] {
+        assert!(eventually(WAIT, || x.is_ready()).await, "broker ready");
+        x.subscribe(vec![Arc::from(TOPIC)]).await.unwrap();
+    }
+
+    // Both nodes are listed once they heartbeat.
+    assert!(
+        until(WAIT, || async { nodes(&a).await == ["node-a", "node-b"] }).await,
+        "{:?}",
+        nodes(&a).await
+    );
+    let info = b.nodes().await.unwrap();
+    assert_eq!(info[0], na.node_info().unwrap(), "another node's info");
+
+    // A server command reaches every node, this one included.
+    let reached = a.control(br#"{"cmd":"disconnect"}"#).await.unwrap();
+    assert_eq!(reached, Some(2));
+    for n in [&na, &nb] {
+        assert!(eventually(WAIT, || n.commands.lock().len() == 1).await);
+        assert_eq!(n.commands.lock()[0], br#"{"cmd":"disconnect"}"#);
+    }
+
+    // Acknowledged means listed for every node.
+    na.join(&a, "s1", Some("alice")).await;
+    assert_eq!(sessions(&b).await, [s("s1", Some("alice"), "node-a")]);
+    assert!(eventually(WAIT, || nb.heard("s1") == [PresenceKind::Join]).await);
+    na.leave(&a, "s1");
+    assert!(
+        eventually(WAIT, || nb.heard("s1")
+            == [PresenceKind::Join, PresenceKind::Leave])
+        .await,
+        "{:?}",
+        nb.heard("s1")
+    );
+    assert!(until(WAIT, || async { sessions(&b).await.is_empty() }).await);
+    assert_eq!(na.heard("s1"), [PresenceKind::Join, PresenceKind::Leave]);
+
+    // A node dies without a word: within the timeout its entries are gone from every
+    // list, the survivor sent their leaves, and the node list forgets it.
+    na.join(&a, "s2", None).await;
+    na.join(&a, "s3", Some("carol")).await;
+    nb.join(&b, "s4", Some("dave")).await;
+    assert_eq!(
+        sessions(&b).await,
+        [
+            s("s2", None, "node-a"),
+            s("s3", Some("carol"), "node-a"),
+            s("s4", Some("dave"), "node-b")
+        ]
+    );
+    drop(a);
+    let died = Instant::now();
+    assert!(
+        until(WAIT, || async {
+            nb.heard("s2").len() == 2 && nb.heard("s3").len() == 2
+        })
+        .await,
+        "leaves of the dead node's entries"
+    );
+    let took = died.elapsed();
+    eprintln!("the dead node's leaves arrived after {took:?}");
+    assert_eq!(nb.heard("s3"), [PresenceKind::Join, PresenceKind::Leave]);
+    assert_eq!(sessions(&b).await, [s("s4", Some("dave"), "node-b")]);
+    assert_eq!(nodes(&b).await, ["node-b"]);
+    // The bound, with some room for a loaded test machine.
+    assert!(took <= TIMEOUT + Duration::from_millis(500), "{took:?}");
+
+    // Redis loses everything: the live node writes its entries again by itself.
+    lose();
+    assert!(
+        until(WAIT, || async {
+            sessions(&b).await == [s("s4", Some("dave"), "node-b")]
+        })
+        .await,
+        "{:?}",
+        sessions(&b).await
+    );
+    assert!(until(WAIT, || async { nodes(&b).await == ["node-b"] }).await);
+    let c = start(&Node::new("node-c"));
+    assert!(eventually(WAIT, || c.is_ready()).await);
+    assert!(
+        until(WAIT, || async {
+            sessions(&c).await == [s("s4", Some("dave"), "node-b")]
+        })
+        .await,
+        "another node sees them"
+    );
+    assert!(until(WAIT, || async { nodes(&c).await == ["node-b", "node-c"] }).await);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_on_one_redis() {
+    let mut redis = Redis::start();
+    let url = redis.url();
+    let start = |n: &Arc<Node>| {
+        let mut o = RedisOptions::new(url.clone());
+        o.unsubscribe_delay = Duration::ZERO;
+        o.presence_timeout = TIMEOUT;
+        RedisBroker::start(o, n.clone()).unwrap()
+    };
+    story(start, || redis.restart()).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_on_a_redis_cluster() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds: Vec<String> = cluster.seeds().split(',').map(String::from).collect();
+    let start = |n: &Arc<Node>| {
+        let o = ClusterOptions {
+            seeds: seeds.clone(),
+            password: None,
+            tls: Default::default(),
+            prefix: "wsgate:".into(),
+            unsubscribe_delay: Duration::ZERO,
+            hash_tag_separator: Some(b'.'),
+            metrics: None,
+            install_functions: false,
+            presence_timeout: TIMEOUT,
+        };
+        ClusterBroker::start(o, n.clone()).unwrap()
+    };
+    // The `{nodes}` keys and the topic's presence are on different shards.
+    assert_ne!(
+        cluster.owner("wsgate:{nodes}"),
+        cluster.owner("wsgate:{room}.1")
+    );
+    story(start, || {
+        for port in cluster.primaries() {
+            cluster.cli_on(port, &["FLUSHALL"]);
+        }
+    })
+    .await;
+}
