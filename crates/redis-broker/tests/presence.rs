@@ -18,6 +18,7 @@ use wsgate_fanout::{
     Broker, BrokerEvents, HistoryEntry, NodeInfo, Origin, PresenceEntry, PresenceEvent,
     PresenceKind,
 };
+use wsgate_metrics::Metrics;
 use wsgate_redis::{ClusterBroker, ClusterOptions, RedisBroker, RedisOptions};
 use wsgate_testkit::redis::{Redis, RedisCluster};
 
@@ -32,6 +33,7 @@ struct Node {
     entries: Mutex<HashMap<String, Vec<PresenceEntry>>>,
     heard: Mutex<Vec<(String, PresenceEvent)>>,
     commands: Mutex<Vec<Vec<u8>>>,
+    metrics: Metrics,
 }
 
 impl Node {
@@ -41,6 +43,7 @@ impl Node {
             entries: Mutex::default(),
             heard: Mutex::default(),
             commands: Mutex::default(),
+            metrics: Metrics::default(),
         })
     }
 
@@ -176,9 +179,23 @@ fn s(session: &str, user: Option<&str>, node: &str) -> (String, Option<String>, 
     (session.into(), user.map(Into::into), node.into())
 }
 
-/// The whole story, for either mode: `start` starts a broker for a node, `lose`
-/// makes Redis forget everything.
-async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl FnOnce()) {
+/// The live members of node `id` (`<id>/<instance>`).
+fn members(redis: &impl Fn(&[&str]) -> String, id: &str) -> Vec<String> {
+    redis(&["ZRANGE", "wsgate:{nodes}", "0", "-1"])
+        .lines()
+        .filter(|m| m.starts_with(&format!("{id}/")))
+        .map(String::from)
+        .collect()
+}
+
+/// The whole story, for either mode: `start` starts a broker for a node, `redis`
+/// runs a command on the `{nodes}` keys' Redis, `lose` makes Redis forget
+/// everything.
+async fn story<B: Broker + 'static>(
+    start: impl Fn(&Arc<Node>) -> B,
+    redis: impl Fn(&[&str]) -> String,
+    lose: impl FnOnce(),
+) {
     let (na, nb) = (Node::new("node-a"), Node::new("node-b"));
     let (a, b) = (start(&na), start(&nb));
     for x in [&a, &b] {
@@ -186,9 +203,12 @@ async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl 
         x.subscribe(vec![Arc::from(TOPIC)]).await.unwrap();
     }
 
-    // Both nodes are listed once they heartbeat.
+    // Both nodes are listed once they heartbeat (each lists itself at once).
     assert!(
-        until(WAIT, || async { nodes(&a).await == ["node-a", "node-b"] }).await,
+        until(WAIT, || async {
+            nodes(&a).await == ["node-a", "node-b"] && nodes(&b).await == ["node-a", "node-b"]
+        })
+        .await,
         "{:?}",
         nodes(&a).await
     );
@@ -218,9 +238,44 @@ async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl 
     assert!(until(WAIT, || async { sessions(&b).await.is_empty() }).await);
     assert_eq!(na.heard("s1"), [PresenceKind::Join, PresenceKind::Leave]);
 
+    // A node declared dead while alive (cut off for longer than the lease: here its
+    // member is moved to the dead set as by a cleaner that died) goes on as a new
+    // instance and lists its entries again.
+    na.join(&a, "s2", None).await;
+    let before = members(&redis, "node-a");
+    assert_eq!(before.len(), 1, "{before:?}");
+    redis(&["ZREM", "wsgate:{nodes}", &before[0]]);
+    redis(&["ZADD", "wsgate:{nodes}:dead", "0", &before[0]]);
+    assert!(
+        until(WAIT, || async {
+            let now = members(&redis, "node-a");
+            now.len() == 1 && now != before && sessions(&b).await == [s("s2", None, "node-a")]
+        })
+        .await,
+        "{:?} {:?}",
+        members(&redis, "node-a"),
+        sessions(&b).await
+    );
+    assert!(
+        until(WAIT, || async {
+            redis(&["ZCARD", "wsgate:{nodes}:dead"]).trim() == "0"
+        })
+        .await,
+        "the old instance is cleaned"
+    );
+    // Whether the old instance's leave came before the resync's join or not, the
+    // last word is a join.
+    assert_eq!(nb.heard("s2").last(), Some(&PresenceKind::Join));
+    assert_eq!(sessions(&b).await, [s("s2", None, "node-a")]);
+    assert_eq!(nodes(&b).await, ["node-a", "node-b"]);
+    assert_eq!(na.metrics.presence_resyncs.get(), 1);
+    assert_eq!(na.metrics.cluster_nodes.get(), 2);
+    let cleaned = na.metrics.presence_dead_nodes.get() + nb.metrics.presence_dead_nodes.get();
+    assert_eq!(cleaned, 1, "the old instance, by one of them");
+    let heard_s2 = nb.heard("s2").len();
+
     // A node dies without a word: within the timeout its entries are gone from every
     // list, the survivor sent their leaves, and the node list forgets it.
-    na.join(&a, "s2", None).await;
     na.join(&a, "s3", Some("carol")).await;
     nb.join(&b, "s4", Some("dave")).await;
     assert_eq!(
@@ -235,7 +290,7 @@ async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl 
     let died = Instant::now();
     assert!(
         until(WAIT, || async {
-            nb.heard("s2").len() == 2 && nb.heard("s3").len() == 2
+            nb.heard("s2").len() == heard_s2 + 1 && nb.heard("s3").len() == 2
         })
         .await,
         "leaves of the dead node's entries"
@@ -243,10 +298,20 @@ async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl 
     let took = died.elapsed();
     eprintln!("the dead node's leaves arrived after {took:?}");
     assert_eq!(nb.heard("s3"), [PresenceKind::Join, PresenceKind::Leave]);
+    assert_eq!(nb.heard("s2").last(), Some(&PresenceKind::Leave));
     assert_eq!(sessions(&b).await, [s("s4", Some("dave"), "node-b")]);
     assert_eq!(nodes(&b).await, ["node-b"]);
     // The bound, with some room for a loaded test machine.
     assert!(took <= TIMEOUT + Duration::from_millis(500), "{took:?}");
+    let m = &nb.metrics;
+    assert!(
+        eventually(WAIT, || m.presence_dead_nodes.get() >= 1
+            && m.cluster_nodes.get() == 1)
+        .await
+    );
+    assert!(m.presence_ghosts_removed.get() >= 2);
+    assert_eq!(m.presence_errors.get(), 0);
+    let resyncs = m.presence_resyncs.get();
 
     // Redis loses everything: the live node writes its entries again by itself.
     lose();
@@ -259,6 +324,15 @@ async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl 
         sessions(&b).await
     );
     assert!(until(WAIT, || async { nodes(&b).await == ["node-b"] }).await);
+    assert!(m.presence_resyncs.get() > resyncs);
+    assert!(
+        until(WAIT, || async {
+            b.control(b"again").await.ok() == Some(Some(1))
+        })
+        .await,
+        "the control channel is subscribed again"
+    );
+    assert!(eventually(WAIT, || nb.commands.lock().len() >= 2).await);
     let c = start(&Node::new("node-c"));
     assert!(eventually(WAIT, || c.is_ready()).await);
     assert!(
@@ -274,14 +348,15 @@ async fn story<B: Broker + 'static>(start: impl Fn(&Arc<Node>) -> B, lose: impl 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_on_one_redis() {
     let mut redis = Redis::start();
-    let url = redis.url();
+    let (url, port) = (redis.url(), redis.port);
     let start = |n: &Arc<Node>| {
         let mut o = RedisOptions::new(url.clone());
         o.unsubscribe_delay = Duration::ZERO;
         o.presence_timeout = TIMEOUT;
+        o.metrics = Some(n.metrics.clone());
         RedisBroker::start(o, n.clone()).unwrap()
     };
-    story(start, || redis.restart()).await;
+    story(start, |args| common::cli(port, args), || redis.restart()).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -296,7 +371,7 @@ async fn presence_on_a_redis_cluster() {
             prefix: "wsgate:".into(),
             unsubscribe_delay: Duration::ZERO,
             hash_tag_separator: Some(b'.'),
-            metrics: None,
+            metrics: Some(n.metrics.clone()),
             install_functions: false,
             presence_timeout: TIMEOUT,
         };
@@ -307,10 +382,15 @@ async fn presence_on_a_redis_cluster() {
         cluster.owner("wsgate:{nodes}"),
         cluster.owner("wsgate:{room}.1")
     );
-    story(start, || {
-        for port in cluster.primaries() {
-            cluster.cli_on(port, &["FLUSHALL"]);
-        }
-    })
+    let nodes_port = cluster.owner("wsgate:{nodes}");
+    story(
+        start,
+        |args| cluster.cli_on(nodes_port, args),
+        || {
+            for port in cluster.primaries() {
+                cluster.cli_on(port, &["FLUSHALL"]);
+            }
+        },
+    )
     .await;
 }
