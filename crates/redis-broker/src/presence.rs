@@ -54,6 +54,9 @@ pub const DEFAULT_PRESENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Soonest retry of a heartbeat that failed.
 const RETRY: Duration = Duration::from_millis(250);
 
+/// Earlier instances of this broker whose stray entries resyncs purge, at most.
+const OLD_INSTANCES: usize = 8;
+
 /// Where presence sends its commands: the mode's ordered writer.
 pub(crate) trait Writer: Send + Sync + 'static {
     /// Queues `job` where `key` lives (single mode: the one Redis; cluster mode: the
@@ -70,6 +73,11 @@ pub(crate) trait Writer: Send + Sync + 'static {
 /// KEYS: live set, dead set, info hash. ARGV: member, info JSON, lease (ms), prefix
 /// of the topic-set keys. Returns `{-1}` when this member is being cleaned as dead;
 /// else `{added, live members, {dead member, its topics}…}`.
+///
+/// Only a member whose previous heartbeat is within the lease claims others: after
+/// an outage of Redis (or of this member's link to it) every member first gets a
+/// chance to heartbeat again, rather than the first one back declaring all the
+/// others dead.
 const HEARTBEAT: &str = r"
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return {-1, {}, {}}
@@ -77,9 +85,14 @@ end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stamp = string.format('%.0f', now)
+local lease = tonumber(ARGV[3])
+local previous = redis.call('ZSCORE', KEYS[1], ARGV[1])
 local added = redis.call('ZADD', KEYS[1], stamp, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-local before = '(' .. string.format('%.0f', now - tonumber(ARGV[3]))
+if not previous or tonumber(previous) < now - lease then
+  return {added, redis.call('ZRANGE', KEYS[1], 0, -1), {}}
+end
+local before = '(' .. string.format('%.0f', now - lease)
 local claimed = {}
 for _, m in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', before)) do
   redis.call('ZREM', KEYS[1], m)
@@ -557,7 +570,12 @@ impl Presence {
             warn!(%member, "this node was declared dead in redis; registering again");
             was_dead = true;
             let fresh = new_member(&info.node);
-            self.old.lock().expect("old lock").push(member);
+            {
+                let mut old = self.old.lock().expect("old lock");
+                old.push(member);
+                let extra = old.len().saturating_sub(OLD_INSTANCES);
+                old.drain(..extra);
+            }
             *self.member.write().expect("member lock") = Some(fresh);
         };
         if let Some(m) = &self.metrics {

@@ -394,3 +394,44 @@ async fn presence_on_a_redis_cluster() {
     )
     .await;
 }
+
+/// Redis frozen for longer than the lease: when it answers again every node
+/// heartbeats first, and nobody is declared dead.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_frozen_redis_declares_nobody_dead() {
+    let redis = Redis::start();
+    let start = |n: &Arc<Node>| {
+        let mut o = RedisOptions::new(redis.url());
+        o.presence_timeout = TIMEOUT;
+        o.metrics = Some(n.metrics.clone());
+        RedisBroker::start(o, n.clone()).unwrap()
+    };
+    let (na, nb) = (Node::new("node-a"), Node::new("node-b"));
+    let (a, b) = (start(&na), start(&nb));
+    for x in [&a, &b] {
+        assert!(eventually(WAIT, || x.is_ready()).await, "broker ready");
+        x.subscribe(vec![Arc::from(TOPIC)]).await.unwrap();
+    }
+    na.join(&a, "s1", None).await;
+    nb.join(&b, "s2", None).await;
+    assert!(
+        until(WAIT, || async {
+            nodes(&a).await.len() == 2 && nodes(&b).await.len() == 2
+        })
+        .await
+    );
+    redis.signal("STOP");
+    tokio::time::sleep(TIMEOUT).await; // twice the lease
+    redis.signal("CONT");
+    // Two timeouts later, both are still listed and nobody heard a leave.
+    tokio::time::sleep(2 * TIMEOUT).await;
+    let both = [s("s1", None, "node-a"), s("s2", None, "node-b")];
+    assert_eq!(sessions(&a).await, both);
+    assert_eq!(sessions(&b).await, both);
+    assert_eq!(nodes(&a).await, ["node-a", "node-b"]);
+    for n in [&na, &nb] {
+        assert_eq!(n.heard("s1"), [PresenceKind::Join]);
+        assert_eq!(n.heard("s2"), [PresenceKind::Join]);
+        assert_eq!(n.metrics.presence_dead_nodes.get(), 0);
+    }
+}
