@@ -26,7 +26,7 @@
 //! its node's entries again from [`BrokerEvents::presence_snapshot`] with the same
 //! script (a *resync*).
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
@@ -239,6 +239,9 @@ pub(crate) struct Presence {
     registered: watch::Sender<bool>,
     /// A write failed: the next heartbeat resyncs.
     dirty: AtomicBool,
+    /// Topics where a write failed: resynced even when neither the node nor Redis
+    /// lists them for this member any more.
+    suspects: Mutex<HashSet<Arc<str>>>,
 }
 
 type Answer = oneshot::Receiver<Result<Value, BrokerError>>;
@@ -264,6 +267,7 @@ impl Presence {
             old: Mutex::new(Vec::new()),
             registered: watch::Sender::new(false),
             dirty: AtomicBool::new(false),
+            suspects: Mutex::default(),
         })
     }
 
@@ -293,21 +297,30 @@ impl Presence {
         c
     }
 
-    /// A write of ours failed: counted, and the next heartbeat resyncs.
-    fn failed(&self) {
+    /// A write of ours on `topic` failed: counted, and the next heartbeat resyncs
+    /// (that topic too, whatever the node and Redis list).
+    fn failed(&self, topic: Arc<str>) {
         if let Some(m) = &self.metrics {
             m.presence_errors.inc();
         }
+        self.suspects.lock().expect("suspects lock").insert(topic);
         self.dirty.store(true, Ordering::Release);
     }
 
-    /// Watches writes nobody awaits; a failure makes the broker resync.
-    fn watch(self: &Arc<Self>, answers: Vec<Result<Answer, BrokerError>>) {
+    /// Watches writes on `topic` nobody awaits; a failure makes the broker resync.
+    fn watch(self: &Arc<Self>, topic: &str, answers: Vec<Result<Answer, BrokerError>>) {
+        let topic: Arc<str> = Arc::from(topic);
+        if answers.iter().any(Result::is_err) {
+            return self.failed(topic);
+        }
+        let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+            return;
+        };
         if answers.is_empty() {
             return;
         }
         let me = Arc::downgrade(self);
-        tokio::spawn(async move {
+        runtime.spawn(async move {
             let mut ok = true;
             for a in answers {
                 ok &= match a {
@@ -317,7 +330,7 @@ impl Presence {
             }
             if !ok {
                 if let Some(me) = me.upgrade() {
-                    me.failed();
+                    me.failed(topic);
                 }
             }
         });
@@ -341,9 +354,9 @@ impl Presence {
         )
     }
 
-    /// [`wsgate_fanout::Broker::presence_add`]: `HSET` (and the join) in the topic's
-    /// order, `SADD` to this member's topics; resolves when the entry is written and
-    /// this member is live.
+    /// [`wsgate_fanout::Broker::presence_add`]: `SADD` to this member's topics (so
+    /// that a cleaner finds the topic), `HSET` and the join in the topic's order;
+    /// resolves when both are written and this member is live.
     pub(crate) fn add(
         self: &Arc<Self>,
         topic: &str,
@@ -352,39 +365,39 @@ impl Presence {
     ) -> BrokerFuture {
         let member = self.member(Some(&entry.node)).expect("a node id was given");
         let channel = self.channels.channel(topic);
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(self.keys.topics_of(&member)).arg(topic);
         let mut hset = redis::cmd("HSET");
         hset.arg(presence_key(&channel))
             .arg(field(&member, &entry.session))
             .arg(entry.user.as_deref().unwrap_or(""));
-        let written = match self.call(&channel, hset) {
-            Ok(rx) => rx,
-            Err(e) => {
+        let written = match (self.call(&self.keys.live, sadd), self.call(&channel, hset)) {
+            (Ok(listed), Ok(written)) => [listed, written],
+            (Err(e), _) | (_, Err(e)) => {
                 self.dirty.store(true, Ordering::Release);
                 return BrokerFuture::ready(Err(e));
             }
         };
-        let mut others = Vec::new();
         if announce {
-            others.push(self.announce(&channel, PresenceKind::Join, entry));
+            let join = self.announce(&channel, PresenceKind::Join, entry);
+            self.watch(topic, vec![join]);
         }
-        let mut sadd = redis::cmd("SADD");
-        sadd.arg(self.keys.topics_of(&member)).arg(topic);
-        others.push(self.call(&self.keys.live, sadd));
-        self.watch(others);
         let me: Weak<Self> = Arc::downgrade(self);
         let mut registered = self.registered.subscribe();
         let timeout = self.timeout;
         BrokerFuture::pending(async move {
-            let outcome = match written.await {
-                Ok(Ok(_)) => Ok(()),
-                Ok(Err(e)) => Err(e),
-                Err(_) => Err(BrokerError::Closed),
-            };
-            if outcome.is_err() {
-                if let Some(me) = me.upgrade() {
-                    me.dirty.store(true, Ordering::Release);
+            for rx in written {
+                let outcome = match rx.await {
+                    Ok(Ok(_)) => Ok(()),
+                    Ok(Err(e)) => Err(e),
+                    Err(_) => Err(BrokerError::Closed),
+                };
+                if outcome.is_err() {
+                    if let Some(me) = me.upgrade() {
+                        me.dirty.store(true, Ordering::Release);
+                    }
+                    return outcome;
                 }
-                return outcome;
             }
             // Listed, but other nodes only see the entries of live members.
             match tokio::time::timeout(timeout, registered.wait_for(|r| *r)).await {
@@ -420,7 +433,7 @@ impl Presence {
             srem.arg(self.keys.topics_of(&member)).arg(topic);
             answers.push(self.call(&self.keys.live, srem));
         }
-        self.watch(answers);
+        self.watch(topic, answers);
     }
 
     /// The live members, and the reply of `cmd` (queued at `key`), read side by side.
@@ -428,7 +441,7 @@ impl Presence {
         self: &Arc<Self>,
         key: &[u8],
         cmd: redis::Cmd,
-        make: fn(&Presence, Vec<Arc<str>>, &Value) -> T,
+        make: fn(&Presence, HashSet<Arc<str>>, &Value) -> T,
     ) -> BrokerFuture<T> {
         let mut zrange = redis::cmd("ZRANGE");
         zrange.arg(&self.keys.live).arg(0).arg(-1);
@@ -441,7 +454,8 @@ impl Presence {
             let (read, live) = tokio::join!(read, live);
             let read = read.map_err(|_| BrokerError::Closed)??;
             let live = live.map_err(|_| BrokerError::Closed)??;
-            let mut members: Vec<Arc<str>> = strings(&live).into_iter().map(Arc::from).collect();
+            let mut members: HashSet<Arc<str>> =
+                strings(&live).into_iter().map(Arc::from).collect();
             members.extend(me.member(None));
             Ok(make(&me, members, &read))
         })
@@ -458,7 +472,7 @@ impl Presence {
                 .into_iter()
                 .filter_map(|(f, user)| {
                     let (member, session) = split_field(&f)?;
-                    live.iter().any(|m| **m == *member).then(|| PresenceEntry {
+                    live.contains(member).then(|| PresenceEntry {
                         session: Arc::from(session),
                         user: (!user.is_empty()).then(|| Arc::from(user.as_str())),
                         node: Arc::from(node_of(member)),
@@ -479,7 +493,7 @@ impl Presence {
             let own = me.member(None);
             let mut list: Vec<NodeInfo> = pairs(info)
                 .into_iter()
-                .filter(|(m, _)| live.iter().any(|l| **l == **m) && own.as_deref() != Some(m))
+                .filter(|(m, _)| live.contains(m.as_str()) && own.as_deref() != Some(m))
                 .filter_map(|(_, json)| serde_json::from_str(&json).ok())
                 .collect();
             list.extend(me.events.node_info());
@@ -622,9 +636,14 @@ impl Presence {
         // leave the node makes after the snapshot is queued after the script that
         // wrote the snapshot's state.
         let snapshot = self.events.presence_snapshot();
+        // Forgotten once this resync succeeded.
+        let suspects = self.suspects.lock().expect("suspects lock").clone();
         let mut topics: BTreeMap<Arc<str>, Vec<PresenceEntry>> = BTreeMap::new();
         for t in strings(&listed) {
             topics.insert(Arc::from(t), Vec::new());
+        }
+        for t in &suspects {
+            topics.insert(t.clone(), Vec::new());
         }
         let mut srem = redis::cmd("SREM");
         srem.arg(self.keys.topics_of(&member));
@@ -665,6 +684,10 @@ impl Presence {
             let v = a.await.map_err(|_| BrokerError::Closed)??;
             joined += counts(&v).0;
         }
+        self.suspects
+            .lock()
+            .expect("suspects lock")
+            .retain(|t| !suspects.contains(t));
         info!(
             topics = topics.len(),
             joined, "presence written again to redis"
