@@ -3,15 +3,16 @@
 //!
 //! # Layout
 //! - [`RedisBroker`] (this file): the single-Redis broker handle the gateway holds;
-//!   wires the two halves below.
-//! - [`publisher`]: one connection and one writer task; `PUBLISH`es are queued in
-//!   call order and sent in pipelines, each acknowledged or failed `unavailable`.
+//!   wires the two halves below and presence.
+//! - [`publisher`]: one connection and one writer task; `PUBLISH`es (and calls) are
+//!   queued in call order and sent in pipelines, each acknowledged or failed
+//!   `unavailable`.
 //! - [`subscriber`]: the manager task owning the pub/sub connection's subscription
-//!   state (batched `SUBSCRIBE`, delayed `UNSUBSCRIBE` re-checked against the hub,
-//!   resubscribe after reconnect) and the reader task that delivers into the hub
-//!   without ever blocking.
-//! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
-//!   which no backend payload can be mistaken for.
+//!   state (the control channel, batched `SUBSCRIBE`, delayed `UNSUBSCRIBE`
+//!   re-checked against the hub, resubscribe after reconnect) and the reader task
+//!   that delivers into the hub without ever blocking.
+//! - [`envelope`]: the payload formats of gateway publications (accept time + JSON)
+//!   and of join/leave events, which no backend payload can be mistaken for.
 //! - [`streams`]: streams (numbered, kept publications) in Redis, for both modes: the
 //!   Redis Function library that numbers, keeps and relays in one step, the stream's
 //!   keys, the relay message, the calls and their replies.
@@ -25,11 +26,13 @@
 //!   failovers and slot moves.
 //!
 //! Shared by both modes, one module each:
-//! - [`channel`]: topic ↔ channel names (prefix, optional hash tag).
+//! - [`channel`]: topic ↔ channel names (prefix, optional hash tag), and the control
+//!   channel of server commands.
 //! - [`limits`]: timeouts and batch sizes.
 //! - `health`: which connections / shards are up, and the `wsgate_redis_*` metrics.
-//! - `events`: the shared receive path: what arrives is reported to the node
-//!   ([`wsgate_fanout::BrokerEvents`]), which is also the truth for interest.
+//! - `events`: the shared receive path: what arrives (publications, join/leave,
+//!   server commands) is reported to the node ([`wsgate_fanout::BrokerEvents`]),
+//!   which is also the truth for interest and presence.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
 //! - `interest`: which topics are held and when a released one is given up, as pure
 //!   state (unit-tested step by step).

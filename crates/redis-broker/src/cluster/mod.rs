@@ -18,12 +18,13 @@
 //!   ([`publish`]).
 //!
 //! # Layout
-//! - [`ClusterBroker`] (this file): the [`Broker`] and the state the tasks share.
+//! - [`ClusterBroker`] (this file): the [`Broker`], the state the tasks share, and
+//!   the writer's queue routing jobs by slot (which presence uses too).
 //! - [`slot`]: CRC16 key slots and `{hash tag}`s.
 //! - [`topology`]: the slot map and shard numbering.
 //! - [`publish`]: the writer task: `SPUBLISH` in call order.
-//! - [`subscribe`]: the manager task (interest, batching per slot, probes, moving
-//!   topics) and the reader task (pushes → node).
+//! - [`subscribe`]: the manager task (interest and the control channel, batching per
+//!   slot, probes, moving topics) and the reader task (pushes → node).
 //!
 //! Delivery is Redis pub/sub's, at most once; what a failover or a slot move can
 //! lose or reorder is in docs/redis.md.
