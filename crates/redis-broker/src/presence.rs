@@ -71,13 +71,15 @@ pub(crate) trait Writer: Send + Sync + 'static {
 /// Refreshes this member, claims the dead. Every key in the `{nodes}` slot.
 ///
 /// KEYS: live set, dead set, info hash. ARGV: member, info JSON, lease (ms), prefix
-/// of the topic-set keys. Returns `{-1}` when this member is being cleaned as dead;
-/// else `{added, live members, {dead member, its topics}…}`.
+/// of the topic-set keys, `since` of the previous reply (0 at first). Returns `{-1}`
+/// when this member is being cleaned as dead; else `{added, live members, {dead
+/// member, its topics}…, since}`.
 ///
-/// Only a member whose previous heartbeat is within the lease claims others: after
-/// an outage of Redis (or of this member's link to it) every member first gets a
-/// chance to heartbeat again, rather than the first one back declaring all the
-/// others dead.
+/// `since` is when this member's current run of heartbeats began (each within a
+/// lease of the previous one), and only a member whose run is a lease long claims
+/// others: after an outage of Redis (or of this member's link to it) every member
+/// gets a whole lease to heartbeat again, rather than the first one back
+/// declaring the others dead.
 const HEARTBEAT: &str = r"
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return {-1, {}, {}}
@@ -87,10 +89,14 @@ local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local stamp = string.format('%.0f', now)
 local lease = tonumber(ARGV[3])
 local previous = redis.call('ZSCORE', KEYS[1], ARGV[1])
+local since = tonumber(ARGV[5])
+if not previous or tonumber(previous) < now - lease or since == 0 then
+  since = now
+end
 local added = redis.call('ZADD', KEYS[1], stamp, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-if not previous or tonumber(previous) < now - lease then
-  return {added, redis.call('ZRANGE', KEYS[1], 0, -1), {}}
+if now - since < lease then
+  return {added, redis.call('ZRANGE', KEYS[1], 0, -1), {}, since}
 end
 local before = '(' .. string.format('%.0f', now - lease)
 local claimed = {}
@@ -107,7 +113,7 @@ for _, m in ipairs(claimed) do
   table.insert(out, m)
   table.insert(out, redis.call('SMEMBERS', ARGV[4] .. m))
 end
-return {added, redis.call('ZRANGE', KEYS[1], 0, -1), out}
+return {added, redis.call('ZRANGE', KEYS[1], 0, -1), out, since}
 ";
 
 /// Makes one member's entries in one topic's presence hash exactly the given ones,
@@ -531,6 +537,7 @@ impl Presence {
         let mut seen = Seen {
             reconnects: self.health.reconnects(),
             registered: false,
+            since: 0,
         };
         let mut next = Instant::now();
         loop {
@@ -569,7 +576,8 @@ impl Presence {
                 .arg(&*member)
                 .arg(&json)
                 .arg(u64::try_from((self.timeout / 2).as_millis()).unwrap_or(u64::MAX))
-                .arg(&self.keys.topics);
+                .arg(&self.keys.topics)
+                .arg(seen.since);
             let reply = self
                 .call(&self.keys.live, cmd)?
                 .await
@@ -606,6 +614,7 @@ impl Presence {
                 || self.dirty.swap(false, Ordering::AcqRel));
         seen.registered = true;
         seen.reconnects = reconnects;
+        seen.since = beat.since;
         self.registered.send_replace(true);
         if resync {
             if let Some(m) = &self.metrics {
@@ -774,6 +783,8 @@ impl Presence {
 struct Seen {
     reconnects: u64,
     registered: bool,
+    /// When this member's run of heartbeats began (Redis time, ms; 0: none yet).
+    since: i64,
 }
 
 /// A heartbeat's reply.
@@ -785,6 +796,8 @@ struct Beat {
     live: Vec<String>,
     /// Dead members this node claimed, with their topics.
     claimed: Vec<(String, Vec<String>)>,
+    /// When this member's run of heartbeats began.
+    since: i64,
 }
 
 impl Beat {
@@ -800,6 +813,7 @@ impl Beat {
                 added: false,
                 live: Vec::new(),
                 claimed: Vec::new(),
+                since: 0,
             });
         }
         let claimed = all
@@ -816,6 +830,10 @@ impl Beat {
             added: status > 0,
             live: strings(all.get(1)?),
             claimed,
+            since: match all.get(3) {
+                Some(Value::Int(n)) => *n,
+                _ => 0,
+            },
         })
     }
 }
@@ -944,10 +962,12 @@ mod tests {
             Value::Int(1),
             Value::Array(vec![bulk("a/00000000"), bulk("b/00000001")]),
             Value::Array(vec![bulk("c/00000002"), Value::Array(vec![bulk("t1")])]),
+            Value::Int(1_700_000_000_123),
         ]);
         let b = Beat::parse(&v).unwrap();
         assert!(b.added && !b.dead);
         assert_eq!(b.live.len(), 2);
+        assert_eq!(b.since, 1_700_000_000_123);
         assert_eq!(
             b.claimed,
             vec![("c/00000002".to_string(), vec!["t1".to_string()])]

@@ -3,7 +3,8 @@
 //! see each other's entries once acknowledged, relay joins and leaves in order and
 //! server commands to both; a node that dies without a word leaves every list within
 //! the presence timeout (its leaves sent by the survivor); a Redis that lost
-//! everything gets the live nodes' entries back without a single new add.
+//! everything gets the live nodes' entries back without a single new add; a frozen
+//! Redis or a Sentinel failover declares nobody dead.
 
 mod common;
 
@@ -19,8 +20,9 @@ use wsgate_fanout::{
     PresenceKind,
 };
 use wsgate_metrics::Metrics;
-use wsgate_redis::{ClusterBroker, ClusterOptions, RedisBroker, RedisOptions};
-use wsgate_testkit::redis::{Redis, RedisCluster};
+use wsgate_redis::{ClusterBroker, ClusterOptions, RedisBroker, RedisOptions, SentinelOptions};
+use wsgate_testkit::redis::{Redis, RedisCluster, SentinelGroup, SENTINEL_MASTER};
+use wsgate_testkit::wait_until;
 
 const WAIT: Duration = Duration::from_secs(15);
 /// The presence timeout of these tests: heartbeats every 250 ms, a 750 ms lease.
@@ -432,6 +434,77 @@ async fn a_frozen_redis_declares_nobody_dead() {
     for n in [&na, &nb] {
         assert_eq!(n.heard("s1"), [PresenceKind::Join]);
         assert_eq!(n.heard("s2"), [PresenceKind::Join]);
+        assert_eq!(n.metrics.presence_dead_nodes.get(), 0);
+    }
+}
+
+/// Sentinel fails the master over to its replica: nobody is declared dead, the
+/// entries are still listed on the new master, server commands reach both nodes
+/// and new entries work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_through_a_sentinel_failover() {
+    let mut g = SentinelGroup::start();
+    let sentinels: Vec<String> = g
+        .sentinels
+        .iter()
+        .map(|s| format!("127.0.0.1:{}", s.port))
+        .collect();
+    let start = |n: &Arc<Node>| {
+        let mut o = RedisOptions::new("redis://127.0.0.1/");
+        o.sentinel = Some(SentinelOptions {
+            nodes: sentinels.clone(),
+            master: SENTINEL_MASTER.into(),
+            password: None,
+        });
+        o.presence_timeout = TIMEOUT;
+        o.metrics = Some(n.metrics.clone());
+        RedisBroker::start(o, n.clone()).unwrap()
+    };
+    let (na, nb) = (Node::new("node-a"), Node::new("node-b"));
+    let (a, b) = (start(&na), start(&nb));
+    for x in [&a, &b] {
+        assert!(eventually(WAIT, || x.is_ready()).await, "broker ready");
+        x.subscribe(vec![Arc::from(TOPIC)]).await.unwrap();
+    }
+    na.join(&a, "s1", Some("alice")).await;
+    nb.join(&b, "s2", None).await;
+    let both = [s("s1", Some("alice"), "node-a"), s("s2", None, "node-b")];
+    assert_eq!(sessions(&a).await, both);
+
+    let old = g.master.port;
+    g.master.kill();
+    assert!(
+        wait_until(Duration::from_secs(30), || g
+            .sentinels
+            .iter()
+            .all(|s| s.master_port().is_some_and(|p| p != old))),
+        "the sentinels promoted the replica"
+    );
+    assert!(
+        until(WAIT, || async {
+            a.is_ready()
+                && b.is_ready()
+                && sessions(&a).await == both
+                && sessions(&b).await == both
+                && nodes(&b).await == ["node-a", "node-b"]
+        })
+        .await,
+        "{:?}",
+        sessions(&b).await
+    );
+    assert!(
+        until(WAIT, || async {
+            a.control(b"after").await.ok() == Some(Some(2))
+        })
+        .await,
+        "both nodes subscribed the control channel on the new master"
+    );
+    nb.join(&b, "s3", None).await;
+    assert!(eventually(WAIT, || na.heard("s3") == [PresenceKind::Join]).await);
+    // Nobody was declared dead: no leave, no cleanup.
+    for n in [&na, &nb] {
+        assert_eq!(n.heard("s1"), [PresenceKind::Join], "{}", n.id);
+        assert_eq!(n.heard("s2"), [PresenceKind::Join], "{}", n.id);
         assert_eq!(n.metrics.presence_dead_nodes.get(), 0);
     }
 }
