@@ -54,6 +54,11 @@ pub const DEFAULT_PRESENCE_TIMEOUT: Duration = Duration::from_secs(30);
 /// Soonest retry of a heartbeat that failed.
 const RETRY: Duration = Duration::from_millis(250);
 
+/// How long a broker back from a gap in its heartbeats waits before it declares
+/// others dead (when the lease is shorter): the other nodes may come back later, by
+/// up to a reconnect backoff (2 s) and a cluster probe (1 s).
+const RECOVERY_GRACE: Duration = Duration::from_secs(5);
+
 /// Earlier instances of this broker whose stray entries resyncs purge, at most.
 const OLD_INSTANCES: usize = 8;
 
@@ -71,15 +76,15 @@ pub(crate) trait Writer: Send + Sync + 'static {
 /// Refreshes this member, claims the dead. Every key in the `{nodes}` slot.
 ///
 /// KEYS: live set, dead set, info hash. ARGV: member, info JSON, lease (ms), prefix
-/// of the topic-set keys, `since` of the previous reply (0 at first). Returns `{-1}`
-/// when this member is being cleaned as dead; else `{added, live members, {dead
-/// member, its topics}…, since}`.
+/// of the topic-set keys, `since` of the previous reply (0 at first), grace (ms).
+/// Returns `{-1}` when this member is being cleaned as dead; else `{added, live
+/// members, {dead member, its topics}…, since}`.
 ///
 /// `since` is when this member's current run of heartbeats began (each within a
-/// lease of the previous one), and only a member whose run is a lease long claims
+/// lease of the previous one), and only a member whose run is `grace` long claims
 /// others: after an outage of Redis (or of this member's link to it) every member
-/// gets a whole lease to heartbeat again, rather than the first one back
-/// declaring the others dead.
+/// gets that long to heartbeat again, rather than the first one back declaring
+/// the others dead.
 const HEARTBEAT: &str = r"
 if redis.call('ZSCORE', KEYS[2], ARGV[1]) then
   return {-1, {}, {}}
@@ -95,7 +100,7 @@ if not previous or tonumber(previous) < now - lease or since == 0 then
 end
 local added = redis.call('ZADD', KEYS[1], stamp, ARGV[1])
 redis.call('HSET', KEYS[3], ARGV[1], ARGV[2])
-if now - since < lease then
+if now - since < tonumber(ARGV[6]) then
   return {added, redis.call('ZRANGE', KEYS[1], 0, -1), {}, since}
 end
 local before = '(' .. string.format('%.0f', now - lease)
@@ -197,6 +202,10 @@ impl Keys {
 /// The presence hash of `channel`'s topic (in the channel's slot).
 pub fn presence_key(channel: &[u8]) -> Vec<u8> {
     [&key_base(channel)[..], b":presence"].concat()
+}
+
+fn millis(d: Duration) -> u64 {
+    u64::try_from(d.as_millis()).unwrap_or(u64::MAX)
 }
 
 /// A new member id for node `node`.
@@ -575,9 +584,10 @@ impl Presence {
                 .arg(&self.keys.info)
                 .arg(&*member)
                 .arg(&json)
-                .arg(u64::try_from((self.timeout / 2).as_millis()).unwrap_or(u64::MAX))
+                .arg(millis(self.timeout / 2))
                 .arg(&self.keys.topics)
-                .arg(seen.since);
+                .arg(seen.since)
+                .arg(millis((self.timeout / 2).max(RECOVERY_GRACE)));
             let reply = self
                 .call(&self.keys.live, cmd)?
                 .await

@@ -288,6 +288,9 @@ async fn story<B: Broker + 'static>(
             s("s4", Some("dave"), "node-b")
         ]
     );
+    // The survivor claims the dead once its own heartbeats have run for the
+    // recovery grace (5 s; the lease when longer).
+    tokio::time::sleep(Duration::from_secs(5)).await;
     drop(a);
     let died = Instant::now();
     assert!(
@@ -502,6 +505,73 @@ async fn presence_through_a_sentinel_failover() {
     nb.join(&b, "s3", None).await;
     assert!(eventually(WAIT, || na.heard("s3") == [PresenceKind::Join]).await);
     // Nobody was declared dead: no leave, no cleanup.
+    for n in [&na, &nb] {
+        assert_eq!(n.heard("s1"), [PresenceKind::Join], "{}", n.id);
+        assert_eq!(n.heard("s2"), [PresenceKind::Join], "{}", n.id);
+        assert_eq!(n.metrics.presence_dead_nodes.get(), 0);
+    }
+}
+
+/// The primary holding the `{nodes}` keys is killed and its replica promoted: while
+/// it is gone nobody can heartbeat, and afterwards nobody is declared dead; the
+/// entries, the node list, server commands and new entries work again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn presence_through_a_cluster_failover() {
+    let mut cluster = RedisCluster::start(3, 1);
+    let seeds: Vec<String> = cluster.seeds().split(',').map(String::from).collect();
+    let start = |n: &Arc<Node>| {
+        let o = ClusterOptions {
+            seeds: seeds.clone(),
+            password: None,
+            tls: Default::default(),
+            prefix: "wsgate:".into(),
+            unsubscribe_delay: Duration::ZERO,
+            hash_tag_separator: Some(b'.'),
+            metrics: Some(n.metrics.clone()),
+            install_functions: false,
+            presence_timeout: TIMEOUT,
+        };
+        ClusterBroker::start(o, n.clone()).unwrap()
+    };
+    let (na, nb) = (Node::new("node-a"), Node::new("node-b"));
+    let (a, b) = (start(&na), start(&nb));
+    for x in [&a, &b] {
+        assert!(eventually(WAIT, || x.is_ready()).await, "broker ready");
+        x.subscribe(vec![Arc::from(TOPIC)]).await.unwrap();
+    }
+    na.join(&a, "s1", Some("alice")).await;
+    nb.join(&b, "s2", None).await;
+    let both = [s("s1", Some("alice"), "node-a"), s("s2", None, "node-b")];
+    assert!(until(WAIT, || async { nodes(&a).await == ["node-a", "node-b"] }).await);
+
+    let victim = cluster.owner("wsgate:{nodes}");
+    cluster.kill(victim);
+    assert!(
+        until(Duration::from_secs(30), || async {
+            cluster.owner("wsgate:{nodes}") != victim
+                && a.is_ready()
+                && b.is_ready()
+                && sessions(&a).await == both
+                && sessions(&b).await == both
+                && nodes(&b).await == ["node-a", "node-b"]
+        })
+        .await,
+        "{:?} {:?}",
+        sessions(&b).await,
+        nodes(&b).await
+    );
+    assert!(
+        until(WAIT, || async {
+            a.control(b"after").await.ok() == Some(Some(2))
+        })
+        .await,
+        "both nodes hold the control channel"
+    );
+    nb.join(&b, "s3", None).await;
+    assert!(eventually(WAIT, || na.heard("s3") == [PresenceKind::Join]).await);
+    // Two timeouts later still nobody was declared dead.
+    tokio::time::sleep(2 * TIMEOUT).await;
+    assert_eq!(sessions(&a).await.len(), 3);
     for n in [&na, &nb] {
         assert_eq!(n.heard("s1"), [PresenceKind::Join], "{}", n.id);
         assert_eq!(n.heard("s2"), [PresenceKind::Join], "{}", n.id);
