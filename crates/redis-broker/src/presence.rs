@@ -539,7 +539,7 @@ impl Presence {
         while self.events.node_info().is_none() {
             tokio::select! {
                 _ = stop.cancelled() => return,
-                _ = tokio::time::sleep(Duration::from_millis(20)) => {}
+                _ = tokio::time::sleep(Duration::from_millis(50)) => {}
             }
         }
         let every = self.timeout / 6;
