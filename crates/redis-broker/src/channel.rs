@@ -2,12 +2,21 @@
 //! mode the optional hash-tag rule makes it `<prefix>{<first segment>}<rest>` so that
 //! related topics share a slot. Topics cannot contain braces (the wire contract's
 //! alphabet), so the mapping is reversible: [`Channels::topic_of`].
+//!
+//! One more channel is the nodes' own: `<prefix>#control`, where server commands go
+//! to every node ([`Channels::control`]). `#` is not in a topic's alphabet, so no
+//! topic has that channel; to the subscriber managers it is the pseudo-topic
+//! [`CONTROL`], held at all times.
 
 use std::borrow::Cow;
 use std::sync::Arc;
 
 /// Default prefix of Redis channel names.
 pub const DEFAULT_PREFIX: &str = "wsgate:";
+
+/// The pseudo-topic of the control channel: `channel(CONTROL)` is
+/// [`Channels::control`] (no topic can be named so).
+pub const CONTROL: &str = "#control";
 
 /// How topics become channel names and back.
 #[derive(Debug, Clone)]
@@ -29,6 +38,18 @@ impl Channels {
     /// The prefix.
     pub fn prefix(&self) -> &str {
         &self.prefix
+    }
+
+    /// The control channel, `<prefix>#control`.
+    pub fn control(&self) -> Vec<u8> {
+        [self.prefix.as_bytes(), CONTROL.as_bytes()].concat()
+    }
+
+    /// Whether `channel` is the control channel.
+    pub fn is_control(&self, channel: &[u8]) -> bool {
+        channel
+            .strip_prefix(self.prefix.as_bytes())
+            .is_some_and(|rest| rest == CONTROL.as_bytes())
     }
 
     /// The channel of `topic`.
@@ -90,5 +111,24 @@ mod tests {
         assert_eq!(s.channel(".x"), b"wsgate:.x");
         assert_eq!(s.topic_of(b"wsgate:news").unwrap(), "news");
         assert_eq!(s.topic_of(b"wsgate:{unclosed"), None);
+    }
+
+    #[test]
+    fn the_control_channel_is_the_control_pseudo_topic() {
+        for sep in [
+            None,
+            Some(b'.'),
+            Some(b'_'),
+            Some(b'-'),
+            Some(b':'),
+            Some(b'/'),
+        ] {
+            let s = Channels::new("wsgate:", sep);
+            assert_eq!(s.control(), b"wsgate:#control");
+            assert_eq!(s.channel(CONTROL), s.control());
+            assert!(s.is_control(&s.control()));
+            assert!(!s.is_control(b"wsgate:control"));
+            assert!(!s.is_control(b"other:#control"));
+        }
     }
 }

@@ -95,6 +95,12 @@ pub struct RedisArgs {
     /// Unset: channels are `<prefix><topic>` as in single mode.
     #[arg(long, env = "WSGATE_REDIS_HASH_TAG_SEPARATOR")]
     pub redis_hash_tag_separator: Option<char>,
+
+    /// Presence: the bound between a node's death (crash, network cut) and its
+    /// connections leaving every presence list, their `leave`s sent and the node gone
+    /// from `GET /api/info`. Nodes heartbeat every sixth of it. At least 1s.
+    #[arg(long, env = "WSGATE_PRESENCE_TIMEOUT", default_value = "30s", value_parser = parse_duration)]
+    pub presence_timeout: Duration,
 }
 
 /// What [`RedisArgs::broker`] found: the broker to start, its inputs read and checked.
@@ -155,6 +161,9 @@ impl RedisArgs {
         if self.redis_sentinel_master.is_some() && self.redis_sentinel.is_empty() {
             return Err("--redis-sentinel-master needs --redis-sentinel".into());
         }
+        if self.presence_timeout < Duration::from_secs(1) {
+            return Err("--presence-timeout must be at least 1s".into());
+        }
         if self.redis_mode == RedisMode::Cluster && !self.redis_sentinel.is_empty() {
             return Err("--redis-sentinel and --redis-mode cluster exclude each other (a cluster fails over by itself)".into());
         }
@@ -194,6 +203,7 @@ impl RedisArgs {
                 hash_tag_separator: self.redis_hash_tag_separator.map(|c| c as u8),
                 metrics: None,
                 install_functions: false,
+                presence_timeout: self.presence_timeout,
             };
             let (push, _) = tokio::sync::mpsc::unbounded_channel();
             cluster_client(
@@ -212,6 +222,7 @@ impl RedisArgs {
         );
         options.prefix = self.redis_prefix.clone();
         options.unsubscribe_delay = self.redis_unsubscribe_delay;
+        options.presence_timeout = self.presence_timeout;
         options.password = self.redis_password.clone();
         options.tls = tls;
         if !self.redis_sentinel.is_empty() {
@@ -308,6 +319,31 @@ mod tests {
         assert_eq!(a.redis_prefix, "wsgate:");
         assert_eq!(a.redis_unsubscribe_delay, Duration::from_secs(1));
         assert_eq!(a.redis_mode, RedisMode::Single);
+        assert_eq!(a.presence_timeout, Duration::from_secs(30));
+    }
+
+    #[test]
+    fn the_presence_timeout_reaches_both_modes() {
+        let a = args(&["--redis-url", "redis://h:1/", "--presence-timeout", "3s"]);
+        let Some(BrokerSetup::Single(o)) = a.broker().unwrap() else {
+            panic!("single mode")
+        };
+        assert_eq!(o.presence_timeout, Duration::from_secs(3));
+        let a = args(&[
+            "--redis-mode",
+            "cluster",
+            "--redis-url",
+            "redis://h:1",
+            "--presence-timeout",
+            "1m",
+        ]);
+        let Some(BrokerSetup::Cluster(o)) = a.broker().unwrap() else {
+            panic!("cluster mode")
+        };
+        assert_eq!(o.presence_timeout, Duration::from_secs(60));
+        let a = args(&["--presence-timeout", "500ms"]);
+        assert!(a.validate().unwrap_err().contains("--presence-timeout"));
+        assert!(parse(&["--presence-timeout", "soon"]).is_err());
     }
 
     #[test]

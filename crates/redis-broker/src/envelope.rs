@@ -13,17 +13,43 @@
 //! taken for an envelope. The JSON inside an envelope is validated again on receipt:
 //! anyone with access to Redis can write any bytes, and a subscriber must never get a
 //! malformed frame.
+//!
+//! A join or leave travels on the topic's own channel (so it keeps its place among
+//! the topic's publications) in an envelope of its own:
+//!
+//! ```text
+//! 0xFF  b"WSE1"  <PresenceEvent::to_json()>
+//! ```
+//!
+//! ([`encode_presence`], [`decode_presence`]). A payload that starts with that marker
+//! but does not hold an event is dropped, never delivered as a publication.
 
 use std::borrow::Cow;
 
 use serde_json::value::RawValue;
 use wsgate_fanout::publication::payload_to_json;
-use wsgate_fanout::{unix_nanos, BrokerEvents, Origin};
+use wsgate_fanout::{unix_nanos, BrokerEvents, Origin, PresenceEvent};
 
 /// First bytes of every gateway payload: a non-UTF-8 marker and a version tag.
 pub const MAGIC: &[u8; 5] = b"\xFFWSG1";
 /// Bytes before the JSON data.
 pub const HEADER_LEN: usize = MAGIC.len() + 8;
+
+/// First bytes of a relayed join or leave.
+pub const PRESENCE_MAGIC: &[u8; 5] = b"\xFFWSE1";
+
+/// The Redis payload relaying `event`.
+pub fn encode_presence(event: &PresenceEvent) -> Vec<u8> {
+    [&PRESENCE_MAGIC[..], &event.to_json()].concat()
+}
+
+/// What a payload on a topic's channel is, as far as presence goes: `None` for
+/// anything that is not a presence envelope, `Some(None)` for one that holds no valid
+/// event (dropped), `Some(Some(event))` for an event.
+pub fn decode_presence(payload: &[u8]) -> Option<Option<PresenceEvent>> {
+    let json = payload.strip_prefix(&PRESENCE_MAGIC[..])?;
+    Some(PresenceEvent::from_json(json))
+}
 
 /// Builds the Redis payload for a gateway publication of `data` (valid JSON).
 pub fn encode(data: &[u8], accepted_at: u64) -> Vec<u8> {
@@ -84,6 +110,36 @@ mod tests {
         assert_eq!(at, None);
         let (data, _) = decode(b"hello");
         assert_eq!(&*data, br#""hello""#);
+    }
+
+    #[test]
+    fn presence_events_round_trip_and_junk_is_dropped() {
+        use wsgate_fanout::PresenceKind;
+        for user in [None, Some("alice")] {
+            let e = PresenceEvent {
+                kind: PresenceKind::Join,
+                session: "s1".into(),
+                user: user.map(Into::into),
+            };
+            let p = encode_presence(&e);
+            assert_eq!(p[0], 0xFF);
+            assert_eq!(decode_presence(&p), Some(Some(e)));
+            // Never taken for a publication envelope, and the other way round.
+            assert_eq!(decode(&p).1, None);
+        }
+        assert_eq!(decode_presence(&encode(b"{}", 1)), None);
+        assert_eq!(decode_presence(br#"{"op":"join","session":"s"}"#), None);
+        assert_eq!(decode_presence(b"WSE1{}"), None);
+        assert_eq!(decode_presence(b"\xFFWSE1{not json"), Some(None));
+        assert_eq!(
+            decode_presence(b"\xFFWSE1{\"op\":\"wave\",\"session\":\"s\",\"user\":null}"),
+            Some(None)
+        );
+        // The form a Lua script writes (cjson: escaped slashes, any key order).
+        let lua = b"\xFFWSE1{\"user\":\"a\\/b\",\"session\":\"s\",\"op\":\"leave\"}";
+        let e = decode_presence(lua).unwrap().unwrap();
+        assert_eq!(e.kind, PresenceKind::Leave);
+        assert_eq!(e.user.as_deref(), Some("a/b"));
     }
 
     #[test]

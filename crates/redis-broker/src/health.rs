@@ -6,7 +6,7 @@
 //! answers, and the node is ready when the slot map covers every slot and every
 //! shard is up.
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::RwLock;
 
 use wsgate_metrics::Metrics;
@@ -18,6 +18,9 @@ pub(crate) struct Health {
     subscribe_up: AtomicBool,
     /// Cluster mode: up per shard index.
     shards: RwLock<Vec<bool>>,
+    /// Connections (or shards) that came back after a loss, ever: presence writes its
+    /// entries again when this moves.
+    reconnects: AtomicU64,
     metrics: Option<Metrics>,
 }
 
@@ -104,6 +107,7 @@ impl Health {
 
     /// A connection came back after a loss (`shard`: which one, in cluster mode).
     pub(crate) fn reconnected(&self, shard: Option<usize>) {
+        self.reconnects.fetch_add(1, Ordering::AcqRel);
         if let Some(m) = &self.metrics {
             m.redis_reconnects.inc();
             if let Some(i) = shard {
@@ -112,6 +116,11 @@ impl Health {
                     .inc();
             }
         }
+    }
+
+    /// How many times a connection (or shard) came back after a loss.
+    pub(crate) fn reconnects(&self) -> u64 {
+        self.reconnects.load(Ordering::Acquire)
     }
 
     /// `n` topics were subscribed again after a reconnect, failover or slot move.

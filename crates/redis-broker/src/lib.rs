@@ -3,15 +3,16 @@
 //!
 //! # Layout
 //! - [`RedisBroker`] (this file): the single-Redis broker handle the gateway holds;
-//!   wires the two halves below.
-//! - [`publisher`]: one connection and one writer task; `PUBLISH`es are queued in
-//!   call order and sent in pipelines, each acknowledged or failed `unavailable`.
+//!   wires the two halves below and presence.
+//! - [`publisher`]: one connection and one writer task; `PUBLISH`es (and calls) are
+//!   queued in call order and sent in pipelines, each acknowledged or failed
+//!   `unavailable`.
 //! - [`subscriber`]: the manager task owning the pub/sub connection's subscription
-//!   state (batched `SUBSCRIBE`, delayed `UNSUBSCRIBE` re-checked against the hub,
-//!   resubscribe after reconnect) and the reader task that delivers into the hub
-//!   without ever blocking.
-//! - [`envelope`]: the payload format of gateway publications (accept time + JSON),
-//!   which no backend payload can be mistaken for.
+//!   state (the control channel, batched `SUBSCRIBE`, delayed `UNSUBSCRIBE`
+//!   re-checked against the hub, resubscribe after reconnect) and the reader task
+//!   that delivers into the hub without ever blocking.
+//! - [`envelope`]: the payload formats of gateway publications (accept time + JSON)
+//!   and of join/leave events, which no backend payload can be mistaken for.
 //! - [`streams`]: streams (numbered, kept publications) in Redis, for both modes: the
 //!   Redis Function library that numbers, keeps and relays in one step, the stream's
 //!   keys, the relay message, the calls and their replies.
@@ -25,17 +26,23 @@
 //!   failovers and slot moves.
 //!
 //! Shared by both modes, one module each:
-//! - [`channel`]: topic ↔ channel names (prefix, optional hash tag).
+//! - [`channel`]: topic ↔ channel names (prefix, optional hash tag), and the control
+//!   channel of server commands.
 //! - [`limits`]: timeouts and batch sizes.
 //! - `health`: which connections / shards are up, and the `wsgate_redis_*` metrics.
-//! - `events`: the shared receive path: what arrives is reported to the node
-//!   ([`wsgate_fanout::BrokerEvents`]), which is also the truth for interest.
+//! - `events`: the shared receive path: what arrives (publications, join/leave,
+//!   server commands) is reported to the node ([`wsgate_fanout::BrokerEvents`]),
+//!   which is also the truth for interest and presence.
 //! - [`backoff`]: reconnect delays, exponential with jitter.
 //! - `interest`: which topics are held and when a released one is given up, as pure
 //!   state (unit-tested step by step).
 //! - `reply`: how broker calls get their answers from the relay tasks.
 //! - `job`: what the writers of both modes pipeline (publishes and function calls),
 //!   with the reinstall-and-retry of a missing function library.
+//! - `presence`: presence entries, join/leave, server commands (the control
+//!   channel) and the node list in Redis: the keys, the membership task (heartbeat,
+//!   lease, cleanup of dead nodes, resync) and the broker methods both modes
+//!   delegate to, through the mode's ordered writer.
 //!
 //! Delivery is Redis pub/sub's: at most once. See docs/redis.md.
 
@@ -50,6 +57,7 @@ mod health;
 mod interest;
 mod job;
 pub mod limits;
+mod presence;
 mod publisher;
 mod reply;
 pub mod streams;
@@ -70,6 +78,8 @@ pub use crate::cluster::{ClusterBroker, ClusterOptions};
 pub use crate::config::{BrokerSetup, RedisArgs, RedisMode};
 use crate::health::Health;
 pub use crate::limits::DEFAULT_UNSUBSCRIBE_DELAY;
+use crate::presence::Presence;
+pub use crate::presence::DEFAULT_PRESENCE_TIMEOUT;
 
 pub use crate::connect::{ConnectError, ConnectOptions, Connector, SentinelOptions, TlsFiles};
 
@@ -97,6 +107,9 @@ pub struct RedisOptions {
     /// streams). Without it the library is installed when a stream call finds it
     /// missing, and a node without streams never loads it.
     pub install_functions: bool,
+    /// Bound between a node's death and its presence entries leaving every list
+    /// (docs/redis.md): heartbeats every sixth of it, a lease of half of it.
+    pub presence_timeout: Duration,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -106,6 +119,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("prefix", &self.prefix)
             .field("unsubscribe_delay", &self.unsubscribe_delay)
             .field("sentinel", &self.sentinel)
+            .field("presence_timeout", &self.presence_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -122,6 +136,7 @@ impl RedisOptions {
             unsubscribe_delay: DEFAULT_UNSUBSCRIBE_DELAY,
             metrics: None,
             install_functions: false,
+            presence_timeout: DEFAULT_PRESENCE_TIMEOUT,
         }
     }
 
@@ -139,9 +154,10 @@ impl RedisOptions {
 /// A [`Broker`] relaying through Redis pub/sub.
 pub struct RedisBroker {
     channels: Channels,
-    publisher: Publisher,
+    publisher: Arc<Publisher>,
     commands: mpsc::UnboundedSender<Command>,
     health: Arc<Health>,
+    presence: Arc<Presence>,
     stop: CancellationToken,
 }
 
@@ -159,13 +175,22 @@ impl RedisBroker {
         let connector = Connector::new(&options.connect_options())?;
         let stop = CancellationToken::new();
         let channels = Channels::new(&options.prefix, None);
-        let health = Arc::new(Health::new(options.metrics));
-        let publisher = Publisher::start(
+        let health = Arc::new(Health::new(options.metrics.clone()));
+        let publisher = Arc::new(Publisher::start(
             connector.clone(),
             health.clone(),
             options.install_functions,
             stop.clone(),
+        ));
+        let presence = Presence::new(
+            publisher.clone(),
+            channels.clone(),
+            events.clone(),
+            health.clone(),
+            options.metrics,
+            options.presence_timeout,
         );
+        tokio::spawn(presence.clone().run(stop.clone()));
         let (commands, rx) = mpsc::unbounded_channel();
         let manager = Manager {
             connector,
@@ -181,6 +206,7 @@ impl RedisBroker {
             publisher,
             commands,
             health,
+            presence,
             stop,
         })
     }
@@ -245,4 +271,6 @@ impl Broker for RedisBroker {
     fn kind(&self) -> &'static str {
         "redis"
     }
+
+    presence::broker_presence_methods!();
 }

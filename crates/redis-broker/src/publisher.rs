@@ -1,5 +1,5 @@
-//! The publishing side: one connection, one writer task, pipelined `PUBLISH`es and
-//! stream function calls.
+//! The publishing side: one connection, one writer task, pipelined `PUBLISH`es,
+//! stream function calls and presence commands (it is presence's [`Writer`]).
 //!
 //! [`Publisher::publish`] (and [`Publisher::call`]) puts the command on an ordered
 //! channel *before returning*,
@@ -22,6 +22,7 @@ use crate::connect::{explain, Connector};
 use crate::health::Health;
 use crate::job::{self, Job, Op, Target};
 use crate::limits::{MAX_BATCH, RESPONSE_TIMEOUT};
+use crate::presence::Writer;
 use crate::reply::{self, unavailable};
 use crate::streams;
 
@@ -57,17 +58,28 @@ impl Publisher {
         })
     }
 
-    /// Queues a stream function call (in order with the publishes); its reply.
+    /// Queues a call (in order with the publishes); its reply.
     pub(crate) fn call(
         &self,
         cmd: redis::Cmd,
     ) -> Result<oneshot::Receiver<Result<redis::Value, BrokerError>>, BrokerError> {
+        let (job, rx) = Job::call(cmd);
+        self.queue(&[], job)?;
+        Ok(rx)
+    }
+}
+
+impl Writer for Publisher {
+    /// One Redis holds every key: `key` does not matter.
+    fn queue(&self, _key: &[u8], job: Job) -> Result<(), BrokerError> {
         if !self.health.publish_up() {
             return Err(unavailable("redis is not connected"));
         }
-        let (job, rx) = Job::call(cmd);
-        self.tx.send(job).map_err(|_| BrokerError::Closed)?;
-        Ok(rx)
+        self.tx.send(job).map_err(|_| BrokerError::Closed)
+    }
+
+    fn publish_command(&self) -> &'static str {
+        "PUBLISH"
     }
 }
 

@@ -12,6 +12,8 @@
 //!   back (flapping clients cause no Redis traffic).
 //!
 //! Those rules are pure state, in [`crate::interest`]; this module does the I/O.
+//! - Every connection subscribes the control channel ([`Channels::control`]) before
+//!   the topics, so the connection is up only with it.
 //! - On a lost connection it reconnects with backoff and resubscribes every topic the
 //!   node has, so local clients never notice more than the gap; once confirmed it tells
 //!   the node ([`BrokerEvents::resubscribed`]), which repairs its streams' gap from
@@ -158,6 +160,9 @@ impl Manager {
             connection.clone(),
             self.stop.clone(),
         ));
+        // The control channel first: every node hears server commands whenever its
+        // subscriptions are up (it is never released).
+        confirm(sink.subscribe(self.channels.control())).await?;
         let topics = self.events.topics();
         let mut confirmed = HashSet::with_capacity(topics.len());
         for chunk in topics.chunks(CHUNK) {

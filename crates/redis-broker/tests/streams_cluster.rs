@@ -27,6 +27,7 @@ fn options(cluster: &RedisCluster) -> ClusterOptions {
         hash_tag_separator: Some(b'.'),
         metrics: None,
         install_functions: true,
+        presence_timeout: wsgate_redis::DEFAULT_PRESENCE_TIMEOUT,
     }
 }
 

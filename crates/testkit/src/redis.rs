@@ -122,13 +122,15 @@ impl Redis {
         self.spawn();
     }
 
-    /// Sorted channel names matching `pattern` (`PUBSUB CHANNELS`).
+    /// Sorted topic channel names matching `pattern` (`PUBSUB CHANNELS`), without
+    /// the nodes' control channel (see [`is_control`]).
     pub fn channels(&self, pattern: &str) -> Vec<String> {
         let mut v: Vec<String> = redis::cmd("PUBSUB")
             .arg("CHANNELS")
             .arg(pattern)
             .query(&mut self.conn())
             .unwrap();
+        v.retain(|c| !is_control(c));
         v.sort();
         v
     }
@@ -413,13 +415,14 @@ impl RedisCluster {
         p
     }
 
-    /// Sorted `PUBSUB SHARDCHANNELS` of one node.
+    /// Sorted `PUBSUB SHARDCHANNELS` of one node: its topic channels, without the
+    /// nodes' control channel (see [`is_control`]).
     pub fn shardchannels(&self, port: u16) -> Vec<String> {
         let mut v: Vec<String> = self
             .cli(port, &["PUBSUB", "SHARDCHANNELS"])
             .lines()
             .map(str::to_string)
-            .filter(|l| !l.is_empty())
+            .filter(|l| !l.is_empty() && !is_control(l))
             .collect();
         v.sort();
         v
@@ -493,6 +496,12 @@ impl Drop for RedisCluster {
             }
         }
     }
+}
+
+/// Whether `channel` is the nodes' control channel (`<prefix>#control`, where server
+/// commands go), which every node holds at all times whatever its clients want.
+pub fn is_control(channel: &str) -> bool {
+    channel.ends_with("#control")
 }
 
 /// The master name the sentinels of a [`SentinelGroup`] monitor.

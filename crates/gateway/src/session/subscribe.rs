@@ -148,10 +148,13 @@ impl Client {
             self.topics.insert(t.clone());
         }
         let node = &self.gw.node;
-        let session = self.session_name();
-        let listed = node
-            .presence_join(self.id, &session, self.user().as_ref(), fresh)
-            .await;
+        let presence = node.namespaces().has_presence();
+        let listed = if presence {
+            node.presence_join(self.id, &self.session_name(), self.user().as_ref(), fresh)
+                .await
+        } else {
+            Ok(())
+        };
         let joined = match listed {
             Ok(()) => {
                 node.subscribe_streams(self.id, &sub, fresh, held, since, ready)
@@ -161,7 +164,9 @@ impl Client {
         };
         if let Err(e) = joined {
             // The node took them out of the hub again.
-            node.presence_leave(&session, fresh);
+            if presence {
+                node.presence_leave(&self.session_name(), fresh);
+            }
             for t in fresh {
                 self.topics.remove(t);
             }
@@ -176,7 +181,9 @@ impl Client {
         let left: Vec<Arc<str>> = topics.iter().filter(|t| mine.remove(t)).cloned().collect();
         let node = &self.gw.node;
         node.unsubscribe(self.id, left.iter().cloned());
-        node.presence_leave(&self.session_name(), &left);
+        if node.namespaces().has_presence() && !left.is_empty() {
+            node.presence_leave(&self.session_name(), &left);
+        }
         left
     }
 
@@ -190,7 +197,9 @@ impl Client {
         let all: Vec<Arc<str>> = self.topics.drain().collect();
         let node = &self.gw.node;
         node.unsubscribe(self.id, all.iter().cloned());
-        node.presence_leave(&self.session_name(), &all);
+        if node.namespaces().has_presence() && !all.is_empty() {
+            node.presence_leave(&self.session_name(), &all);
+        }
     }
 
     /// Carries out the server API commands waiting in the outbox (between the

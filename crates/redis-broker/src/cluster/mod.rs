@@ -18,12 +18,13 @@
 //!   ([`publish`]).
 //!
 //! # Layout
-//! - [`ClusterBroker`] (this file): the [`Broker`] and the state the tasks share.
+//! - [`ClusterBroker`] (this file): the [`Broker`], the state the tasks share, and
+//!   the writer's queue routing jobs by slot (which presence uses too).
 //! - [`slot`]: CRC16 key slots and `{hash tag}`s.
 //! - [`topology`]: the slot map and shard numbering.
 //! - [`publish`]: the writer task: `SPUBLISH` in call order.
-//! - [`subscribe`]: the manager task (interest, batching per slot, probes, moving
-//!   topics) and the reader task (pushes → node).
+//! - [`subscribe`]: the manager task (interest and the control channel, batching per
+//!   slot, probes, moving topics) and the reader task (pushes → node).
 //!
 //! Delivery is Redis pub/sub's, at most once; what a failover or a slot move can
 //! lose or reorder is in docs/redis.md.
@@ -48,6 +49,7 @@ use crate::connect::{cluster_client, ConnectError, TlsFiles};
 use crate::envelope;
 use crate::health::Health;
 use crate::job;
+use crate::presence::{self, Presence};
 use crate::reply::{self, unavailable};
 use crate::streams;
 use subscribe::{Command, Manager};
@@ -76,6 +78,9 @@ pub struct ClusterOptions {
     /// Install the stream function library on every primary whenever one is seen up
     /// (the node has streams); else only when a stream call finds it missing.
     pub install_functions: bool,
+    /// Bound between a node's death and its presence entries leaving every list, as
+    /// in single mode ([`crate::RedisOptions::presence_timeout`]).
+    pub presence_timeout: Duration,
 }
 
 impl std::fmt::Debug for ClusterOptions {
@@ -85,6 +90,7 @@ impl std::fmt::Debug for ClusterOptions {
             .field("seeds", &self.seeds.len())
             .field("prefix", &self.prefix)
             .field("unsubscribe_delay", &self.unsubscribe_delay)
+            .field("presence_timeout", &self.presence_timeout)
             .finish_non_exhaustive()
     }
 }
@@ -106,11 +112,38 @@ impl Shared {
     }
 }
 
+/// The writer's queue: jobs routed by the slot of the key they touch.
+pub(crate) struct Writer {
+    shared: Arc<Shared>,
+    jobs: mpsc::UnboundedSender<publish::Job>,
+}
+
+impl crate::presence::Writer for Writer {
+    /// Queued before returning: the call order is the order on the shard.
+    fn queue(&self, key: &[u8], job: job::Job) -> Result<(), BrokerError> {
+        let slot = slot::key_slot(key);
+        let Some((shard, _)) = self.shared.map().owner(slot) else {
+            return Err(unavailable("no Redis Cluster shard owns the slot"));
+        };
+        if !self.shared.health.shard_up(shard) {
+            return Err(unavailable("the Redis Cluster shard is not connected"));
+        }
+        self.jobs
+            .send(publish::Job { slot, job })
+            .map_err(|_| BrokerError::Closed)
+    }
+
+    fn publish_command(&self) -> &'static str {
+        "SPUBLISH"
+    }
+}
+
 /// A [`Broker`] relaying through Redis Cluster sharded pub/sub.
 pub struct ClusterBroker {
     shared: Arc<Shared>,
     commands: mpsc::UnboundedSender<Command>,
-    jobs: mpsc::UnboundedSender<publish::Job>,
+    writer: Arc<Writer>,
+    presence: Arc<Presence>,
 }
 
 impl ClusterBroker {
@@ -132,7 +165,7 @@ impl ClusterBroker {
             &options.tls,
             push_tx,
         )?;
-        let health = Arc::new(Health::new(options.metrics));
+        let health = Arc::new(Health::new(options.metrics.clone()));
         let (probe, probe_rx) = mpsc::unbounded_channel();
         let shared = Arc::new(Shared {
             channels: Channels::new(&options.prefix, options.hash_tag_separator),
@@ -143,13 +176,32 @@ impl ClusterBroker {
         });
         let (commands, rx) = mpsc::unbounded_channel();
         let (jobs, jobs_rx) = mpsc::unbounded_channel();
-        let mut manager = Manager::new(shared.clone(), events, target, options.unsubscribe_delay);
+        let mut manager = Manager::new(
+            shared.clone(),
+            events.clone(),
+            target,
+            options.unsubscribe_delay,
+        );
         manager.install_functions = options.install_functions;
         tokio::spawn(manager.run(client, rx, push_rx, probe_rx, jobs_rx));
+        let writer = Arc::new(Writer {
+            shared: shared.clone(),
+            jobs,
+        });
+        let presence = Presence::new(
+            writer.clone(),
+            shared.channels.clone(),
+            events,
+            shared.health.clone(),
+            options.metrics,
+            options.presence_timeout,
+        );
+        tokio::spawn(presence.clone().run(shared.stop.clone()));
         Ok(ClusterBroker {
             shared,
             commands,
-            jobs,
+            writer,
+            presence,
         })
     }
 }
@@ -158,16 +210,8 @@ impl ClusterBroker {
     /// Queues `job` for the primary of `topic`'s slot. Queued before returning: the
     /// call order is the order on the shard.
     fn queue(&self, topic: &str, job: job::Job) -> Result<(), BrokerError> {
-        let slot = slot::key_slot(&self.shared.channels.channel(topic));
-        let Some((shard, _)) = self.shared.map().owner(slot) else {
-            return Err(unavailable("no Redis Cluster shard owns the slot"));
-        };
-        if !self.shared.health.shard_up(shard) {
-            return Err(unavailable("the Redis Cluster shard is not connected"));
-        }
-        self.jobs
-            .send(publish::Job { slot, job })
-            .map_err(|_| BrokerError::Closed)
+        use crate::presence::Writer as _;
+        self.writer.queue(&self.shared.channels.channel(topic), job)
     }
 }
 
@@ -241,4 +285,6 @@ impl Broker for ClusterBroker {
     fn kind(&self) -> &'static str {
         "redis"
     }
+
+    presence::broker_presence_methods!();
 }

@@ -24,6 +24,12 @@
 //!   The commands are idempotent. Topics subscribed again are reported to the node
 //!   ([`BrokerEvents::resubscribed`]), which catches their streams up from history.
 //!
+//! The control channel ([`Channels::control`]) is held like a topic the node always
+//! has (the pseudo-topic [`CONTROL`]): placed at the first probe that finds its
+//! shard up, and placed again by the rules above, so every node hears server
+//! commands through restarts, failovers and slot moves. It is never released and
+//! never reported as `resubscribed`.
+//!
 //! The *reader* task takes the pushes the client forwards: `smessage`s go straight to
 //! the node ([`deliver`]: non-blocking, so Redis is drained as fast as it writes);
 //! confirmations, `sunsubscribe`s and lost connections go to the manager.
@@ -43,6 +49,7 @@ use tracing::{debug, info, warn};
 use wsgate_fanout::BrokerEvents;
 
 use crate::backoff::Backoff;
+use crate::channel::CONTROL;
 use crate::cluster::publish::{self, install_all, spublish};
 use crate::cluster::slot::key_slot;
 use crate::cluster::topology::SlotMap;
@@ -125,6 +132,18 @@ impl Manager {
 
     fn channel(&self, topic: &str) -> Vec<u8> {
         self.shared.channels.channel(topic)
+    }
+
+    /// Every topic to hold: the node's, and the control channel.
+    fn topics(&self) -> Vec<Arc<str>> {
+        let mut all = self.events.topics();
+        all.push(Arc::from(CONTROL));
+        all
+    }
+
+    /// Whether `topic` is wanted here (the control channel always is).
+    fn wanted(&self, topic: &str) -> bool {
+        topic == CONTROL || self.events.has_subscribers(topic)
     }
 
     pub(crate) async fn run(
@@ -392,7 +411,7 @@ impl Manager {
                     return;
                 };
                 let topic: Arc<str> = Arc::from(&*topic);
-                if !self.held.contains_key(&topic) && !self.events.has_subscribers(&topic) {
+                if !self.held.contains_key(&topic) && !self.wanted(&topic) {
                     debug!(%topic, "undoing a subscription nobody wants");
                     self.unsubscribe(conn, vec![topic]).await;
                 }
@@ -413,7 +432,7 @@ impl Manager {
                 self.shared.health.redirect();
                 info!(%topic, "server dropped a shard channel; placing it again");
                 self.held.remove(&topic);
-                if self.events.has_subscribers(&topic) {
+                if self.wanted(&topic) {
                     self.dropped.insert(topic);
                 }
                 self.probe_wanted = true;
@@ -564,11 +583,13 @@ impl Manager {
         // Placed because they were not (or no longer) where the map says: counted in
         // the resubscribe metrics. A resync alone is not.
         let mut counted: HashSet<Arc<str>> = HashSet::new();
-        let topics = if back.is_empty() && self.dropped.is_empty() && !changed && !resync {
-            Vec::new()
-        } else {
-            self.events.topics()
-        };
+        let no_control = !self.held.contains_key(CONTROL);
+        let topics =
+            if back.is_empty() && self.dropped.is_empty() && !changed && !resync && !no_control {
+                Vec::new()
+            } else {
+                self.topics()
+            };
         for t in topics {
             let slot = key_slot(&self.channel(&t));
             let Some((shard, owner)) = map.owner(slot) else {
@@ -578,9 +599,10 @@ impl Manager {
                 continue;
             }
             let moved = self.held.get(&t).is_some_and(|h| h.owner != owner.id);
-            let missing = !self.held.contains_key(&t) && self.dropped.contains(&t);
+            let missing = !self.held.contains_key(&t)
+                && (self.dropped.contains(&t) || (no_control && &*t == CONTROL));
             let lost = resync && self.held.contains_key(&t);
-            if back.contains(&shard) || moved || missing {
+            if (back.contains(&shard) || moved || missing) && &*t != CONTROL {
                 counted.insert(t.clone());
             }
             if (back.contains(&shard) || moved || missing || lost) && placing.insert(t.clone()) {
@@ -590,7 +612,8 @@ impl Manager {
         if !place.is_empty() {
             let n: usize = place.values().map(Vec::len).sum();
             info!(topics = n, "placing topics on their shard");
-            let confirmed = self.subscribe(conn, &map, place).await;
+            let mut confirmed = self.subscribe(conn, &map, place).await;
+            confirmed.retain(|t| &**t != CONTROL);
             let mut per_shard: BTreeMap<usize, usize> = BTreeMap::new();
             for t in confirmed.iter().filter(|t| counted.contains(*t)) {
                 if let Some((shard, _)) = map.owner(key_slot(&self.channel(t))) {
@@ -614,7 +637,7 @@ impl Manager {
     fn update_topic_gauges(&self) {
         let map = self.shared.map();
         let mut counts = vec![0i64; map.primaries().len()];
-        for h in self.held.values() {
+        for (_, h) in self.held.iter().filter(|(t, _)| &***t != CONTROL) {
             if let Some((i, _)) = map.owner(h.slot) {
                 counts[i] += 1;
             }
