@@ -1,7 +1,7 @@
-// Presence, join/leave and the server API (protocol v1.1) against a real gateway: a
+// Presence, join/leave and the server API (protocol v1.1) against real gateways: a
 // `--config` file with presence namespaces (helpers.presenceConfig), JWT users
 // (`--jwt-secret`: a connection's presence `user` is its token's `sub`) and an API key
-// for the server API.
+// for the server API. One embedded node, then two nodes on a private Redis.
 //
 // Skipped (with the reason) by a build whose configuration has no presence.
 
@@ -11,7 +11,7 @@ import { createHmac } from "node:crypto";
 import { after, before, describe, test } from "node:test";
 import WebSocket from "ws";
 import { connect } from "../wsgate.js";
-import { nextEvent, presenceConfig, sleep, startGateway, stopAll, waitFor, wsgateBin } from "./helpers.js";
+import { nextEvent, presenceConfig, sleep, startGateway, startRedis, stopAll, waitFor, wsgateBin } from "./helpers.js";
 
 const SECRET = "wsgate-js-presence-test-secret";
 const API_KEY = "wsgate-js-presence-test-key";
@@ -277,5 +277,69 @@ describe("presence against a real gateway", { skip }, () => {
     assert.equal((await reconnecting).code, 4010);
     await nextEvent(g, "open");
     assert.notEqual(g.welcome.session, first);
+  });
+});
+
+describe("presence across two nodes on one Redis", { skip }, () => {
+  let n1;
+  let n2;
+  let redis;
+  const api = (gw, path, body) => gw.api(path, body, { apiKey: API_KEY });
+
+  before(async () => {
+    redis = await startRedis();
+    const common = ["--redis-url", redis.url, "--config", presenceConfig(), "--jwt-secret", SECRET, "--api-key", API_KEY];
+    n1 = await startGateway({ name: "node-1", args: ["--node-id", "node-1", ...common] });
+    n2 = await startGateway({ name: "node-2", args: ["--node-id", "node-2", ...common] });
+  });
+  after(async () => {
+    for (const c of clients) c.close();
+    await stopAll();
+    await redis?.stop();
+  });
+
+  test("clients on two nodes see each other, join/leave cross nodes, the server API reaches the other node", async () => {
+    const topic = "room.cluster";
+    const a = await opened(client(n1, "alice"));
+    const b = await opened(client(n2, "bob"));
+    await a.subscribe(topic);
+    const joined = nextEvent(a, "join");
+    await b.subscribe(topic);
+    assert.deepEqual(await joined, { topic, session: b.welcome.session, user: "bob" });
+    const list = await a.presence(topic);
+    assert.deepEqual(
+      list.map((e) => [e.user, e.node]).sort(),
+      [
+        ["alice", "node-1"],
+        ["bob", "node-2"],
+      ],
+    );
+    assert.deepEqual(await b.presenceStats(topic), { clients: 2, users: 2 });
+
+    // Subscribed through node 1's API, delivered on node 2.
+    const got = [];
+    b.listen("inbox.bob", (d) => got.push(d));
+    const subscribed = nextEvent(b, "subscribed");
+    assert.equal((await api(n1, "/api/subscribe", { user: "bob", topics: ["inbox.bob"] })).status, 200);
+    assert.deepEqual((await subscribed).topics, ["inbox.bob"]);
+    const res = await n1.publish("inbox.bob", "across", { headers: { authorization: `Bearer ${API_KEY}` } });
+    assert.equal(res.status, 200, res.body);
+    await waitFor(() => got.includes("across"), { what: "the message on node 2" });
+
+    // Kicked through node 1's API while on node 2: 4010, stays closed; alice sees bob leave.
+    const bobSession = b.welcome.session;
+    const left = nextEvent(a, "leave");
+    const closed = nextEvent(b, "closed");
+    assert.equal((await api(n1, "/api/disconnect", { user: "bob" })).status, 200);
+    const info = await closed;
+    assert.equal(info.code, 4010);
+    assert.equal(info.kicked, true);
+    assert.deepEqual(await left, { topic, session: bobSession, user: "bob" });
+    await sleep(500);
+    assert.equal(b.state, "closed");
+    assert.deepEqual(
+      (await a.presence(topic)).map((e) => e.user),
+      ["alice"],
+    );
   });
 });
