@@ -29,6 +29,9 @@ pub(crate) enum Ack {
 pub(crate) struct Job {
     pub op: Op,
     pub ack: Ack,
+    /// Counted as a publication when accepted ([`Outcome::published`]): plain
+    /// publishes and stream publications, not reads, presence writes or heartbeats.
+    pub publication: bool,
 }
 
 impl Job {
@@ -39,9 +42,19 @@ impl Job {
             Job {
                 op: Op::Call(cmd),
                 ack: Ack::Value(tx),
+                publication: false,
             },
             rx,
         )
+    }
+
+    /// A call that publishes (a stream publication), and the receiver of its reply.
+    pub(crate) fn publishing_call(
+        cmd: redis::Cmd,
+    ) -> (Job, oneshot::Receiver<Result<Value, BrokerError>>) {
+        let (mut job, rx) = Self::call(cmd);
+        job.publication = true;
+        (job, rx)
     }
 
     fn add_to(&self, pipe: &mut redis::Pipeline, publish: &str) {
@@ -129,6 +142,8 @@ pub(crate) trait Target {
 pub(crate) struct Outcome {
     /// Commands Redis accepted.
     pub accepted: u64,
+    /// Of those, publications (see [`Job::publication`]).
+    pub published: u64,
     /// Commands Redis refused (error replies).
     pub refused: u64,
     /// The connection failed: every job not answered yet was answered `unavailable`.
@@ -142,6 +157,7 @@ pub(crate) struct Outcome {
 pub(crate) async fn run(target: &mut impl Target, jobs: Vec<Job>, publish: &str) -> Outcome {
     let mut out = Outcome {
         accepted: 0,
+        published: 0,
         refused: 0,
         failed: None,
     };
@@ -170,10 +186,14 @@ pub(crate) async fn run(target: &mut impl Target, jobs: Vec<Job>, publish: &str)
             let reply = replies.next();
             if attempt == 0 && reply.as_ref().is_some_and(function_missing) {
                 again.push(job);
-            } else if job.answer(reply, publish) {
-                out.accepted += 1;
             } else {
-                out.refused += 1;
+                let publication = job.publication;
+                if job.answer(reply, publish) {
+                    out.accepted += 1;
+                    out.published += u64::from(publication);
+                } else {
+                    out.refused += 1;
+                }
             }
         }
         if again.is_empty() {

@@ -55,6 +55,7 @@ impl Publisher {
         reply::ask(&self.tx, |ack| Job {
             op: Op::Publish { channel, payload },
             ack: job::Ack::Done(ack),
+            publication: true,
         })
     }
 

@@ -418,3 +418,56 @@ async fn the_server_api_acts_on_every_node() {
     let (status, body) = api(&ns[2], "POST", "/api/disconnect", json!({"user":"nobody"})).await;
     assert_eq!((status, &body["ok"]), (200, &json!(true)));
 }
+
+/// Two clients nobody here wrote (Python `websockets`) on two nodes: each is listed
+/// by the other's node, the first hears the second join and leave.
+#[tokio::test]
+async fn python_websockets_clients_see_each_other_across_nodes() {
+    let redis = Redis::start();
+    let url = redis.url();
+    let config = config_file();
+    let ns = nodes(&["--redis-url", &url], &config, 2);
+    let urls: Vec<String> = ["ann", "ben"]
+        .iter()
+        .zip(&ns)
+        .map(|(u, n)| format!("ws://{}/ws?token={}", n.addr, token(u)))
+        .collect();
+    let code = r#"
+import asyncio, json, sys, websockets
+
+async def next_op(ws, op):
+    while True:
+        v = json.loads(await ws.recv())
+        if v["op"] == op:
+            return v
+
+async def main():
+    async with websockets.connect(sys.argv[1]) as a, websockets.connect(sys.argv[2]) as b:
+        wa, wb = json.loads(await a.recv()), json.loads(await b.recv())
+        for ws in (a, b):
+            await ws.send(json.dumps({"op": "subscribe", "id": 1, "topics": ["room.py"]}))
+            assert (await asyncio.wait_for(next_op(ws, "subscribed"), 5))["id"] == 1
+        join = await asyncio.wait_for(next_op(a, "join"), 5)
+        assert (join["session"], join["user"]) == (wb["session"], "ben"), join
+        await b.send(json.dumps({"op": "presence", "id": 2, "topic": "room.py"}))
+        p = await asyncio.wait_for(next_op(b, "presence"), 5)
+        listed = sorted((c["user"], c["node"]) for c in p["clients"])
+        assert listed == [("ann", "n0"), ("ben", "n1")], listed
+        await b.close()
+        leave = await asyncio.wait_for(next_op(a, "leave"), 5)
+        assert leave["session"] == wb["session"], leave
+        print("ok")
+
+asyncio.run(main())
+"#;
+    let out = std::process::Command::new("python3")
+        .args(["-c", code, &urls[0], &urls[1]])
+        .output()
+        .expect("python3 runs");
+    assert!(
+        out.status.success() && String::from_utf8_lossy(&out.stdout).trim() == "ok",
+        "python client failed (is `websockets` installed?): {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}

@@ -229,6 +229,7 @@ impl Broker for ClusterBroker {
         let job = job::Job {
             op: job::Op::Publish { channel, payload },
             ack: job::Ack::Done(ack),
+            publication: true,
         };
         match self.queue(topic, job) {
             Ok(()) => reply::answer(done),
@@ -244,7 +245,8 @@ impl Broker for ClusterBroker {
         opts: &StreamOptions,
     ) -> BrokerFuture<Position> {
         let channel = self.shared.channels.channel(topic);
-        let (job, rx) = job::Job::call(streams::publish_cmd(&channel, data, accepted_at, opts));
+        let (job, rx) =
+            job::Job::publishing_call(streams::publish_cmd(&channel, data, accepted_at, opts));
         match self.queue(topic, job) {
             Ok(()) => job::answer_with(rx, streams::parse_position),
             Err(e) => BrokerFuture::ready(Err(e)),

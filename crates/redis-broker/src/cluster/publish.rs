@@ -173,9 +173,9 @@ fn count(shared: &Shared, slot: u16, outcome: &job::Outcome) {
         shared.health.error();
         let _ = shared.probe.send(());
     }
-    if outcome.accepted > 0 {
+    if outcome.published > 0 {
         if let Some((i, _)) = shared.map().owner(slot) {
-            shared.health.shard_published(i, outcome.accepted);
+            shared.health.shard_published(i, outcome.published);
         }
     }
 }
