@@ -22,3 +22,19 @@ wait_port() {
 
 # The pid of the process listening on a port (not a wrapper's).
 pid_of_port() { ss -ltnpH "sport = :$1" | grep -o 'pid=[0-9]*' | head -1 | cut -d= -f2; }
+
+# CPU seconds (user + system) of a process so far.
+cpu_s() { awk -v t="$(getconf CLK_TCK)" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
+
+# A TCP port free on 127.0.0.1 right now.
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+
+# Starts a redis-server on a free port without persistence, its log in $OUT/servers.log;
+# sets REDIS_PORT and REDIS_PID (added to PIDS).
+start_bench_redis() {
+  REDIS_PORT=$(free_port)
+  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --dir "$TMP" \
+    --client-output-buffer-limit "pubsub 256mb 64mb 60" --loglevel warning >>"$OUT/servers.log" 2>&1 &
+  wait_port "$REDIS_PORT"
+  REDIS_PID=$(pid_of_port "$REDIS_PORT"); PIDS+=("$REDIS_PID")
+}

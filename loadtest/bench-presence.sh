@@ -64,9 +64,6 @@ if [[ ${BUILD:-1} == 1 ]]; then
 fi
 ulimit -n "$(ulimit -Hn)"
 
-TICKS=$(getconf CLK_TCK)
-cpu_s() { awk -v t="$TICKS" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 cat >"$TMP/wsgate.toml" <<'EOF'
 # The presence benchmark's namespaces; pl:* stays plain.
@@ -93,13 +90,6 @@ EOF
 cp "$TMP/wsgate.toml" "$OUT/wsgate.toml"
 
 REDIS_PORT="" REDIS_PID=""
-start_redis() {
-  REDIS_PORT=$(free_port)
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --dir "$TMP" \
-    --client-output-buffer-limit "pubsub 256mb 64mb 60" --loglevel warning >>"$OUT/servers.log" 2>&1 &
-  wait_port "$REDIS_PORT"
-  REDIS_PID=$(pid_of_port "$REDIS_PORT"); PIDS+=("$REDIS_PID")
-}
 
 start_gateway() {
   local mode=$1 port admin extra=()
@@ -156,7 +146,7 @@ queries() {
 for MODE in $MODES; do
   if [[ $MODE == redis ]]; then
     command -v redis-server >/dev/null || { log "no redis-server: redis mode skipped"; continue; }
-    start_redis
+    start_bench_redis
   fi
   log "$MODE: gateway"
   start_gateway "$MODE" || { echo "$MODE: gateway did not start" >>"$OUT/errors.txt"; continue; }

@@ -74,10 +74,6 @@ if ! "$WSGATE" --help | grep -q -- '--config'; then
   exit 2
 fi
 
-TICKS=$(getconf CLK_TCK)
-# CPU seconds (user + system) of a process so far.
-cpu_s() { awk -v t="$TICKS" '{ print ($14 + $15) / t }' "/proc/$1/stat"; }
-free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
 
 cat >"$TMP/wsgate.toml" <<EOF
 # Stream topics of the benchmark; pl:* topics stay plain.
@@ -90,13 +86,6 @@ EOF
 cp "$TMP/wsgate.toml" "$OUT/wsgate.toml"
 
 REDIS_PORT="" REDIS_PID=""
-start_redis() {
-  REDIS_PORT=$(free_port)
-  redis-server --bind 127.0.0.1 --port "$REDIS_PORT" --save "" --appendonly no --dir "$TMP" \
-    --client-output-buffer-limit "pubsub 256mb 64mb 60" --loglevel warning >>"$OUT/servers.log" 2>&1 &
-  wait_port "$REDIS_PORT"
-  REDIS_PID=$(pid_of_port "$REDIS_PORT"); PIDS+=("$REDIS_PID")
-}
 
 # Starts a gateway for mode $1; sets URL, HTTP, METRICS, GW_PID.
 start_gateway() {
@@ -172,7 +161,7 @@ storm() {
 for MODE in $MODES; do
   if [[ $MODE == redis ]]; then
     command -v redis-server >/dev/null || { log "no redis-server: redis mode skipped"; continue; }
-    start_redis
+    start_bench_redis
   fi
   log "$MODE: gateway"
   if ! start_gateway "$MODE"; then

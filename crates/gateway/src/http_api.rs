@@ -113,6 +113,20 @@ pub(crate) fn authorized(gw: &Gateway, req: &Request<Incoming>) -> bool {
     given.ct_eq(key.as_bytes()).into()
 }
 
+/// The 405 of a call with another method than `allowed`.
+pub(crate) fn method_not_allowed(allowed: Method) -> Response<Body> {
+    let mut r = error(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method_not_allowed",
+        &format!("use {allowed}"),
+    );
+    r.headers_mut().insert(
+        header::ALLOW,
+        allowed.as_str().parse().expect("valid header"),
+    );
+    r
+}
+
 /// The 401 of a call without the API key.
 pub(crate) fn unauthorized() -> Response<Body> {
     let mut r = error(
@@ -134,14 +148,7 @@ pub(crate) async fn api_body(
     req: Request<Incoming>,
 ) -> Result<Bytes, Response<Body>> {
     if req.method() != Method::POST {
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use POST",
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, "POST".parse().expect("valid header"));
-        return Err(r);
+        return Err(method_not_allowed(Method::POST));
     }
     if !authorized(gw, &req) {
         return Err(unauthorized());

@@ -14,7 +14,7 @@ use std::sync::{Arc, Weak};
 use std::time::Instant;
 
 use bytes::Bytes;
-use http::{header, Method, Request, Response, StatusCode};
+use http::{Method, Request, Response, StatusCode};
 use hyper::body::Incoming;
 use serde::{Deserialize, Serialize};
 use tracing::{debug, info, warn};
@@ -24,7 +24,7 @@ use wsgate_fanout::{validate_topic, NodeInfo};
 
 use crate::close::Disconnect;
 use crate::gateway::Gateway;
-use crate::http_api::{api_body, authorized, error, json, Body};
+use crate::http_api::{api_body, authorized, error, json, method_not_allowed, unauthorized, Body};
 use crate::protocol::{json_string, presence_clients};
 use crate::session::outbox::ServerCommand;
 use crate::session::session_number;
@@ -357,17 +357,10 @@ pub async fn command(gw: Arc<Gateway>, req: Request<Incoming>, what: &str) -> Re
 /// `GET /api/info`: every live node, sorted by id.
 pub async fn info(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
-        let mut r = error(
-            StatusCode::METHOD_NOT_ALLOWED,
-            "method_not_allowed",
-            "use GET",
-        );
-        r.headers_mut()
-            .insert(header::ALLOW, "GET".parse().expect("valid header"));
-        return r;
+        return method_not_allowed(Method::GET);
     }
     if !authorized(&gw, &req) {
-        return crate::http_api::unauthorized();
+        return unauthorized();
     }
     match gw.node.nodes().await {
         Ok(mut nodes) => {
