@@ -23,7 +23,8 @@
 #     time and the live topic's latency during the storm.
 # Environment: BENCH_OUT (a temp dir), MODES ("embedded redis"), ROUNDS (2), DUR (8s),
 # CONC (128), CHURN_TOPICS (100), QUERY_SUBS (10000), QUERIES (50), STORM_CLIENTS (5000),
-# MISSED (200), LIVE_SUBS (200), LIVE_RATE (50), BUILD (1), WSGATE (target/release/wsgate).
+# MISSED (200), LIVE_SUBS (200), LIVE_RATE (50), PARTS ("churn query storm": which
+# measurements each round makes), BUILD (1), WSGATE (target/release/wsgate).
 # Everything binds 127.0.0.1 on free ports, every run is bounded in time, and what the
 # script started is stopped at exit, by pid.
 set -euo pipefail
@@ -45,6 +46,7 @@ STORM_CLIENTS=${STORM_CLIENTS:-$D_STORM}
 MISSED=${MISSED:-$D_MISSED}
 LIVE_SUBS=${LIVE_SUBS:-200}
 LIVE_RATE=${LIVE_RATE:-50}
+PARTS=${PARTS:-churn query storm}
 WSGATE=${WSGATE:-target/release/wsgate}
 LT=target/release/wsgate-loadtest
 SRC="127.0.0.2-127.0.0.9"
@@ -156,11 +158,13 @@ for MODE in $MODES; do
   fi
   for r in $(seq "$ROUNDS"); do
     kinds="pr pl"; ((r % 2 == 0)) && kinds="pl pr"
+    [[ " $PARTS " == *" churn "* ]] || kinds=""
     for k in $kinds; do
       log "$MODE round $r: churn on $k"
       run "$MODE-churn-$k-r$r" churn --rate 0 --concurrency "$CONC" --duration "$DUR" \
         --topics "$CHURN_TOPICS" --topic-prefix "$k:churn$r-"
     done
+    if [[ " $PARTS " == *" query "* ]]; then
     log "$MODE round $r: $QUERY_SUBS subscribers held on one presence topic, queried"
     run "$MODE-query-hold-r$r" idle --connections "$QUERY_SUBS" --topics 1 --topic-prefix "pr:query$r-" \
       --duration 60s &
@@ -175,7 +179,9 @@ for MODE in $MODES; do
     queries "$topic" presence "$MODE-query-list-r$r"
     queries "$topic" presence_stats "$MODE-query-stats-r$r"
     wait "$hold" || true
+    fi
     skinds="sp st"; ((r % 2 == 0)) && skinds="st sp"
+    [[ " $PARTS " == *" storm "* ]] || skinds=""
     for k in $skinds; do
       log "$MODE round $r: mass reconnect of $STORM_CLIENTS on $k"
       run "$MODE-storm-$k-r$r" resume-storm --topic-prefix "$k:storm$r-" --clients "$STORM_CLIENTS" \

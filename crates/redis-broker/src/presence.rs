@@ -26,11 +26,12 @@
 //! its node's entries again from [`BrokerEvents::presence_snapshot`] with the same
 //! script (a *resync*).
 
-use std::collections::{BTreeMap, HashSet};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, RwLock, Weak};
 use std::time::Duration;
 
+use futures_util::future::{BoxFuture, FutureExt, Shared};
 use redis::Value;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
@@ -257,6 +258,20 @@ pub(crate) struct Presence {
     /// Topics where a write failed: resynced even when neither the node nor Redis
     /// lists them for this member any more.
     suspects: Mutex<HashSet<Arc<str>>>,
+    /// This node's entries per topic, and the `SADD` that put the topic in the
+    /// member's topic set. `SADD` and `SREM` are queued under this lock, when a
+    /// topic's count leaves or comes back to 0, so their order in Redis is the
+    /// order of the counts (two connections joining and leaving one topic at once
+    /// never leave the topic out of the set while an entry is there), and a
+    /// topic is added once, not at every subscribe.
+    listed: Mutex<HashMap<Arc<str>, Listed>>,
+}
+
+/// One topic in [`Presence::listed`].
+struct Listed {
+    entries: usize,
+    /// The `SADD`'s answer, awaited by every add (at once when it is done).
+    added: Shared<BoxFuture<'static, Result<(), BrokerError>>>,
 }
 
 type Answer = oneshot::Receiver<Result<Value, BrokerError>>;
@@ -283,6 +298,7 @@ impl Presence {
             registered: watch::Sender::new(false),
             dirty: AtomicBool::new(false),
             suspects: Mutex::default(),
+            listed: Mutex::default(),
         })
     }
 
@@ -380,15 +396,20 @@ impl Presence {
     ) -> BrokerFuture {
         let member = self.member(Some(&entry.node)).expect("a node id was given");
         let channel = self.channels.channel(topic);
-        let mut sadd = redis::cmd("SADD");
-        sadd.arg(self.keys.topics_of(&member)).arg(topic);
+        let listed = match self.listed_add(topic, &member) {
+            Ok(l) => l,
+            Err(e) => {
+                self.dirty.store(true, Ordering::Release);
+                return BrokerFuture::ready(Err(e));
+            }
+        };
         let mut hset = redis::cmd("HSET");
         hset.arg(presence_key(&channel))
             .arg(field(&member, &entry.session))
             .arg(entry.user.as_deref().unwrap_or(""));
-        let written = match (self.call(&self.keys.live, sadd), self.call(&channel, hset)) {
-            (Ok(listed), Ok(written)) => [listed, written],
-            (Err(e), _) | (_, Err(e)) => {
+        let written = match self.call(&channel, hset) {
+            Ok(written) => written,
+            Err(e) => {
                 self.dirty.store(true, Ordering::Release);
                 return BrokerFuture::ready(Err(e));
             }
@@ -401,12 +422,12 @@ impl Presence {
         let mut registered = self.registered.subscribe();
         let timeout = self.timeout;
         BrokerFuture::pending(async move {
-            for rx in written {
-                let outcome = match rx.await {
-                    Ok(Ok(_)) => Ok(()),
-                    Ok(Err(e)) => Err(e),
-                    Err(_) => Err(BrokerError::Closed),
-                };
+            let hset = match written.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(BrokerError::Closed),
+            };
+            for outcome in [listed.await, hset] {
                 if outcome.is_err() {
                     if let Some(me) = me.upgrade() {
                         me.dirty.store(true, Ordering::Release);
@@ -443,12 +464,66 @@ impl Presence {
         if announce {
             answers.push(self.announce(&channel, PresenceKind::Leave, entry));
         }
-        if last {
-            let mut srem = redis::cmd("SREM");
-            srem.arg(self.keys.topics_of(&member)).arg(topic);
-            answers.push(self.call(&self.keys.live, srem));
+        // The node's `last` is decided under its own lock, but the calls here are not:
+        // the count below is what orders SREM against another connection's SADD.
+        let _ = last;
+        if let Some(srem) = self.listed_remove(topic, &member) {
+            answers.push(srem);
         }
         self.watch(topic, answers);
+    }
+
+    /// Counts an entry of ours on `topic`; the first one queues the `SADD` to the
+    /// member's topic set. The `SADD`'s outcome (shared by every entry of the topic).
+    fn listed_add(
+        &self,
+        topic: &str,
+        member: &str,
+    ) -> Result<Shared<BoxFuture<'static, Result<(), BrokerError>>>, BrokerError> {
+        let mut listed = self.listed.lock().expect("listed lock");
+        let entries = match listed.get_mut(topic) {
+            // A failed SADD is tried again by the next entry.
+            Some(l) if !matches!(l.added.peek(), Some(Err(_))) => {
+                l.entries += 1;
+                return Ok(l.added.clone());
+            }
+            Some(l) => l.entries + 1,
+            None => 1,
+        };
+        let mut sadd = redis::cmd("SADD");
+        sadd.arg(self.keys.topics_of(member)).arg(topic);
+        let rx = self.call(&self.keys.live, sadd)?;
+        let added = async move {
+            match rx.await {
+                Ok(Ok(_)) => Ok(()),
+                Ok(Err(e)) => Err(e),
+                Err(_) => Err(BrokerError::Closed),
+            }
+        }
+        .boxed()
+        .shared();
+        listed.insert(
+            Arc::from(topic),
+            Listed {
+                entries,
+                added: added.clone(),
+            },
+        );
+        Ok(added)
+    }
+
+    /// Uncounts an entry of ours on `topic`; the last one queues the `SREM`.
+    fn listed_remove(&self, topic: &str, member: &str) -> Option<Result<Answer, BrokerError>> {
+        let mut listed = self.listed.lock().expect("listed lock");
+        let l = listed.get_mut(topic)?;
+        l.entries -= 1;
+        if l.entries > 0 {
+            return None;
+        }
+        listed.remove(topic);
+        let mut srem = redis::cmd("SREM");
+        srem.arg(self.keys.topics_of(member)).arg(topic);
+        Some(self.call(&self.keys.live, srem))
     }
 
     /// The live members, and the reply of `cmd` (queued at `key`), read side by side.

@@ -364,24 +364,27 @@ async fn presence_on_one_redis() {
     story(start, |args| common::cli(port, args), || redis.restart()).await;
 }
 
+/// A cluster broker for the test node `n` (topics `room.*` share the `{room}` slot).
+fn cluster_broker(seeds: &[String], n: &Arc<Node>) -> ClusterBroker {
+    let o = ClusterOptions {
+        seeds: seeds.to_vec(),
+        password: None,
+        tls: Default::default(),
+        prefix: "wsgate:".into(),
+        unsubscribe_delay: Duration::ZERO,
+        hash_tag_separator: Some(b'.'),
+        metrics: Some(n.metrics.clone()),
+        install_functions: false,
+        presence_timeout: TIMEOUT,
+    };
+    ClusterBroker::start(o, n.clone()).unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn presence_on_a_redis_cluster() {
     let cluster = RedisCluster::start(3, 0);
     let seeds: Vec<String> = cluster.seeds().split(',').map(String::from).collect();
-    let start = |n: &Arc<Node>| {
-        let o = ClusterOptions {
-            seeds: seeds.clone(),
-            password: None,
-            tls: Default::default(),
-            prefix: "wsgate:".into(),
-            unsubscribe_delay: Duration::ZERO,
-            hash_tag_separator: Some(b'.'),
-            metrics: Some(n.metrics.clone()),
-            install_functions: false,
-            presence_timeout: TIMEOUT,
-        };
-        ClusterBroker::start(o, n.clone()).unwrap()
-    };
+    let start = |n: &Arc<Node>| cluster_broker(&seeds, n);
     // The `{nodes}` keys and the topic's presence are on different shards.
     assert_ne!(
         cluster.owner("wsgate:{nodes}"),
@@ -519,20 +522,7 @@ async fn presence_through_a_sentinel_failover() {
 async fn presence_through_a_cluster_failover() {
     let mut cluster = RedisCluster::start(3, 1);
     let seeds: Vec<String> = cluster.seeds().split(',').map(String::from).collect();
-    let start = |n: &Arc<Node>| {
-        let o = ClusterOptions {
-            seeds: seeds.clone(),
-            password: None,
-            tls: Default::default(),
-            prefix: "wsgate:".into(),
-            unsubscribe_delay: Duration::ZERO,
-            hash_tag_separator: Some(b'.'),
-            metrics: Some(n.metrics.clone()),
-            install_functions: false,
-            presence_timeout: TIMEOUT,
-        };
-        ClusterBroker::start(o, n.clone()).unwrap()
-    };
+    let start = |n: &Arc<Node>| cluster_broker(&seeds, n);
     let (na, nb) = (Node::new("node-a"), Node::new("node-b"));
     let (a, b) = (start(&na), start(&nb));
     for x in [&a, &b] {
