@@ -16,6 +16,7 @@ pub const DISCONNECT: &[&str] = &[
     "invalid_utf8",
     "token_expired",
     "server_disconnect",
+    "rebalance",
     "error",
 ];
 
