@@ -16,6 +16,7 @@
 mod check_config;
 mod demo;
 mod drain_cmd;
+mod rebalance_cmd;
 mod settings;
 mod telemetry;
 
@@ -128,6 +129,7 @@ fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
     match argv.next().as_deref() {
         Some("drain") => return drain_cmd::run(argv),
+        Some("rebalance") => return rebalance_cmd::run(argv),
         Some("check-config") => return check_config::run(argv),
         _ => {}
     }
