@@ -3,8 +3,9 @@
 //! HAProxy's `balance leastconn` does). Three nodes hold every client, two empty
 //! nodes join; `POST /api/rebalance` (or each node's own check) makes the old nodes
 //! shed down to their share with 1012, paced, and the clients that reconnect land on
-//! the new nodes. Nobody is lost: every client ends connected and subscribed, and gets
-//! a publication sent at the end.
+//! the new nodes, resuming their stream with `since`. Nobody is lost: every client
+//! ends connected and subscribed, and got every seq of its stream, in order, exactly
+//! once, though publications went on throughout.
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, AtomicUsize, Ordering};
@@ -14,6 +15,7 @@ use std::time::{Duration, Instant};
 use futures_util::StreamExt;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
+use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::Message;
 use wsgate_testkit::http::http;
 use wsgate_testkit::process::Node;
@@ -28,14 +30,27 @@ const TOPICS: usize = 10;
 const RATE: f64 = 0.1;
 const MARGIN: f64 = 0.1;
 
+/// `s:*` topics are streams, keeping more than a test publishes.
+fn config() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        "[[namespaces]]\nname = \"s\"\ntopics = [\"s:*\"]\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
+    )
+    .unwrap();
+    file
+}
+
 /// Node `i` (`n0`, `n1`, …) on `redis`.
-fn node(redis: &Redis, i: usize, auto: bool) -> Node {
+fn node(redis: &Redis, config: &tempfile::NamedTempFile, i: usize, auto: bool) -> Node {
     let id = format!("n{i}");
     let rate = RATE.to_string();
     let margin = MARGIN.to_string();
     Node::start(
         Some(&redis.url()),
         &[
+            "--config",
+            config.path().to_str().unwrap(),
             "--node-id",
             &id,
             "--api-key",
@@ -129,72 +144,130 @@ fn rand_index(n: usize) -> usize {
 }
 
 /// What the clients report.
-#[derive(Default)]
 struct Fleet {
     /// Clients connected and subscribed now.
     ready: AtomicUsize,
     /// Closes with 1012 the clients got.
     shed: AtomicU64,
-    /// Any other end of a connection (there must be none).
+    /// Any other end of a connection, a gap, a duplicate or an unrecovered resume
+    /// (there must be none).
     unexpected: Mutex<Vec<String>>,
-    /// Clients that got the final publication.
-    got_final: AtomicUsize,
+    /// Each client's last seq of its stream.
+    seqs: Vec<AtomicU64>,
     stop: AtomicBool,
 }
 
-/// Client `i`: connects through the LB, subscribes to its topic, and on 1012
-/// reconnects (through the LB) and subscribes again, until `stop`.
+impl Fleet {
+    fn new() -> Self {
+        Fleet {
+            ready: AtomicUsize::new(0),
+            shed: AtomicU64::new(0),
+            unexpected: Mutex::new(Vec::new()),
+            seqs: (0..CLIENTS).map(|_| AtomicU64::new(0)).collect(),
+            stop: AtomicBool::new(false),
+        }
+    }
+
+    fn unexpected(&self, what: String) {
+        self.unexpected.lock().push(what);
+    }
+}
+
+/// Client `i`: connects through the LB and subscribes to its stream; on 1012
+/// reconnects (through the LB) and resumes from its last seq, until `stop`. Checks
+/// that seqs come in order, each once.
 async fn client(i: usize, lb: Arc<Lb>, fleet: Arc<Fleet>) {
-    let topic = format!("t.{}", i % TOPICS);
-    let mut got_final = false;
+    let topic = format!("s:{}", i % TOPICS);
+    let mut last: Option<(u64, String)> = None;
     while !fleet.stop.load(Ordering::SeqCst) {
         let n = lb.pick();
         let mut c = match Client::open(lb.addr(n), "/ws", &[]).await {
             Ok(c) => c,
             Err(e) => {
                 lb.open[n].fetch_sub(1, Ordering::SeqCst);
-                fleet.unexpected.lock().push(format!("client {i}: {e}"));
+                fleet.unexpected(format!("client {i}: {e}"));
                 tokio::time::sleep(Duration::from_millis(100)).await;
                 continue;
             }
         };
         c.read_welcome().await;
-        c.subscribe(&[&topic]).await;
-        fleet.ready.fetch_add(1, Ordering::SeqCst);
+        let since = match &last {
+            Some((seq, epoch)) => json!({ topic.as_str(): {"seq": seq, "epoch": epoch} }),
+            None => Value::Null,
+        };
+        c.send_json(&json!({"op":"subscribe","id":1,"topics":[&topic],"since":since}))
+            .await;
+        let mut subscribed = false;
         let end = loop {
             let next = tokio::time::timeout(Duration::from_millis(200), c.next()).await;
             if fleet.stop.load(Ordering::SeqCst) {
                 break None;
             }
-            match next {
+            let text = match next {
                 Err(_) => continue,
-                Ok(Some(Ok(Message::Text(t)))) => {
-                    let v: Value = serde_json::from_str(&t).unwrap();
-                    if v["op"] == "message" && v["data"] == "final" && !got_final {
-                        got_final = true;
-                        fleet.got_final.fetch_add(1, Ordering::SeqCst);
-                    }
-                }
+                Ok(Some(Ok(Message::Text(t)))) => t,
                 Ok(Some(Ok(Message::Close(f)))) => {
                     break Some(f.map_or(1005, |f| u16::from(f.code)))
                 }
-                Ok(Some(Ok(_))) => {}
+                Ok(Some(Ok(_))) => continue,
                 Ok(Some(Err(_)) | None) => break Some(1006),
+            };
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["op"] == "subscribed" {
+                let at = &v["streams"][&topic];
+                match &last {
+                    None => {
+                        let epoch = at["epoch"].as_str().unwrap().to_owned();
+                        last = Some((at["seq"].as_u64().unwrap(), epoch));
+                    }
+                    Some(_) if at["recovered"] != true => {
+                        fleet.unexpected(format!("client {i}: not recovered: {v}"));
+                    }
+                    Some(_) => {}
+                }
+                subscribed = true;
+                fleet.ready.fetch_add(1, Ordering::SeqCst);
+            } else if v["op"] == "message" {
+                let seq = v["seq"].as_u64().unwrap();
+                let (at, _) = last.as_mut().expect("messages after subscribed");
+                if seq != *at + 1 {
+                    fleet.unexpected(format!("client {i}: seq {seq} after {at}"));
+                }
+                *at = seq;
+                fleet.seqs[i].store(seq, Ordering::SeqCst);
+            } else {
+                fleet.unexpected(format!("client {i}: {v}"));
             }
         };
-        fleet.ready.fetch_sub(1, Ordering::SeqCst);
+        if subscribed {
+            fleet.ready.fetch_sub(1, Ordering::SeqCst);
+        }
         lb.open[n].fetch_sub(1, Ordering::SeqCst);
         match end {
             None => return,
             Some(1012) => {
                 fleet.shed.fetch_add(1, Ordering::SeqCst);
             }
-            Some(code) => fleet
-                .unexpected
-                .lock()
-                .push(format!("client {i} on node {n}: closed with {code}")),
+            Some(code) => fleet.unexpected(format!("client {i} on node {n}: closed with {code}")),
         }
     }
+}
+
+/// Publishes to every stream in turn, about 100 a second in all, through every node
+/// in turn, until `stop`; how many it published to each.
+async fn publisher(addrs: Vec<SocketAddr>, stop: Arc<AtomicBool>) -> Vec<u64> {
+    let mut counts = vec![0u64; TOPICS];
+    let mut k = 0;
+    while !stop.load(Ordering::SeqCst) {
+        let t = k % TOPICS;
+        let body = json!({"topic": format!("s:{t}"), "data": k}).to_string();
+        let (status, answer) = api(addrs[k % addrs.len()], "POST", "/api/publish", &body).await;
+        assert_eq!(status, 200, "{answer}");
+        counts[t] += 1;
+        k += 1;
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    counts
 }
 
 /// Polls `check` every 200 ms until it holds or `within` is over; whether it held.
@@ -214,14 +287,17 @@ async fn until<F: std::future::Future<Output = bool>>(
 
 /// Three nodes with 100 clients each, then two empty nodes joined (listed by every
 /// node and in the LB).
-async fn scaled_out(redis: &Redis, auto_on_old: bool) -> (Vec<Node>, Arc<Lb>, Arc<Fleet>) {
-    // Until the new nodes join, automatic rebalancing would only see an even fleet.
-    let mut nodes: Vec<Node> = (0..3).map(|i| node(redis, i, auto_on_old)).collect();
+async fn scaled_out(
+    redis: &Redis,
+    config: &tempfile::NamedTempFile,
+    auto: bool,
+) -> (Vec<Node>, Arc<Lb>, Arc<Fleet>) {
+    let mut nodes: Vec<Node> = (0..3).map(|i| node(redis, config, i, auto)).collect();
     let lb = Arc::new(Lb {
         nodes: Mutex::new(nodes.iter().map(|n| n.addr).collect()),
         open: (0..5).map(|_| AtomicI64::new(0)).collect(),
     });
-    let fleet = Arc::new(Fleet::default());
+    let fleet = Arc::new(Fleet::new());
     for i in 0..CLIENTS {
         tokio::spawn(client(i, lb.clone(), fleet.clone()));
     }
@@ -236,7 +312,7 @@ async fn scaled_out(redis: &Redis, auto_on_old: bool) -> (Vec<Node>, Arc<Lb>, Ar
         connections(first).await
     );
     for i in 3..5 {
-        nodes.push(node(redis, i, auto_on_old));
+        nodes.push(node(redis, config, i, auto));
         lb.nodes.lock().push(nodes[i].addr);
     }
     (nodes, lb, fleet)
@@ -272,23 +348,23 @@ async fn settle(first: SocketAddr, fleet: &Fleet) {
     assert!(settled, "not balanced: {:?}", connections(first).await);
 }
 
-/// The end of a test: every client connected and subscribed gets a publication on
-/// its topic, and none ended any other way than 1012.
-async fn nobody_lost(nodes: &[Node], fleet: &Fleet) {
-    assert_eq!(fleet.ready.load(Ordering::SeqCst), CLIENTS);
-    for t in 0..TOPICS {
-        let body = json!({"topic": format!("t.{t}"), "data": "final"}).to_string();
-        let (status, answer) = api(nodes[0].addr, "POST", "/api/publish", &body).await;
-        assert_eq!(status, 200, "{answer}");
-    }
+/// The end of a test: the publisher stops, every client connected and subscribed
+/// got every seq of its stream, and none ended any other way than 1012.
+async fn nobody_lost(fleet: &Fleet, stop: Arc<AtomicBool>, publisher: JoinHandle<Vec<u64>>) {
+    stop.store(true, Ordering::SeqCst);
+    let counts = publisher.await.unwrap();
+    assert!(counts.iter().all(|&c| c > 10), "{counts:?}");
+    let behind = || {
+        (0..CLIENTS)
+            .filter(|&i| fleet.seqs[i].load(Ordering::SeqCst) != counts[i % TOPICS])
+            .count()
+    };
     assert!(
-        until(Duration::from_secs(10), || async {
-            fleet.got_final.load(Ordering::SeqCst) == CLIENTS
-        })
-        .await,
-        "{} of {CLIENTS} clients got the final publication",
-        fleet.got_final.load(Ordering::SeqCst)
+        until(Duration::from_secs(10), || async { behind() == 0 }).await,
+        "{} of {CLIENTS} clients did not get every seq of {counts:?}",
+        behind()
     );
+    assert_eq!(fleet.ready.load(Ordering::SeqCst), CLIENTS);
     assert!(
         fleet.unexpected.lock().is_empty(),
         "{:?}",
@@ -297,10 +373,18 @@ async fn nobody_lost(nodes: &[Node], fleet: &Fleet) {
     fleet.stop.store(true, Ordering::SeqCst);
 }
 
+/// Starts publishing to every stream through every node.
+fn publishing(nodes: &[Node]) -> (Arc<AtomicBool>, JoinHandle<Vec<u64>>) {
+    let stop = Arc::new(AtomicBool::new(false));
+    let addrs = nodes.iter().map(|n| n.addr).collect();
+    (stop.clone(), tokio::spawn(publisher(addrs, stop)))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn post_api_rebalance_sheds_the_old_nodes_down_to_their_share_at_the_pace() {
     let redis = Redis::start();
-    let (nodes, _lb, fleet) = scaled_out(&redis, false).await;
+    let config = config();
+    let (nodes, _lb, fleet) = scaled_out(&redis, &config, false).await;
     let first = nodes[0].addr;
     assert!(
         until(Duration::from_secs(10), || async {
@@ -360,7 +444,8 @@ async fn post_api_rebalance_sheds_the_old_nodes_down_to_their_share_at_the_pace(
     }
 
     // The real thing, asked twice at once: a node already shedding does not start a
-    // second shedding.
+    // second shedding. Publications go on throughout.
+    let (stop, publisher) = publishing(&nodes);
     let started = Instant::now();
     let (status, plan) = api(nodes[3].addr, "POST", "/api/rebalance", "").await;
     assert_eq!(status, 200, "{plan}");
@@ -394,14 +479,16 @@ async fn post_api_rebalance_sheds_the_old_nodes_down_to_their_share_at_the_pace(
             assert_eq!((runs, closed), (0.0, 0.0), "n{i} had nothing to shed");
         }
     }
-    nobody_lost(&nodes, &fleet).await;
+    nobody_lost(&fleet, stop, publisher).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn with_automatic_rebalancing_the_fleet_evens_out_by_itself() {
     let redis = Redis::start();
+    let config = config();
     let started = Instant::now();
-    let (nodes, _lb, fleet) = scaled_out(&redis, true).await;
+    let (nodes, _lb, fleet) = scaled_out(&redis, &config, true).await;
+    let (stop, publisher) = publishing(&nodes);
     let first = nodes[0].addr;
     settle(first, &fleet).await;
     println!(
@@ -423,5 +510,5 @@ async fn with_automatic_rebalancing_the_fleet_evens_out_by_itself() {
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert!(balanced(&connections(first).await));
     assert_eq!(fleet.shed.load(Ordering::SeqCst), shed, "shedding went on");
-    nobody_lost(&nodes, &fleet).await;
+    nobody_lost(&fleet, stop, publisher).await;
 }
