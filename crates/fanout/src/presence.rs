@@ -142,6 +142,11 @@ pub struct NodeInfo {
     pub version: String,
     /// Whether the node is draining.
     pub draining: bool,
+    /// The most connections the node takes (`--max-connections`): its weight when the
+    /// fleet's connections are shared out (rebalancing). 0: not said (a node of an
+    /// older version), and then every node weighs the same.
+    #[serde(default)]
+    pub capacity: u64,
 }
 
 /// A topic's presence as counts only (`presence_stats`).

@@ -27,6 +27,10 @@ pub enum Disconnect {
     /// `POST /api/disconnect` (4010 unless the call named another code; its close
     /// frame carries the call's code and reason).
     ServerApi,
+    /// The node holds more than its share of the fleet's connections and asks the
+    /// client to reconnect elsewhere now (`POST /api/rebalance`, or the automatic
+    /// rebalancing after a scale-out).
+    Rebalance,
     /// An I/O error on our side.
     Error,
 }
@@ -45,6 +49,7 @@ impl Disconnect {
             Disconnect::InvalidUtf8 => 1007,
             Disconnect::TokenExpired => 1008,
             Disconnect::ServerApi => 4010,
+            Disconnect::Rebalance => 1012,
             Disconnect::Error => 1011,
         }
     }
@@ -62,6 +67,7 @@ impl Disconnect {
             Disconnect::InvalidUtf8 => "invalid UTF-8",
             Disconnect::TokenExpired => "token expired",
             Disconnect::ServerApi => "disconnected by the server",
+            Disconnect::Rebalance => "rebalancing: reconnect",
             Disconnect::Error => "internal error",
         }
     }
@@ -80,6 +86,7 @@ impl Disconnect {
             Disconnect::InvalidUtf8 => "invalid_utf8",
             Disconnect::TokenExpired => "token_expired",
             Disconnect::ServerApi => "server_disconnect",
+            Disconnect::Rebalance => "rebalance",
             Disconnect::Error => "error",
         }
     }
@@ -121,6 +128,7 @@ mod tests {
             Disconnect::InvalidUtf8,
             Disconnect::TokenExpired,
             Disconnect::ServerApi,
+            Disconnect::Rebalance,
             Disconnect::Error,
         ];
         for d in all {
@@ -132,7 +140,7 @@ mod tests {
         }
     }
 
-    const ALL: [Disconnect; 12] = [
+    const ALL: [Disconnect; 13] = [
         Disconnect::ClientClose,
         Disconnect::ClientGone,
         Disconnect::HeartbeatTimeout,
@@ -144,6 +152,7 @@ mod tests {
         Disconnect::InvalidUtf8,
         Disconnect::TokenExpired,
         Disconnect::ServerApi,
+        Disconnect::Rebalance,
         Disconnect::Error,
     ];
 
@@ -175,9 +184,10 @@ mod tests {
     fn close_frames_we_send_are_valid_on_the_wire() {
         for d in ALL.into_iter().filter(|d| d.sends_close()) {
             // Codes a peer may send (RFC 6455 §7.4): 1005, 1006 and 1015 are never
-            // put in a frame; 1004 is reserved.
+            // put in a frame; 1004 is reserved; 1012 (service restart) is in IANA's
+            // registry of codes a peer may send.
             assert!(
-                matches!(d.code(), 1000..=1003 | 1007..=1011 | 4000..=4999),
+                matches!(d.code(), 1000..=1003 | 1007..=1012 | 4000..=4999),
                 "{d:?}: {}",
                 d.code()
             );
@@ -196,7 +206,12 @@ mod tests {
         assert!(!Disconnect::ClientClose.discards_queue());
         assert!(Disconnect::ClientGone.discards_queue());
         // A draining node and a rejected message flush the queue first.
-        for d in [Disconnect::Drain, Disconnect::TooBig, Disconnect::RateLimit] {
+        for d in [
+            Disconnect::Drain,
+            Disconnect::Rebalance,
+            Disconnect::TooBig,
+            Disconnect::RateLimit,
+        ] {
             assert!(d.sends_close() && !d.discards_queue(), "{d:?}");
         }
     }

@@ -87,6 +87,24 @@ pub struct Config {
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS", default_value_t = 100_000)]
     pub max_connections: usize,
 
+    /// How far over its fair share of the fleet's connections a node may be before
+    /// rebalancing sheds the excess, as a fraction of the share (0.1: 10 % over). The
+    /// share is the connections of the live, non-draining nodes divided among them by
+    /// their `--max-connections`. docs/operations.md, "Rebalancing after a scale-out".
+    #[arg(long, env = "WSGATE_REBALANCE_MARGIN", default_value_t = 0.1)]
+    pub rebalance_margin: f64,
+
+    /// Most of a node's connections shed per second while it rebalances, as a fraction
+    /// (0.01: 1 % a second, and at least one a second), the closes (1012) jittered.
+    #[arg(long, env = "WSGATE_REBALANCE_RATE", default_value_t = 0.01)]
+    pub rebalance_rate: f64,
+
+    /// Automatic rebalancing: the node checks the fleet every sixth of
+    /// `--presence-timeout` and sheds what it holds over its share plus the margin.
+    /// Default: on with Redis, off with the in-memory broker (one node).
+    #[arg(long, env = "WSGATE_REBALANCE_AUTO", action = clap::ArgAction::Set)]
+    pub rebalance_auto: Option<bool>,
+
     /// Largest client message (after reassembling fragments); larger closes with 1009.
     #[arg(long, env = "WSGATE_MAX_MESSAGE_SIZE", default_value = "64KiB", value_parser = parse_bytes)]
     pub max_message_size: usize,
@@ -278,6 +296,16 @@ impl Config {
         if self.jwt_secret.as_deref() == Some("") {
             return Err("--jwt-secret must not be empty".into());
         }
+        if !(self.rebalance_margin.is_finite() && self.rebalance_margin >= 0.0) {
+            return Err(
+                "--rebalance-margin must be a fraction >= 0 (0.1: 10 % over the share)".into(),
+            );
+        }
+        if !(self.rebalance_rate > 0.0 && self.rebalance_rate <= 1.0) {
+            return Err(
+                "--rebalance-rate must be a fraction in (0, 1] (0.01: 1 % a second)".into(),
+            );
+        }
         if let Some(p) = self.max_publication_size {
             if p == 0 {
                 return Err("--max-publication-size must be at least 1".into());
@@ -345,6 +373,8 @@ mod tests {
         assert_eq!(c.max_publication_size(), 64 * 1024);
         assert_eq!(c.history_memory, wsgate_fanout::DEFAULT_HISTORY_MEMORY);
         assert!(c.config.is_none());
+        assert_eq!((c.rebalance_margin, c.rebalance_rate), (0.1, 0.01));
+        assert_eq!(c.rebalance_auto, None);
     }
 
     #[test]
@@ -361,6 +391,12 @@ mod tests {
             "10s",
         ]);
         assert!(c.validate().unwrap_err().contains("heartbeat-timeout"));
+        let c = Config::parse_from(["wsgate", "--rebalance-rate", "0"]);
+        assert!(c.validate().unwrap_err().contains("--rebalance-rate"));
+        let c = Config::parse_from(["wsgate", "--rebalance-margin=-1"]);
+        assert!(c.validate().unwrap_err().contains("--rebalance-margin"));
+        let c = Config::parse_from(["wsgate", "--rebalance-auto", "false"]);
+        assert_eq!(c.rebalance_auto, Some(false));
         let c = Config::parse_from(["wsgate", "--history-memory", "1KiB"]);
         assert!(c.validate().unwrap_err().contains("--history-memory"));
         let c = Config::parse_from(["wsgate", "--socket-send-buffer", "1000"]);

@@ -34,6 +34,8 @@ pub struct Gateway {
     pub shutdown: CancellationToken,
     /// Every connection task, so the end of `run` can wait for them.
     pub(crate) tracker: TaskTracker,
+    /// Whether the node is shedding connections to rebalance the fleet.
+    pub(crate) rebalance: crate::rebalance::State,
     draining: AtomicBool,
     connections: AtomicUsize,
     next_session: AtomicU64,
@@ -59,6 +61,7 @@ impl Gateway {
             drain_started: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
+            rebalance: Default::default(),
             draining: AtomicBool::new(false),
             connections: AtomicUsize::new(0),
             next_session: AtomicU64::new(1),

@@ -43,6 +43,7 @@ pub mod gateway;
 pub mod http_api;
 pub mod namespaces;
 pub mod protocol;
+pub mod rebalance;
 pub mod security;
 pub mod server;
 pub mod server_api;

@@ -7,9 +7,13 @@
 //!   each node carries it out on its own connections ([`on_control`]). A user or
 //!   session no node has is not an error: nothing is done.
 //! - `GET /api/info`: every live node.
+//! - `POST /api/rebalance`: what each node holds over its share, and (unless a dry
+//!   run) a [`Control::Rebalance`] to every node, which sheds its part
+//!   ([`crate::rebalance`]).
 //!
 //! All on the main listener, behind the API key when one is configured.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, Weak};
 use std::time::Instant;
 
@@ -62,6 +66,8 @@ pub enum Control {
         target: Target,
         topics: Vec<Arc<str>>,
     },
+    /// `POST /api/rebalance`: how many connections each node (by id) sheds.
+    Rebalance { shed: BTreeMap<String, u64> },
 }
 
 impl Control {
@@ -70,14 +76,16 @@ impl Control {
             Control::Disconnect { .. } => "disconnect",
             Control::Subscribe { .. } => "subscribe",
             Control::Unsubscribe { .. } => "unsubscribe",
+            Control::Rebalance { .. } => "rebalance",
         }
     }
 
-    fn target(&self) -> &Target {
+    fn target(&self) -> Option<&Target> {
         match self {
             Control::Disconnect { target, .. }
             | Control::Subscribe { target, .. }
-            | Control::Unsubscribe { target, .. } => target,
+            | Control::Unsubscribe { target, .. } => Some(target),
+            Control::Rebalance { .. } => None,
         }
     }
 }
@@ -102,6 +110,7 @@ pub(crate) fn hooks(gw: &Arc<Gateway>) -> Hooks {
                 uptime_s: started.elapsed().as_secs(),
                 version: env!("CARGO_PKG_VERSION").into(),
                 draining: true,
+                capacity: 0,
             },
         }),
         control: Box::new(move |bytes| {
@@ -122,11 +131,12 @@ fn node_info(gw: &Gateway, started: Instant) -> NodeInfo {
         uptime_s: started.elapsed().as_secs(),
         version: env!("CARGO_PKG_VERSION").into(),
         draining: gw.is_draining(),
+        capacity: gw.config.max_connections as u64,
     }
 }
 
 /// Carries out a server command on this node's matching connections.
-pub(crate) fn on_control(gw: &Gateway, bytes: &[u8]) {
+pub(crate) fn on_control(gw: &Arc<Gateway>, bytes: &[u8]) {
     let command: Control = match serde_json::from_slice(bytes) {
         Ok(c) => c,
         Err(e) => {
@@ -136,10 +146,16 @@ pub(crate) fn on_control(gw: &Gateway, bytes: &[u8]) {
         }
     };
     let found = match command.target() {
-        Target::User(user) => gw
+        None => {
+            if let Control::Rebalance { shed } = &command {
+                crate::rebalance::on_command(gw, shed);
+            }
+            return;
+        }
+        Some(Target::User(user)) => gw
             .sessions
             .find(|e| e.user.as_deref() == Some(user.as_str())),
-        Target::Session(name) => match session_number(name) {
+        Some(Target::Session(name)) => match session_number(name) {
             Some(n) => gw.sessions.find(|e| e.session == n),
             None => Vec::new(),
         },
@@ -172,6 +188,7 @@ pub(crate) fn on_control(gw: &Gateway, bytes: &[u8]) {
             Control::Unsubscribe { topics, .. } => {
                 outbox.command(ServerCommand::Unsubscribe(topics.clone()));
             }
+            Control::Rebalance { .. } => {}
         }
     }
 }
@@ -354,6 +371,66 @@ pub async fn command(gw: Arc<Gateway>, req: Request<Incoming>, what: &str) -> Re
     }
 }
 
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RebalanceRequest {
+    #[serde(default)]
+    dry_run: bool,
+}
+
+/// `POST /api/rebalance` (body optional: `{"dry_run":true}`): what each live node
+/// holds over its share and will shed; unless a dry run, each node is told to shed
+/// its part (paced, with 1012).
+pub async fn rebalance(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
+    let body = match api_body(&gw, req).await {
+        Ok(b) => b,
+        Err(refusal) => return refusal,
+    };
+    let request: RebalanceRequest = if body.iter().all(u8::is_ascii_whitespace) {
+        RebalanceRequest::default()
+    } else {
+        match body_of(&body, "no body, or {\"dry_run\"?: bool}") {
+            Ok(r) => r,
+            Err(why) => return bad("bad_request", &why),
+        }
+    };
+    let nodes = match gw.node.nodes().await {
+        Ok(n) => n,
+        Err(e) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            )
+        }
+    };
+    let plan = crate::rebalance::plan(&nodes, gw.config.rebalance_margin);
+    let shedding: u64 = plan.iter().map(|p| p.shed).sum();
+    if !request.dry_run && shedding > 0 {
+        let shed = plan
+            .iter()
+            .filter(|p| p.shed > 0)
+            .map(|p| (p.node.clone(), p.shed))
+            .collect();
+        let bytes = serde_json::to_vec(&Control::Rebalance { shed }).expect("commands serialize");
+        if let Err(e) = gw.node.control(&bytes).await {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "unavailable",
+                &e.to_string(),
+            );
+        }
+    }
+    info!(
+        dry_run = request.dry_run,
+        nodes = plan.len(),
+        shed = shedding,
+        "rebalance requested"
+    );
+    let body = serde_json::json!({ "dry_run": request.dry_run, "nodes": plan }).to_string();
+    json(StatusCode::OK, body)
+}
+
 /// `GET /api/info`: every live node, sorted by id.
 pub async fn info(gw: Arc<Gateway>, req: Request<Incoming>) -> Response<Body> {
     if req.method() != Method::GET {
@@ -400,5 +477,11 @@ mod tests {
         let back: Control = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back, s);
         assert!(serde_json::from_str::<Control>(r#"{"cmd":"explode"}"#).is_err());
+        let r = Control::Rebalance {
+            shed: [("n0".to_string(), 40)].into_iter().collect(),
+        };
+        let text = serde_json::to_string(&r).unwrap();
+        assert_eq!(text, r#"{"cmd":"rebalance","shed":{"n0":40}}"#);
+        assert_eq!(serde_json::from_str::<Control>(&text).unwrap(), r);
     }
 }

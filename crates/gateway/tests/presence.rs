@@ -547,3 +547,65 @@ async fn info_lists_this_node() {
     .await;
     assert_eq!(status, 405);
 }
+
+#[tokio::test]
+async fn rebalance_on_one_node_sheds_nothing() {
+    let server = start(100, &["--max-connections", "500"]).await;
+    let mut a = server.connect().await;
+    let mut b = server.connect().await;
+    let id = server.gw.node_id.clone();
+    for body in [
+        json!({}),
+        json!({"dry_run": true}),
+        json!({"dry_run": false}),
+    ] {
+        let (status, v) = api(&server, "/api/rebalance", body.clone()).await;
+        assert_eq!(status, 200, "{v}");
+        let dry = body["dry_run"].as_bool().unwrap_or(false);
+        assert_eq!(
+            v,
+            json!({"dry_run": dry, "nodes": [{"node": id, "connections": 2, "share": 2, "shed": 0}]})
+        );
+    }
+    // No body at all is `{}`; unknown fields and other methods are refused.
+    let auth = format!("Bearer {KEY}");
+    let (status, text) = http(
+        server.addr,
+        "POST",
+        "/api/rebalance",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let (status, v) = api(&server, "/api/rebalance", json!({"dry_run": 1})).await;
+    assert_eq!(
+        (status, v["error"].as_str()),
+        (400, Some("bad_request")),
+        "{v}"
+    );
+    let (status, v) = api(&server, "/api/rebalance", json!({"nodes": []})).await;
+    assert_eq!(status, 400, "{v}");
+    let (status, _) = http(
+        server.addr,
+        "GET",
+        "/api/rebalance",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 405);
+    // The node says its capacity, the weight of its share.
+    let (status, text) = http(
+        server.addr,
+        "GET",
+        "/api/info",
+        &[("Authorization", &auth)],
+        b"",
+    )
+    .await;
+    assert_eq!(status, 200, "{text}");
+    let v: Value = serde_json::from_str(&text).unwrap();
+    assert_eq!(v["nodes"][0]["capacity"], 500);
+    assert!(a.alive().await && b.alive().await);
+}

@@ -16,6 +16,7 @@ pub const DISCONNECT: &[&str] = &[
     "invalid_utf8",
     "token_expired",
     "server_disconnect",
+    "rebalance",
     "error",
 ];
 
@@ -54,7 +55,12 @@ pub const API_ENDPOINTS: &[&str] = &[
     "subscribe",
     "unsubscribe",
     "info",
+    "rebalance",
 ];
 
 /// `wsgate_server_commands_total{command}`.
 pub const SERVER_COMMANDS: &[&str] = &["disconnect", "subscribe", "unsubscribe"];
+
+/// `wsgate_rebalance_runs_total{trigger}`: `POST /api/rebalance`, or the node's own
+/// check (`--rebalance-auto`).
+pub const REBALANCE_TRIGGER: &[&str] = &["api", "auto"];

@@ -182,11 +182,21 @@ pub struct Metrics {
     pub cluster_nodes: IntGauge,
     /// `wsgate_api_requests_total{endpoint,status}`: HTTP API calls by endpoint
     /// (`publish`, `history`, `presence`, `presence_stats`, `disconnect`,
-    /// `subscribe`, `unsubscribe`, `info`) and status code.
+    /// `subscribe`, `unsubscribe`, `info`, `rebalance`) and status code.
     pub api_requests: IntCounterVec,
     /// `wsgate_server_commands_total{command}`: server API commands this node carried
     /// out on its own connections (one per matching connection).
     pub server_commands: IntCounterVec,
+    /// `wsgate_rebalance_runs_total{trigger}`: sheddings this node started to give
+    /// back what it held over its share (`api`: `POST /api/rebalance`; `auto`: its
+    /// own check).
+    pub rebalance_runs: IntCounterVec,
+    /// `wsgate_rebalance_shed_total`: connections this node closed with 1012 to
+    /// rebalance the fleet.
+    pub rebalance_shed: IntCounter,
+    /// `wsgate_rebalance_excess_connections`: connections over this node's share at its
+    /// last check (0 when within the margin).
+    pub rebalance_excess: IntGauge,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
@@ -526,6 +536,23 @@ impl Metrics {
                 "Server API commands carried out on this node's connections, by command.",
                 "command",
                 labels::SERVER_COMMANDS,
+            ),
+            rebalance_runs: counter_vec(
+                r,
+                "wsgate_rebalance_runs_total",
+                "Sheddings this node started to rebalance the fleet, by trigger (api, auto).",
+                "trigger",
+                labels::REBALANCE_TRIGGER,
+            ),
+            rebalance_shed: counter(
+                r,
+                "wsgate_rebalance_shed_total",
+                "Connections this node closed with 1012 to rebalance the fleet.",
+            ),
+            rebalance_excess: gauge(
+                r,
+                "wsgate_rebalance_excess_connections",
+                "Connections over this node's share of the fleet at its last check.",
             ),
             registry,
         };

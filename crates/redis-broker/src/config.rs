@@ -238,6 +238,15 @@ impl RedisArgs {
 }
 
 impl BrokerSetup {
+    /// How long a node that stops heartbeating stays listed (`--presence-timeout`):
+    /// the node list is refreshed every sixth of it.
+    pub fn presence_timeout(&self) -> Duration {
+        match self {
+            BrokerSetup::Single(o) => o.presence_timeout,
+            BrokerSetup::Cluster(o) => o.presence_timeout,
+        }
+    }
+
     /// Starts the broker (on the current tokio runtime) inside a [`Node`]. Redis need
     /// not be up yet: the broker connects in the background and `/readyz` is 503 until
     /// it has (docs/redis.md).

@@ -136,6 +136,7 @@ impl BrokerEvents for Node {
             uptime_s: 3,
             version: "test".into(),
             draining: false,
+            capacity: 10,
         })
     }
 }

@@ -37,7 +37,7 @@ fn default_url() -> String {
 }
 
 /// `host:port` of an `http://host:port[/…]` URL.
-fn authority(url: &str) -> Result<&str, String> {
+pub(crate) fn authority(url: &str) -> Result<&str, String> {
     let rest = url
         .strip_prefix("http://")
         .ok_or_else(|| format!("`{url}`: only http:// admin URLs are supported"))?;

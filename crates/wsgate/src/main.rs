@@ -16,10 +16,12 @@
 mod check_config;
 mod demo;
 mod drain_cmd;
+mod rebalance_cmd;
 mod settings;
 mod telemetry;
 
 use std::process::ExitCode;
+use std::time::Duration;
 
 use tracing::{error, info, warn};
 use wsgate_fanout::Node;
@@ -65,6 +67,12 @@ async fn run(settings: Settings, security: Security) -> anyhow::Result<()> {
     }
     let metrics = Metrics::default();
     let max_publication = cfg.max_publication_size();
+    // Automatic rebalancing checks the fleet as often as the node list is refreshed.
+    let rebalance_every = match (cfg.rebalance_auto, &redis) {
+        (Some(false), _) | (None, None) => None,
+        (_, Some(redis)) => Some(redis.presence_timeout() / 6),
+        (Some(true), None) => Some(Duration::from_secs(5)),
+    };
     let node = match redis {
         None => Node::in_memory_with(metrics, max_publication, namespaces, cfg.history_memory),
         Some(redis) => redis
@@ -73,6 +81,9 @@ async fn run(settings: Settings, security: Security) -> anyhow::Result<()> {
     };
     let gw = Gateway::new(cfg, node, security);
     gw.security.log_posture(&gw.config);
+    if let Some(every) = rebalance_every {
+        tokio::spawn(wsgate_gateway::rebalance::run_auto(gw.clone(), every));
+    }
     if gw.config.demo {
         info!("demo mode: page at / and a ticker on demo.ticker");
         tokio::spawn(demo::run_ticker(gw.clone()));
@@ -118,6 +129,7 @@ fn main() -> ExitCode {
     let mut argv = std::env::args().skip(1);
     match argv.next().as_deref() {
         Some("drain") => return drain_cmd::run(argv),
+        Some("rebalance") => return rebalance_cmd::run(argv),
         Some("check-config") => return check_config::run(argv),
         _ => {}
     }

@@ -11,7 +11,7 @@ use wsgate_gateway::config_file::{self, ParseError};
 use wsgate_gateway::Config;
 use wsgate_redis::{BrokerSetup, RedisArgs};
 
-use crate::{check_config, drain_cmd};
+use crate::{check_config, drain_cmd, rebalance_cmd};
 
 /// The command line: each crate's settings, flattened (`wsgate --help` lists them all).
 #[derive(Debug, Parser)]
@@ -29,12 +29,13 @@ struct Cli {
     redis: RedisArgs,
 }
 
-/// The node's command. `drain` and `check-config` are declared as subcommands only for
+/// The node's command. `drain`, `rebalance` and `check-config` are declared as subcommands only for
 /// `--help`: `main` runs them before any of this, so the node's settings are never
 /// parsed for them, and after a flag they are refused (not ignored).
 pub fn command() -> clap::Command {
     Cli::command()
         .subcommand(drain_cmd::command())
+        .subcommand(rebalance_cmd::command())
         .subcommand(check_config::command())
         .args_conflicts_with_subcommands(true)
         .disable_help_subcommand(true)
