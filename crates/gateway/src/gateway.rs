@@ -10,6 +10,7 @@ use tokio_util::task::TaskTracker;
 use wsgate_fanout::Node;
 use wsgate_metrics::Metrics;
 
+use crate::admission::UpgradeLimiter;
 use crate::close::Disconnect;
 use crate::config::Config;
 use crate::security::{Security, SecurityError};
@@ -26,6 +27,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Auth, origin policy, per-IP limits, TLS.
     pub security: Security,
+    /// The token bucket on upgrades (`--upgrade-rate`; `None`: no limit).
+    pub(crate) upgrades: Option<UpgradeLimiter>,
     /// Live sessions: the drain closes them, the heartbeat ticker pings them.
     pub(crate) sessions: Registry,
     /// Cancelled when the drain starts (SIGTERM, SIGINT or `POST /drain`).
@@ -49,6 +52,7 @@ impl Gateway {
         let sessions = Registry::new(config.heartbeat_interval, config.heartbeat_timeout);
         let metrics = node.metrics().clone();
         metrics.ready.set(1);
+        let upgrades = UpgradeLimiter::new(config.upgrade_rate, config.upgrade_burst());
         let gw = Arc::new(Gateway {
             config,
             node_id,
@@ -56,6 +60,7 @@ impl Gateway {
             metrics,
             security,
             sessions,
+            upgrades,
             drain_started: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
