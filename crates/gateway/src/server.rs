@@ -363,6 +363,12 @@ fn overloaded(gw: &Gateway, retry_ms: u64) -> Response<Body> {
         http::header::RETRY_AFTER,
         http::HeaderValue::from(retry_ms.div_ceil(1000).max(1)),
     );
+    // The client comes back later on a new connection: during a storm, refused
+    // clients must not hold the node's sockets in between.
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
     r
 }
 

@@ -324,6 +324,10 @@ async fn upgrades_over_the_rate_get_503_overloaded_with_a_hint() {
     // The next token comes within a second, plus jitter.
     assert!((1..=1300).contains(&ms), "{ms}");
     assert_eq!(retry_after, ms.div_ceil(1000).max(1));
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
     assert_eq!(
         s.metric("wsgate_connections_refused_total{reason=\"overloaded\"}")
             .await,
