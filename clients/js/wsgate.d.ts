@@ -17,6 +17,11 @@ export interface Welcome {
   node: string;
   /** Interval of the server's WebSocket pings, in milliseconds. */
   heartbeat_ms: number;
+  /**
+   * Base delay before reconnecting after losing this connection without a hint (sent by
+   * nodes that limit their upgrade rate); the client's backoff starts from it.
+   */
+  reconnect_ms?: number;
 }
 
 /** A publication as received. Later protocol versions may add fields. */
@@ -188,7 +193,10 @@ export interface Options {
   backoffMaxMs?: number;
   /** Backoff growth factor (default 2). */
   backoffFactor?: number;
-  /** After a 1001 (node draining), reconnect after a random 0..this ms (default 1000). */
+  /**
+   * After a 1001 (node draining) or 1012, reconnect after a random 0..this ms (default
+   * 1000), added to the close reason's `retry=` hint when there is one.
+   */
   goingAwayMaxDelayMs?: number;
   /** A connection open this long resets the backoff (default 5000 ms). */
   stableAfterMs?: number;
@@ -253,6 +261,10 @@ export interface DisconnectInfo {
   wasClean?: boolean;
   /** True when the client itself gave up on the socket (ping or connect timeout). */
   local?: boolean;
+  /** The HTTP status of a refused upgrade (only where the socket shows it: Node's `ws`). */
+  status?: number;
+  /** The wait a refused upgrade asked for (503 `overloaded`), honoured for the next attempt. */
+  retryAfterMs?: number;
   url: string | null;
 }
 
@@ -369,7 +381,17 @@ export declare function reconnectDelay(
   attempt: number,
   opts?: Options,
   random?: () => number,
+  hintMs?: number | null,
 ): number;
+/** The largest reconnect hint honoured, in ms (60000). */
+export declare const MAX_RETRY_HINT_MS: number;
+/** The `retry=<ms>` hint at the end of a close reason; null without one. */
+export declare function retryHint(reason?: string): number | null;
+/**
+ * The wait a refused upgrade asked for (503/429: body `retry_after_ms`, else
+ * `Retry-After` seconds plus up to 1 s of jitter); null without one.
+ */
+export declare function refusalDelay(status: number, retryAfter: string | undefined, body: string, random?: () => number): number | null;
 /** JWT payload, decoded without verification; null if not a JWT. */
 export declare function decodeJwtPayload(token: string): Record<string, unknown> | null;
 /** `exp` of a JWT in ms since the epoch; null if none. */

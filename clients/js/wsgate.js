@@ -6,7 +6,7 @@
 //
 // # Layout
 // - DEFAULTS and the pure policy functions (backoffDelay, closePolicy, reconnectDelay,
-//   decodeJwtPayload, tokenExpiresAt, refreshDelay, withToken, resolveUrl): no I/O, no
+//   retryHint, decodeJwtPayload, tokenExpiresAt, refreshDelay, withToken, resolveUrl): no I/O, no
 //   timers, exported so that the reconnect rules can be unit-tested with injected
 //   randomness and clocks.
 // - WsgateError: every rejection carries a stable `.code` (the server's error codes plus
@@ -27,7 +27,10 @@ export const DEFAULTS = Object.freeze({
   /** Largest backoff cap. */
   backoffMaxMs: 30000,
   backoffFactor: 2,
-  /** After a 1001 (node draining), reconnect after a random 0..this delay. */
+  /**
+   * After a 1001 (node draining) or 1012 (restart, rebalance), reconnect after a random
+   * 0..this delay (added to the server's `retry=` hint when the close reason has one).
+   */
   goingAwayMaxDelayMs: 1000,
   /** A connection open at least this long resets the backoff attempt counter. */
   stableAfterMs: 5000,
@@ -117,11 +120,50 @@ export function closePolicy(code) {
  * @param {object} [opts] see DEFAULTS.
  * @param {() => number} [random] returns [0, 1).
  */
-export function reconnectDelay(policy, attempt, opts = {}, random = Math.random) {
+export function reconnectDelay(policy, attempt, opts = {}, random = Math.random, hintMs = null) {
   if (policy === "jitter") {
-    return Math.floor(random() * (opts.goingAwayMaxDelayMs ?? DEFAULTS.goingAwayMaxDelayMs));
+    return (hintMs ?? 0) + Math.floor(random() * (opts.goingAwayMaxDelayMs ?? DEFAULTS.goingAwayMaxDelayMs));
   }
   return backoffDelay(attempt, opts, random);
+}
+
+/** The largest reconnect hint honoured (the server never sends more). */
+export const MAX_RETRY_HINT_MS = 60000;
+
+/**
+ * The server's reconnect hint in a close reason: `"node draining: reconnect; retry=250"`
+ * gives 250 (docs/protocol.md, "Reconnecting": `; retry=` and 1 to 7 digits at the end).
+ * @param {string} [reason] the close frame's reason.
+ * @returns {number | null} milliseconds (at most MAX_RETRY_HINT_MS), or null without one.
+ */
+export function retryHint(reason) {
+  const m = /; retry=(\d{1,7})$/.exec(typeof reason === "string" ? reason : "");
+  return m ? Math.min(Number(m[1]), MAX_RETRY_HINT_MS) : null;
+}
+
+/**
+ * The server's wait from a refused upgrade (HTTP 503 `overloaded`): the body's
+ * `retry_after_ms`, else the `Retry-After` header's seconds (plus up to a second of
+ * jitter), else null. Only non-browser sockets see the response (Node's `ws`).
+ * @param {number} status HTTP status.
+ * @param {string | undefined} retryAfter the `Retry-After` header.
+ * @param {string} body the response body.
+ * @param {() => number} [random] returns [0, 1).
+ * @returns {number | null} milliseconds, at most MAX_RETRY_HINT_MS.
+ */
+export function refusalDelay(status, retryAfter, body, random = Math.random) {
+  if (status !== 503 && status !== 429) return null;
+  try {
+    const ms = JSON.parse(body)?.retry_after_ms;
+    if (Number.isInteger(ms) && ms >= 0) return Math.min(ms, MAX_RETRY_HINT_MS);
+  } catch {
+    /* not JSON: fall back to the header */
+  }
+  const secs = Number(retryAfter);
+  if (retryAfter !== undefined && retryAfter !== "" && Number.isInteger(secs) && secs >= 0) {
+    return Math.min(secs * 1000 + Math.floor(random() * 1000), MAX_RETRY_HINT_MS);
+  }
+  return null;
 }
 
 /**
@@ -276,6 +318,10 @@ export class WsgateClient {
     this._refreshUnsupported = false;
     /** After a 1008: the refused token, which the next attempt must not reuse. */
     this._refused = null;
+    /** The HTTP refusal of the current attempt's upgrade, when the socket shows it. */
+    this._refusal = null;
+    /** The last `welcome.reconnect_ms`: the server's base for the backoff. */
+    this._serverBackoffMs = null;
 
     /** @type {Map<string, Set<Function>>} */
     this._listeners = new Map();
@@ -640,11 +686,48 @@ export class WsgateClient {
     ws.onclose = (ev) => {
       if (this._ws !== ws) return;
       this._ws = null;
-      this._afterClose({ code: ev.code, reason: ev.reason, wasClean: ev.wasClean }, true);
+      const refusal = this._refusal;
+      this._refusal = null;
+      this._afterClose({ code: ev.code, reason: ev.reason, wasClean: ev.wasClean, ...refusal }, true);
     };
+    if (typeof ws.on === "function") this._watchRefusal(ws);
     // An error event is always followed by a close event, which does the work.
     ws.onerror = () => {};
     this._timers.connect = setTimeout(() => this._abandon("connect timeout"), this._opts.connectTimeoutMs);
+  }
+
+  /**
+   * Node's `ws` shows a refused upgrade's HTTP response (a browser's WebSocket cannot):
+   * read the status and the server's wait (503 `overloaded`: `retry_after_ms`,
+   * `Retry-After`), then abort the socket, whose close (1006) carries them.
+   */
+  _watchRefusal(ws) {
+    ws.on("unexpected-response", (_req, res) => {
+      let body = "";
+      let done = false;
+      const finish = () => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        if (this._ws === ws) {
+          const status = res.statusCode;
+          const retryAfterMs = refusalDelay(status, res.headers?.["retry-after"], body, this._random);
+          this._refusal = { status, reason: `HTTP ${status}`, ...(retryAfterMs !== null ? { retryAfterMs } : {}) };
+        }
+        try {
+          ws.terminate();
+        } catch {
+          /* ignore */
+        }
+      };
+      const timer = setTimeout(finish, 1000);
+      res.setEncoding?.("utf8");
+      res.on("data", (chunk) => {
+        if (body.length < 4096) body += chunk;
+      });
+      res.on("end", finish);
+      res.on("error", finish);
+    });
   }
 
   /** Drops the current socket without waiting for a close handshake (dead link). */
@@ -700,10 +783,28 @@ export class WsgateClient {
     } else {
       this._advanceUrl();
     }
+    if (typeof info.retryAfterMs === "number") {
+      // A refused upgrade that said when to come back (503 overloaded): the server's
+      // hint is already jittered, and the attempt does not count as a failure.
+      this._scheduleReconnect(info.retryAfterMs, info);
+      return;
+    }
     if (policy === "jitter") this._attempt = 0;
-    const delayMs = reconnectDelay(policy, this._attempt, this._opts, this._random);
+    const delayMs = reconnectDelay(policy, this._attempt, this._backoffOpts(), this._random, retryHint(info.reason));
     if (policy !== "jitter") this._attempt++;
     this._scheduleReconnect(delayMs, info);
+  }
+
+  /**
+   * Backoff options with the server's `welcome.reconnect_ms` (the last one received) as
+   * the base: the first cap is at least that, so a node's clients come back no faster
+   * than it asked.
+   */
+  _backoffOpts() {
+    const base = this._serverBackoffMs;
+    if (!(base > 0)) return this._opts;
+    const backoffInitialMs = Math.max(this._opts.backoffInitialMs, base);
+    return { ...this._opts, backoffInitialMs, backoffMaxMs: Math.max(this._opts.backoffMaxMs, backoffInitialMs) };
   }
 
   _advanceUrl() {
@@ -886,6 +987,12 @@ export class WsgateClient {
   _onWelcome(msg) {
     this._clearTimer("connect");
     this.welcome = { session: msg.session, node: msg.node, heartbeat_ms: msg.heartbeat_ms };
+    if (typeof msg.reconnect_ms === "number" && msg.reconnect_ms >= 0) {
+      this.welcome.reconnect_ms = msg.reconnect_ms;
+      this._serverBackoffMs = Math.min(msg.reconnect_ms, MAX_RETRY_HINT_MS);
+    } else {
+      this._serverBackoffMs = null;
+    }
     this._heartbeatMs = typeof msg.heartbeat_ms === "number" && msg.heartbeat_ms > 0 ? msg.heartbeat_ms : this._opts.heartbeatMs;
     this._openedAt = Date.now();
     this._refreshUnsupported = false;

@@ -150,11 +150,44 @@ impl Failure {
     }
 }
 
+/// A refused upgrade that said when to come back: HTTP 503 `overloaded` (the node's
+/// `--upgrade-rate`), with `retry_after_ms` in its body or `Retry-After` (seconds).
+#[derive(Debug, Clone, Copy)]
+pub struct Overloaded(pub Duration);
+
+impl std::fmt::Display for Overloaded {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "handshake refused: HTTP 503 overloaded, retry after {:?}",
+            self.0
+        )
+    }
+}
+
+impl std::error::Error for Overloaded {}
+
+/// The wait a 503's head (`Retry-After`, seconds) and body (`retry_after_ms`) ask for.
+fn retry_after(headers: &[httparse::Header<'_>], body: &[u8]) -> Option<Duration> {
+    let from_body = serde_json::from_slice::<serde_json::Value>(body)
+        .ok()
+        .and_then(|v| v["retry_after_ms"].as_u64())
+        .map(Duration::from_millis);
+    from_body.or_else(|| {
+        headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("retry-after"))
+            .and_then(|h| std::str::from_utf8(h.value).ok()?.trim().parse().ok())
+            .map(Duration::from_secs)
+    })
+}
+
 /// Performs the client handshake on `stream` for `url`; returns the stream positioned
 /// at the first WebSocket frame (read it with [`crate::wsconn::WsConn`]).
 ///
 /// # Errors
-/// Any I/O error, a status other than 101, or a wrong `Sec-WebSocket-Accept`.
+/// Any I/O error, a status other than 101, or a wrong `Sec-WebSocket-Accept`. A 503
+/// that says when to retry is an [`Overloaded`] (`downcast_ref` it).
 pub async fn handshake_stream(mut stream: TcpStream, url: &Url) -> Result<TcpStream> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
     let req = format!(
@@ -186,6 +219,26 @@ pub async fn handshake_stream(mut stream: TcpStream, url: &Url) -> Result<TcpStr
     let mut resp = httparse::Response::new(&mut headers);
     resp.parse(&buf[..head_len])
         .context("bad handshake response")?;
+    if resp.code == Some(503) {
+        let len = resp
+            .headers
+            .iter()
+            .find(|h| h.name.eq_ignore_ascii_case("content-length"))
+            .and_then(|h| {
+                std::str::from_utf8(h.value)
+                    .ok()?
+                    .trim()
+                    .parse::<usize>()
+                    .ok()
+            })
+            .unwrap_or(0)
+            .min(4096);
+        let mut body = vec![0u8; len];
+        stream.read_exact(&mut body).await?;
+        if let Some(wait) = retry_after(resp.headers, &body) {
+            return Err(Overloaded(wait).into());
+        }
+    }
     if resp.code != Some(101) {
         bail!("handshake refused: HTTP {}", resp.code.unwrap_or(0));
     }
@@ -235,6 +288,18 @@ pub fn push_frame(out: &mut Vec<u8>, opcode: u8, payload: &[u8]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_503_hint_comes_from_the_body_else_retry_after() {
+        let h = [httparse::Header {
+            name: "Retry-After",
+            value: b"2",
+        }];
+        let body = br#"{"error":"overloaded","message":"m","retry_after_ms":1234}"#;
+        assert_eq!(retry_after(&h, body), Some(Duration::from_millis(1234)));
+        assert_eq!(retry_after(&h, b""), Some(Duration::from_secs(2)));
+        assert_eq!(retry_after(&[], br#"{"error":"draining"}"#), None);
+    }
 
     #[test]
     fn accept_key_matches_the_rfc_example() {

@@ -174,6 +174,10 @@ pub struct Connect {
     pub rate_per_s: f64,
     /// Connect + WebSocket handshake (+ subscribe when asked) latency.
     pub latency: Latency,
+    /// Upgrades refused with 503 `overloaded` (a node's `--upgrade-rate`) and retried
+    /// after the server's hint: not failures.
+    #[serde(default)]
+    pub overloaded_retries: u64,
 }
 
 /// Idle results.
@@ -580,6 +584,7 @@ fn merge_connect(o: &mut Connect, c: &Connect) {
     o.attempted += c.attempted;
     o.succeeded += c.succeeded;
     o.failed += c.failed;
+    o.overloaded_retries += c.overloaded_retries;
     o.rate_per_s += c.rate_per_s;
     for (k, v) in &c.failures {
         *o.failures.entry(k.clone()).or_default() += v;

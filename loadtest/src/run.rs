@@ -28,6 +28,8 @@ pub struct Ctx {
     pub open: AtomicU64,
     /// Publications sent so far (for the per-second published column).
     pub sent: AtomicU64,
+    /// Upgrades refused with 503 `overloaded` and retried after the server's hint.
+    pub overloaded: AtomicU64,
     /// Tells long-lived connection tasks to stop.
     pub cancel: CancellationToken,
     pub threads: usize,
@@ -55,6 +57,7 @@ impl Ctx {
             timeline: Timeline::new(threads * 4),
             open: AtomicU64::new(0),
             sent: AtomicU64::new(0),
+            overloaded: AtomicU64::new(0),
             cancel: CancellationToken::new(),
             threads,
             first_errors: Mutex::default(),

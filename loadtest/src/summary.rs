@@ -40,6 +40,13 @@ pub fn render(r: &Report) -> String {
         c.rate_per_s,
         lat(&c.latency)
     );
+    if c.overloaded_retries > 0 {
+        let _ = writeln!(
+            s,
+            "  {} upgrades refused with 503 overloaded and retried after the hint",
+            c.overloaded_retries
+        );
+    }
     if let Some(f) = &r.fanout {
         let _ = writeln!(
             s,

@@ -199,4 +199,42 @@ describe("reconnecting", () => {
     assert.deepEqual(states, ["closed"]);
     await gw.stop();
   });
+
+  test("503 overloaded (upgrade rate): the client waits the server's retry_after_ms and gets in", async () => {
+    // A bucket of 2 refilled at 2/s: the third client at once is refused with a hint.
+    const gw = await startGateway({ name: "storm", args: ["--upgrade-rate", "2", "--upgrade-burst", "2"] });
+    const a = await opened(client(gw.wsUrl));
+    const b = await opened(client(gw.wsUrl));
+    assert.equal(a.welcome.reconnect_ms, 1000, "one refill of the burst");
+    const c = client(gw.wsUrl, { backoffInitialMs: 60000, backoffMaxMs: 60000 });
+    const [refused, rec] = await Promise.all([nextEvent(c, "disconnect"), nextEvent(c, "reconnecting")]);
+    assert.equal(refused.status, 503);
+    assert.ok(refused.retryAfterMs > 0 && refused.retryAfterMs <= 1000, `${refused.retryAfterMs}`);
+    assert.equal(rec.delayMs, refused.retryAfterMs, "the server's wait, not the 60 s backoff");
+    await opened(c);
+    for (const x of [a, b, c]) x.close();
+    await gw.stop();
+  });
+
+  test("drain with an upgrade rate: 1001 with retry= hints, each client back after its hint", async () => {
+    const gw = await startGateway({ name: "drained", args: ["--upgrade-rate", "20", "--drain-timeout", "0s"] });
+    const other = await startGateway({ name: "other" });
+    const cs = [];
+    for (let i = 0; i < 3; i++) cs.push(await opened(client([gw.wsUrl, other.wsUrl], { goingAwayMaxDelayMs: 1 })));
+    const recs = cs.map((c) => nextEvent(c, "reconnecting"));
+    gw.kill("SIGTERM");
+    const infos = await Promise.all(recs);
+    const hints = infos.map((i) => i.reason.match(/; retry=(\d+)$/)?.[1]).map((h) => (h ? Number(h) : 0)).sort((x, y) => x - y);
+    assert.deepEqual(hints, [0, 50, 100], infos.map((i) => i.reason).join(" | "));
+    for (const [i, info] of infos.entries()) {
+      assert.equal(info.code, 1001);
+      assert.ok(info.reason.startsWith("node draining: reconnect"), info.reason);
+      const h = Number(info.reason.match(/; retry=(\d+)$/)?.[1] ?? 0);
+      assert.ok(info.delayMs >= h && info.delayMs <= h + 1, `client ${i}: ${info.delayMs} for hint ${h}`);
+    }
+    for (const c of cs) await opened(c);
+    for (const c of cs) c.close();
+    await gw.stop();
+    await other.stop();
+  });
 });

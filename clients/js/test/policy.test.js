@@ -9,6 +9,8 @@ import {
   decodeJwtPayload,
   reconnectDelay,
   refreshDelay,
+  refusalDelay,
+  retryHint,
   resolveUrl,
   tokenExpiresAt,
   withToken,
@@ -101,6 +103,14 @@ describe("reconnectDelay", () => {
     for (const b of buckets) assert.ok(b > 30 && b < 250, `bucket sizes ${buckets}`);
   });
 
+  test("1001/1012 with the server's retry= hint: the hint plus the jitter", () => {
+    assert.equal(reconnectDelay("jitter", 0, opts, () => 0.5, 250), 750);
+    assert.equal(reconnectDelay("jitter", 0, opts, () => 0, 4000), 4000);
+    assert.equal(reconnectDelay("jitter", 3, opts, () => 0.5, null), 500);
+    // The hint is for the jitter policy only.
+    assert.equal(reconnectDelay("backoff", 0, opts, () => 0.5, 9000), 250);
+  });
+
   test("backoff and new-token use the exponential backoff", () => {
     const r = seq(0.5);
     assert.equal(reconnectDelay("backoff", 2, opts, r), 1000);
@@ -152,5 +162,26 @@ describe("URLs", () => {
     assert.equal(withToken("ws://h/ws", ""), "ws://h/ws");
     assert.equal(withToken("ws://h/ws", "a.b+c/="), "ws://h/ws?token=a.b%2Bc%2F%3D");
     assert.equal(withToken("ws://h/ws?x=1&token=old", "new"), "ws://h/ws?x=1&token=new");
+  });
+});
+
+describe("server reconnect hints (docs/protocol.md, Reconnecting)", () => {
+  test("retryHint reads `; retry=<ms>` at the end of a close reason", () => {
+    assert.equal(retryHint("node draining: reconnect; retry=250"), 250);
+    assert.equal(retryHint("rebalance; retry=0"), 0);
+    assert.equal(retryHint("x; retry=9999999"), 60000, "capped");
+    for (const r of ["node draining: reconnect", "", undefined, null, "a; retry=", "a; retry=12x", "a; retry=-1", "a; retry=12345678", "a;retry=5", "a; retry=5 "]) {
+      assert.equal(retryHint(r), null, JSON.stringify(r));
+    }
+  });
+
+  test("refusalDelay: the 503 body's retry_after_ms, else Retry-After seconds with jitter", () => {
+    const body = JSON.stringify({ error: "overloaded", message: "m", retry_after_ms: 1234 });
+    assert.equal(refusalDelay(503, "2", body), 1234);
+    assert.equal(refusalDelay(503, "2", "not json", () => 0.5), 2500);
+    assert.equal(refusalDelay(503, undefined, JSON.stringify({ error: "draining" })), null);
+    assert.equal(refusalDelay(503, "999", "", () => 0), 60000, "capped");
+    assert.equal(refusalDelay(401, "2", body), null, "only refusals that mean 'later'");
+    assert.equal(refusalDelay(503, "soon", ""), null);
   });
 });

@@ -181,6 +181,51 @@ describe("close codes", () => {
     assert.deepEqual(sockets[3].lastSent("subscribe").topics, ["news"], "resubscribed");
   });
 
+  test("1001 and 1012 with a retry= hint: reconnects after the hint plus the jitter", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make(["ws://a/ws", "ws://b/ws"], { WebSocket, goingAwayMaxDelayMs: 100, random: () => 0.5 });
+    await socketCount(sockets, 1);
+    sockets[0].welcome();
+    let rec = nextEvent(c, "reconnecting");
+    sockets[0].serverClose(1001, "node draining: reconnect; retry=150");
+    let info = await rec;
+    assert.equal(info.delayMs, 200, "150 ms hint + 50 ms jitter");
+    assert.equal(info.reason, "node draining: reconnect; retry=150");
+    await socketCount(sockets, 2);
+    sockets[1].welcome();
+    rec = nextEvent(c, "reconnecting");
+    sockets[1].serverClose(1012, "rebalance; retry=30");
+    info = await rec;
+    assert.equal(info.delayMs, 80);
+    await socketCount(sockets, 3);
+  });
+
+  test("welcome.reconnect_ms is the base of the backoff after an unexplained loss", async () => {
+    const { WebSocket, sockets } = fakeSockets();
+    const c = make("ws://a/ws", { WebSocket, random: () => 0.5, backoffInitialMs: 20, backoffMaxMs: 200 });
+    await socketCount(sockets, 1);
+    sockets[0].welcome({ reconnect_ms: 400 });
+    assert.equal(c.welcome.reconnect_ms, 400);
+    let rec = nextEvent(c, "reconnecting");
+    sockets[0].serverClose(1006);
+    let info = await rec;
+    assert.equal(info.delayMs, 200, "random 0.5 of the server's 400 ms base");
+    // backoffMaxMs (200) is below the server's base: the base is the cap too.
+    await socketCount(sockets, 2);
+    rec = nextEvent(c, "reconnecting");
+    sockets[1].serverClose(1006);
+    info = await rec;
+    assert.equal(info.delayMs, 200);
+    // A node without the field: the client's own options again.
+    await socketCount(sockets, 3);
+    sockets[2].welcome();
+    assert.equal(c.welcome.reconnect_ms, undefined);
+    rec = nextEvent(c, "reconnecting");
+    sockets[2].serverClose(1006);
+    info = await rec;
+    assert.ok(info.delayMs <= 100, `${info.delayMs}`);
+  });
+
   test("4010 (disconnected by the server API): closed for good, no reconnect", async () => {
     const { WebSocket, sockets } = fakeSockets();
     const c = make("ws://a/ws", { WebSocket });

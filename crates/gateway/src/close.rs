@@ -110,6 +110,26 @@ impl Disconnect {
     }
 }
 
+/// The longest reconnect hint a close reason carries.
+pub const MAX_RETRY_HINT_MS: u64 = 60_000;
+
+/// A close reason with a reconnect hint: `"<reason>; retry=<ms>"` (docs/protocol.md,
+/// "Reconnecting"). The client waits `ms` (plus its own jitter) before reconnecting.
+/// `ms` is capped at [`MAX_RETRY_HINT_MS`]; the result is at most 123 bytes when
+/// `reason` is at most 100.
+pub fn with_retry_hint(reason: &str, retry_ms: u64) -> String {
+    format!("{reason}; retry={}", retry_ms.min(MAX_RETRY_HINT_MS))
+}
+
+/// The reconnect hint in a close reason made by [`with_retry_hint`], if any.
+pub fn retry_hint(reason: &str) -> Option<u64> {
+    let (_, ms) = reason.rsplit_once("; retry=")?;
+    if ms.is_empty() || ms.len() > 7 || !ms.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    ms.parse().ok()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -213,6 +233,24 @@ mod tests {
             Disconnect::RateLimit,
         ] {
             assert!(d.sends_close() && !d.discards_queue(), "{d:?}");
+        }
+    }
+
+    #[test]
+    fn retry_hints_round_trip_and_fit_a_close_frame() {
+        let r = with_retry_hint(Disconnect::Drain.reason(), 250);
+        assert_eq!(r, "node draining: reconnect; retry=250");
+        assert!(r.starts_with(Disconnect::Drain.reason()));
+        assert_eq!(retry_hint(&r), Some(250));
+        assert_eq!(retry_hint(&with_retry_hint("x", u64::MAX)), Some(60_000));
+        assert!(with_retry_hint(&"r".repeat(100), u64::MAX).len() <= 123);
+        for bad in [
+            "node draining: reconnect",
+            "a; retry=",
+            "a; retry=1x",
+            "a; retry=-1",
+        ] {
+            assert_eq!(retry_hint(bad), None, "{bad}");
         }
     }
 

@@ -215,6 +215,19 @@ pub struct Config {
     #[arg(long, env = "WSGATE_ALLOWED_ORIGINS", value_delimiter = ',')]
     pub allowed_origins: Vec<String>,
 
+    /// WebSocket upgrades admitted per second on this node (token bucket refill rate);
+    /// beyond it (and the burst) upgrade requests get HTTP 503 `overloaded` with
+    /// `Retry-After` before any work is done for them. 0: no limit (the default: a
+    /// limit below what the node can really take only slows recovery; size it as in
+    /// docs/operations.md, "Reconnect storms").
+    #[arg(long, env = "WSGATE_UPGRADE_RATE", default_value_t = 0.0)]
+    pub upgrade_rate: f64,
+
+    /// Upgrades admitted at once above `--upgrade-rate` (token bucket size).
+    /// Defaults to a quarter of a second's worth of the rate (at least 1).
+    #[arg(long, env = "WSGATE_UPGRADE_BURST")]
+    pub upgrade_burst: Option<f64>,
+
     /// Maximum WebSocket connections from one client IP address (0: no limit).
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
@@ -285,6 +298,15 @@ impl Config {
         if !(self.rate_limit > 0.0 && self.rate_burst >= 1.0) {
             return Err("--rate-limit must be > 0 and --rate-burst >= 1".into());
         }
+        if !(self.upgrade_rate >= 0.0 && self.upgrade_rate.is_finite()) {
+            return Err("--upgrade-rate must be >= 0 (0: no limit)".into());
+        }
+        if self
+            .upgrade_burst
+            .is_some_and(|b| !(b >= 1.0 && b.is_finite()))
+        {
+            return Err("--upgrade-burst must be >= 1".into());
+        }
         if self.max_topics_per_connection == 0 || self.max_inflight_publishes == 0 {
             return Err(
                 "--max-topics-per-connection and --max-inflight-publishes must be >= 1".into(),
@@ -317,6 +339,13 @@ impl Config {
     /// The publication size limit in force.
     pub fn max_publication_size(&self) -> usize {
         self.max_publication_size.unwrap_or(self.max_message_size)
+    }
+
+    /// The upgrade bucket's size in force: `--upgrade-burst`, else a quarter of a
+    /// second at `--upgrade-rate` (at least 1).
+    pub fn upgrade_burst(&self) -> f64 {
+        self.upgrade_burst
+            .unwrap_or((self.upgrade_rate / 4.0).max(1.0))
     }
 
     /// The node id in force: `--node-id`, else the host name, else a random id.

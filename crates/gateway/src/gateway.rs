@@ -4,12 +4,14 @@
 
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use wsgate_fanout::Node;
 use wsgate_metrics::Metrics;
 
+use crate::admission::UpgradeLimiter;
 use crate::close::Disconnect;
 use crate::config::Config;
 use crate::security::{Security, SecurityError};
@@ -26,6 +28,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     /// Auth, origin policy, per-IP limits, TLS.
     pub security: Security,
+    /// The token bucket on upgrades (`--upgrade-rate`; `None`: no limit).
+    pub(crate) upgrades: Option<UpgradeLimiter>,
     /// Live sessions: the drain closes them, the heartbeat ticker pings them.
     pub(crate) sessions: Registry,
     /// Cancelled when the drain starts (SIGTERM, SIGINT or `POST /drain`).
@@ -51,6 +55,7 @@ impl Gateway {
         let sessions = Registry::new(config.heartbeat_interval, config.heartbeat_timeout);
         let metrics = node.metrics().clone();
         metrics.ready.set(1);
+        let upgrades = UpgradeLimiter::new(config.upgrade_rate, config.upgrade_burst());
         let gw = Arc::new(Gateway {
             config,
             node_id,
@@ -58,6 +63,7 @@ impl Gateway {
             metrics,
             security,
             sessions,
+            upgrades,
             drain_started: CancellationToken::new(),
             shutdown: CancellationToken::new(),
             tracker: TaskTracker::new(),
@@ -131,6 +137,10 @@ impl Gateway {
     }
 
     /// Closes every live session with 1001, spread evenly over the drain window.
+    ///
+    /// With `--upgrade-rate`, each close carries a reconnect hint
+    /// ([`drain_retry_hint`]) so that the node's clients arrive elsewhere at no more
+    /// than that rate, even when the window is too short to spread them.
     pub(crate) async fn drain_sessions(&self) {
         let sessions = self.sessions.snapshot();
         let window = self.config.drain_timeout;
@@ -139,8 +149,27 @@ impl Gateway {
         tracing::info!(sessions = sessions.len(), ?window, "draining");
         for (i, outbox) in sessions.into_iter().enumerate() {
             tokio::time::sleep_until(start + window * i as u32 / n).await;
-            outbox.close(Disconnect::Drain);
+            let hint = drain_retry_hint(i as u32, n, window, self.config.upgrade_rate);
+            match hint {
+                Some(ms) => {
+                    let reason = crate::close::with_retry_hint(Disconnect::Drain.reason(), ms);
+                    let frame = wsgate_fanout::frame::close(Disconnect::Drain.code(), &reason);
+                    outbox.close_with(Disconnect::Drain, Some(frame));
+                }
+                None => outbox.close(Disconnect::Drain),
+            }
         }
+    }
+
+    /// `welcome`'s `reconnect_ms`: with `--upgrade-rate`, the time the node's upgrade
+    /// rate needs to take back every client it has (at least one refill of its
+    /// burst), so that clients that lose this node all at once and each wait a random
+    /// delay up to it arrive at about that rate. Capped at 30 s. `None` without a rate.
+    pub(crate) fn reconnect_hint_ms(&self) -> Option<u64> {
+        let bucket = self.upgrades.as_ref()?;
+        let spread = self.connections() as f64 * 1000.0 / self.config.upgrade_rate;
+        let floor = bucket.refill_time().as_secs_f64() * 1000.0;
+        Some((spread.max(floor).ceil() as u64).clamp(1, 30_000))
     }
 
     /// Refreshes gauges that are cheaper to read than to maintain (at scrape time).
@@ -148,6 +177,21 @@ impl Gateway {
         self.node.refresh_gauges();
         self.metrics.ready.set(i64::from(self.is_ready()));
     }
+}
+
+/// The reconnect hint of the `i`th of `n` sessions closed by a drain spread over
+/// `window`, for clients reconnecting to nodes that admit `rate` upgrades a second:
+/// the `i`th should arrive no sooner than `i / rate` after the drain began, and is
+/// closed at `i × window / n`; the hint is the difference. `None` when there is no
+/// rate, or when the window alone spreads the closes enough.
+pub(crate) fn drain_retry_hint(i: u32, n: u32, window: Duration, rate: f64) -> Option<u64> {
+    if rate <= 0.0 {
+        return None;
+    }
+    let arrive = f64::from(i) / rate;
+    let closed = (window * i / n.max(1)).as_secs_f64();
+    let ms = ((arrive - closed) * 1000.0).floor();
+    (ms >= 1.0).then_some(ms as u64)
 }
 
 /// An odd multiplier (the 64-bit golden ratio): multiplying by it permutes `u64`.
@@ -162,5 +206,35 @@ impl Drop for ConnectionSlot {
     fn drop(&mut self) {
         self.gw.connections.fetch_sub(1, Ordering::AcqRel);
         self.gw.metrics.connections.dec();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn drain_hints_spread_clients_at_the_upgrade_rate() {
+        let none = drain_retry_hint(500, 1000, Duration::ZERO, 0.0);
+        assert_eq!(none, None);
+        // 1,000 sessions closed at once, 100 upgrades/s: the last one waits ~10 s.
+        assert_eq!(drain_retry_hint(0, 1000, Duration::ZERO, 100.0), None);
+        assert_eq!(drain_retry_hint(1, 1000, Duration::ZERO, 100.0), Some(10));
+        assert_eq!(
+            drain_retry_hint(999, 1000, Duration::ZERO, 100.0),
+            Some(9990)
+        );
+        // A window of 10 s spreads 1,000 closes at 100/s already: no hint.
+        for i in 0..1000 {
+            assert_eq!(
+                drain_retry_hint(i, 1000, Duration::from_secs(10), 100.0),
+                None
+            );
+        }
+        // A window of 5 s: half of the spreading is left to the hint.
+        assert_eq!(
+            drain_retry_hint(999, 1000, Duration::from_secs(5), 100.0),
+            Some(4995)
+        );
     }
 }

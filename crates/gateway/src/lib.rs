@@ -2,6 +2,7 @@
 //! sessions on the fan-out [`wsgate_fanout::Node`].
 //!
 //! # Layout
+//! - [`admission`]: the token bucket on upgrades (reconnect storms: 503 + a hint).
 //! - [`config`]: every setting, its `WSGATE_*` variable and default.
 //! - [`config_file`]: the `--config` TOML file, layered under flags and variables;
 //!   [`namespaces`]: its `[[namespaces]]` section (which topics are streams).
@@ -35,6 +36,7 @@
 //! ([`session::outbox`]); each session's writer takes its outbox's batch and writes
 //! it with one flush.
 
+pub mod admission;
 pub mod assets;
 pub mod close;
 pub mod config;

@@ -466,13 +466,20 @@ pub fn error_reply(err: &CommandError) -> String {
     s
 }
 
-/// The first frame of every session.
-pub fn welcome(session: &str, node: &str, heartbeat_ms: u64) -> String {
-    format!(
-        "{{\"op\":\"welcome\",\"session\":{},\"node\":{},\"heartbeat_ms\":{heartbeat_ms}}}",
+/// The first frame of every session. `reconnect_ms` (with `--upgrade-rate`) is the
+/// base delay the client should use before reconnecting after losing the connection
+/// without a hint from the server (docs/protocol.md, "Reconnecting").
+pub fn welcome(session: &str, node: &str, heartbeat_ms: u64, reconnect_ms: Option<u64>) -> String {
+    let mut s = format!(
+        "{{\"op\":\"welcome\",\"session\":{},\"node\":{},\"heartbeat_ms\":{heartbeat_ms}",
         json_string(session),
         json_string(node)
-    )
+    );
+    if let Some(ms) = reconnect_ms {
+        let _ = write!(s, ",\"reconnect_ms\":{ms}");
+    }
+    s.push('}');
+    s
 }
 
 #[cfg(test)]
@@ -742,10 +749,15 @@ mod tests {
             v,
             json!({"op":"error","id":null,"code":"rate_limited","message":"slow \"down\""})
         );
-        let v: Value = serde_json::from_str(&welcome("s1", "node \"a\"", 25000)).unwrap();
+        let v: Value = serde_json::from_str(&welcome("s1", "node \"a\"", 25000, None)).unwrap();
         assert_eq!(
             v,
             json!({"op":"welcome","session":"s1","node":"node \"a\"","heartbeat_ms":25000})
+        );
+        let v: Value = serde_json::from_str(&welcome("s1", "n", 25000, Some(1500))).unwrap();
+        assert_eq!(
+            v,
+            json!({"op":"welcome","session":"s1","node":"n","heartbeat_ms":25000,"reconnect_ms":1500})
         );
     }
 }

@@ -348,6 +348,32 @@ fn refuse(gw: &Gateway, status: StatusCode, reason: &str, message: &str) -> Resp
     http_api::error(status, reason, message)
 }
 
+/// 503 `overloaded`: the upgrade bucket is empty; come back in `retry_ms`.
+fn overloaded(gw: &Gateway, retry_ms: u64) -> Response<Body> {
+    gw.metrics
+        .connections_refused
+        .with_label_values(&["overloaded"])
+        .inc();
+    let mut r = http_api::json(
+        StatusCode::SERVICE_UNAVAILABLE,
+        format!(
+            "{{\"error\":\"overloaded\",\"message\":\"node is admitting connections at its \
+             upgrade rate: retry later\",\"retry_after_ms\":{retry_ms}}}"
+        ),
+    );
+    r.headers_mut().insert(
+        http::header::RETRY_AFTER,
+        http::HeaderValue::from(retry_ms.div_ceil(1000).max(1)),
+    );
+    // The client comes back later on a new connection: during a storm, refused
+    // clients must not hold the node's sockets in between.
+    r.headers_mut().insert(
+        http::header::CONNECTION,
+        http::HeaderValue::from_static("close"),
+    );
+    r
+}
+
 /// `GET /ws`: checks, then upgrades and hands the connection to a session task.
 fn upgrade(
     gw: Arc<Gateway>,
@@ -375,6 +401,13 @@ fn upgrade(
             "draining",
             "node is draining: connect to another node",
         );
+    }
+    // Before any work is done for the request (token checks cost CPU): a storm of
+    // reconnects is admitted at the configured rate, the rest told when to retry.
+    if let Some(bucket) = &gw.upgrades {
+        if let Err(wait) = bucket.try_acquire() {
+            return overloaded(&gw, crate::admission::with_jitter(wait));
+        }
     }
     let admitted = match gw.security.admit(&req, peer) {
         Ok(a) => a,

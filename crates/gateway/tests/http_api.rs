@@ -198,3 +198,60 @@ async fn client_js_is_served_and_the_demo_only_when_enabled() {
     assert!(body.contains("/wsgate.js"), "the page loads the client");
     // The ticker is the binary's (crates/wsgate/src/demo.rs, tested there).
 }
+
+#[tokio::test]
+async fn with_an_upgrade_rate_welcome_and_drain_closes_carry_reconnect_hints() {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    // 10 upgrades/s and a drain that closes everyone at once: the drained clients
+    // are told to come back 100 ms apart.
+    let mut s = start(&[
+        "--drain-timeout",
+        "0s",
+        "--upgrade-rate",
+        "10",
+        "--upgrade-burst",
+        "10",
+    ])
+    .await;
+    let mut clients = Vec::new();
+    for _ in 0..5 {
+        clients.push(s.connect().await);
+    }
+    // The first client was the node's first: one refill of the burst (1 s).
+    assert_eq!(
+        clients[0].welcome["reconnect_ms"], 1000,
+        "{}",
+        clients[0].welcome
+    );
+    assert!(clients[0].welcome["heartbeat_ms"].is_u64());
+    let (st, _) = http(s.admin, "POST", "/drain", &[], b"").await;
+    assert_eq!(st, 202);
+    let mut hints = Vec::new();
+    for c in clients.iter_mut() {
+        let frame = loop {
+            match tokio::time::timeout(wsgate_testkit::ws::WITHIN, c.next())
+                .await
+                .expect("close in time")
+            {
+                Some(Ok(Message::Close(f))) => break f.expect("a close frame with a code"),
+                Some(Ok(_)) => continue,
+                other => panic!("no close frame: {other:?}"),
+            }
+        };
+        assert_eq!(u16::from(frame.code), 1001);
+        let reason = frame.reason.to_string();
+        assert!(reason.starts_with("node draining: reconnect"), "{reason}");
+        hints.push(
+            reason
+                .rsplit_once("; retry=")
+                .map(|(_, ms)| ms.parse::<u64>().unwrap()),
+        );
+    }
+    hints.sort();
+    assert_eq!(hints, [None, Some(100), Some(200), Some(300), Some(400)]);
+    tokio::time::timeout(std::time::Duration::from_secs(10), &mut s.task)
+        .await
+        .expect("server finished")
+        .unwrap();
+}

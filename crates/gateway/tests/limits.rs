@@ -295,3 +295,49 @@ async fn silent_client_is_dropped_with_4000_and_live_one_is_kept() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn upgrades_over_the_rate_get_503_overloaded_with_a_hint() {
+    // A bucket of 3 that refills one token a second: the 4th upgrade at once is refused.
+    let s = start(&["--upgrade-rate", "1", "--upgrade-burst", "3"]).await;
+    assert_eq!(
+        s.metric("wsgate_connections_refused_total{reason=\"overloaded\"}")
+            .await,
+        0.0
+    );
+    let _clients = [s.connect().await, s.connect().await, s.connect().await];
+    let resp = raw(s.addr, &upgrade_request("/ws", "")).await;
+    assert_eq!(status(&resp), 503, "{resp}");
+    let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+    let retry_after: u64 = head
+        .lines()
+        .find_map(|l| {
+            l.to_ascii_lowercase()
+                .strip_prefix("retry-after:")
+                .map(|v| v.trim().parse().unwrap())
+        })
+        .expect("a Retry-After header");
+    let v: serde_json::Value = serde_json::from_str(body).unwrap();
+    assert_eq!(v["error"], "overloaded", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("retry"), "{v}");
+    let ms = v["retry_after_ms"].as_u64().unwrap();
+    // The next token comes within a second, plus jitter.
+    assert!((1..=1300).contains(&ms), "{ms}");
+    assert_eq!(retry_after, ms.div_ceil(1000).max(1));
+    assert!(
+        head.to_ascii_lowercase().contains("connection: close"),
+        "{head}"
+    );
+    assert_eq!(
+        s.metric("wsgate_connections_refused_total{reason=\"overloaded\"}")
+            .await,
+        1.0
+    );
+    // Health and metrics are not rate limited.
+    for _ in 0..5 {
+        assert_eq!(http(s.admin, "GET", "/healthz", &[], b"").await.0, 200);
+    }
+    // After the hint, the upgrade goes through.
+    tokio::time::sleep(Duration::from_millis(ms)).await;
+    let _d = s.connect().await;
+}

@@ -26,6 +26,7 @@ pub const REFUSED: &[&str] = &[
     "draining",
     "max_connections",
     "bad_handshake",
+    "overloaded",
 ];
 
 /// `wsgate_messages_dropped_total{reason}`.

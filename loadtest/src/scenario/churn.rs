@@ -123,6 +123,7 @@ pub async fn run(ctx: Arc<Ctx>, a: ChurnArgs) -> Result<Report> {
         .map(|s| s.events)
         .sum();
     connect.rate_per_s = steady_events as f64 / steady.len().max(1) as f64;
+    connect.overloaded_retries = ctx.overloaded.load(std::sync::atomic::Ordering::Relaxed);
     r.connect = connect;
     if rate > 0.0 && max_lag_ms > 100.0 {
         r.notes.push(format!(

@@ -289,6 +289,7 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
     let hist = connect_hist.lock().expect("hist lock").clone();
     connect.latency = Latency::from_hist(&hist);
     r.raw.connect_hist = Some(crate::report::encode_hist(&hist));
+    connect.overloaded_retries = ctx.overloaded.load(std::sync::atomic::Ordering::Relaxed);
     r.connect = connect;
     r.fanout = Some(f);
     run::scrape_metrics(&ctx, &mut r).await;

@@ -118,6 +118,7 @@ pub async fn run(ctx: Arc<Ctx>, a: IdleArgs) -> Result<Report> {
     ctx.cancel.cancel();
     let mut connect = Connect {
         attempted: mine.len() as u64,
+        overloaded_retries: ctx.overloaded.load(Ordering::Relaxed),
         ..Connect::default()
     };
     let mut dropped = 0;

@@ -4,7 +4,7 @@
 use std::pin::pin;
 use std::time::Duration;
 
-use crate::net::{handshake_stream, Failure, Url};
+use crate::net::{handshake_stream, Failure, Overloaded, Url};
 use crate::payload;
 use crate::proto::{classify, NatsEvent, NatsParser, Op, Target};
 use crate::run::Ctx;
@@ -57,6 +57,29 @@ pub async fn open_with(
     cmd: Option<Vec<u8>>,
     rcvbuf: Option<u32>,
 ) -> Result<Session, Failure> {
+    loop {
+        match open_once(ctx, url, cmd.clone(), rcvbuf).await {
+            Ok(Ok(s)) => return Ok(s),
+            Err(f) => return Err(f),
+            // A node limiting its upgrade rate: come back when it said (not counted
+            // as a failure, nor in the connect timeout).
+            Ok(Err(Overloaded(wait))) => {
+                ctx.overloaded
+                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                tokio::time::sleep(wait).await;
+            }
+        }
+    }
+}
+
+/// One attempt of [`open_with`]: `Ok(Err(..))` when the node refused the upgrade with
+/// a 503 that says when to retry.
+async fn open_once(
+    ctx: &Ctx,
+    url: &Url,
+    cmd: Option<Vec<u8>>,
+    rcvbuf: Option<u32>,
+) -> Result<Result<Session, Overloaded>, Failure> {
     let target = ctx.common.target;
     let attempt = async {
         let stream = ctx
@@ -64,9 +87,13 @@ pub async fn open_with(
             .dial(url.addr, rcvbuf)
             .await
             .map_err(|e| ctx.fail(Failure::Connect, e))?;
-        let stream = handshake_stream(stream, url)
-            .await
-            .map_err(|e| ctx.fail(Failure::Handshake, e))?;
+        let stream = match handshake_stream(stream, url).await {
+            Ok(s) => s,
+            Err(e) => match e.downcast_ref::<Overloaded>() {
+                Some(o) => return Ok(Err(*o)),
+                None => return Err(ctx.fail(Failure::Handshake, e)),
+            },
+        };
         let mut ws = WsConn::new(stream);
         if let Some(hello) = target.hello() {
             ws.send(command_opcode(target), hello)
@@ -86,7 +113,7 @@ pub async fn open_with(
                 .await
                 .map_err(|e| ctx.fail(Failure::Subscribe, e))?;
         }
-        Ok(s)
+        Ok(Ok(s))
     };
     match tokio::time::timeout(ctx.common.connect_timeout, attempt).await {
         Ok(r) => r,

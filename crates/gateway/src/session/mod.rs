@@ -163,6 +163,7 @@ where
             &session,
             &gw.node_id,
             cfg.heartbeat_interval.as_millis() as u64,
+            gw.reconnect_hint_ms(),
         );
         outbox.push(frame::text(welcome.as_bytes()), 0);
     }
