@@ -52,6 +52,7 @@ pub use presence::{
 };
 pub use publication::{unix_nanos, Publication};
 pub use stream::{
-    History, HistoryEntry, HistoryQuery, Namespace, Namespaces, Pattern, Position, StreamOptions,
+    History, HistoryEntry, HistoryQuery, Namespace, Namespaces, Pattern, Position, SlowConsumer,
+    StreamOptions,
 };
 pub use topic::{validate_topic, TopicError};
