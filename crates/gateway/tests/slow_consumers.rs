@@ -23,7 +23,8 @@ const N: u64 = 2000;
 /// reading client's queue.
 const PER_REQUEST: u64 = 5;
 
-/// `d.*` disconnect, `o.*` drop_oldest, `l.*` latest, `s.*` a drop_oldest stream.
+/// `d.*` disconnect, `o.*` drop_oldest, `l.*` latest, `s.*` a drop_oldest stream,
+/// `ls.*` a latest stream.
 async fn start() -> TestServer {
     let cfg = wsgate_testkit::gateway::config(&[
         "--outbound-queue-bytes",
@@ -46,6 +47,7 @@ async fn start() -> TestServer {
         ns("o", "o.*", SlowConsumer::DropOldest, false),
         ns("l", "l.*", SlowConsumer::Latest, false),
         ns("s", "s.*", SlowConsumer::DropOldest, true),
+        ns("ls", "ls.*", SlowConsumer::Latest, true),
     ])
     .unwrap();
     let node = Node::in_memory_with(
@@ -252,10 +254,21 @@ async fn latest_delivers_the_final_value_of_every_topic_on_resume() {
 
 #[tokio::test]
 async fn a_stream_under_drop_oldest_announces_exactly_what_was_dropped() {
+    stream_drops_are_announced("s.x").await;
+}
+
+#[tokio::test]
+async fn a_stream_under_latest_announces_exactly_what_was_replaced() {
+    stream_drops_are_announced("ls.x").await;
+}
+
+/// A stalled reader of stream `topic`, once it resumes, accounts for every seq
+/// once, in order: delivered, or covered by a `reset`.
+async fn stream_drops_are_announced(topic: &str) {
     let s = start().await;
-    let mut slow = stalled(&s, &["s.x"]).await;
-    let reader = fast(&s, &["s.x"], N).await;
-    flood(&s, &["s.x"]).await;
+    let mut slow = stalled(&s, &[topic]).await;
+    let reader = fast(&s, &[topic], N).await;
+    flood(&s, &[topic]).await;
     reader.await.unwrap();
     let got = tokio::time::timeout(
         Duration::from_secs(30),
