@@ -50,8 +50,9 @@ pub use node::{HistoryError, Node, PublishAck, PublishError, Source, StreamStart
 pub use presence::{
     NodeInfo, PresenceEntry, PresenceEvent, PresenceKind, PresenceOptions, PresenceStats,
 };
-pub use publication::{unix_nanos, Publication};
+pub use publication::{unix_nanos, Publication, Tag, TagKind};
 pub use stream::{
-    History, HistoryEntry, HistoryQuery, Namespace, Namespaces, Pattern, Position, StreamOptions,
+    History, HistoryEntry, HistoryQuery, Namespace, Namespaces, Pattern, Position, SlowConsumer,
+    StreamOptions,
 };
 pub use topic::{validate_topic, TopicError};

@@ -33,9 +33,10 @@ use crate::broker::{Broker, BrokerError, BrokerEvents, BrokerFuture, MemoryBroke
 use crate::history::DEFAULT_HISTORY_MEMORY;
 use crate::hub::{Hub, Subscriber, SubscriberId};
 use crate::presence::{NodeInfo, PresenceEntry, PresenceEvent, Table};
-use crate::publication::{unix_nanos, Publication};
+use crate::publication::{unix_nanos, Publication, TagKind};
 use crate::stream::{
-    Action, History, HistoryEntry, HistoryQuery, Namespaces, Phase, Position, StreamState,
+    Action, History, HistoryEntry, HistoryQuery, Namespaces, Phase, Position, SlowConsumer,
+    StreamState,
 };
 use crate::topic::{validate_topic, TopicError};
 
@@ -146,18 +147,34 @@ impl Core {
     /// Runs a stream state's actions, the shard lock held: delivery order is the
     /// order the state decided. Returns the repairs to start once the lock is
     /// released ([`Core::repair`]).
-    fn run(&self, topic: &Arc<str>, actions: Vec<Action>) -> Vec<Action> {
+    ///
+    /// `epoch` is the stream's epoch before the actions (a `Reset` may change it):
+    /// the position publications are tagged with for a slow-consumer policy.
+    fn run(&self, topic: &Arc<str>, epoch: Arc<str>, actions: Vec<Action>) -> Vec<Action> {
         let mut repairs = Vec::new();
+        let policy = if actions.is_empty() {
+            SlowConsumer::Disconnect
+        } else {
+            self.namespaces.slow_consumer(topic)
+        };
+        let mut epoch = epoch;
         for action in actions {
             match action {
                 Action::Deliver(ref e) => {
-                    let p = Publication::encode_seq(topic, &e.data, e.accepted_at, e.seq);
+                    let p = Publication::encode_seq(topic, &e.data, e.accepted_at, e.seq)
+                        .with_policy(policy, topic, Some((e.seq, &epoch)), TagKind::Message);
                     self.hub.deliver(topic, &p);
                 }
-                Action::Reset { seq, epoch } => {
+                Action::Reset { seq, epoch: new } => {
                     self.metrics.stream_resets.inc();
-                    self.hub
-                        .deliver(topic, &Publication::reset(topic, seq, &epoch));
+                    let p = Publication::reset(topic, seq, &new).with_policy(
+                        policy,
+                        topic,
+                        Some((seq, &new)),
+                        TagKind::Reset,
+                    );
+                    self.hub.deliver(topic, &p);
+                    epoch = new;
                 }
                 Action::Repair { .. } => {
                     self.metrics.stream_gaps.inc();
@@ -218,8 +235,9 @@ impl Core {
             let mut shard = self.streams[self.shard_of(topic)].lock();
             match shard.get_mut(topic) {
                 Some(state) => {
+                    let epoch = state.position().epoch;
                     let actions = state.on_position(position);
-                    self.run(topic, actions)
+                    self.run(topic, epoch, actions)
                 }
                 None => Vec::new(),
             }
@@ -295,9 +313,10 @@ impl Core {
             let mut shard = self.streams[self.shard_of(&topic)].lock();
             match shard.get_mut(&topic) {
                 Some(state) => {
+                    let epoch = state.position().epoch;
                     let actions = state.on_repair(history.as_ref());
                     tracing::debug!(%topic, read = history.as_ref().map(|h| h.entries.len()), ?actions, "stream repaired");
-                    self.run(&topic, actions)
+                    self.run(&topic, epoch, actions)
                 }
                 None => Vec::new(),
             }
@@ -308,7 +327,8 @@ impl Core {
 
 impl BrokerEvents for Arc<Core> {
     fn publication(&self, topic: &str, data: &[u8], accepted_at: u64, origin: Origin) {
-        if self.namespaces.stream(topic).is_some() {
+        let ns = self.namespaces.namespace(topic);
+        if ns.is_some_and(|ns| ns.stream.is_some()) {
             // A plain PUBLISH to a stream's channel: not a publication of the
             // stream (it has no seq), so not delivered.
             self.metrics.stream_plain_publishes.inc();
@@ -320,7 +340,13 @@ impl BrokerEvents for Arc<Core> {
             self.metrics.received.redis.inc();
         }
         // Encoded once, here, for every local subscriber.
-        let publication = Publication::encode(topic, data, accepted_at);
+        let policy = ns.map_or(SlowConsumer::Disconnect, |ns| ns.slow_consumer);
+        let publication = Publication::encode(topic, data, accepted_at).with_policy(
+            policy,
+            topic,
+            None,
+            TagKind::Message,
+        );
         self.hub.deliver(topic, &publication);
     }
 
@@ -336,7 +362,13 @@ impl BrokerEvents for Arc<Core> {
         }
         if self.namespaces.stream(topic).is_none() {
             // Numbered by a node configured otherwise: delivered, position and all.
-            let p = Publication::encode_seq(topic, &entry.data, entry.accepted_at, entry.seq);
+            let p = Publication::encode_seq(topic, &entry.data, entry.accepted_at, entry.seq)
+                .with_policy(
+                    self.namespaces.slow_consumer(topic),
+                    topic,
+                    Some((entry.seq, epoch)),
+                    TagKind::Message,
+                );
             self.hub.deliver(topic, &p);
             return;
         }
@@ -353,7 +385,7 @@ impl BrokerEvents for Arc<Core> {
         if actions.is_empty() && state.phase() == Phase::Live && before.seq >= seq {
             self.metrics.stream_duplicates.inc();
         }
-        let repairs = self.run(&topic, actions);
+        let repairs = self.run(&topic, before.epoch, actions);
         drop(shard);
         self.follow(&topic, repairs);
     }
@@ -685,7 +717,7 @@ impl Node {
                 .expect("locked above")
         };
         let mut starts = Vec::with_capacity(streams.len() + held.len());
-        let mut replays: Vec<(Arc<str>, Vec<HistoryEntry>)> = Vec::new();
+        let mut replays: Vec<(Arc<str>, Arc<str>, Vec<HistoryEntry>)> = Vec::new();
         for t in &streams {
             let state = guards[guard_of(t)]
                 .get_mut(t)
@@ -698,7 +730,7 @@ impl Node {
                     .map(|from| match replay_of(from, &position, fetched.get(t)) {
                         Some(entries) => {
                             if !entries.is_empty() {
-                                replays.push((t.clone(), entries));
+                                replays.push((t.clone(), position.epoch.clone(), entries));
                             }
                             core.metrics
                                 .stream_resumes
@@ -731,9 +763,16 @@ impl Node {
             }
         }
         ready(&starts);
-        for (t, entries) in replays {
+        for (t, epoch, entries) in replays {
+            let policy = core.namespaces.slow_consumer(&t);
             for e in entries {
-                subscriber.deliver(&Publication::encode_seq(&t, &e.data, e.accepted_at, e.seq));
+                let p = Publication::encode_seq(&t, &e.data, e.accepted_at, e.seq).with_policy(
+                    policy,
+                    &t,
+                    Some((e.seq, &epoch)),
+                    TagKind::Message,
+                );
+                subscriber.deliver(&p);
             }
         }
         drop(guards);

@@ -6,12 +6,14 @@
 //! no serializer runs on the delivery path and every subscriber shares one buffer.
 
 use std::borrow::Cow;
+use std::sync::Arc;
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
 
 use crate::frame;
+use crate::stream::SlowConsumer;
 
 const PREFIX: &[u8] = b"{\"op\":\"message\",\"topic\":\"";
 const MIDDLE: &[u8] = b"\",\"data\":";
@@ -27,6 +29,44 @@ pub struct Publication {
     /// epoch. With a relay this is the *publishing* node's clock, so the
     /// publish→deliver latency covers the cross-node path. 0 when unknown.
     pub accepted_at: u64,
+    /// What a connection's queue needs to apply a slow-consumer policy other than
+    /// `disconnect`: `None` for every other publication (nothing allocated), and
+    /// for publications a queue may never drop.
+    pub tag: Option<Arc<Tag>>,
+}
+
+/// A publication's topic, policy and stream position, shared by every subscriber
+/// (allocated once per publication, only in namespaces whose `slow_consumer` is
+/// not `disconnect`). The frame alone does not say which namespace it is of.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tag {
+    /// The namespace's policy (never [`SlowConsumer::Disconnect`]).
+    pub policy: SlowConsumer,
+    /// The topic.
+    pub topic: Arc<str>,
+    /// On a stream, the frame's position: the message's seq, or the reset's.
+    pub position: Option<(u64, Arc<str>)>,
+    /// What the frame holds.
+    pub kind: TagKind,
+}
+
+/// What a tagged frame holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TagKind {
+    /// A `message`.
+    Message,
+    /// A stream's `reset` (never dropped: it announces a loss).
+    Reset,
+    /// A `reset` up to this seq (the tag's epoch) and then the `message`, in one
+    /// buffer: what a queue that conflated a stream's publication holds in its place.
+    ResetThenMessage(u64),
+}
+
+impl Tag {
+    /// Whether the frame holds a message (that a policy may drop or replace).
+    pub fn has_message(&self) -> bool {
+        self.kind != TagKind::Reset
+    }
 }
 
 impl Publication {
@@ -64,7 +104,29 @@ impl Publication {
         Publication {
             frame: buf.freeze(),
             accepted_at,
+            tag: None,
         }
+    }
+
+    /// Tags the publication with its topic's slow-consumer policy and, on a stream,
+    /// its position (see [`Tag`]). A no-op, allocating nothing, for
+    /// [`SlowConsumer::Disconnect`].
+    pub fn with_policy(
+        mut self,
+        policy: SlowConsumer,
+        topic: &str,
+        position: Option<(u64, &Arc<str>)>,
+        kind: TagKind,
+    ) -> Self {
+        if policy != SlowConsumer::Disconnect {
+            self.tag = Some(Arc::new(Tag {
+                policy,
+                topic: Arc::from(topic),
+                position: position.map(|(s, e)| (s, e.clone())),
+                kind,
+            }));
+        }
+        self
     }
 
     /// A stream's `reset`: what followed the last delivered message, up to `seq` of
@@ -82,6 +144,7 @@ impl Publication {
         Publication {
             frame: frame::text(text.as_bytes()),
             accepted_at: 0,
+            tag: None,
         }
     }
 

@@ -110,6 +110,49 @@ pub struct Namespace {
     /// Whether clients may subscribe to its topics themselves (else only the server
     /// can subscribe them: the server API, or the token's `subs` claim).
     pub client_subscribe: bool,
+    /// What a connection's queue does with its topics' publications when the
+    /// client reads too slowly.
+    pub slow_consumer: SlowConsumer,
+}
+
+/// What happens to a topic's publications when a client's outbound queue would
+/// overflow (docs/configuration.md, "Namespaces"; docs/operations.md, "Slow
+/// consumers: which policy when").
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+pub enum SlowConsumer {
+    /// The connection is closed with 4008 (slow consumer). Nothing is ever dropped
+    /// from a connection that stays open.
+    #[default]
+    Disconnect,
+    /// The oldest queued publications of such topics are dropped to make room; the
+    /// connection stays.
+    DropOldest,
+    /// Conflation: a connection that lags keeps at most one undelivered
+    /// publication per topic, the newest.
+    Latest,
+}
+
+impl SlowConsumer {
+    /// Every policy with its name in the configuration file.
+    pub const ALL: [(&'static str, SlowConsumer); 3] = [
+        ("disconnect", SlowConsumer::Disconnect),
+        ("drop_oldest", SlowConsumer::DropOldest),
+        ("latest", SlowConsumer::Latest),
+    ];
+
+    /// The policy's name in the configuration file.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SlowConsumer::Disconnect => "disconnect",
+            SlowConsumer::DropOldest => "drop_oldest",
+            SlowConsumer::Latest => "latest",
+        }
+    }
+
+    /// The policy named `s` (as in the configuration file).
+    pub fn parse(s: &str) -> Option<Self> {
+        Self::ALL.iter().find(|(n, _)| *n == s).map(|&(_, p)| p)
+    }
 }
 
 impl Default for Namespace {
@@ -122,6 +165,7 @@ impl Default for Namespace {
             presence: None,
             client_publish: true,
             client_subscribe: true,
+            slow_consumer: SlowConsumer::Disconnect,
         }
     }
 }
@@ -192,6 +236,12 @@ impl Namespaces {
     /// Whether clients may publish to `topic` themselves.
     pub fn client_publish(&self, topic: &str) -> bool {
         self.namespace(topic).is_none_or(|ns| ns.client_publish)
+    }
+
+    /// The slow-consumer policy of `topic` (`disconnect` outside any namespace).
+    pub fn slow_consumer(&self, topic: &str) -> SlowConsumer {
+        self.namespace(topic)
+            .map_or(SlowConsumer::Disconnect, |ns| ns.slow_consumer)
     }
 
     /// Whether clients may subscribe to `topic` themselves.

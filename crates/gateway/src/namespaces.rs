@@ -1,8 +1,8 @@
 //! The `[[namespaces]]` section of the configuration file (docs/configuration.md):
 //! which topics belong to which namespace, and what the namespace's topics are:
 //! streams (`history_size` + `history_ttl`), presence (`presence`, `join_leave`,
-//! `join_leave_rate`) and what clients may do themselves (`client_publish`,
-//! `client_subscribe`). Every option is an optional field of [`Entry`], off (or
+//! `join_leave_rate`), what clients may do themselves (`client_publish`,
+//! `client_subscribe`) and what a lagging reader's queue does (`slow_consumer`). Every option is an optional field of [`Entry`], off (or
 //! v1's behaviour) by default.
 //!
 //! No namespace, or a namespace without options, means plain (v1) topics.
@@ -13,7 +13,7 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use toml::Spanned;
-use wsgate_fanout::{Namespace, Namespaces, Pattern, PresenceOptions, StreamOptions};
+use wsgate_fanout::{Namespace, Namespaces, Pattern, PresenceOptions, SlowConsumer, StreamOptions};
 
 use crate::config_file::SettingError;
 
@@ -56,6 +56,8 @@ struct Entry {
     client_publish: Option<bool>,
     #[serde(default, alias = "client-subscribe")]
     client_subscribe: Option<bool>,
+    #[serde(default, alias = "slow-consumer")]
+    slow_consumer: Option<Spanned<String>>,
 }
 
 fn err(span: Range<usize>, message: String) -> SettingError {
@@ -161,6 +163,19 @@ pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
         };
         let presence = presence_options(&entry.presence, &entry.join_leave, &entry.join_leave_rate)
             .map_err(|(span, m)| err(span, at(&m)))?;
+        let slow_consumer = match &entry.slow_consumer {
+            None => SlowConsumer::default(),
+            Some(v) => SlowConsumer::parse(v.get_ref()).ok_or_else(|| {
+                err(
+                    v.span(),
+                    format!(
+                        "{}: {:?} is not a policy (one of \"disconnect\", \"drop_oldest\", \"latest\")",
+                        at("slow_consumer"),
+                        v.get_ref()
+                    ),
+                )
+            })?,
+        };
         list.push(Namespace {
             name,
             topics,
@@ -168,6 +183,7 @@ pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
             presence,
             client_publish: entry.client_publish.unwrap_or(true),
             client_subscribe: entry.client_subscribe.unwrap_or(true),
+            slow_consumer,
         });
     }
     Namespaces::new(list).map_err(|message| SettingError {
@@ -206,6 +222,9 @@ pub fn describe(namespaces: &Namespaces) -> Vec<String> {
             }
             if !ns.client_subscribe {
                 what.push("server-side subscriptions only".to_string());
+            }
+            if ns.slow_consumer != SlowConsumer::Disconnect {
+                what.push(format!("slow consumers: {}", ns.slow_consumer.as_str()));
             }
             format!("{}: {} → {}", ns.name, topics.join(", "), what.join(", "))
         })
@@ -407,6 +426,61 @@ mod tests {
         let e = parse_err(&one("presence = \"yes\""));
         assert!(e.contains("`presence`"), "{e}");
         parse(&one("presence = false\nclient_publish = true")).unwrap();
+    }
+
+    #[test]
+    fn slow_consumer_policies() {
+        let ns = parse(
+            r#"
+            [[namespaces]]
+            name = "ticker"
+            topics = ["px.*"]
+            slow_consumer = "latest"
+
+            [[namespaces]]
+            name = "feed"
+            topics = ["feed.*"]
+            history_size = 10
+            history_ttl = "1m"
+            slow-consumer = "drop_oldest"
+
+            [[namespaces]]
+            name = "chat"
+            topics = ["chat.*"]
+            slow_consumer = "disconnect"
+
+            [[namespaces]]
+            name = "plain"
+            topics = ["plain.*"]
+            "#,
+        )
+        .unwrap();
+        assert_eq!(ns.slow_consumer("px.1"), SlowConsumer::Latest);
+        assert_eq!(ns.slow_consumer("feed.1"), SlowConsumer::DropOldest);
+        assert_eq!(ns.slow_consumer("chat.1"), SlowConsumer::Disconnect);
+        assert_eq!(ns.slow_consumer("plain.1"), SlowConsumer::Disconnect);
+        assert_eq!(ns.slow_consumer("nowhere"), SlowConsumer::Disconnect);
+        assert_eq!(
+            describe(&ns),
+            [
+                "ticker: px.* → plain, slow consumers: latest",
+                "feed: feed.* → stream (history 10 messages, 1m), slow consumers: drop_oldest",
+                "chat: chat.* → plain",
+                "plain: plain.* → plain",
+            ]
+        );
+        let text = "[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\nslow_consumer = \"newest\"\n";
+        let e = parse(text).unwrap_err();
+        assert!(
+            e.message.contains("namespaces[0] (\"n\").slow_consumer")
+                && e.message.contains("\"newest\" is not a policy")
+                && e.message.contains("drop_oldest"),
+            "{}",
+            e.message
+        );
+        assert_eq!(&text[e.span.unwrap()], "\"newest\"");
+        let e = parse_err("[[namespaces]]\nname = \"n\"\ntopics = [\"t\"]\nslow_consumer = 1\n");
+        assert!(e.contains("`slow_consumer`"), "{e}");
     }
 
     #[test]

@@ -34,7 +34,17 @@ pub const REFUSED: &[&str] = &[
 ///   overflowed its queue).
 /// - `disconnected`: queued for a client whose connection ended another way.
 /// - `broker_unavailable`: a publication the broker refused (not accepted).
-pub const DROPPED: &[&str] = &["slow_consumer", "disconnected", "broker_unavailable"];
+/// - `drop_oldest`: dropped from a lagging client's queue by its namespace's
+///   `slow_consumer = "drop_oldest"` policy (the connection stays).
+/// - `conflated`: replaced in a lagging client's queue by a newer publication of its
+///   topic (`slow_consumer = "latest"`).
+pub const DROPPED: &[&str] = &[
+    "slow_consumer",
+    "disconnected",
+    "broker_unavailable",
+    "drop_oldest",
+    "conflated",
+];
 
 /// `wsgate_messages_received_total{source}`.
 pub const SOURCE: &[&str] = &["client", "http", "redis"];

@@ -101,6 +101,7 @@ impl Core {
                 let p = Publication {
                     frame: event.frame(topic),
                     accepted_at: 0,
+                    tag: None,
                 };
                 // Under the shard's lock: events of one topic leave in arrival order.
                 self.hub.deliver_except(topic, &p, except);
@@ -138,6 +139,7 @@ impl Core {
                 let p = Publication {
                     frame: changed_frame(&topic, skipped),
                     accepted_at: 0,
+                    tag: None,
                 };
                 core.hub.deliver(&topic, &p);
                 debug!(%topic, skipped, "join/leave events summarised");

@@ -265,6 +265,9 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Session<R, W> {
             "disconnected"
         };
         gw.metrics.dropped(label, self.client.outbox.dropped());
+        let drops = self.client.outbox.take_policy_drops();
+        gw.metrics.dropped("drop_oldest", drops.oldest);
+        gw.metrics.dropped("conflated", drops.conflated);
         let span = tracing::Span::current();
         span.record("disconnect.reason", reason.label());
         span.record("close.code", reason.code());

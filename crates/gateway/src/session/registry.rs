@@ -20,7 +20,7 @@ use tokio::time::{Instant, MissedTickBehavior};
 
 use wsgate_fanout::frame::EMPTY_PING;
 
-use super::outbox::Outbox;
+use super::outbox::{Outbox, PolicyDrops};
 use crate::close::Disconnect;
 use crate::gateway::Gateway;
 
@@ -144,18 +144,21 @@ impl Registry {
     }
 
     /// Pings every session of slot `i`, or closes it if it has been silent too long.
-    fn visit(&self, i: usize) {
+    /// Returns what the slow-consumer policies dropped since the last visit.
+    fn visit(&self, i: usize) -> PolicyDrops {
         let now = self.now_ms();
         let timeout = self.timeout.as_millis() as u64;
         let slot = self.slots[i].lock();
+        let mut drops = PolicyDrops::default();
         for Entry { outbox, .. } in slot.entries.iter().flatten() {
             if now.saturating_sub(outbox.last_heard()) >= timeout {
                 outbox.close(Disconnect::HeartbeatTimeout);
             } else {
-                outbox.trim();
+                drops.add(outbox.trim());
                 outbox.push_control(Bytes::from_static(&EMPTY_PING));
             }
         }
+        drops
     }
 }
 
@@ -171,7 +174,9 @@ pub(crate) async fn run(gw: Arc<Gateway>) {
             _ = gw.shutdown.cancelled() => return,
             _ = ticks.tick() => {}
         }
-        sessions.visit(i);
+        let drops = sessions.visit(i);
+        gw.metrics.dropped("drop_oldest", drops.oldest);
+        gw.metrics.dropped("conflated", drops.conflated);
         i = (i + 1) % sessions.slots.len();
     }
 }

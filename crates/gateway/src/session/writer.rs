@@ -272,6 +272,7 @@ mod tests {
             .map(|i| Item {
                 frame: Bytes::from(format!("<{i}>")),
                 born: 0,
+                tag: None,
             })
             .collect();
         let expected: String =
@@ -298,6 +299,7 @@ mod tests {
                 .map(|i| Item {
                     frame: Bytes::from(vec![b'a' + i; 3]),
                     born: 1,
+                    tag: None,
                 })
                 .collect(),
             ..Default::default()
