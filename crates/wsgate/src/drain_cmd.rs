@@ -48,7 +48,9 @@ pub(crate) fn authority(url: &str) -> Result<&str, String> {
     Ok(host)
 }
 
-fn post_drain(url: &str) -> Result<u16, String> {
+/// A connection to the host of `http://host[:port][/…]` (port 80 by default), with
+/// `timeout` on connecting, reading and writing; and the host as written.
+pub(crate) fn connect(url: &str, timeout: Duration) -> Result<(TcpStream, &str), String> {
     let host = authority(url)?;
     let host_port = if host.contains(':') && !host.ends_with(']') {
         host.to_string()
@@ -60,11 +62,16 @@ fn post_drain(url: &str) -> Result<u16, String> {
         .map_err(|e| format!("{host}: {e}"))?
         .next()
         .ok_or_else(|| format!("{host}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(TIMEOUT))
+    let s = TcpStream::connect_timeout(&addr, timeout).map_err(|e| format!("{addr}: {e}"))?;
+    s.set_read_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(TIMEOUT))
+    s.set_write_timeout(Some(timeout))
         .map_err(|e| e.to_string())?;
+    Ok((s, host))
+}
+
+fn post_drain(url: &str) -> Result<u16, String> {
+    let (mut s, host) = connect(url, TIMEOUT)?;
     write!(
         s,
         "POST /drain HTTP/1.1\r\nHost: {host}\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"

@@ -3,13 +3,12 @@
 //! node's connections, share and what it will shed. Exits 0 on a 2xx, 1 otherwise.
 
 use std::io::{Read, Write};
-use std::net::{TcpStream, ToSocketAddrs};
 use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Parser;
 
-use crate::drain_cmd::authority;
+use crate::drain_cmd::connect;
 
 /// Rebalances the fleet's connections (POST /api/rebalance).
 #[derive(Debug, Parser)]
@@ -73,22 +72,7 @@ fn parse_answer(raw: &[u8]) -> Result<(u16, String), String> {
 }
 
 fn post(url: &str, api_key: Option<&str>, dry_run: bool) -> Result<(u16, String), String> {
-    let host = authority(url)?;
-    let host_port = if host.contains(':') && !host.ends_with(']') {
-        host.to_string()
-    } else {
-        format!("{host}:80")
-    };
-    let addr = host_port
-        .to_socket_addrs()
-        .map_err(|e| format!("{host}: {e}"))?
-        .next()
-        .ok_or_else(|| format!("{host}: no address"))?;
-    let mut s = TcpStream::connect_timeout(&addr, TIMEOUT).map_err(|e| format!("{addr}: {e}"))?;
-    s.set_read_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
-    s.set_write_timeout(Some(TIMEOUT))
-        .map_err(|e| e.to_string())?;
+    let (mut s, host) = connect(url, TIMEOUT)?;
     s.write_all(request(host, api_key, dry_run).as_bytes())
         .map_err(|e| e.to_string())?;
     let mut raw = Vec::new();
