@@ -551,3 +551,15 @@ def test_packaged_chart_carries_the_linked_files(helm, tmp_path):
     # The packaged chart renders like the directory.
     res = helm_template(helm, chart=tgz)
     assert res.returncode == 0, res.stderr
+
+
+def test_fractional_settings_reach_the_binary_as_written(render):
+    # Whole numbers print as integers (not 1.048576e+06); fractions keep their digits.
+    m = render("--set-json", "config.rebalanceMargin=0.25", "--set-json", "config.rebalanceRate=0.05",
+               "--set", "config.upgradeRate=500", "--set", "config.rebalanceAuto=false")
+    env = {e["name"]: e.get("value") for e in container(gateway(m))["env"]}
+    assert env["WSGATE_REBALANCE_MARGIN"] == "0.25"
+    assert env["WSGATE_REBALANCE_RATE"] == "0.05"
+    assert env["WSGATE_UPGRADE_RATE"] == "500"
+    assert env["WSGATE_REBALANCE_AUTO"] == "false"
+    assert env["WSGATE_OUTBOUND_QUEUE_BYTES"] == "1048576"

@@ -237,10 +237,13 @@ Refuse configurations that would run but not work.
 
 {{/*
 A config value as an env var string: Helm reads YAML numbers as floats, which would
-print as 1.048576e+06.
+print as 1.048576e+06; whole numbers are written as integers, fractions (a rebalance
+margin of 0.1) as they are.
 */}}
 {{- define "wsgate.envValue" -}}
-{{- if or (kindIs "float64" .) (kindIs "int64" .) (kindIs "int" .) }}
+{{- if or (kindIs "int64" .) (kindIs "int" .) }}
+{{- . | toString }}
+{{- else if and (kindIs "float64" .) (eq . (float64 (int64 .))) }}
 {{- . | int64 | toString }}
 {{- else }}
 {{- toString . }}
