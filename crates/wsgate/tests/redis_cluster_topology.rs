@@ -94,7 +94,14 @@ async fn primary_killed_replica_promoted_clients_stay_connected() {
         wait_until(FAILOVER, || a.is_ready() && b.is_ready()),
         "ready again after the replica took over"
     );
-    let promoted = cluster.owner(&format!("wsgate:{victim_topic}"));
+    // The cluster's nodes learn of the promotion by gossip, each in its own time: ask
+    // until the one answering knows (the gateways may already have followed it).
+    let channel = format!("wsgate:{victim_topic}");
+    assert!(
+        wait_until(FAILOVER, || cluster.owner(&channel) != victim),
+        "the cluster reports a new owner of the victim's slot"
+    );
+    let promoted = cluster.owner(&channel);
     assert_ne!(promoted, victim);
     assert!(
         wait_for_delivery(&a, &mut sub, victim_topic, FAILOVER).await,
