@@ -237,14 +237,49 @@ pub(crate) fn on_command(gw: &Arc<Gateway>, shed: &BTreeMap<String, u64>) {
     }
 }
 
+/// The automatic check's memory: an excess sheds only once it has been seen on two
+/// checks at least one node-list refresh apart. Each peer's count in the list is as old
+/// as its last heartbeat, so one look can show a node over its share that is not: its
+/// clients arrived since the peers last reported theirs (a start, a rolling deploy), or
+/// a Redis failover held the reports back. A real excess (a scale-out) lasts.
+#[derive(Debug, Default)]
+struct Confirm {
+    /// When an excess was first seen, and how large it was.
+    seen: Option<(tokio::time::Instant, u64)>,
+}
+
+impl Confirm {
+    /// Records the check at `now` finding `shed` to shed; what to shed now, if the
+    /// excess is confirmed (the smaller of the two looks).
+    fn observe(&mut self, now: tokio::time::Instant, shed: u64, refresh: Duration) -> Option<u64> {
+        match (shed, self.seen) {
+            (0, _) => {
+                self.seen = None;
+                None
+            }
+            (_, Some((first, before))) if now.duration_since(first) >= refresh => {
+                self.seen = None;
+                Some(shed.min(before))
+            }
+            (_, Some(_)) => None,
+            (_, None) => {
+                self.seen = Some((now, shed));
+                None
+            }
+        }
+    }
+}
+
 /// The automatic check: every `every` (the node list's refresh), sheds this node's
-/// excess. Runs until the node drains or stops.
+/// excess once two checks a refresh apart agree on it ([`Confirm`]). Runs until the
+/// node drains or stops.
 pub async fn run_auto(gw: Arc<Gateway>, every: Duration) {
     info!(
         ?every,
         margin = gw.config.rebalance_margin,
         "automatic rebalancing on"
     );
+    let mut confirm = Confirm::default();
     loop {
         let jitter = rand::random_range(0.8..1.2);
         tokio::select! {
@@ -253,14 +288,24 @@ pub async fn run_auto(gw: Arc<Gateway>, every: Duration) {
             _ = tokio::time::sleep(every.mul_f64(jitter)) => {}
         }
         if gw.rebalance.shedding.load(Ordering::SeqCst) {
+            confirm = Confirm::default();
             continue;
         }
         let Some(line) = own_line(&gw).await else {
             continue;
         };
         gw.metrics.rebalance_excess.set(line.shed as i64);
-        if line.shed > 0 {
-            start(&gw, line.shed, Trigger::Auto);
+        match confirm.observe(tokio::time::Instant::now(), line.shed, every) {
+            Some(shed) => {
+                start(&gw, shed, Trigger::Auto);
+            }
+            None if line.shed > 0 => {
+                debug!(
+                    excess = line.shed,
+                    "rebalance: an excess, to confirm at the next check"
+                );
+            }
+            None => {}
         }
     }
 }
@@ -325,5 +370,24 @@ mod tests {
         // A node that does not say its capacity (an older version): even shares.
         let nodes = [node("a", 150, 0, false), node("b", 50, 200, false)];
         assert_eq!(sheds(&plan(&nodes, 0.1)), [(100, 50), (100, 0)]);
+    }
+
+    #[test]
+    fn an_excess_sheds_only_when_two_checks_a_refresh_apart_agree() {
+        let refresh = Duration::from_secs(5);
+        let t0 = tokio::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut c = Confirm::default();
+        // A stale look, gone at the next check: nothing shed.
+        assert_eq!(c.observe(at(0), 3, refresh), None);
+        assert_eq!(c.observe(at(5), 0, refresh), None);
+        // Seen twice, but too close together: not yet.
+        assert_eq!(c.observe(at(10), 40, refresh), None);
+        assert_eq!(c.observe(at(14), 40, refresh), None);
+        // A refresh after the first look: the smaller excess.
+        assert_eq!(c.observe(at(15), 30, refresh), Some(30));
+        // Confirmed once, it starts over.
+        assert_eq!(c.observe(at(20), 10, refresh), None);
+        assert_eq!(c.observe(at(26), 12, refresh), Some(10));
     }
 }
