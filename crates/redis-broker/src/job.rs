@@ -10,7 +10,7 @@ use tokio::sync::oneshot;
 use wsgate_fanout::{BrokerError, BrokerFuture};
 
 use crate::reply::{unavailable, Reply};
-use crate::streams::function_missing;
+use crate::streams::{function_missing, publish_many_cmd, StreamPublication};
 
 /// One command on its way.
 pub(crate) enum Op {
@@ -18,6 +18,9 @@ pub(crate) enum Op {
     Publish { channel: Vec<u8>, payload: Vec<u8> },
     /// A stream function call; its reply goes back as it is.
     Call(redis::Cmd),
+    /// A publication into a stream: its reply (`[seq, epoch]`) goes back as it is.
+    /// Consecutive ones share one function call ([`run`]).
+    Stream(StreamPublication),
 }
 
 /// Where a command's answer goes.
@@ -48,13 +51,19 @@ impl Job {
         )
     }
 
-    /// A call that publishes (a stream publication), and the receiver of its reply.
-    pub(crate) fn publishing_call(
-        cmd: redis::Cmd,
+    /// A stream publication, and the receiver of its reply.
+    pub(crate) fn stream(
+        publication: StreamPublication,
     ) -> (Job, oneshot::Receiver<Result<Value, BrokerError>>) {
-        let (mut job, rx) = Self::call(cmd);
-        job.publication = true;
-        (job, rx)
+        let (tx, rx) = oneshot::channel();
+        (
+            Job {
+                op: Op::Stream(publication),
+                ack: Ack::Value(tx),
+                publication: true,
+            },
+            rx,
+        )
     }
 
     fn add_to(&self, pipe: &mut redis::Pipeline, publish: &str) {
@@ -64,6 +73,9 @@ impl Job {
             }
             Op::Call(cmd) => {
                 pipe.add_command(cmd.clone());
+            }
+            Op::Stream(p) => {
+                pipe.add_command(p.cmd());
             }
         }
     }
@@ -150,10 +162,106 @@ pub(crate) struct Outcome {
     pub failed: Option<redis::RedisError>,
 }
 
+/// Most stream publications in one `wsgate_gateway_publish_many` call.
+const MAX_GROUP: usize = 256;
+
+/// One command of a pipeline: a job alone, or consecutive stream publications in one
+/// call.
+enum Entry {
+    One(Job),
+    Many(Vec<Job>),
+}
+
+impl Entry {
+    /// `jobs` as pipeline commands, in order: each run of consecutive stream
+    /// publications (up to [`MAX_GROUP`]) becomes one call. Their order is kept, so
+    /// each stream's publications are numbered in the order they were queued; only
+    /// the call's overhead (one function call, clock read, position read, seq write
+    /// and expiry per stream, instead of one per publication) is shared.
+    fn group(jobs: Vec<Job>) -> Vec<Entry> {
+        let mut out: Vec<Entry> = Vec::with_capacity(jobs.len());
+        for job in jobs {
+            if !matches!(job.op, Op::Stream(_)) {
+                out.push(Entry::One(job));
+                continue;
+            }
+            match out.last_mut() {
+                Some(Entry::Many(group)) if group.len() < MAX_GROUP => group.push(job),
+                Some(
+                    last @ Entry::One(Job {
+                        op: Op::Stream(_), ..
+                    }),
+                ) => {
+                    let Entry::One(first) = std::mem::replace(last, Entry::Many(Vec::new())) else {
+                        unreachable!()
+                    };
+                    *last = Entry::Many(vec![first, job]);
+                }
+                _ => out.push(Entry::One(job)),
+            }
+        }
+        out
+    }
+
+    fn add_to(&self, pipe: &mut redis::Pipeline, publish: &str) {
+        match self {
+            Entry::One(job) => job.add_to(pipe, publish),
+            Entry::Many(jobs) => {
+                pipe.add_command(publish_many_cmd(jobs.iter().map(|j| match &j.op {
+                    Op::Stream(p) => p,
+                    _ => unreachable!("only stream publications are grouped"),
+                })));
+            }
+        }
+    }
+
+    fn into_jobs(self) -> Vec<Job> {
+        match self {
+            Entry::One(job) => vec![job],
+            Entry::Many(jobs) => jobs,
+        }
+    }
+
+    /// Answers the entry's jobs with its reply; how many were accepted, of which
+    /// publications, and how many refused.
+    fn answer(self, reply: Option<Value>, publish: &str, out: &mut Outcome) {
+        let mut count = |job: Job, v: Option<Value>| {
+            let publication = job.publication;
+            if job.answer(v, publish) {
+                out.accepted += 1;
+                out.published += u64::from(publication);
+            } else {
+                out.refused += 1;
+            }
+        };
+        match self {
+            Entry::One(job) => count(job, reply),
+            Entry::Many(jobs) => match reply {
+                Some(Value::Array(items)) if items.len() == jobs.len() => {
+                    for (job, item) in jobs.into_iter().zip(items) {
+                        count(job, Some(item));
+                    }
+                }
+                Some(e @ Value::ServerError(_)) => {
+                    for job in jobs {
+                        count(job, Some(e.clone()));
+                    }
+                }
+                // Not one answer per publication: none of them is known to be in.
+                _ => {
+                    for job in jobs {
+                        count(job, None);
+                    }
+                }
+            },
+        }
+    }
+}
+
 /// Sends `jobs` as one pipeline (`publish` is `PUBLISH` or `SPUBLISH`) and answers
-/// each. Calls that find no function are sent again once, after the library was
-/// installed; they are stream publications and reads only, so their order among
-/// themselves is kept.
+/// each; consecutive stream publications go as one call ([`Entry::group`]). Calls
+/// that find no function are sent again once, after the library was installed; they
+/// are stream publications and reads only, so their order among themselves is kept.
 pub(crate) async fn run(target: &mut impl Target, jobs: Vec<Job>, publish: &str) -> Outcome {
     let mut out = Outcome {
         accepted: 0,
@@ -163,17 +271,18 @@ pub(crate) async fn run(target: &mut impl Target, jobs: Vec<Job>, publish: &str)
     };
     let mut pending = jobs;
     for attempt in 0..2 {
+        let entries = Entry::group(pending);
         let mut pipe = redis::pipe();
-        for job in &pending {
-            job.add_to(&mut pipe, publish);
+        for entry in &entries {
+            entry.add_to(&mut pipe, publish);
         }
-        let replies = match target.send(pipe, pending.len()).await {
+        let replies = match target.send(pipe, entries.len()).await {
             Ok(r) => r,
             Err(e) => {
                 // Some of it may have reached Redis: failing all of it can only be a
                 // false failure, never a false success.
                 let err = unavailable(format!("redis: {e}"));
-                for job in pending {
+                for job in entries.into_iter().flat_map(Entry::into_jobs) {
                     job.fail(err.clone());
                 }
                 out.failed = Some(e);
@@ -182,18 +291,12 @@ pub(crate) async fn run(target: &mut impl Target, jobs: Vec<Job>, publish: &str)
         };
         let mut again = Vec::new();
         let mut replies = replies.into_iter();
-        for job in pending {
+        for entry in entries {
             let reply = replies.next();
             if attempt == 0 && reply.as_ref().is_some_and(function_missing) {
-                again.push(job);
+                again.extend(entry.into_jobs());
             } else {
-                let publication = job.publication;
-                if job.answer(reply, publish) {
-                    out.accepted += 1;
-                    out.published += u64::from(publication);
-                } else {
-                    out.refused += 1;
-                }
+                entry.answer(reply, publish, &mut out);
             }
         }
         if again.is_empty() {

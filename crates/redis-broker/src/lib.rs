@@ -233,9 +233,11 @@ impl Broker for RedisBroker {
         accepted_at: u64,
         opts: &StreamOptions,
     ) -> BrokerFuture<Position> {
-        let cmd = streams::publish_cmd(&self.channels.channel(topic), data, accepted_at, opts);
-        match self.publisher.call(cmd) {
-            Ok(rx) => job::answer_with(rx, streams::parse_position),
+        let publication =
+            streams::StreamPublication::new(self.channels.channel(topic), data, accepted_at, opts);
+        let (job, rx) = job::Job::stream(publication);
+        match presence::Writer::queue(&*self.publisher, &[], job) {
+            Ok(()) => job::answer_with(rx, streams::parse_position),
             Err(e) => BrokerFuture::ready(Err(e)),
         }
     }

@@ -100,6 +100,17 @@ local function store_options(k, size, ttl_ms)
   redis.call('PEXPIRE', k.options, math.max(OPTIONS_TTL_MS, 2 * ttl_ms))
 end
 
+-- Relays a numbered publication to the nodes: the envelope the gateways read
+-- (MAGIC, origin, "<epoch> <seq> <accepted_at>\n", payload).
+local function relay(channel, origin, epoch, seq, at, payload)
+  local message = MAGIC .. origin .. epoch .. ' ' .. string.format('%d', seq) .. ' ' .. at .. '\n' .. payload
+  if SHARDED then
+    redis.call('SPUBLISH', channel, message)
+  else
+    redis.call('PUBLISH', channel, message)
+  end
+end
+
 -- Numbers, keeps and relays one publication. `at`: accepted_at (ns, as text) or nil
 -- (a backend's: Redis's time). Returns { seq, epoch }.
 local function append(channel, k, payload, at, origin, size, ttl_ms, options)
@@ -122,12 +133,7 @@ local function append(channel, k, payload, at, origin, size, ttl_ms, options)
   end
   redis.call('PEXPIRE', k.stream, ttl_ms)
   redis.call('PEXPIRE', k.history, ttl_ms)
-  local relay = MAGIC .. origin .. epoch .. ' ' .. string.format('%d', seq) .. ' ' .. at .. '\n' .. payload
-  if SHARDED then
-    redis.call('SPUBLISH', channel, relay)
-  else
-    redis.call('PUBLISH', channel, relay)
-  end
+  relay(channel, origin, epoch, seq, at, payload)
   return { seq, epoch }
 end
 
@@ -159,6 +165,73 @@ local function wsgate_gateway_publish(keys, args)
   local size, ttl_ms = int(args[3], 'history_size'), int(args[4], 'history_ttl_ms')
   int(args[2], 'accepted_at')
   return append(channel, k, args[1], args[2], 'g', size, ttl_ms, true)
+end
+
+-- FCALL wsgate_gateway_publish_many <nkeys> <channel>… then <history_size> <history_ttl_ms>
+--   for each channel (in KEYS order), then <channel index> <json> <accepted_at_ns> for
+--   each publication (index 1-based into KEYS)
+-- What a gateway sends for several publications queued together (its pipeline under
+-- load): each numbered, kept and relayed exactly as wsgate_gateway_publish would, in
+-- their order, with one clock read, one position read and one seq write and expiry per
+-- stream. Returns { {seq, epoch}, … }, one per publication, in order. Everything is
+-- checked before anything is written.
+local function wsgate_gateway_publish_many(keys, args)
+  local usage = 'wsgate: usage: FCALL wsgate_gateway_publish_many <nkeys> <channel>... '
+    .. '(<history_size> <history_ttl_ms>)... (<channel index> <json> <accepted_at_ns>)...'
+  local first = 2 * #keys + 1
+  if #keys == 0 or #args < first or (#args - first + 1) % 3 ~= 0 then
+    error(usage)
+  end
+  local streams = {}
+  for i, channel in ipairs(keys) do
+    streams[i] = {
+      channel = channel,
+      k = keys_of(channel),
+      size = math.max(int(args[2 * i - 1], 'history_size'), 1),
+      ttl_ms = math.max(int(args[2 * i], 'history_ttl_ms'), 1),
+    }
+  end
+  for j = first, #args, 3 do
+    if streams[int(args[j], 'channel index')] == nil then
+      error('wsgate: a channel index is not one of the keys')
+    end
+    int(args[j + 2], 'accepted_at')
+  end
+  local sec, usec, now_ms = now()
+  local stamp = string.format('%d', now_ms)
+  local out = {}
+  for j = first, #args, 3 do
+    local s = streams[tonumber(args[j])]
+    local at, payload = args[j + 2], args[j + 1]
+    if s.seq == nil then
+      s.epoch, s.seq, s.options = position(s.k, sec, usec, s.ttl_ms)
+    end
+    s.seq = s.seq + 1
+    if s.seq % OPTIONS_EVERY == 0 then
+      s.options = true
+    end
+    if s.seq % AGE_TRIM_EVERY == 0 then
+      s.trim = true
+    end
+    redis.call('XADD', s.k.history, 'MAXLEN', s.size, string.format('%d-0', s.seq),
+      't', stamp, 'a', at, 'd', payload)
+    relay(s.channel, 'g', s.epoch, s.seq, at, payload)
+    out[#out + 1] = { s.seq, s.epoch }
+  end
+  for _, s in ipairs(streams) do
+    if s.seq ~= nil then
+      redis.call('HSET', s.k.stream, 'seq', s.seq)
+      if s.options then
+        store_options(s.k, s.size, s.ttl_ms)
+      end
+      if s.trim then
+        trim(s.k, nil, now_ms - s.ttl_ms)
+      end
+      redis.call('PEXPIRE', s.k.stream, s.ttl_ms)
+      redis.call('PEXPIRE', s.k.history, s.ttl_ms)
+    end
+  end
+  return out
 end
 
 -- FCALL wsgate_history 1 <channel> <history_size> <history_ttl_ms> latest <limit>
@@ -215,4 +288,5 @@ end
 
 redis.register_function('wsgate_publish', wsgate_publish)
 redis.register_function('wsgate_gateway_publish', wsgate_gateway_publish)
+redis.register_function('wsgate_gateway_publish_many', wsgate_gateway_publish_many)
 redis.register_function('wsgate_history', wsgate_history)

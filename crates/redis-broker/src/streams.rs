@@ -5,8 +5,9 @@
 //!
 //! - The library (`streams.lua`, installed with `FUNCTION LOAD REPLACE` by every
 //!   gateway on every (re)connect, and again when a call finds no function):
-//!   `wsgate_publish` (backends), `wsgate_gateway_publish` and `wsgate_history`
-//!   (gateways). Each takes the topic's channel as its one key.
+//!   `wsgate_publish` (backends), `wsgate_gateway_publish`,
+//!   `wsgate_gateway_publish_many` (several publications queued together: one call)
+//!   and `wsgate_history` (gateways). Each takes the topics' channels as its keys.
 //! - Keys: [`StreamKeys`], all in the channel's hash slot.
 //! - The relay message ([`Relay`]): `0xFF "WSS1"`, the origin (`g` a gateway, `b` a
 //!   backend), `<epoch> <seq> <accepted_at>\n`, then the payload. The 0xFF byte never
@@ -14,6 +15,7 @@
 //!   ([`crate::envelope`]), so no plain payload is taken for a relay message.
 
 use std::borrow::Cow;
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -109,21 +111,76 @@ fn ttl_ms(opts: &StreamOptions) -> u64 {
         .max(1)
 }
 
-/// `FCALL wsgate_gateway_publish 1 <channel> <data> <accepted_at> <size> <ttl_ms>`.
-pub(crate) fn publish_cmd(
-    channel: &[u8],
-    data: &[u8],
-    accepted_at: u64,
-    opts: &StreamOptions,
+/// A gateway's publication into a stream, on its way to Redis: sent alone as
+/// `wsgate_gateway_publish`, or with the stream publications queued beside it as one
+/// `wsgate_gateway_publish_many` ([`publish_many_cmd`]).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub(crate) struct StreamPublication {
+    pub channel: Vec<u8>,
+    pub data: Vec<u8>,
+    pub accepted_at: u64,
+    pub size: usize,
+    pub ttl_ms: u64,
+}
+
+impl StreamPublication {
+    pub(crate) fn new(
+        channel: Vec<u8>,
+        data: &[u8],
+        accepted_at: u64,
+        opts: &StreamOptions,
+    ) -> Self {
+        StreamPublication {
+            channel,
+            data: data.to_vec(),
+            accepted_at,
+            size: opts.history_size.max(1),
+            ttl_ms: ttl_ms(opts),
+        }
+    }
+
+    /// `FCALL wsgate_gateway_publish 1 <channel> <data> <accepted_at> <size> <ttl_ms>`.
+    pub(crate) fn cmd(&self) -> redis::Cmd {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg("wsgate_gateway_publish")
+            .arg(1)
+            .arg(&self.channel)
+            .arg(&self.data)
+            .arg(self.accepted_at)
+            .arg(self.size)
+            .arg(self.ttl_ms);
+        cmd
+    }
+}
+
+/// `FCALL wsgate_gateway_publish_many <nkeys> <channel>… (<size> <ttl_ms>)…
+/// (<channel index> <data> <accepted_at>)…`: several publications, in their order, in
+/// one call (streams.lua). Its reply is one `[seq, epoch]` per publication, in order.
+/// A channel's options are the first of its publications'.
+pub(crate) fn publish_many_cmd<'a>(
+    pubs: impl IntoIterator<Item = &'a StreamPublication> + Clone,
 ) -> redis::Cmd {
+    let mut channels: Vec<&StreamPublication> = Vec::new();
+    let mut seen: HashMap<&[u8], usize> = HashMap::new();
+    let mut index = Vec::new();
+    for p in pubs.clone() {
+        let i = *seen.entry(&p.channel).or_insert_with(|| {
+            channels.push(p);
+            channels.len()
+        });
+        index.push(i);
+    }
     let mut cmd = redis::cmd("FCALL");
-    cmd.arg("wsgate_gateway_publish")
-        .arg(1)
-        .arg(channel)
-        .arg(data)
-        .arg(accepted_at)
-        .arg(opts.history_size.max(1))
-        .arg(ttl_ms(opts));
+    cmd.arg("wsgate_gateway_publish_many").arg(channels.len());
+    for c in &channels {
+        cmd.arg(&c.channel);
+    }
+    for c in &channels {
+        cmd.arg(c.size).arg(c.ttl_ms);
+    }
+    for (p, i) in pubs.into_iter().zip(index) {
+        cmd.arg(i).arg(&p.data).arg(p.accepted_at);
+    }
     cmd
 }
 

@@ -517,3 +517,118 @@ async fn two_nodes_deliver_and_resume_a_stream_through_redis() {
             .collect::<Vec<_>>()
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn publications_queued_together_share_calls_and_keep_each_streams_order() {
+    let redis = Redis::start();
+    let topics = ["chat:a", "chat:b", "chat:c"];
+    let events = Recorder::with_topics(&topics);
+    let b = broker(&redis, &events).await;
+    subscribe(&b, &topics).await;
+    // Different options per stream: each keeps its own.
+    let o: Vec<StreamOptions> = (0..3)
+        .map(|i| opts(5 + i, Duration::from_secs(60 + 60 * i as u64)))
+        .collect();
+    let mut c = redis.conn();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut c).unwrap();
+
+    // 300 publications queued at once, the streams interleaved, with plain ones among
+    // them (which end a run of stream publications).
+    let mut acks = Vec::new();
+    let mut plain = Vec::new();
+    for i in 0..300u64 {
+        let t = (i % 3) as usize;
+        let data = format!("{{\"i\":{i}}}");
+        acks.push((
+            t,
+            i,
+            b.publish_stream(topics[t], data.as_bytes(), 1_000 + i, &o[t]),
+        ));
+        if i % 50 == 0 {
+            plain.push(b.publish("plain", b"{}", 1));
+        }
+    }
+    let mut next = [1u64; 3];
+    let mut epochs: [Option<Arc<str>>; 3] = [None, None, None];
+    for (t, i, ack) in acks {
+        let p = ack.await.unwrap();
+        assert_eq!(
+            p.seq, next[t],
+            "publication {i}: each stream numbered in queue order"
+        );
+        next[t] += 1;
+        let e = epochs[t].get_or_insert_with(|| p.epoch.clone());
+        assert_eq!(*e, p.epoch);
+    }
+    for ack in plain {
+        ack.await.unwrap();
+    }
+
+    // Relayed in order, with their own data and accepted_at.
+    for (t, topic) in topics.iter().enumerate() {
+        assert!(eventually(WAIT, || events.stream(topic).len() == 100).await);
+        let s = events.stream(topic);
+        for (k, e) in s.iter().enumerate() {
+            let i = 3 * k as u64 + t as u64;
+            assert_eq!(e.1, k as u64 + 1);
+            assert_eq!(e.2, format!("{{\"i\":{i}}}"), "{topic} seq {}", e.1);
+        }
+        let h = b
+            .history(topic, &o[t], HistoryQuery::Latest(100))
+            .await
+            .unwrap();
+        assert_eq!(h.position.seq, 100);
+        assert_eq!(h.entries.len(), 5 + t, "{topic} keeps its own size");
+        assert_eq!(
+            h.entries.last().unwrap().accepted_at,
+            1_000 + 297 + t as u64
+        );
+        let k = StreamKeys::of(format!("wsgate:{topic}").as_bytes());
+        let ttl: i64 = redis::cmd("PTTL").arg(&k.history).query(&mut c).unwrap();
+        let max = 60_000 + 60_000 * t as i64;
+        assert!(ttl > max - 60_000 && ttl <= max, "{topic}: {ttl}");
+    }
+
+    // Far fewer function calls than publications.
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query(&mut c)
+        .unwrap();
+    let calls: u64 = stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_fcall:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .expect("FCALL counted");
+    assert!(calls < 100, "300 publications took {calls} calls");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_bad_publish_many_call_writes_nothing() {
+    let redis = Redis::start();
+    let events = Recorder::with_topics(&[]);
+    let _b = broker(&redis, &events).await;
+    let mut c = redis.conn();
+    // The second publication's channel index is out of range: refused whole.
+    let r: redis::RedisResult<redis::Value> = redis::cmd("FCALL")
+        .arg("wsgate_gateway_publish_many")
+        .arg(1)
+        .arg("wsgate:chat:x")
+        .arg(10)
+        .arg(60_000)
+        .arg(1)
+        .arg("{}")
+        .arg(5)
+        .arg(2)
+        .arg("{}")
+        .arg(6)
+        .query(&mut c);
+    assert!(r.is_err(), "{r:?}");
+    let k = StreamKeys::of(b"wsgate:chat:x");
+    let exists: u64 = redis::cmd("EXISTS")
+        .arg(&k.stream)
+        .arg(&k.history)
+        .query(&mut c)
+        .unwrap();
+    assert_eq!(exists, 0, "nothing written");
+}

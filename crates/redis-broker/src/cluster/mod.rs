@@ -245,8 +245,12 @@ impl Broker for ClusterBroker {
         opts: &StreamOptions,
     ) -> BrokerFuture<Position> {
         let channel = self.shared.channels.channel(topic);
-        let (job, rx) =
-            job::Job::publishing_call(streams::publish_cmd(&channel, data, accepted_at, opts));
+        let (job, rx) = job::Job::stream(streams::StreamPublication::new(
+            channel,
+            data,
+            accepted_at,
+            opts,
+        ));
         match self.queue(topic, job) {
             Ok(()) => job::answer_with(rx, streams::parse_position),
             Err(e) => BrokerFuture::ready(Err(e)),
