@@ -115,9 +115,10 @@ impl Drop for Running<'_> {
     }
 }
 
-/// This node's line of a fresh plan: its share and its excess, or `None` when the node
-/// list is unavailable or does not list this node.
-async fn own_line(gw: &Gateway) -> Option<Planned> {
+/// This node's line of a fresh plan (its share and its excess) and the connections of
+/// the serving nodes in all, or `None` when the node list is unavailable or does not
+/// list this node.
+async fn own_line(gw: &Gateway) -> Option<(Planned, u64)> {
     let nodes = match gw.node.nodes().await {
         Ok(n) => n,
         Err(e) => {
@@ -125,9 +126,15 @@ async fn own_line(gw: &Gateway) -> Option<Planned> {
             return None;
         }
     };
-    plan(&nodes, gw.config.rebalance_margin)
+    let total = nodes
+        .iter()
+        .filter(|n| !n.draining)
+        .map(|n| n.connections)
+        .sum();
+    let line = plan(&nodes, gw.config.rebalance_margin)
         .into_iter()
-        .find(|p| p.node == gw.node_id)
+        .find(|p| p.node == gw.node_id)?;
+    Some((line, total))
 }
 
 /// Starts shedding `count` connections in the background, unless the node is draining
@@ -186,7 +193,7 @@ async fn shed(gw: &Gateway, count: u64, trigger: Trigger) {
         if last_check.elapsed() >= RECHECK {
             last_check = tokio::time::Instant::now();
             match own_line(gw).await {
-                Some(line) => {
+                Some((line, _)) => {
                     let excess = gw.connections() as u64;
                     let excess = excess.saturating_sub(line.share);
                     gw.metrics.rebalance_excess.set(excess as i64);
@@ -238,32 +245,50 @@ pub(crate) fn on_command(gw: &Arc<Gateway>, shed: &BTreeMap<String, u64>) {
 }
 
 /// The automatic check's memory: an excess sheds only once it has been seen on two
-/// checks at least one node-list refresh apart. Each peer's count in the list is as old
-/// as its last heartbeat, so one look can show a node over its share that is not: its
-/// clients arrived since the peers last reported theirs (a start, a rolling deploy), or
-/// a Redis failover held the reports back. A real excess (a scale-out) lasts.
+/// checks at least one node-list refresh apart, with the fleet's connections steady
+/// in between. Each peer's count in the list is as old as its last heartbeat, while
+/// this node's own is fresh, so one look can show an excess that is not there: its
+/// clients arrived since the peers last reported theirs, or a Redis failover held the
+/// reports back. And while the fleet's total moves by more than the margin (a start,
+/// a rolling deploy, a connect surge), every node's count is moving and the comparison
+/// says nothing. A real excess (a scale-out: new nodes, the same clients) lasts, with
+/// a steady total.
 #[derive(Debug, Default)]
 struct Confirm {
-    /// When an excess was first seen, and how large it was.
-    seen: Option<(tokio::time::Instant, u64)>,
+    /// When an excess was first seen, how large it was, and the fleet's total then.
+    seen: Option<(tokio::time::Instant, u64, u64)>,
 }
 
 impl Confirm {
-    /// Records the check at `now` finding `shed` to shed; what to shed now, if the
-    /// excess is confirmed (the smaller of the two looks).
-    fn observe(&mut self, now: tokio::time::Instant, shed: u64, refresh: Duration) -> Option<u64> {
-        match (shed, self.seen) {
-            (0, _) => {
-                self.seen = None;
-                None
-            }
-            (_, Some((first, before))) if now.duration_since(first) >= refresh => {
+    /// Records the check at `now` finding `shed` to shed with `total` connections in
+    /// the fleet; what to shed now, if the excess is confirmed (the smaller of the two
+    /// looks).
+    fn observe(
+        &mut self,
+        now: tokio::time::Instant,
+        shed: u64,
+        total: u64,
+        refresh: Duration,
+        margin: f64,
+    ) -> Option<u64> {
+        if shed == 0 {
+            self.seen = None;
+            return None;
+        }
+        match self.seen {
+            Some((first, before, then)) if now.duration_since(first) >= refresh => {
+                let moved = total.abs_diff(then) as f64;
+                if moved > then.max(1) as f64 * margin {
+                    // Still moving: look again from here.
+                    self.seen = Some((now, shed, total));
+                    return None;
+                }
                 self.seen = None;
                 Some(shed.min(before))
             }
-            (_, Some(_)) => None,
-            (_, None) => {
-                self.seen = Some((now, shed));
+            Some(_) => None,
+            None => {
+                self.seen = Some((now, shed, total));
                 None
             }
         }
@@ -291,11 +316,12 @@ pub async fn run_auto(gw: Arc<Gateway>, every: Duration) {
             confirm = Confirm::default();
             continue;
         }
-        let Some(line) = own_line(&gw).await else {
+        let Some((line, total)) = own_line(&gw).await else {
             continue;
         };
         gw.metrics.rebalance_excess.set(line.shed as i64);
-        match confirm.observe(tokio::time::Instant::now(), line.shed, every) {
+        let now = tokio::time::Instant::now();
+        match confirm.observe(now, line.shed, total, every, gw.config.rebalance_margin) {
             Some(shed) => {
                 start(&gw, shed, Trigger::Auto);
             }
@@ -378,16 +404,34 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let at = |s: u64| t0 + Duration::from_secs(s);
         let mut c = Confirm::default();
+        let mut see = |s: u64, shed: u64, total: u64| c.observe(at(s), shed, total, refresh, 0.1);
         // A stale look, gone at the next check: nothing shed.
-        assert_eq!(c.observe(at(0), 3, refresh), None);
-        assert_eq!(c.observe(at(5), 0, refresh), None);
+        assert_eq!(see(0, 3, 9), None);
+        assert_eq!(see(5, 0, 9), None);
         // Seen twice, but too close together: not yet.
-        assert_eq!(c.observe(at(10), 40, refresh), None);
-        assert_eq!(c.observe(at(14), 40, refresh), None);
-        // A refresh after the first look: the smaller excess.
-        assert_eq!(c.observe(at(15), 30, refresh), Some(30));
+        assert_eq!(see(10, 40, 300), None);
+        assert_eq!(see(14, 40, 300), None);
+        // A refresh after the first look, the total steady: the smaller excess.
+        assert_eq!(see(15, 30, 310), Some(30));
         // Confirmed once, it starts over.
-        assert_eq!(c.observe(at(20), 10, refresh), None);
-        assert_eq!(c.observe(at(26), 12, refresh), Some(10));
+        assert_eq!(see(20, 10, 300), None);
+        assert_eq!(see(26, 12, 300), Some(10));
+    }
+
+    #[test]
+    fn a_fleet_whose_total_moves_is_not_rebalanced() {
+        let refresh = Duration::from_secs(5);
+        let t0 = tokio::time::Instant::now();
+        let at = |s: u64| t0 + Duration::from_secs(s);
+        let mut c = Confirm::default();
+        let mut see = |s: u64, shed: u64, total: u64| c.observe(at(s), shed, total, refresh, 0.1);
+        // A connect surge: this node's fresh count runs ahead of its peers' reports on
+        // every look, while the total grows.
+        assert_eq!(see(0, 500, 2_000), None);
+        assert_eq!(see(5, 800, 5_000), None);
+        assert_eq!(see(10, 900, 9_000), None);
+        // The surge is over: two steady looks a refresh apart.
+        assert_eq!(see(15, 20, 10_000), None);
+        assert_eq!(see(20, 15, 10_050), Some(15));
     }
 }
