@@ -279,7 +279,7 @@ def cmd_report(a: argparse.Namespace) -> None:
     phases = sets["probe"]
     st = read_status(str(d))
     rows = list(csv.DictReader(open(d / "nodes.csv")))
-    last = next((r for r in rows if t["end"] and float(r["t"]) >= t["end"]), rows[-1])
+    last = [r for r in rows if not t["end"] or float(r["t"]) <= t["end"]][-1]
     # Counts at the scale-out's start (a ramp may already move a few clients), and the
     # last 1012: the time the status' shed count last grew.
     at_start = next((r for r in rows if float(r["t"]) >= t["start"]), rows[0])
