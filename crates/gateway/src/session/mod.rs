@@ -38,6 +38,7 @@ pub(crate) mod registry;
 mod replies;
 mod subscribe;
 mod topics;
+pub(crate) mod sse;
 mod writer;
 
 use std::future::Future;
