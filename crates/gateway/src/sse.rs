@@ -137,6 +137,7 @@ pub(crate) fn serve<B>(gw: Arc<Gateway>, req: Request<B>, peer: SocketAddr) -> S
             return left(r);
         }
     };
+    let origin = req.headers().get(header::ORIGIN).cloned();
     let namespaces = gw.node.namespaces();
     for t in &topics {
         let server_only = !namespaces.client_subscribe(t) && !admitted.identity.topics.contains(t);
@@ -175,7 +176,15 @@ pub(crate) fn serve<B>(gw: Arc<Gateway>, req: Request<B>, peer: SocketAddr) -> S
         },
     );
     gw.tracker.spawn(session);
-    Response::builder()
+    let mut response = Response::builder();
+    if let Some(origin) = origin {
+        // The origin policy admitted it: a page of that origin may read the stream
+        // (`EventSource` sends no credentials but the URL's token).
+        response = response
+            .header(header::ACCESS_CONTROL_ALLOW_ORIGIN, origin)
+            .header(header::VARY, "Origin");
+    }
+    response
         .status(StatusCode::OK)
         .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
         .header(header::CACHE_CONTROL, "no-cache")
