@@ -347,7 +347,12 @@ async fn route_inner(
     }
 }
 
-pub(crate) fn refuse(gw: &Gateway, status: StatusCode, reason: &str, message: &str) -> Response<Body> {
+pub(crate) fn refuse(
+    gw: &Gateway,
+    status: StatusCode,
+    reason: &str,
+    message: &str,
+) -> Response<Body> {
     gw.metrics
         .connections_refused
         .with_label_values(&[reason])

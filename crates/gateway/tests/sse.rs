@@ -62,7 +62,8 @@ struct Sse {
 impl Sse {
     async fn open(addr: SocketAddr, path: &str, headers: &[(&str, &str)]) -> Sse {
         let mut stream = TcpStream::connect(addr).await.unwrap();
-        let mut req = format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
+        let mut req =
+            format!("GET {path} HTTP/1.1\r\nHost: {addr}\r\nAccept: text/event-stream\r\n");
         for (k, v) in headers {
             req.push_str(&format!("{k}: {v}\r\n"));
         }
@@ -122,11 +123,9 @@ impl Sse {
             let Some(eol) = self.raw.windows(2).position(|w| w == b"\r\n") else {
                 return;
             };
-            let size = usize::from_str_radix(
-                std::str::from_utf8(&self.raw[..eol]).unwrap().trim(),
-                16,
-            )
-            .unwrap();
+            let size =
+                usize::from_str_radix(std::str::from_utf8(&self.raw[..eol]).unwrap().trim(), 16)
+                    .unwrap();
             if size == 0 {
                 self.ended = true;
                 return;
@@ -253,9 +252,17 @@ async fn welcome_subscribed_messages_and_heartbeat_comments() {
     let s = start(&["--heartbeat-interval", "1s"]).await;
     let mut sse = Sse::open(s.addr, "/sse?topics=news,sport", &[]).await;
     assert_eq!(sse.status, 200);
-    assert!(sse.head.contains("content-type: text/event-stream"), "{}", sse.head);
+    assert!(
+        sse.head.contains("content-type: text/event-stream"),
+        "{}",
+        sse.head
+    );
     assert!(sse.head.contains("cache-control: no-cache"), "{}", sse.head);
-    assert!(sse.head.contains("transfer-encoding: chunked"), "{}", sse.head);
+    assert!(
+        sse.head.contains("transfer-encoding: chunked"),
+        "{}",
+        sse.head
+    );
     let welcome = sse.event().await;
     assert_eq!(welcome.json()["op"], "welcome");
     assert_eq!(welcome.id(), None);
@@ -384,7 +391,10 @@ async fn tokens_acls_and_server_only_namespaces_are_checked_before_the_stream() 
 async fn drain_and_server_api_end_the_stream_with_a_close_event() {
     let s = start(&["--drain-timeout", "300ms"]).await;
     let mut a = Sse::open(s.addr, "/sse?topics=t", &[]).await;
-    let session = a.event().await.json()["session"].as_str().unwrap().to_owned();
+    let session = a.event().await.json()["session"]
+        .as_str()
+        .unwrap()
+        .to_owned();
     assert_eq!(a.event().await.json()["op"], "subscribed");
     let mut b = Sse::open(s.addr, "/sse?topics=t", &[]).await;
     assert_eq!(b.event().await.json()["op"], "welcome");
@@ -413,7 +423,10 @@ async fn drain_and_server_api_end_the_stream_with_a_close_event() {
     assert_eq!(close.json()["op"], "close");
     assert_eq!(close.json()["code"], 1001);
     assert_eq!(b.event().await, Item::End);
-    assert_eq!(s.metric("wsgate_disconnects_total{reason=\"drain\"}").await, 1.0);
+    assert_eq!(
+        s.metric("wsgate_disconnects_total{reason=\"drain\"}").await,
+        1.0
+    );
     assert_eq!(
         s.metric("wsgate_disconnects_total{reason=\"server_disconnect\"}")
             .await,
@@ -515,7 +528,11 @@ async fn a_client_that_does_not_read_is_a_slow_consumer() {
 #[tokio::test]
 async fn drop_oldest_streams_get_a_reset_with_an_id() {
     // The policy of the topic's namespace applies to SSE sessions as to /ws ones.
-    let s = start_streams(&["--outbound-queue-bytes", "64KiB"], SlowConsumer::DropOldest).await;
+    let s = start_streams(
+        &["--outbound-queue-bytes", "64KiB"],
+        SlowConsumer::DropOldest,
+    )
+    .await;
     let mut sse = Sse::open(s.addr, "/sse?topics=chat:9", &[]).await;
     assert_eq!(sse.event().await.json()["op"], "welcome");
     assert_eq!(sse.event().await.json()["op"], "subscribed");

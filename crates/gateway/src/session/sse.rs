@@ -347,7 +347,8 @@ impl SseWrite {
             .and_then(|(_, ms)| ms.trim().parse::<u64>().ok());
         self.out.extend_from_slice(b"event: close\n");
         if let Some(ms) = retry {
-            self.out.extend_from_slice(format!("retry: {ms}\n").as_bytes());
+            self.out
+                .extend_from_slice(format!("retry: {ms}\n").as_bytes());
         }
         let json = format!(
             "{{\"op\":\"close\",\"code\":{code},\"reason\":{}}}",
