@@ -24,8 +24,9 @@ pub struct SseConn {
     stream: TcpStream,
     /// Raw body bytes not yet de-chunked.
     raw: Vec<u8>,
-    /// De-chunked bytes not yet split into lines.
+    /// De-chunked bytes; those before `pos` are parsed already.
     body: Vec<u8>,
+    pos: usize,
 }
 
 /// The `/sse` path for `url` (a `/ws` URL's path becomes `/sse`).
@@ -81,7 +82,10 @@ pub async fn open(ctx: &Ctx, url: &Url, topics: &[String]) -> Result<SseConn, Fa
             stream,
             raw,
             body: Vec::new(),
+            pos: 0,
         };
+        // The head's read may have brought the first events too.
+        conn.dechunk();
         loop {
             match conn.next_data() {
                 Some(line) if line.starts_with(br#"{"op":"subscribed""#) => return Ok(conn),
@@ -116,6 +120,9 @@ impl SseConn {
 
     /// Moves whole chunks from `raw` to `body`.
     fn dechunk(&mut self) {
+        // Forget what was parsed (once per read, not per line).
+        self.body.drain(..self.pos);
+        self.pos = 0;
         let mut at = 0;
         loop {
             let rest = &self.raw[at..];
@@ -139,12 +146,14 @@ impl SseConn {
     }
 
     /// The next complete `data:` field in the body, if any.
-    fn next_data(&mut self) -> Option<Vec<u8>> {
+    fn next_data(&mut self) -> Option<&[u8]> {
         loop {
-            let eol = memchr::memchr(b'\n', &self.body)?;
-            let line: Vec<u8> = self.body.drain(..=eol).collect();
-            if let Some(data) = line.strip_prefix(b"data: ") {
-                return Some(data[..data.len() - 1].to_vec());
+            let rest = &self.body[self.pos..];
+            let eol = memchr::memchr(b'\n', rest)?;
+            let start = self.pos;
+            self.pos += eol + 1;
+            if rest.starts_with(b"data: ") {
+                return Some(&self.body[start + 6..start + eol]);
             }
         }
     }
@@ -161,14 +170,14 @@ pub async fn receive(ctx: &Ctx, s: &mut SseConn, key: usize, publishers: usize) 
     let mut now = now_ns();
     'outer: loop {
         while let Some(f) = s.next_data() {
-            if let Some(st) = payload::scan_message(&f).or_else(|| payload::scan(&f)) {
+            if let Some(st) = payload::scan_message(f).or_else(|| payload::scan(f)) {
                 seq.record(st.publisher, st.seq);
                 rec.record(now, now.saturating_sub(st.sent_ns) / 1000);
-                if let (Some(at), Some(topic)) = (stream::tail_seq(&f), stream::topic_of(&f)) {
+                if let (Some(at), Some(topic)) = (stream::tail_seq(f), stream::topic_of(f)) {
                     streams.record(topic, at);
                 }
             } else if f.starts_with(br#"{"op":"close""#) {
-                out.closed_by_server = Some(String::from_utf8_lossy(&f).into_owned());
+                out.closed_by_server = Some(String::from_utf8_lossy(f).into_owned());
                 break 'outer;
             }
         }
