@@ -400,6 +400,20 @@ async fn drain_and_server_api_end_the_stream_with_a_close_event() {
     assert_eq!(b.event().await.json()["op"], "welcome");
     assert_eq!(b.event().await.json()["op"], "subscribed");
 
+    // The server API's subscribe reaches the SSE session like a WebSocket one.
+    let (st, body) = http_json(
+        s.addr,
+        "POST",
+        "/api/subscribe",
+        &json!({"session":session,"topics":["extra"]}).to_string(),
+    )
+    .await;
+    assert_eq!(st, 200, "{body}");
+    let sub = a.event().await.json();
+    assert_eq!(sub, json!({"op":"subscribed","id":null,"topics":["extra"]}));
+    publish(&s, "extra", json!("pushed")).await;
+    assert_eq!(a.event().await.json()["data"], "pushed");
+
     let (st, body) = http_json(
         s.addr,
         "POST",
@@ -570,4 +584,51 @@ async fn drop_oldest_streams_get_a_reset_with_an_id() {
         }
     }
     assert!(reset.is_some(), "a reset announced the dropped run");
+}
+
+#[tokio::test]
+async fn a_drain_with_a_reconnect_hint_sets_the_retry_field() {
+    // 10 upgrades/s and a drain that closes everyone at once: the close reasons carry
+    // `retry=` hints, which the final events repeat as `retry:`.
+    let s = start(&[
+        "--drain-timeout",
+        "0s",
+        "--upgrade-rate",
+        "10",
+        "--upgrade-burst",
+        "10",
+    ])
+    .await;
+    let mut streams = Vec::new();
+    for _ in 0..4 {
+        let mut sse = Sse::open(s.addr, "/sse?topics=t", &[]).await;
+        assert_eq!(sse.status, 200);
+        let welcome = sse.event().await.json();
+        assert!(welcome["reconnect_ms"].is_u64(), "{welcome}");
+        streams.push(sse);
+    }
+    let (st, _) = http(s.admin, "POST", "/drain", &[], b"").await;
+    assert_eq!(st, 202);
+    let mut retries = Vec::new();
+    for sse in streams.iter_mut() {
+        let close = loop {
+            match sse.event().await {
+                e @ Item::Event { event: Some(_), .. } => break e,
+                Item::End => panic!("no close event"),
+                _ => continue,
+            }
+        };
+        let Item::Event { retry, data, .. } = &close else {
+            unreachable!()
+        };
+        let v: Value = serde_json::from_str(data).unwrap();
+        assert_eq!(v["code"], 1001);
+        let reason = v["reason"].as_str().unwrap();
+        let hint: Option<u64> = reason
+            .rsplit_once("retry=")
+            .map(|(_, ms)| ms.parse().unwrap());
+        assert_eq!(*retry, hint, "retry: repeats the reason's hint ({reason})");
+        retries.extend(*retry);
+    }
+    assert!(!retries.is_empty(), "some closes carry a hint");
 }
