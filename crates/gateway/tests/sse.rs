@@ -346,7 +346,18 @@ async fn refusals_are_plain_http_with_json_errors() {
     assert_eq!(st, 405);
     drop(first);
 
-    // Draining: 503.
+    // Draining: 503. A WebSocket client that does not answer its close keeps the
+    // draining node up (for the close handshake's grace) while the stream is refused.
+    let open = "wsgate_transport_connections{compression=\"none\",transport=\"sse\"}";
+    let deadline = tokio::time::Instant::now() + WITHIN;
+    while s.metric(open).await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "first stream still open"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let _ws = s.connect().await;
     let (st, _) = http(s.admin, "POST", "/drain", &[], b"").await;
     assert_eq!(st, 202);
     let r = Sse::open(s.addr, "/sse?topics=a", &[]).await;
@@ -631,4 +642,29 @@ async fn a_drain_with_a_reconnect_hint_sets_the_retry_field() {
         retries.extend(*retry);
     }
     assert!(!retries.is_empty(), "some closes carry a hint");
+}
+
+#[tokio::test]
+async fn a_client_that_goes_away_ends_its_session_before_any_write() {
+    // The default 25 s heartbeat: nothing is written while the test waits.
+    let s = start(&[]).await;
+    let mut sse = Sse::open(s.addr, "/sse?topics=quiet", &[]).await;
+    assert_eq!(sse.event().await.json()["op"], "welcome");
+    assert_eq!(sse.event().await.json()["op"], "subscribed");
+    let open = "wsgate_transport_connections{compression=\"none\",transport=\"sse\"}";
+    assert_eq!(s.metric(open).await, 1.0);
+    drop(sse);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(5);
+    while s.metric(open).await != 0.0 {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "the session outlived its client"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        s.metric("wsgate_disconnects_total{reason=\"client_gone\"}")
+            .await,
+        1.0
+    );
 }

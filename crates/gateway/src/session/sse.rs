@@ -34,6 +34,7 @@ use tracing::Instrument;
 
 use super::subscribe::By;
 use super::{open, Session, Start};
+use crate::close::Disconnect;
 use crate::gateway::Gateway;
 use crate::protocol::{self, Since};
 
@@ -108,6 +109,9 @@ pub(crate) fn run(
     sse: SseStart,
 ) -> (SseBody, impl std::future::Future<Output = ()> + Send) {
     let (tx, rx) = mpsc::channel(CHANNEL);
+    // hyper drops the body when the client closes the connection: the session ends
+    // then, not only at its next write (it has no reader to see the end).
+    let body_gone = tx.clone();
     let SseStart {
         start,
         topics,
@@ -146,7 +150,13 @@ pub(crate) fn run(
                         Err(e) => client.reply_error(&e).await,
                     }
                 }
-                client.run(frames).await;
+                tokio::select! {
+                    () = client.run(frames) => {}
+                    () = body_gone.closed() => client.outbox.close(Disconnect::ClientGone),
+                }
+                // Held until here: the body ends when the writer's sender and this one
+                // are gone.
+                drop(body_gone);
             };
             let ended = tokio::select! {
                 biased;
