@@ -225,7 +225,28 @@ export interface Options {
    * of stopping (default false: a kicked client stays `closed`).
    */
   reconnectOnKick?: boolean;
+  /** EventSource implementation for the SSE fallback; defaults to the global `EventSource`. */
+  EventSource?: new (url: string) => unknown;
+  /**
+   * Fall back to Server-Sent Events (`GET /sse`) when WebSocket attempts fail
+   * `sseAfterFailures` times in a row before `welcome` (default true, when an
+   * EventSource exists).
+   */
+  sseFallback?: boolean;
+  /** WebSocket attempts that fail before `welcome` before the SSE fallback (default 2). */
+  sseAfterFailures?: number;
+  /** On SSE, try a WebSocket again after this long and switch back if it works (default 60000 ms; 0: never). */
+  wsRetryMs?: number;
+  /** The SSE endpoint, or a function of the WebSocket URL (default: that URL with http(s) and `/sse` for `/ws`). */
+  sseUrl?: string | ((wsUrl: string) => string) | null;
+  /** Over SSE, publish() POSTs `{topic, data}` here (e.g. `/api/publish`); null: publish() rejects with `unsupported`. */
+  publishUrl?: string | null;
+  /** Headers of those POSTs (e.g. `{ authorization: "Bearer <api key>" }`). */
+  publishHeaders?: Record<string, string> | null;
 }
+
+/** The transport a client uses. */
+export type Transport = "websocket" | "sse";
 
 export interface StateInfo {
   previous?: State;
@@ -272,7 +293,9 @@ export interface Events {
   /** Every state change. */
   state: (state: State, info: StateInfo) => void;
   connecting: (info: { attempt: number; url: string }) => void;
-  open: (info: Welcome & { url: string }) => void;
+  open: (info: Welcome & { url: string; transport: Transport }) => void;
+  /** The client changed transport (WebSocket → SSE fallback, or back). */
+  transport: (info: { transport: Transport }) => void;
   reconnecting: (info: { delayMs: number; attempt: number; code: number; reason: string }) => void;
   closed: (info: CloseInfo) => void;
   /** A socket ended (or an attempt failed), before the reconnect decision. */
@@ -301,6 +324,8 @@ export declare class WsgateClient {
   constructor(url: UrlSource, options?: Options);
   /** Current state. */
   readonly state: State;
+  /** The transport in use: `"websocket"`, or `"sse"` after the fallback. */
+  readonly transport: Transport;
   /** The current connection's welcome; null when not open. */
   readonly welcome: Welcome | null;
   /** URL of the current (or last) socket, without the token. */
@@ -404,3 +429,20 @@ export declare function resolveUrl(url: string, base?: string): string;
 export declare function toPosition(value: unknown): Position | null;
 /** URL with the `token` query parameter set. */
 export declare function withToken(url: string, token: string | null | undefined): string;
+/** The SSE URL of a WebSocket URL (http(s), `/ws` → `/sse`). */
+export declare function sseUrlOf(wsUrl: string): string;
+/** Stream positions in the gateway's SSE id encoding (`v1.` + base64url of the `since` JSON). */
+export declare function encodeSseId(positions: Record<string, Position>): string;
+/** A WebSocket look-alike over Server-Sent Events (used by the client's fallback). */
+export declare class SseSocket {
+  constructor(
+    EventSourceImpl: new (url: string) => unknown,
+    url: string,
+    topics: string[],
+    since: Record<string, Position>,
+    opts?: { publishUrl?: string | null; publishHeaders?: Record<string, string> | null; base?: string },
+  );
+  readyState: number;
+  send(text: string): void;
+  close(code?: number, reason?: string): void;
+}

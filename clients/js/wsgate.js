@@ -63,6 +63,26 @@ export const DEFAULTS = Object.freeze({
    * reconnect with backoff instead of stopping.
    */
   reconnectOnKick: false,
+  /**
+   * Fall back to Server-Sent Events (`GET /sse`, the browser's `EventSource`) when
+   * WebSocket connections fail `sseAfterFailures` times in a row before `welcome`.
+   */
+  sseFallback: true,
+  sseAfterFailures: 2,
+  /** While on SSE, try a WebSocket again after this long (and switch back if it works). */
+  wsRetryMs: 60000,
+  /**
+   * The SSE endpoint: a URL, or a function of the WebSocket URL; by default the
+   * WebSocket URL with http(s) and the path's last `/ws` replaced by `/sse`.
+   */
+  sseUrl: null,
+  /**
+   * Over SSE, publish() POSTs to this HTTP API endpoint (e.g. `/api/publish` of the
+   * gateway, or a backend route that forwards there); null: publish() rejects.
+   */
+  publishUrl: null,
+  /** Headers for those POSTs (e.g. `{authorization: "Bearer <api key>"}`). */
+  publishHeaders: null,
 });
 
 // ---------------------------------------------------------------------------------------
@@ -236,6 +256,279 @@ export function withToken(url, token) {
   return u.toString();
 }
 
+/**
+ * The SSE URL of a WebSocket URL: http(s), and the path's last `/ws` replaced by `/sse`
+ * (or `/sse` appended).
+ * @param {string} wsUrl absolute ws(s) URL.
+ */
+export function sseUrlOf(wsUrl) {
+  const u = new URL(wsUrl);
+  if (u.protocol === "ws:") u.protocol = "http:";
+  else if (u.protocol === "wss:") u.protocol = "https:";
+  u.pathname = /\/ws$/.test(u.pathname) ? u.pathname.replace(/\/ws$/, "/sse") : `${u.pathname.replace(/\/$/, "")}/sse`;
+  return u.toString();
+}
+
+/**
+ * Stream positions in the gateway's SSE id encoding (docs/protocol.md, "Server-Sent
+ * Events"): `v1.` + base64url (no padding) of the `since` JSON object.
+ * @param {Record<string, {seq: number, epoch: string}>} positions
+ */
+export function encodeSseId(positions) {
+  const json = JSON.stringify(positions);
+  const bytes = new TextEncoder().encode(json);
+  let bin = "";
+  for (const b of bytes) bin += String.fromCharCode(b);
+  return `v1.${btoa(bin).replace(/\+/g, "-").replace(/\//g, "_").replace(/=+$/, "")}`;
+}
+
+/**
+ * A WebSocket look-alike over Server-Sent Events, so that the client's whole state
+ * machine runs unchanged on SSE: frames from the server arrive as `onmessage`; the
+ * commands the client sends are carried out over HTTP or answered here:
+ * - `subscribe`/`unsubscribe`: the stream is reopened with the new topic set, every
+ *   stream topic resuming from its position (`since`); a plain topic may miss what is
+ *   published during the reopen;
+ * - `publish`: `POST publishUrl` when given, else an `unsupported` error;
+ * - `ping`: answered here (heartbeat comments keep the HTTP stream alive, the browser's
+ *   EventSource notices a broken one);
+ * - `presence`, `presence_stats`: `unsupported`; `refresh`: `unknown_op` (the new token
+ *   is used at the next connection).
+ */
+export class SseSocket {
+  /**
+   * @param {Function} EventSourceImpl the EventSource constructor.
+   * @param {string} url the `/sse` URL, token included.
+   * @param {string[]} topics the topics to open with.
+   * @param {Record<string, {seq: number, epoch: string}>} since their stream positions.
+   * @param {{publishUrl?: string | null, publishHeaders?: object | null, base?: string}} [opts]
+   */
+  constructor(EventSourceImpl, url, topics, since, opts = {}) {
+    this._ES = EventSourceImpl;
+    this._url = url;
+    this._opts = opts;
+    this.readyState = 0;
+    this.onmessage = null;
+    this.onclose = null;
+    this.onerror = null;
+    /** The open stream's topics, in order. */
+    this._topics = [...topics];
+    /** topic -> {seq, epoch}: where each stream topic stands, as delivered. */
+    this._positions = new Map(Object.entries(since ?? {}));
+    /** Client subscribes waiting for the stream's own `subscribed`. */
+    this._pending = [];
+    this._welcomed = false;
+    this._reopen = false;
+    this._open();
+  }
+
+  _open() {
+    const u = new URL(this._url);
+    if (this._topics.length > 0) u.searchParams.set("topics", this._topics.join(","));
+    else u.searchParams.delete("topics");
+    const since = {};
+    for (const t of this._topics) if (this._positions.has(t)) since[t] = this._positions.get(t);
+    if (Object.keys(since).length > 0) u.searchParams.set("since", encodeSseId(since));
+    else u.searchParams.delete("since");
+    this._expect = [...this._topics];
+    this._gotOwn = this._topics.length === 0;
+    const es = new this._ES(u.toString());
+    this._es = es;
+    es.onopen = () => {
+      if (this._es === es) this.readyState = 1;
+    };
+    es.onmessage = (ev) => {
+      if (this._es === es) this._onEvent(ev.data);
+    };
+    es.addEventListener("close", (ev) => {
+      if (this._es !== es) return;
+      let info = {};
+      try {
+        info = JSON.parse(ev.data);
+      } catch {
+        /* keep the defaults */
+      }
+      this._end(info.code ?? 1006, info.reason ?? "", true);
+    });
+    es.onerror = () => {
+      // Ours to handle: the client reconnects (with the positions), not the browser.
+      if (this._es === es) this._end(1006, "SSE connection failed", false);
+    };
+  }
+
+  _deliver(msg) {
+    this.onmessage?.({ data: typeof msg === "string" ? msg : JSON.stringify(msg) });
+  }
+
+  _onEvent(data) {
+    let msg;
+    try {
+      msg = JSON.parse(data);
+    } catch {
+      return;
+    }
+    const track = (topic, p) => {
+      if (typeof topic === "string" && Number.isInteger(p?.seq) && typeof p?.epoch === "string") this._positions.set(topic, { seq: p.seq, epoch: p.epoch });
+    };
+    switch (msg?.op) {
+      case "welcome":
+        // A reopen's welcome: the client already has one.
+        if (this._welcomed) return;
+        this._welcomed = true;
+        break;
+      case "message":
+        if (Number.isInteger(msg.seq) && this._positions.has(msg.topic)) {
+          track(msg.topic, { seq: msg.seq, epoch: this._positions.get(msg.topic).epoch });
+        }
+        break;
+      case "reset":
+        track(msg.topic, msg);
+        break;
+      case "subscribed":
+        for (const [t, p] of Object.entries(msg.streams ?? {})) track(t, p);
+        if ((msg.id === null || msg.id === undefined) && !this._gotOwn && sameList(msg.topics, this._expect)) {
+          // The stream's own subscription: it answers the client's subscribes.
+          this._gotOwn = true;
+          const pending = this._pending;
+          this._pending = [];
+          for (const cmd of pending) this._deliver(subscribedFor(cmd, msg));
+          return;
+        }
+        break;
+      default:
+    }
+    this._deliver(data);
+  }
+
+  /** Sends a command (JSON text), as WebSocket.send would. */
+  send(text) {
+    if (this.readyState > 1) throw new Error("SSE connection closed");
+    const cmd = JSON.parse(text);
+    const error = (code, message) => this._later({ op: "error", id: cmd.id, code, message });
+    switch (cmd.op) {
+      case "subscribe": {
+        for (const [t, p] of Object.entries(cmd.since ?? {})) if (!this._positions.has(t)) this._positions.set(t, p);
+        const fresh = cmd.topics.filter((t) => !this._topics.includes(t));
+        if (fresh.length === 0 && !this._gotOwn) {
+          this._pending.push(cmd);
+          return;
+        }
+        if (fresh.length === 0) {
+          const streams = {};
+          for (const t of cmd.topics) if (this._positions.has(t)) streams[t] = this._positions.get(t);
+          this._later(subscribedFor(cmd, { streams }));
+          return;
+        }
+        this._topics.push(...fresh);
+        this._pending.push(cmd);
+        this._scheduleReopen();
+        return;
+      }
+      case "unsubscribe": {
+        const gone = new Set(cmd.topics);
+        const before = this._topics.length;
+        this._topics = this._topics.filter((t) => !gone.has(t));
+        for (const t of gone) this._positions.delete(t);
+        this._later({ op: "unsubscribed", id: cmd.id, topics: cmd.topics });
+        if (this._topics.length !== before) this._scheduleReopen();
+        return;
+      }
+      case "ping":
+        this._later({ op: "pong", id: cmd.id });
+        return;
+      case "publish":
+        this._publish(cmd);
+        return;
+      case "refresh":
+        error("unknown_op", "refresh is not available over SSE: the new token is used at the next connection");
+        return;
+      case "presence":
+      case "presence_stats":
+        error("unsupported", `${cmd.op} is not available over Server-Sent Events (use the HTTP API /api/presence)`);
+        return;
+      default:
+        error("unknown_op", `${cmd.op} is not available over Server-Sent Events`);
+    }
+  }
+
+  _later(msg) {
+    queueMicrotask(() => {
+      if (this.readyState <= 1) this._deliver(msg);
+    });
+  }
+
+  _scheduleReopen() {
+    if (this._reopen) return;
+    this._reopen = true;
+    queueMicrotask(() => {
+      this._reopen = false;
+      if (this.readyState > 1) return;
+      const old = this._es;
+      this._es = null;
+      old?.close();
+      // Topics already answered keep resuming from their positions; subscribes still
+      // waiting are answered by the new stream's `subscribed`.
+      this._open();
+    });
+  }
+
+  async _publish(cmd) {
+    const { publishUrl, publishHeaders, base } = this._opts;
+    if (!publishUrl) {
+      this._later({
+        op: "error",
+        id: cmd.id,
+        code: "unsupported",
+        message: "publishing over Server-Sent Events needs the HTTP API: pass the publishUrl option (POST /api/publish)",
+      });
+      return;
+    }
+    let reply;
+    try {
+      const res = await fetch(new URL(publishUrl, base ?? this._url).toString(), {
+        method: "POST",
+        headers: { "content-type": "application/json", ...(publishHeaders ?? {}) },
+        body: JSON.stringify({ topic: cmd.topic, data: cmd.data }),
+      });
+      const body = await res.json().catch(() => ({}));
+      reply = res.ok
+        ? { op: "published", id: cmd.id, ...(Number.isInteger(body.seq) ? { seq: body.seq, epoch: body.epoch } : {}) }
+        : { op: "error", id: cmd.id, code: body.error ?? `http_${res.status}`, message: body.message ?? `HTTP ${res.status}` };
+    } catch (err) {
+      reply = { op: "error", id: cmd.id, code: "unavailable", message: `publish failed: ${err?.message ?? err}` };
+    }
+    if (this.readyState <= 1) this._deliver(reply);
+  }
+
+  _end(code, reason, wasClean) {
+    if (this.readyState > 2) return;
+    this.readyState = 3;
+    const es = this._es;
+    this._es = null;
+    es?.close();
+    const onclose = this.onclose;
+    queueMicrotask(() => onclose?.({ code, reason, wasClean }));
+  }
+
+  /** Ends the stream, as WebSocket.close would (the close event follows). */
+  close(code = 1000, reason = "") {
+    this._end(code, reason, true);
+  }
+}
+
+function sameList(a, b) {
+  return Array.isArray(a) && a.length === b.length && a.every((t, i) => t === b[i]);
+}
+
+/** The reply to subscribe `cmd`, from the stream's own `subscribed` (its topics' streams). */
+function subscribedFor(cmd, own) {
+  const reply = { op: "subscribed", id: cmd.id, topics: cmd.topics };
+  const streams = {};
+  for (const t of cmd.topics) if (own.streams?.[t]) streams[t] = own.streams[t];
+  if (Object.keys(streams).length > 0) reply.streams = streams;
+  return reply;
+}
+
 // ---------------------------------------------------------------------------------------
 // Errors
 
@@ -289,11 +582,18 @@ export class WsgateClient {
     this._opts = { ...DEFAULTS };
     for (const [k, v] of Object.entries(options)) if (v !== undefined) this._opts[k] = v;
     const WS = options.WebSocket ?? globalThis.WebSocket;
-    if (typeof WS !== "function") {
+    /** The EventSource constructor for the SSE fallback, if any. */
+    this._ES = options.EventSource ?? globalThis.EventSource;
+    if (typeof this._ES !== "function" || !this._opts.sseFallback) this._ES = null;
+    if (typeof WS !== "function" && !this._ES) {
       throw new TypeError("wsgate: no WebSocket available; pass { WebSocket } (e.g. the 'ws' package)");
     }
     /** The WebSocket constructor in use. */
-    this._WS = WS;
+    this._WS = typeof WS === "function" ? WS : null;
+    /** The transport in use: `"websocket"`, or `"sse"` (Server-Sent Events) after the fallback. */
+    this.transport = this._WS ? "websocket" : "sse";
+    /** WebSocket attempts in a row that ended before `welcome`. */
+    this._wsFailures = 0;
     this._random = options.random ?? Math.random;
     this._base = options.base ?? globalThis.location?.href;
     if (typeof url === "function") {
@@ -364,7 +664,7 @@ export class WsgateClient {
     this._openedAt = 0;
     this._lastFrameAt = 0;
     this._heartbeatMs = this._opts.heartbeatMs;
-    this._timers = { reconnect: null, connect: null, idle: null, pong: null, refresh: null, retry: null };
+    this._timers = { reconnect: null, connect: null, idle: null, pong: null, refresh: null, retry: null, wsRetry: null };
     this._flushScheduled = false;
 
     this._installBrowserHooks();
@@ -671,7 +971,7 @@ export class WsgateClient {
     }
     let ws;
     try {
-      ws = new this._WS(withToken(url, token));
+      ws = this.transport === "sse" ? this._openSse(url, token) : new this._WS(withToken(url, token));
     } catch (err) {
       this._emitError(new WsgateError("connect", `cannot open ${url}: ${err?.message ?? err}`));
       this._afterClose({ code: 1006, reason: "constructor failed", local: true }, false);
@@ -694,6 +994,78 @@ export class WsgateClient {
     // An error event is always followed by a close event, which does the work.
     ws.onerror = () => {};
     this._timers.connect = setTimeout(() => this._abandon("connect timeout"), this._opts.connectTimeoutMs);
+  }
+
+  /** The SSE connection for `url` (the WebSocket URL), with the topics to resume. */
+  _openSse(url, token) {
+    const custom = this._opts.sseUrl;
+    let sse = typeof custom === "function" ? custom(url) : custom ? new URL(custom, this._base ?? url).toString() : sseUrlOf(url);
+    if (token) {
+      const u = new URL(sse);
+      u.searchParams.set("token", token);
+      sse = u.toString();
+    }
+    const topics = [];
+    const since = {};
+    for (const [topic, t] of this._topics) {
+      topics.push(topic);
+      if (t.position) since[topic] = { seq: t.position.seq, epoch: t.position.epoch };
+    }
+    return new SseSocket(this._ES, sse, topics, since, {
+      publishUrl: this._opts.publishUrl,
+      publishHeaders: this._opts.publishHeaders,
+      base: this._base,
+    });
+  }
+
+  _setTransport(transport) {
+    if (this.transport === transport) return;
+    this.transport = transport;
+    this._wsFailures = 0;
+    this._emit("transport", { transport });
+  }
+
+  /** On SSE: tries a WebSocket again after `wsRetryMs`; switches back when it works. */
+  _armWsRetry() {
+    this._clearTimer("wsRetry");
+    if (!this._WS || !(this._opts.wsRetryMs > 0)) return;
+    this._timers.wsRetry = setTimeout(() => {
+      this._timers.wsRetry = null;
+      if (this.state !== "open" || this.transport !== "sse") return;
+      const gen = this._gen;
+      let probe;
+      try {
+        probe = new this._WS(withToken(this._nextUrl(), this._connToken));
+      } catch {
+        this._armWsRetry();
+        return;
+      }
+      let done = false;
+      const finish = (ok) => {
+        if (done) return;
+        done = true;
+        clearTimeout(timer);
+        probe.onmessage = probe.onclose = null;
+        probe.onerror = () => {};
+        try {
+          probe.close(1000, "probe");
+        } catch {
+          /* ignore */
+        }
+        if (gen !== this._gen || this.state !== "open" || this.transport !== "sse") return;
+        if (!ok) {
+          this._armWsRetry();
+          return;
+        }
+        // WebSockets work again: move over (stream topics resume with `since`).
+        this._setTransport("websocket");
+        this._abandon("switching to WebSocket");
+      };
+      const timer = setTimeout(() => finish(false), this._opts.connectTimeoutMs);
+      probe.onmessage = (ev) => finish(typeof ev.data === "string" && ev.data.includes('"welcome"'));
+      probe.onclose = () => finish(false);
+      probe.onerror = () => {};
+    }, this._opts.wsRetryMs);
   }
 
   /**
@@ -772,6 +1144,16 @@ export class WsgateClient {
       return;
     }
     if (wasOpen && openFor >= this._opts.stableAfterMs) this._attempt = 0;
+    if (!wasOpen && this.transport === "websocket" && this._ES && policy !== "new-token" && typeof info.retryAfterMs !== "number") {
+      // WebSockets may be what fails here (a proxy that breaks them): after a few
+      // attempts that never got a welcome, go on with Server-Sent Events.
+      if (++this._wsFailures >= this._opts.sseAfterFailures) {
+        this._setTransport("sse");
+        this._attempt = 0;
+        this._scheduleReconnect(0, info);
+        return;
+      }
+    }
     if (policy === "new-token") {
       if (!this._getToken && (this._token === null || this._token === this._connToken)) {
         // No way to get another token: stop (setToken() restarts).
@@ -1011,7 +1393,9 @@ export class WsgateClient {
     }
     this._armIdle();
     this._scheduleRefresh();
-    this._emitState("open", { ...this.welcome, url: this.url }, previous);
+    if (this.transport === "websocket") this._wsFailures = 0;
+    else this._armWsRetry();
+    this._emitState("open", { ...this.welcome, url: this.url, transport: this.transport }, previous);
   }
 
   _deliver(msg) {
@@ -1439,7 +1823,7 @@ export class WsgateClient {
   }
 
   _clearConnectionTimers() {
-    for (const name of ["connect", "idle", "pong", "refresh"]) this._clearTimer(name);
+    for (const name of ["connect", "idle", "pong", "refresh", "wsRetry"]) this._clearTimer(name);
   }
 }
 

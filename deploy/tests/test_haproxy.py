@@ -61,4 +61,5 @@ def test_websocket_settings():
     # No stickiness of any kind.
     assert not re.search(r"^\s*(cookie|stick|stick-table|balance source)\b", text, re.M)
     # Only client paths are routed: the admin API is never reachable through the LB.
-    assert "http-request deny deny_status 404 unless ws_path || api_path || demo_path" in text
+    assert "http-request deny deny_status 404 unless ws_path || sse_path || api_path || demo_path" in text
+    assert "acl sse_path  path /sse" in text

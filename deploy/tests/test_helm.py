@@ -273,7 +273,7 @@ def test_production_ingress_keeps_websockets_open(render):
         assert int(ann[key]) >= 3 * heartbeat
     assert seconds(ann["haproxy.org/timeout-tunnel"]) >= 3 * heartbeat
     paths = {p["path"] for r in ing["spec"]["rules"] for p in r["http"]["paths"]}
-    assert paths == {"/ws", "/api/publish"}, "the admin API never goes through the Ingress"
+    assert paths == {"/ws", "/sse", "/api/publish"}, "the admin API never goes through the Ingress"
     for r in ing["spec"]["rules"]:
         for p in r["http"]["paths"]:
             assert p["backend"]["service"]["port"]["name"] == "ws"

@@ -371,6 +371,60 @@ def test_idle_heartbeating_connections_outlive_the_lb_timeouts(cluster, wsgate_b
             p.stop()
 
 
+def test_server_sent_events_stream_through_the_lb_with_heartbeats(cluster):
+    """GET /sse through HAProxy: a chunked text/event-stream that stays open while idle
+    for longer than every HAProxy timeout (the gateway's 1s `: ping` comments are its
+    traffic), then delivers a publication made through the load balancer."""
+    import http.client
+
+    conn = http.client.HTTPConnection("127.0.0.1", cluster.lb_port, timeout=5)
+    conn.request("GET", "/sse?topics=sse.lb", headers={"Accept": "text/event-stream"})
+    resp = conn.getresponse()
+    assert resp.status == 200
+    assert resp.getheader("Content-Type").startswith("text/event-stream")
+    assert resp.getheader("Cache-Control") == "no-cache"
+    assert resp.getheader("Transfer-Encoding") == "chunked"
+
+    def next_item() -> tuple[str, str]:
+        """("comment", text) or ("event", data) of the next block."""
+        data, comment = [], None
+        while True:
+            line = resp.readline().decode()
+            assert line, "the stream ended"
+            line = line.rstrip("\n")
+            if line == "":
+                if data:
+                    return "event", "\n".join(data)
+                if comment is not None:
+                    return "comment", comment
+                continue
+            if line.startswith(":"):
+                comment = line[1:].strip()
+            elif line.startswith("data: "):
+                data.append(line[6:])
+
+    kind, welcome = next_item()
+    assert kind == "event" and json.loads(welcome)["op"] == "welcome", welcome
+    node = json.loads(welcome)["node"]
+    assert node in {"gw1", "gw2", "gw3"}
+    kind, sub = next_item()
+    assert json.loads(sub) == {"op": "subscribed", "topics": ["sse.lb"]}, sub
+    idle = 3 * TUNNEL_TIMEOUT_S + 1
+    t0, pings = time.monotonic(), 0
+    while time.monotonic() - t0 < idle:
+        kind, text = next_item()
+        assert (kind, text) == ("comment", "ping")
+        pings += 1
+    assert pings >= idle - 2, pings
+    assert http_publish(cluster.lb_port, "sse.lb", {"through": "haproxy"}) == 200
+    while True:
+        kind, text = next_item()
+        if kind == "event":
+            break
+    assert json.loads(text) == {"op": "message", "topic": "sse.lb", "data": {"through": "haproxy"}}
+    conn.close()
+
+
 def _up(c: Cluster) -> bool:
     try:
         return set(c.server_status().values()) == {"UP"}

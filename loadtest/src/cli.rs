@@ -224,6 +224,10 @@ pub struct FanoutArgs {
     /// 1 s, at most this long. What has not arrived by then counts as lost.
     #[arg(long, value_parser = duration, default_value = "10s")]
     pub drain: Duration,
+    /// Subscribers read Server-Sent Events (`GET /sse?topics=…` on their --url's
+    /// node) instead of WebSockets; publishers are unchanged.
+    #[arg(long)]
+    pub sse: bool,
 }
 
 #[derive(Debug, Clone, Args)]

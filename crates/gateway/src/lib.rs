@@ -50,6 +50,7 @@ pub mod security;
 pub mod server;
 pub mod server_api;
 pub mod session;
+pub mod sse;
 pub mod ws;
 
 pub use config::{Config, LogFormat};

@@ -1,7 +1,8 @@
 //! Listeners, routing and the accept loop.
 //!
 //! Every TCP connection is served by hyper's HTTP/1 server; `GET /ws` upgrades to a
-//! WebSocket session (see [`crate::session`]). The accept loop survives running out
+//! WebSocket session (see [`crate::session`]); `GET /sse` streams the same session as
+//! Server-Sent Events (see [`crate::sse`]). The accept loop survives running out
 //! of file descriptors: it counts, logs and backs off instead of dying.
 
 use std::convert::Infallible;
@@ -12,7 +13,7 @@ use std::time::Duration;
 
 use fastwebsockets::upgrade::UpgradeFut;
 use http::{Method, Request, Response, StatusCode};
-use http_body_util::Full;
+use http_body_util::{Either, Full};
 use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper::service::service_fn;
@@ -213,7 +214,13 @@ where
         let gw = gw.clone();
         service_fn(move |req| {
             let gw = gw.clone();
-            async move { Ok::<_, Infallible>(route(gw, req, peer, role).await) }
+            async move {
+                // `/sse` answers a streaming body; everything else a whole one.
+                if role != Role::Admin && req.uri().path() == "/sse" {
+                    return Ok::<_, Infallible>(crate::sse::serve(gw, req, peer));
+                }
+                Ok(route(gw, req, peer, role).await.map(Either::Left))
+            }
         })
     };
     let conn = http1::Builder::new()
@@ -340,7 +347,12 @@ async fn route_inner(
     }
 }
 
-fn refuse(gw: &Gateway, status: StatusCode, reason: &str, message: &str) -> Response<Body> {
+pub(crate) fn refuse(
+    gw: &Gateway,
+    status: StatusCode,
+    reason: &str,
+    message: &str,
+) -> Response<Body> {
     gw.metrics
         .connections_refused
         .with_label_values(&[reason])
@@ -349,7 +361,7 @@ fn refuse(gw: &Gateway, status: StatusCode, reason: &str, message: &str) -> Resp
 }
 
 /// 503 `overloaded`: the upgrade bucket is empty; come back in `retry_ms`.
-fn overloaded(gw: &Gateway, retry_ms: u64) -> Response<Body> {
+pub(crate) fn overloaded(gw: &Gateway, retry_ms: u64) -> Response<Body> {
     gw.metrics
         .connections_refused
         .with_label_values(&["overloaded"])

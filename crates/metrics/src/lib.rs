@@ -79,6 +79,16 @@ pub struct Metrics {
     pub delivery: DeliveryStats,
     /// `wsgate_bytes_received_total`: WebSocket payload bytes read from clients.
     pub bytes_received: IntCounter,
+    /// `wsgate_transport_connections{transport,compression}`: open client
+    /// connections by transport (`websocket`, `sse`) and compression.
+    pub transport_connections: IntGaugeVec,
+    /// The same gauge, resolved for `{transport="sse",compression="none"}`.
+    pub transport_connections_sse: IntGauge,
+    /// `wsgate_sse_events_total`: Server-Sent Events written (heartbeat comments
+    /// not counted).
+    pub sse_events: IntCounter,
+    /// `wsgate_sse_bytes_sent_total`: bytes of SSE response bodies handed to HTTP.
+    pub sse_bytes: IntCounter,
     /// `wsgate_messages_dropped_total{reason}`: messages not delivered
     /// ([`labels::DROPPED`]).
     pub messages_dropped: IntCounterVec,
@@ -276,7 +286,31 @@ impl Metrics {
             http: messages_received.with_label_values(&["http"]),
             redis: messages_received.with_label_values(&["redis"]),
         };
+        let transport_connections = register(
+            r,
+            IntGaugeVec::new(
+                Opts::new(
+                    "wsgate_transport_connections",
+                    "Open client connections, by transport and compression.",
+                ),
+                &["transport", "compression"],
+            )
+            .expect("valid metric"),
+        );
+        let transport_connections_sse = transport_connections.with_label_values(&["sse", "none"]);
         let m = Metrics {
+            transport_connections,
+            transport_connections_sse,
+            sse_events: counter(
+                r,
+                "wsgate_sse_events_total",
+                "Server-Sent Events written to SSE clients (heartbeat comments not counted).",
+            ),
+            sse_bytes: counter(
+                r,
+                "wsgate_sse_bytes_sent_total",
+                "Bytes of Server-Sent Events response bodies written.",
+            ),
             connections: gauge(r, "wsgate_connections", "Open WebSocket connections."),
             connections_accepted: counter(
                 r,

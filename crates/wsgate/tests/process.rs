@@ -280,6 +280,46 @@ fn python_websockets_client_speaks_the_protocol() {
     assert!(stdout.contains("ALL OK"), "{stdout}");
 }
 
+/// The Python `httpx` library (installed by the test command) reads `/sse`: events,
+/// heartbeat comments, and a reconnect with `Last-Event-ID` resuming a stream; see
+/// tests/clients/python_sse_client.py.
+#[test]
+fn python_httpx_reads_server_sent_events() {
+    let config = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        config.path(),
+        "[[namespaces]]\nname = \"chat\"\ntopics = [\"chat:*\"]\nhistory_size = 100\nhistory_ttl = \"10m\"\n",
+    )
+    .unwrap();
+    let gw = Node::start(
+        None,
+        &[
+            "--config",
+            config.path().to_str().unwrap(),
+            "--heartbeat-interval",
+            "1s",
+        ],
+    );
+    let script = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/clients/python_sse_client.py"
+    );
+    let out = Command::new("timeout")
+        .arg("60")
+        .arg("python3")
+        .arg(script)
+        .arg(format!("http://{}", gw.addr))
+        .output()
+        .expect("python3 runs (the test command installs httpx)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success(),
+        "python SSE client failed:\n{stdout}\n{stderr}"
+    );
+    assert!(stdout.contains("ALL OK"), "{stdout}");
+}
+
 /// With a tiny open-files limit, connections past it make `accept(2)` fail with
 /// EMFILE: the node counts, backs off, keeps serving, and accepts again once
 /// descriptors are free.

@@ -84,9 +84,40 @@ pub async fn run(ctx: Arc<Ctx>, a: FanoutArgs, slow: Option<SlowOpts>) -> Result
             Some(s) if s.all_topics => (0..a.topics).map(|t| ctx.topic(t)).collect(),
             _ => vec![ctx.topic(topic)],
         };
+        let sse = a.sse;
         subs.push(tokio::spawn(async move {
             let url = &c.urls[i % c.urls.len()];
             let started = Instant::now();
+            if sse {
+                let opened = super::sse::open(&c, url, &topics).await;
+                drop(permit);
+                ready.fetch_add(1, Ordering::Relaxed);
+                let mut s = match opened {
+                    Ok(s) => s,
+                    Err(f) => {
+                        return SubResult {
+                            topic,
+                            slow: false,
+                            failure: Some(f),
+                            received: Received::default(),
+                            close: None,
+                        }
+                    }
+                };
+                let us = started.elapsed().as_micros() as u64;
+                hist.lock().expect("hist lock").saturating_record(us.max(1));
+                c.open.fetch_add(1, Ordering::Relaxed);
+                let received = super::sse::receive(&c, &mut s, i, publishers).await;
+                c.open.fetch_sub(1, Ordering::Relaxed);
+                let close = received.closed_by_server.clone();
+                return SubResult {
+                    topic,
+                    slow: false,
+                    failure: None,
+                    received,
+                    close,
+                };
+            }
             let opened = session::open(&c, url, &topics, slow.map(|s| s.rcvbuf)).await;
             drop(permit);
             if opened.is_ok() {

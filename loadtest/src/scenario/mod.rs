@@ -6,3 +6,4 @@ pub mod idle;
 pub mod publisher;
 pub mod resume;
 pub mod session;
+pub mod sse;

@@ -23,7 +23,16 @@ const client: WsgateClient = connect(["ws://127.0.0.1:8080/ws", "ws://127.0.0.1:
   WebSocket,
   getToken: async () => "token",
   backoffMaxMs: 10_000,
+  sseAfterFailures: 3,
+  wsRetryMs: 30_000,
+  publishUrl: "/api/publish",
+  publishHeaders: { authorization: "Bearer key" },
 });
+const transport: "websocket" | "sse" = client.transport;
+void transport;
+client.on("transport", (i) => console.log(i.transport));
+// @ts-expect-error: the transport is read-only
+client.transport = "sse";
 client.on("open", (w) => {
   const node: string = w.node;
   const welcome: Welcome | null = client.welcome;

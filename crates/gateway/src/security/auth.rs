@@ -362,7 +362,7 @@ pub fn token_from_request<B>(req: &http::Request<B>) -> Option<String> {
 }
 
 /// Decodes `%XX` escapes (JWTs are base64url and need none, but clients may escape).
-fn percent_decode(s: &str) -> String {
+pub(crate) fn percent_decode(s: &str) -> String {
     let b = s.as_bytes();
     let mut out = Vec::with_capacity(b.len());
     let mut i = 0;

@@ -18,6 +18,8 @@
 //!   [`wsgate_fanout::Subscriber`]) between the fan-out and the writer.
 //! - [`writer`]: the half that alone writes to the socket: batches, one flush per
 //!   batch, close frames.
+//! - [`sse`]: the same session over Server-Sent Events (`GET /sse`): no reader, and a
+//!   write half that turns the WebSocket frames into events.
 //! - [`registry`]: the live sessions, pinged (or closed 4000) by one shared
 //!   heartbeat ticker; the drain walks the same table.
 //!
@@ -36,6 +38,7 @@ pub(crate) mod ratelimit;
 mod refresh;
 pub(crate) mod registry;
 mod replies;
+pub(crate) mod sse;
 mod subscribe;
 mod topics;
 mod writer;
