@@ -93,7 +93,10 @@ impl Client {
                 }
                 _ => {}
             }
-            if frame.opcode == op::TEXT && frame.fin && std::str::from_utf8(&frame.payload).is_err()
+            if frame.opcode == op::TEXT
+                && frame.fin
+                && !frame.compressed
+                && std::str::from_utf8(&frame.payload).is_err()
             {
                 self.outbox.close(Disconnect::InvalidUtf8);
                 return;

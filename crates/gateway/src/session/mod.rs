@@ -92,6 +92,8 @@ pub(crate) struct Start {
     pub slot: ConnectionSlot,
     pub admitted: Admitted,
     pub mode: Mode,
+    /// What permessage-deflate the handshake negotiated.
+    pub deflate: crate::ws::deflate::Deflate,
 }
 
 /// Starts a session on an upgraded connection; the future runs it to its end.
@@ -151,12 +153,14 @@ where
         slot,
         admitted,
         mode,
+        deflate,
         ..
     } = start;
     let Admitted { identity, ip_slot } = admitted;
     gw.metrics.connections_accepted.inc();
     debug!("connected");
-    let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
+    let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes).with_deflate(deflate.send));
+    gw.metrics.transport_connection("websocket", deflate.on, 1);
     if mode == Mode::PubSub {
         // An echo client expects only its own messages back.
         let welcome = protocol::welcome(
@@ -194,7 +198,7 @@ where
         expires
     });
 
-    let frames = FrameReader::new(read, cfg.max_message_size);
+    let frames = FrameReader::new(read, cfg.max_message_size).with_deflate(deflate.on);
     let client = Client {
         outbox,
         gw: gw.clone(),
@@ -259,6 +263,8 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Session<R, W> {
         let gw = &self.client.gw;
         gw.sessions.remove(self.key);
         gw.metrics.disconnected(reason.label());
+        gw.metrics
+            .transport_connection("websocket", self.frames.deflates(), -1);
         let label = if reason == Disconnect::SlowConsumer {
             "slow_consumer"
         } else {
@@ -303,6 +309,7 @@ mod size_tests {
                         .unwrap(),
                 },
                 mode: Mode::PubSub,
+                deflate: Default::default(),
             })
         };
         // The plain-TCP halves, as in production.
