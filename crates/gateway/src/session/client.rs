@@ -137,6 +137,14 @@ impl Client {
                 Message::Text(t) => frame::text(t),
                 Message::Binary(b) => frame::encode(op::BINARY, b),
             };
+            // Compressed back when the connection negotiated it (and it is worth it),
+            // like a publication.
+            let frame =
+                if self.outbox.deflates() && frame.len() >= wsgate_fanout::deflate::MIN_PAYLOAD {
+                    wsgate_fanout::deflate::deflate_frame(&frame)
+                } else {
+                    frame
+                };
             self.outbox.push(frame, 0);
             return true;
         }
