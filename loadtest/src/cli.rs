@@ -150,6 +150,14 @@ pub struct Common {
     /// No progress bars (they are hidden anyway when stderr is not a terminal).
     #[arg(long)]
     pub no_progress: bool,
+    /// Offer permessage-deflate (RFC 7692) in every handshake and inflate compressed
+    /// messages, as browsers do.
+    #[arg(long)]
+    pub compression: bool,
+    /// Pad payloads with varied quote-like text instead of `x` (compresses like
+    /// typical JSON; for comparing compression).
+    #[arg(long)]
+    pub pad_text: bool,
 }
 
 /// How publications reach the server.

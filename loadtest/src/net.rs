@@ -182,6 +182,18 @@ fn retry_after(headers: &[httparse::Header<'_>], body: &[u8]) -> Option<Duration
     })
 }
 
+static COMPRESSION: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Makes every handshake offer permessage-deflate (`--compression`).
+pub fn set_compression(on: bool) {
+    COMPRESSION.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Whether handshakes offer permessage-deflate (and compressed messages are inflated).
+pub fn compression() -> bool {
+    COMPRESSION.load(std::sync::atomic::Ordering::Relaxed)
+}
+
 /// Performs the client handshake on `stream` for `url`; returns the stream positioned
 /// at the first WebSocket frame (read it with [`crate::wsconn::WsConn`]).
 ///
@@ -190,9 +202,14 @@ fn retry_after(headers: &[httparse::Header<'_>], body: &[u8]) -> Option<Duration
 /// that says when to retry is an [`Overloaded`] (`downcast_ref` it).
 pub async fn handshake_stream(mut stream: TcpStream, url: &Url) -> Result<TcpStream> {
     let key = base64::engine::general_purpose::STANDARD.encode(rand::random::<[u8; 16]>());
+    let offer = if compression() {
+        "Sec-WebSocket-Extensions: permessage-deflate; client_max_window_bits\r\n"
+    } else {
+        ""
+    };
     let req = format!(
         "GET {} HTTP/1.1\r\nHost: {}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
-         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n\r\n",
+         Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: 13\r\n{offer}\r\n",
         url.path, url.authority
     );
     stream.write_all(req.as_bytes()).await?;

@@ -1,7 +1,10 @@
 //! The payload every published message carries, and the fast scan that reads it back.
 //!
 //! A publication's `data` is `{"p":<publisher>,"s":<seq>,"t":<send time, ns since the
-//! UNIX epoch>,"pad":"xx…"}`, padded so the object is the requested size. Subscribers
+//! UNIX epoch>,"pad":"xx…"}`, padded so the object is the requested size (with
+//! `--pad-text`, padded with quote-like text whose numbers vary from message to
+//! message, which compresses about as well as typical JSON rather than as a run of
+//! one letter). Subscribers
 //! do not run a JSON parser per message: they look for the three keys with `memmem`,
 //! which keeps the generator's cost per delivery low. Key order and spaces after the
 //! colon do not matter, so a server that re-serializes the object (sorted keys,
@@ -30,6 +33,38 @@ pub struct Stamp {
     pub sent_ns: u64,
 }
 
+static PAD_TEXT: std::sync::atomic::AtomicBool = std::sync::atomic::AtomicBool::new(false);
+
+/// Pads payloads with varied text rather than `x` (`--pad-text`).
+pub fn set_pad_text(on: bool) {
+    PAD_TEXT.store(on, std::sync::atomic::Ordering::Relaxed);
+}
+
+/// Appends about `n` bytes of quote-like text (symbols, prices, volumes) whose
+/// numbers depend on `seed`.
+fn pad_text(buf: &mut Vec<u8>, seed: u64, n: usize) {
+    const WORDS: [&str; 8] = ["bid", "ask", "last", "vol", "open", "high", "low", "chg"];
+    let end = buf.len() + n;
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut i = 0usize;
+    while buf.len() < end {
+        // xorshift64: cheap, deterministic per message.
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let _ = write!(
+            buf,
+            "SYM{} {} {}.{:02} ; ",
+            x % 500,
+            WORDS[i % WORDS.len()],
+            (x >> 20) % 1000,
+            (x >> 40) % 100
+        );
+        i += 1;
+    }
+    buf.truncate(end);
+}
+
 /// Appends the JSON object for `stamp` to `buf`, padded with `x` so that the object
 /// alone is `size` bytes long (or as short as possible when `size` is smaller).
 pub fn encode(buf: &mut Vec<u8>, stamp: &Stamp, size: usize) {
@@ -41,7 +76,15 @@ pub fn encode(buf: &mut Vec<u8>, stamp: &Stamp, size: usize) {
         stamp.publisher, stamp.seq, stamp.sent_ns
     );
     let used = buf.len() - start + 2; // closing `"}`
-    buf.resize(buf.len() + size.saturating_sub(used), b'x');
+    if PAD_TEXT.load(std::sync::atomic::Ordering::Relaxed) {
+        pad_text(
+            buf,
+            stamp.seq ^ u64::from(stamp.publisher) << 48,
+            size.saturating_sub(used),
+        );
+    } else {
+        buf.resize(buf.len() + size.saturating_sub(used), b'x');
+    }
     buf.extend_from_slice(b"\"}");
 }
 

@@ -42,6 +42,8 @@ pub struct Ctx {
 impl Ctx {
     /// Builds the context from the common options.
     pub fn new(common: Common, threads: usize) -> Result<Arc<Ctx>> {
+        crate::net::set_compression(common.compression);
+        crate::payload::set_pad_text(common.pad_text);
         let urls = common
             .url
             .iter()

@@ -10,10 +10,15 @@
 //! reader may be raced against cancellation freely.
 //!
 //! Server frames are checked as RFC 6455 requires of a client: never masked, reserved
-//! bits clear, control frames final and ≤ 125 bytes, continuation only inside a
-//! fragmented message. Fragmented messages are reassembled.
+//! bits clear (but RSV1 on a message's first frame with `--compression`: the message
+//! is inflated, permessage-deflate without context takeover), control frames final
+//! and ≤ 125 bytes, continuation only inside a fragmented message. Fragmented
+//! messages are reassembled.
 
+use std::cell::RefCell;
 use std::io;
+
+use flate2::{Decompress, FlushDecompress};
 
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
@@ -47,6 +52,37 @@ pub struct Frame<'a> {
 enum Loc {
     Buf(usize, usize),
     Frag,
+    Inflated,
+}
+
+thread_local! {
+    /// Raw DEFLATE; reset per message (the gateway takes over no context).
+    static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
+}
+
+/// Inflates one permessage-deflate message into `out` (cleared first).
+fn inflate(data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
+    INFLATER.with_borrow_mut(|d| {
+        d.reset(false);
+        out.clear();
+        out.reserve(data.len() * 4 + 64);
+        for input in [data, &[0, 0, 0xff, 0xff][..]] {
+            let start = d.total_in();
+            loop {
+                let used = (d.total_in() - start) as usize;
+                d.decompress_vec(&input[used..], out, FlushDecompress::Sync)
+                    .map_err(|_| protocol("bad compressed data"))?;
+                if out.len() > MAX_MESSAGE {
+                    return Err(protocol("message too large"));
+                }
+                if (d.total_in() - start) as usize == input.len() && out.len() < out.capacity() {
+                    break;
+                }
+                out.reserve(out.capacity());
+            }
+        }
+        Ok(())
+    })
 }
 
 /// A client WebSocket over a plain TCP stream, positioned after the handshake.
@@ -60,6 +96,10 @@ pub struct WsConn {
     /// A fragmented message being reassembled: its opcode and bytes so far.
     frag_op: Option<u8>,
     frag: Vec<u8>,
+    /// The fragmented message being reassembled is compressed.
+    frag_compressed: bool,
+    /// The last compressed message, inflated.
+    inflated: Vec<u8>,
 }
 
 fn protocol(msg: &str) -> io::Error {
@@ -76,6 +116,8 @@ impl WsConn {
             end: 0,
             frag_op: None,
             frag: Vec::new(),
+            frag_compressed: false,
+            inflated: Vec::new(),
         }
     }
 
@@ -131,6 +173,7 @@ impl WsConn {
         let payload = match loc {
             Loc::Buf(a, b) => &self.buf[a..b],
             Loc::Frag => &self.frag[..],
+            Loc::Inflated => &self.inflated[..],
         };
         Frame { opcode, payload }
     }
@@ -143,14 +186,17 @@ impl WsConn {
             return Ok(None);
         }
         let (b0, b1) = (avail[0], avail[1]);
-        if b0 & 0x70 != 0 {
+        let compressed = b0 & 0x40 != 0;
+        let opcode = b0 & 0x0F;
+        if b0 & 0x30 != 0
+            || (compressed && !(crate::net::compression() && matches!(opcode, OP_TEXT | OP_BINARY)))
+        {
             return Err(protocol("reserved bits set"));
         }
         if b1 & 0x80 != 0 {
             return Err(protocol("masked frame from the server"));
         }
         let fin = b0 & 0x80 != 0;
-        let opcode = b0 & 0x0F;
         let (len, head) = match b1 & 0x7F {
             126 => {
                 if avail.len() < 4 {
@@ -184,9 +230,14 @@ impl WsConn {
             OP_TEXT | OP_BINARY if self.frag_op.is_some() => {
                 Err(protocol("new message inside a fragmented one"))
             }
+            OP_TEXT | OP_BINARY if fin && compressed => {
+                inflate(&self.buf[a..b], &mut self.inflated)?;
+                Ok(Some((opcode, Some(Loc::Inflated))))
+            }
             OP_TEXT | OP_BINARY if fin => Ok(Some((opcode, Some(Loc::Buf(a, b))))),
             OP_TEXT | OP_BINARY => {
                 self.frag_op = Some(opcode);
+                self.frag_compressed = compressed;
                 self.frag.clear();
                 self.frag.extend_from_slice(&self.buf[a..b]);
                 Ok(Some((opcode, None)))
@@ -201,6 +252,10 @@ impl WsConn {
                 self.frag.extend_from_slice(&self.buf[a..b]);
                 if fin {
                     self.frag_op = None;
+                    if std::mem::take(&mut self.frag_compressed) {
+                        inflate(&self.frag, &mut self.inflated)?;
+                        return Ok(Some((op, Some(Loc::Inflated))));
+                    }
                     Ok(Some((op, Some(Loc::Frag))))
                 } else {
                     Ok(Some((op, None)))
@@ -332,10 +387,33 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn compressed_messages_are_inflated() {
+        use flate2::{Compress, Compression, FlushCompress};
+        crate::net::set_compression(true);
+        let text = b"{\"op\":\"message\",\"data\":\"abcabcabcabcabcabc\"}".repeat(20);
+        let mut packed = Vec::with_capacity(text.len());
+        Compress::new(Compression::default(), false)
+            .compress_vec(&text, &mut packed, FlushCompress::Sync)
+            .unwrap();
+        packed.truncate(packed.len() - 4);
+        let mut stream = Vec::new();
+        server_frame(&mut stream, 0xC1, &packed);
+        let (a, b) = packed.split_at(5);
+        server_frame(&mut stream, 0x41, a);
+        server_frame(&mut stream, 0x80, b);
+        server_frame(&mut stream, 0x81, b"plain");
+        let (mut ws, mut srv) = pair().await;
+        srv.write_all(&stream).await.unwrap();
+        for want in [&text[..], &text[..], b"plain"] {
+            assert_eq!(ws.read_frame().await.unwrap().payload, want);
+        }
+    }
+
+    #[tokio::test]
     async fn protocol_violations_are_errors() {
         for bad in [
             vec![0x81u8, 0x81, 0, 0, 0, 0, b'x'], // masked
-            vec![0xC1, 1, b'x'],                  // reserved bit
+            vec![0xA1, 1, b'x'],                  // reserved bit (RSV2)
             vec![0x80, 1, b'x'],                  // continuation without a message
             vec![0x09, 0],                        // fragmented ping
         ] {

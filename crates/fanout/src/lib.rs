@@ -34,6 +34,7 @@
 //! ([`Subscriber::deliver`]) → its writer.
 
 pub mod broker;
+pub mod deflate;
 pub mod frame;
 pub mod history;
 pub mod hub;

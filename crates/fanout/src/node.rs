@@ -152,17 +152,21 @@ impl Core {
     /// the position publications are tagged with for a slow-consumer policy.
     fn run(&self, topic: &Arc<str>, epoch: Arc<str>, actions: Vec<Action>) -> Vec<Action> {
         let mut repairs = Vec::new();
-        let policy = if actions.is_empty() {
-            SlowConsumer::Disconnect
+        let (policy, compress) = if actions.is_empty() {
+            (SlowConsumer::Disconnect, false)
         } else {
-            self.namespaces.slow_consumer(topic)
+            (
+                self.namespaces.slow_consumer(topic),
+                self.namespaces.compresses(topic),
+            )
         };
         let mut epoch = epoch;
         for action in actions {
             match action {
                 Action::Deliver(ref e) => {
                     let p = Publication::encode_seq(topic, &e.data, e.accepted_at, e.seq)
-                        .with_policy(policy, topic, Some((e.seq, &epoch)), TagKind::Message);
+                        .with_policy(policy, topic, Some((e.seq, &epoch)), TagKind::Message)
+                        .compressible(compress);
                     self.hub.deliver(topic, &p);
                 }
                 Action::Reset { seq, epoch: new } => {
@@ -341,12 +345,10 @@ impl BrokerEvents for Arc<Core> {
         }
         // Encoded once, here, for every local subscriber.
         let policy = ns.map_or(SlowConsumer::Disconnect, |ns| ns.slow_consumer);
-        let publication = Publication::encode(topic, data, accepted_at).with_policy(
-            policy,
-            topic,
-            None,
-            TagKind::Message,
-        );
+        let compress = self.namespaces.compresses_in(ns);
+        let publication = Publication::encode(topic, data, accepted_at)
+            .with_policy(policy, topic, None, TagKind::Message)
+            .compressible(compress);
         self.hub.deliver(topic, &publication);
     }
 
@@ -368,7 +370,8 @@ impl BrokerEvents for Arc<Core> {
                     topic,
                     Some((entry.seq, epoch)),
                     TagKind::Message,
-                );
+                )
+                .compressible(self.namespaces.compresses(topic));
             self.hub.deliver(topic, &p);
             return;
         }
@@ -1036,11 +1039,13 @@ impl Node {
     }
 
     /// Refreshes the gauges that are cheaper to read than to maintain (at scrape
-    /// time): subscriptions, topics, broker up, history bytes.
+    /// time): subscriptions, topics, compression totals, broker up, history bytes.
     pub fn refresh_gauges(&self) {
         let m = &self.core.metrics;
         m.subscriptions.set(self.core.hub.subscription_count());
         m.topics.set(self.core.hub.topic_count());
+        let z = crate::deflate::stats();
+        m.set_compression(z.bytes_in, z.bytes_out, z.nanos);
         m.broker_up.set(i64::from(self.broker.is_ready()));
         if let Some(b) = self.broker.history_bytes() {
             m.history_bytes.set(i64::try_from(b).unwrap_or(i64::MAX));

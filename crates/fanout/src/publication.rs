@@ -6,14 +6,14 @@
 //! no serializer runs on the delivery path and every subscriber shares one buffer.
 
 use std::borrow::Cow;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{SystemTime, UNIX_EPOCH};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use serde_json::value::RawValue;
 
-use crate::frame;
 use crate::stream::SlowConsumer;
+use crate::{deflate, frame};
 
 const PREFIX: &[u8] = b"{\"op\":\"message\",\"topic\":\"";
 const MIDDLE: &[u8] = b"\",\"data\":";
@@ -33,6 +33,12 @@ pub struct Publication {
     /// `disconnect`: `None` for every other publication (nothing allocated), and
     /// for publications a queue may never drop.
     pub tag: Option<Arc<Tag>>,
+    /// The frame compressed for connections that negotiated permessage-deflate,
+    /// made by the first of them that receives it and then shared
+    /// ([`Publication::deflated_frame`]). `None` (nothing allocated) when the topic's
+    /// namespace does not compress or the payload is under
+    /// [`deflate::MIN_PAYLOAD`].
+    pub deflated: Option<Arc<OnceLock<Bytes>>>,
 }
 
 /// A publication's topic, policy and stream position, shared by every subscriber
@@ -105,6 +111,7 @@ impl Publication {
             frame: buf.freeze(),
             accepted_at,
             tag: None,
+            deflated: None,
         }
     }
 
@@ -145,6 +152,28 @@ impl Publication {
             frame: frame::text(text.as_bytes()),
             accepted_at: 0,
             tag: None,
+            deflated: None,
+        }
+    }
+
+    /// Lets connections that negotiated permessage-deflate receive this publication
+    /// compressed, when `on` (the topic's namespace compresses) and the payload is
+    /// at least [`deflate::MIN_PAYLOAD`] bytes. Allocates the shared slot only then.
+    pub fn compressible(mut self, on: bool) -> Self {
+        if on && deflate::split(&self.frame).1.len() >= deflate::MIN_PAYLOAD {
+            self.deflated = Some(Arc::default());
+        }
+        self
+    }
+
+    /// The frame for a connection that negotiated permessage-deflate: compressed
+    /// (RSV1 set) by the first such connection and shared by the others; the plain
+    /// frame when the publication is not [`compressible`](Self::compressible) or
+    /// would not shrink.
+    pub fn deflated_frame(&self) -> &Bytes {
+        match &self.deflated {
+            Some(slot) => slot.get_or_init(|| deflate::deflate_frame(&self.frame)),
+            None => &self.frame,
         }
     }
 
@@ -228,6 +257,27 @@ mod tests {
         assert_eq!(p.frame[1], 126);
         let len = u16::from_be_bytes([p.frame[2], p.frame[3]]) as usize;
         assert_eq!(len, p.frame.len() - 4);
+    }
+
+    #[test]
+    fn compressed_once_and_only_when_asked() {
+        let data = format!("\"{}\"", "abc".repeat(200));
+        let p = Publication::encode("t", data.as_bytes(), 0);
+        assert!(p.deflated.is_none());
+        assert_eq!(
+            p.deflated_frame(),
+            &p.frame,
+            "not compressible: the plain frame"
+        );
+        let small = Publication::encode("t", b"1", 0).compressible(true);
+        assert!(small.deflated.is_none(), "under the threshold");
+        let p = p.compressible(true);
+        let first = p.deflated_frame().clone();
+        assert_eq!(first[0], 0x80 | deflate::RSV1 | frame::op::TEXT);
+        assert!(first.len() < p.frame.len() / 4);
+        // Every later subscriber shares the same buffer.
+        assert_eq!(p.deflated_frame().as_ptr(), first.as_ptr());
+        assert_eq!(p.clone().deflated_frame().as_ptr(), first.as_ptr());
     }
 
     #[test]

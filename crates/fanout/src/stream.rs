@@ -113,6 +113,10 @@ pub struct Namespace {
     /// What a connection's queue does with its topics' publications when the
     /// client reads too slowly.
     pub slow_consumer: SlowConsumer,
+    /// Whether its topics' publications are sent compressed to connections that
+    /// negotiated permessage-deflate (when the gateway compresses at all: see
+    /// [`Namespaces::with_compression`]).
+    pub compression: bool,
 }
 
 /// What happens to a topic's publications when a client's outbound queue would
@@ -166,6 +170,7 @@ impl Default for Namespace {
             client_publish: true,
             client_subscribe: true,
             slow_consumer: SlowConsumer::Disconnect,
+            compression: true,
         }
     }
 }
@@ -176,6 +181,9 @@ impl Default for Namespace {
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct Namespaces {
     list: Vec<Namespace>,
+    /// Whether the gateway negotiates permessage-deflate (off unless
+    /// [`Namespaces::with_compression`] says so).
+    compression: bool,
 }
 
 impl Namespaces {
@@ -197,7 +205,10 @@ impl Namespaces {
                 seen.push((p, &ns.name));
             }
         }
-        Ok(Namespaces { list })
+        Ok(Namespaces {
+            list,
+            compression: false,
+        })
     }
 
     /// The namespace `topic` belongs to, if any.
@@ -242,6 +253,24 @@ impl Namespaces {
     pub fn slow_consumer(&self, topic: &str) -> SlowConsumer {
         self.namespace(topic)
             .map_or(SlowConsumer::Disconnect, |ns| ns.slow_consumer)
+    }
+
+    /// Sets whether the gateway compresses at all (permessage-deflate on `/ws`).
+    pub fn with_compression(mut self, on: bool) -> Self {
+        self.compression = on;
+        self
+    }
+
+    /// Whether publications to `topic` are compressed for the connections that
+    /// negotiated permessage-deflate: the gateway compresses and the topic's
+    /// namespace (if any) does not turn it off.
+    pub fn compresses(&self, topic: &str) -> bool {
+        self.compresses_in(self.namespace(topic))
+    }
+
+    /// [`Namespaces::compresses`] for a topic of namespace `ns` (`None`: of none).
+    pub fn compresses_in(&self, ns: Option<&Namespace>) -> bool {
+        self.compression && ns.is_none_or(|ns| ns.compression)
     }
 
     /// Whether clients may subscribe to `topic` themselves.

@@ -2,6 +2,9 @@
 //! local subscriber's outbox (what `MemoryBroker::publish` does), and the writer's
 //! side of taking a batch. Regressions in encode/enqueue show up here.
 //!
+//! With permessage-deflate (`deflate/…`): compressing a frame per payload size, and a
+//! fan-out whose subscribers compress or not.
+//!
 //! `cargo bench -p wsgate-gateway --bench fanout`
 
 use std::hint::black_box;
@@ -123,5 +126,78 @@ fn lagging(c: &mut Criterion) {
     g.finish();
 }
 
-criterion_group!(benches, encode, fanout, lagging);
+/// Quote-like JSON of about `size` bytes: keys repeat, numbers vary (compresses like
+/// typical JSON, not like a run of one letter).
+fn typical_json(size: usize) -> String {
+    let mut s = String::from("[");
+    let mut i = 0u64;
+    while s.len() + 2 < size {
+        let x = i.wrapping_mul(0x9E37_79B9_7F4A_7C15) >> 20;
+        s.push_str(&format!(
+            r#"{{"sym":"S{}","bid":{}.{:02},"ask":{}.{:02},"vol":{}}},"#,
+            x % 500,
+            x % 1000,
+            (x >> 10) % 100,
+            x % 1000 + 1,
+            (x >> 17) % 100,
+            (x >> 7) % 100_000
+        ));
+        i += 1;
+    }
+    s.truncate(size.saturating_sub(2).max(1));
+    // Cut at a character boundary of the repeated text; keep it a JSON string so
+    // the size is exact (the compressor does not care about validity).
+    format!("\"{}\"", s.replace('"', "'"))
+}
+
+/// permessage-deflate: what compressing one publication costs per payload size (and
+/// how many bytes it saves, printed), and what a fan-out to 2000 subscribers costs
+/// when every one compresses, half of them, or none (the shared frame is compressed
+/// once per publication).
+fn deflate(c: &mut Criterion) {
+    let mut g = c.benchmark_group("deflate");
+    for size in [64usize, 128, 256, 512, 1024, 4096] {
+        let data = typical_json(size);
+        let p = Publication::encode("bench.topic", data.as_bytes(), 1);
+        let packed = wsgate_fanout::deflate::deflate_frame(&p.frame);
+        eprintln!(
+            "deflate: {size} B payload: frame {} B -> {} B ({:.0} %)",
+            p.frame.len(),
+            packed.len(),
+            100.0 * packed.len() as f64 / p.frame.len() as f64
+        );
+        g.throughput(Throughput::Bytes(p.frame.len() as u64));
+        g.bench_with_input(BenchmarkId::new("compress_frame", size), &p, |b, p| {
+            b.iter(|| wsgate_fanout::deflate::deflate_frame(black_box(&p.frame)))
+        });
+    }
+    let data = typical_json(1024);
+    let subs = 2000usize;
+    for (name, compressing) in [("none", 0), ("half", subs / 2), ("all", subs)] {
+        let hub = Hub::default();
+        let topic: Arc<str> = Arc::from("bench.topic");
+        let outboxes: Vec<Arc<Outbox>> = (0..subs)
+            .map(|i| Arc::new(Outbox::new(64 << 20).with_deflate(i < compressing)))
+            .collect();
+        for (i, ob) in outboxes.iter().enumerate() {
+            hub.subscribe(&topic, i as u64, ob.clone() as Arc<dyn Subscriber>);
+        }
+        let mut batch = Batch::default();
+        g.throughput(Throughput::Elements(subs as u64));
+        g.bench_function(BenchmarkId::new("deliver_1KiB_2000", name), |b| {
+            b.iter(|| {
+                let p =
+                    Publication::encode(&topic, data.as_bytes(), 1).compressible(compressing > 0);
+                hub.deliver(&topic, &p);
+                for ob in &outboxes {
+                    ob.take(&mut batch);
+                    batch.frames.clear();
+                }
+            })
+        });
+    }
+    g.finish();
+}
+
+criterion_group!(benches, encode, fanout, lagging, deflate);
 criterion_main!(benches);

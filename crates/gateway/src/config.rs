@@ -232,6 +232,13 @@ pub struct Config {
     #[arg(long, env = "WSGATE_MAX_CONNECTIONS_PER_IP", default_value_t = 0)]
     pub max_connections_per_ip: usize,
 
+    /// Negotiates permessage-deflate (RFC 7692) on `/ws` and `/echo` with clients
+    /// that offer it: publications of at least 256 bytes are compressed once per
+    /// node and shared by every compressing subscriber; clients may send compressed
+    /// messages. A namespace may opt out (`compression = false`). On by default.
+    #[arg(long, env = "WSGATE_COMPRESSION", default_value_t = true, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]
+    pub compression: bool,
+
     /// Serves `/echo`, a WebSocket echo endpoint on the same connection stack as
     /// `/ws`, for the Autobahn conformance suite. Never enable it in production.
     #[arg(long, env = "WSGATE_ECHO", default_value_t = false, action = clap::ArgAction::Set, num_args = 0..=1, default_missing_value = "true")]

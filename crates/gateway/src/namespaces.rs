@@ -2,7 +2,8 @@
 //! which topics belong to which namespace, and what the namespace's topics are:
 //! streams (`history_size` + `history_ttl`), presence (`presence`, `join_leave`,
 //! `join_leave_rate`), what clients may do themselves (`client_publish`,
-//! `client_subscribe`) and what a lagging reader's queue does (`slow_consumer`). Every option is an optional field of [`Entry`], off (or
+//! `client_subscribe`), what a lagging reader's queue does (`slow_consumer`) and
+//! whether publications are compressed for clients that negotiated it (`compression`). Every option is an optional field of [`Entry`], off (or
 //! v1's behaviour) by default.
 //!
 //! No namespace, or a namespace without options, means plain (v1) topics.
@@ -58,6 +59,8 @@ struct Entry {
     client_subscribe: Option<bool>,
     #[serde(default, alias = "slow-consumer")]
     slow_consumer: Option<Spanned<String>>,
+    #[serde(default)]
+    compression: Option<bool>,
 }
 
 fn err(span: Range<usize>, message: String) -> SettingError {
@@ -184,6 +187,7 @@ pub fn parse(text: &str) -> Result<Namespaces, SettingError> {
             client_publish: entry.client_publish.unwrap_or(true),
             client_subscribe: entry.client_subscribe.unwrap_or(true),
             slow_consumer,
+            compression: entry.compression.unwrap_or(true),
         });
     }
     Namespaces::new(list).map_err(|message| SettingError {
@@ -225,6 +229,9 @@ pub fn describe(namespaces: &Namespaces) -> Vec<String> {
             }
             if ns.slow_consumer != SlowConsumer::Disconnect {
                 what.push(format!("slow consumers: {}", ns.slow_consumer.as_str()));
+            }
+            if !ns.compression {
+                what.push("uncompressed".to_string());
             }
             format!("{}: {} → {}", ns.name, topics.join(", "), what.join(", "))
         })

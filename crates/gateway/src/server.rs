@@ -454,15 +454,27 @@ fn upgrade(
             )
         }
     };
+    // permessage-deflate, when enabled and offered (declined offers: served plain).
+    let accepted = gw
+        .config
+        .compression
+        .then(|| crate::ws::deflate::negotiate(req.headers()))
+        .flatten();
     let gw2 = gw.clone();
     let start = Start {
         peer,
         slot,
         admitted,
         mode,
+        deflate: accepted.as_ref().map(|a| a.deflate).unwrap_or_default(),
     };
     gw.tracker.spawn(run_upgraded(gw2, fut, Box::new(start)));
-    let (parts, _) = response.into_parts();
+    let (mut parts, _) = response.into_parts();
+    if let Some(a) = accepted {
+        parts
+            .headers
+            .insert(http::header::SEC_WEBSOCKET_EXTENSIONS, a.response);
+    }
     Response::from_parts(parts, Full::default())
 }
 

@@ -166,6 +166,7 @@ pub(crate) fn serve<B>(gw: Arc<Gateway>, req: Request<B>, peer: SocketAddr) -> S
         slot,
         admitted,
         mode: Mode::PubSub,
+        deflate: Default::default(),
     };
     let (body, session) = crate::session::sse::run(
         gw.clone(),

@@ -23,8 +23,8 @@ pub mod delivery;
 pub mod labels;
 
 use prometheus::{
-    Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, Opts,
-    Registry, TextEncoder,
+    Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
+    Opts, Registry, TextEncoder,
 };
 
 pub use delivery::{DeliveryStats, DeliveryTotals};
@@ -80,7 +80,8 @@ pub struct Metrics {
     /// `wsgate_bytes_received_total`: WebSocket payload bytes read from clients.
     pub bytes_received: IntCounter,
     /// `wsgate_transport_connections{transport,compression}`: open client
-    /// connections by transport (`websocket`, `sse`) and compression.
+    /// connections by transport (`websocket`, `sse`) and whether they negotiated
+    /// compression (`deflate`, `none`). See [`Metrics::transport_connection`].
     pub transport_connections: IntGaugeVec,
     /// The same gauge, resolved for `{transport="sse",compression="none"}`.
     pub transport_connections_sse: IntGauge,
@@ -207,6 +208,14 @@ pub struct Metrics {
     /// `wsgate_rebalance_excess_connections`: connections over this node's share at its
     /// last check (0 when within the margin).
     pub rebalance_excess: IntGauge,
+    /// `wsgate_compression_bytes_in_total`: frame bytes this process compressed for
+    /// permessage-deflate (each publication once, however many subscribers).
+    pub compression_bytes_in: IntCounter,
+    /// `wsgate_compression_bytes_out_total`: the frame bytes that compression
+    /// produced from them.
+    pub compression_bytes_out: IntCounter,
+    /// `wsgate_compression_seconds_total`: CPU time spent compressing them.
+    pub compression_seconds: Counter,
 }
 
 fn register<T: prometheus::core::Collector + Clone + 'static>(registry: &Registry, m: T) -> T {
@@ -297,6 +306,9 @@ impl Metrics {
             )
             .expect("valid metric"),
         );
+        for c in ["deflate", "none"] {
+            transport_connections.with_label_values(&["websocket", c]);
+        }
         let transport_connections_sse = transport_connections.with_label_values(&["sse", "none"]);
         let m = Metrics {
             transport_connections,
@@ -588,6 +600,24 @@ impl Metrics {
                 "wsgate_rebalance_excess_connections",
                 "Connections over this node's share of the fleet at its last check.",
             ),
+            compression_bytes_in: counter(
+                r,
+                "wsgate_compression_bytes_in_total",
+                "Frame bytes compressed for permessage-deflate (each publication once per node).",
+            ),
+            compression_bytes_out: counter(
+                r,
+                "wsgate_compression_bytes_out_total",
+                "Frame bytes produced by permessage-deflate compression.",
+            ),
+            compression_seconds: register(
+                r,
+                Counter::new(
+                    "wsgate_compression_seconds_total",
+                    "Time spent compressing publications for permessage-deflate.",
+                )
+                .expect("valid metric"),
+            ),
             registry,
         };
         m.build_info
@@ -613,6 +643,28 @@ impl Metrics {
     /// Counts a disconnect; `reason` must be one of [`labels::DISCONNECT`].
     pub fn disconnected(&self, reason: &str) {
         self.disconnects.with_label_values(&[reason]).inc();
+    }
+
+    /// Adds `delta` (1 on open, -1 on close) to the open connections of `transport`,
+    /// compressed (`deflate`) or not.
+    pub fn transport_connection(&self, transport: &str, deflate: bool, delta: i64) {
+        let compression = if deflate { "deflate" } else { "none" };
+        self.transport_connections
+            .with_label_values(&[transport, compression])
+            .add(delta);
+    }
+
+    /// Brings the compression counters up to the process's totals (at scrape):
+    /// bytes in, bytes out, nanoseconds.
+    pub fn set_compression(&self, bytes_in: u64, bytes_out: u64, nanos: u64) {
+        let catch_up = |c: &IntCounter, v: u64| c.inc_by(v.saturating_sub(c.get()));
+        catch_up(&self.compression_bytes_in, bytes_in);
+        catch_up(&self.compression_bytes_out, bytes_out);
+        let secs = nanos as f64 / 1e9;
+        let now = self.compression_seconds.get();
+        if secs > now {
+            self.compression_seconds.inc_by(secs - now);
+        }
     }
 
     /// Counts `n` dropped messages; `reason` must be one of [`labels::DROPPED`].

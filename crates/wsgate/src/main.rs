@@ -61,7 +61,8 @@ async fn run(settings: Settings, security: Security) -> anyhow::Result<()> {
         demo::with_chat_stream(namespaces)
     } else {
         namespaces
-    };
+    }
+    .with_compression(cfg.compression);
     for ns in describe(&namespaces) {
         info!("namespace {ns}");
     }

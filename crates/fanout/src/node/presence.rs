@@ -102,6 +102,7 @@ impl Core {
                     frame: event.frame(topic),
                     accepted_at: 0,
                     tag: None,
+                    deflated: None,
                 };
                 // Under the shard's lock: events of one topic leave in arrival order.
                 self.hub.deliver_except(topic, &p, except);
@@ -140,6 +141,7 @@ impl Core {
                     frame: changed_frame(&topic, skipped),
                     accepted_at: 0,
                     tag: None,
+                    deflated: None,
                 };
                 core.hub.deliver(&topic, &p);
                 debug!(%topic, skipped, "join/leave events summarised");

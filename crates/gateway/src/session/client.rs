@@ -93,7 +93,10 @@ impl Client {
                 }
                 _ => {}
             }
-            if frame.opcode == op::TEXT && frame.fin && std::str::from_utf8(&frame.payload).is_err()
+            if frame.opcode == op::TEXT
+                && frame.fin
+                && !frame.compressed
+                && std::str::from_utf8(&frame.payload).is_err()
             {
                 self.outbox.close(Disconnect::InvalidUtf8);
                 return;
@@ -134,6 +137,14 @@ impl Client {
                 Message::Text(t) => frame::text(t),
                 Message::Binary(b) => frame::encode(op::BINARY, b),
             };
+            // Compressed back when the connection negotiated it (and it is worth it),
+            // like a publication.
+            let frame =
+                if self.outbox.deflates() && frame.len() >= wsgate_fanout::deflate::MIN_PAYLOAD {
+                    wsgate_fanout::deflate::deflate_frame(&frame)
+                } else {
+                    frame
+                };
             self.outbox.push(frame, 0);
             return true;
         }

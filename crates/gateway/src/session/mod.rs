@@ -95,6 +95,8 @@ pub(crate) struct Start {
     pub slot: ConnectionSlot,
     pub admitted: Admitted,
     pub mode: Mode,
+    /// What permessage-deflate the handshake negotiated.
+    pub deflate: crate::ws::deflate::Deflate,
 }
 
 /// Starts a session on an upgraded connection; the future runs it to its end.
@@ -113,7 +115,9 @@ where
     R: AsyncRead + Unpin + Send + 'static,
     W: AsyncWrite + Unpin + Send + 'static,
 {
-    let (session, span) = open(gw, read, write, start);
+    let deflate = start.deflate.on;
+    let (session, span) = open(gw.clone(), read, write, start);
+    gw.metrics.transport_connection("websocket", deflate, 1);
     session.run().instrument(span)
 }
 
@@ -154,12 +158,13 @@ where
         slot,
         admitted,
         mode,
+        deflate,
         ..
     } = start;
     let Admitted { identity, ip_slot } = admitted;
     gw.metrics.connections_accepted.inc();
     debug!("connected");
-    let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes));
+    let outbox = Arc::new(Outbox::new(cfg.outbound_queue_bytes).with_deflate(deflate.send));
     if mode == Mode::PubSub {
         // An echo client expects only its own messages back.
         let welcome = protocol::welcome(
@@ -197,7 +202,7 @@ where
         expires
     });
 
-    let frames = FrameReader::new(read, cfg.max_message_size);
+    let frames = FrameReader::new(read, cfg.max_message_size).with_deflate(deflate.on);
     let client = Client {
         outbox,
         gw: gw.clone(),
@@ -253,6 +258,12 @@ impl<R: AsyncRead + Unpin + Send, W: AsyncWrite + Unpin + Send> Session<R, W> {
                     None => writing.await,
                 }
             };
+            // Counted here and in `run`: an SSE session (session/sse.rs) shares `open`
+            // and `close` and counts itself as `sse`.
+            self.client
+                .gw
+                .metrics
+                .transport_connection("websocket", self.frames.deflates(), -1);
             self.close(reason);
         }
     }
@@ -306,6 +317,7 @@ mod size_tests {
                         .unwrap(),
                 },
                 mode: Mode::PubSub,
+                deflate: Default::default(),
             })
         };
         // The plain-TCP halves, as in production.

@@ -156,6 +156,9 @@ pub struct Outbox {
     /// between the writer's last `take` and its wait is never lost. `take` clears it:
     /// a push that the batch already carries needs no wake-up of its own.
     signaled: AtomicBool,
+    /// The connection negotiated permessage-deflate and takes compressed
+    /// publications ([`Publication::deflated_frame`]).
+    deflate: bool,
     limit: usize,
     /// When the client was last heard from (any frame), in milliseconds on the
     /// session table's clock: written by the reader, read by the heartbeat ticker.
@@ -169,9 +172,22 @@ impl Outbox {
             state: Mutex::new(State::default()),
             waker: AtomicWaker::new(),
             signaled: AtomicBool::new(false),
+            deflate: false,
             limit,
             heard_ms: AtomicU64::new(0),
         }
+    }
+
+    /// Queues publications compressed when they have a compressed form: the
+    /// connection negotiated permessage-deflate.
+    pub fn with_deflate(mut self, on: bool) -> Self {
+        self.deflate = on;
+        self
+    }
+
+    /// Whether publications are queued compressed (see [`Outbox::with_deflate`]).
+    pub fn deflates(&self) -> bool {
+        self.deflate
     }
 
     /// Records that a frame from the client arrived at `now_ms`.
@@ -465,9 +481,15 @@ impl Outbox {
 impl Subscriber for Outbox {
     fn deliver(&self, publication: &Publication) {
         // A clone of `Bytes` is a reference-count increment: every subscriber shares
-        // the frame encoded once by the broker.
+        // the frame encoded once by the broker, and every compressing subscriber the
+        // frame compressed once, by the first of them.
+        let frame = if self.deflate {
+            publication.deflated_frame()
+        } else {
+            &publication.frame
+        };
         self.push_item(Item {
-            frame: publication.frame.clone(),
+            frame: frame.clone(),
             born: publication.accepted_at.max(1),
             tag: publication.tag.clone(),
         });

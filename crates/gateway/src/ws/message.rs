@@ -1,8 +1,10 @@
-//! Message reassembly: fragments into whole messages.
+//! Message reassembly: fragments into whole messages, inflated when compressed
+//! (permessage-deflate).
 
 use bytes::Bytes;
 use wsgate_fanout::frame::op;
 
+use super::deflate::inflate;
 use super::read::Frame;
 use crate::close::Disconnect;
 
@@ -15,6 +17,9 @@ pub(crate) struct Assembler {
     opcode: Option<u8>,
     /// Bytes of `buf` known to be valid UTF-8 (text messages).
     checked: usize,
+    /// The message being assembled is compressed: `buf` holds DEFLATE data, bounded
+    /// like a message, inflated (within the limit) when the last fragment arrives.
+    compressed: bool,
 }
 
 /// A whole client message.
@@ -30,6 +35,7 @@ impl Assembler {
             buf: Vec::new(),
             opcode: None,
             checked: 0,
+            compressed: false,
         }
     }
 
@@ -37,6 +43,10 @@ impl Assembler {
         match (frame.opcode, self.opcode) {
             (op::TEXT | op::BINARY, Some(_)) => Err(Disconnect::ProtocolError),
             (op::CONTINUATION, None) => Err(Disconnect::ProtocolError),
+            (opcode @ (op::TEXT | op::BINARY), None) if frame.fin && frame.compressed => {
+                let payload = inflate(&frame.payload, self.max)?;
+                finish(opcode, payload).map(Some)
+            }
             (op::TEXT, None) if frame.fin => {
                 // The reader has validated UTF-8 of unfragmented text.
                 Ok(Some(Message::Text(Bytes::from(frame.payload))))
@@ -46,6 +56,7 @@ impl Assembler {
             }
             (opcode @ (op::TEXT | op::BINARY), None) => {
                 self.opcode = Some(opcode);
+                self.compressed = frame.compressed;
                 self.append(&frame.payload)?;
                 Ok(None)
             }
@@ -56,16 +67,11 @@ impl Assembler {
                 }
                 self.opcode = None;
                 self.checked = 0;
-                let buf = std::mem::take(&mut self.buf);
-                match opcode {
-                    op::TEXT => {
-                        if std::str::from_utf8(&buf).is_err() {
-                            return Err(Disconnect::InvalidUtf8);
-                        }
-                        Ok(Some(Message::Text(Bytes::from(buf))))
-                    }
-                    _ => Ok(Some(Message::Binary(Bytes::from(buf)))),
+                let mut buf = std::mem::take(&mut self.buf);
+                if std::mem::take(&mut self.compressed) {
+                    buf = inflate(&buf, self.max)?;
                 }
+                finish(opcode, buf).map(Some)
             }
             _ => Ok(None),
         }
@@ -76,7 +82,7 @@ impl Assembler {
             return Err(Disconnect::TooBig);
         }
         self.buf.extend_from_slice(data);
-        if self.opcode == Some(op::TEXT) {
+        if self.opcode == Some(op::TEXT) && !self.compressed {
             // Fail fast on invalid UTF-8; an incomplete sequence at the end may be
             // completed by the next fragment.
             match std::str::from_utf8(&self.buf[self.checked..]) {
@@ -89,16 +95,70 @@ impl Assembler {
     }
 }
 
+/// A whole message's payload as a message: text must be UTF-8.
+fn finish(opcode: u8, payload: Vec<u8>) -> Result<Message, Disconnect> {
+    match opcode {
+        op::TEXT => {
+            if std::str::from_utf8(&payload).is_err() {
+                return Err(Disconnect::InvalidUtf8);
+            }
+            Ok(Message::Text(Bytes::from(payload)))
+        }
+        _ => Ok(Message::Binary(Bytes::from(payload))),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+    use wsgate_fanout::deflate::compress;
 
     fn f(fin: bool, opcode: u8, payload: &[u8]) -> Frame {
         Frame {
             fin,
             opcode,
+            compressed: false,
             payload: payload.to_vec(),
         }
+    }
+
+    fn z(fin: bool, opcode: u8, payload: &[u8]) -> Frame {
+        Frame {
+            compressed: true,
+            ..f(fin, opcode, payload)
+        }
+    }
+
+    #[test]
+    fn compressed_messages_are_inflated_whole_or_fragmented() {
+        let text = "héllo ".repeat(100);
+        let packed = compress(text.as_bytes());
+        let mut a = Assembler::new(1000);
+        assert_eq!(text_of(a.push(z(true, op::TEXT, &packed)).unwrap()), text);
+        let (x, y) = packed.split_at(packed.len() / 2);
+        assert!(a.push(z(false, op::TEXT, x)).unwrap().is_none());
+        assert_eq!(text_of(a.push(f(true, op::CONTINUATION, y)).unwrap()), text);
+        // The next message is plain again.
+        assert_eq!(
+            text_of(a.push(f(true, op::TEXT, b"plain")).unwrap()),
+            "plain"
+        );
+        // Inflated past the limit: 1009, however small the compressed message.
+        let mut a = Assembler::new(599);
+        assert!(matches!(
+            a.push(z(true, op::BINARY, &packed)),
+            Err(Disconnect::TooBig)
+        ));
+        // Inflated text is held to UTF-8.
+        let mut a = Assembler::new(1000);
+        assert!(matches!(
+            a.push(z(true, op::TEXT, &compress(&[b'a', 0xff]))),
+            Err(Disconnect::InvalidUtf8)
+        ));
+    }
+
+    fn text_of(m: Option<Message>) -> String {
+        text(m)
     }
 
     fn text(m: Option<Message>) -> String {

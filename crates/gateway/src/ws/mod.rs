@@ -7,6 +7,8 @@
 //!   limit and UTF-8 checked as fragments arrive.
 //! - [`close`]: the close handshake's rules (which codes a client may send, what we
 //!   answer).
+//! - [`deflate`]: permessage-deflate's negotiation, and compressed client messages
+//!   inflated within the size limit.
 //! - [`io`]: the bytes hyper read past the upgrade request, replayed first.
 //!
 //! Server frames (always final, never masked, so one encoding serves every
@@ -14,6 +16,7 @@
 //! [`wsgate_fanout::frame`]: the node encodes publications there.
 
 pub(crate) mod close;
+pub(crate) mod deflate;
 pub mod io;
 pub(crate) mod message;
 pub(crate) mod read;

@@ -35,6 +35,9 @@ thread_local! {
 pub(crate) struct Frame {
     pub fin: bool,
     pub opcode: u8,
+    /// RSV1 on the first frame of a message: the message is compressed
+    /// (permessage-deflate, only when negotiated).
+    pub compressed: bool,
     pub payload: Vec<u8>,
 }
 
@@ -57,6 +60,8 @@ pub(crate) struct FrameReader<R> {
     partial: Vec<u8>,
     /// The largest payload accepted, inclusive.
     max_payload: usize,
+    /// permessage-deflate was negotiated: RSV1 may be set on a message's first frame.
+    deflate: bool,
 }
 
 /// What the first bytes of `buf` hold.
@@ -67,17 +72,20 @@ enum Parsed {
     Need(usize),
 }
 
-fn parse(buf: &[u8], max_payload: usize) -> Result<Parsed, ReadError> {
+fn parse(buf: &[u8], max_payload: usize, deflate: bool) -> Result<Parsed, ReadError> {
     if buf.len() < 2 {
         return Ok(Parsed::Need(2));
     }
     let (b0, b1) = (buf[0], buf[1]);
     let fin = b0 & 0x80 != 0;
-    if b0 & 0x70 != 0 {
-        // No extension is negotiated, so no reserved bit may be set.
+    let opcode = b0 & 0x0F;
+    let compressed = b0 & 0x40 != 0;
+    // RSV2 and RSV3 belong to no extension we negotiate; RSV1 is permessage-deflate's
+    // and only on the first frame of a data message (RFC 7692 §6): never on a control
+    // frame or a continuation, never without the extension.
+    if b0 & 0x30 != 0 || (compressed && !(deflate && matches!(opcode, op::TEXT | op::BINARY))) {
         return Err(ReadError::Protocol(Disconnect::ProtocolError));
     }
-    let opcode = b0 & 0x0F;
     let control = opcode >= op::CLOSE;
     if !matches!(
         opcode,
@@ -135,6 +143,7 @@ fn parse(buf: &[u8], max_payload: usize) -> Result<Parsed, ReadError> {
         Frame {
             fin,
             opcode,
+            compressed,
             payload,
         },
         total,
@@ -160,7 +169,20 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
             io,
             partial: Vec::new(),
             max_payload,
+            deflate: false,
         }
+    }
+
+    /// Accepts compressed messages (RSV1 on a message's first frame): the connection
+    /// negotiated permessage-deflate.
+    pub(crate) fn with_deflate(mut self, on: bool) -> Self {
+        self.deflate = on;
+        self
+    }
+
+    /// Whether permessage-deflate was negotiated.
+    pub(crate) fn deflates(&self) -> bool {
+        self.deflate
     }
 
     /// The next frame (the tests' form of [`FrameReader::poll_next`]).
@@ -177,7 +199,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ReadError>> {
         loop {
             if !self.partial.is_empty() {
-                match parse(&self.partial, self.max_payload)? {
+                match parse(&self.partial, self.max_payload, self.deflate)? {
                     Parsed::Frame(frame, used) => {
                         self.partial.drain(..used);
                         if self.partial.is_empty() {
@@ -212,7 +234,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Poll::Ready(Err(ReadError::Gone));
             }
             if self.partial.is_empty() {
-                if let Parsed::Frame(frame, used) = parse(data, self.max_payload)? {
+                if let Parsed::Frame(frame, used) = parse(data, self.max_payload, self.deflate)? {
                     self.partial.extend_from_slice(&data[used..]);
                     return Poll::Ready(Ok(Some(frame)));
                 }
@@ -312,6 +334,28 @@ mod tests {
             assert!(frames.is_empty());
             assert_eq!(end, want);
         }
+        // RSV1 is permessage-deflate's: refused without it, and with it on control
+        // frames and continuations.
+        let mut rsv1 = client_frame(true, op::TEXT, b"x");
+        rsv1[0] |= 0x40;
+        let (frames, end) = read_all(rsv1.clone(), 100).await;
+        assert_eq!((frames.len(), end), (0, protocol.clone()));
+        let mut r = FrameReader::new(&rsv1[..], 100).with_deflate(true);
+        assert!(r.next().await.unwrap().compressed);
+        for (fin, opcode) in [
+            (true, op::PING),
+            (true, op::CLOSE),
+            (true, op::CONTINUATION),
+        ] {
+            let mut f = client_frame(fin, opcode, b"");
+            f[0] |= 0x40;
+            let mut r = FrameReader::new(&f[..], 100).with_deflate(true);
+            assert_eq!(r.next().await, Err(protocol.clone()), "opcode {opcode}");
+        }
+        let mut rsv2 = client_frame(true, op::TEXT, b"x");
+        rsv2[0] |= 0x20;
+        let mut r = FrameReader::new(&rsv2[..], 100).with_deflate(true);
+        assert_eq!(r.next().await, Err(protocol.clone()));
         // Exactly at the limit is fine; EOF inside a frame is the client gone.
         let (frames, _) = read_all(client_frame(true, op::TEXT, &[b'a'; 100]), 100).await;
         assert_eq!(frames.len(), 1);
