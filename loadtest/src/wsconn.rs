@@ -16,6 +16,7 @@
 //! messages are reassembled.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
 
 use flate2::{Decompress, FlushDecompress};
@@ -58,36 +59,40 @@ enum Loc {
 thread_local! {
     /// Raw DEFLATE; reset per message (the gateway takes over no context).
     static INFLATER: RefCell<Decompress> = RefCell::new(Decompress::new(false));
-    /// The last message this thread inflated: its compressed bytes and what they
-    /// inflated to.
-    static LAST: RefCell<(Vec<u8>, Vec<u8>)> = const { RefCell::new((Vec::new(), Vec::new())) };
+    /// Messages this thread inflated lately: compressed bytes → what they inflated to.
+    static RECENT: RefCell<HashMap<Vec<u8>, Vec<u8>>> = RefCell::new(HashMap::new());
 }
+
+/// How many inflated messages a thread remembers before it starts over: a connection
+/// that fell behind delivers dozens of publications in one read, so the copies of one
+/// publication meet the thread interleaved with many others.
+const KEEP: usize = 1024;
 
 /// Inflates one permessage-deflate message into `out` (cleared first).
 ///
 /// A node compresses a publication once and sends the same bytes to every
-/// subscriber, so a thread reading many subscribers mostly meets the bytes it just
-/// inflated: those are answered from the last result (inflating is a pure function
-/// of the bytes: the same output, without the generator's CPU becoming the limit of
-/// a compressed fan-out run).
+/// subscriber, so a thread reading many subscribers mostly meets bytes it inflated a
+/// moment ago: those are answered from the result it kept (inflating is a pure
+/// function of the bytes: the same output, without the generator's CPU becoming the
+/// limit of a compressed fan-out run).
 fn inflate(data: &[u8], out: &mut Vec<u8>) -> io::Result<()> {
-    let hit = LAST.with_borrow(|(input, output)| {
-        let hit = !input.is_empty() && input[..] == *data;
-        if hit {
+    let hit = RECENT.with_borrow(|recent| match recent.get(data) {
+        Some(output) => {
             out.clear();
             out.extend_from_slice(output);
+            true
         }
-        hit
+        None => false,
     });
     if hit {
         return Ok(());
     }
     inflate_fresh(data, out)?;
-    LAST.with_borrow_mut(|(input, output)| {
-        input.clear();
-        input.extend_from_slice(data);
-        output.clear();
-        output.extend_from_slice(out);
+    RECENT.with_borrow_mut(|recent| {
+        if recent.len() >= KEEP {
+            recent.clear();
+        }
+        recent.insert(data.to_vec(), out.clone());
     });
     Ok(())
 }
