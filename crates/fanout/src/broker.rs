@@ -238,10 +238,10 @@ pub trait Broker: Send + Sync + 'static {
     }
 
     /// Takes `entry` out of `topic`'s presence and, with `announce`, relays its
-    /// `leave`. `last`: no other connection of this node is on the topic. A failure
-    /// is the broker's to put right (from [`BrokerEvents::presence_snapshot`]).
-    fn presence_remove(&self, topic: &str, entry: &PresenceEntry, announce: bool, last: bool) {
-        let _ = (topic, entry, announce, last);
+    /// `leave`. A failure is the broker's to put right (from
+    /// [`BrokerEvents::presence_snapshot`]).
+    fn presence_remove(&self, topic: &str, entry: &PresenceEntry, announce: bool) {
+        let _ = (topic, entry, announce);
     }
 
     /// Every connection in `topic`'s presence, on every live node.
@@ -375,7 +375,7 @@ impl Broker for MemoryBroker {
         BrokerFuture::ready(Ok(()))
     }
 
-    fn presence_remove(&self, topic: &str, entry: &PresenceEntry, announce: bool, _last: bool) {
+    fn presence_remove(&self, topic: &str, entry: &PresenceEntry, announce: bool) {
         let removed = {
             let mut all = self.presence.lock();
             let removed = all

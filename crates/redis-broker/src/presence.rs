@@ -446,13 +446,7 @@ impl Presence {
 
     /// [`wsgate_fanout::Broker::presence_remove`]: `HDEL` (and the leave) in the
     /// topic's order; `SREM` from this member's topics when it was the last.
-    pub(crate) fn remove(
-        self: &Arc<Self>,
-        topic: &str,
-        entry: &PresenceEntry,
-        announce: bool,
-        last: bool,
-    ) {
+    pub(crate) fn remove(self: &Arc<Self>, topic: &str, entry: &PresenceEntry, announce: bool) {
         let Some(member) = self.member(Some(&entry.node)) else {
             return;
         };
@@ -464,9 +458,9 @@ impl Presence {
         if announce {
             answers.push(self.announce(&channel, PresenceKind::Leave, entry));
         }
-        // The node's `last` is decided under its own lock, but the calls here are not:
-        // the count below is what orders SREM against another connection's SADD.
-        let _ = last;
+        // This broker's own count of the member's entries on the topic orders SREM
+        // against another connection's SADD (the calls here are not under the
+        // node's lock).
         if let Some(srem) = self.listed_remove(topic, &member) {
             answers.push(srem);
         }
@@ -984,9 +978,8 @@ macro_rules! broker_presence_methods {
             topic: &str,
             entry: &wsgate_fanout::PresenceEntry,
             announce: bool,
-            last: bool,
         ) {
-            self.presence.remove(topic, entry, announce, last);
+            self.presence.remove(topic, entry, announce);
         }
 
         fn presence(

@@ -69,18 +69,17 @@ impl Node {
     }
 
     fn leave(&self, b: &dyn Broker, session: &str) {
-        let (e, last) = {
+        let e = {
             let mut all = self.entries.lock();
             let list = all.get_mut(TOPIC).unwrap();
             let at = list.iter().position(|e| &*e.session == session).unwrap();
             let e = list.remove(at);
-            let last = list.is_empty();
-            if last {
+            if list.is_empty() {
                 all.remove(TOPIC);
             }
-            (e, last)
+            e
         };
-        b.presence_remove(TOPIC, &e, true, last);
+        b.presence_remove(TOPIC, &e, true);
     }
 
     /// The joins and leaves heard about `session`.

@@ -227,17 +227,16 @@ impl Node {
             let Some(opts) = core.namespaces.presence(t) else {
                 continue;
             };
-            let (removed, last) = {
+            let removed = {
                 let mut shard = core.presence_shard(t).lock();
                 let Some(table) = shard.get_mut(&**t) else {
                     continue;
                 };
                 let removed = table.members.remove(session);
-                let last = table.members.is_empty();
-                if last {
+                if table.members.is_empty() {
                     shard.remove(&**t);
                 }
-                (removed, last)
+                removed
             };
             if let Some(local) = removed {
                 let entry = PresenceEntry {
@@ -245,8 +244,7 @@ impl Node {
                     user: local.user,
                     node: core.node_id(),
                 };
-                self.broker
-                    .presence_remove(t, &entry, opts.join_leave, last);
+                self.broker.presence_remove(t, &entry, opts.join_leave);
             }
         }
     }
