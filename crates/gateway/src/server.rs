@@ -386,6 +386,27 @@ pub(crate) fn overloaded(gw: &Gateway, retry_ms: u64) -> Response<Body> {
     r
 }
 
+/// The first refusals of a request for a long-lived connection (`/ws`, `/sse`), before
+/// any work is done for it: a draining node sends it elsewhere, and — token checks
+/// cost CPU — a storm of reconnects is admitted at the configured rate, the rest told
+/// when to retry.
+pub(crate) fn turn_away(gw: &Gateway) -> Option<Response<Body>> {
+    if gw.is_draining() {
+        return Some(refuse(
+            gw,
+            StatusCode::SERVICE_UNAVAILABLE,
+            "draining",
+            "node is draining: connect to another node",
+        ));
+    }
+    if let Some(bucket) = &gw.upgrades {
+        if let Err(wait) = bucket.try_acquire() {
+            return Some(overloaded(gw, crate::admission::with_jitter(wait)));
+        }
+    }
+    None
+}
+
 /// `GET /ws`: checks, then upgrades and hands the connection to a session task.
 fn upgrade(
     gw: Arc<Gateway>,
@@ -406,20 +427,8 @@ fn upgrade(
         );
         return r;
     }
-    if gw.is_draining() {
-        return refuse(
-            &gw,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "node is draining: connect to another node",
-        );
-    }
-    // Before any work is done for the request (token checks cost CPU): a storm of
-    // reconnects is admitted at the configured rate, the rest told when to retry.
-    if let Some(bucket) = &gw.upgrades {
-        if let Err(wait) = bucket.try_acquire() {
-            return overloaded(&gw, crate::admission::with_jitter(wait));
-        }
+    if let Some(r) = turn_away(&gw) {
+        return r;
     }
     let admitted = match gw.security.admit(&req, peer) {
         Ok(a) => a,

@@ -18,7 +18,7 @@ use crate::gateway::Gateway;
 use crate::http_api::Body;
 use crate::protocol::{self, Command};
 use crate::security::auth::percent_decode;
-use crate::server::{overloaded, refuse};
+use crate::server::{refuse, turn_away};
 use crate::session::sse::{decode_id, SseBody, SseStart};
 use crate::session::{Mode, Start};
 
@@ -49,18 +49,8 @@ pub(crate) fn serve<B>(gw: Arc<Gateway>, req: Request<B>, peer: SocketAddr) -> S
             .insert(header::ALLOW, HeaderValue::from_static("GET"));
         return left(r);
     }
-    if gw.is_draining() {
-        return left(refuse(
-            &gw,
-            StatusCode::SERVICE_UNAVAILABLE,
-            "draining",
-            "node is draining: connect to another node",
-        ));
-    }
-    if let Some(bucket) = &gw.upgrades {
-        if let Err(wait) = bucket.try_acquire() {
-            return left(overloaded(&gw, crate::admission::with_jitter(wait)));
-        }
+    if let Some(r) = turn_away(&gw) {
+        return left(r);
     }
     // The topics and positions are judged before the admission's per-IP slot is
     // taken: a malformed request costs no slot.
