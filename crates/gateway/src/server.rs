@@ -131,6 +131,12 @@ impl Server {
                     tokio::time::sleep(Duration::from_millis(20)).await;
                 }
                 info!(left = gw.connections(), "drain finished");
+                // Out of the cluster's node list now rather than when the lease ends.
+                match tokio::time::timeout(FINISH_GRACE, gw.node.leave()).await {
+                    Ok(Ok(())) => debug!("left the cluster's node list"),
+                    Ok(Err(e)) => warn!(error = %e, "could not leave the node list"),
+                    Err(_) => warn!("leaving the node list timed out"),
+                }
             }
             _ = gw.shutdown.cancelled() => {}
         }

@@ -122,6 +122,21 @@ end
 return {added, redis.call('ZRANGE', KEYS[1], 0, -1), out, since}
 ";
 
+/// Takes a member out of the node list at the end of its drain, unless its topic set
+/// still names a topic (an entry is left: the lease's end and the cleanup of a dead
+/// member take care of it, as for a node that stopped without draining).
+///
+/// KEYS: the live set, the info hash, the member's topic set. ARGV: member.
+/// Returns 1 when the member left, 0 when it stays until its lease ends.
+const LEAVE: &str = r"
+if redis.call('SCARD', KEYS[3]) > 0 then
+  return 0
+end
+redis.call('ZREM', KEYS[1], ARGV[1])
+redis.call('HDEL', KEYS[2], ARGV[1])
+return 1
+";
+
 /// Makes one member's entries in one topic's presence hash exactly the given ones,
 /// announcing what changed (a resync; with no entries, the cleanup of a dead member).
 ///
@@ -265,6 +280,8 @@ pub(crate) struct Presence {
     /// never leave the topic out of the set while an entry is there), and a
     /// topic is added once, not at every subscribe.
     listed: Mutex<HashMap<Arc<str>, Listed>>,
+    /// Set by [`Presence::leave`]: no heartbeat after it.
+    left: AtomicBool,
 }
 
 /// One topic in [`Presence::listed`].
@@ -299,6 +316,7 @@ impl Presence {
             dirty: AtomicBool::new(false),
             suspects: Mutex::default(),
             listed: Mutex::default(),
+            left: AtomicBool::new(false),
         })
     }
 
@@ -599,6 +617,35 @@ impl Presence {
         }
     }
 
+    /// [`wsgate_fanout::Broker::leave`]: stops the heartbeats, then takes this
+    /// member out of the node list, in the same queue as its last topic-set writes
+    /// (so that the `SREM`s of connections closed by the drain come first). An error
+    /// when an entry of it was still listed: it then leaves when its lease ends.
+    pub(crate) fn leave(self: &Arc<Self>) -> BrokerFuture {
+        self.left.store(true, Ordering::Release);
+        let Some(member) = self.member(None) else {
+            // Never registered: nothing to take out.
+            return BrokerFuture::ready(Ok(()));
+        };
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(LEAVE)
+            .arg(3)
+            .arg(&self.keys.live)
+            .arg(&self.keys.info)
+            .arg(self.keys.topics_of(&member))
+            .arg(&*member);
+        match self.call(&self.keys.live, cmd) {
+            Ok(rx) => crate::job::answer_with(rx, |v| match v {
+                Value::Int(1) => Ok(()),
+                Value::Int(_) => Err(unavailable(
+                    "presence entries of this node are still listed: it leaves when its lease ends",
+                )),
+                _ => Err(unavailable("redis: unexpected reply to leave")),
+            }),
+            Err(e) => BrokerFuture::ready(Err(e)),
+        }
+    }
+
     // ----- membership -----
 
     /// The membership task: heartbeats, claims and cleans dead members, resyncs.
@@ -622,6 +669,9 @@ impl Presence {
             tokio::select! {
                 _ = stop.cancelled() => return,
                 _ = tokio::time::sleep_until(next) => {}
+            }
+            if self.left.load(Ordering::Acquire) {
+                return;
             }
             let started = Instant::now();
             next = match self.beat(&mut seen).await {
@@ -995,6 +1045,10 @@ macro_rules! broker_presence_methods {
 
         fn nodes(&self) -> wsgate_fanout::BrokerFuture<Vec<wsgate_fanout::NodeInfo>> {
             self.presence.nodes()
+        }
+
+        fn leave(&self) -> wsgate_fanout::BrokerFuture {
+            self.presence.leave()
         }
     };
 }

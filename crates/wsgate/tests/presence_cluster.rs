@@ -34,8 +34,19 @@ fn config_file() -> tempfile::NamedTempFile {
     file
 }
 
-/// `n` nodes on `redis` (single URL, or cluster seeds), named n0, n1, …
+/// `n` nodes on `redis` (single URL, or cluster seeds), named n0, n1, …, with the
+/// presence bound [`BOUND`].
 fn nodes(redis: &[&str], config: &tempfile::NamedTempFile, n: usize) -> Vec<Node> {
+    nodes_bound(redis, config, n, "3s")
+}
+
+/// [`nodes`] with the presence bound `bound` (`--presence-timeout`).
+fn nodes_bound(
+    redis: &[&str],
+    config: &tempfile::NamedTempFile,
+    n: usize,
+    bound: &str,
+) -> Vec<Node> {
     let path = config.path().to_str().unwrap().to_owned();
     (0..n)
         .map(|i| {
@@ -50,7 +61,9 @@ fn nodes(redis: &[&str], config: &tempfile::NamedTempFile, n: usize) -> Vec<Node
                 "--jwt-secret",
                 jwt::SECRET,
                 "--presence-timeout",
-                "3s",
+                bound,
+                "--drain-timeout",
+                "0s",
             ];
             args.extend_from_slice(redis);
             Node::start(None, &args)
@@ -470,4 +483,59 @@ asyncio.run(main())
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
+}
+
+/// A drained node leaves the node list at once, not when its lease ends (30 s here),
+/// and the others do not count it as dead: its connections left presence while it
+/// drained.
+async fn a_drained_node_leaves_at_once(redis: &[&str]) {
+    let config = config_file();
+    let mut ns = nodes_bound(redis, &config, 2, "60s");
+    let both = within(Duration::from_secs(20), || async {
+        live_nodes(&ns[0]).await == ["n0", "n1"]
+    })
+    .await;
+    assert!(both.is_some(), "{:?}", live_nodes(&ns[0]).await);
+    let mut bob = connect(&ns[1], "bob").await;
+    bob.subscribe(&["room.d"]).await;
+    assert_eq!(listed(&ns[0], "room.d").await.len(), 1);
+
+    ns[1].signal("TERM");
+    let status = ns[1].wait_exit(Duration::from_secs(20));
+    assert!(status.success(), "n1 exited with {status}");
+    // Well inside the 30 s lease: only a leave explains it.
+    let gone = within(Duration::from_secs(10), || async {
+        live_nodes(&ns[0]).await == ["n0"]
+    })
+    .await;
+    assert!(
+        gone.is_some(),
+        "n1 still listed: {:?}",
+        live_nodes(&ns[0]).await
+    );
+    println!("drained n1 out of /api/info after {gone:?}");
+    assert!(listed(&ns[0], "room.d").await.is_empty());
+    // n0's heartbeats (every 10 s with this bound) find nobody to clean.
+    tokio::time::sleep(Duration::from_secs(11)).await;
+    let m = wsgate_testkit::http::parse_metrics(&ns[0].scrape().await);
+    assert_eq!(
+        wsgate_testkit::http::val(&m, "wsgate_presence_dead_nodes_total"),
+        0.0,
+        "the drained node was taken for a dead one"
+    );
+    assert_eq!(wsgate_testkit::http::val(&m, "wsgate_cluster_nodes"), 1.0);
+}
+
+#[tokio::test]
+async fn a_drained_node_leaves_the_node_list_at_once() {
+    let redis = Redis::start();
+    let url = redis.url();
+    a_drained_node_leaves_at_once(&["--redis-url", &url]).await;
+}
+
+#[tokio::test]
+async fn a_drained_node_leaves_the_cluster_node_list_at_once() {
+    let cluster = RedisCluster::start(3, 0);
+    let seeds = cluster.seeds();
+    a_drained_node_leaves_at_once(&["--redis-mode", "cluster", "--redis-url", &seeds]).await;
 }

@@ -291,4 +291,12 @@ impl Node {
     pub async fn nodes(&self) -> Result<Vec<NodeInfo>, BrokerError> {
         self.broker.nodes().await
     }
+
+    /// Leaves the node list at the end of a drain ([`crate::Broker::leave`]).
+    ///
+    /// # Errors
+    /// The broker could not take the node out (it then leaves when its lease ends).
+    pub async fn leave(&self) -> Result<(), BrokerError> {
+        self.broker.leave().await
+    }
 }
