@@ -56,7 +56,7 @@ impl Client {
             // connection, and an idle session's future is counted in bytes.
             let (outbox, reader) = (&*self.outbox, &mut *frames);
             let result = std::future::poll_fn(move |cx| {
-                if outbox.poll_command(cx).is_ready() {
+                if outbox.poll_command().is_ready() {
                     return Poll::Ready(Err(ReadError::Yielded));
                 }
                 reader.poll_next(cx)
