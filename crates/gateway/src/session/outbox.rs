@@ -446,20 +446,23 @@ impl Outbox {
     /// # Cancel safety
     /// Cancel safe: a signal not consumed stays for the next call.
     pub async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.signaled.swap(false, Ordering::AcqRel) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // Re-checked after registering: a signal set in between would
-            // otherwise wake nobody.
-            if self.signaled.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+        poll_fn(|cx| self.poll_notified(cx)).await
+    }
+
+    /// [`Outbox::notified`] as a poll: ready once something was pushed or a close
+    /// requested since the last ready poll (or [`Outbox::take_batch`]).
+    pub fn poll_notified(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.signaled.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Re-checked after registering: a signal set in between would otherwise wake
+        // nobody.
+        if self.signaled.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Bytes queued right now.
