@@ -69,13 +69,11 @@ impl Client {
     ///
     /// An `async move` block rather than an `async fn`, whose arguments would be
     /// stored twice in the future.
-    pub(super) fn run<'a, R: AsyncRead + Unpin>(
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn run<'a, R: AsyncRead + Unpin + Send>(
         &'a mut self,
         frames: &'a mut FrameReader<R>,
-    ) -> impl Future<Output = ()> + Send + 'a
-    where
-        R: Send,
-    {
+    ) -> impl Future<Output = ()> + Send + 'a {
         async move {
             loop {
                 // A `let` statement: the `Work` is gone before the await below.

@@ -48,6 +48,7 @@ impl Writer {
     ///
     /// An `async move` block rather than an `async fn`, whose arguments would be
     /// stored twice in the future.
+    #[allow(clippy::manual_async_fn)]
     pub(crate) fn run<'a, W: AsyncWrite + Unpin>(
         &'a self,
         io: &'a mut W,

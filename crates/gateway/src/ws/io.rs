@@ -25,7 +25,6 @@ pub fn consume(bufs: &mut VecDeque<Bytes>, mut n: usize) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use tokio::io::AsyncReadExt;
 
     #[test]
     fn consume_pops_and_advances() {

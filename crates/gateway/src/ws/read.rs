@@ -268,6 +268,18 @@ mod tests {
     }
 
     #[tokio::test]
+    async fn the_prefix_is_read_first_and_may_end_mid_frame() {
+        // What hyper read past the upgrade: a whole frame and the start of the next.
+        let mut all = client_frame(true, op::TEXT, b"one");
+        let cut = all.len() + 3;
+        all.extend(client_frame(true, op::TEXT, b"two"));
+        let mut r = FrameReader::new(&all[cut..], 100).with_prefix(&all[..cut]);
+        assert_eq!(r.next().await.unwrap().payload, b"one");
+        assert_eq!(r.next().await.unwrap().payload, b"two");
+        assert_eq!(r.next().await, Err(ReadError::Gone));
+    }
+
+    #[tokio::test]
     async fn frames_of_every_length_encoding_arrive_unmasked() {
         let big = vec![7u8; 70_000];
         let mut bytes = client_frame(true, op::TEXT, b"hello");
