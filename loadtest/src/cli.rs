@@ -35,6 +35,10 @@ pub enum Cmd {
     /// No server: what the same fan-out costs the kernel alone (plain threads writing
     /// frames into loopback sockets, epoll readers): the yardstick for any server here.
     Floor(crate::floor::FloorArgs),
+    /// No server: what holding N idle connections with heartbeats costs the kernel
+    /// alone (one thread pinging from a wheel and reading pongs; clients in a child
+    /// process): the yardstick for a server's idle CPU here.
+    FloorIdle(crate::floor_idle::FloorIdleArgs),
 }
 
 /// Which of the run's subscribers, publishers or connections this process takes.

@@ -17,7 +17,8 @@
 //! - `stats` — per-second HDR histograms fed by cheap per-task recorders.
 //! - `report` — the JSON report, its math (steady window, percentiles), and merging.
 //! - `floor` — the kernel-only fan-out (no server, no generator): the yardstick for
-//!   any server on this machine.
+//!   any server on this machine; `floor_idle` — the same for idle connections
+//!   with heartbeats (pings from a wheel, pongs read back).
 //! - `chart` — the PNG chart; `sysmon` — /proc, getrusage, /metrics; `http` — a
 //!   small HTTP client; `summary` — the human-readable summary.
 #![forbid(unsafe_code)]
@@ -25,6 +26,7 @@
 pub mod chart;
 pub mod cli;
 pub mod floor;
+pub mod floor_idle;
 pub mod http;
 pub mod net;
 pub mod payload;

@@ -14,7 +14,7 @@ use wsgate_loadtest::cli::{Cli, Cmd, Common};
 use wsgate_loadtest::report::Report;
 use wsgate_loadtest::run::Ctx;
 use wsgate_loadtest::scenario::{churn, fanout, idle, resume};
-use wsgate_loadtest::{chart, floor, net, summary};
+use wsgate_loadtest::{chart, floor, floor_idle, net, summary};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
@@ -41,13 +41,19 @@ fn main() -> Result<()> {
         floor::run(a)?;
         return Ok(());
     }
+    if let Cmd::FloorIdle(a) = cli.cmd {
+        floor_idle::run(a)?;
+        return Ok(());
+    }
     let common: &Common = match &cli.cmd {
         Cmd::Fanout(a) => &a.common,
         Cmd::Slow(a) => &a.fanout.common,
         Cmd::Idle(a) => &a.common,
         Cmd::Churn(a) => &a.common,
         Cmd::ResumeStorm(a) => &a.common,
-        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
+        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_) => {
+            unreachable!("handled above")
+        }
     };
     let threads = common.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -75,7 +81,9 @@ fn main() -> Result<()> {
             Cmd::Idle(a) => idle::run(ctx, a).await,
             Cmd::Churn(a) => churn::run(ctx, a).await,
             Cmd::ResumeStorm(a) => resume::run(ctx, a).await,
-            Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
+            Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_) => {
+                unreachable!("handled above")
+            }
         }
     })?;
     report.notes.push(format!("open-file limit: {nofile}"));

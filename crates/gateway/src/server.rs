@@ -11,6 +11,7 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
+use bytes::Bytes;
 use fastwebsockets::upgrade::UpgradeFut;
 use http::{Method, Request, Response, StatusCode};
 use http_body_util::{Either, Full};
@@ -28,7 +29,6 @@ use crate::gateway::Gateway;
 use crate::http_api::{self, Body};
 use crate::server_api;
 use crate::session::{self, Mode, Start};
-use crate::ws::io::Prefixed;
 
 /// `EMFILE` and `ENFILE`: out of file descriptors (per process, system-wide).
 const OUT_OF_FDS: [i32; 2] = [24, 23];
@@ -482,6 +482,7 @@ fn upgrade(
         admitted,
         mode,
         deflate: accepted.as_ref().map(|a| a.deflate).unwrap_or_default(),
+        prefix: Bytes::new(),
     };
     gw.tracker.spawn(run_upgraded(gw2, fut, Box::new(start)));
     let (mut parts, _) = response.into_parts();
@@ -493,25 +494,44 @@ fn upgrade(
     Response::from_parts(parts, Full::default())
 }
 
-/// `start` is boxed: it is needed only until the session is set up, but an async
-/// fn's arguments stay in the task's memory for the connection's whole life.
-async fn run_upgraded(gw: Arc<Gateway>, fut: UpgradeFut, start: Box<Start>) {
-    let upgraded = match fut.await {
-        Ok(ws) => ws.into_inner().into_inner(),
-        Err(e) => {
-            debug!(error = %e, peer = %start.peer, "upgrade did not complete");
-            return;
+/// The upgrade, then the session: a chain of futures rather than an async fn, so
+/// that once the session runs the task holds the session's future and nothing else
+/// (an async fn would keep its arguments and the taken-apart stream beside it, in
+/// memory every idle connection keeps for its whole life). `start` is boxed: it is
+/// needed only until the session is set up.
+fn run_upgraded(
+    gw: Arc<Gateway>,
+    fut: UpgradeFut,
+    start: Box<Start>,
+) -> impl std::future::Future<Output = ()> + Send {
+    use futures_util::future::{ready, Either, FutureExt as _};
+    fut.then(move |upgraded| {
+        let upgraded = match upgraded {
+            Ok(ws) => ws.into_inner().into_inner(),
+            Err(e) => {
+                debug!(error = %e, peer = %start.peer, "upgrade did not complete");
+                return Either::Right(Either::Right(ready(())));
+            }
+        };
+        // The stream is taken apart by a plain function: a TLS stream is kilobytes.
+        // `unbox` frees the box now.
+        let (prefix, halves) = into_halves(upgraded);
+        let start = Start {
+            prefix,
+            ..unbox(start)
+        };
+        match halves {
+            Halves::Tcp(read, write) => {
+                Either::Left(Either::Left(session::run(gw, read, write, start)))
+            }
+            Halves::Tls(read, write) => {
+                Either::Left(Either::Right(session::run(gw, read, write, start)))
+            }
+            Halves::Other(read, write) => {
+                Either::Right(Either::Left(session::run(gw, read, write, start)))
+            }
         }
-    };
-    // The stream is taken apart by a plain function: a TLS stream is kilobytes, and
-    // as a local of this async fn it would stay in the session task's memory for
-    // the connection's whole life.
-    // `unbox` frees the box now; `*start` would free it when this fn returns.
-    match into_halves(upgraded) {
-        Halves::Tcp(read, write) => session::run(gw, read, write, unbox(start)).await,
-        Halves::Tls(read, write) => session::run(gw, read, write, unbox(start)).await,
-        Halves::Other(read, write) => session::run(gw, read, write, unbox(start)).await,
-    }
+    })
 }
 
 // Taking the box by value is the point: it is freed on return.
@@ -522,9 +542,9 @@ fn unbox<T>(b: Box<T>) -> T {
 
 /// An upgraded connection's read and write halves.
 enum Halves {
-    Tcp(Prefixed<OwnedReadHalf>, OwnedWriteHalf),
+    Tcp(OwnedReadHalf, OwnedWriteHalf),
     Tls(
-        Prefixed<ReadHalf<TlsStream<TcpStream>>>,
+        ReadHalf<TlsStream<TcpStream>>,
         WriteHalf<TlsStream<TcpStream>>,
     ),
     Other(
@@ -533,23 +553,25 @@ enum Halves {
     ),
 }
 
-fn into_halves(upgraded: hyper::upgrade::Upgraded) -> Halves {
+/// Takes an upgraded connection apart: the bytes hyper read past the upgrade request
+/// (the reader starts with them), and the halves.
+fn into_halves(upgraded: hyper::upgrade::Upgraded) -> (Bytes, Halves) {
     // Plain TCP: take the socket back from hyper and split it without a lock.
     match upgraded.downcast::<TokioIo<TcpStream>>() {
         Ok(parts) => {
             let (read, write) = parts.io.into_inner().into_split();
-            Halves::Tcp(Prefixed::new(parts.read_buf, read), write)
+            (parts.read_buf, Halves::Tcp(read, write))
         }
         Err(upgraded) => match upgraded.downcast::<TokioIo<TlsStream<TcpStream>>>() {
             // TLS: a TLS stream cannot be split without a lock; tokio's split
             // takes one only for the instant of each read or write call.
             Ok(parts) => {
                 let (read, write) = tokio::io::split(parts.io.into_inner());
-                Halves::Tls(Prefixed::new(parts.read_buf, read), write)
+                (parts.read_buf, Halves::Tls(read, write))
             }
             Err(upgraded) => {
                 let (read, write) = tokio::io::split(TokioIo::new(upgraded));
-                Halves::Other(read, write)
+                (Bytes::new(), Halves::Other(read, write))
             }
         },
     }

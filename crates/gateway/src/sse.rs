@@ -157,6 +157,7 @@ pub(crate) fn serve<B>(gw: Arc<Gateway>, req: Request<B>, peer: SocketAddr) -> S
         admitted,
         mode: Mode::PubSub,
         deflate: Default::default(),
+        prefix: bytes::Bytes::new(),
     };
     let (body, session) = crate::session::sse::run(
         gw.clone(),

@@ -1,7 +1,9 @@
 //! A client: its state, its read loop and the command dispatch.
 
+use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
-use std::task::Poll;
+use std::task::{ready, Context, Poll};
 
 use bytes::Bytes;
 use tokio::io::AsyncRead;
@@ -46,36 +48,74 @@ pub(crate) struct Client {
     pub(super) mode: Mode,
 }
 
+/// What the read loop found to do that needs an await.
+enum Work {
+    /// Server API commands wait in the outbox.
+    Commands,
+    /// A whole message from the client.
+    Message(Message),
+    /// The session is over (the client's close, EOF, a protocol error).
+    End,
+}
+
 impl Client {
     /// Reads and runs commands until the client ends the session (or breaks the
     /// protocol). Dropped mid-way when the writer ends first: the session is over.
-    pub(super) async fn run<R: AsyncRead + Unpin>(&mut self, frames: &mut FrameReader<R>) {
+    ///
+    /// Frames that need no await (pings, pongs, fragments, the close) are handled
+    /// inside one poll ([`Client::poll_work`]) and a command runs in a boxed future,
+    /// so this future, which an idle connection keeps for its whole life, holds only
+    /// its two references and the pending poll.
+    ///
+    /// An `async move` block rather than an `async fn`, whose arguments would be
+    /// stored twice in the future.
+    #[allow(clippy::manual_async_fn)]
+    pub(super) fn run<'a, R: AsyncRead + Unpin + Send>(
+        &'a mut self,
+        frames: &'a mut FrameReader<R>,
+    ) -> impl Future<Output = ()> + Send + 'a {
+        async move {
+            loop {
+                // A `let` statement: the `Work` is gone before the await below.
+                let work: Pin<Box<dyn Future<Output = bool> + Send + '_>> =
+                    match std::future::poll_fn(|cx| self.poll_work(frames, cx)).await {
+                        Work::End => return,
+                        Work::Commands => Box::pin(async {
+                            self.on_server_commands().await;
+                            true
+                        }),
+                        // Boxed: the commands' futures are large and short-lived.
+                        Work::Message(message) => Box::pin(self.on_message(message)),
+                    };
+                if !work.await {
+                    return;
+                }
+            }
+        }
+    }
+
+    /// Reads frames until one completes a message, a server command waits (checked
+    /// first), or the session ends; answers pings and records every frame's arrival
+    /// on the way.
+    fn poll_work<R: AsyncRead + Unpin>(
+        &mut self,
+        frames: &mut FrameReader<R>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Work> {
         loop {
-            // A server command first, else the next frame. One poll function rather
-            // than a `select!` of two futures: this loop lives as long as the
-            // connection, and an idle session's future is counted in bytes.
-            let (outbox, reader) = (&*self.outbox, &mut *frames);
-            let result = std::future::poll_fn(move |cx| {
-                if outbox.poll_command(cx).is_ready() {
-                    return Poll::Ready(Err(ReadError::Yielded));
-                }
-                reader.poll_next(cx)
-            })
-            .await;
-            let frame = match result {
+            if self.outbox.poll_command().is_ready() {
+                return Poll::Ready(Work::Commands);
+            }
+            let frame = match ready!(frames.poll_next(cx)) {
                 Ok(frame) => frame,
-                Err(ReadError::Yielded) => {
-                    Box::pin(self.on_server_commands()).await;
-                    continue;
-                }
                 Err(e) => {
                     let reason = match e {
                         ReadError::Protocol(reason) => reason,
-                        ReadError::Gone | ReadError::Yielded => Disconnect::ClientGone,
+                        ReadError::Gone => Disconnect::ClientGone,
                     };
                     debug!(reason = reason.label(), "read ended");
                     self.outbox.close(reason);
-                    return;
+                    return Poll::Ready(Work::End);
                 }
             };
             self.outbox.heard(self.gw.sessions.now_ms());
@@ -89,7 +129,7 @@ impl Client {
                 op::CLOSE => {
                     let (reason, reply) = close_reply(&frame.payload);
                     self.outbox.close_with(reason, Some(reply));
-                    return;
+                    return Poll::Ready(Work::End);
                 }
                 _ => {}
             }
@@ -99,25 +139,19 @@ impl Client {
                 && std::str::from_utf8(&frame.payload).is_err()
             {
                 self.outbox.close(Disconnect::InvalidUtf8);
-                return;
+                return Poll::Ready(Work::End);
             }
             self.gw
                 .metrics
                 .bytes_received
                 .inc_by(frame.payload.len() as u64);
-            let message = match self.assembler.push(frame) {
-                Ok(Some(m)) => m,
+            match self.assembler.push(frame) {
+                Ok(Some(m)) => return Poll::Ready(Work::Message(m)),
                 Ok(None) => continue,
                 Err(reason) => {
                     self.outbox.close(reason);
-                    return;
+                    return Poll::Ready(Work::End);
                 }
-            };
-            // Boxed: the commands' futures are large and short-lived, and an idle
-            // session's future (kept for the connection's whole life) should not
-            // reserve room for them.
-            if !Box::pin(self.on_message(message)).await {
-                return;
             }
         }
     }

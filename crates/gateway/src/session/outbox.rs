@@ -70,8 +70,8 @@ impl Item {
     }
 }
 
-/// What only some connections need, allocated on first use: those that lag, and
-/// those closed with a close frame of their own.
+/// What only some connections need, allocated on first use: those that lag, those
+/// closed with a close frame of their own, and those given server API commands.
 #[derive(Default)]
 struct Rare {
     /// A close frame to send instead of the reason's own (the echo of a client's).
@@ -82,6 +82,8 @@ struct Rare {
     /// Publications dropped by `drop_oldest` and replaced by `latest`, not yet
     /// counted in the metrics ([`Outbox::trim`]).
     drops: PolicyDrops,
+    /// Server API commands for the session's reader, in arrival order.
+    inbox: Vec<ServerCommand>,
 }
 
 /// Publications a policy dropped.
@@ -116,10 +118,6 @@ struct State {
     /// rather than in an atomic of its own: it fits in this struct's padding, and
     /// the outbox of every idle connection is counted in bytes.
     reader_done: bool,
-    /// Server API commands for the session's reader, in arrival order.
-    inbox: Vec<ServerCommand>,
-    /// The reader's waker while it waits for [`Outbox::next_command`].
-    reader_waker: Option<std::task::Waker>,
 }
 
 /// A server API command for one session's reader (the one task that owns the
@@ -323,39 +321,31 @@ impl Outbox {
         if st.closing.is_some() || st.reader_done {
             return false;
         }
-        st.inbox.push(command);
-        let waker = st.reader_waker.take();
+        st.rare().inbox.push(command);
         drop(st);
-        if let Some(w) = waker {
-            w.wake();
-        }
+        // The reader runs in the writer's task: waking the writer polls it too.
+        self.wake();
         true
     }
 
-    /// Ready when a server command waits ([`Outbox::take_command`]); else the
-    /// reader is woken when one comes. Only the session's reader polls here.
-    pub fn poll_command(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
-        let mut st = self.state.lock();
-        if !st.inbox.is_empty() {
-            return Poll::Ready(());
+    /// Ready when a server command waits ([`Outbox::take_command`]). Only the
+    /// session's reader polls here, and it must run in the same task as the writer:
+    /// [`Outbox::command`] wakes that task through the writer's waker, so an idle
+    /// connection keeps one waker, not two.
+    pub fn poll_command(&self) -> Poll<()> {
+        let st = self.state.lock();
+        if st.rare.as_ref().is_some_and(|r| !r.inbox.is_empty()) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
         }
-        if st.inbox.capacity() > 0 {
-            st.inbox = Vec::new();
-        }
-        if !st
-            .reader_waker
-            .as_ref()
-            .is_some_and(|w| w.will_wake(cx.waker()))
-        {
-            st.reader_waker = Some(cx.waker().clone());
-        }
-        Poll::Pending
     }
 
     /// The oldest server command waiting, if any.
     pub fn take_command(&self) -> Option<ServerCommand> {
         let mut st = self.state.lock();
-        (!st.inbox.is_empty()).then(|| st.inbox.remove(0))
+        let rare = st.rare.as_mut()?;
+        (!rare.inbox.is_empty()).then(|| rare.inbox.remove(0))
     }
 
     /// Wakes the writer unless a wake-up is already pending.
@@ -393,7 +383,7 @@ impl Outbox {
         if st
             .rare
             .as_ref()
-            .is_some_and(|r| !r.lagging && r.close_frame.is_none())
+            .is_some_and(|r| !r.lagging && r.close_frame.is_none() && r.inbox.is_empty())
         {
             st.rare = None;
         }
@@ -456,20 +446,23 @@ impl Outbox {
     /// # Cancel safety
     /// Cancel safe: a signal not consumed stays for the next call.
     pub async fn notified(&self) {
-        poll_fn(|cx| {
-            if self.signaled.swap(false, Ordering::AcqRel) {
-                return Poll::Ready(());
-            }
-            self.waker.register(cx.waker());
-            // Re-checked after registering: a signal set in between would
-            // otherwise wake nobody.
-            if self.signaled.swap(false, Ordering::AcqRel) {
-                Poll::Ready(())
-            } else {
-                Poll::Pending
-            }
-        })
-        .await
+        poll_fn(|cx| self.poll_notified(cx)).await
+    }
+
+    /// [`Outbox::notified`] as a poll: ready once something was pushed or a close
+    /// requested since the last ready poll (or [`Outbox::take_batch`]).
+    pub fn poll_notified(&self, cx: &mut std::task::Context<'_>) -> Poll<()> {
+        if self.signaled.swap(false, Ordering::AcqRel) {
+            return Poll::Ready(());
+        }
+        self.waker.register(cx.waker());
+        // Re-checked after registering: a signal set in between would otherwise wake
+        // nobody.
+        if self.signaled.swap(false, Ordering::AcqRel) {
+            Poll::Ready(())
+        } else {
+            Poll::Pending
+        }
     }
 
     /// Bytes queued right now.

@@ -7,7 +7,7 @@
 
 use std::future::{poll_fn, Future};
 use std::io::IoSlice;
-use std::pin::{pin, Pin};
+use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{ready, Context, Poll};
 use std::time::Duration;
@@ -40,55 +40,89 @@ impl Writer {
     ///
     /// Heartbeat pings come through the outbox (see [`crate::heartbeat`]), so an
     /// idle writer waits for its outbox and nothing else: no timer of its own.
-    pub(crate) async fn run<W: AsyncWrite + Unpin>(&self, io: &mut W) -> Disconnect {
-        let mut batch = Batch::default();
-        loop {
-            let close = self.outbox.take_batch(&mut batch);
-            if !batch.is_empty() {
-                if let Err(reason) = self.write_batch(io, &mut batch).await {
-                    // The frame stream may be cut mid-frame: no close frame is possible.
-                    self.outbox.close(reason);
-                    return reason;
-                }
-                if close.is_none() {
-                    continue;
-                }
-                // Anything queued after the close request was refused by the outbox,
-                // so the batch just written was the last one.
-            }
-            if let Some(reason) = close {
+    ///
+    /// Everything that completes at once — taking a batch, writing it, flushing:
+    /// most writes — happens inside one poll ([`Writer::poll_step`]), so this
+    /// future, which every idle connection keeps for its whole life, holds no write
+    /// state; a write the socket does not take at once continues in a boxed future.
+    ///
+    /// An `async move` block rather than an `async fn`, whose arguments would be
+    /// stored twice in the future.
+    #[allow(clippy::manual_async_fn)]
+    pub(crate) fn run<'a, W: AsyncWrite + Unpin>(
+        &'a self,
+        io: &'a mut W,
+    ) -> impl Future<Output = Disconnect> + 'a {
+        async move {
+            let mut batch = Batch::default();
+            loop {
+                let reason = match poll_fn(|cx| self.poll_step(&mut *io, &mut batch, cx)).await {
+                    Step::Close(reason) => reason,
+                    Step::Failed(reason) => {
+                        // The frame stream may be cut mid-frame: no close frame is possible.
+                        self.outbox.close(reason);
+                        return reason;
+                    }
+                    Step::Stalled(cursor, close) => {
+                        let result = Box::pin(self.slow_write(io, &batch, cursor)).await;
+                        self.written(&mut batch, result.is_ok());
+                        if let Err(reason) = result {
+                            self.outbox.close(reason);
+                            return reason;
+                        }
+                        match close {
+                            Some(reason) => reason,
+                            None => continue,
+                        }
+                    }
+                };
+                // Anything queued after the close request was refused by the outbox, so
+                // the batch just written was the last one.
                 let frame = self.outbox.take_close_frame();
                 // Boxed: the close handshake's timers are needed once per connection
                 // and should not make every idle writer's future larger.
                 Box::pin(self.finish(io, reason, frame)).await;
                 return reason;
             }
-            self.outbox.notified().await;
         }
     }
 
-    /// Writes one batch: control frames first, then queued frames in order, then one
-    /// flush. Gives up when the client is declared a slow consumer meanwhile, or when
-    /// the socket takes the heartbeat timeout to accept the batch.
-    async fn write_batch<W: AsyncWrite + Unpin>(
+    /// Takes and writes batches (control frames first, then queued frames in order,
+    /// then one flush each) until the outbox is empty, a close is due, a write fails,
+    /// or the socket does not take a batch at once.
+    fn poll_step<W: AsyncWrite + Unpin>(
         &self,
         io: &mut W,
         batch: &mut Batch,
-    ) -> Result<(), Disconnect> {
-        let result = {
-            let mut cursor = Cursor::default();
-            let mut write = pin!(async {
-                poll_fn(|cx| poll_write_batch(&mut *io, batch, &mut cursor, cx)).await?;
-                io.flush().await
-            });
-            // Most writes complete at once: no stall timer unless the socket is full.
-            match poll_fn(|cx| Poll::Ready(write.as_mut().poll(cx))).await {
-                Poll::Ready(r) => r.map_err(|_| Disconnect::ClientGone),
-                Poll::Pending => Box::pin(self.slow_write(write)).await,
+        cx: &mut Context<'_>,
+    ) -> Poll<Step> {
+        loop {
+            let close = self.outbox.take_batch(batch);
+            if !batch.is_empty() {
+                let mut cursor = Cursor::default();
+                match poll_write_flush(&mut *io, batch, &mut cursor, cx) {
+                    Poll::Ready(Ok(())) => self.written(batch, true),
+                    Poll::Ready(Err(_)) => {
+                        self.written(batch, false);
+                        return Poll::Ready(Step::Failed(Disconnect::ClientGone));
+                    }
+                    Poll::Pending => return Poll::Ready(Step::Stalled(cursor, close)),
+                }
+                if close.is_none() {
+                    continue;
+                }
             }
-        };
+            if let Some(reason) = close {
+                return Poll::Ready(Step::Close(reason));
+            }
+            ready!(self.outbox.poll_notified(cx));
+        }
+    }
+
+    /// Counts a written batch and gives back the buffers of light ones.
+    fn written(&self, batch: &mut Batch, ok: bool) {
         let light = batch.frames.len() <= 1;
-        if result.is_ok() {
+        if ok {
             let bytes: u64 = batch.control.iter().map(|f| f.len() as u64).sum::<u64>()
                 + batch
                     .frames
@@ -115,20 +149,23 @@ impl Writer {
             batch.control.clear();
             batch.frames.clear();
         }
-        result
     }
 
     /// The rest of a write the socket did not take at once, bounded by the heartbeat
     /// timeout and cut short when the connection is declared a slow consumer.
-    async fn slow_write<F>(&self, mut write: Pin<&mut F>) -> Result<(), Disconnect>
-    where
-        F: Future<Output = std::io::Result<()>>,
-    {
+    async fn slow_write<W: AsyncWrite + Unpin>(
+        &self,
+        io: &mut W,
+        batch: &Batch,
+        mut cursor: Cursor,
+    ) -> Result<(), Disconnect> {
         let stall = sleep(self.heartbeat_timeout);
         tokio::pin!(stall);
         loop {
             tokio::select! {
-                r = &mut write => break r.map_err(|_| Disconnect::ClientGone),
+                r = poll_fn(|cx| poll_write_flush(&mut *io, batch, &mut cursor, cx)) => {
+                    break r.map_err(|_| Disconnect::ClientGone)
+                }
                 _ = self.outbox.notified() => {
                     if let Some(reason) = self.outbox.closing() {
                         if reason.discards_queue() {
@@ -174,11 +211,36 @@ impl Writer {
     }
 }
 
+/// Where [`Writer::poll_step`] stopped.
+enum Step {
+    /// A close is due and everything queued before it is written.
+    Close(Disconnect),
+    /// A write failed: the connection is gone.
+    Failed(Disconnect),
+    /// The socket did not take the whole batch at once: written up to the cursor;
+    /// the close to do once it is all written, if one is due.
+    Stalled(Cursor, Option<Disconnect>),
+}
+
 /// How much of a batch has been written: whole frames, then bytes of the next.
 #[derive(Default)]
 struct Cursor {
     frame: usize,
     offset: usize,
+}
+
+/// Writes what is left of `batch` after `cursor`, then flushes.
+///
+/// # Cancel safety
+/// The cursor records what was written, so polling may stop and resume.
+fn poll_write_flush<W: AsyncWrite + Unpin>(
+    io: &mut W,
+    batch: &Batch,
+    cursor: &mut Cursor,
+    cx: &mut Context<'_>,
+) -> Poll<std::io::Result<()>> {
+    ready!(poll_write_batch(&mut *io, batch, cursor, cx))?;
+    Pin::new(io).poll_flush(cx)
 }
 
 /// The `i`th frame of a batch: control frames first.

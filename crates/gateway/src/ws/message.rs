@@ -12,7 +12,8 @@ use crate::close::Disconnect;
 /// (the frame reader only bounds single frames) and validating UTF-8 as fragments
 /// arrive.
 pub(crate) struct Assembler {
-    max: usize,
+    /// The largest message, in bytes (`u32`: every idle session holds one).
+    max: u32,
     buf: Vec<u8>,
     opcode: Option<u8>,
     /// Bytes of `buf` known to be valid UTF-8 (text messages).
@@ -31,7 +32,7 @@ pub(crate) enum Message {
 impl Assembler {
     pub(crate) fn new(max: usize) -> Self {
         Assembler {
-            max,
+            max: u32::try_from(max).unwrap_or(u32::MAX),
             buf: Vec::new(),
             opcode: None,
             checked: 0,
@@ -44,7 +45,7 @@ impl Assembler {
             (op::TEXT | op::BINARY, Some(_)) => Err(Disconnect::ProtocolError),
             (op::CONTINUATION, None) => Err(Disconnect::ProtocolError),
             (opcode @ (op::TEXT | op::BINARY), None) if frame.fin && frame.compressed => {
-                let payload = inflate(&frame.payload, self.max)?;
+                let payload = inflate(&frame.payload, self.max as usize)?;
                 finish(opcode, payload).map(Some)
             }
             (op::TEXT, None) if frame.fin => {
@@ -69,7 +70,7 @@ impl Assembler {
                 self.checked = 0;
                 let mut buf = std::mem::take(&mut self.buf);
                 if std::mem::take(&mut self.compressed) {
-                    buf = inflate(&buf, self.max)?;
+                    buf = inflate(&buf, self.max as usize)?;
                 }
                 finish(opcode, buf).map(Some)
             }
@@ -78,7 +79,7 @@ impl Assembler {
     }
 
     fn append(&mut self, data: &[u8]) -> Result<(), Disconnect> {
-        if self.buf.len() + data.len() > self.max {
+        if self.buf.len() + data.len() > self.max as usize {
             return Err(Disconnect::TooBig);
         }
         self.buf.extend_from_slice(data);

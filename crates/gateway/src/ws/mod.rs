@@ -9,7 +9,7 @@
 //!   answer).
 //! - [`deflate`]: permessage-deflate's negotiation, and compressed client messages
 //!   inflated within the size limit.
-//! - [`io`]: the bytes hyper read past the upgrade request, replayed first.
+//! - [`io`]: small I/O helpers (what a vectored write consumed).
 //!
 //! Server frames (always final, never masked, so one encoding serves every
 //! subscriber) and the opcodes of both directions are defined once, in

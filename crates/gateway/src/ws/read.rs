@@ -48,9 +48,6 @@ pub(crate) enum ReadError {
     Protocol(Disconnect),
     /// The connection ended (EOF, also in the middle of a frame, or an I/O error).
     Gone,
-    /// Not an error: the caller stopped waiting for a frame to do something else
-    /// first (a server command). The reader never says it itself.
-    Yielded,
 }
 
 /// The client's side of a connection, read frame by frame.
@@ -58,8 +55,8 @@ pub(crate) struct FrameReader<R> {
     io: R,
     /// The start of a frame not complete yet; empty (and unallocated) between frames.
     partial: Vec<u8>,
-    /// The largest payload accepted, inclusive.
-    max_payload: usize,
+    /// The largest payload accepted, inclusive (`u32`: every idle session holds one).
+    max_payload: u32,
     /// permessage-deflate was negotiated: RSV1 may be set on a message's first frame.
     deflate: bool,
 }
@@ -168,7 +165,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
         FrameReader {
             io,
             partial: Vec::new(),
-            max_payload,
+            max_payload: u32::try_from(max_payload).unwrap_or(u32::MAX),
             deflate: false,
         }
     }
@@ -177,6 +174,13 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     /// negotiated permessage-deflate.
     pub(crate) fn with_deflate(mut self, on: bool) -> Self {
         self.deflate = on;
+        self
+    }
+
+    /// Starts with `prefix`: bytes of the stream read before (what hyper read past
+    /// the upgrade request). Copied, so that the buffer they came from is not kept.
+    pub(crate) fn with_prefix(mut self, prefix: &[u8]) -> Self {
+        self.partial = prefix.to_vec();
         self
     }
 
@@ -199,7 +203,7 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
     pub(crate) fn poll_next(&mut self, cx: &mut Context<'_>) -> Poll<Result<Frame, ReadError>> {
         loop {
             if !self.partial.is_empty() {
-                match parse(&self.partial, self.max_payload, self.deflate)? {
+                match parse(&self.partial, self.max_payload as usize, self.deflate)? {
                     Parsed::Frame(frame, used) => {
                         self.partial.drain(..used);
                         if self.partial.is_empty() {
@@ -234,7 +238,9 @@ impl<R: AsyncRead + Unpin> FrameReader<R> {
                 return Poll::Ready(Err(ReadError::Gone));
             }
             if self.partial.is_empty() {
-                if let Parsed::Frame(frame, used) = parse(data, self.max_payload, self.deflate)? {
+                if let Parsed::Frame(frame, used) =
+                    parse(data, self.max_payload as usize, self.deflate)?
+                {
                     self.partial.extend_from_slice(&data[used..]);
                     return Poll::Ready(Ok(Some(frame)));
                 }
@@ -259,6 +265,18 @@ mod tests {
                 Err(e) => return (frames, e),
             }
         }
+    }
+
+    #[tokio::test]
+    async fn the_prefix_is_read_first_and_may_end_mid_frame() {
+        // What hyper read past the upgrade: a whole frame and the start of the next.
+        let mut all = client_frame(true, op::TEXT, b"one");
+        let cut = all.len() + 3;
+        all.extend(client_frame(true, op::TEXT, b"two"));
+        let mut r = FrameReader::new(&all[cut..], 100).with_prefix(&all[..cut]);
+        assert_eq!(r.next().await.unwrap().payload, b"one");
+        assert_eq!(r.next().await.unwrap().payload, b"two");
+        assert_eq!(r.next().await, Err(ReadError::Gone));
     }
 
     #[tokio::test]
