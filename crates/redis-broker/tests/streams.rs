@@ -657,6 +657,66 @@ async fn a_bad_publish_many_call_writes_nothing() {
     assert_eq!(exists, 0, "nothing written");
 }
 
+/// FCALLs Redis has run since its stats were reset.
+fn fcalls(c: &mut redis::Connection) -> u64 {
+    let stats: String = redis::cmd("INFO").arg("commandstats").query(c).unwrap();
+    stats
+        .lines()
+        .find_map(|l| l.strip_prefix("cmdstat_fcall:calls="))
+        .and_then(|l| l.split(',').next())
+        .and_then(|n| n.parse().ok())
+        .unwrap_or(0)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_node_lingers_and_its_stream_publications_share_calls() {
+    let redis = Redis::start();
+    let topics = ["chat:a", "chat:b", "chat:c", "chat:d"];
+    let events = Recorder::with_topics(&topics);
+    let mut options = RedisOptions::new(redis.url());
+    options.unsubscribe_delay = Duration::ZERO;
+    options.install_functions = true;
+    // Far longer than the pace below, however slow the machine.
+    options.stream_linger = Duration::from_millis(100);
+    let b = RedisBroker::start(options, events.clone()).unwrap();
+    assert!(eventually(WAIT, || b.is_ready()).await, "broker ready");
+    subscribe(&b, &topics).await;
+    let o = opts(50, Duration::from_secs(60));
+    let mut c = redis.conn();
+    let _: () = redis::cmd("CONFIG").arg("RESETSTAT").query(&mut c).unwrap();
+
+    // 200 publications one by one, each a millisecond after the previous one: alone,
+    // each would be a call of its own (the pipeline is back long before the next).
+    let mut acks = Vec::new();
+    for i in 0..200u64 {
+        let t = (i % 4) as usize;
+        let data = format!("{{\"i\":{i}}}");
+        acks.push((t, b.publish_stream(topics[t], data.as_bytes(), i, &o)));
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let mut next = [1u64; 4];
+    for (t, ack) in acks {
+        let p = ack.await.unwrap();
+        assert_eq!(
+            p.seq, next[t],
+            "{}: numbered in publication order",
+            topics[t]
+        );
+        next[t] += 1;
+    }
+    let calls = fcalls(&mut c);
+    assert!(calls <= 50, "200 publications took {calls} calls");
+
+    // Relayed in order, each with its own data.
+    for (t, topic) in topics.iter().enumerate() {
+        assert!(eventually(WAIT, || events.stream(topic).len() == 50).await);
+        for (k, e) in events.stream(topic).iter().enumerate() {
+            assert_eq!(e.1, k as u64 + 1);
+            assert_eq!(e.2, format!("{{\"i\":{}}}", 4 * k + t));
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_returns_exactly_the_history_size_however_many_redis_keeps() {
     let redis = Redis::start();
