@@ -367,6 +367,26 @@ mod tests {
     }
 
     #[test]
+    fn the_stream_linger_reaches_single_mode_and_is_bounded() {
+        let a = args(&["--redis-url", "redis://h:1/"]);
+        let Some(BrokerSetup::Single(o)) = a.broker().unwrap() else {
+            panic!("single mode")
+        };
+        assert_eq!(o.stream_linger, Duration::from_millis(1), "the default");
+        let a = args(&["--redis-url", "redis://h:1/", "--redis-stream-linger", "0s"]);
+        let Some(BrokerSetup::Single(o)) = a.broker().unwrap() else {
+            panic!("single mode")
+        };
+        assert_eq!(o.stream_linger, Duration::ZERO);
+        let a = args(&["--redis-stream-linger", "200ms"]);
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .contains("--redis-stream-linger must be at most 100ms"));
+        assert!(parse(&["--redis-stream-linger", "5x"]).is_err());
+    }
+
+    #[test]
     fn tls_and_sentinel_settings() {
         let a = args(&["--redis-url", "redis://h:1/", "--redis-ca-file", "ca.pem"]);
         assert!(a.validate().unwrap_err().contains("rediss://"));
