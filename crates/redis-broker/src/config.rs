@@ -85,6 +85,13 @@ pub struct RedisArgs {
     #[arg(long, env = "WSGATE_REDIS_UNSUBSCRIBE_DELAY", default_value = "1s", value_parser = parse_duration)]
     pub redis_unsubscribe_delay: Duration,
 
+    /// Streams, single mode: how long stream publications wait for more to share one
+    /// Redis function call, once they come in faster than this apart (a busy node).
+    /// Saves Redis CPU at moderate rates for up to this much latency; `0s`: never
+    /// wait. At most 100ms. docs/configuration.md.
+    #[arg(long, env = "WSGATE_REDIS_STREAM_LINGER", default_value = "1ms", value_parser = parse_duration)]
+    pub redis_stream_linger: Duration,
+
     /// `single` Redis, or a Redis `cluster` (sharded pub/sub; `--redis-url` is then a
     /// comma-separated list of seed nodes, any one of which is enough). docs/redis.md.
     #[arg(long, env = "WSGATE_REDIS_MODE", value_enum, default_value = "single")]
@@ -161,6 +168,9 @@ impl RedisArgs {
         if self.redis_sentinel_master.is_some() && self.redis_sentinel.is_empty() {
             return Err("--redis-sentinel-master needs --redis-sentinel".into());
         }
+        if self.redis_stream_linger > Duration::from_millis(100) {
+            return Err("--redis-stream-linger must be at most 100ms".into());
+        }
         if self.presence_timeout < Duration::from_secs(1) {
             return Err("--presence-timeout must be at least 1s".into());
         }
@@ -223,6 +233,7 @@ impl RedisArgs {
         options.prefix = self.redis_prefix.clone();
         options.unsubscribe_delay = self.redis_unsubscribe_delay;
         options.presence_timeout = self.presence_timeout;
+        options.stream_linger = self.redis_stream_linger;
         options.password = self.redis_password.clone();
         options.tls = tls;
         if !self.redis_sentinel.is_empty() {
@@ -353,6 +364,26 @@ mod tests {
         let a = args(&["--presence-timeout", "500ms"]);
         assert!(a.validate().unwrap_err().contains("--presence-timeout"));
         assert!(parse(&["--presence-timeout", "soon"]).is_err());
+    }
+
+    #[test]
+    fn the_stream_linger_reaches_single_mode_and_is_bounded() {
+        let a = args(&["--redis-url", "redis://h:1/"]);
+        let Some(BrokerSetup::Single(o)) = a.broker().unwrap() else {
+            panic!("single mode")
+        };
+        assert_eq!(o.stream_linger, Duration::from_millis(1), "the default");
+        let a = args(&["--redis-url", "redis://h:1/", "--redis-stream-linger", "0s"]);
+        let Some(BrokerSetup::Single(o)) = a.broker().unwrap() else {
+            panic!("single mode")
+        };
+        assert_eq!(o.stream_linger, Duration::ZERO);
+        let a = args(&["--redis-stream-linger", "200ms"]);
+        assert!(a
+            .validate()
+            .unwrap_err()
+            .contains("--redis-stream-linger must be at most 100ms"));
+        assert!(parse(&["--redis-stream-linger", "5x"]).is_err());
     }
 
     #[test]

@@ -77,7 +77,7 @@ pub use crate::channel::{Channels, DEFAULT_PREFIX};
 pub use crate::cluster::{ClusterBroker, ClusterOptions};
 pub use crate::config::{BrokerSetup, RedisArgs, RedisMode};
 use crate::health::Health;
-pub use crate::limits::DEFAULT_UNSUBSCRIBE_DELAY;
+pub use crate::limits::{DEFAULT_STREAM_LINGER, DEFAULT_UNSUBSCRIBE_DELAY};
 use crate::presence::Presence;
 pub use crate::presence::DEFAULT_PRESENCE_TIMEOUT;
 
@@ -110,6 +110,9 @@ pub struct RedisOptions {
     /// Bound between a node's death and its presence entries leaving every list
     /// (docs/redis.md): heartbeats every sixth of it, a lease of half of it.
     pub presence_timeout: Duration,
+    /// How long a pipeline with stream publications waits for more to share their
+    /// function call, while they come in faster than this apart (zero: never).
+    pub stream_linger: Duration,
 }
 
 impl std::fmt::Debug for RedisOptions {
@@ -120,6 +123,7 @@ impl std::fmt::Debug for RedisOptions {
             .field("unsubscribe_delay", &self.unsubscribe_delay)
             .field("sentinel", &self.sentinel)
             .field("presence_timeout", &self.presence_timeout)
+            .field("stream_linger", &self.stream_linger)
             .finish_non_exhaustive()
     }
 }
@@ -137,6 +141,7 @@ impl RedisOptions {
             metrics: None,
             install_functions: false,
             presence_timeout: DEFAULT_PRESENCE_TIMEOUT,
+            stream_linger: DEFAULT_STREAM_LINGER,
         }
     }
 
@@ -180,6 +185,7 @@ impl RedisBroker {
             connector.clone(),
             health.clone(),
             options.install_functions,
+            options.stream_linger,
             stop.clone(),
         ));
         let presence = Presence::new(

@@ -22,6 +22,10 @@ pub const CHUNK: usize = 2000;
 /// Most publications sent in one pipeline (single mode) or in flight (cluster mode)
 /// by one writer.
 pub const MAX_BATCH: usize = 1024;
+/// Single mode: how long the writer holds a pipeline with stream publications for
+/// more to join its `wsgate_gateway_publish_many` call, when stream publications come
+/// in faster than this apart (`--redis-stream-linger`; zero: never).
+pub const DEFAULT_STREAM_LINGER: Duration = Duration::from_millis(1);
 /// Cluster mode: how often the slot map is read and every shard probed.
 pub const PROBE_EVERY: Duration = Duration::from_secs(1);
 /// Cluster mode: soonest probe after the previous one when something asked for it

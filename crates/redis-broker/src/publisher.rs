@@ -8,11 +8,18 @@
 //! round trip for the whole batch) and acknowledges each publication. While Redis is
 //! unreachable, publishes fail at once with `unavailable` — never a false success.
 //!
+//! Stream publications cost Redis a function call each, so when they come in closer
+//! together than the stream linger (`--redis-stream-linger`), a pipeline holding one
+//! waits up to that long for more to join it: consecutive ones then share one
+//! `wsgate_gateway_publish_many` call ([`job::run`]). Below that rate nothing waits.
+//!
 //! [`Broker::publish`]: wsgate_fanout::Broker::publish
 
 use std::sync::Arc;
+use std::time::Duration;
 
 use tokio::sync::{mpsc, oneshot};
+use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 use tracing::{debug, info, warn};
 use wsgate_fanout::{BrokerError, BrokerFuture};
@@ -40,10 +47,11 @@ impl Publisher {
         connector: Connector,
         health: Arc<Health>,
         install: bool,
+        linger: Duration,
         stop: CancellationToken,
     ) -> Self {
         let (tx, rx) = mpsc::unbounded_channel();
-        tokio::spawn(writer(connector, rx, health.clone(), install, stop));
+        tokio::spawn(writer(connector, rx, health.clone(), install, linger, stop));
         Publisher { tx, health }
     }
 
@@ -110,15 +118,74 @@ fn fail_queued(rx: &mut mpsc::UnboundedReceiver<Job>, err: &BrokerError) {
     }
 }
 
+/// Most stream publications a lingering pipeline waits for (one full call).
+const LINGER_UNTIL: usize = 256;
+
+/// After a linger that gathered nothing, this many busy pipelines go without one (a
+/// lone publisher awaiting each publication gains nothing from waiting).
+const LINGER_BACKOFF: u32 = 15;
+
+/// When the last stream publications were taken; whether the next ones linger.
+struct Linger {
+    wait: Duration,
+    last: Option<Instant>,
+    skip: u32,
+}
+
+impl Linger {
+    /// Adds to `batch` what comes within the linger, if `batch` holds a stream
+    /// publication and the previous ones came less than the linger before it: a busy
+    /// node, whose stream publications then share calls (unless the last linger
+    /// gathered nothing: then the next [`LINGER_BACKOFF`] go at once). `false`: stop
+    /// now.
+    async fn collect(
+        &mut self,
+        rx: &mut mpsc::UnboundedReceiver<Job>,
+        batch: &mut Vec<Job>,
+        stop: &CancellationToken,
+    ) -> bool {
+        if self.wait.is_zero() || !batch.iter().any(|j| matches!(j.op, Op::Stream(_))) {
+            return true;
+        }
+        let now = Instant::now();
+        let busy = self.last.is_some_and(|t| now.duration_since(t) < self.wait);
+        if busy && self.skip > 0 {
+            self.skip -= 1;
+        } else if busy {
+            let before = batch.len();
+            let until = tokio::time::sleep_until(now + self.wait);
+            tokio::pin!(until);
+            while batch.len() < LINGER_UNTIL {
+                tokio::select! {
+                    _ = stop.cancelled() => return false,
+                    _ = &mut until => break,
+                    n = rx.recv_many(batch, MAX_BATCH - batch.len()) => if n == 0 { break },
+                }
+            }
+            if batch.len() == before {
+                self.skip = LINGER_BACKOFF;
+            }
+        }
+        self.last = Some(Instant::now());
+        true
+    }
+}
+
 async fn writer(
     connector: Connector,
     mut rx: mpsc::UnboundedReceiver<Job>,
     health: Arc<Health>,
     install: bool,
+    linger: Duration,
     stop: CancellationToken,
 ) {
     let mut backoff = Backoff::default();
     let mut lost_before = false;
+    let mut linger = Linger {
+        wait: linger,
+        last: None,
+        skip: 0,
+    };
     loop {
         let mut conn = tokio::select! {
             _ = stop.cancelled() => return,
@@ -158,6 +225,9 @@ async fn writer(
             };
             if received == 0 {
                 return; // every sender is gone
+            }
+            if !linger.collect(&mut rx, &mut batch, &stop).await {
+                return;
             }
             let outcome = job::run(
                 &mut Single(&mut conn),
