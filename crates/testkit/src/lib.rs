@@ -13,6 +13,10 @@
 //!   JWT helpers (`gateway::jwt`).
 //! - [`process`]: the `wsgate` binary as a process on free ports: its log, waiting
 //!   until it answers (bounded), killed on drop; scenarios across nodes.
+//! - [`proxy`]: a fault-injecting TCP proxy (latency, throttle, stall, cut, heal),
+//!   for one node's link to Redis.
+//! - [`streams`]: stream clients that resume across nodes by themselves, and the
+//!   seq-by-seq check of what they received.
 //! - `redis` (feature `redis`): private `redis-server` processes and Redis
 //!   Clusters on free ports, killed on drop.
 //! - `tls` (feature `tls`): a test CA, certificates it signs, rustls clients that
@@ -23,6 +27,8 @@
 pub mod http;
 pub mod port;
 pub mod process;
+pub mod proxy;
+pub mod streams;
 pub mod wait;
 pub mod ws;
 

@@ -4,19 +4,16 @@
 //! checked seq by seq: every seq exactly once, in order, or an explicit `reset` /
 //! `recovered:false` — never a silent gap.
 
-use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
 use parking_lot::Mutex;
-use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 use wsgate_testkit::http::blocking;
 use wsgate_testkit::process::Node;
 use wsgate_testkit::redis::{Redis, RedisCluster, SentinelGroup};
+use wsgate_testkit::streams::{self, check, Events, ResumingClient, Urls, Verdict};
 use wsgate_testkit::wait_until;
 
 const TOPIC: &str = "chat:faults";
@@ -32,285 +29,6 @@ fn config_file() -> tempfile::NamedTempFile {
     )
     .unwrap();
     file
-}
-
-/// What a client saw, in order.
-#[derive(Debug, Clone, PartialEq)]
-enum Event {
-    /// A `subscribed` reply's entry for the stream.
-    Subscribed {
-        seq: u64,
-        epoch: String,
-        recovered: Option<bool>,
-    },
-    /// A message: its seq and its data.
-    Message(u64, String),
-    Reset {
-        seq: u64,
-        epoch: String,
-    },
-    /// The connection ended (with a close code, if one came).
-    Closed(Option<u16>),
-}
-
-/// What one client saw so far, shared with the task that runs it.
-type Events = Arc<Mutex<Vec<Event>>>;
-
-/// The nodes clients may connect to (a drained node's replacement takes its place).
-type Urls = Arc<Mutex<Vec<String>>>;
-
-/// A client that keeps itself subscribed to [`TOPIC`]: on any disconnect it moves to
-/// the next node of `urls` and resumes from the last position it saw.
-async fn resuming_client(
-    urls: Urls,
-    first: usize,
-    events: Events,
-    stop: Arc<AtomicBool>,
-    until: Instant,
-) {
-    let mut position: Option<(u64, String)> = None;
-    let mut attempt = first;
-    while Instant::now() < until && !stop.load(Ordering::Relaxed) {
-        let url = {
-            let urls = urls.lock();
-            urls[attempt % urls.len()].clone()
-        };
-        attempt += 1;
-        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(url.as_str()),
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-            continue;
-        };
-        let mut cmd = json!({"op":"subscribe","id":1,"topics":[TOPIC]});
-        if let Some((seq, epoch)) = &position {
-            cmd["since"] = json!({ TOPIC: {"seq": seq, "epoch": epoch} });
-        }
-        if ws.send(Message::text(cmd.to_string())).await.is_err() {
-            continue;
-        }
-        let mut code = None;
-        loop {
-            if stop.load(Ordering::Relaxed) || Instant::now() >= until {
-                return; // the run is over
-            }
-            let frame = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
-                Err(_) => continue,
-                Ok(None) | Ok(Some(Err(_))) => break,
-                Ok(Some(Ok(f))) => f,
-            };
-            let v: Value = match frame {
-                Message::Text(t) => serde_json::from_str(&t).unwrap(),
-                Message::Close(c) => {
-                    code = c.map(|c| u16::from(c.code));
-                    break;
-                }
-                _ => continue,
-            };
-            let event = match v["op"].as_str() {
-                Some("subscribed") => {
-                    let s = &v["streams"][TOPIC];
-                    let seq = s["seq"].as_u64().expect("a stream position");
-                    let epoch = s["epoch"].as_str().unwrap().to_owned();
-                    let recovered = s["recovered"].as_bool();
-                    if recovered != Some(true) {
-                        position = Some((seq, epoch.clone()));
-                    }
-                    Event::Subscribed {
-                        seq,
-                        epoch,
-                        recovered,
-                    }
-                }
-                Some("message") => {
-                    let seq = v["seq"].as_u64().expect("stream messages carry seq");
-                    if let Some(p) = &mut position {
-                        p.0 = seq;
-                    }
-                    Event::Message(seq, v["data"].to_string())
-                }
-                Some("reset") => {
-                    let seq = v["seq"].as_u64().unwrap();
-                    let epoch = v["epoch"].as_str().unwrap().to_owned();
-                    position = Some((seq, epoch.clone()));
-                    Event::Reset { seq, epoch }
-                }
-                Some("welcome") => continue,
-                _ => panic!("unexpected frame {v}"),
-            };
-            events.lock().push(event);
-        }
-        events.lock().push(Event::Closed(code));
-        // Reconnect soon, but not all in the same instant.
-        tokio::time::sleep(Duration::from_millis(20 + u64::from(rand_byte()) % 100)).await;
-    }
-}
-
-fn rand_byte() -> u8 {
-    let nanos = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .unwrap()
-        .subsec_nanos();
-    (nanos ^ (nanos >> 8)) as u8
-}
-
-/// What the check of one client's events found.
-#[derive(Default)]
-struct Verdict {
-    /// Where the client ended.
-    end: Option<(u64, String)>,
-    /// What it received of the epoch it ended in: seq → data.
-    data: HashMap<u64, String>,
-    delivered: u64,
-    /// Publications announced lost (`reset`, or skipped by `recovered:false`).
-    announced_lost: u64,
-    resets: u64,
-    not_recovered: u64,
-    recovered: u64,
-    reconnects: u64,
-    close_codes: Vec<Option<u16>>,
-    /// What each announced loss was announced after.
-    notes: Vec<String>,
-}
-
-impl std::fmt::Debug for Verdict {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.debug_struct("Verdict")
-            .field("end", &self.end)
-            .field("delivered", &self.delivered)
-            .field("announced_lost", &self.announced_lost)
-            .field("resets", &self.resets)
-            .field("not_recovered", &self.not_recovered)
-            .field("recovered", &self.recovered)
-            .field("reconnects", &self.reconnects)
-            .field("close_codes", &self.close_codes)
-            .field("notes", &self.notes)
-            .finish()
-    }
-}
-
-/// Walks a client's events: every message must be the next seq of the epoch it is in;
-/// anything else is a silent gap or a duplicate, and fails.
-fn check(events: &[Event]) -> Result<Verdict, String> {
-    let mut v = Verdict::default();
-    let mut at: Option<(u64, String)> = None;
-    for (i, e) in events.iter().enumerate() {
-        match e {
-            Event::Subscribed {
-                seq,
-                epoch,
-                recovered,
-            } => match (recovered, &at) {
-                (Some(true), Some((last, ep))) => {
-                    if ep != epoch || last > seq {
-                        return Err(format!("event {i}: recovered from {at:?} at {e:?}"));
-                    }
-                    v.recovered += 1;
-                }
-                (Some(true), None) => return Err(format!("event {i}: recovered from nothing")),
-                (recovered, _) => {
-                    if *recovered == Some(false) {
-                        v.not_recovered += 1;
-                        v.notes.push(format!("not recovered from {at:?}: {e:?}"));
-                        if let Some((last, ep)) = &at {
-                            if ep == epoch {
-                                v.announced_lost += seq.saturating_sub(*last);
-                            } else {
-                                v.announced_lost += 1; // at least: another epoch
-                            }
-                        }
-                    }
-                    at = Some((*seq, epoch.clone()));
-                }
-            },
-            Event::Message(seq, data) => {
-                let Some((last, epoch)) = &mut at else {
-                    return Err(format!("event {i}: a message before any subscribed"));
-                };
-                if *seq != *last + 1 {
-                    return Err(format!(
-                        "event {i}: seq {seq} after {last}: {} (around: {:?})",
-                        if *seq <= *last {
-                            "a duplicate"
-                        } else {
-                            "a silent gap"
-                        },
-                        &events[i.saturating_sub(3)..(i + 3).min(events.len())]
-                    ));
-                }
-                *last = *seq;
-                v.delivered += 1;
-                if v.end.as_ref().is_some_and(|(_, ep)| ep != epoch) {
-                    v.data.clear(); // only the final epoch is compared with history
-                }
-                v.end = Some((*seq, epoch.clone()));
-                v.data.insert(*seq, data.clone());
-            }
-            Event::Reset { seq, epoch } => {
-                v.resets += 1;
-                v.notes.push(format!("reset after {at:?}: {e:?}"));
-                if let Some((last, ep)) = &at {
-                    if ep == epoch {
-                        if seq < last {
-                            return Err(format!("event {i}: reset back from {last} to {seq}"));
-                        }
-                        v.announced_lost += seq - last;
-                    } else {
-                        v.announced_lost += 1;
-                    }
-                }
-                at = Some((*seq, epoch.clone()));
-            }
-            Event::Closed(code) => {
-                v.reconnects += 1;
-                v.close_codes.push(*code);
-            }
-        }
-    }
-    v.end = at;
-    Ok(v)
-}
-
-#[test]
-fn the_checker_refuses_gaps_and_duplicates_and_accepts_announced_loss() {
-    let m = |seq: u64| Event::Message(seq, seq.to_string());
-    let sub = |seq, recovered| Event::Subscribed {
-        seq,
-        epoch: "e".into(),
-        recovered,
-    };
-    let ok = [
-        sub(0, None),
-        m(1),
-        m(2),
-        Event::Closed(Some(1001)),
-        sub(5, Some(true)),
-        m(3),
-        m(4),
-        m(5),
-        Event::Reset {
-            seq: 8,
-            epoch: "e".into(),
-        },
-        m(9),
-        Event::Closed(None),
-        sub(12, Some(false)),
-        m(13),
-    ];
-    let v = check(&ok).unwrap();
-    assert_eq!(v.end, Some((13, "e".into())));
-    assert_eq!((v.delivered, v.announced_lost, v.resets), (7, 3 + 3, 1));
-    assert_eq!(v.data[&13], "13");
-    assert!(check(&[sub(0, None), m(2)]).is_err(), "gap");
-    assert!(check(&[sub(0, None), m(1), m(1)]).is_err(), "duplicate");
-    assert!(check(&[m(1)]).is_err(), "a message before subscribed");
-    assert!(
-        check(&[sub(3, None), Event::Closed(None), sub(1, Some(true))]).is_err(),
-        "recovered backwards"
-    );
 }
 
 /// The Redis the nodes share.
@@ -389,13 +107,18 @@ impl Run {
         };
         for i in 0..clients {
             let events = Arc::new(Mutex::new(Vec::new()));
-            let task = tokio::spawn(resuming_client(
-                run.urls.clone(),
-                i,
-                events.clone(),
-                run.stop.clone(),
-                run.until,
-            ));
+            let task = tokio::spawn(
+                ResumingClient {
+                    urls: run.urls.clone(),
+                    first: i,
+                    topic: TOPIC.into(),
+                    events: events.clone(),
+                    closes: Default::default(),
+                    stop: run.stop.clone(),
+                    until: run.until,
+                }
+                .run(),
+            );
             run.clients.push((events, task));
         }
         let (addrs, stop, until, published) = (
@@ -507,30 +230,17 @@ impl Run {
                 eprintln!("node {i} log (newest first):\n{}", tail.join("\n"));
             }
         }
-        let history = self.history(&end);
-        let mut verdicts = Vec::new();
-        for (i, (events, task)) in self.clients.drain(..).enumerate() {
+        let history = streams::history(self.nodes[0].addr, TOPIC, &end);
+        let mut all = Vec::new();
+        for (events, task) in self.clients.drain(..) {
             tokio::time::timeout(WAIT, task)
                 .await
                 .expect("the client stops")
                 .unwrap();
-            let events = events.lock().clone();
-            let v = check(&events).unwrap_or_else(|e| panic!("client {i}: {e}"));
-            assert_eq!(
-                v.end.as_ref(),
-                Some(&end),
-                "client {i} did not reach the end (settled: {settled}): {v:?}"
-            );
-            for (seq, data) in &v.data {
-                assert_eq!(
-                    history.get(seq),
-                    Some(data),
-                    "client {i}: seq {seq} carried other data than the history's"
-                );
-            }
-            verdicts.push(v);
+            all.push(events.lock().clone());
         }
-        verdicts
+        eprintln!("settled: {settled}");
+        streams::check_all(&all, &end, &history)
     }
 
     async fn stop_publisher(&mut self) {
@@ -545,54 +255,8 @@ impl Run {
 
     /// The stream's position, asked of a ready node.
     fn position(&self) -> (u64, String) {
-        let mut found = None;
-        assert!(
-            wait_until(WAIT, || {
-                found = self.nodes.iter().find_map(|n| {
-                    let (status, body) = blocking(
-                        n.addr,
-                        "POST",
-                        "/api/history",
-                        &format!(r#"{{"topic":"{TOPIC}","limit":0}}"#),
-                    );
-                    let v: Value = serde_json::from_str(&body).ok()?;
-                    if status != 200 {
-                        return None;
-                    }
-                    Some((v["seq"].as_u64()?, v["epoch"].as_str()?.to_owned()))
-                });
-                found.is_some()
-            }),
-            "a node answers /api/history"
-        );
-        found.unwrap()
-    }
-
-    /// The stream's whole history in `end`'s epoch: seq → data.
-    fn history(&self, end: &(u64, String)) -> HashMap<u64, String> {
-        let mut out = HashMap::new();
-        let mut after = 0;
-        while after < end.0 {
-            let body =
-                json!({"topic": TOPIC, "since": {"seq": after, "epoch": end.1}, "limit": 1000});
-            let (status, text) = blocking(
-                self.nodes[0].addr,
-                "POST",
-                "/api/history",
-                &body.to_string(),
-            );
-            assert_eq!(status, 200, "{text}");
-            let v: Value = serde_json::from_str(&text).unwrap();
-            let messages = v["messages"].as_array().unwrap();
-            if messages.is_empty() {
-                break; // the start of this epoch is trimmed: compare what is kept
-            }
-            for m in messages {
-                after = m["seq"].as_u64().unwrap();
-                out.insert(after, m["data"].to_string());
-            }
-        }
-        out
+        let addrs: Vec<SocketAddr> = self.nodes.iter().map(|n| n.addr).collect();
+        streams::position(&addrs, TOPIC)
     }
 }
 
