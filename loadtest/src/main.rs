@@ -13,7 +13,7 @@ use clap::Parser as _;
 use wsgate_loadtest::cli::{Cli, Cmd, Common};
 use wsgate_loadtest::report::Report;
 use wsgate_loadtest::run::Ctx;
-use wsgate_loadtest::scenario::{churn, fanout, idle, resume};
+use wsgate_loadtest::scenario::{churn, fanout, idle, resume, scale};
 use wsgate_loadtest::{chart, floor, net, summary};
 
 fn main() -> Result<()> {
@@ -47,6 +47,7 @@ fn main() -> Result<()> {
         Cmd::Idle(a) => &a.common,
         Cmd::Churn(a) => &a.common,
         Cmd::ResumeStorm(a) => &a.common,
+        Cmd::Scale(a) => &a.common,
         Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
     };
     let threads = common.threads.unwrap_or_else(|| {
@@ -75,6 +76,7 @@ fn main() -> Result<()> {
             Cmd::Idle(a) => idle::run(ctx, a).await,
             Cmd::Churn(a) => churn::run(ctx, a).await,
             Cmd::ResumeStorm(a) => resume::run(ctx, a).await,
+            Cmd::Scale(a) => scale::run(ctx, a).await,
             Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
         }
     })?;
