@@ -61,6 +61,9 @@ fn find_font() -> Option<PathBuf> {
 
 /// Draws `report` into a PNG at `path`.
 pub fn render(report: &Report, path: &Path) -> Result<()> {
+    if report.scale.is_some() {
+        return render_scale(report, path);
+    }
     let text = font_ready();
     let root = BitMapBackend::new(path, (1200, 800)).into_drawing_area();
     root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
@@ -185,6 +188,12 @@ fn title(r: &Report) -> String {
                 .map_or("NOT ALL".to_string(), |c| format!("all within {c:.2} s")),
         );
     }
+    if let (Some(sc), Some(f)) = (&r.scale, &r.fanout) {
+        return format!(
+            "{name}scale: {} connections held on {} nodes, {:.0} deliveries/s, p99 {:.1} ms, lost {}, late {}",
+            sc.held, sc.nodes, f.deliveries_per_s_steady, f.latency.p99_ms, f.lost, sc.late
+        );
+    }
     match &r.fanout {
         Some(f) => format!(
             "{name}{} vs {}: {:.0} deliveries/s steady, p99 {:.2} ms (steady window shaded)",
@@ -227,6 +236,124 @@ where
             [(from, lo), (to, hi)],
             RGBColor(120, 200, 120).mix(0.15).filled(),
         )))
+        .map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// The `scale` chart: four panels over time — open connections, deliveries per
+/// second, latency percentiles (log), the nodes' RSS — the steady window shaded.
+fn render_scale(report: &Report, path: &Path) -> Result<()> {
+    let text = font_ready();
+    let root = BitMapBackend::new(path, (1200, 1400)).into_drawing_area();
+    root.fill(&WHITE).map_err(|e| anyhow!("{e}"))?;
+    let (head, body) = root.split_vertically(40);
+    if text {
+        head.titled(&title(report), (FAMILY, 20))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    let panels = body.split_evenly((4, 1));
+    let n = report.timeline.len().max(1) as f64;
+    let steady = (
+        f64::from(report.steady.from_s),
+        f64::from(report.steady.to_s),
+    );
+    let at = |s: &crate::report::Second| f64::from(s.t) + 0.5;
+    let conns: Vec<(f64, f64)> = report
+        .timeline
+        .iter()
+        .map(|s| (at(s), s.connections as f64))
+        .collect();
+    let rate: Vec<(f64, f64)> = report
+        .timeline
+        .iter()
+        .map(|s| (at(s), s.events as f64))
+        .collect();
+    let rss: Vec<(f64, f64)> = report
+        .timeline
+        .iter()
+        .filter_map(|s| Some((at(s), s.server_rss_kib? as f64 / 1024.0)))
+        .collect();
+    linear_panel(&panels[0], text, n, steady, "open connections", conns)?;
+    linear_panel(&panels[1], text, n, steady, "deliveries / s", rate)?;
+    let lat = |f: fn(&crate::report::Latency) -> f64| -> Vec<(f64, f64)> {
+        report
+            .timeline
+            .iter()
+            .filter(|s| s.latency.count > 0)
+            .map(|s| (at(s), f(&s.latency).max(0.001)))
+            .collect()
+    };
+    let lines = [
+        ("p50", lat(|l| l.p50_ms), GREEN),
+        ("p99", lat(|l| l.p99_ms), RGBColor(230, 120, 0)),
+        ("p99.9", lat(|l| l.p999_ms), RED),
+    ];
+    let lmax = lines
+        .iter()
+        .flat_map(|l| l.1.iter().map(|p| p.1))
+        .fold(1.0, f64::max)
+        * 2.0;
+    let lmin = lines
+        .iter()
+        .flat_map(|l| l.1.iter().map(|p| p.1))
+        .fold(lmax, f64::min)
+        / 2.0;
+    let mut c = ChartBuilder::on(&panels[2]);
+    c.margin(10);
+    if text {
+        c.x_label_area_size(35).y_label_area_size(80);
+    }
+    let mut chart = c
+        .build_cartesian_2d(0f64..n, (lmin.max(0.001)..lmax).log_scale())
+        .map_err(|e| anyhow!("{e}"))?;
+    draw_mesh(&mut chart, text, "seconds", "latency (ms, log)")?;
+    shade(&mut chart, steady, lmin.max(0.001), lmax)?;
+    for (name, points, color) in lines {
+        let s = chart
+            .draw_series(LineSeries::new(points, color.stroke_width(2)))
+            .map_err(|e| anyhow!("{e}"))?;
+        if text {
+            s.label(name).legend(move |(x, y)| {
+                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
+            });
+        }
+    }
+    if text {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.8))
+            .border_style(BLACK)
+            .label_font((FAMILY, 14))
+            .position(SeriesLabelPosition::UpperLeft)
+            .draw()
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    linear_panel(&panels[3], text, n, steady, "nodes' RSS (MiB, all)", rss)?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+fn linear_panel(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    text: bool,
+    n: f64,
+    steady: (f64, f64),
+    what: &str,
+    points: Vec<(f64, f64)>,
+) -> Result<()> {
+    let ymax = points.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
+    let mut c = ChartBuilder::on(area);
+    c.margin(10);
+    if text {
+        c.x_label_area_size(35).y_label_area_size(80);
+    }
+    let mut chart = c
+        .build_cartesian_2d(0f64..n, 0f64..ymax)
+        .map_err(|e| anyhow!("{e}"))?;
+    draw_mesh(&mut chart, text, "seconds", what)?;
+    shade(&mut chart, steady, 0.0, ymax)?;
+    chart
+        .draw_series(LineSeries::new(points, BLUE.stroke_width(2)))
         .map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }

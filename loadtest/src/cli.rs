@@ -28,6 +28,10 @@ pub enum Cmd {
     /// Clients subscribed to streams all disconnect, miss publications, and come
     /// back at once with `since`: completion time, exactness, live traffic meanwhile.
     ResumeStorm(ResumeStormArgs),
+    /// Scale-out: many connections over many nodes (`--url` lists them), each in a
+    /// room of `--room-size` and on one of `--tickers`; rooms and tickers published
+    /// over HTTP on other nodes than their subscribers'; churn; held and measured.
+    Scale(ScaleArgs),
     /// Merge the JSON reports of generator processes that split one run.
     Merge(MergeArgs),
     /// Print a Markdown table comparing reports (grouped by --label).
@@ -346,6 +350,58 @@ pub struct ResumeStormArgs {
     /// live latency is measured.
     #[arg(long, value_parser = duration, default_value = "1s")]
     pub after: Duration,
+}
+
+#[derive(Debug, Clone, Args)]
+pub struct ScaleArgs {
+    /// Common options. `--url` lists the nodes (connection i goes to node i mod N);
+    /// `--duration` is the publishing phase; `--start-at` its start (all split
+    /// processes alike: each ramps its connections first).
+    #[command(flatten)]
+    pub common: Common,
+    /// Connections in the whole run (split processes share them: i mod N = K).
+    #[arg(long, default_value_t = 2000)]
+    pub connections: usize,
+    /// Members per room: connection i is in room i / room-size, so a room's members
+    /// sit on consecutive nodes.
+    #[arg(long, default_value_t = 10)]
+    pub room_size: usize,
+    /// Publications per second to each room.
+    #[arg(long, default_value_t = 0.01)]
+    pub room_rate: f64,
+    /// Tickers: connection i also takes ticker i mod T, so the tickers reach everyone
+    /// (0: rooms only).
+    #[arg(long, default_value_t = 10)]
+    pub tickers: usize,
+    /// Publications per second to each ticker.
+    #[arg(long, default_value_t = 0.05)]
+    pub ticker_rate: f64,
+    /// Size in bytes of each publication's `data` object.
+    #[arg(long, default_value_t = 100)]
+    pub payload: usize,
+    /// Connections closed and opened again per minute, as a share of all of them
+    /// (0.015: 1.5 % a minute), during the publishing phase.
+    #[arg(long, default_value_t = 0.015)]
+    pub churn: f64,
+    /// A delivery that took longer than this is late.
+    #[arg(long, value_parser = duration, default_value = "500ms")]
+    pub on_time: Duration,
+    /// Most publications per HTTP request (`POST /api/publish` with an array).
+    #[arg(long, default_value_t = 500)]
+    pub http_batch: usize,
+    /// Bearer key for the HTTP publish API.
+    #[arg(long, env = "WSGATE_API_KEY")]
+    pub api_key: Option<String>,
+    /// Redis process(es) whose CPU is measured over the steady window.
+    #[arg(long, value_delimiter = ',')]
+    pub redis_pid: Vec<u32>,
+    /// Without --start-at: pause between the end of the ramp and publishing.
+    #[arg(long, value_parser = duration, default_value = "2s")]
+    pub settle: Duration,
+    /// After publishing stops, wait for the last deliveries: until none arrived for
+    /// 1 s, at most this long.
+    #[arg(long, value_parser = duration, default_value = "5s")]
+    pub drain: Duration,
 }
 
 #[derive(Debug, Clone, Args)]

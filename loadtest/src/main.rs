@@ -13,7 +13,7 @@ use clap::Parser as _;
 use wsgate_loadtest::cli::{Cli, Cmd, Common};
 use wsgate_loadtest::report::Report;
 use wsgate_loadtest::run::Ctx;
-use wsgate_loadtest::scenario::{churn, fanout, idle, resume};
+use wsgate_loadtest::scenario::{churn, fanout, idle, resume, scale};
 use wsgate_loadtest::{chart, floor, floor_idle, net, summary};
 
 fn main() -> Result<()> {
@@ -51,6 +51,7 @@ fn main() -> Result<()> {
         Cmd::Idle(a) => &a.common,
         Cmd::Churn(a) => &a.common,
         Cmd::ResumeStorm(a) => &a.common,
+        Cmd::Scale(a) => &a.common,
         Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_) => {
             unreachable!("handled above")
         }
@@ -81,6 +82,7 @@ fn main() -> Result<()> {
             Cmd::Idle(a) => idle::run(ctx, a).await,
             Cmd::Churn(a) => churn::run(ctx, a).await,
             Cmd::ResumeStorm(a) => resume::run(ctx, a).await,
+            Cmd::Scale(a) => scale::run(ctx, a).await,
             Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_) => {
                 unreachable!("handled above")
             }

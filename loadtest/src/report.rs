@@ -269,6 +269,74 @@ pub struct LiveCheck {
     pub streams: StreamCounts,
 }
 
+/// Scenario `scale`: connections held over many nodes, rooms and tickers, churn.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Scale {
+    pub nodes: u64,
+    /// Connections in the whole run.
+    pub connections: u64,
+    pub rooms: u64,
+    pub room_size: u64,
+    /// Publications per second per room / per ticker.
+    pub room_rate: f64,
+    pub tickers: u64,
+    pub ticker_rate: f64,
+    /// Deliveries per second the schedule offers with every connection subscribed.
+    pub offered_deliveries_per_s: f64,
+    /// Connections open at the end of the publishing phase.
+    pub held: u64,
+    /// `--churn`: share of the connections closed and reopened per minute.
+    pub churn_per_min: f64,
+    /// Closes made by the generator (churn), each followed by a reconnect.
+    pub churned: u64,
+    /// Connections the server closed (then reopened), by close code.
+    pub server_closed: BTreeMap<String, u64>,
+    /// Reconnect attempts that failed (retried after 1 s).
+    pub reconnect_failed: u64,
+    /// Publications not owed to a connection: due while it was away (churn) or
+    /// before its subscription was confirmed. Subtracted from `expected`.
+    pub skipped: u64,
+    /// Deliveries of publications that were not owed (arrived anyway); not unique.
+    pub unowed: u64,
+    /// A delivery slower than this is late.
+    pub on_time_ms: f64,
+    /// Deliveries slower than `on_time_ms`, over the whole run (to the histograms'
+    /// precision, 0.1 %).
+    pub late: u64,
+    /// The generator processes' RSS growth over their ramps, and the connections
+    /// they held then: their memory per connection.
+    pub generator_rss_delta_kib: u64,
+    pub generator_connections: u64,
+    pub generator_rss_per_connection_bytes: Option<f64>,
+    /// Length of the window the CPU figures below were measured over (the steady
+    /// window of the process that watched the nodes and Redis).
+    pub window_s: f64,
+    /// CPU seconds over that window: every node, Redis, every generator process.
+    pub nodes_cpu_s: f64,
+    pub redis_cpu_s: f64,
+    pub generator_cpu_s: f64,
+    /// CPU seconds per million deliveries (steady window), each of the above.
+    pub nodes_cpu_s_per_million: Option<f64>,
+    pub redis_cpu_s_per_million: Option<f64>,
+    pub generator_cpu_s_per_million: Option<f64>,
+    /// Per node (`--server-pid`, in `--url` order).
+    pub node_stats: Vec<NodeStat>,
+}
+
+/// One gateway node in a `scale` run.
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct NodeStat {
+    pub pid: u32,
+    /// Connections assigned to it.
+    pub connections: u64,
+    /// RSS before the ramp and at the end of the publishing phase.
+    pub rss_before_kib: u64,
+    pub rss_held_kib: u64,
+    pub rss_per_connection_bytes: Option<f64>,
+    /// CPU cores over the steady window.
+    pub cpu_cores: f64,
+}
+
 /// What the generator itself cost (getrusage of this process).
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
 pub struct Generator {
@@ -337,6 +405,9 @@ pub struct Report {
     /// Scenario `resume-storm`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub resume: Option<ResumeStorm>,
+    /// Scenario `scale`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scale: Option<Scale>,
     pub generator: Generator,
     pub servers: Vec<Server>,
     /// Selected samples scraped from `/metrics` at the end of the run.
@@ -449,6 +520,24 @@ impl Report {
             self.connect.latency = Latency::from_hist(&all_hist);
         }
 
+        if let Some(sc) = self.scale.as_mut() {
+            let on_time_us = (sc.on_time_ms * 1000.0) as u64;
+            sc.late = all_hist.len() - all_hist.count_between(0, on_time_us);
+            sc.generator_rss_per_connection_bytes = (sc.generator_connections > 0).then(|| {
+                sc.generator_rss_delta_kib as f64 * 1024.0 / sc.generator_connections as f64
+            });
+            if let Some(f) = self.fanout.as_mut() {
+                // What churned connections were not owed.
+                f.expected = f.expected.saturating_sub(sc.skipped);
+                f.lost = f.expected.saturating_sub(f.unique);
+                f.extra = f.unique.saturating_sub(f.expected);
+                let deliveries = f.deliveries_per_s_steady * sc.window_s;
+                let per_m = |cpu: f64| (deliveries > 0.0).then(|| cpu / deliveries * 1e6);
+                sc.nodes_cpu_s_per_million = per_m(sc.nodes_cpu_s);
+                sc.redis_cpu_s_per_million = per_m(sc.redis_cpu_s);
+                sc.generator_cpu_s_per_million = per_m(sc.generator_cpu_s);
+            }
+        }
         let g = &mut self.generator;
         let cpu = g.cpu_user_s + g.cpu_sys_s;
         g.cpu_cores = if g.wall_s > 0.0 { cpu / g.wall_s } else { 0.0 };
@@ -534,6 +623,13 @@ impl Report {
                 if let (Some(o), Some(i)) = (out.idle.as_mut(), r.idle.as_ref()) {
                     merge_idle(o, i);
                 }
+                if let (Some(o), Some(s)) = (out.scale.as_mut(), r.scale.as_ref()) {
+                    merge_scale(o, s);
+                }
+                // The servers are those of the process that watched them.
+                if out.servers.is_empty() {
+                    out.servers = r.servers.clone();
+                }
             }
             for (k, v) in &r.metrics {
                 out.metrics.entry(k.clone()).or_insert(*v);
@@ -614,6 +710,30 @@ fn merge_fanout(o: &mut Fanout, f: &Fanout) {
         for (k, v) in &fs.close_codes {
             *os.close_codes.entry(k.clone()).or_default() += v;
         }
+    }
+}
+
+fn merge_scale(o: &mut Scale, s: &Scale) {
+    o.held += s.held;
+    o.churned += s.churned;
+    o.reconnect_failed += s.reconnect_failed;
+    o.skipped += s.skipped;
+    o.unowed += s.unowed;
+    o.generator_rss_delta_kib += s.generator_rss_delta_kib;
+    o.generator_connections += s.generator_connections;
+    o.generator_cpu_s += s.generator_cpu_s;
+    for (k, v) in &s.server_closed {
+        *o.server_closed.entry(k.clone()).or_default() += v;
+    }
+    // Nodes and Redis: measured by one process (the one given their pids).
+    if o.node_stats.is_empty() && !s.node_stats.is_empty() {
+        o.node_stats = s.node_stats.clone();
+        o.nodes_cpu_s = s.nodes_cpu_s;
+    }
+    if o.window_s == 0.0 && s.window_s > 0.0 {
+        o.window_s = s.window_s;
+        o.nodes_cpu_s = s.nodes_cpu_s;
+        o.redis_cpu_s = s.redis_cpu_s;
     }
 }
 
@@ -740,6 +860,68 @@ mod tests {
         assert_eq!(r.generator.cpu_cores, 0.5);
         let per_m = r.generator.cpu_s_per_million_events.unwrap();
         assert!((per_m - 2.0 / 630.0 * 1e6).abs() < 1e-6);
+    }
+
+    #[test]
+    fn scale_parts_merge_with_churn_and_late_accounted() {
+        let c = |u| SeqCounts {
+            delivered: u,
+            unique: u,
+            ..SeqCounts::default()
+        };
+        let part = |t0, lat_us, watcher: bool| {
+            // Each part publishes 5 to the one topic and has 2 subscribers, which
+            // receive both parts' 10 publications, but for 3 one of them was away
+            // (skipped).
+            let mut r = fanout_report(t0, &[0, 5, 4, 8], lat_us, vec![5], vec![2], c(17));
+            r.scenario = "scale".into();
+            r.scale = Some(Scale {
+                held: 100,
+                skipped: 3,
+                on_time_ms: 1.0,
+                generator_rss_delta_kib: 100,
+                generator_connections: 100,
+                generator_cpu_s: 0.5,
+                window_s: if watcher { 2.0 } else { 0.0 },
+                nodes_cpu_s: if watcher { 3.0 } else { 0.0 },
+                node_stats: if watcher {
+                    vec![NodeStat::default(); 2]
+                } else {
+                    Vec::new()
+                },
+                ..Scale::default()
+            });
+            if watcher {
+                r.servers = vec![Server::default(); 2];
+            }
+            r.derive().unwrap();
+            r
+        };
+        let a = part(10_000, 500, false);
+        assert_eq!(a.fanout.as_ref().unwrap().expected, 7);
+        assert_eq!(a.scale.as_ref().unwrap().late, 0);
+        // The watcher's deliveries are slower than --on-time.
+        let b = part(11_000, 2000, true);
+        assert_eq!(b.scale.as_ref().unwrap().late, 17);
+        let m = Report::merge(vec![a, b]).unwrap();
+        let (f, s) = (m.fanout.as_ref().unwrap(), m.scale.as_ref().unwrap());
+        assert_eq!(f.expected, (5 + 5) * (2 + 2) - 6);
+        assert_eq!(f.unique, 34);
+        assert_eq!(f.lost, 0);
+        assert_eq!(s.held, 200);
+        assert_eq!(s.late, 17);
+        assert_eq!(s.generator_rss_per_connection_bytes, Some(1024.0));
+        // Nodes and servers come from the process that watched them.
+        assert_eq!(s.node_stats.len(), 2);
+        assert_eq!(m.servers.len(), 2);
+        assert_eq!(s.window_s, 2.0);
+        // Timelines add up second by second, aligned on t0.
+        assert_eq!(
+            m.timeline.iter().map(|x| x.events).collect::<Vec<_>>(),
+            [0, 5, 4 + 5, 8 + 4, 8]
+        );
+        let per_m = s.nodes_cpu_s_per_million.unwrap();
+        assert!((per_m - 3.0 / (f.deliveries_per_s_steady * 2.0) * 1e6).abs() < 1e-6);
     }
 
     #[test]

@@ -98,6 +98,9 @@ pub fn render(r: &Report) -> String {
     if let Some(rs) = &r.resume {
         resume(&mut s, rs);
     }
+    if let Some(sc) = &r.scale {
+        scale(&mut s, sc);
+    }
     let g = &r.generator;
     let _ = writeln!(
         s,
@@ -127,6 +130,52 @@ pub fn render(r: &Report) -> String {
         let _ = writeln!(s, "note: {n}");
     }
     s
+}
+
+fn scale(s: &mut String, sc: &crate::report::Scale) {
+    let opt = |v: Option<f64>, d: usize| v.map_or("?".into(), |v| format!("{v:.d$}"));
+    let _ = writeln!(
+        s,
+        "scale: {} of {} connections held at the end over {} nodes; {} rooms of {} at {}/s, {} tickers at {}/s: {:.0} deliveries/s offered",
+        sc.held, sc.connections, sc.nodes, sc.rooms, sc.room_size, sc.room_rate, sc.tickers, sc.ticker_rate, sc.offered_deliveries_per_s
+    );
+    let _ = writeln!(
+        s,
+        "  late (> {} ms): {}; churn {:.1}%/min: {} closed and reopened, server closes {:?}, reconnects failed {}; not owed: {} skipped, {} arrived anyway",
+        sc.on_time_ms, sc.late, sc.churn_per_min * 100.0, sc.churned, sc.server_closed, sc.reconnect_failed, sc.skipped, sc.unowed
+    );
+    let _ = writeln!(
+        s,
+        "  CPU over {:.0} s steady: nodes {:.2} s ({} s per million deliveries), Redis {:.2} s ({}), generators {:.2} s ({})",
+        sc.window_s,
+        sc.nodes_cpu_s,
+        opt(sc.nodes_cpu_s_per_million, 2),
+        sc.redis_cpu_s,
+        opt(sc.redis_cpu_s_per_million, 2),
+        sc.generator_cpu_s,
+        opt(sc.generator_cpu_s_per_million, 2),
+    );
+    let _ = writeln!(
+        s,
+        "  generator RSS: {} bytes per connection",
+        opt(sc.generator_rss_per_connection_bytes, 0)
+    );
+    if !sc.node_stats.is_empty() {
+        let per: Vec<f64> = sc
+            .node_stats
+            .iter()
+            .filter_map(|n| n.rss_per_connection_bytes)
+            .collect();
+        let (lo, hi) = per
+            .iter()
+            .fold((f64::MAX, 0f64), |(a, b), v| (a.min(*v), b.max(*v)));
+        let mean = per.iter().sum::<f64>() / per.len().max(1) as f64;
+        let cores: f64 = sc.node_stats.iter().map(|n| n.cpu_cores).sum();
+        let _ = writeln!(
+            s,
+            "  nodes: RSS per connection {mean:.0} bytes (min {lo:.0}, max {hi:.0}); {cores:.2} cores in all over the steady window"
+        );
+    }
 }
 
 fn resume(s: &mut String, rs: &crate::report::ResumeStorm) {

@@ -165,6 +165,9 @@ impl WsConn {
     /// # Cancel safety
     /// Cancel safe.
     pub async fn fill(&mut self) -> io::Result<()> {
+        if self.buf.is_empty() {
+            return self.fill_released().await;
+        }
         if self.start == self.end {
             self.start = 0;
             self.end = 0;
@@ -184,6 +187,40 @@ impl WsConn {
         }
         self.end += n;
         Ok(())
+    }
+
+    /// Frees the read buffers when they hold nothing (no partial frame, no message
+    /// being reassembled): a connection that waits between messages then holds no
+    /// buffer. The next [`WsConn::fill`] waits for the socket to be readable first
+    /// and only then takes a buffer for the read.
+    pub fn release(&mut self) {
+        if self.start == self.end && self.frag_op.is_none() {
+            self.buf = Vec::new();
+            self.frag = Vec::new();
+            self.inflated = Vec::new();
+            self.start = 0;
+            self.end = 0;
+        }
+    }
+
+    /// [`WsConn::fill`] after [`WsConn::release`]: waits for readiness without a
+    /// buffer. Cancel safe (nothing is read before the last await).
+    async fn fill_released(&mut self) -> io::Result<()> {
+        loop {
+            self.stream.readable().await?;
+            let mut buf = vec![0; INITIAL_BUF];
+            match self.stream.try_read(&mut buf) {
+                Ok(0) => return Err(io::ErrorKind::UnexpectedEof.into()),
+                Ok(n) => {
+                    self.buf = buf;
+                    self.start = 0;
+                    self.end = n;
+                    return Ok(());
+                }
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// The next complete frame already in the buffer, if any: a whole message (text
@@ -420,6 +457,34 @@ mod tests {
         let mut body = pong[6..8].to_vec();
         fastwebsockets::unmask(&mut body, pong[2..6].try_into().unwrap());
         assert_eq!(body, b"p1");
+    }
+
+    #[tokio::test]
+    async fn a_released_buffer_is_taken_again_for_the_next_read() {
+        let (mut ws, mut srv) = pair().await;
+        let mut first = Vec::new();
+        server_frame(&mut first, 0x81, b"one");
+        server_frame(&mut first, 0x81, b"two"); // cut below: not complete yet
+        first.truncate(first.len() - 1);
+        srv.write_all(&first).await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, b"one");
+        // A partial frame stays: nothing is released.
+        ws.release();
+        assert!(!ws.buf.is_empty());
+        srv.write_all(b"o").await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, b"two");
+        ws.release();
+        assert!(ws.buf.is_empty());
+        let mut next = Vec::new();
+        server_frame(&mut next, 0x81, &[b'z'; 9000]);
+        srv.write_all(&next).await.unwrap();
+        assert_eq!(ws.read_frame().await.unwrap().payload, &[b'z'; 9000][..]);
+        drop(srv);
+        ws.release();
+        assert_eq!(
+            ws.read_frame().await.unwrap_err().kind(),
+            io::ErrorKind::UnexpectedEof
+        );
     }
 
     #[tokio::test]

@@ -5,5 +5,6 @@ pub mod fanout;
 pub mod idle;
 pub mod publisher;
 pub mod resume;
+pub mod scale;
 pub mod session;
 pub mod sse;
