@@ -1,6 +1,8 @@
 //! Streams in the embedded broker (docs/protocol.md, "Streams"): positions, resume,
 //! history, and what is refused — a real gateway on 127.0.0.1:0, real clients.
 
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{json, Value};
@@ -306,6 +308,10 @@ async fn resume_races_a_steady_publisher_without_gap_or_duplicate() {
     drop(first);
     const TOTAL: u64 = 3000;
     let addr = server.addr;
+    // The last seq published: a client resumes from a position the stream has
+    // reached (one ahead of it is not a position of this epoch).
+    let published = Arc::new(AtomicU64::new(0));
+    let progress = published.clone();
     let publisher = tokio::spawn(async move {
         for n in 1..=TOTAL {
             let (status, body) = http(
@@ -319,6 +325,7 @@ async fn resume_races_a_steady_publisher_without_gap_or_duplicate() {
             )
             .await;
             assert_eq!(status, 200, "{body}");
+            progress.store(n, Ordering::Release);
             if n % 50 == 0 {
                 tokio::task::yield_now().await;
             }
@@ -328,8 +335,15 @@ async fn resume_races_a_steady_publisher_without_gap_or_duplicate() {
     let mut joined = Vec::new();
     for k in 0..8u64 {
         tokio::time::sleep(Duration::from_millis(40)).await;
-        let (mut c, _) = connect(&server).await;
         let since = k * 17;
+        let reached = tokio::time::timeout(Duration::from_secs(60), async {
+            while published.load(Ordering::Acquire) < since {
+                tokio::time::sleep(Duration::from_millis(5)).await;
+            }
+        })
+        .await;
+        assert!(reached.is_ok(), "the publisher never reached seq {since}");
+        let (mut c, _) = connect(&server).await;
         let r = call(
             &mut c,
             json!({"op":"subscribe","id":k,"topics":["chat:race"],"since":{"chat:race":{"seq":since,"epoch":epoch}}}),
