@@ -487,8 +487,9 @@ const REACH_WAIT: std::time::Duration = std::time::Duration::from_secs(2);
 /// publications arriving during the read need no second one.
 const RESUME_SLACK: u64 = 256;
 
-/// How many times a resume reads the history again when the stream moved on while
-/// it read (then it answers `recovered:false`).
+/// How many times a resume reads the history (the first time from its `since`, then
+/// the rest after what it read) while the stream moves on faster than it reads
+/// (then it answers `recovered:false`).
 const RESUME_TRIES: usize = 4;
 
 impl Node {
@@ -693,9 +694,18 @@ impl Node {
             if !wanted.is_empty() && attempt + 1 < RESUME_TRIES {
                 for (t, after, limit) in wanted {
                     match self.read_after(&t, after, limit).await {
-                        Ok(h) => {
-                            fetched.insert(t, h);
-                        }
+                        Ok(h) => match fetched.get_mut(&t) {
+                            // The rest of a range read before: appended to it.
+                            Some(before) if h.covers(after, &before.position.epoch) => {
+                                before
+                                    .entries
+                                    .extend(h.entries.into_iter().filter(|e| e.seq > after));
+                                before.position = h.position;
+                            }
+                            _ => {
+                                fetched.insert(t, h);
+                            }
+                        },
                         Err(_) => {
                             // Unreadable: answered as not recovered.
                             fetched.remove(&t);
@@ -916,16 +926,19 @@ impl Node {
             if from.epoch != position.epoch || from.seq >= position.seq {
                 continue; // nothing to read: equal, beyond, or another epoch
             }
+            let mut after = from.seq;
             if let Some(h) = fetched.get(t) {
                 let reached = h.entries.last().map_or(from.seq, |e| e.seq);
                 if reached >= position.seq || !h.covers(from.seq, &from.epoch) {
                     continue; // reaches far enough, or can never recover
                 }
+                // The stream moved on past what was read (a node lagging behind
+                // Redis by more than the slack, under load): read only the rest.
+                after = reached;
             }
             // A little beyond where the node is now: it moves on while we read.
-            let limit =
-                usize::try_from(position.seq - from.seq + RESUME_SLACK).unwrap_or(usize::MAX);
-            out.push((t.clone(), from.seq, limit));
+            let limit = usize::try_from(position.seq - after + RESUME_SLACK).unwrap_or(usize::MAX);
+            out.push((t.clone(), after, limit));
         }
         out
     }
