@@ -51,7 +51,7 @@ pub use node::{HistoryError, Node, PublishAck, PublishError, Source, StreamStart
 pub use presence::{
     NodeInfo, PresenceEntry, PresenceEvent, PresenceKind, PresenceOptions, PresenceStats,
 };
-pub use publication::{unix_nanos, Publication, Tag, TagKind};
+pub use publication::{unix_nanos, Encoded, Publication, Tag, TagKind};
 pub use stream::{
     History, HistoryEntry, HistoryQuery, Namespace, Namespaces, Pattern, Position, SlowConsumer,
     StreamOptions,

@@ -20,30 +20,45 @@ const MIDDLE: &[u8] = b"\",\"data\":";
 const SEQ: &[u8] = b",\"seq\":";
 const SUFFIX: &[u8] = b"}";
 
-/// A message on its way to local subscribers: the complete frame, shared.
+/// A message on its way to local subscribers: the complete frame, its tag and its
+/// compressed form, shared. Cloning is one reference-count increment, whatever the
+/// publication carries: a connection's queue holds a clone, so a publication of a
+/// namespace with a slow-consumer policy costs a queue no more than any other.
+/// Its parts are read through [`Encoded`] (`publication.frame`, …).
 #[derive(Clone, Debug)]
-pub struct Publication {
-    /// The whole WebSocket frame (header included). Cloning is a reference-count bump.
+pub struct Publication(Arc<Encoded>);
+
+/// What a [`Publication`] holds.
+#[derive(Clone, Debug)]
+pub struct Encoded {
+    /// The whole WebSocket frame (header included).
     pub frame: Bytes,
     /// When a node first accepted this publication, in nanoseconds since the UNIX
     /// epoch. With a relay this is the *publishing* node's clock, so the
     /// publish→deliver latency covers the cross-node path. 0 when unknown.
     pub accepted_at: u64,
     /// What a connection's queue needs to apply a slow-consumer policy other than
-    /// `disconnect`: `None` for every other publication (nothing allocated), and
-    /// for publications a queue may never drop.
-    pub tag: Option<Arc<Tag>>,
+    /// `disconnect`: `None` for every other publication, and for publications a
+    /// queue may never drop.
+    pub tag: Option<Tag>,
     /// The frame compressed for connections that negotiated permessage-deflate,
     /// made by the first of them that receives it and then shared
-    /// ([`Publication::deflated_frame`]). `None` (nothing allocated) when the topic's
-    /// namespace does not compress or the payload is under
-    /// [`deflate::MIN_PAYLOAD`].
-    pub deflated: Option<Arc<OnceLock<Bytes>>>,
+    /// ([`Publication::deflated_frame`]). `None` when the topic's namespace does
+    /// not compress or the payload is under [`deflate::MIN_PAYLOAD`].
+    pub deflated: Option<OnceLock<Bytes>>,
+}
+
+impl std::ops::Deref for Publication {
+    type Target = Encoded;
+
+    fn deref(&self) -> &Encoded {
+        &self.0
+    }
 }
 
 /// A publication's topic, policy and stream position, shared by every subscriber
-/// (allocated once per publication, only in namespaces whose `slow_consumer` is
-/// not `disconnect`). The frame alone does not say which namespace it is of.
+/// with the frame (only in namespaces whose `slow_consumer` is not `disconnect`).
+/// The frame alone does not say which namespace it is of.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Tag {
     /// The namespace's policy (never [`SlowConsumer::Disconnect`]).
@@ -107,31 +122,50 @@ impl Publication {
             buf.put_slice(seq);
         }
         buf.put_slice(SUFFIX);
-        Publication {
-            frame: buf.freeze(),
+        Self::from_frame(buf.freeze(), accepted_at)
+    }
+
+    /// A publication of a complete frame (a server event of its own: presence,
+    /// `reset`), untagged and not compressible.
+    pub fn from_frame(frame: Bytes, accepted_at: u64) -> Self {
+        Publication(Arc::new(Encoded {
+            frame,
             accepted_at,
             tag: None,
             deflated: None,
-        }
+        }))
+    }
+
+    /// The parts, to change before the publication is shared (copied if it is).
+    fn parts(&mut self) -> &mut Encoded {
+        Arc::make_mut(&mut self.0)
     }
 
     /// Tags the publication with its topic's slow-consumer policy and, on a stream,
-    /// its position (see [`Tag`]). A no-op, allocating nothing, for
-    /// [`SlowConsumer::Disconnect`].
+    /// its position (see [`Tag`]). A no-op for [`SlowConsumer::Disconnect`].
     pub fn with_policy(
-        mut self,
+        self,
         policy: SlowConsumer,
         topic: &str,
         position: Option<(u64, &Arc<str>)>,
         kind: TagKind,
     ) -> Self {
-        if policy != SlowConsumer::Disconnect {
-            self.tag = Some(Arc::new(Tag {
-                policy,
-                topic: Arc::from(topic),
-                position: position.map(|(s, e)| (s, e.clone())),
-                kind,
-            }));
+        if policy == SlowConsumer::Disconnect {
+            return self;
+        }
+        self.with_tag(Tag {
+            policy,
+            topic: Arc::from(topic),
+            position: position.map(|(s, e)| (s, e.clone())),
+            kind,
+        })
+    }
+
+    /// Tags the publication with `tag` (see [`Publication::with_policy`]); a no-op
+    /// when its policy is [`SlowConsumer::Disconnect`].
+    pub fn with_tag(mut self, tag: Tag) -> Self {
+        if tag.policy != SlowConsumer::Disconnect {
+            self.parts().tag = Some(tag);
         }
         self
     }
@@ -148,20 +182,15 @@ impl Publication {
         text.push_str(",\"epoch\":");
         text.push_str(&serde_json::to_string(epoch).expect("a string serializes"));
         text.push('}');
-        Publication {
-            frame: frame::text(text.as_bytes()),
-            accepted_at: 0,
-            tag: None,
-            deflated: None,
-        }
+        Self::from_frame(frame::text(text.as_bytes()), 0)
     }
 
     /// Lets connections that negotiated permessage-deflate receive this publication
     /// compressed, when `on` (the topic's namespace compresses) and the payload is
-    /// at least [`deflate::MIN_PAYLOAD`] bytes. Allocates the shared slot only then.
+    /// at least [`deflate::MIN_PAYLOAD`] bytes.
     pub fn compressible(mut self, on: bool) -> Self {
         if on && deflate::split(&self.frame).1.len() >= deflate::MIN_PAYLOAD {
-            self.deflated = Some(Arc::default());
+            self.parts().deflated = Some(OnceLock::new());
         }
         self
     }

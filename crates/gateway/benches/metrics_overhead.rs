@@ -109,16 +109,18 @@ fn write_side(conns: &mut [Conn], mode: Mode, m: &(Metrics, Shared), socket: boo
         c.outbox.take(&mut c.batch);
         match mode {
             Mode::Off => {
-                c.bufs.extend(c.batch.frames.drain(..).map(|i| i.frame));
+                c.bufs
+                    .extend(c.batch.frames.drain(..).map(|i| i.frame().clone()));
             }
             Mode::Striped => {
                 let frames = &c.batch.frames;
-                let bytes: u64 = frames.iter().map(|i| i.frame.len() as u64).sum();
+                let bytes: u64 = frames.iter().map(|i| i.frame().len() as u64).sum();
                 let born = frames.iter().map(|i| i.born).filter(|&b| b != 0);
                 metrics
                     .delivery
                     .record_batch(c.batch.bytes, bytes, born, unix_nanos());
-                c.bufs.extend(c.batch.frames.drain(..).map(|i| i.frame));
+                c.bufs
+                    .extend(c.batch.frames.drain(..).map(|i| i.frame().clone()));
             }
             Mode::SharedPerBatch => {
                 shared.queue.observe(c.batch.bytes as f64);
@@ -126,8 +128,8 @@ fn write_side(conns: &mut [Conn], mode: Mode, m: &(Metrics, Shared), socket: boo
                 let mut bytes = 0u64;
                 for item in c.batch.frames.drain(..) {
                     c.borns.push(item.born);
-                    bytes += item.frame.len() as u64;
-                    c.bufs.push_back(item.frame);
+                    bytes += item.frame().len() as u64;
+                    c.bufs.push_back(item.frame().clone());
                 }
                 let now = unix_nanos();
                 // Prometheus' float histogram, a local one per batch, flushed at once.

@@ -98,12 +98,7 @@ impl Core {
         let events = &self.metrics.join_leave_events;
         match verdict {
             Verdict::Push => {
-                let p = Publication {
-                    frame: event.frame(topic),
-                    accepted_at: 0,
-                    tag: None,
-                    deflated: None,
-                };
+                let p = Publication::from_frame(event.frame(topic), 0);
                 // Under the shard's lock: events of one topic leave in arrival order.
                 self.hub.deliver_except(topic, &p, except);
                 events.with_label_values(&[kind, "pushed"]).inc();
@@ -137,12 +132,7 @@ impl Core {
                 None => 0,
             };
             if skipped > 0 {
-                let p = Publication {
-                    frame: changed_frame(&topic, skipped),
-                    accepted_at: 0,
-                    tag: None,
-                    deflated: None,
-                };
+                let p = Publication::from_frame(changed_frame(&topic, skipped), 0);
                 core.hub.deliver(&topic, &p);
                 debug!(%topic, skipped, "join/leave events summarised");
             }

@@ -12,9 +12,10 @@
 //! consumer: the queue is emptied at once (memory stays bounded however many clients
 //! stop reading) and the writer closes the connection with 4008.
 //!
-//! The policies cost nothing until a queue overflows: publications carry a shared
-//! [`Tag`] only in namespaces with a policy, and the state of a lagging connection
-//! is allocated when it first lags ([`Rare`]).
+//! The policies cost nothing until a queue overflows: a queued publication is one
+//! reference to the [`Publication`] (its frame, compressed frame and [`Tag`] in one
+//! shared allocation), whatever its namespace's policy, and the state of a lagging
+//! connection is allocated when it first lags ([`Rare`]).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::poll_fn;
@@ -29,44 +30,78 @@ use wsgate_fanout::{Publication, SlowConsumer, Subscriber, Tag, TagKind};
 
 use crate::close::Disconnect;
 
-/// One queued frame.
+/// One queued frame: a reply or a publication, one reference either way (40 bytes).
 #[derive(Debug, Clone)]
 pub struct Item {
-    /// The complete WebSocket frame.
-    pub frame: Bytes,
+    body: Body,
     /// When the publication was accepted (unix ns) — 0 for replies and control frames,
     /// which are not counted as deliveries.
     pub born: u64,
-    /// The publication's slow-consumer tag: `None` for what is never dropped
-    /// (replies, publications of `disconnect` namespaces).
-    pub tag: Option<Arc<Tag>>,
+}
+
+#[derive(Debug, Clone)]
+enum Body {
+    /// A frame of its own (a reply).
+    Frame(Bytes),
+    /// A publication, shared with every subscriber; its compressed frame when
+    /// `true` ([`Publication::deflated_frame`]).
+    Publication(Publication, bool),
 }
 
 impl Item {
+    /// A frame of its own, never dropped by a policy.
+    pub fn new(frame: Bytes, born: u64) -> Item {
+        Item {
+            body: Body::Frame(frame),
+            born,
+        }
+    }
+
+    /// A publication, its compressed frame when `deflated`.
+    fn publication(p: Publication, deflated: bool, born: u64) -> Item {
+        Item {
+            body: Body::Publication(p, deflated),
+            born,
+        }
+    }
+
+    /// The complete WebSocket frame to write.
+    pub fn frame(&self) -> &Bytes {
+        match &self.body {
+            Body::Frame(f) => f,
+            Body::Publication(p, false) => &p.frame,
+            Body::Publication(p, true) => p.deflated_frame(),
+        }
+    }
+
+    /// The publication's slow-consumer tag: `None` for what is never dropped
+    /// (replies, publications of `disconnect` namespaces).
+    fn tag(&self) -> Option<&Tag> {
+        match &self.body {
+            Body::Frame(_) => None,
+            Body::Publication(p, _) => p.tag.as_ref(),
+        }
+    }
+
     fn tag_is(&self, policy: SlowConsumer) -> bool {
-        self.tag
-            .as_ref()
+        self.tag()
             .is_some_and(|t| t.policy == policy && t.has_message())
     }
 
-    fn of_topic(&self, topic: &Arc<str>) -> Option<&Arc<Tag>> {
-        self.tag
-            .as_ref()
+    fn of_topic(&self, topic: &Arc<str>) -> Option<&Tag> {
+        self.tag()
             .filter(|t| Arc::ptr_eq(&t.topic, topic) || t.topic == *topic)
     }
 
     /// A stream's `reset` up to `seq` of `epoch`, as a queue item.
     fn reset(tag: &Tag, seq: u64, epoch: &Arc<str>) -> Item {
-        Item {
-            frame: Publication::reset(&tag.topic, seq, epoch).frame,
-            born: 0,
-            tag: Some(Arc::new(Tag {
-                policy: tag.policy,
-                topic: tag.topic.clone(),
-                position: Some((seq, epoch.clone())),
-                kind: TagKind::Reset,
-            })),
-        }
+        let p = Publication::reset(&tag.topic, seq, epoch).with_tag(Tag {
+            policy: tag.policy,
+            topic: tag.topic.clone(),
+            position: Some((seq, epoch.clone())),
+            kind: TagKind::Reset,
+        });
+        Item::publication(p, false, 0)
     }
 }
 
@@ -212,11 +247,7 @@ impl Outbox {
     /// Queues a frame. Returns `false` if it was not queued: the connection is
     /// closing, or this frame overflowed the queue (which starts the close).
     pub fn push(&self, frame: Bytes, born: u64) -> bool {
-        self.push_item(Item {
-            frame,
-            born,
-            tag: None,
-        })
+        self.push_item(Item::new(frame, born))
     }
 
     /// Queues an item, applying the slow-consumer policies when it overflows.
@@ -243,9 +274,9 @@ impl Outbox {
                     Err(back) => item = back,
                 }
             }
-            if st.bytes + item.frame.len() > self.limit {
+            if st.bytes + item.frame().len() > self.limit {
                 let was_lagging = st.lagging();
-                if !st.make_room(item.frame.len(), self.limit) {
+                if !st.make_room(item.frame().len(), self.limit) {
                     self.overflow(st, u64::from(item.born != 0));
                     return false;
                 }
@@ -256,7 +287,7 @@ impl Outbox {
             break;
         }
         let was_idle = st.frames.is_empty() && st.control.is_empty();
-        st.bytes += item.frame.len();
+        st.bytes += item.frame().len();
         st.frames.push_back(item);
         drop(st);
         // The writer re-checks the queue after every write, so it only needs a wake-up
@@ -473,19 +504,15 @@ impl Outbox {
 
 impl Subscriber for Outbox {
     fn deliver(&self, publication: &Publication) {
-        // A clone of `Bytes` is a reference-count increment: every subscriber shares
-        // the frame encoded once by the broker, and every compressing subscriber the
-        // frame compressed once, by the first of them.
-        let frame = if self.deflate {
-            publication.deflated_frame()
-        } else {
-            &publication.frame
-        };
-        self.push_item(Item {
-            frame: frame.clone(),
-            born: publication.accepted_at.max(1),
-            tag: publication.tag.clone(),
-        });
+        // A clone of the publication is one reference-count increment, whatever it
+        // carries: every subscriber shares the frame encoded once by the broker (and
+        // its tag), and every compressing subscriber the frame compressed once, by
+        // the first of them (when the push measures it).
+        self.push_item(Item::publication(
+            publication.clone(),
+            self.deflate,
+            publication.accepted_at.max(1),
+        ));
     }
 }
 
@@ -508,7 +535,7 @@ impl State {
 
     /// Replaces the item at `i`, keeping the byte count.
     fn replace(&mut self, i: usize, item: Item) {
-        self.bytes = self.bytes - self.frames[i].frame.len() + item.frame.len();
+        self.bytes = self.bytes - self.frames[i].frame().len() + item.frame().len();
         self.frames[i] = item;
     }
 
@@ -517,7 +544,7 @@ impl State {
     /// the oldest `drop_oldest` ones. `false` when that is not enough; nothing is
     /// allocated when nothing queued has a policy.
     fn make_room(&mut self, need: usize, limit: usize) -> bool {
-        if !self.frames.iter().any(|i| i.tag.is_some()) {
+        if !self.frames.iter().any(|i| i.tag().is_some()) {
             return false;
         }
         if !self.lagging() {
@@ -543,27 +570,34 @@ impl State {
     /// the topic's previous item when that is a `reset` of the same epoch (nothing
     /// of the topic between them: one `reset` covers both).
     fn drop_at(&mut self, i: usize) -> usize {
-        let tag = self.frames[i].tag.clone().expect("a tagged publication");
         self.rare().drops.oldest += 1;
-        let Some((seq, epoch)) = &tag.position else {
+        let item = &self.frames[i];
+        if item.tag().is_some_and(|t| t.position.is_none()) {
             let gone = self.frames.remove(i).expect("in the queue");
-            self.bytes -= gone.frame.len();
+            self.bytes -= gone.frame().len();
             return i;
+        }
+        // A stream's: its tag is needed while the queue changes.
+        let Body::Publication(p, _) = &item.body else {
+            unreachable!("a tagged publication")
         };
+        let p = p.clone();
+        let tag = p.tag.as_ref().expect("tagged");
+        let (seq, epoch) = tag.position.as_ref().expect("a stream's");
         let prev = self
             .frames
             .range(..i)
             .rposition(|it| it.of_topic(&tag.topic).is_some());
         if let Some(j) = prev {
-            let p = self.frames[j].tag.as_ref().expect("of the topic");
+            let p = self.frames[j].tag().expect("of the topic");
             if p.kind == TagKind::Reset && p.position.as_ref().is_some_and(|(_, e)| e == epoch) {
-                self.replace(j, Item::reset(&tag, *seq, epoch));
+                self.replace(j, Item::reset(tag, *seq, epoch));
                 let gone = self.frames.remove(i).expect("in the queue");
-                self.bytes -= gone.frame.len();
+                self.bytes -= gone.frame().len();
                 return i;
             }
         }
-        self.replace(i, Item::reset(&tag, *seq, epoch));
+        self.replace(i, Item::reset(tag, *seq, epoch));
         i + 1
     }
 
@@ -571,7 +605,7 @@ impl State {
     /// one, if the topic's last queued item is a publication (not a `reset`).
     /// `Err` gives the item back when there is none.
     fn conflate_push(&mut self, item: Item) -> Result<(), Item> {
-        let topic = &item.tag.as_ref().expect("tagged").topic;
+        let topic = &item.tag().expect("tagged").topic;
         let last = self
             .frames
             .iter()
@@ -591,8 +625,8 @@ impl State {
     /// `reset` up to the replaced publication's seq and then `item`.
     fn conflate(&mut self, j: usize, item: Item) -> Item {
         self.rare().drops.conflated += 1;
-        let old = self.frames[j].tag.as_ref().expect("tagged");
-        let new = item.tag.as_ref().expect("tagged");
+        let old = self.frames[j].tag().expect("tagged");
+        let new = item.tag().expect("tagged");
         let Some((seq, epoch)) = &new.position else {
             return item;
         };
@@ -602,18 +636,15 @@ impl State {
             // came before this publication in its own epoch is lost.
             _ => seq.saturating_sub(1),
         };
-        let reset = Publication::reset(&new.topic, upto, epoch).frame;
-        let mut buf = BytesMut::with_capacity(reset.len() + item.frame.len());
-        buf.put_slice(&reset);
-        buf.put_slice(&item.frame);
-        Item {
-            frame: buf.freeze(),
-            born: item.born,
-            tag: Some(Arc::new(Tag {
-                kind: TagKind::ResetThenMessage(upto),
-                ..Tag::clone(new)
-            })),
-        }
+        let reset = Publication::reset(&new.topic, upto, epoch);
+        let mut buf = BytesMut::with_capacity(reset.frame.len() + item.frame().len());
+        buf.put_slice(&reset.frame);
+        buf.put_slice(item.frame());
+        let p = Publication::from_frame(buf.freeze(), 0).with_tag(Tag {
+            kind: TagKind::ResetThenMessage(upto),
+            ..Tag::clone(new)
+        });
+        Item::publication(p, false, item.born)
     }
 
     /// Conflates what was queued before the queue lagged: of each `latest` topic's
@@ -626,24 +657,14 @@ impl State {
         let mut last: HashMap<Arc<str>, usize> = HashMap::new();
         let mut removed = false;
         for i in 0..self.frames.len() {
-            let Some(tag) = self.frames[i].tag.clone() else {
+            let Some(tag) = self.frames[i].tag() else {
                 continue;
             };
-            match last.get(&*tag.topic) {
-                Some(&j)
-                    if tag.kind == TagKind::Message
-                        && self.frames[i].tag_is(SlowConsumer::Latest)
-                        && self.frames[j].tag_is(SlowConsumer::Latest) =>
-                {
-                    let item = std::mem::replace(
-                        &mut self.frames[i],
-                        Item {
-                            frame: Bytes::new(),
-                            born: 0,
-                            tag: None,
-                        },
-                    );
-                    self.bytes -= item.frame.len();
+            let mergeable = tag.kind == TagKind::Message && tag.policy == SlowConsumer::Latest;
+            match last.get(&*tag.topic).copied() {
+                Some(j) if mergeable && self.frames[j].tag_is(SlowConsumer::Latest) => {
+                    let item = std::mem::replace(&mut self.frames[i], Item::new(Bytes::new(), 0));
+                    self.bytes -= item.frame().len();
                     let merged = self.conflate(j, item);
                     self.replace(j, merged);
                     removed = true;
@@ -655,7 +676,7 @@ impl State {
         }
         if removed {
             // Every real frame has a header: the empty ones are the replaced.
-            self.frames.retain(|i| !i.frame.is_empty());
+            self.frames.retain(|i| !i.frame().is_empty());
         }
     }
 }
@@ -725,7 +746,7 @@ mod tests {
     fn texts(b: &Batch) -> Vec<String> {
         let mut out = Vec::new();
         for item in &b.frames {
-            let mut f = &item.frame[..];
+            let mut f = &item.frame()[..];
             while !f.is_empty() {
                 let (hl, len) = match f[1] & 0x7f {
                     126 => (4, u16::from_be_bytes([f[2], f[3]]) as usize),
@@ -977,6 +998,60 @@ mod tests {
         ob.push_control(frame(2));
         assert_eq!(ob.closing(), None);
         assert_eq!(ob.queued_bytes(), 542);
+    }
+
+    #[test]
+    fn a_queued_item_is_one_reference_whatever_its_policy() {
+        // The idle footprint and the per-subscriber cost: a frame's or a
+        // publication's reference and the accept time, no tag of its own.
+        assert!(std::mem::size_of::<Item>() <= 40);
+        let ob = Outbox::new(1000);
+        let p = publication(SlowConsumer::Latest, "a", 1, Some(1));
+        ob.deliver(&p);
+        let mut b = Batch::default();
+        ob.take(&mut b);
+        let Body::Publication(queued, false) = &b.frames[0].body else {
+            panic!("{:?}", b.frames[0]);
+        };
+        assert!(std::ptr::eq(&**queued, &*p), "shared, not copied");
+        assert_eq!(b.frames[0].frame().as_ptr(), p.frame.as_ptr());
+    }
+
+    #[test]
+    fn a_compressing_connection_queues_the_compressed_frame_under_every_policy() {
+        let data = format!("\"{}\"", "abc".repeat(200));
+        let ob = Outbox::new(1000).with_deflate(true);
+        let mut sent = Vec::new();
+        for (n, policy) in [
+            SlowConsumer::Disconnect,
+            SlowConsumer::DropOldest,
+            SlowConsumer::Latest,
+        ]
+        .into_iter()
+        .enumerate()
+        {
+            let p = Publication::encode("z", data.as_bytes(), 1)
+                .with_policy(policy, "z", None, TagKind::Message)
+                .compressible(true);
+            ob.deliver(&p);
+            sent.push(p);
+            let mut b = Batch::default();
+            ob.take(&mut b);
+            let f = b.frames[0].frame();
+            assert_eq!(f[0], 0x80 | wsgate_fanout::deflate::RSV1 | 1, "{n}");
+            assert!(f.len() < data.len() / 4);
+            assert_eq!(b.bytes, f.len(), "counted compressed");
+            assert_eq!(f.as_ptr(), sent[n].deflated_frame().as_ptr(), "shared");
+        }
+        // A lagging compressing connection drops by the compressed sizes.
+        let size = sent[1].deflated_frame().len();
+        let ob = Outbox::new(size * 4).with_deflate(true);
+        for _ in 0..10 {
+            ob.deliver(&sent[1]);
+        }
+        assert_eq!(ob.closing(), None);
+        assert_eq!(ob.queued_bytes(), size * 4);
+        assert_eq!(ob.take_policy_drops().oldest, 6);
     }
 
     #[tokio::test]

@@ -68,7 +68,7 @@ mod tests {
         ob.take(&mut b);
         b.frames
             .iter()
-            .map(|i| String::from_utf8(i.frame[2..].to_vec()).unwrap())
+            .map(|i| String::from_utf8(i.frame()[2..].to_vec()).unwrap())
             .collect()
     }
 

@@ -127,7 +127,7 @@ impl Writer {
                 + batch
                     .frames
                     .iter()
-                    .map(|i| i.frame.len() as u64)
+                    .map(|i| i.frame().len() as u64)
                     .sum::<u64>();
             let born = batch.frames.iter().map(|i| i.born).filter(|&b| b != 0);
             // Latency ends when the socket has taken the frame: one clock read per
@@ -250,7 +250,7 @@ fn nth(batch: &Batch, i: usize) -> Option<&Bytes> {
         None => batch
             .frames
             .get(i - batch.control.len())
-            .map(|item| &item.frame),
+            .map(|item| item.frame()),
     }
 }
 
@@ -331,11 +331,7 @@ mod tests {
         let mut batch = Batch::default();
         batch.control.push(Bytes::from_static(b"[ping]"));
         batch.frames = (0..2000u32)
-            .map(|i| Item {
-                frame: Bytes::from(format!("<{i}>")),
-                born: 0,
-                tag: None,
-            })
+            .map(|i| Item::new(Bytes::from(format!("<{i}>")), 0))
             .collect();
         let expected: String =
             "[ping]".to_string() + &(0..2000u32).map(|i| format!("<{i}>")).collect::<String>();
@@ -358,11 +354,7 @@ mod tests {
         let (mut a, mut b) = tokio::io::duplex(1024);
         let batch = Batch {
             frames: (0..3u8)
-                .map(|i| Item {
-                    frame: Bytes::from(vec![b'a' + i; 3]),
-                    born: 1,
-                    tag: None,
-                })
+                .map(|i| Item::new(Bytes::from(vec![b'a' + i; 3]), 1))
                 .collect(),
             ..Default::default()
         };
