@@ -35,6 +35,8 @@ pub enum Cmd {
     /// No server: what the same fan-out costs the kernel alone (plain threads writing
     /// frames into loopback sockets, epoll readers): the yardstick for any server here.
     Floor(crate::floor::FloorArgs),
+    /// The verdict and plot of a soak (`loadtest/soak.sh`): leaks, deaths, loss.
+    SoakReport(crate::soak::SoakArgs),
 }
 
 /// Which of the run's subscribers, publishers or connections this process takes.

@@ -18,6 +18,7 @@
 //! - `report` — the JSON report, its math (steady window, percentiles), and merging.
 //! - `floor` — the kernel-only fan-out (no server, no generator): the yardstick for
 //!   any server on this machine.
+//! - `soak` — `soak-report`: the verdict and plot of `loadtest/soak.sh`.
 //! - `chart` — the PNG chart; `sysmon` — /proc, getrusage, /metrics; `http` — a
 //!   small HTTP client; `summary` — the human-readable summary.
 #![forbid(unsafe_code)]
@@ -33,6 +34,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod seq;
+pub mod soak;
 pub mod stats;
 pub mod stream;
 pub mod summary;

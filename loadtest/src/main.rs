@@ -18,6 +18,10 @@ use wsgate_loadtest::{chart, floor, net, summary};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::SoakReport(a) = &cli.cmd {
+        // The verdict is the exit status.
+        std::process::exit(if wsgate_loadtest::soak::run(a)? { 0 } else { 1 });
+    }
     if let Cmd::Merge(m) = &cli.cmd {
         let parts = m
             .inputs
@@ -47,7 +51,9 @@ fn main() -> Result<()> {
         Cmd::Idle(a) => &a.common,
         Cmd::Churn(a) => &a.common,
         Cmd::ResumeStorm(a) => &a.common,
-        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
+        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::SoakReport(_) => {
+            unreachable!("handled above")
+        }
     };
     let threads = common.threads.unwrap_or_else(|| {
         std::thread::available_parallelism()
@@ -75,7 +81,9 @@ fn main() -> Result<()> {
             Cmd::Idle(a) => idle::run(ctx, a).await,
             Cmd::Churn(a) => churn::run(ctx, a).await,
             Cmd::ResumeStorm(a) => resume::run(ctx, a).await,
-            Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) => unreachable!("handled above"),
+            Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::SoakReport(_) => {
+                unreachable!("handled above")
+            }
         }
     })?;
     report.notes.push(format!("open-file limit: {nofile}"));
