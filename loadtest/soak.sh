@@ -251,8 +251,10 @@ sleep "$SETTLE_S"
 event settled
 sleep $((2 * SAMPLE + 1))   # the final idle samples
 event stop
-pkill -P "$SAMPLER_PID" 2>/dev/null || true
+kids=$(pgrep -P "$SAMPLER_PID" || true)
 kill "$SAMPLER_PID" 2>/dev/null || true
+# shellcheck disable=SC2086 # its children's pids, one a word
+[[ -n $kids ]] && kill $kids 2>/dev/null || true
 for i in "${!NODE_PIDS[@]}"; do
   kill -0 "${NODE_PIDS[$i]}" 2>/dev/null || event node_dead "$i"
 done
