@@ -25,7 +25,8 @@
 #   - Redis stopped (SIGTERM) and started again every --restart-every;
 #   - a sampler scraping every node's /metrics every --sample-every into samples.csv.
 # At the end `wsgate-loadtest soak-report` reads everything, prints the verdict and
-# per-window latency, draws soak.png and exits non-zero when the soak failed
+# per-window latency (also into verdict.txt), draws soak.png and exits non-zero when
+# the soak failed
 # (loadtest/README.md, "Soak", has the rules).
 #
 # Options (or environment: SOAK_DURATION, SOAK_NODES, SOAK_RESTART_EVERY, SOAK_OUT):
@@ -259,7 +260,7 @@ for i in "${!NODE_PIDS[@]}"; do
   kill -0 "${NODE_PIDS[$i]}" 2>/dev/null || event node_dead "$i"
 done
 set +e
-"$LOADTEST" soak-report --dir "$OUT" --chart "$OUT/soak.png"
-status=$?
+"$LOADTEST" soak-report --dir "$OUT" --chart "$OUT/soak.png" | tee "$OUT/verdict.txt"
+status=${PIPESTATUS[0]}
 log "results in $OUT"
 exit "$status"

@@ -41,7 +41,7 @@ pub struct SoakArgs {
     /// Latency window (default: the loaded phase / 30, at least 10 s).
     #[arg(long, value_parser = humantime::parse_duration)]
     pub window: Option<std::time::Duration>,
-    /// Start of the loaded phase left out of the RSS rule.
+    /// Start of the loaded phase left out of the RSS rule (at most a fifth of it).
     #[arg(long, value_parser = humantime::parse_duration, default_value = "30s")]
     pub warmup: std::time::Duration,
     /// RSS: relative growth allowed between the two windows.
@@ -401,7 +401,9 @@ pub fn run(a: &SoakArgs) -> Result<bool> {
             &end(|s| s.tasks),
             a.tasks_tolerance,
         ));
-        let from = ph.load_start + a.warmup.as_millis() as u64;
+        // A short soak keeps most of its loaded phase: at most a fifth is warm-up.
+        let load = ph.load_end.saturating_sub(ph.load_start);
+        let from = ph.load_start + (a.warmup.as_millis() as u64).min(load / 5);
         let rss: Vec<(u64, u64)> = mine
             .iter()
             .filter_map(|s| s.rss.map(|r| (s.t_ms, r)))
@@ -472,15 +474,16 @@ pub fn run(a: &SoakArgs) -> Result<bool> {
             lat.push((name, windows(r, ph.load_start, width_ms)?));
         }
     }
+    let at: Vec<String> = restarts.iter().map(|t| format!("{t:.0} s")).collect();
     println!(
-        "soak: {nodes} nodes, {:.0} s of load, {} Redis restarts (at {} s)",
+        "soak: {nodes} nodes, {:.0} s of load, {} Redis restarts{}",
         load_ms as f64 / 1000.0,
         restarts.len(),
-        restarts
-            .iter()
-            .map(|t| format!("{t:.0}"))
-            .collect::<Vec<_>>()
-            .join(", ")
+        if at.is_empty() {
+            String::new()
+        } else {
+            format!(" (at {})", at.join(", "))
+        }
     );
     println!(
         "latency per {} s window, ms (p50 / p99 / max; not asserted):",
