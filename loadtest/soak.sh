@@ -45,6 +45,9 @@
 #   --ci                 the CI form: --duration 5m --restart-every 2m --nodes 2
 #                        --settle 10s --sample-every 3s (later options override it)
 set -euo pipefail
+# The whole script is one compound command, read before it runs: editing the file
+# while a soak runs cannot change what the running soak does next.
+{
 cd "$(dirname "$0")/.."
 ROOT=$PWD
 source loadtest/bench-common.sh
@@ -264,3 +267,4 @@ set +e
 status=${PIPESTATUS[0]}
 log "results in $OUT"
 exit "$status"
+}
