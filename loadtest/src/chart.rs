@@ -15,10 +15,10 @@ use plotters::style::FontStyle;
 
 use crate::report::Report;
 
-const FAMILY: &str = "sans-serif";
+pub(crate) const FAMILY: &str = "sans-serif";
 
 /// Registers a font once; false when none was found.
-fn font_ready() -> bool {
+pub(crate) fn font_ready() -> bool {
     static READY: OnceLock<bool> = OnceLock::new();
     *READY.get_or_init(|| {
         let Some(path) = find_font() else {

@@ -43,6 +43,8 @@ pub enum Cmd {
     /// alone (one thread pinging from a wheel and reading pongs; clients in a child
     /// process): the yardstick for a server's idle CPU here.
     FloorIdle(crate::floor_idle::FloorIdleArgs),
+    /// The verdict and plot of a soak (`loadtest/soak.sh`): leaks, deaths, loss.
+    SoakReport(crate::soak::SoakArgs),
 }
 
 /// Which of the run's subscribers, publishers or connections this process takes.

@@ -19,6 +19,7 @@
 //! - `floor` — the kernel-only fan-out (no server, no generator): the yardstick for
 //!   any server on this machine; `floor_idle` — the same for idle connections
 //!   with heartbeats (pings from a wheel, pongs read back).
+//! - `soak` — `soak-report`: the verdict and plot of `loadtest/soak.sh`.
 //! - `chart` — the PNG chart; `sysmon` — /proc, getrusage, /metrics; `http` — a
 //!   small HTTP client; `summary` — the human-readable summary.
 #![forbid(unsafe_code)]
@@ -35,6 +36,7 @@ pub mod report;
 pub mod run;
 pub mod scenario;
 pub mod seq;
+pub mod soak;
 pub mod stats;
 pub mod stream;
 pub mod summary;

@@ -18,6 +18,10 @@ use wsgate_loadtest::{chart, floor, floor_idle, net, summary};
 
 fn main() -> Result<()> {
     let cli = Cli::parse();
+    if let Cmd::SoakReport(a) = &cli.cmd {
+        // The verdict is the exit status.
+        std::process::exit(if wsgate_loadtest::soak::run(a)? { 0 } else { 1 });
+    }
     if let Cmd::Merge(m) = &cli.cmd {
         let parts = m
             .inputs
@@ -52,7 +56,8 @@ fn main() -> Result<()> {
         Cmd::Churn(a) => &a.common,
         Cmd::ResumeStorm(a) => &a.common,
         Cmd::Scale(a) => &a.common,
-        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_) => {
+        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_)
+        | Cmd::SoakReport(_) => {
             unreachable!("handled above")
         }
     };
@@ -83,7 +88,8 @@ fn main() -> Result<()> {
             Cmd::Churn(a) => churn::run(ctx, a).await,
             Cmd::ResumeStorm(a) => resume::run(ctx, a).await,
             Cmd::Scale(a) => scale::run(ctx, a).await,
-            Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_) => {
+            Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_)
+        | Cmd::SoakReport(_) => {
                 unreachable!("handled above")
             }
         }

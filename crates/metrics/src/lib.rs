@@ -21,6 +21,7 @@
 
 pub mod delivery;
 pub mod labels;
+pub mod runtime;
 
 use prometheus::{
     Counter, Encoder, Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, IntGaugeVec,
@@ -28,6 +29,7 @@ use prometheus::{
 };
 
 pub use delivery::{DeliveryStats, DeliveryTotals};
+pub use runtime::RuntimeCollector;
 
 /// The families [`DeliveryStats`] exports (named here, with every other metric name).
 pub mod delivery_names {
@@ -631,6 +633,8 @@ impl Metrics {
                 prometheus::process_collector::ProcessCollector::for_self(),
             ))
             .expect("process metrics registered once per registry");
+        // wsgate_runtime_tasks: a leak of connections or timers shows as tasks.
+        register(&m.registry, RuntimeCollector::new());
         m
     }
 
@@ -714,6 +718,7 @@ mod tests {
         assert!(text.contains("wsgate_broker_info{kind=\"memory\"} 1"));
         #[cfg(target_os = "linux")]
         assert!(text.contains("process_open_fds"));
+        assert!(text.contains("wsgate_runtime_tasks 0"));
     }
 
     #[test]

@@ -150,3 +150,30 @@ async fn slow_consumer_rate_limit_and_drain_are_counted() {
     })
     .await;
 }
+
+/// `wsgate_runtime_tasks` counts the node's live tokio tasks: it rises with held
+/// connections and comes back down when they are gone (what the soak watches).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn task_gauge_follows_connections() {
+    const N: usize = 40;
+    let gw = Node::start_json(&[], &[]);
+    let before = val(&parse_metrics(&gw.scrape().await), "wsgate_runtime_tasks");
+    assert!(before > 0.0, "a running node has tasks");
+
+    let mut clients = Vec::new();
+    for _ in 0..N {
+        clients.push(gw.connect().await);
+    }
+    subscribe_each_at_once(&mut clients, |i| format!("tasks.{}", i % 4)).await;
+    let held = val(&parse_metrics(&gw.scrape().await), "wsgate_runtime_tasks");
+    assert!(
+        held >= before + N as f64,
+        "{N} connections held: {held} tasks, {before} before"
+    );
+
+    drop(clients);
+    gw.eventually("the tasks of closed connections gone", |m| {
+        val(m, "wsgate_connections") == 0.0 && val(m, "wsgate_runtime_tasks") <= before
+    })
+    .await;
+}
