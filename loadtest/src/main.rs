@@ -56,8 +56,7 @@ fn main() -> Result<()> {
         Cmd::Churn(a) => &a.common,
         Cmd::ResumeStorm(a) => &a.common,
         Cmd::Scale(a) => &a.common,
-        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_)
-        | Cmd::SoakReport(_) => {
+        Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_) | Cmd::SoakReport(_) => {
             unreachable!("handled above")
         }
     };
@@ -88,8 +87,11 @@ fn main() -> Result<()> {
             Cmd::Churn(a) => churn::run(ctx, a).await,
             Cmd::ResumeStorm(a) => resume::run(ctx, a).await,
             Cmd::Scale(a) => scale::run(ctx, a).await,
-            Cmd::Merge(_) | Cmd::Table(_) | Cmd::Floor(_) | Cmd::FloorIdle(_)
-        | Cmd::SoakReport(_) => {
+            Cmd::Merge(_)
+            | Cmd::Table(_)
+            | Cmd::Floor(_)
+            | Cmd::FloorIdle(_)
+            | Cmd::SoakReport(_) => {
                 unreachable!("handled above")
             }
         }
