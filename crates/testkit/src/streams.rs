@@ -44,6 +44,10 @@ pub enum Event {
 /// What one client saw so far, shared with the task that runs it.
 pub type Events = Arc<Mutex<Vec<Event>>>;
 
+/// A stream client's WebSocket connection to a node.
+pub type Socket =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
 /// The nodes clients may connect to, one URL per slot (a replaced node takes its
 /// slot).
 pub type Urls = Arc<Mutex<Vec<String>>>;
@@ -83,18 +87,7 @@ impl ResumingClient {
         let mut next = Slots::new(self.first);
         let over = || self.stop.load(Ordering::Relaxed) || Instant::now() >= self.until;
         while !over() {
-            let (slot, url) = {
-                let urls = self.urls.lock();
-                let slot = next.pick(urls.len());
-                (slot, urls[slot].clone())
-            };
-            let Ok(Ok((mut ws, _))) = tokio::time::timeout(
-                Duration::from_secs(2),
-                tokio_tungstenite::connect_async(url.as_str()),
-            )
-            .await
-            else {
-                tokio::time::sleep(Duration::from_millis(100)).await;
+            let Some((slot, mut ws)) = next.connect(&self.urls).await else {
                 continue;
             };
             let mut cmd = json!({"op":"subscribe","id":1,"topics":[topic]});
@@ -198,6 +191,29 @@ impl Slots {
         }
     }
 
+    /// A WebSocket connection to the next node of `urls` ([`Slots::pick`]), given
+    /// 2 s: its slot and the socket, or `None` after a short pause when the node did
+    /// not answer in time.
+    pub async fn connect(&mut self, urls: &Urls) -> Option<(usize, Socket)> {
+        let (slot, url) = {
+            let urls = urls.lock();
+            let slot = self.pick(urls.len());
+            (slot, urls[slot].clone())
+        };
+        match tokio::time::timeout(
+            Duration::from_secs(2),
+            tokio_tungstenite::connect_async(url.as_str()),
+        )
+        .await
+        {
+            Ok(Ok((ws, _))) => Some((slot, ws)),
+            _ => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                None
+            }
+        }
+    }
+
     /// The slot to try next, out of `n`.
     pub fn pick(&mut self, n: usize) -> usize {
         let slot = match self.last {
@@ -213,6 +229,18 @@ impl Slots {
         self.last = Some(slot);
         slot
     }
+}
+
+/// A configuration file making `chat:*` streams with a history longer than any
+/// outage of the fault tests (100,000 publications, 10 minutes).
+pub fn chat_streams_config() -> tempfile::NamedTempFile {
+    let file = tempfile::NamedTempFile::new().unwrap();
+    std::fs::write(
+        file.path(),
+        "[[namespaces]]\nname = \"chat\"\ntopics = [\"chat:*\"]\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
+    )
+    .unwrap();
+    file
 }
 
 /// The last seq a client's events reached (a message, or a position it was given),

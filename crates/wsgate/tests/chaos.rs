@@ -104,17 +104,6 @@ impl Shape {
     }
 }
 
-/// `chat:*` are streams with a history longer than any outage here.
-fn config_file() -> tempfile::NamedTempFile {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        file.path(),
-        "[[namespaces]]\nname = \"chat\"\ntopics = [\"chat:*\"]\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
-    )
-    .unwrap();
-    file
-}
-
 /// Open file descriptors of a process.
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
@@ -195,18 +184,7 @@ struct PlainLog {
 async fn plain_client(urls: Urls, first: usize, log: Arc<PlainLog>, stop: Arc<AtomicBool>) {
     let mut next = Slots::new(first);
     while !stop.load(Ordering::Relaxed) {
-        let (slot, url) = {
-            let urls = urls.lock();
-            let slot = next.pick(urls.len());
-            (slot, urls[slot].clone())
-        };
-        let Ok(Ok((mut ws, _))) = tokio::time::timeout(
-            Duration::from_secs(2),
-            tokio_tungstenite::connect_async(url.as_str()),
-        )
-        .await
-        else {
-            tokio::time::sleep(Duration::from_millis(100)).await;
+        let Some((slot, mut ws)) = next.connect(&urls).await else {
             continue;
         };
         let cmd = json!({"op":"subscribe","id":1,"topics":[PLAIN]});
@@ -397,7 +375,7 @@ impl Chaos {
             dir.path().to_str().unwrap(),
         ]);
         let target: SocketAddr = format!("127.0.0.1:{}", redis.port).parse().unwrap();
-        let config = config_file();
+        let config = wsgate_testkit::streams::chat_streams_config();
         let mut slots = Vec::new();
         for _ in 0..shape.nodes {
             let proxy = Proxy::start(target);

@@ -19,18 +19,6 @@ use wsgate_testkit::wait_until;
 const TOPIC: &str = "chat:faults";
 const WAIT: Duration = Duration::from_secs(15);
 
-/// A configuration file making `chat:*` streams with a history long enough for every
-/// outage below.
-fn config_file() -> tempfile::NamedTempFile {
-    let file = tempfile::NamedTempFile::new().unwrap();
-    std::fs::write(
-        file.path(),
-        "[[namespaces]]\nname = \"chat\"\ntopics = [\"chat:*\"]\nhistory_size = 100000\nhistory_ttl = \"10m\"\n",
-    )
-    .unwrap();
-    file
-}
-
 /// The Redis the nodes share.
 enum Backend {
     Single(Redis),
@@ -84,7 +72,7 @@ impl Run {
         limit: Duration,
     ) -> Run {
         let backend = backend.into();
-        let config = config_file();
+        let config = wsgate_testkit::streams::chat_streams_config();
         let nodes: Vec<Node> = (0..nodes).map(|_| start_node(&backend, &config)).collect();
         assert!(
             wait_until(WAIT, || nodes.iter().all(Node::is_ready)),
