@@ -126,46 +126,15 @@ pub fn render(report: &Report, path: &Path) -> Result<()> {
         ("p99", lat(|l| l.p99_ms), RGBColor(230, 120, 0)),
         ("p99.9", lat(|l| l.p999_ms), RED),
     ];
-    let lmax = lines
-        .iter()
-        .flat_map(|l| l.1.iter().map(|p| p.1))
-        .fold(1.0, f64::max)
-        * 2.0;
-    let lmin = lines
-        .iter()
-        .flat_map(|l| l.1.iter().map(|p| p.1))
-        .fold(lmax, f64::min)
-        / 2.0;
-    let mut c = ChartBuilder::on(&bottom);
-    c.margin(10);
-    if text {
-        c.x_label_area_size(45).y_label_area_size(80);
-    }
-    let mut chart = c
-        .build_cartesian_2d(0f64..n, (lmin.max(0.001)..lmax).log_scale())
-        .map_err(|e| anyhow!("{e}"))?;
-    draw_mesh(&mut chart, text, "seconds", "latency (ms, log)")?;
-    shade(&mut chart, steady, lmin.max(0.001), lmax)?;
-    for (name, points, color) in lines {
-        let s = chart
-            .draw_series(LineSeries::new(points, color.stroke_width(2)))
-            .map_err(|e| anyhow!("{e}"))?;
-        if text {
-            s.label(name).legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], color.stroke_width(2))
-            });
-        }
-    }
-    if text {
-        chart
-            .configure_series_labels()
-            .background_style(WHITE.mix(0.8))
-            .border_style(BLACK)
-            .label_font((FAMILY, 14))
-            .position(SeriesLabelPosition::UpperRight)
-            .draw()
-            .map_err(|e| anyhow!("{e}"))?;
-    }
+    latency_panel(
+        &bottom,
+        text,
+        n,
+        steady,
+        45,
+        SeriesLabelPosition::UpperRight,
+        lines,
+    )?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
@@ -288,6 +257,34 @@ fn render_scale(report: &Report, path: &Path) -> Result<()> {
         ("p99", lat(|l| l.p99_ms), RGBColor(230, 120, 0)),
         ("p99.9", lat(|l| l.p999_ms), RED),
     ];
+    latency_panel(
+        &panels[2],
+        text,
+        n,
+        steady,
+        35,
+        SeriesLabelPosition::UpperLeft,
+        lines,
+    )?;
+    linear_panel(&panels[3], text, n, steady, "nodes' RSS (MiB, all)", rss)?;
+    root.present().map_err(|e| anyhow!("{e}"))?;
+    Ok(())
+}
+
+/// One latency line: its name, its points (seconds, ms), its colour.
+type Percentile<'a> = (&'a str, Vec<(f64, f64)>, RGBColor);
+
+/// A latency panel: one line per percentile (ms, log scale), the steady window shaded,
+/// a legend at `legend`.
+fn latency_panel<const N: usize>(
+    area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
+    text: bool,
+    n: f64,
+    steady: (f64, f64),
+    x_label_size: u32,
+    legend: SeriesLabelPosition,
+    lines: [Percentile<'_>; N],
+) -> Result<()> {
     let lmax = lines
         .iter()
         .flat_map(|l| l.1.iter().map(|p| p.1))
@@ -298,10 +295,10 @@ fn render_scale(report: &Report, path: &Path) -> Result<()> {
         .flat_map(|l| l.1.iter().map(|p| p.1))
         .fold(lmax, f64::min)
         / 2.0;
-    let mut c = ChartBuilder::on(&panels[2]);
+    let mut c = ChartBuilder::on(area);
     c.margin(10);
     if text {
-        c.x_label_area_size(35).y_label_area_size(80);
+        c.x_label_area_size(x_label_size).y_label_area_size(80);
     }
     let mut chart = c
         .build_cartesian_2d(0f64..n, (lmin.max(0.001)..lmax).log_scale())
@@ -324,12 +321,10 @@ fn render_scale(report: &Report, path: &Path) -> Result<()> {
             .background_style(WHITE.mix(0.8))
             .border_style(BLACK)
             .label_font((FAMILY, 14))
-            .position(SeriesLabelPosition::UpperLeft)
+            .position(legend)
             .draw()
             .map_err(|e| anyhow!("{e}"))?;
     }
-    linear_panel(&panels[3], text, n, steady, "nodes' RSS (MiB, all)", rss)?;
-    root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
 
