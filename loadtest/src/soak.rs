@@ -668,32 +668,14 @@ impl Plot<'_> {
                 .build_cartesian_2d(x, (lo..hi).log_scale())
                 .map_err(|e| anyhow!("{e}"))?;
             mesh(&mut chart.configure_mesh(), what)?;
-            for &r in self.restarts {
-                chart
-                    .draw_series(DashedLineSeries::new(
-                        [(r, lo), (r, hi)],
-                        6,
-                        4,
-                        BLACK.mix(0.5).stroke_width(1),
-                    ))
-                    .map_err(|e| anyhow!("{e}"))?;
-            }
+            restart_marks(&mut chart, self.restarts, lo, hi)?;
             lines(&mut chart, series)
         } else {
             let mut chart = c
                 .build_cartesian_2d(x, lo..hi)
                 .map_err(|e| anyhow!("{e}"))?;
             mesh(&mut chart.configure_mesh(), what)?;
-            for &r in self.restarts {
-                chart
-                    .draw_series(DashedLineSeries::new(
-                        [(r, lo), (r, hi)],
-                        6,
-                        4,
-                        BLACK.mix(0.5).stroke_width(1),
-                    ))
-                    .map_err(|e| anyhow!("{e}"))?;
-            }
+            restart_marks(&mut chart, self.restarts, lo, hi)?;
             lines(&mut chart, series)
         }
     }
@@ -724,6 +706,33 @@ where
     m.light_line_style(WHITE.mix(0.0))
         .draw()
         .map_err(|e| anyhow!("{e}"))
+}
+
+/// A dashed vertical line at each Redis restart, from `lo` to `hi`.
+fn restart_marks<'a, Y>(
+    chart: &mut ChartContext<
+        'a,
+        BitMapBackend<'a>,
+        Cartesian2d<plotters::coord::types::RangedCoordf64, Y>,
+    >,
+    restarts: &[f64],
+    lo: f64,
+    hi: f64,
+) -> Result<()>
+where
+    Y: plotters::coord::ranged1d::Ranged<ValueType = f64>,
+{
+    for &r in restarts {
+        chart
+            .draw_series(DashedLineSeries::new(
+                [(r, lo), (r, hi)],
+                6,
+                4,
+                BLACK.mix(0.5).stroke_width(1),
+            ))
+            .map_err(|e| anyhow!("{e}"))?;
+    }
+    Ok(())
 }
 
 fn lines<'a, Y>(
