@@ -102,19 +102,13 @@ impl ResumingClient {
                 if over() {
                     return; // the run is over
                 }
-                let frame = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await
-                {
-                    Err(_) => continue,
-                    Ok(None) | Ok(Some(Err(_))) => break,
-                    Ok(Some(Ok(f))) => f,
-                };
-                let v: Value = match frame {
-                    Message::Text(t) => serde_json::from_str(&t).unwrap(),
-                    Message::Close(c) => {
-                        code = c.map(|c| u16::from(c.code));
+                let v = match next_json(&mut ws).await {
+                    None => continue,
+                    Some(Err(close)) => {
+                        code = close;
                         break;
                     }
-                    _ => continue,
+                    Some(Ok(v)) => v,
                 };
                 let event = match v["op"].as_str() {
                     Some("subscribed") => {
@@ -228,6 +222,19 @@ impl Slots {
         };
         self.last = Some(slot);
         slot
+    }
+}
+
+/// The next JSON frame from a node, waiting at most 200 ms: `None` when nothing (or a
+/// frame that is not text) came, `Some(Err(code))` when the connection ended (with
+/// the close frame's code, if one came).
+pub async fn next_json(ws: &mut Socket) -> Option<Result<Value, Option<u16>>> {
+    match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
+        Err(_) => None,
+        Ok(None) | Ok(Some(Err(_))) => Some(Err(None)),
+        Ok(Some(Ok(Message::Text(t)))) => Some(Ok(serde_json::from_str(&t).unwrap())),
+        Ok(Some(Ok(Message::Close(c)))) => Some(Err(c.map(|c| u16::from(c.code)))),
+        Ok(Some(Ok(_))) => None,
     }
 }
 

@@ -35,7 +35,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use futures_util::{SinkExt, StreamExt};
+use futures_util::SinkExt;
 use parking_lot::Mutex;
 use serde_json::{json, Value};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -196,18 +196,13 @@ async fn plain_client(urls: Urls, first: usize, log: Arc<PlainLog>, stop: Arc<At
             if stop.load(Ordering::Relaxed) {
                 return;
             }
-            let frame = match tokio::time::timeout(Duration::from_millis(200), ws.next()).await {
-                Err(_) => continue,
-                Ok(None) | Ok(Some(Err(_))) => break,
-                Ok(Some(Ok(f))) => f,
-            };
-            let v: Value = match frame {
-                Message::Text(t) => serde_json::from_str(&t).unwrap(),
-                Message::Close(c) => {
-                    code = c.map(|c| u16::from(c.code));
+            let v = match wsgate_testkit::streams::next_json(&mut ws).await {
+                None => continue,
+                Some(Err(close)) => {
+                    code = close;
                     break;
                 }
-                _ => continue,
+                Some(Ok(v)) => v,
             };
             match v["op"].as_str() {
                 Some("message") => log.got.lock().push(v["data"]["k"].as_u64().unwrap()),
