@@ -46,9 +46,13 @@ impl SecondAcc {
     }
 }
 
+/// A shard's seconds, a histogram only for those with events: a histogram is 136 KiB,
+/// and a run whose first events come minutes after its start (the scale run's ramp)
+/// would otherwise create and zero one per shard for every second before, all at
+/// once when the first events arrive (27 processes at once: gigabytes).
 #[derive(Default)]
 struct Shard {
-    seconds: Vec<SecondAcc>,
+    seconds: Vec<Option<SecondAcc>>,
 }
 
 /// The run's per-second event counts and latency histograms.
@@ -107,6 +111,7 @@ impl Timeline {
         for shard in &self.shards {
             let mut shard = shard.lock().expect("stats shard poisoned");
             for (i, acc) in shard.seconds.drain(..).enumerate() {
+                let Some(acc) = acc else { continue };
                 if out.len() <= i {
                     out.resize_with(i + 1, SecondAcc::new);
                 }
@@ -120,9 +125,9 @@ impl Timeline {
     fn flush(&self, shard: usize, second: usize, lat_us: &[u64]) {
         let mut shard = self.shards[shard].lock().expect("stats shard poisoned");
         if shard.seconds.len() <= second {
-            shard.seconds.resize_with(second + 1, SecondAcc::new);
+            shard.seconds.resize_with(second + 1, || None);
         }
-        let acc = &mut shard.seconds[second];
+        let acc = shard.seconds[second].get_or_insert_with(SecondAcc::new);
         acc.events += lat_us.len() as u64;
         for l in lat_us {
             acc.hist.saturating_record((*l).max(1));

@@ -13,10 +13,12 @@
 //! through one node: a room through the node after its last member's (none of its
 //! members is there when there are more nodes than members), a ticker through node
 //! `t mod N`. The topics of a class (rooms, tickers) are shared among the split
-//! processes (class index `j mod n`); each process publishes its share as one evenly
-//! spaced stream: its m-th publication of the class is due `m / (L × rate)` s after the
-//! start (L: its topics of the class), goes to its topic `m mod L` with seq `m / L`.
-//! Every process can therefore compute when any seq of any topic is due.
+//! processes (class index `j mod n`). Seq `s` of the topic with class index `j` of a
+//! class of `C` topics is due `(s + j / C) / rate` s after the start: the topics of a
+//! class take turns, evenly spread over each period, so the class as a whole is one
+//! evenly spaced stream (10 tickers at 0.05/s: one ticker publication every 2 s, not
+//! all ten at once every 20 s). Every process can therefore compute when any seq of
+//! any topic is due; each publishes its topics in that order.
 //!
 //! # Accounting with churn
 //! A subscription confirmed at T is owed every publication due after T (sent at or
@@ -131,43 +133,28 @@ impl Mix {
         }
     }
 
-    /// How many of `count` class indices process `k` of `n` owns (`j mod n == k`).
-    fn share(count: usize, k: usize, n: usize) -> usize {
-        count / n + usize::from(k < count % n)
-    }
-
-    /// The process that publishes topic `x`, its position in that process's list of
-    /// the class, and the length of that list.
-    fn slot(&self, x: u32) -> (usize, usize, usize) {
-        let (j, count, _) = self.class(x);
-        let n = self.split.n;
-        (j % n, j / n, Self::share(count, j % n, n))
-    }
-
-    /// When the m-th publication of a stream of `len` topics at `rate` each is due,
+    /// When seq `s` of the topic with class index `j` (of `count`) at `rate` is due,
     /// in ns after the start. The one formula publishers and subscribers share.
-    fn stream_due_ns(m: u64, len: usize, rate: f64) -> u64 {
-        (m as f64 * 1e9 / (len as f64 * rate)) as u64
+    fn class_due_ns(j: usize, count: usize, s: u64, rate: f64) -> u64 {
+        ((s as f64 + j as f64 / count as f64) * 1e9 / rate) as u64
     }
 
     /// When seq `s` of topic `x` is due (ns after the start); `None` if never.
     pub fn due_ns(&self, x: u32, s: u64) -> Option<u64> {
-        let (_, pos, len) = self.slot(x);
-        let (_, _, rate) = self.class(x);
-        (rate > 0.0 && len > 0).then(|| Self::stream_due_ns(s * len as u64 + pos as u64, len, rate))
+        let (j, count, rate) = self.class(x);
+        (rate > 0.0).then(|| Self::class_due_ns(j, count, s, rate))
     }
 
     /// How many seqs of topic `x` are due at or before `t_ns` after the start (the
     /// first seq due after it).
     pub fn due_by(&self, x: u32, t_ns: u64) -> u64 {
-        let (_, pos, len) = self.slot(x);
-        let (_, _, rate) = self.class(x);
-        if rate <= 0.0 || len == 0 {
+        let (j, count, rate) = self.class(x);
+        if rate <= 0.0 {
             return 0;
         }
-        let due = |s: u64| Self::stream_due_ns(s * len as u64 + pos as u64, len, rate);
+        let due = |s: u64| Self::class_due_ns(j, count, s, rate);
         // An estimate, then exact against the formula itself.
-        let est = (t_ns as f64 / 1e9 * rate - pos as f64 / len as f64).floor() + 1.0;
+        let est = (t_ns as f64 / 1e9 * rate - j as f64 / count as f64).floor() + 1.0;
         let mut s = est.max(0.0) as u64;
         while s > 0 && due(s - 1) > t_ns {
             s -= 1;
@@ -717,12 +704,11 @@ async fn connection(
         .saturating_record((started.elapsed().as_micros() as u64).max(1));
     ctx.open.fetch_add(1, Ordering::Relaxed);
     sh.ramped.fetch_add(1, Ordering::Relaxed);
-    // Deliveries are owed once the schedule's start is known (at once with
-    // --start-at, else when every connection of the process has ramped).
-    let start = tokio::select! {
-        r = start_rx.wait_for(Option::is_some) => r.ok().and_then(|v| *v),
-        _ = ctx.cancel.cancelled() => None,
-    };
+    // Deliveries are owed once the schedule's start is known (when every connection
+    // of the process has ramped). Meanwhile the node's pings are answered, as a real
+    // client does: left unread through a ramp of minutes, 500,000 connections would
+    // answer several pings each at once when publishing starts.
+    let start = wait_for_start(&ctx, &mut ws, &mut start_rx).await;
     drop(start_rx);
     let Some(start) = start else {
         ctx.open.fetch_sub(1, Ordering::Relaxed);
@@ -786,6 +772,51 @@ async fn connection(
         topics,
         failure: None,
         tracker,
+    }
+}
+
+/// Answers pings until the schedule's start is known; `None` if the run was cancelled
+/// first. A connection the server closes meanwhile waits without reading: its read
+/// loop then finds it closed and reconnects.
+async fn wait_for_start(
+    ctx: &Ctx,
+    ws: &mut WsConn,
+    start_rx: &mut tokio::sync::watch::Receiver<Option<u64>>,
+) -> Option<u64> {
+    let mut reading = true;
+    loop {
+        let filled = tokio::select! {
+            biased;
+            r = start_rx.wait_for(Option::is_some) => return r.ok().and_then(|v| *v),
+            _ = ctx.cancel.cancelled() => return None,
+            r = ws.fill(), if reading => r.is_ok(),
+        };
+        reading = filled && answer_pings(ws).await.is_ok();
+        ws.release();
+    }
+}
+
+/// Answers the pings among the frames read (nothing else is due before the start);
+/// an error when the connection is closed or broken.
+async fn answer_pings(ws: &mut WsConn) -> std::io::Result<()> {
+    loop {
+        let mut pong = None;
+        match ws.next_frame()? {
+            None => return Ok(()),
+            Some(f) if f.opcode == OP_PING => {
+                let mut p = [0u8; 125];
+                let n = f.payload.len().min(125);
+                p[..n].copy_from_slice(&f.payload[..n]);
+                pong = Some((p, n));
+            }
+            Some(f) if f.opcode == OP_CLOSE => {
+                return Err(std::io::ErrorKind::ConnectionAborted.into())
+            }
+            Some(_) => {}
+        }
+        if let Some((p, n)) = pong {
+            ws.send(OP_PONG, &p[..n]).await?;
+        }
     }
 }
 
@@ -935,7 +966,11 @@ async fn publish(ctx: Arc<Ctx>, sh: Arc<Shared>, a: ScaleArgs) -> PubOut {
                 continue;
             }
             loop {
-                let due = Mix::stream_due_ns(next[c], topics.len(), *rate);
+                // The process's topics of a class in turn: their due times increase.
+                let m = next[c];
+                let x = topics[(m % topics.len() as u64) as usize];
+                let seq = m / topics.len() as u64;
+                let due = mix.due_ns(x, seq).unwrap_or(u64::MAX);
                 if due >= sh.phase_ns {
                     break;
                 }
@@ -943,9 +978,6 @@ async fn publish(ctx: Arc<Ctx>, sh: Arc<Shared>, a: ScaleArgs) -> PubOut {
                     soonest = soonest.min(due);
                     break;
                 }
-                let m = next[c];
-                let x = topics[(m % topics.len() as u64) as usize];
-                let seq = m / topics.len() as u64;
                 let _ = txs[mix.pub_node(x)].send((x, seq, start + due));
                 next[c] += 1;
             }
@@ -1148,15 +1180,18 @@ mod tests {
             let mut seen: BTreeMap<u32, Vec<u64>> = BTreeMap::new();
             for k in 0..split_n {
                 let m = mix(1000, 30, &format!("{k}/{split_n}"));
-                for (topics, rate) in m.my_streams() {
+                for (topics, _) in m.my_streams() {
+                    // The process's order of publication is the order of due times.
                     let mut i = 0u64;
+                    let mut last = 0;
                     loop {
-                        let due = Mix::stream_due_ns(i, topics.len(), rate);
+                        let x = topics[(i % topics.len() as u64) as usize];
+                        let due = m.due_ns(x, i / topics.len() as u64).unwrap();
                         if due >= d {
                             break;
                         }
-                        let x = topics[(i % topics.len() as u64) as usize];
-                        assert_eq!(m.due_ns(x, i / topics.len() as u64), Some(due));
+                        assert!(due >= last, "process {k}: {due} after {last}");
+                        last = due;
                         seen.entry(x).or_default().push(due);
                         i += 1;
                     }
@@ -1164,6 +1199,12 @@ mod tests {
             }
             let m = mix(1000, 30, "0/1");
             assert_eq!(seen.len(), 110);
+            // The tickers take turns: 10 at 2/s each, one every 50 ms, never together.
+            let mut firsts: Vec<u64> = (0..10).map(|t| seen[&(m.rooms as u32 + t)][0]).collect();
+            firsts.sort_unstable();
+            for w in firsts.windows(2) {
+                assert_eq!(w[1] - w[0], 50_000_000, "{firsts:?}");
+            }
             for (x, dues) in &seen {
                 let want = if (*x as usize) < m.rooms { 5 } else { 20 };
                 assert_eq!(dues.len(), want, "topic {x}, {split_n} processes");
