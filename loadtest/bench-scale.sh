@@ -14,9 +14,9 @@
 #   NODES=8 CONNS=40000 DUR=60s loadtest/bench-scale.sh
 #
 # Environment (defaults in brackets): NODES [30], CONNS [500000], DUR [120s],
-# ROOM_SIZE [10], ROOM_RATE [0.01 publications/s per room], TICKERS [10],
-# TICKER_RATE [0.05/s per ticker; with 500,000 connections: 5,000 + 25,000 = 30,000
-# deliveries/s offered], CHURN [0.015: 1.5 % of the connections a minute],
+# ROOM_SIZE [10], ROOM_RATE [0.01 publications/s per room], TICKERS [50],
+# TICKER_RATE [0.01/s per ticker; with 500,000 connections: 5,000 + 5,000 = 10,000
+# deliveries/s offered, a ticker publication to 10,000 subscribers every 2 s], CHURN [0.015: 1.5 % of the connections a minute],
 # PAYLOAD [100], ON_TIME [500ms], PER_PROC [18600 connections per generator process,
 # below the 20,000 open files a process may have], THREADS [1 per generator process],
 # CONCURRENCY [32 connects in flight per process], RAMP_S [10 + CONNS/3000: seconds
@@ -38,8 +38,8 @@ CONNS=${CONNS:-500000}
 DUR=${DUR:-120s}
 ROOM_SIZE=${ROOM_SIZE:-10}
 ROOM_RATE=${ROOM_RATE:-0.01}
-TICKERS=${TICKERS:-10}
-TICKER_RATE=${TICKER_RATE:-0.05}
+TICKERS=${TICKERS:-50}
+TICKER_RATE=${TICKER_RATE:-0.01}
 CHURN=${CHURN:-0.015}
 PAYLOAD=${PAYLOAD:-100}
 ON_TIME=${ON_TIME:-500ms}
