@@ -1,6 +1,22 @@
-# Shell helpers shared by the bench scripts (sourced, not run). The script that sources
-# it sets PIDS (processes to stop at exit) and TMP (a scratch directory) and calls
-# `trap cleanup EXIT`.
+# Shell helpers shared by the bench scripts (sourced, not run). A script that sources
+# it calls `bench_init` (or sets PIDS and TMP itself and calls `trap cleanup EXIT`).
+
+# The usual start of a bench script: OUT (results: $BENCH_OUT, else a temp dir), TMP (a
+# scratch directory), PIDS (processes to stop at exit, by `cleanup`, trapped on EXIT).
+bench_init() {
+  OUT=${BENCH_OUT:-$(mktemp -d)}
+  TMP=$(mktemp -d)
+  mkdir -p "$OUT"
+  PIDS=()
+  trap cleanup EXIT
+}
+
+# Exits with a hint when one of the release binaries named is not built.
+require_built() {
+  for b in "$@"; do
+    [[ -x $b ]] || { echo "$b is missing: cargo build --release -p wsgate -p wsgate-loadtest" >&2; exit 1; }
+  done
+}
 
 # Stops everything in PIDS (TERM, then KILL) and removes TMP.
 cleanup() {

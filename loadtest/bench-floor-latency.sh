@@ -20,16 +20,10 @@ RATE=${RATE:-1000}
 DURATION=${DURATION:-10s}
 WSGATE=${WSGATE:-target/release/wsgate}
 LT=${LT:-target/release/wsgate-loadtest}
-OUT=${BENCH_OUT:-$(mktemp -d)}
-TMP=$(mktemp -d)
-mkdir -p "$OUT"
-PIDS=()
 # shellcheck source=loadtest/bench-common.sh
 source loadtest/bench-common.sh
-trap cleanup EXIT
-for b in "$WSGATE" "$LT"; do
-  [[ -x $b ]] || { echo "$b is missing: cargo build --release -p wsgate -p wsgate-loadtest" >&2; exit 1; }
-done
+bench_init
+require_built "$WSGATE" "$LT"
 SRC=127.0.0.2-127.0.0.9
 
 # p50 p99 p99.9 of a report's steady window.

@@ -50,13 +50,9 @@ PARTS=${PARTS:-churn query storm}
 WSGATE=${WSGATE:-target/release/wsgate}
 LT=target/release/wsgate-loadtest
 SRC="127.0.0.2-127.0.0.9"
-OUT=${BENCH_OUT:-$(mktemp -d)}
-TMP=$(mktemp -d)
-mkdir -p "$OUT"
-PIDS=()
 # shellcheck source=loadtest/bench-common.sh
 source loadtest/bench-common.sh
-trap cleanup EXIT
+bench_init
 
 log() { printf '\n== %s\n' "$*" >&2; }
 

@@ -52,13 +52,9 @@ WSGATE=${WSGATE:-target/release/wsgate}
 KEY=bench-rebalance-key
 SRCS=127.0.0.2,127.0.0.3,127.0.0.4,127.0.0.5,127.0.0.6,127.0.0.7,127.0.0.8,127.0.0.9
 DRIVER=loadtest/rebalance_clients.py
-OUT=${BENCH_OUT:-$(mktemp -d)}
-TMP=$(mktemp -d)
-mkdir -p "$OUT"
-PIDS=()
 # shellcheck source=loadtest/bench-common.sh
 source loadtest/bench-common.sh
-trap cleanup EXIT
+bench_init
 
 # Appends a command line to $D/commands.txt, scratch and output paths made generic.
 record() { local l="$*"; l=${l//$TMP/\$TMP}; l=${l//$OUT/out}; echo "$l" >>"$D/commands.txt"; }

@@ -30,13 +30,9 @@ PAYLOAD=${PAYLOAD:-100}
 WSGATE=${WSGATE:-target/release/wsgate}
 CLUSTER_BINS=${CLUSTER_BINS:-"cluster=$WSGATE"}
 SINGLE=${SINGLE:-1}
-OUT=${BENCH_OUT:-$(mktemp -d)}
-TMP=$(mktemp -d)
-mkdir -p "$OUT"
-PIDS=()
 # shellcheck source=loadtest/bench-common.sh
 source loadtest/bench-common.sh
-trap cleanup EXIT
+bench_init
 
 TICKS=$(getconf CLK_TCK)
 # CPU seconds (user + system) of a process so far.

@@ -52,17 +52,11 @@ CLUSTER=${CLUSTER:-0}
 WSGATE=${WSGATE:-target/release/wsgate}
 LT=${LT:-target/release/wsgate-loadtest}
 NODE_ARGS=${NODE_ARGS:-}
-OUT=${BENCH_OUT:-$(mktemp -d)}
-TMP=$(mktemp -d)
-mkdir -p "$OUT"
-PIDS=()
 # shellcheck source=loadtest/bench-common.sh
 source loadtest/bench-common.sh
-trap cleanup EXIT
+bench_init
 
-for b in "$WSGATE" "$LT"; do
-  [[ -x $b ]] || { echo "$b is missing: cargo build --release -p wsgate -p wsgate-loadtest" >&2; exit 1; }
-done
+require_built "$WSGATE" "$LT"
 # Every process here may open as many files as the hard limit allows.
 ulimit -n "$(ulimit -Hn)"
 

@@ -30,13 +30,9 @@ ROUNDS=${ROUNDS:-3}
 CALLS=${CALLS:-30000}
 SIZE=${SIZE:-200}
 FILL=${FILL:-60000}
-OUT=${BENCH_OUT:-$(mktemp -d)}
-TMP=$(mktemp -d)
-mkdir -p "$OUT"
-PIDS=()
 # shellcheck source=loadtest/bench-common.sh
 source loadtest/bench-common.sh
-trap cleanup EXIT
+bench_init
 for tool in redis-server redis-cli redis-benchmark; do
   command -v "$tool" >/dev/null || { echo "$tool is needed" >&2; exit 2; }
 done
