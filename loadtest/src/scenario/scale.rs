@@ -708,7 +708,8 @@ async fn connection(
     // of the process has ramped). Meanwhile the node's pings are answered, as a real
     // client does: left unread through a ramp of minutes, 500,000 connections would
     // answer several pings each at once when publishing starts.
-    let start = wait_for_start(&ctx, &mut ws, &mut start_rx).await;
+    let mut rec = ctx.timeline.recorder(topics[0] as usize);
+    let start = wait_for_start(&ctx, &mut ws, &mut start_rx, &mut tracker, &mut rec).await;
     drop(start_rx);
     let Some(start) = start else {
         ctx.open.fetch_sub(1, Ordering::Relaxed);
@@ -719,7 +720,6 @@ async fn connection(
         };
     };
     tracker.subscribed(|x| sh.owed_from(x, subscribed_at));
-    let mut rec = ctx.timeline.recorder(topics[0] as usize);
     let end_ns = start + sh.phase_ns;
     let mut churn_at = churn_offset.map(|o| start + o).filter(|at| *at < end_ns);
     loop {
@@ -775,13 +775,17 @@ async fn connection(
     }
 }
 
-/// Answers pings until the schedule's start is known; `None` if the run was cancelled
-/// first. A connection the server closes meanwhile waits without reading: its read
-/// loop then finds it closed and reconnects.
+/// Reads until the schedule's start is known, as the read loop does (pings answered,
+/// deliveries accounted: a process whose ramp ends after `--start-at` learns the start
+/// after the first publications); `None` if the run was cancelled first. A connection
+/// the server closes meanwhile waits without reading: its read loop then finds it
+/// closed and reconnects.
 async fn wait_for_start(
     ctx: &Ctx,
     ws: &mut WsConn,
     start_rx: &mut tokio::sync::watch::Receiver<Option<u64>>,
+    tr: &mut Tracker,
+    rec: &mut LocalRecorder,
 ) -> Option<u64> {
     let mut reading = true;
     loop {
@@ -791,31 +795,63 @@ async fn wait_for_start(
             _ = ctx.cancel.cancelled() => return None,
             r = ws.fill(), if reading => r.is_ok(),
         };
-        reading = filled && answer_pings(ws).await.is_ok();
+        reading = filled && handle_frames(ws, tr, rec, now_ns()).await.is_ok();
+        rec.flush();
         ws.release();
     }
 }
 
-/// Answers the pings among the frames read (nothing else is due before the start);
-/// an error when the connection is closed or broken.
-async fn answer_pings(ws: &mut WsConn) -> std::io::Result<()> {
+/// Handles every complete frame read: deliveries are accounted (received at `now`),
+/// pings answered; how the connection ended when the server closed it or broke the
+/// protocol.
+async fn handle_frames(
+    ws: &mut WsConn,
+    tr: &mut Tracker,
+    rec: &mut LocalRecorder,
+    now: u64,
+) -> Result<(), End> {
     loop {
         let mut pong = None;
-        match ws.next_frame()? {
-            None => return Ok(()),
-            Some(f) if f.opcode == OP_PING => {
-                let mut p = [0u8; 125];
-                let n = f.payload.len().min(125);
-                p[..n].copy_from_slice(&f.payload[..n]);
-                pong = Some((p, n));
-            }
-            Some(f) if f.opcode == OP_CLOSE => {
-                return Err(std::io::ErrorKind::ConnectionAborted.into())
-            }
-            Some(_) => {}
+        match ws.next_frame() {
+            Ok(None) => return Ok(()),
+            Err(_) => return Err(End::Closed("protocol".into())),
+            Ok(Some(f)) => match f.opcode {
+                OP_TEXT => {
+                    let st = payload::scan_message(f.payload).or_else(|| {
+                        matches!(crate::proto::classify(f.payload), crate::proto::Op::Message)
+                            .then(|| payload::scan(f.payload))
+                            .flatten()
+                    });
+                    if let Some(Stamp {
+                        publisher,
+                        seq,
+                        sent_ns,
+                    }) = st
+                    {
+                        tr.record(publisher, seq);
+                        rec.record(now, now.saturating_sub(sent_ns) / 1000);
+                    }
+                }
+                OP_PING => {
+                    let mut p = [0u8; 125];
+                    let n = f.payload.len().min(125);
+                    p[..n].copy_from_slice(&f.payload[..n]);
+                    pong = Some((p, n));
+                }
+                OP_CLOSE => {
+                    let code = match f.payload {
+                        [a, b, ..] => u16::from_be_bytes([*a, *b]).to_string(),
+                        _ => "none".into(),
+                    };
+                    return Err(End::Closed(code));
+                }
+                _ => {}
+            },
         }
         if let Some((p, n)) = pong {
-            ws.send(OP_PONG, &p[..n]).await?;
+            if ws.send(OP_PONG, &p[..n]).await.is_err() {
+                return Err(End::Closed("eof".into()));
+            }
         }
     }
 }
@@ -849,49 +885,8 @@ async fn read_loop(
     let mut cancelled = std::pin::pin!(ctx.cancel.cancelled());
     let mut now = now_ns();
     loop {
-        loop {
-            let mut pong = None;
-            match ws.next_frame() {
-                Ok(None) => break,
-                Err(_) => return End::Closed("protocol".into()),
-                Ok(Some(f)) => match f.opcode {
-                    OP_TEXT => {
-                        let st = payload::scan_message(f.payload).or_else(|| {
-                            matches!(crate::proto::classify(f.payload), crate::proto::Op::Message)
-                                .then(|| payload::scan(f.payload))
-                                .flatten()
-                        });
-                        if let Some(Stamp {
-                            publisher,
-                            seq,
-                            sent_ns,
-                        }) = st
-                        {
-                            tr.record(publisher, seq);
-                            rec.record(now, now.saturating_sub(sent_ns) / 1000);
-                        }
-                    }
-                    OP_PING => {
-                        let mut p = [0u8; 125];
-                        let n = f.payload.len().min(125);
-                        p[..n].copy_from_slice(&f.payload[..n]);
-                        pong = Some((p, n));
-                    }
-                    OP_CLOSE => {
-                        let code = match f.payload {
-                            [a, b, ..] => u16::from_be_bytes([*a, *b]).to_string(),
-                            _ => "none".into(),
-                        };
-                        return End::Closed(code);
-                    }
-                    _ => {}
-                },
-            }
-            if let Some((p, n)) = pong {
-                if ws.send(OP_PONG, &p[..n]).await.is_err() {
-                    return End::Closed("eof".into());
-                }
-            }
+        if let Err(end) = handle_frames(ws, tr, rec, now).await {
+            return end;
         }
         rec.flush();
         ws.release();
