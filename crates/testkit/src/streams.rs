@@ -250,6 +250,23 @@ pub fn chat_streams_config() -> tempfile::NamedTempFile {
     file
 }
 
+/// The flags every node of the fault tests starts with: `config` (see
+/// [`chat_streams_config`]), a short drain, and rate limits no test client reaches.
+pub fn fault_node_args(config: &tempfile::NamedTempFile) -> Vec<String> {
+    [
+        "--config",
+        config.path().to_str().unwrap(),
+        "--drain-timeout",
+        "1s",
+        "--rate-limit",
+        "100000",
+        "--rate-burst",
+        "100000",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
 /// The last seq a client's events reached (a message, or a position it was given),
 /// without walking them all.
 pub fn last_seq(events: &[Event]) -> Option<u64> {

@@ -326,23 +326,20 @@ struct Chaos {
 impl Chaos {
     fn start_node(config: &tempfile::NamedTempFile, proxy: &Proxy) -> Node {
         let redis_url = format!("redis://{}/", proxy.addr);
-        let args = [
-            "--config",
-            config.path().to_str().unwrap(),
-            "--drain-timeout",
-            "1s",
-            "--rate-limit",
-            "100000",
-            "--rate-burst",
-            "100000",
-            "--outbound-queue-bytes",
-            QUEUE,
-            "--socket-send-buffer",
-            "64KiB",
-            // Connections move between nodes on purpose here: no rebalancing (1012).
-            "--rebalance-auto",
-            "false",
-        ];
+        let mut args = streams::fault_node_args(config);
+        args.extend(
+            [
+                "--outbound-queue-bytes",
+                QUEUE,
+                "--socket-send-buffer",
+                "64KiB",
+                // Connections move between nodes on purpose here: no rebalancing (1012).
+                "--rebalance-auto",
+                "false",
+            ]
+            .map(String::from),
+        );
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
         tokio::task::block_in_place(|| Node::start_logged(Some(&redis_url), &args))
     }
 

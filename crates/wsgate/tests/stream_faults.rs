@@ -250,19 +250,7 @@ impl Run {
 
 fn start_node(backend: &Backend, config: &tempfile::NamedTempFile) -> Node {
     let mut args = backend.node_args();
-    args.extend(
-        [
-            "--config",
-            config.path().to_str().unwrap(),
-            "--drain-timeout",
-            "1s",
-            "--rate-limit",
-            "100000",
-            "--rate-burst",
-            "100000",
-        ]
-        .map(String::from),
-    );
+    args.extend(streams::fault_node_args(config));
     let args: Vec<&str> = args.iter().map(String::as_str).collect();
     Node::start_logged(None, &args)
 }
