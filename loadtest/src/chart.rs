@@ -84,7 +84,6 @@ pub fn render(report: &Report, path: &Path) -> Result<()> {
             )
         })
         .collect();
-    let ymax = series.iter().map(|p| p.1).fold(1.0, f64::max) * 1.1;
     let what = match report.scenario.as_str() {
         "idle" => "open connections",
         "churn" => "connect cycles / s",
@@ -96,21 +95,7 @@ pub fn render(report: &Report, path: &Path) -> Result<()> {
     );
     let title = title(report);
 
-    let mut c = ChartBuilder::on(&top);
-    c.margin(10);
-    if text {
-        c.caption(&title, (FAMILY, 20))
-            .x_label_area_size(45)
-            .y_label_area_size(80);
-    }
-    let mut chart = c
-        .build_cartesian_2d(0f64..n, 0f64..ymax)
-        .map_err(|e| anyhow!("{e}"))?;
-    draw_mesh(&mut chart, text, "seconds", what)?;
-    shade(&mut chart, steady, 0.0, ymax)?;
-    chart
-        .draw_series(LineSeries::new(series, BLUE.stroke_width(2)))
-        .map_err(|e| anyhow!("{e}"))?;
+    linear_panel(&top, text, Some(&title), n, steady, what, series)?;
 
     let lat = |f: fn(&crate::report::Latency) -> f64| -> Vec<(f64, f64)> {
         report
@@ -242,8 +227,8 @@ fn render_scale(report: &Report, path: &Path) -> Result<()> {
         .iter()
         .filter_map(|s| Some((at(s), s.server_rss_kib? as f64 / 1024.0)))
         .collect();
-    linear_panel(&panels[0], text, n, steady, "open connections", conns)?;
-    linear_panel(&panels[1], text, n, steady, "deliveries / s", rate)?;
+    linear_panel(&panels[0], text, None, n, steady, "open connections", conns)?;
+    linear_panel(&panels[1], text, None, n, steady, "deliveries / s", rate)?;
     let lat = |f: fn(&crate::report::Latency) -> f64| -> Vec<(f64, f64)> {
         report
             .timeline
@@ -266,7 +251,15 @@ fn render_scale(report: &Report, path: &Path) -> Result<()> {
         SeriesLabelPosition::UpperLeft,
         lines,
     )?;
-    linear_panel(&panels[3], text, n, steady, "nodes' RSS (MiB, all)", rss)?;
+    linear_panel(
+        &panels[3],
+        text,
+        None,
+        n,
+        steady,
+        "nodes' RSS (MiB, all)",
+        rss,
+    )?;
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
@@ -328,9 +321,12 @@ fn latency_panel<const N: usize>(
     Ok(())
 }
 
+/// One series over time on a linear scale, the steady window shaded; the chart's
+/// title above it when `caption` is given.
 fn linear_panel(
     area: &DrawingArea<BitMapBackend<'_>, plotters::coord::Shift>,
     text: bool,
+    caption: Option<&str>,
     n: f64,
     steady: (f64, f64),
     what: &str,
@@ -340,7 +336,11 @@ fn linear_panel(
     let mut c = ChartBuilder::on(area);
     c.margin(10);
     if text {
-        c.x_label_area_size(35).y_label_area_size(80);
+        match caption {
+            Some(title) => c.caption(title, (FAMILY, 20)).x_label_area_size(45),
+            None => c.x_label_area_size(35),
+        }
+        .y_label_area_size(80);
     }
     let mut chart = c
         .build_cartesian_2d(0f64..n, 0f64..ymax)
